@@ -1,0 +1,1 @@
+"""Lightning callbacks of the SigLIP 2 recipe (loss schedule, hand-off checkpoints, evaluation)."""

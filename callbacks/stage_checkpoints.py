@@ -1,0 +1,45 @@
+"""Saves the hand-off checkpoints the later stages start from (`frac_0.90.ckpt`, `frac_0.95.ckpt`).
+
+NaFlex continues from 90% of pretraining and resolution adaptation from 95% [P §2.4]; these
+are written through `trainer.save_checkpoint`, which writes atomically and works under every
+strategy (DeepSpeed and FSDP need all ranks to take part).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+log = logging.getLogger(__name__)
+
+
+class StageCheckpoints(L.Callback):
+    def __init__(self, dirpath: str, fractions: list[float] | None = None):
+        self.dirpath = Path(dirpath)
+        self.fractions = sorted(float(f) for f in (fractions or []))
+        for f in self.fractions:
+            if not 0.0 < f <= 1.0:
+                raise ValueError(f"hand-off fraction {f} must lie in (0, 1]")
+        self.saved: set[float] = set()
+
+    @staticmethod
+    def filename(frac: float) -> str:
+        return f"frac_{frac:.2f}.ckpt"
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        total = max(1, int(trainer.estimated_stepping_batches))
+        for frac in self.fractions:
+            if frac not in self.saved and trainer.global_step >= round(frac * total):
+                path = self.dirpath / self.filename(frac)
+                trainer.save_checkpoint(path)
+                self.saved.add(frac)
+                log.info("hand-off checkpoint %s at step %d", path, trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved": sorted(self.saved)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.saved = set(state_dict.get("saved", []))

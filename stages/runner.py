@@ -1,0 +1,72 @@
+"""Build the objects a Hydra config names and run them; shared by train.py and tests.
+
+This is the one place that turns a composed config into a Trainer, a stage and a data
+module, so `train.py` stays a three-line entry point.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate data module, stage, callbacks, loggers and Trainer from a composed config."""
+    if cfg.get("ckpt_path") and cfg.get("init_from"):
+        raise ValueError("set either ckpt_path (resume this stage) or init_from (start a stage from weights), not both")
+    L.seed_everything(int(cfg.seed), workers=True)
+    datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
+    stage = instantiate(cfg.stage, model=cfg.model, optim=cfg.optim,
+                        vocab_size=datamodule.tokenizer.vocab_size, _recursive_=False, _convert_="all")
+    if cfg.get("init_from"):
+        stage.load_weights(str(cfg.init_from))
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return {"datamodule": datamodule, "stage": stage, "trainer": trainer, "callbacks": callbacks}
+
+
+def run(cfg: DictConfig) -> float | None:
+    objs = build(cfg)
+    trainer: L.Trainer = objs["trainer"]
+    trainer.fit(objs["stage"], datamodule=objs["datamodule"], ckpt_path=cfg.get("ckpt_path"))
+    metrics = collect_metrics(trainer, objs["callbacks"])
+    out_dir = Path(cfg.paths.output_dir)
+    write_metrics(metrics, out_dir / "metrics.json")
+    objective = metrics.get(str(cfg.get("objective", "")))
+    return float(objective) if objective is not None and math.isfinite(objective) else None
+
+
+def collect_metrics(trainer: L.Trainer, callbacks: list[Any]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for key, value in trainer.callback_metrics.items():
+        if torch.is_tensor(value) and value.numel() == 1:
+            metrics[key] = float(value)
+        elif isinstance(value, (int, float)):
+            metrics[key] = float(value)
+    for cb in callbacks:
+        metrics.update(getattr(cb, "final_metrics", {}) or {})
+    metrics["global_step"] = float(trainer.global_step)
+    return metrics
+
+
+@rank_zero_only
+def write_metrics(metrics: dict[str, float], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    print(f"metrics written to {path}")
