@@ -1,0 +1,98 @@
+"""Position-embedding resize (NaFlex, resolution change) and FlexiViT patch-embedding resize.
+
+The released SigLIP 2 weights keep one learned G x G position table (G = 16) and resize it
+to every image's patch grid on the fly with **bilinear, antialias=True, align_corners=False**
+(transformers `Siglip2VisionEmbeddings.resize_positional_embeddings`). timm's default is
+bicubic, which does not reproduce the released numbers, so the resize is written out here.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def resize_posemb(posemb: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Resize a (G*G, W) or (G, G, W) table to (h*w, W), row-major, exactly as HF does.
+
+    The identity size is returned untouched (bilinear at scale 1 is the identity anyway).
+    Interpolation runs in float32 because antialiased bf16/fp16 is not supported on CPU.
+    """
+    if posemb.ndim == 2:
+        g = math.isqrt(posemb.shape[0])
+        if g * g != posemb.shape[0]:
+            raise ValueError(f"position table of {posemb.shape[0]} rows is not a square grid")
+        posemb = posemb.reshape(g, g, -1)
+    gh, gw, width = posemb.shape
+    h, w = int(hw[0]), int(hw[1])
+    if h <= 0 or w <= 0:
+        raise ValueError(f"patch grid must be positive, got {(h, w)}")
+    if (h, w) == (gh, gw):
+        return posemb.reshape(gh * gw, width)
+    x = posemb.permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return x[0].reshape(width, h * w).t().to(posemb.dtype)
+
+
+def grid_shapes(patch_coord: torch.Tensor, patch_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N, 2) (y, x) patch coordinates -> (B, 2) grid (h, w) per image; padding ignored."""
+    coord = patch_coord.long()
+    if patch_valid is not None:
+        coord = coord.masked_fill(~patch_valid.bool()[..., None], 0)
+    return coord.amax(dim=1) + 1
+
+
+def posemb_for_batch(
+    posemb: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    num_tokens: int,
+    patch_coord: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Position embeddings (B, num_tokens, W) for a batch of images of different grids.
+
+    `spatial_shapes` (B, 2) holds each image's (h, w) patch grid. Without `patch_coord` the
+    patches are taken to be row-major with the h*w valid ones first (HF / big_vision layout);
+    with `patch_coord` (B, N, 2) (y, x) each patch picks its own cell, so any order works.
+    Padding positions receive some valid row (they are masked downstream). The table is
+    resized once per distinct grid, then everything is one differentiable gather.
+    """
+    shapes = spatial_shapes.long()
+    uniq, inverse = torch.unique(shapes, dim=0, return_inverse=True)
+    tables = [resize_posemb(posemb, hw) for hw in uniq.tolist()]
+    sizes = uniq[:, 0] * uniq[:, 1]
+    offsets = (torch.cumsum(sizes, 0) - sizes)[inverse]  # (B,)
+    if patch_coord is None:
+        idx = torch.arange(num_tokens, device=shapes.device)[None].expand(len(shapes), -1)
+    else:
+        coord = patch_coord.long()
+        idx = coord[..., 0] * shapes[:, 1:2] + coord[..., 1]
+    idx = torch.minimum(idx.clamp(min=0), (sizes[inverse] - 1)[:, None])
+    return torch.cat(tables)[offsets[:, None] + idx]
+
+
+def resample_patch_embed(
+    weight: torch.Tensor,
+    new_patch: int,
+    channels: int = 3,
+    interpolation: str = "bilinear",
+    antialias: bool = True,
+) -> torch.Tensor:
+    """FlexiViT PI-resize of the patch Linear weight (W, p*p*C) -> (W, q*q*C).
+
+    The Linear flattens patches in (ph, pw, C) order (HF `convert_image_to_patches`); timm's
+    `resample_patch_embed` wants a conv kernel (W, C, p, p), so this only reshapes around it.
+    Bilinear follows big_vision's `flexi` resize (timm defaults to bicubic). The bias needs
+    no change: PI-resize keeps <x, w> for a resized input x.
+    """
+    from timm.layers import resample_patch_embed as _timm_resample
+
+    width, fan_in = weight.shape
+    p = math.isqrt(fan_in // channels)
+    if p * p * channels != fan_in:
+        raise ValueError(f"patch weight of fan-in {fan_in} is not p*p*{channels}")
+    if p == new_patch:
+        return weight
+    kernel = weight.reshape(width, p, p, channels).permute(0, 3, 1, 2)
+    kernel = _timm_resample(kernel, [new_patch, new_patch], interpolation=interpolation, antialias=antialias)
+    return kernel.permute(0, 2, 3, 1).reshape(width, new_patch * new_patch * channels).to(weight.dtype)

@@ -1,0 +1,215 @@
+"""SigmoidLoss: values and gradients against open_clip's SigLipLoss and the paper's formula,
+chunked vs plain, memory behaviour of the chunked path, and a 2-process gloo run."""
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from siglip2.losses import SigmoidLoss
+
+
+def _load_open_clip_loss():
+    """open_clip/loss.py loaded on its own: it only needs torch, while `import open_clip`
+    costs seconds (timm, model configs) in this process and again in each spawned rank."""
+    origin = Path(importlib.util.find_spec("open_clip").origin).parent / "loss.py"
+    spec = importlib.util.spec_from_file_location("_open_clip_loss", origin)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SigLipLoss = _load_open_clip_loss().SigLipLoss
+
+D = 8
+
+
+def _inputs(b, seed=0, scale=10.0, bias=-10.0, scale_shape=()):
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(b, D, generator=g), dim=-1)
+    y = F.normalize(torch.randn(b, D, generator=g), dim=-1)
+    # make positives more similar than chance so both signs of z matter
+    y = F.normalize(y + 0.5 * x, dim=-1)
+    t = torch.full(scale_shape, scale)
+    bb = torch.full(scale_shape, bias)
+    return x, y, t, bb
+
+
+def _leaves(*ts):
+    return [t.clone().requires_grad_(True) for t in ts]
+
+
+def _loss_and_grads(loss_fn, x, y, t, b):
+    x, y, t, b = _leaves(x, y, t, b)
+    out = loss_fn(x, y, t, b)
+    loss = out[0] if isinstance(out, tuple) else out
+    grads = torch.autograd.grad(loss, [x, y, t, b])
+    return loss.detach(), grads
+
+
+def _direct_formula(x, y, t, b):
+    """The paper's formula, written out element by element."""
+    n = x.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = 1.0 if i == j else -1.0
+            logit = float(t) * float(x[i] @ y[j]) + float(b)
+            total += -math.log(1.0 / (1.0 + math.exp(-z * logit)))
+    return total / n
+
+
+@pytest.mark.parametrize("b", [1, 7, 16, 33, 100])
+@pytest.mark.parametrize("chunk", [16, 4096])
+@pytest.mark.parametrize("scale_shape", [(), (1,)])
+def test_matches_open_clip(b, chunk, scale_shape):
+    x, y, t, bias = _inputs(b, seed=b, scale=7.3, bias=-4.2, scale_shape=scale_shape)
+    ref_loss, ref_grads = _loss_and_grads(SigLipLoss(), x, y, t, bias)
+    loss, grads = _loss_and_grads(SigmoidLoss(chunk_size=chunk), x, y, t, bias)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name, g, rg in zip(["image_emb", "text_emb", "logit_scale", "logit_bias"], grads, ref_grads):
+        assert g.shape == rg.shape, name
+        torch.testing.assert_close(g, rg, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("b", [7, 33])
+def test_matches_direct_formula(b):
+    x, y, t, bias = _inputs(b, seed=1)
+    expected = _direct_formula(x.double(), y.double(), t, bias)
+    for chunk in (16, 4096):
+        loss, _ = SigmoidLoss(chunk_size=chunk)(x, y, t, bias)
+        assert abs(loss.item() - expected) < 1e-5 * max(1.0, abs(expected))
+
+
+def test_chunked_equals_plain_in_float64_and_metrics():
+    x, y, t, bias = _inputs(33, seed=2, scale=3.0, bias=-1.0)
+    x, y, t, bias = x.double(), y.double(), t.double(), bias.double()
+    plain_loss, plain_grads = _loss_and_grads(SigmoidLoss(chunk_size=4096), x, y, t, bias)
+    chunk_loss, chunk_grads = _loss_and_grads(SigmoidLoss(chunk_size=5), x, y, t, bias)
+    torch.testing.assert_close(chunk_loss, plain_loss, rtol=1e-12, atol=1e-12)
+    for g, pg in zip(chunk_grads, plain_grads):
+        torch.testing.assert_close(g, pg, rtol=1e-12, atol=1e-12)
+    # metrics: mean positive / negative logit, by hand
+    logits = t * x @ y.T + bias
+    eye = torch.eye(33, dtype=torch.bool)
+    for chunk in (5, 4096):
+        _, m = SigmoidLoss(chunk_size=chunk)(x, y, t, bias)
+        torch.testing.assert_close(m["pos_logit"], logits[eye].mean())
+        torch.testing.assert_close(m["neg_logit"], logits[~eye].mean())
+        assert m["logit_scale"].item() == 3.0 and m["logit_bias"].item() == -1.0
+        assert not any(v.requires_grad for v in m.values())
+
+
+def test_constant_scale_and_bias_need_no_grad():
+    x, y, _, _ = _inputs(20, seed=3)
+    x, y = _leaves(x, y)
+    loss, _ = SigmoidLoss(chunk_size=6)(x, y, 10.0, -10.0)   # python floats
+    gx, gy = torch.autograd.grad(loss, [x, y])
+    ref = SigLipLoss()(x, y, torch.tensor(10.0), torch.tensor(-10.0))
+    rgx, rgy = torch.autograd.grad(ref, [x, y])
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gx, rgx)
+    torch.testing.assert_close(gy, rgy)
+
+
+def _saved_numels(fn):
+    numels = []
+
+    def pack(t):
+        numels.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return numels
+
+
+def test_chunked_path_saves_no_batch_squared_tensor():
+    b = 100
+    x, y, t, bias = _leaves(*_inputs(b, seed=4))
+
+    def run(chunk):
+        return lambda: SigmoidLoss(chunk_size=chunk)(x, y, t, bias)[0]
+
+    chunked = _saved_numels(run(16))
+    plain = _saved_numels(run(4096))
+    # the check is not vacuous: the plain autograd path keeps b x b tensors
+    assert max(plain) >= b * b
+    assert chunked and max(chunked) <= b * D
+    # and the chunked backward still runs
+    loss = SigmoidLoss(chunk_size=16)(x, y, t, bias)[0]
+    loss.backward()
+    assert x.grad is not None and t.grad is not None
+
+
+# --------------------------------------------------------------------------------------
+# 2 processes (gloo) vs one process on the concatenated batch
+
+WORLD, LOCAL_B, CHUNK = 2, 5, 3
+
+
+def _dist_worker(rank, init_method, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
+    try:
+        x, y, t, bias = _inputs(WORLD * LOCAL_B, seed=5, scale=6.0, bias=-3.0, scale_shape=(1,))
+        sl = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+        results = {}
+        for name, fn in [("ours", SigmoidLoss(chunk_size=CHUNK)),
+                         ("ours_plain", SigmoidLoss(chunk_size=4096)),
+                         ("open_clip", SigLipLoss(rank=rank, world_size=WORLD))]:
+            xs, ys, ts, bs = _leaves(x[sl], y[sl], t, bias)
+            out = fn(xs, ys, ts, bs)
+            loss = out[0] if isinstance(out, tuple) else out
+            loss.backward()
+            results[name] = dict(loss=loss.detach(), gx=xs.grad, gy=ys.grad, gt=ts.grad, gb=bs.grad)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_matches_single_process(tmp_path):
+    init_method = f"file://{tmp_path / 'init'}"
+    mp.spawn(_dist_worker, args=(init_method, str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    x, y, t, bias = _inputs(WORLD * LOCAL_B, seed=5, scale=6.0, bias=-3.0, scale_shape=(1,))
+    g_loss, (g_gx, g_gy, g_gt, g_gb) = _loss_and_grads(SigmoidLoss(chunk_size=CHUNK), x, y, t, bias)
+    torch.testing.assert_close(g_loss, torch.tensor(_direct_formula(x.double(), y.double(), t, bias)).float())
+
+    for impl in ("ours", "ours_plain"):
+        # per rank, identical to open_clip's SigLipLoss(rank, world_size): value and grads
+        for r in range(WORLD):
+            ours, oc = ranks[r][impl], ranks[r]["open_clip"]
+            for k in ("loss", "gx", "gy", "gt", "gb"):
+                torch.testing.assert_close(ours[k], oc[k], rtol=1e-5, atol=1e-6, msg=f"{impl} rank{r} {k}")
+        # Rank r's loss is normalised by the local batch b, the single-process loss by W*b:
+        # sum_r L_r = W * L_global, i.e. the mean over ranks is the global loss.
+        losses = torch.stack([ranks[r][impl]["loss"] for r in range(WORLD)])
+        torch.testing.assert_close(losses.mean(), g_loss, rtol=1e-5, atol=1e-6)
+        # Gradients w.r.t. each rank's own embeddings (text grads summed back from the other
+        # rank through the gather) are W times the global ones; DDP's averaging divides by W.
+        for r in range(WORLD):
+            sl = slice(r * LOCAL_B, (r + 1) * LOCAL_B)
+            torch.testing.assert_close(ranks[r][impl]["gx"], WORLD * g_gx[sl], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ranks[r][impl]["gy"], WORLD * g_gy[sl], rtol=1e-5, atol=1e-6)
+        # t and b are replicated: their per-rank grads sum to W times the global grad.
+        for k, g in (("gt", g_gt), ("gb", g_gb)):
+            total = sum(ranks[r][impl][k] for r in range(WORLD))
+            torch.testing.assert_close(total, WORLD * g, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_embeddings_accumulate_in_float32():
+    x, y, t, bias = _inputs(40, seed=6)
+    ref_loss, ref_grads = _loss_and_grads(SigmoidLoss(chunk_size=4096), x, y, t, bias)
+    for chunk in (8, 4096):
+        loss, grads = _loss_and_grads(SigmoidLoss(chunk_size=chunk), x.bfloat16(), y.bfloat16(), t, bias)
+        assert loss.dtype == torch.float32
+        assert grads[0].dtype == grads[1].dtype == torch.bfloat16 and grads[2].dtype == torch.float32
+        torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(grads[2], ref_grads[2], rtol=5e-2, atol=5e-2)
