@@ -62,6 +62,7 @@ class Stage(L.LightningModule):
         handoff_fractions: list[float] | None = None,
         compile: bool = False,
         vocab_size: int | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         model_cfg = _to_dict(model)
@@ -71,7 +72,7 @@ class Stage(L.LightningModule):
             model_cfg["text"]["vocab_size"] = int(vocab_size)
         self.save_hyperparameters(
             {"model": model_cfg, "optim": _to_dict(optim), "losses": _to_dict(losses), "name": name,
-             "handoff_fractions": list(handoff_fractions or []), "compile": compile}
+             "handoff_fractions": list(handoff_fractions or []), "compile": compile, "seed": int(seed)}
         )
         self.stage_name = name
         self.model = build_model(model_cfg)
@@ -93,7 +94,43 @@ class Stage(L.LightningModule):
     def on_loss_enabled(self, name: str) -> None:
         """Called once when a scheduled loss turns on (distillation creates its teacher here)."""
 
+    def locca_decoder(self):
+        """The LocCa decoder (referring-expression and caption eval), or None without one."""
+        return None
+
     # ---- training ----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # FLOPs per batch for Lightning's ThroughputMonitor (MFU), measured once on the meta device.
+        if stage == "fit" and self.flops_per_batch is None and self.trainer is not None:
+            batch = getattr(self.trainer.datamodule, "batch_size", None)
+            if batch:
+                try:
+                    self.flops_per_batch = self.measure_flops(int(batch))
+                except Exception as exc:  # MFU is a report, never a reason to stop training
+                    log.warning("could not measure FLOPs per batch (%s); MFU will not be logged", exc)
+
+    def measure_flops(self, batch_size: int) -> int:
+        """Training FLOPs (forward + backward) of one batch of the towers, on meta tensors."""
+        from lightning.fabric.utilities.throughput import measure_flops
+
+        cfg = self.hparams["model"]
+        with torch.device("meta"):
+            model = build_model(cfg)
+            image = torch.empty(batch_size, 3, cfg["vision"]["image_size"], cfg["vision"]["image_size"])
+            text = torch.zeros(batch_size, cfg["text"]["max_len"], dtype=torch.long)
+
+        def forward() -> torch.Tensor:
+            return model.encode_image(image=image).pooled.sum() + model.encode_text(text).sum()
+
+        return measure_flops(model, forward, loss_fn=lambda y: y)
+
+    def step_generator(self) -> torch.Generator:
+        """Randomness drawn inside a step (parallel prediction, views, masks) comes from a
+        generator seeded by (seed, global step, rank), so a resumed run draws what an
+        uninterrupted one would have."""
+        seed = int(self.hparams.get("seed", 0)) * 1_000_003 + self.global_step * 7919 + self.global_rank
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def configure_model(self) -> None:
         if self.compile_towers and not getattr(self, "_compiled", False):
             self.model.vision_model.compile()

@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from siglip2.data.locca_targets import LoccaFormat, build_locca_targets, region_boxes
 from siglip2.data.shards import DecodedSample, build_train_loader
 from siglip2.data.tokenizer import Tokenizer, build_tokenizer
 from siglip2.data.transforms import ImageTransform
@@ -30,45 +31,34 @@ def sample_seed(seed: int, epoch: int, key: str) -> int:
 
 
 class TrainSample:
-    """DecodedSample -> training example: image, tokens and (optionally) LocCa targets."""
+    """DecodedSample -> training example: image, tokens and (optionally) LocCa targets.
+
+    LocCa boxes go through the same geometric transform as the image, so ARef/GCap targets
+    describe what the model sees.
+    """
 
     def __init__(self, tokenizer: Tokenizer, transform: ImageTransform, seed: int, epoch: int,
                  locca_targets: Mapping[str, Any] | None = None):
         self.tokenizer = tokenizer
         self.transform = transform
         self.seed, self.epoch = seed, epoch
-        self.locca = None
-        if locca_targets:
-            from siglip2.data.locca_targets import LoccaTargetBuilder
-
-            self.locca = LoccaTargetBuilder(tokenizer, **dict(locca_targets))
+        self.locca_format = LoccaFormat(**dict(locca_targets)) if locca_targets else None
 
     def __call__(self, sample: DecodedSample) -> dict[str, Any] | None:
-        rng = random.Random(sample_seed(self.seed, self.epoch, sample.key))
-        regions = sample.meta.get("regions") or [] if isinstance(sample.meta, dict) else []
+        regions = (sample.meta.get("regions") or []) if isinstance(sample.meta, dict) else []
         boxes = None
-        if self.locca is not None and regions:
-            boxes = torch.tensor([r["box"] for r in regions], dtype=torch.float32).reshape(-1, 4)
-        image, boxes = self.transform(sample.image, boxes, rng=rng) if _takes_rng(self.transform) \
-            else self.transform(sample.image, boxes)
+        if self.locca_format is not None and regions:
+            try:
+                boxes = region_boxes(regions)
+            except (KeyError, TypeError, ValueError):
+                regions, boxes = [], None  # malformed regions: this sample trains Cap only
+        image, boxes = self.transform(sample.image, boxes)
         out: dict[str, Any] = {"image": image, "text": self.tokenizer(sample.caption)[0], "key": sample.key}
-        if self.locca is not None:
-            kept = []
-            if boxes is not None:
-                for region, box in zip(regions, boxes.tolist()):
-                    if box[2] - box[0] > 1e-3 and box[3] - box[1] > 1e-3:  # still visible after the crop
-                        kept.append({"caption": region["caption"], "box": box})
-            out.update(self.locca(sample.caption, kept, rng))
+        if self.locca_format is not None:
+            rng = random.Random(sample_seed(self.seed, self.epoch, sample.key))
+            out.update(build_locca_targets(self.tokenizer, sample.caption, regions, rng, self.locca_format,
+                                           boxes=boxes))
         return out
-
-
-def _takes_rng(transform: Any) -> bool:
-    import inspect
-
-    try:
-        return "rng" in inspect.signature(transform.__call__).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class ImageTextData(L.LightningDataModule):
@@ -132,7 +122,7 @@ class ImageTextData(L.LightningDataModule):
         return build_train_loader(
             self.sources, sample_fn, batch_size=self.batch_size, num_batches=self.batches_per_epoch,
             seed=self.seed * 1_000_003 + epoch, num_workers=self.num_workers,
-            shuffle_buffer=self.shuffle_buffer, max_pixels=self.max_pixels,
+            shuffle_buffer=self.shuffle_buffer, max_pixels=self.max_pixels, reseed_each_iter=False,
         )
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:

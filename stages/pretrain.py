@@ -33,8 +33,30 @@ class PretrainStage(Stage):
             "sigmoid": self.sigmoid(image_emb, text_emb, self.model.logit_scale.exp(), self.model.logit_bias)
         }
         if self.locca is not None and self.loss_enabled.get("locca", False):
-            results["locca"] = self.locca(batch, image.tokens, image.token_mask)
+            results["locca"] = self.locca(batch, image.tokens, image.token_mask, self.step_generator())
         return results
+
+    def measure_flops(self, batch_size: int) -> int:
+        """Towers plus one decoder pass (with the vocabulary projection) per LocCa task."""
+        flops = super().measure_flops(batch_size)
+        if self.locca is None:
+            return flops
+        from lightning.fabric.utilities.throughput import measure_flops
+
+        cfg = self.hparams["model"]
+        n_img = (cfg["vision"]["image_size"] // cfg["vision"]["patch_size"]) ** 2
+        with torch.device("meta"):
+            head = LoccaHead(cfg, self.loss_specs["locca"])
+            tokens = torch.zeros(batch_size, head.decoder.max_len, dtype=torch.long)
+            image_tokens = torch.empty(batch_size, n_img, cfg["vision"]["width"])
+
+        def forward() -> torch.Tensor:
+            return head.decoder.head(head.decoder(tokens, image_tokens)).sum()
+
+        return flops + len(head.objective.tasks) * measure_flops(head, forward, loss_fn=lambda y: y)
+
+    def locca_decoder(self):
+        return self.locca.decoder if self.locca is not None else None
 
     @torch.no_grad()
     def embed(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None):

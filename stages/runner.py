@@ -28,7 +28,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
     stage = instantiate(cfg.stage, model=cfg.model, optim=cfg.optim,
-                        vocab_size=datamodule.tokenizer.vocab_size, _recursive_=False, _convert_="all")
+                        vocab_size=datamodule.tokenizer.vocab_size, seed=int(cfg.seed), _recursive_=False, _convert_="all")
     if cfg.get("init_from"):
         stage.load_weights(str(cfg.init_from))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -70,3 +70,48 @@ def write_metrics(metrics: dict[str, float], path: Path) -> None:
     tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     os.replace(tmp, path)
     print(f"metrics written to {path}")
+
+
+STAGES = {"pretrain": "stages.pretrain.PretrainStage"}
+
+
+def load_stage(path: str, map_location: str = "cpu"):
+    """The stage a checkpoint was written by, with its weights (for eval and export)."""
+    import importlib
+
+    meta = torch.load(path, map_location="cpu", weights_only=False).get("siglip2", {})
+    name = meta.get("stage")
+    if name not in STAGES:
+        raise ValueError(f"{path}: not a siglip2 stage checkpoint (stage={name!r}); known: {sorted(STAGES)}")
+    module, cls = STAGES[name].rsplit(".", 1)
+    stage_cls = getattr(importlib.import_module(module), cls)
+    return stage_cls.load_from_checkpoint(path, map_location=map_location, weights_only=False)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    from siglip2.eval.suite import evaluate_all
+
+    if cfg.data.get("demo"):
+        from siglip2.data.demo import ensure_demo
+
+        ensure_demo(cfg.data.demo.root, num_train=int(cfg.data.demo.num_train), seed=int(cfg.data.demo.seed))
+    from siglip2.data.tokenizer import build_tokenizer
+
+    stage = load_stage(str(cfg.ckpt_path)).to(cfg.device)
+    tokenizer = build_tokenizer(cfg.tokenizer.path, length=int(stage.hparams["model"]["text"]["max_len"]),
+                                lowercase=bool(cfg.tokenizer.lowercase))
+    results = evaluate_all(
+        list(cfg.eval.sets), model=stage.model, tokenizer=tokenizer,
+        image_size=int(stage.hparams["model"]["vision"]["image_size"]), device=cfg.device,
+        batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers),
+        max_batches=cfg.eval.get("max_batches"), decoder=stage.locca_decoder(),
+    )
+    results.pop("_tables", None)
+    results.pop("_examples", None)
+    metrics = {k: float(v) for k, v in results.items()}
+    width = max((len(k) for k in metrics), default=10)
+    print(f"{'metric':<{width}}  value")
+    for key in sorted(metrics):
+        print(f"{key:<{width}}  {metrics[key]:.4f}")
+    write_metrics(metrics, Path(cfg.paths.output_dir) / "metrics.json")
+    return metrics

@@ -120,7 +120,8 @@ class LoccaDecoder(nn.Module):
         """
         b, n = tokens_in.shape
         if parallel is not None:
-            tokens_in = torch.where(parallel.view(b, 1).to(torch.bool), torch.full_like(tokens_in, self.mask_id), tokens_in)
+            par = parallel.view(b, 1).to(device=tokens_in.device, dtype=torch.bool)
+            tokens_in = torch.where(par, torch.full_like(tokens_in, self.mask_id), tokens_in)
         x = self._embed(tokens_in)
         self_mask = None if parallel is None else self_attention_mask(n, parallel, b, x.device)
         cross_mask = self._cross_mask(image_mask)
@@ -146,6 +147,8 @@ class LoccaDecoder(nn.Module):
         """
         b, p = prefix_ids.shape
         dev = prefix_ids.device
+        if max_new_tokens <= 0:
+            return torch.empty(b, 0, dtype=torch.long, device=dev)
         plen = torch.full((b,), p, device=dev, dtype=torch.long) if prefix_len is None else prefix_len.to(dev).long()
         if plen.min() < 1:
             raise ValueError("every row needs at least one prompt token (the start token)")
@@ -159,7 +162,7 @@ class LoccaDecoder(nn.Module):
         cross_mask = self._cross_mask(image_mask)
         cross = [layer.cross_kv(image_tokens) for layer in self.layers]
         dh = self.position_embedding.shape[1] // self.heads
-        dtype = self.position_embedding.dtype
+        dtype = cross[0][0].dtype if cross else self.position_embedding.dtype  # autocast-aware
         caches = [(torch.empty(b, self.heads, total, dh, device=dev, dtype=dtype),
                    torch.empty(b, self.heads, total, dh, device=dev, dtype=dtype)) for _ in self.layers]
         done = torch.zeros(b, dtype=torch.bool, device=dev)

@@ -1,0 +1,79 @@
+"""Zero-shot classification, retrieval and referring-expression numbers during training.
+
+Runs every `every_n_steps` optimiser steps and once when training ends, on every rank (the
+evaluation is DDP-aware), logs the numbers to every logger, a per-class accuracy table and a
+few images with their top predictions to W&B, and hands the final numbers to metrics.json.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from siglip2.eval.suite import evaluate_all, load_eval_set
+
+log = logging.getLogger(__name__)
+
+
+class ZeroShotEval(L.Callback):
+    def __init__(self, sets: list[str], every_n_steps: int = 0, batch_size: int = 128, num_workers: int = 0,
+                 max_batches: int | None = None, num_examples: int = 8):
+        self.sets = [load_eval_set(s) for s in (sets or [])]
+        self.every_n_steps = int(every_n_steps or 0)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.max_batches = max_batches
+        self.num_examples = num_examples
+        self.final_metrics: dict[str, float] = {}
+        self._last_step = -1
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        if not self.sets or trainer.global_step == self._last_step:
+            return self.final_metrics
+        self._last_step = trainer.global_step
+        datamodule = trainer.datamodule
+        results = evaluate_all(
+            self.sets, model=pl_module.model, tokenizer=datamodule.tokenizer, image_size=datamodule.image_size,
+            device=pl_module.device, batch_size=self.batch_size, num_workers=self.num_workers,
+            max_batches=self.max_batches, decoder=pl_module.locca_decoder(),
+            keep_examples=self.num_examples if trainer.is_global_zero else 0,
+        )
+        tables, examples = results.pop("_tables", {}), results.pop("_examples", {})
+        numbers = {k: float(v) for k, v in results.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(numbers, step=trainer.global_step)
+        if trainer.is_global_zero:
+            self._log_wandb(trainer, pl_module, tables, examples)
+            log.info("eval at step %d: %s", trainer.global_step,
+                     ", ".join(f"{k}={v:.3f}" for k, v in sorted(numbers.items())))
+        self.final_metrics = numbers
+        return numbers
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
+
+    @staticmethod
+    def _log_wandb(trainer: L.Trainer, pl_module: L.LightningModule, tables: dict, examples: dict) -> None:
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not wandb_loggers:
+            return
+        wb = wandb_loggers[0]
+        for name, rows in tables.items():
+            wb.log_table(key=f"{name}/per_class", columns=["class", "accuracy"], data=rows, step=trainer.global_step)
+        for name, items in examples.items():
+            if items:
+                images = [((it["image"].float().clamp(-1, 1) + 1) / 2) for it in items]
+                captions = [f"true: {it['label']} | top: {', '.join(it['top'])}" for it in items]
+                wb.log_image(key=f"{name}/examples", images=images, caption=captions, step=trainer.global_step)
+        rows = [[name, it.get("label", ""), it["caption"]] for name, items in examples.items()
+                for it in items if "caption" in it]
+        if rows:
+            wb.log_text(key="locca/captions", columns=["set", "label", "generated caption"], data=rows,
+                        step=trainer.global_step)

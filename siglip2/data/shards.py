@@ -1,0 +1,639 @@
+"""WebDataset shard pipeline: img2dataset-style shards in, collated batch dicts out.
+
+Why it looks the way it does:
+- Training streams are *resampled* (shards drawn with replacement, seeded per run, rank,
+  worker and epoch) and cut to exactly ``num_batches`` batches per rank. Every DDP rank
+  therefore takes the same number of steps and no rank ever waits on another at an
+  all-reduce; there is no "end of data" to synchronise.
+- Evaluation streams read every shard once, split by rank then by worker, so every sample
+  is seen exactly once across the whole job. Ranks may get different numbers of batches
+  (shards are the unit of splitting), so gather eval results rather than step in lockstep.
+- Only the keys we know are decoded, by our own code with PIL and json. Nothing from a
+  shard is ever unpickled: ``.pyd``/``.pickle``/``.pth``/... members are not even read
+  out of the tar.
+- Bad data never stops a run: a bad sample is skipped and counted by reason, a bad shard is
+  skipped with a warning naming it. The counts travel with every batch (``skipped``,
+  ``worker_id``) because DataLoader workers are separate processes; :class:`SkipStats`
+  folds them in the main process. One :class:`SkipStats` per loader (worker ids repeat
+  across loaders).
+
+Skip reasons (keys of ``batch["skipped"]``): see :data:`SKIP_REASONS`. A ``sample_fn`` skips
+a sample by returning None (reason "sample_fn") or by raising ``BadSample(reason)`` for a
+reason of its own; any other exception from it is a bug and propagates.
+
+Image mode policy (``to_rgb``): grayscale, palette, CMYK, 16-bit are converted to RGB;
+anything with transparency (RGBA, LA, palette + transparency) is composited over *white*.
+Web alt-text images with alpha are mostly logos and product shots drawn for white pages;
+dropping alpha instead exposes whatever colour hides under transparent pixels (often black).
+EXIF orientation is ignored, as big_vision's decoder does, so boxes in the json stay
+aligned with the stored pixels.
+
+Rank and world size come from ``torch.distributed`` when it is initialised, else from the
+``RANK``/``WORLD_SIZE`` environment variables, else 0/1; they are read when the loader is
+built (Lightning builds loaders after the process group is up).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import random
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import islice
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen, gopen_schemes
+from webdataset.shardlists import expand_urls as _wds_expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.utils import make_seed
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DecodedSample", "BadSample", "SkipStats", "SKIP_REASONS", "DEFAULT_MAX_PIXELS", "IMAGE_KEYS",
+    "build_train_loader", "build_eval_loader", "expand_urls", "decode_sample", "to_rgb",
+    "collate", "get_rank_world",
+]
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+TEXT_KEY, JSON_KEY, MASK_KEY = "txt", "json", "seg.png"
+_WANTED_KEYS = frozenset(IMAGE_KEYS + (TEXT_KEY, JSON_KEY, MASK_KEY))
+
+# Web images often carry the wrong extension, so any of these is accepted under any image
+# key; formats that call out to other programs (EPS -> Ghostscript) are never tried.
+Image.init()  # register every plugin so the names below resolve
+_IMAGE_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+                       if f in Image.OPEN)
+
+# A decoded 33.5 MP RGB image is ~100 MB: beyond that a single web image costs more
+# worker memory and time than it is worth at 224-512 px training resolution.
+DEFAULT_MAX_PIXELS = 2**25
+
+SKIP_REASONS = {
+    "bad_shard": "tar could not be opened or read to the end (samples after the fault lost)",
+    "missing_image": "no jpg/jpeg/png/webp member",
+    "missing_caption": "no txt member",
+    "empty_caption": "caption empty or whitespace only",
+    "bad_caption": "caption is not valid UTF-8",
+    "bad_image": "zero-byte, truncated or undecodable image",
+    "too_large": "width*height above max_pixels (checked from the header) or a PIL bomb",
+    "bad_json": "json member not a valid JSON object",
+    "bad_mask": "seg.png undecodable or not the image's size (decode_mask=True only)",
+    "sample_fn": "the user's sample_fn returned None",
+}
+
+# A resampled stream over shards that never yield a usable sample would spin forever;
+# fail loudly instead. Generous: a real dataset with a few bad shards never gets close.
+MAX_CONSECUTIVE_EMPTY_SHARDS = 200
+MAX_CONSECUTIVE_SKIPS = 100_000
+
+
+@dataclass
+class DecodedSample:
+    key: str
+    image: Image.Image  # RGB
+    caption: str
+    meta: dict = field(default_factory=dict)
+    mask: np.ndarray | None = None  # uint8 (H, W) when decode_mask=True and present
+
+
+class BadSample(Exception):
+    """Raised by :func:`decode_sample`; ``reason`` is a key of :data:`SKIP_REASONS`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+
+# ----------------------------------------------------------------------------------------
+# decoding
+# ----------------------------------------------------------------------------------------
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparency is composited over white (module doc)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
+        mode = "L"
+    if mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode == "L" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise BadSample("bad_image", "zero-byte image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=_IMAGE_FORMATS)  # header only
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadSample("too_large", f"{w}x{h} > max_pixels={max_pixels}")
+            img.load()
+            return to_rgb(img)
+    except BadSample:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadSample("too_large", str(e)) from None
+    except Exception as e:  # UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+        raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
+
+
+def _decode_mask(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    try:
+        m = Image.open(io.BytesIO(data), formats=("PNG",))
+        m.load()
+        if m.mode not in ("L", "P"):
+            m = m.getchannel(0) if m.mode in ("RGB", "RGBA", "LA") else m.convert("L")
+        arr = np.array(m, dtype=np.uint8)
+    except Exception as e:
+        raise BadSample("bad_mask", f"{type(e).__name__}: {e}") from None
+    if (arr.shape[1], arr.shape[0]) != tuple(size):
+        raise BadSample("bad_mask", f"mask {arr.shape[1]}x{arr.shape[0]} != image {size[0]}x{size[1]}")
+    return arr
+
+
+def decode_sample(raw: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  decode_mask: bool = False) -> DecodedSample:
+    """Raw wds sample (key -> bytes) to a DecodedSample; raises :class:`BadSample` if bad.
+
+    Cheap checks first (caption, json, header size) so bad samples cost no image decode.
+    """
+    key = raw.get("__key__", "")
+    img_bytes = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
+    if img_bytes is None:
+        raise BadSample("missing_image")
+    if TEXT_KEY not in raw:
+        raise BadSample("missing_caption")
+    try:
+        caption = bytes(raw[TEXT_KEY]).decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        raise BadSample("bad_caption") from None
+    if not caption:
+        raise BadSample("empty_caption")
+    meta: dict = {}
+    if JSON_KEY in raw:
+        try:
+            meta = json.loads(bytes(raw[JSON_KEY]).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise BadSample("bad_json") from None
+        if not isinstance(meta, dict):
+            raise BadSample("bad_json", f"json is a {type(meta).__name__}, not an object")
+    image = _decode_image(bytes(img_bytes), max_pixels)
+    mask = None
+    if decode_mask and MASK_KEY in raw:
+        mask = _decode_mask(bytes(raw[MASK_KEY]), image.size)
+    return DecodedSample(key=key, image=image, caption=caption, meta=meta, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# urls
+# ----------------------------------------------------------------------------------------
+
+def _is_local(url: str) -> bool:
+    return urlparse(url).scheme in ("", "file")
+
+
+def _local_path(url: str) -> str:
+    return urlparse(url).path if url.startswith("file:") else url
+
+
+def expand_urls(urls) -> list[str]:
+    """Brace patterns, ``::``-joined strings, lists of either, local globs and folders.
+
+    Local patterns are checked *now*: a pattern that matches no existing shard raises
+    FileNotFoundError naming it, so a typo fails before training starts. Remote URLs
+    (``pipe:``, ``s3://``, ``http://``, ...) are passed through unchecked.
+    """
+    if isinstance(urls, (str, os.PathLike)):
+        urls = [os.fspath(urls)]
+    elif isinstance(urls, dict):
+        raise TypeError("expand_urls takes a pattern or a list of patterns, not a source dict")
+    out: list[str] = []
+    for pattern in urls:
+        pattern = os.fspath(pattern)
+        expanded = _wds_expand_urls(pattern)  # '::' split, ${VAR}, braces
+        if not all(_is_local(u) for u in expanded):
+            out.extend(expanded)
+            continue
+        found: list[str] = []
+        missing: list[str] = []
+        for u in expanded:
+            p = os.path.expanduser(_local_path(u))
+            if any(c in p for c in "*?["):
+                found.extend(sorted(glob.glob(p)))
+            elif os.path.isdir(p):
+                found.extend(sorted(glob.glob(os.path.join(p, "*.tar"))))
+            elif os.path.isfile(p):
+                found.append(p)
+            else:
+                missing.append(u)
+        if not found:
+            raise FileNotFoundError(f"no shard matches {pattern!r}")
+        if missing:
+            logger.warning("%d of %d shards of %r do not exist and are left out, e.g. %s",
+                           len(missing), len(expanded), pattern, missing[:3])
+        out.extend(found)
+    if not out:
+        raise FileNotFoundError(f"no shard matches {urls!r}")
+    return out
+
+
+def _open_url(url: str):
+    """wds.gopen for the schemes it knows (local, pipe:, http, gs, hf...), else fsspec."""
+    scheme = urlparse(url).scheme
+    if _is_local(url) or scheme in gopen_schemes:
+        return gopen(url, "rb")
+    import fsspec  # s3://, az://, ... whatever fsspec has a backend for
+
+    return fsspec.open(url, "rb").open()
+
+
+def get_rank_world() -> tuple[int, int]:
+    """(rank, world_size): torch.distributed if initialised, else RANK/WORLD_SIZE, else 0/1."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 1
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# skip accounting
+# ----------------------------------------------------------------------------------------
+
+class _WorkerStats:
+    """Per-worker skip counts, plus warnings at a low rate (count 1, 10, 100, ...)."""
+
+    def __init__(self):
+        self.counts: Counter[str] = Counter()
+        self._warned_shards: set[str] = set()
+
+    def skip(self, reason: str, key: str = "", url: str = "", detail: str = "") -> None:
+        self.counts[reason] += 1
+        n = self.counts[reason]
+        if _is_power_of_ten(n):
+            logger.warning("skipped sample %r from %s: %s%s (%d so far for this reason in "
+                           "this worker)", key, url, reason, f" ({detail})" if detail else "", n)
+
+    def bad_shard(self, url: str, exn: BaseException) -> None:
+        self.counts["bad_shard"] += 1
+        if url not in self._warned_shards:  # resampled streams revisit the same shard
+            self._warned_shards.add(url)
+            logger.warning("skipping unreadable shard %s: %s: %s", url, type(exn).__name__, exn)
+
+
+def _is_power_of_ten(n: int) -> bool:
+    while n % 10 == 0:
+        n //= 10
+    return n == 1
+
+
+class SkipStats:
+    """Folds the per-worker cumulative ``skipped`` counts that ride on batches.
+
+    Each batch carries its worker's running totals, so the latest batch of every worker is
+    enough; a worker restarted (non-persistent workers, new epoch) starts again from zero,
+    which is noticed as a count going down and the old totals are banked.
+    """
+
+    def __init__(self):
+        self._latest: dict[int, dict[str, int]] = {}
+        self._banked: Counter[str] = Counter()
+
+    def update(self, batch: dict) -> None:
+        skipped = batch.get("skipped")
+        if skipped is None:
+            return
+        wid = int(batch.get("worker_id", 0))
+        prev = self._latest.get(wid)
+        if prev is not None and any(skipped.get(k, 0) < v for k, v in prev.items()):
+            self._banked.update(prev)
+        self._latest[wid] = dict(skipped)
+
+    def totals(self) -> dict[str, int]:
+        out = Counter(self._banked)
+        for counts in self._latest.values():
+            out.update(counts)
+        return {k: v for k, v in out.items() if v}
+
+
+# ----------------------------------------------------------------------------------------
+# pipeline stages
+# ----------------------------------------------------------------------------------------
+
+def _wanted_file(fname: str) -> bool:
+    """Only members with a key we decode are read out of the tar at all."""
+    base = fname.rsplit("/", 1)[-1]
+    return "." in base and base.split(".", 1)[1].lower() in _WANTED_KEYS
+
+
+def _tag(files: Iterator[dict], url: str) -> Iterator[dict]:
+    for f in files:
+        f["__url__"] = url
+        yield f
+
+
+def _read_shards(shards: Iterable[dict], stats: _WorkerStats,
+                 max_empty: int | None = None) -> Iterator[dict]:
+    """Shard dicts -> raw samples, one shard at a time so a fault is pinned on its shard.
+
+    The tar is read with webdataset's own iterators; a shard that fails to open or
+    breaks part-way is counted once as "bad_shard" and warned about, and the stream goes
+    on with the next shard (the partial sample at the fault is dropped).
+    """
+    empty_run = 0
+    for shard in shards:
+        url = shard["url"]
+        n = 0
+        stream = None
+        try:
+            stream = _open_url(url)
+            files = tar_file_iterator(stream, select_files=_wanted_file)
+            for sample in group_by_keys(_tag(files, url)):
+                n += 1
+                yield sample
+        except Exception as exn:
+            stats.bad_shard(url, exn)
+        finally:
+            if stream is not None:
+                try:
+                    stream.close()
+                except Exception:
+                    pass
+        empty_run = 0 if n else empty_run + 1
+        if max_empty is not None and empty_run >= max_empty:
+            raise RuntimeError(f"{empty_run} shards in a row gave no sample (last: {url}); "
+                               f"skip counts so far: {dict(stats.counts)}")
+
+
+def _decode_stage(samples: Iterable[dict], stats: _WorkerStats, sample_fn: Callable,
+                  max_pixels: int, decode_mask: bool,
+                  max_skips: int | None = None) -> Iterator[dict]:
+    run = 0
+    for raw in samples:
+        key, url = raw.get("__key__", ""), raw.get("__url__", "")
+        try:
+            decoded = decode_sample(raw, max_pixels=max_pixels, decode_mask=decode_mask)
+            out = sample_fn(decoded)  # exceptions here are bugs: let them surface
+            if out is None:
+                raise BadSample("sample_fn")
+        except BadSample as s:
+            stats.skip(s.reason, key, url, s.detail)
+            run += 1
+            if max_skips is not None and run >= max_skips:
+                raise RuntimeError(f"{run} samples in a row were skipped; skip counts: "
+                                   f"{dict(stats.counts)}") from None
+            continue
+        run = 0
+        if "key" not in out:
+            out = {**out, "key": key}
+        yield out
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors, put everything else into lists (docs/INTERFACES.md)."""
+    out: dict[str, Any] = {}
+    for k in samples[0]:
+        vals = [s[k] for s in samples]
+        if all(isinstance(v, torch.Tensor) for v in vals):
+            try:
+                out[k] = torch.stack(vals)
+            except RuntimeError as e:
+                shapes = sorted({tuple(v.shape) for v in vals})
+                raise ValueError(f"cannot stack batch key {k!r}: shapes {shapes}") from e
+        else:
+            out[k] = vals
+    return out
+
+
+def _batch_stage(samples: Iterable[dict], batch_size: int, stats: _WorkerStats,
+                 worker_id: int, partial_last: bool) -> Iterator[dict]:
+    buf: list[dict] = []
+    for s in samples:
+        buf.append(s)
+        if len(buf) == batch_size:
+            yield _finish_batch(buf, stats, worker_id)
+            buf = []
+    if buf and partial_last:
+        yield _finish_batch(buf, stats, worker_id)
+
+
+def _finish_batch(buf: list[dict], stats: _WorkerStats, worker_id: int) -> dict:
+    batch = collate(buf)
+    batch["skipped"] = dict(stats.counts)
+    batch["worker_id"] = worker_id
+    return batch
+
+
+def _split_by_rank(src: Iterable, rank: int, world: int) -> Iterator:
+    """Like wds.split_by_node, but with the rank fixed when the loader was built."""
+    return islice(src, rank, None, world)
+
+
+def _weighted_mix(streams: list[Iterator], weights: list[float], rng: random.Random):
+    """Seeded version of wds.RandomMix over infinite streams."""
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    idx = list(range(len(streams)))
+    while True:
+        i = rng.choices(idx, weights=weights)[0]
+        yield next(streams[i])
+
+
+# ----------------------------------------------------------------------------------------
+# datasets
+# ----------------------------------------------------------------------------------------
+
+def _normalise_sources(sources) -> list[tuple[list[str], float]]:
+    if isinstance(sources, (str, os.PathLike)):
+        return [(expand_urls(sources), 1.0)]
+    if hasattr(sources, "keys"):  # a single {"urls": ..., "weight": ...}
+        sources = [sources]
+    sources = list(sources)
+    if not sources:
+        raise ValueError("no data sources given")
+    if all(isinstance(s, dict) or hasattr(s, "keys") for s in sources):
+        out = []
+        for s in sources:
+            if "urls" not in s:
+                raise ValueError(f"source {dict(s)!r} has no 'urls'")
+            w = float(s.get("weight", 1.0))
+            if not w > 0:
+                raise ValueError(f"source weight must be > 0, got {w} for {s['urls']!r}")
+            urls = s["urls"]
+            out.append((expand_urls(urls if isinstance(urls, str) else list(urls)), w))
+        return out
+    return [(expand_urls(sources), 1.0)]
+
+
+class _TrainStream(IterableDataset):
+    """Infinite resampled mix, cut to this worker's share of ``num_batches``."""
+
+    def __init__(self, sources, sample_fn, batch_size, num_batches, seed, rank, world,
+                 shuffle_buffer, max_pixels, decode_mask, reseed_each_iter=True):
+        super().__init__()
+        self.reseed_each_iter = reseed_each_iter
+        self.sources = sources
+        self.sample_fn = sample_fn
+        self.batch_size = batch_size
+        self.num_batches = num_batches
+        self.seed = seed
+        self.rank, self.world = rank, world
+        self.shuffle_buffer = shuffle_buffer
+        self.max_pixels = max_pixels
+        self.decode_mask = decode_mask
+        self._iteration = 0
+        self._stats: _WorkerStats | None = None
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        worker, nworkers = _worker()
+        if self._stats is None:  # lives as long as the (persistent) worker
+            self._stats = _WorkerStats()
+        stats = self._stats
+        # A loader kept across epochs draws a new stream each pass; a caller that rebuilds
+        # the loader per epoch with its own seed (stages.data) wants the stream fixed by that
+        # seed alone, however often the loader is iterated (Lightning may open it twice).
+        it = self._iteration if self.reseed_each_iter else 0
+        self._iteration += 1
+        mine = self.num_batches // nworkers + (worker < self.num_batches % nworkers)
+        g, G = self.rank * nworkers + worker, self.world * nworkers
+
+        streams = []
+        for i, (urls, _) in enumerate(self.sources):
+            # Disjoint shard subsets per (rank, worker) when there are enough shards;
+            # otherwise everyone resamples all shards with a different seed.
+            subset = urls[self.rank::self.world][worker::nworkers] if len(urls) >= G else urls
+            seed = make_seed(self.seed, i, g, it)
+            pipe = wds.DataPipeline(
+                wds.ResampledShards(subset, seed=seed, deterministic=True, worker_seed=_zero),
+                partial(_read_shards, stats=stats, max_empty=MAX_CONSECUTIVE_EMPTY_SHARDS),
+                wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer),
+                            rng=random.Random(seed + 1)) if self.shuffle_buffer > 1 else None,
+            )
+            streams.append(iter(pipe))
+        weights = [w for _, w in self.sources]
+        mixed = _weighted_mix(streams, weights,
+                              random.Random(make_seed(self.seed, -1, g, it)))
+        batches = _batch_stage(
+            _decode_stage(mixed, stats, self.sample_fn, self.max_pixels, self.decode_mask,
+                          max_skips=MAX_CONSECUTIVE_SKIPS),
+            self.batch_size, stats, worker, partial_last=False)
+        return islice(batches, mine)
+
+
+def _zero() -> int:
+    return 0
+
+
+class _EvalStream(IterableDataset):
+    """Every shard once: split by rank (fixed at build time), then by worker."""
+
+    def __init__(self, urls, sample_fn, batch_size, rank, world, max_pixels, decode_mask):
+        super().__init__()
+        self.urls = urls
+        self.sample_fn = sample_fn
+        self.batch_size = batch_size
+        self.rank, self.world = rank, world
+        self.max_pixels = max_pixels
+        self.decode_mask = decode_mask
+        self._stats: _WorkerStats | None = None
+
+    def __iter__(self):
+        worker, _ = _worker()
+        if self._stats is None:
+            self._stats = _WorkerStats()
+        stats = self._stats
+        pipe = wds.DataPipeline(
+            wds.SimpleShardList(self.urls),
+            partial(_split_by_rank, rank=self.rank, world=self.world),
+            wds.split_by_worker,
+            partial(_read_shards, stats=stats),
+            partial(_decode_stage, stats=stats, sample_fn=self.sample_fn,
+                    max_pixels=self.max_pixels, decode_mask=self.decode_mask),
+            partial(_batch_stage, batch_size=self.batch_size, stats=stats, worker_id=worker,
+                    partial_last=True),
+        )
+        return iter(pipe)
+
+
+def _loader(dataset, num_workers: int, generator: torch.Generator | None) -> DataLoader:
+    # Batches are made inside the workers (so skip counts ride with them): batch_size=None.
+    return DataLoader(
+        dataset, batch_size=None, num_workers=num_workers,
+        persistent_workers=num_workers > 0,  # skip counts and RNG streams survive epochs
+        pin_memory=torch.cuda.is_available(), generator=generator,
+    )
+
+
+def build_train_loader(sources, sample_fn: Callable[[DecodedSample], dict | None],
+                       batch_size: int, num_batches: int, seed: int = 0, num_workers: int = 2,
+                       shuffle_buffer: int = 1000, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       decode_mask: bool = False, reseed_each_iter: bool = True) -> DataLoader:
+    """Resampled training loader giving exactly ``num_batches`` batches per epoch per rank.
+
+    ``sources``: a pattern, a list of patterns, or ``[{"urls": ..., "weight": w}, ...]``
+    mixed per sample by weight (e.g. 0.9 English / 0.1 other pages). ``len(loader)`` is
+    ``num_batches``. Worker ``i`` of ``W`` makes ``num_batches // W`` batches, plus one if
+    ``i < num_batches % W``, so the total is exact for any worker count.
+    """
+    if batch_size < 1 or num_batches < 1:
+        raise ValueError(f"batch_size and num_batches must be >= 1, got {batch_size}, {num_batches}")
+    srcs = _normalise_sources(sources)
+    rank, world = get_rank_world()
+    nworkers = max(num_workers, 1)
+    for urls, _ in srcs:
+        if len(urls) < world * nworkers:
+            logger.warning("only %d shards for %d ranks x %d workers: every worker resamples "
+                           "all of them (with its own seed) instead of a disjoint subset",
+                           len(urls), world, nworkers)
+    ds = _TrainStream(srcs, sample_fn, batch_size, num_batches, seed, rank, world,
+                      shuffle_buffer, max_pixels, decode_mask, reseed_each_iter)
+    gen = torch.Generator().manual_seed(make_seed(seed, rank, 7))
+    return _loader(ds, num_workers, gen)
+
+
+def build_eval_loader(urls, sample_fn: Callable[[DecodedSample], dict | None],
+                      batch_size: int, num_workers: int = 1, decode_mask: bool = False,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> DataLoader:
+    """Every sample exactly once across ranks; the last batch of each worker may be short."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    expanded = expand_urls(urls)
+    rank, world = get_rank_world()
+    ds = _EvalStream(expanded, sample_fn, batch_size, rank, world, max_pixels, decode_mask)
+    return _loader(ds, num_workers, None)

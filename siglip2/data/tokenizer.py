@@ -1,0 +1,231 @@
+"""Text tokenization the way the SigLIP 2 recipe does it.
+
+big_vision's pipeline is ``lower | tok(length=64, model="gemma", bos="no", eos="sticky")``:
+lower-case, no BOS, EOS appended, padded to a fixed length, and when a caption is too long
+it is cut so that the *last* token is still EOS ("sticky"). The text tower pools the last
+position, so a truncated caption must still end in EOS to look like every other caption.
+
+Three sources are accepted, none fetched from a hub:
+- a SentencePiece ``.model`` file (Gemma's ``tokenizer.model`` as is: pad 0, eos 1, bos 2),
+- a local Hugging Face tokenizer folder (e.g. a downloaded ``google/siglip2-*`` folder),
+- the demo's own SentencePiece model, made by :func:`train_sentencepiece`.
+
+Pad id: the model's own pad piece when it has one (Gemma and our demo model: 0). A model
+without a pad piece is padded with id 0, as big_vision does; in SentencePiece models without
+pad, id 0 is ``<unk>``, which never collides with EOS. Only if the model's EOS is itself 0
+do we pad with EOS. ``decode`` stops at the first EOS, so whatever follows it is never read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import torch
+
+__all__ = ["Tokenizer", "build_tokenizer", "train_sentencepiece"]
+
+
+class Tokenizer:
+    """Lower-case, encode, append EOS, pad/truncate to ``length`` (EOS sticky).
+
+    Subclasses only supply ``_encode_raw`` (text -> ids, no special tokens) and
+    ``_decode_raw`` (ids -> text); everything the recipe cares about lives here.
+    """
+
+    vocab_size: int
+    pad_id: int
+    eos_id: int
+    length: int
+
+    def __init__(self, *, vocab_size: int, pad_id: int, eos_id: int, length: int = 64,
+                 lowercase: bool = True, path: str = ""):
+        if length < 1:
+            raise ValueError(f"tokenizer length must be >= 1, got {length}")
+        self.vocab_size = int(vocab_size)
+        self.pad_id = int(pad_id)
+        self.eos_id = int(eos_id)
+        self.length = int(length)
+        self.lowercase = bool(lowercase)
+        self.path = path
+
+    # -- backend hooks -------------------------------------------------------------------
+    def _encode_raw(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _decode_raw(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    # -- public API ----------------------------------------------------------------------
+    def encode(self, text: str, add_eos: bool = True) -> list[int]:
+        """Token ids of ``text`` (lower-cased if configured), EOS appended, no padding."""
+        if not isinstance(text, str):
+            raise TypeError(f"expected str, got {type(text).__name__}")
+        if self.lowercase:
+            text = text.lower()
+        ids = self._encode_raw(text)
+        if add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def __call__(self, texts: str | Sequence[str], length: int | None = None) -> torch.LongTensor:
+        """(B, L) int64 ids; a single string gives B = 1."""
+        if isinstance(texts, str):
+            texts = [texts]
+        length = self.length if length is None else int(length)
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        out = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = self.encode(text, add_eos=True)
+            if len(ids) > length:
+                ids = ids[: length - 1] + [self.eos_id]  # eos="sticky"
+            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def decode(self, ids) -> str:
+        """Text of ``ids`` up to the first EOS, padding dropped."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        kept: list[int] = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i == self.pad_id:
+                continue
+            kept.append(i)
+        return self._decode_raw(kept)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, "
+                f"pad_id={self.pad_id}, eos_id={self.eos_id}, length={self.length}, "
+                f"lowercase={self.lowercase})")
+
+
+def _choose_pad(pad_id: int | None, eos_id: int) -> int:
+    """See the module docstring: the model's pad, else 0, else (EOS == 0) EOS."""
+    if pad_id is not None and pad_id >= 0:
+        return pad_id
+    return 0 if eos_id != 0 else eos_id
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece ``.model`` file (Gemma's, T5's, or ours)."""
+
+    def __init__(self, path: str, length: int = 64, lowercase: bool = True):
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor()
+        try:
+            with open(path, "rb") as f:
+                proto = f.read()
+            sp.LoadFromSerializedProto(proto)
+        except OSError:
+            raise
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError on garbage
+            raise ValueError(f"not a readable SentencePiece model: {path} ({e})") from e
+        eos = sp.eos_id()
+        if eos < 0:
+            raise ValueError(f"SentencePiece model {path} has no EOS piece; the recipe needs one")
+        self.sp = sp
+        super().__init__(vocab_size=sp.get_piece_size(), pad_id=_choose_pad(sp.pad_id(), eos),
+                         eos_id=eos, length=length, lowercase=lowercase, path=path)
+
+    def _encode_raw(self, text: str) -> list[int]:
+        return list(self.sp.encode(text, out_type=int))
+
+    def _decode_raw(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+
+class HFTokenizer(Tokenizer):
+    """A local Hugging Face tokenizer folder, loaded with ``local_files_only=True``.
+
+    Special tokens the HF tokenizer would add on its own (Gemma adds BOS) are switched off:
+    the recipe uses no BOS, and EOS is appended here so it is sticky on truncation.
+    """
+
+    def __init__(self, path: str, length: int = 64, lowercase: bool = True):
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:
+            raise ValueError(f"could not load a Hugging Face tokenizer from folder {path}: {e}") from e
+        eos = tok.eos_token_id
+        if eos is None:
+            eos = getattr(tok, "sep_token_id", None)
+        if eos is None:
+            raise ValueError(f"tokenizer in {path} has neither an EOS nor a SEP token")
+        self.hf = tok
+        super().__init__(vocab_size=len(tok), pad_id=_choose_pad(tok.pad_token_id, eos),
+                         eos_id=eos, length=length, lowercase=lowercase, path=path)
+
+    def _encode_raw(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def _decode_raw(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def build_tokenizer(path: str, length: int = 64, lowercase: bool = True) -> Tokenizer:
+    """Load a tokenizer from a SentencePiece ``.model`` file or a local HF folder.
+
+    Raises FileNotFoundError (missing path) or ValueError (unreadable) naming the path,
+    so a typo in a config fails at start-up rather than at the first batch.
+    """
+    path = os.fspath(path)
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"tokenizer not found: {path!r} (expected a SentencePiece .model file or a local "
+            "Hugging Face tokenizer folder; nothing is downloaded)")
+    if os.path.isdir(path):
+        return HFTokenizer(path, length=length, lowercase=lowercase)
+    return SentencePieceTokenizer(path, length=length, lowercase=lowercase)
+
+
+def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int = 4000) -> str:
+    """Train a small Gemma-style SentencePiece model from an in-memory iterator.
+
+    Gemma-like on purpose (pad 0, eos 1, bos 2, unk 3, BPE, byte fallback, split digits,
+    identity normalisation, no dummy prefix), so the demo exercises the same code path as
+    the real Gemma tokenizer. Single-threaded with a fixed seed so the same texts always
+    give the same model. ``vocab_size`` is a soft limit: a tiny corpus gets fewer pieces
+    rather than an error. Returns the ``.model`` path.
+    """
+    import sentencepiece as spm
+
+    model_prefix = os.fspath(model_prefix)
+    d = os.path.dirname(model_prefix)
+    if d:
+        os.makedirs(d, exist_ok=True)
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError("train_sentencepiece: no non-empty texts to train on")
+
+    spm.set_random_generator_seed(0)
+    with open(os.devnull, "w") as devnull:
+        spm.SentencePieceTrainer.Train(
+            logstream=devnull,
+            sentence_iterator=iter(texts),
+            model_prefix=model_prefix,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            character_coverage=0.9995,
+            byte_fallback=True,
+            split_digits=True,
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+            pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+            num_threads=1,
+            shuffle_input_sentence=False,
+            max_sentence_length=16384,
+            minloglevel=2,
+        )
+    return model_prefix + ".model"

@@ -1,0 +1,107 @@
+"""Per-sample image transforms: resize (optionally random-resized-crop and flip) to the
+stage's resolution, values in [-1, 1], with boxes carried through the same geometry.
+
+SigLIP resizes to a square without keeping the aspect ratio (big_vision ``resize(224)``),
+antialiased. Boxes go through torchvision.transforms.v2 as ``tv_tensors.BoundingBoxes``
+next to the image, so a crop or a flip can never move the pixels without the boxes; we
+only convert normalised <-> pixel coordinates at the ends and clip to the image.
+
+A box that falls outside the crop comes back with zero width or height (clipped to an
+edge) rather than being removed, so box lists stay aligned with their captions; use
+:func:`boxes_keep_mask` to drop them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import functional as F
+
+__all__ = ["ImageTransform", "boxes_keep_mask", "to_unit_range"]
+
+
+def to_unit_range(img_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1] as x / 127.5 - 1 (the released models' input)."""
+    return img_uint8.to(torch.float32) / 127.5 - 1.0
+
+
+def boxes_keep_mask(boxes: torch.Tensor, min_size: float = 0.0) -> torch.Tensor:
+    """(K,) bool: boxes whose width and height (normalised units) exceed ``min_size``."""
+    if boxes.numel() == 0:
+        return torch.zeros(boxes.shape[0], dtype=torch.bool)
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    return (w > min_size) & (h > min_size)
+
+
+def _hw(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+class ImageTransform:
+    """PIL image (+ optional normalised x1y1x2y2 boxes) -> ((3, H, W) in [-1, 1], boxes).
+
+    ``random_resized_crop``: crop area fraction drawn from ``scale``, aspect from ``ratio``
+    (torchvision's sampler), then resize; otherwise the whole image is resized.
+    ``hflip``: flip with probability 0.5. Randomness comes from torch's global RNG, which
+    the DataLoader seeds per worker.
+    """
+
+    def __init__(self, image_size: int | Sequence[int], random_resized_crop: bool = False,
+                 scale: Sequence[float] = (0.5, 1.0), hflip: bool = False,
+                 ratio: Sequence[float] = (3 / 4, 4 / 3)):
+        self.size = _hw(image_size)
+        self.random_resized_crop = bool(random_resized_crop)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.hflip = bool(hflip)
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
+
+    def __call__(self, img: Image.Image | torch.Tensor, boxes: torch.Tensor | None = None):
+        x = F.pil_to_tensor(img) if isinstance(img, Image.Image) else img
+        if x.ndim != 3 or x.shape[0] != 3:
+            raise ValueError(f"expected an RGB image, got shape {tuple(x.shape)}")
+        in_h, in_w = x.shape[-2:]
+        x = tv_tensors.Image(x)
+        b = None
+        if boxes is not None:
+            boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            scale_in = torch.tensor([in_w, in_h, in_w, in_h], dtype=torch.float32)
+            b = tv_tensors.BoundingBoxes(boxes * scale_in, format="XYXY",
+                                         canvas_size=(in_h, in_w))
+
+        if self.random_resized_crop:
+            top, left, h, w = RandomResizedCrop.get_params(x, list(self.scale), list(self.ratio))
+            x = F.resized_crop(x, top, left, h, w, size=list(self.size), antialias=True)
+            if b is not None:
+                b = F.resized_crop(b, top, left, h, w, size=list(self.size))
+        else:
+            x = F.resize(x, size=list(self.size), antialias=True)
+            if b is not None:
+                b = F.resize(b, size=list(self.size))
+
+        if self.hflip and torch.rand(()) < 0.5:
+            x = F.horizontal_flip(x)
+            if b is not None:
+                b = F.horizontal_flip(b)
+
+        out = to_unit_range(x.as_subclass(torch.Tensor))
+        if b is None:
+            return out, None
+        out_h, out_w = self.size
+        scale_out = torch.tensor([out_w, out_h, out_w, out_h], dtype=torch.float32)
+        nb = (b.as_subclass(torch.Tensor).to(torch.float32) / scale_out).clamp_(0.0, 1.0)
+        return out, nb + 0.0  # + 0.0 turns -0.0 into 0.0
+
+    def __repr__(self) -> str:
+        return (f"ImageTransform(size={self.size}, random_resized_crop="
+                f"{self.random_resized_crop}, scale={self.scale}, ratio={self.ratio}, "
+                f"hflip={self.hflip})")

@@ -1,0 +1,247 @@
+"""Evaluation sets described by a yaml beside their shards, and one function that runs any of them.
+
+A set's yaml names its task (`zeroshot`, `retrieval`, `refexp`), its shards (a pattern
+relative to the yaml's folder, or absolute), and the keys that hold labels, captions and
+language. The same code serves the training callback and `eval.py`, single process or DDP
+(each rank reads its own shards; results are gathered or synced before they are computed).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from siglip2 import distributed as dist_utils
+from siglip2.data.shards import DecodedSample, build_eval_loader
+from siglip2.data.transforms import ImageTransform
+from siglip2.eval.captioning import caption_names_object, generate_captions
+from siglip2.eval.refexp import predict_boxes, refexp_accuracy
+from siglip2.eval.retrieval import retrieval_recall
+from siglip2.eval.zeroshot import ZeroShotMetrics, build_classifier, zeroshot_logits
+
+log = logging.getLogger(__name__)
+
+TASKS = ("zeroshot", "retrieval", "refexp", "segmentation")
+
+
+@dataclass
+class EvalSet:
+    name: str
+    task: str
+    urls: str
+    classnames: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {c}."])
+    label_key: str = "label"
+    captions_key: str = "captions"
+    lang_key: str = "lang"
+    regions_key: str = "regions"
+
+
+def load_eval_set(path: str | os.PathLike) -> EvalSet:
+    """Reads an eval yaml; relative shard patterns are resolved against the yaml's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval set yaml not found: {path}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    for key in ("name", "task", "urls"):
+        if key not in spec:
+            raise ValueError(f"{path}: missing required key '{key}'")
+    if spec["task"] not in TASKS:
+        raise ValueError(f"{path}: task must be one of {TASKS}, got {spec['task']!r}")
+    urls = str(spec["urls"])
+    if "://" not in urls and not urls.startswith("pipe:") and not os.path.isabs(urls):
+        urls = str(path.parent / urls)
+    if spec["task"] == "zeroshot" and not spec.get("classnames"):
+        raise ValueError(f"{path}: a zeroshot set needs classnames")
+    known = {f for f in EvalSet.__dataclass_fields__}
+    return EvalSet(**{k: v for k, v in spec.items() if k in known} | {"urls": urls})
+
+
+class EvalSample:
+    """DecodedSample -> what each task needs (image, label, captions, language, regions)."""
+
+    def __init__(self, es: EvalSet, image_size: int):
+        self.es = es
+        self.transform = ImageTransform(image_size)
+
+    def __call__(self, sample: DecodedSample) -> dict[str, Any] | None:
+        image, _ = self.transform(sample.image, None)
+        meta = sample.meta if isinstance(sample.meta, dict) else {}
+        out: dict[str, Any] = {"image": image, "key": sample.key, "lang": str(meta.get(self.es.lang_key, "en"))}
+        if self.es.task == "zeroshot":
+            if self.es.label_key not in meta:
+                return None
+            out["label"] = torch.tensor(int(meta[self.es.label_key]))
+            out["objects"] = list(meta.get("objects") or [])
+        elif self.es.task == "retrieval":
+            captions = meta.get(self.es.captions_key) or [sample.caption]
+            out["captions"] = [c for c in captions if isinstance(c, str) and c.strip()]
+            if not out["captions"]:
+                return None
+        elif self.es.task == "refexp":
+            out["regions"] = list(meta.get(self.es.regions_key) or [])
+            if not out["regions"]:
+                return None
+        return out
+
+
+def _batches(loader, max_batches: int | None):
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        yield batch
+
+
+@torch.no_grad()
+def evaluate_set(
+    es: EvalSet,
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    image_size: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 128,
+    num_workers: int = 0,
+    max_batches: int | None = None,
+    decoder: torch.nn.Module | None = None,
+    keep_examples: int = 0,
+) -> dict[str, Any]:
+    """Metrics of one set, keyed `<task>/<set name>/<metric>`, plus `_examples`/`_tables` extras."""
+    loader = build_eval_loader(es.urls, EvalSample(es, image_size), batch_size=batch_size, num_workers=num_workers)
+    prefix = f"{es.task}/{es.name}"
+    was_training = model.training
+    model.eval()
+    try:
+        if es.task == "zeroshot":
+            return _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder)
+        if es.task == "retrieval":
+            return _retrieval(model, tokenizer, loader, device, max_batches, prefix)
+        if es.task == "refexp":
+            if decoder is None:
+                log.info("skipping %s: this stage has no LocCa decoder", prefix)
+                return {}
+            return _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder)
+        log.info("skipping %s: task %s is evaluated by a dense probe, not here", prefix, es.task)
+        return {}
+    finally:
+        model.train(was_training)
+
+
+def _image_emb(model, image: torch.Tensor) -> torch.Tensor:
+    return F.normalize(model.encode_image(image=image).pooled.float(), dim=-1)
+
+
+def _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder):
+    classifier = build_classifier(model.encode_text, tokenizer, es.classnames, es.templates, device=device)
+    metrics = ZeroShotMetrics(len(es.classnames)).to(device)
+    examples: list[dict[str, Any]] = []
+    named, captioned = torch.zeros((), device=device), torch.zeros((), device=device)
+    for batch in _batches(loader, max_batches):
+        image = batch["image"].to(device)
+        out = model.encode_image(image=image)
+        logits = zeroshot_logits(F.normalize(out.pooled.float(), dim=-1), classifier)
+        metrics.update(logits, batch["label"].to(device))
+        captions = None
+        if decoder is not None and any(batch["objects"]):
+            # LocCa captions of single-object images: do they name the object's colour and shape?
+            captions = generate_captions(decoder, out.tokens, out.token_mask, tokenizer)
+            for caption, objects in zip(captions, batch["objects"]):
+                if objects:
+                    captioned += 1
+                    named += float(any(caption_names_object(caption, o["shape"], o["color"]) for o in objects))
+        if len(examples) < keep_examples:
+            top = logits.topk(min(3, logits.shape[1]), dim=-1).indices.cpu()
+            for i in range(min(keep_examples - len(examples), image.shape[0])):
+                example = {"image": image[i].cpu(), "label": es.classnames[int(batch["label"][i])],
+                           "top": [es.classnames[int(j)] for j in top[i]]}
+                if captions is not None:
+                    example["caption"] = captions[i]
+                examples.append(example)
+    result = metrics.compute()
+    out: dict[str, Any] = {f"{prefix}/top1": float(result["top1"]), f"{prefix}/top5": float(result["top5"])}
+    if decoder is not None:
+        named, captioned = _sum_ranks(named), _sum_ranks(captioned)
+        if captioned > 0:
+            out[f"{prefix}/caption_names_object"] = float(named / captioned)
+    out["_tables"] = {prefix: [[c, float(a)] for c, a in zip(es.classnames, result["per_class"].tolist())]}
+    out["_examples"] = {prefix: examples}
+    return out
+
+
+def _retrieval(model, tokenizer, loader, device, max_batches, prefix):
+    image_embs, text_embs, owners, langs = [], [], [], []
+    n_images = 0
+    for batch in _batches(loader, max_batches):
+        image_embs.append(_image_emb(model, batch["image"].to(device)))
+        flat = [c for caps in batch["captions"] for c in caps]
+        owner = [n_images + i for i, caps in enumerate(batch["captions"]) for _ in caps]
+        text_embs.append(F.normalize(model.encode_text(tokenizer(flat).to(device)).float(), dim=-1))
+        owners.append(torch.tensor(owner, dtype=torch.long))
+        langs.extend(batch["lang"][i] for i, caps in enumerate(batch["captions"]) for _ in caps)
+        n_images += batch["image"].shape[0]
+    image_emb = torch.cat(image_embs) if image_embs else torch.zeros(0, 1, device=device)
+    text_emb = torch.cat(text_embs) if text_embs else torch.zeros(0, image_emb.shape[1], device=device)
+    owner = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
+    # Under DDP each rank holds its own images: gather, shifting owners by earlier ranks' counts.
+    counts = dist_utils.all_gather_object(n_images)
+    offset = sum(counts[: dist_utils.get_rank()])
+    image_emb = dist_utils.all_gather_variable(image_emb)
+    text_emb = dist_utils.all_gather_variable(text_emb)
+    owner = dist_utils.all_gather_variable((owner + offset).to(image_emb.device)).cpu()
+    langs = [lang for part in dist_utils.all_gather_object(langs) for lang in part]
+    out: dict[str, Any] = {}
+    for key, value in retrieval_recall(image_emb, text_emb, owner).items():
+        out[f"{prefix}/{key}"] = float(value)
+    # Multilingual: the non-English captions against all images, reported on their own.
+    other = torch.tensor([lang != "en" for lang in langs], dtype=torch.bool)
+    if other.any():
+        keep_images = torch.unique(owner[other])
+        remap = torch.full((image_emb.shape[0],), -1, dtype=torch.long)
+        remap[keep_images] = torch.arange(len(keep_images))
+        sub = retrieval_recall(image_emb[keep_images.to(image_emb.device)], text_emb[other.to(text_emb.device)],
+                               remap[owner[other]])
+        for key, value in sub.items():
+            out[f"{prefix}/non_en/{key}"] = float(value)
+        out[f"{prefix}/non_en/num_captions"] = float(other.sum())
+    out[f"{prefix}/num_images"] = float(image_emb.shape[0])
+    return out
+
+
+def _sum_ranks(value: torch.Tensor) -> torch.Tensor:
+    if dist_utils.is_distributed():
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+    return value
+
+
+def _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder):
+    """Every region of every image is one query: its caption in, a box out, hit at IoU >= 0.5."""
+    hits, total = torch.zeros((), device=device), torch.zeros((), device=device)
+    for batch in _batches(loader, max_batches):
+        img = model.encode_image(image=batch["image"].to(device))
+        rows = [(i, r) for i, regions in enumerate(batch["regions"]) for r in regions]
+        index = torch.tensor([i for i, _ in rows], device=device)
+        tokens = img.tokens[index]
+        mask = img.token_mask[index] if img.token_mask is not None else None
+        predicted = predict_boxes(decoder, tokens, mask, tokenizer, [r["caption"] for _, r in rows])
+        hits += refexp_accuracy(predicted, [r["box"] for _, r in rows]) * len(rows)
+        total += len(rows)
+    hits, total = _sum_ranks(hits), _sum_ranks(total)
+    return {f"{prefix}/acc@0.5": float(hits / total.clamp_min(1)), f"{prefix}/num_regions": float(total)}
+
+
+def evaluate_all(sets: list[str | EvalSet], **kwargs: Any) -> dict[str, Any]:
+    """Runs every set; numbers merged into one dict, extras (`_tables`, `_examples`) merged too."""
+    out: dict[str, Any] = {"_tables": {}, "_examples": {}}
+    for spec in sets:
+        es = spec if isinstance(spec, EvalSet) else load_eval_set(spec)
+        res = evaluate_set(es, **kwargs)
+        out["_tables"].update(res.pop("_tables", {}))
+        out["_examples"].update(res.pop("_examples", {}))
+        out.update(res)
+    return out

@@ -1,0 +1,161 @@
+"""LocCa token loss: softmax cross-entropy over the vocabulary, chunked so logits never exist.
+
+SigLIP 2 [P §2.2] uses a 256k Gemma vocabulary; (batch x 64 tokens x 256k) fp32 logits would
+be tens of GB, and autograd would keep them (and the softmax) for the backward. Here the
+vocabulary projection, log-softmax and their gradients run over chunks of ``chunk_size``
+target tokens inside one ``autograd.Function``: forward keeps only the per-token logsumexp,
+backward recomputes each chunk's logits and accumulates the gradients of hidden states,
+weight and bias. Peak extra memory is O(chunk_size x V) plus one weight-sized gradient.
+
+Normalisation [P §2.2, "normalised per sequence"]: each sequence's loss is the mean over its
+own target tokens; the batch loss is the mean over valid sequences (rows whose task is absent
+or that have no target token are left out).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+TASKS = ("cap", "aref", "gcap")
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """sum_i w_i * CE(h_i @ W^T + b, t_i), and the count of argmax hits, chunked over tokens.
+
+    Autocast is honoured by hand (compute dtype recorded in forward, reused in backward with
+    autocast off), because the backward may run on another thread without autocast state.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, tok_w, chunk: int, cdt: torch.dtype):
+        with torch.autocast(h.device.type, enabled=False):
+            wc, bc = weight.to(cdt), None if bias is None else bias.to(cdt)
+            lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            hits = torch.zeros((), dtype=torch.long, device=h.device)
+            for s in range(0, h.shape[0], chunk):
+                z, t = F.linear(h[s:s + chunk].to(cdt), wc, bc).float(), target[s:s + chunk]
+                lse[s:s + chunk] = torch.logsumexp(z, -1)
+                nll = lse[s:s + chunk] - z.gather(1, t[:, None])[:, 0]
+                loss += (nll * tok_w[s:s + chunk]).sum()
+                hits += (z.argmax(-1) == t).sum()
+                del z
+        ctx.save_for_backward(h, weight, bias, target, tok_w, lse)
+        ctx.chunk, ctx.cdt = chunk, cdt
+        ctx.mark_non_differentiable(hits)
+        return loss, hits
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_hits):
+        h, weight, bias, target, tok_w, lse = ctx.saved_tensors
+        chunk, cdt = ctx.chunk, ctx.cdt
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b and bias is not None else None
+        with torch.autocast(h.device.type, enabled=False):
+            wc, bc = weight.to(cdt), None if bias is None else bias.to(cdt)
+            scale = tok_w * g_loss.float()
+            for s in range(0, h.shape[0], chunk):
+                hc = h[s:s + chunk].to(cdt)
+                p = F.linear(hc, wc, bc).float().sub_(lse[s:s + chunk, None]).exp_()  # softmax
+                p[torch.arange(p.shape[0], device=p.device), target[s:s + chunk]] -= 1
+                p.mul_(scale[s:s + chunk, None])  # d loss / d logits
+                if gb is not None:
+                    gb += p.sum(0)
+                pc = p.to(cdt)
+                if gh is not None:
+                    gh[s:s + chunk] = (pc @ wc).to(h.dtype)
+                if gw is not None and cdt == torch.float32:
+                    gw.addmm_(pc.t(), hc)  # in place: no weight-sized temporary
+                elif gw is not None:
+                    gw.add_(pc.t() @ hc)
+                del p, pc
+        return (gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype),
+                None, None, None, None)
+
+
+def chunked_linear_cross_entropy(hidden, weight, bias, target, token_weight, chunk_size: int = 1024):
+    """Weighted token CE of ``hidden (N, W)`` through ``Linear(weight, bias)`` -> (sum, hits)."""
+    dev = hidden.device.type
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    return _ChunkedLinearCE.apply(hidden, weight, bias, target, token_weight.float(), int(chunk_size), cdt)
+
+
+class LoccaLoss(nn.Module):
+    """Per-sequence-normalised token cross-entropy of decoder hidden states."""
+
+    def __init__(self, chunk_size: int = 1024):
+        super().__init__()
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """hidden (B, L, W); targets (B, L) with -100 = no loss; valid (B,) bool (task present).
+
+        Returns (loss, metrics) with metrics ``loss``, ``acc`` (token argmax accuracy),
+        ``tokens`` and ``sequences`` (counts), all detached.
+        """
+        tgt_mask = targets != IGNORE
+        if valid is not None:
+            tgt_mask = tgt_mask & valid.to(torch.bool)[:, None]
+        per_seq = tgt_mask.sum(1)
+        n_seq = (per_seq > 0).sum()
+        if int(n_seq) == 0:  # keep the graph (and DDP's hooks) alive with an exact zero
+            zero = 0.0 * (hidden.sum() + head.weight.sum())
+            return zero, {"loss": zero.detach(), "acc": zero.detach(), "tokens": n_seq, "sequences": n_seq}
+        w = (1.0 / per_seq.clamp_min(1).float())[:, None].expand_as(tgt_mask)[tgt_mask] / n_seq.float()
+        loss, hits = chunked_linear_cross_entropy(hidden[tgt_mask], head.weight, head.bias, targets[tgt_mask],
+                                                  w, self.chunk_size)
+        n_tok = tgt_mask.sum()
+        return loss, {"loss": loss.detach(), "acc": hits.float() / n_tok, "tokens": n_tok, "sequences": n_seq}
+
+
+class LoccaObjective(nn.Module):
+    """The three LocCa tasks (Cap, ARef, GCap) on one decoder, from the ``locca_*`` batch keys.
+
+    total = sum_t weight_t * loss_t / (number of tasks present in the batch), so with the
+    default unit weights it is the plain mean over tasks present; a task is present when any
+    row has ``locca_{t}_valid``. Absent tasks are skipped (no decoder pass) and their metric
+    keys are left out. Parallel prediction is drawn per row with ``parallel_prob`` (0.5
+    [P §2.2]) in training mode, for Cap only: ARef and GCap are conditioned on their prompt,
+    which the all-mask input of parallel prediction would erase.
+
+    Metrics: ``locca/<task>`` (loss), ``locca/<task>_acc`` (token accuracy), ``locca/loss``.
+    """
+
+    def __init__(self, weights: Mapping[str, float] | None = None, parallel_prob: float = 0.5,
+                 chunk_size: int = 1024, tasks=TASKS):
+        super().__init__()
+        self.tasks = tuple(tasks)
+        weights = dict(weights or {})
+        self.weights = {t: float(weights.get(t, 1.0)) for t in self.tasks}
+        self.parallel_prob = parallel_prob
+        self.token_loss = LoccaLoss(chunk_size)
+
+    def forward(self, decoder, image_tokens: torch.Tensor, image_mask: torch.Tensor | None,
+                batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None):
+        total, present, metrics = image_tokens.new_zeros(()), 0, {}
+        for t in self.tasks:
+            valid = batch[f"locca_{t}_valid"].to(torch.bool).view(-1)
+            if self.weights[t] == 0 or not bool(valid.any()):
+                continue
+            tokens_in, targets = batch[f"locca_{t}_input"], batch[f"locca_{t}_target"]
+            parallel = None
+            if t == "cap" and self.training and self.parallel_prob > 0:
+                r = torch.rand(tokens_in.shape[0], generator=generator, device=generator.device if generator else "cpu")
+                parallel = (r < self.parallel_prob).to(tokens_in.device)
+            hidden = decoder(tokens_in, image_tokens, image_mask, parallel=parallel)
+            loss, m = self.token_loss(hidden, decoder.head, targets, valid)
+            total = total + self.weights[t] * loss
+            present += 1
+            metrics[f"locca/{t}"], metrics[f"locca/{t}_acc"] = m["loss"], m["acc"]
+        if present == 0:  # nothing to learn from: an exact zero that still reaches the decoder
+            total = 0.0 * sum(p.sum() for p in decoder.parameters())
+        total = total / max(present, 1)
+        metrics["locca/loss"] = total.detach()
+        return total, metrics

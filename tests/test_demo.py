@@ -1,0 +1,336 @@
+"""The demo data generator: the data every fast test and the smoke run learn from.
+
+Checked against the pixels, not against the generator's own bookkeeping: boxes against the
+drawn mask, colour words against the JPEG, captions against the word tables, and the cache
+against interruptions and concurrent callers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+from collections import Counter
+
+import braceexpand
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from siglip2.data import demo
+
+SMALL = dict(num_train=200, num_zeroshot=48, num_retrieval=40, num_refexp=40, num_segmentation=24)
+TINY = dict(num_train=16, num_zeroshot=8, num_retrieval=8, num_refexp=8, num_segmentation=8)
+
+# fraction of the tight box covered by the shape's own mask pixels, (min, max) per shape;
+# measured on 7k objects (e.g. star 0.36..0.46, square 0.68..1.0) with some margin
+COVERAGE = {"circle": (0.65, 0.9), "square": (0.6, 1.0), "triangle": (0.4, 0.62), "star": (0.3, 0.52),
+            "hexagon": (0.55, 0.85), "cross": (0.4, 0.72), "diamond": (0.42, 0.62), "heart": (0.5, 0.75)}
+
+
+def read_samples(urls) -> list[dict]:
+    """Every sample of a shard pattern, read through webdataset as training does."""
+    import webdataset as wds
+
+    out = []
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        assert {"jpg", "txt", "json", "seg.png"} <= set(s), sorted(s)
+        out.append({
+            "key": s["__key__"],
+            "image": Image.open(io.BytesIO(s["jpg"])).convert("RGB"),
+            "mask": np.asarray(Image.open(io.BytesIO(s["seg.png"]))),
+            "txt": s["txt"].decode("utf-8"),
+            "meta": json.loads(s["json"]),
+        })
+    return out
+
+
+def yaml_urls(path: str) -> tuple[dict, str]:
+    with open(path) as f:
+        spec = yaml.safe_load(f)
+    return spec, os.path.join(os.path.dirname(path), spec["urls"])
+
+
+def tree_digest(root: str) -> dict[str, str]:
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return demo.ensure_demo(tmp_path_factory.mktemp("demo") / "root", seed=0, workers=1, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def train(built):
+    return read_samples(built.train_urls)
+
+
+@pytest.fixture(scope="module")
+def evalsets(built):
+    return {name: read_samples(yaml_urls(getattr(built, f"{name}_yaml"))[1])
+            for name in ("zeroshot", "retrieval", "refexp", "segmentation")}
+
+
+def all_samples(train, evalsets):
+    return train + [s for v in evalsets.values() for s in v]
+
+
+# ---------------------------------------------------------------------------------------------
+def test_layout_counts_and_json_schema(built, train, evalsets):
+    assert built.built and os.path.isfile(built.tokenizer_path)
+    assert len(train) == SMALL["num_train"]
+    assert len({s["key"] for s in train}) == len(train)
+    for name, samples in evalsets.items():
+        assert len(samples) == SMALL[f"num_{name}"], name
+    for s in all_samples(train, evalsets):
+        m = s["meta"]
+        assert list(m)[:5] == ["lang", "width", "height", "regions", "objects"]
+        assert s["image"].size == (m["width"], m["height"]) and s["mask"].shape == (m["height"], m["width"])
+        assert s["mask"].dtype == np.uint8
+        assert 1 <= len(m["objects"]) == len(m["regions"]) <= 4
+        for r, o in zip(m["regions"], m["objects"]):
+            assert set(o) == {"shape", "color", "size", "class_id"} and o["class_id"] == demo.SHAPES.index(o["shape"])
+            assert set(r) == {"caption", "box"} and all(0.0 <= v <= 1.0 for v in r["box"])
+            x1, y1, x2, y2 = r["box"]
+            assert x1 < x2 and y1 < y2
+
+
+def test_eval_yamls_parse_and_resolve(built):
+    for name in ("zeroshot", "retrieval", "refexp", "segmentation"):
+        spec, urls = yaml_urls(getattr(built, f"{name}_yaml"))
+        assert spec["task"] == name and spec["name"] and not os.path.isabs(spec["urls"])
+        files = list(braceexpand.braceexpand(urls))
+        assert len(files) >= 4 and all(os.path.isfile(f) for f in files), files
+    zs, _ = yaml_urls(built.zeroshot_yaml)
+    assert zs["classnames"] == list(demo.SHAPES) and len(zs["classnames"]) >= 8
+    assert zs["label_key"] == "label" and all("{c}" in t for t in zs["templates"])
+    assert yaml_urls(built.retrieval_yaml)[0]["captions_key"] == "captions"
+    assert yaml_urls(built.retrieval_yaml)[0]["lang_key"] == "lang"
+    train_files = list(braceexpand.braceexpand(built.train_urls))
+    assert len(train_files) == 4 and all(os.path.isfile(f) for f in train_files)
+
+
+def test_boxes_are_tight_on_the_drawn_objects(train, evalsets):
+    n = 0
+    for s in all_samples(train, evalsets):
+        m, mask = s["meta"], s["mask"]
+        w, h = m["width"], m["height"]
+        assert set(np.unique(mask)) - {0} == {o["class_id"] + 1 for o in m["objects"]}
+        for r, o in zip(m["regions"], m["objects"]):
+            bx = np.array(r["box"]) * [w, h, w, h]
+            x1, y1, x2, y2 = np.round(bx).astype(int)
+            assert np.abs(bx - [x1, y1, x2, y2]).max() < 0.01  # pixel edges
+            win = mask[y1:y2, x1:x2]
+            own = win == o["class_id"] + 1
+            # nothing else drawn inside the box: objects do not overlap
+            assert np.all(own | (win == 0)), (s["key"], r)
+            ys, xs = np.nonzero(own)
+            # the box is the object's tight mask box, within 1 px
+            assert abs(xs.min()) <= 1 and abs(ys.min()) <= 1, (s["key"], r)
+            assert abs(xs.max() + 1 - (x2 - x1)) <= 1 and abs(ys.max() + 1 - (y2 - y1)) <= 1, (s["key"], r)
+            # ... and the region inside it is filled the way this shape fills its box
+            lo, hi = COVERAGE[o["shape"]]
+            assert lo <= own.mean() <= hi, (s["key"], o, own.mean())
+            n += 1
+    assert n > 300
+
+
+def test_colour_words_match_the_pixels(train, evalsets):
+    palette = {k: np.array(v, float) for k, v in demo.COLORS.items()}
+    for s in all_samples(train, evalsets):
+        img, mask, m = np.asarray(s["image"], float), s["mask"], s["meta"]
+        w, h = m["width"], m["height"]
+        for r, o in zip(m["regions"], m["objects"]):
+            x1, y1, x2, y2 = np.round(np.array(r["box"]) * [w, h, w, h]).astype(int)
+            sel = np.zeros(mask.shape, bool)
+            sel[y1:y2, x1:x2] = mask[y1:y2, x1:x2] == o["class_id"] + 1
+            inner = sel.copy()  # drop the edge pixels JPEG blends with the background
+            inner[1:] &= sel[:-1]; inner[:-1] &= sel[1:]; inner[:, 1:] &= sel[:, :-1]; inner[:, :-1] &= sel[:, 1:]
+            mean = img[inner if inner.any() else sel].mean(0)
+            nearest = min(palette, key=lambda c: np.linalg.norm(palette[c] - mean))
+            assert nearest == o["color"], (s["key"], o, mean)
+            # and it stands out from the background around it
+            ring = np.zeros(mask.shape, bool)
+            ring[max(y1 - 2, 0):y2 + 2, max(x1 - 2, 0):x2 + 2] = True
+            ring &= mask == 0
+            if ring.any():
+                assert np.linalg.norm(img[ring].mean(0) - mean) > 60, (s["key"], o)
+
+
+def test_captions_name_every_object(train, evalsets):
+    for s in all_samples(train, evalsets):
+        m = s["meta"]
+        lang = m["lang"]
+        assert lang in demo.LANGS
+        captions = m.get("captions", [s["txt"]])
+        for cap in captions:
+            low = cap.lower()
+            for o in m["objects"]:
+                for attr in ("shape", "color", "size"):
+                    forms = [f.lower() for f in demo.word_forms(lang, o[attr])]
+                    assert any(f in low for f in forms), (lang, cap, o, attr)
+        for r, o in zip(m["regions"], m["objects"]):
+            for attr in ("shape", "color", "size"):
+                assert any(f.lower() in r["caption"].lower() for f in demo.word_forms(lang, o[attr]))
+    en = [s for s in train if s["meta"]["lang"] == "en"]
+    o = en[0]["meta"]["objects"][0]
+    assert f"{o['size']} {o['color']} {o['shape']}" in en[0]["txt"]
+
+
+def test_english_relations_follow_the_boxes():
+    """'A left of B' in an English caption must hold for the drawn boxes."""
+    rng = np.random.default_rng(123)
+    checked = 0
+    for _ in range(60):
+        s = demo.generate_sample(rng, 2, lang="en")
+        cap, m = s["captions"][0], s["meta"]
+        names = [r["caption"] for r in m["regions"]]
+        boxes = [np.array(r["box"]) * ([m["width"], m["height"]] * 2) for r in m["regions"]]
+        centre = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes]
+        for a, b in ((0, 1), (1, 0)):
+            for word, ok in (("left of", centre[a][0] < centre[b][0]), ("right of", centre[a][0] > centre[b][0]),
+                             ("above", centre[a][1] < centre[b][1]), ("below", centre[a][1] > centre[b][1]),
+                             ("under", centre[a][1] > centre[b][1])):
+                if f"{names[a]} {word} a {names[b]}" in cap or f"{names[a]} to the {word} a {names[b]}" in cap:
+                    assert ok, (cap, centre)
+                    checked += 1
+    assert checked == 60
+
+
+def test_language_mix_and_tokenizer_covers_every_script(built, train, evalsets):
+    langs = Counter(s["meta"]["lang"] for s in all_samples(train, evalsets))
+    total = sum(langs.values())
+    assert 0.82 <= langs["en"] / total <= 0.97, langs
+    assert len(langs) >= 5, langs
+    assert {"zh", "ja", "ru", "ar", "hi", "de", "es", "fr"} <= set(demo.LANGS)
+
+    from siglip2.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(built.tokenizer_path)
+    rng = np.random.default_rng(7)
+    for lang in demo.LANGS:
+        for _ in range(20):
+            s = demo.generate_sample(rng, int(rng.integers(1, 5)), lang=lang)
+            for text in s["captions"] + [r["caption"] for r in s["meta"]["regions"]]:
+                ids = tok.encode(text, add_eos=False)
+                pieces = [tok.sp.id_to_piece(i) for i in ids]
+                assert not any(p.startswith("<0x") for p in pieces), (lang, text, pieces)  # no byte fallback
+                assert tok.sp.unk_id() not in ids and tok.decode(ids) == text.lower()
+    assert all(tok.sp.id_to_piece(i) != "<unk>" for i in tok.encode("12 345 499 0"))
+
+
+def test_aspect_ratios_and_sizes_span_the_range(train):
+    ar = [s["meta"]["width"] / s["meta"]["height"] for s in train]
+    assert min(ar) >= 0.5 - 0.01 and max(ar) <= 2.0 + 0.01
+    assert min(ar) < 0.6 and max(ar) > 1.7, (min(ar), max(ar))
+    short = [min(s["meta"]["width"], s["meta"]["height"]) for s in train]
+    assert 64 <= min(short) < 80 and 145 < max(short) <= 160
+    assert set(o["size"] for s in train for o in s["meta"]["objects"]) == set(demo.SIZES)
+    assert set(o["shape"] for s in train for o in s["meta"]["objects"]) == set(demo.SHAPES)
+    assert set(o["color"] for s in train for o in s["meta"]["objects"]) == set(demo.COLORS)
+    assert set(len(s["meta"]["objects"]) for s in train) == {1, 2, 3, 4}
+
+
+def test_eval_sets_carry_their_task_fields(evalsets):
+    zs = evalsets["zeroshot"]
+    assert all(len(s["meta"]["objects"]) == 1 for s in zs)
+    assert all(s["meta"]["label"] == s["meta"]["objects"][0]["class_id"] for s in zs)
+    assert set(Counter(s["meta"]["label"] for s in zs).values()) == {len(zs) // len(demo.SHAPES)}  # balanced
+    for s in evalsets["retrieval"]:
+        caps = s["meta"]["captions"]
+        assert len(caps) == 3 and len(set(caps)) == 3 and s["txt"] == caps[0]
+    assert any(s["meta"]["lang"] != "en" for s in evalsets["retrieval"])
+    assert all(2 <= len(s["meta"]["regions"]) <= 4 for s in evalsets["refexp"])
+    for s in evalsets["refexp"]:  # a referring expression picks out exactly one object
+        caps = [r["caption"] for r in s["meta"]["regions"]]
+        assert len(set(caps)) == len(caps)
+
+
+def test_same_seed_same_bytes_whatever_the_worker_count(built, tmp_path):
+    again = demo.ensure_demo(tmp_path / "again", seed=0, workers=2, **SMALL)
+    assert again.built
+    a, b = tree_digest(built.root), tree_digest(again.root)
+    assert a == b  # tar headers carry a fixed mtime; JPEG quality is fixed; tokenizer single-threaded
+    other = demo.ensure_demo(tmp_path / "other", seed=1, workers=1, **SMALL)
+    c = tree_digest(other.root)
+    assert all(a[k] != c[k] for k in a if k.endswith(".tar"))
+
+
+def test_reused_not_rebuilt(built):
+    before = os.stat(os.path.join(built.root, "DONE.json")).st_mtime_ns
+    again = demo.ensure_demo(built.root, seed=0, workers=1, **SMALL)
+    assert not again.built and again.train_urls == built.train_urls
+    assert os.stat(os.path.join(built.root, "DONE.json")).st_mtime_ns == before
+
+
+def test_interrupted_build_is_rebuilt_not_read(tmp_path):
+    root = tmp_path / "root"
+    # a killed build: shards written, no marker; plus a stale temp sibling
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "000000.tar").write_bytes(b"half a shard")
+    stale = tmp_path / "root.tmp-999-deadbeef"
+    (stale / "train").mkdir(parents=True)
+    d = demo.ensure_demo(root, seed=0, workers=1, **TINY)
+    assert d.built and not stale.exists()
+    assert len(read_samples(d.train_urls)) == TINY["num_train"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root", "root.lock"]
+
+    # a marker with other parameters: rebuilt for the new ones
+    d2 = demo.ensure_demo(root, seed=3, workers=1, **TINY)
+    assert d2.built and json.loads((root / "DONE.json").read_text())["params"]["seed"] == 3
+
+    # a finished build that lost a shard: rebuilt
+    os.remove(root / "eval" / "refexp" / "000001.tar")
+    d3 = demo.ensure_demo(root, seed=3, workers=1, **TINY)
+    assert d3.built and (root / "eval" / "refexp" / "000001.tar").is_file()
+
+    # a truncated shard under a valid-looking marker: rebuilt
+    with open(root / "train" / "000000.tar", "r+b") as f:
+        f.truncate(100)
+    assert demo.ensure_demo(root, seed=3, workers=1, **TINY).built
+
+
+def test_refuses_to_replace_a_foreign_folder(tmp_path):
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "thesis.tex").write_text("precious")
+    with pytest.raises(FileExistsError):
+        demo.ensure_demo(root, workers=1, **TINY)
+    assert (root / "thesis.tex").read_text() == "precious"
+
+
+def _concurrent_call(root, q):
+    d = demo.ensure_demo(root, seed=5, workers=1, **TINY)
+    q.put((d.built, d.train_urls))
+
+
+def test_concurrent_callers_build_once(tmp_path):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    root = str(tmp_path / "shared")
+    procs = [ctx.Process(target=_concurrent_call, args=(root, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    results = [q.get(timeout=5) for _ in procs]
+    assert sorted(r[0] for r in results) == [False, True]  # one built, the other waited and reused
+    assert results[0][1] == results[1][1]
+    assert len(read_samples(results[0][1])) == TINY["num_train"]
+
+
+def test_render_grid(built, tmp_path):
+    out = demo.render_grid(built.train_urls, str(tmp_path / "grid.png"), n=8, cols=4)
+    img = Image.open(out)
+    assert img.size == (4 * 400, 2 * 270)
+    assert np.asarray(img).std() > 10
