@@ -1,0 +1,80 @@
+"""Evaluation as a user meets it: eval.py on a checkpoint, chance level of an untrained
+model on the demo sets, and export of a checkpoint to a transformers folder."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import ROOT, compose_cfg, fit
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    out = tmp_path_factory.mktemp("run")
+    fit(compose_cfg(["trainer.max_steps=2"], cache, out))
+    return cache, out / "checkpoints" / "last.ckpt"
+
+
+def test_random_model_scores_near_chance_on_demo_sets(trained):
+    from siglip2.data.demo import ensure_demo
+    from siglip2.data.tokenizer import build_tokenizer
+    from siglip2.eval.suite import evaluate_all
+    from siglip2.model import build_model
+    import yaml
+
+    cache, _ = trained
+    cfg = yaml.safe_load((ROOT / "conf" / "model" / "tiny.yaml").read_text())
+    demo = ensure_demo(cache / "demo-n400-s0", num_train=400, seed=0)
+    tok = build_tokenizer(demo.tokenizer_path, length=cfg["text"]["max_len"])
+    cfg["text"]["vocab_size"] = tok.vocab_size
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    res = evaluate_all([demo.zeroshot_yaml, demo.retrieval_yaml], model=model, tokenizer=tok,
+                       image_size=cfg["vision"]["image_size"], batch_size=200)
+    n_classes = len(yaml.safe_load(Path(demo.zeroshot_yaml).read_text())["classnames"])
+    top1 = [v for k, v in res.items() if k.startswith("zeroshot/") and k.endswith("/top1")][0]
+    r5 = [v for k, v in res.items() if k.startswith("retrieval/") and k.endswith("image_to_text_R@5")
+          and "non_en" not in k][0]
+    n_img = [v for k, v in res.items() if k.endswith("/num_images")][0]
+    assert abs(top1 - 1 / n_classes) < 0.1, top1          # chance = 1/8 on a balanced set
+    assert r5 < 0.05 and n_img >= 500, (r5, n_img)       # chance ~ 5 * 3 captions / 1500
+
+
+def test_eval_py_prints_table_and_writes_metrics(trained, tmp_path):
+    cache, ckpt = trained
+    env = dict(os.environ, WANDB_MODE="disabled")
+    proc = subprocess.run(
+        [sys.executable, "eval.py", f"ckpt_path={ckpt}", "eval=demo", "eval.max_batches=1", "data.demo.num_train=400",
+         f"paths.cache_dir={cache}", f"paths.log_dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads(next(tmp_path.glob("eval/runs/*/metrics.json")).read_text())
+    for key in ("zeroshot/demo_zeroshot/top1", "retrieval/demo_retrieval/image_to_text_R@5",
+                "refexp/demo_refexp/acc@0.5"):
+        assert key in metrics and key in proc.stdout, (key, sorted(metrics))
+        assert 0.0 <= metrics[key] <= 1.0
+
+
+def test_export_cli_gives_a_folder_transformers_loads(trained, tmp_path):
+    from transformers import Siglip2Model
+
+    from siglip2.export.__main__ import load_checkpoint_model, main
+
+    _, ckpt = trained
+    folder = main([f"ckpt_path={ckpt}", "format=hf", f"out={tmp_path / 'hf'}"])
+    ours = load_checkpoint_model(str(ckpt))
+    hf = Siglip2Model.from_pretrained(folder).eval()
+    text = torch.randint(0, ours.config.text.vocab_size, (2, ours.config.text.max_len))
+    with torch.no_grad():
+        # HF's text pooler output is head(last token): the text embedding before normalisation.
+        torch.testing.assert_close(hf.text_model(input_ids=text).pooler_output, ours.encode_text(text),
+                                   atol=1e-5, rtol=1e-5)
