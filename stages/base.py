@@ -35,11 +35,12 @@ def fsdp_wrap_classes() -> set[type[nn.Module]]:
 
 
 def no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norms, embeddings, the MAP probe and the logit scale/bias are not decayed."""
+    """Biases, norms, token/position embeddings, the MAP probe and the logit scale/bias are not
+    decayed; the patch embedding is a Linear layer and is decayed like the other weights."""
     if param.ndim <= 1:  # biases, LayerNorm weights, logit_scale/bias
         return True
     lowered = name.lower()
-    return any(key in lowered for key in ("embedding", "probe", "norm", "mask_token"))
+    return any(key in lowered for key in ("token_embedding", "position_embedding", "probe", "norm", "mask_token"))
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
