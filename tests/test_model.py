@@ -178,6 +178,16 @@ def test_init_and_logit_params():
     assert all(torch.isfinite(p).all() for p in m.parameters())
 
 
+def test_logit_init_is_configurable_and_checked():
+    """Small-batch runs set b near -log(batch): at init every pair then sits at the loss's
+    balance point sigma(b) ~ 1/batch, the analytic optimum for uninformative embeddings."""
+    m = build_model({**SIZES, "logit_scale_init": 5.0, "logit_bias_init": -math.log(128)})
+    assert m.logit_scale.exp().item() == pytest.approx(5.0)
+    assert m.logit_bias.item() == pytest.approx(-math.log(128))
+    with pytest.raises(ValueError, match="logit_scale_init"):
+        build_model({**SIZES, "logit_scale_init": -math.log(10)})
+
+
 def test_flexivit_patch_resize_preserves_tokens():
     """PI-resize: a patch upsampled 4->8 against the resized kernel gives the old token."""
     torch.manual_seed(0)

@@ -2,7 +2,8 @@
 
 The state_dict is that of `transformers.Siglip2Model` (its non-persistent buffers aside), so
 released weights load with a plain `load_state_dict` and `siglip2.export.hf` is a thin layer.
-Logits are t * <x, y> + b with t = exp(logit_scale), init t = 10, b = -10 (SigLIP §4.8).
+Logits are t * <x, y> + b with t = exp(logit_scale), init t = 10, b = -10 (SigLIP §4.8) unless
+the config says otherwise.
 """
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ class SigLIP2Config:
     vision: VisionConfig
     text: TextConfig
     embed_dim: int | None = None  # must equal vision.width (HF has no image projection)
+    # Initial temperature t and bias b of the logits t * <x, y> + b. SigLIP's t = 10, b = -10
+    # suit batches of ~32k (b near -log(batch) balances the 1 positive against b - 1 negatives);
+    # small batches learn much sooner from b nearer -log(batch), since Adam moves b by only
+    # about lr per step. Init-only: not part of the released weights' config.
+    logit_scale_init: float = 10.0
+    logit_bias_init: float = -10.0
     name: str = field(default="siglip2", compare=False)
 
     def __post_init__(self):
@@ -60,8 +67,10 @@ class SigLIP2(nn.Module):
         self.config = config
         self.vision_model = VisionTransformer(config.vision)
         self.text_model = TextTransformer(config.text, config.embed_dim)
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
-        self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
+        if config.logit_scale_init <= 0:
+            raise ValueError(f"logit_scale_init is the temperature t > 0 (not its log), got {config.logit_scale_init}")
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(config.logit_scale_init)))
+        self.logit_bias = nn.Parameter(torch.full((1,), float(config.logit_bias_init)))
 
     def encode_image(
         self,
