@@ -123,7 +123,9 @@ class LoccaObjective(nn.Module):
     row has ``locca_{t}_valid``. Absent tasks are skipped (no decoder pass) and their metric
     keys are left out. Parallel prediction is drawn per row with ``parallel_prob`` (0.5
     [P §2.2]) in training mode, for Cap only: ARef and GCap are conditioned on their prompt,
-    which the all-mask input of parallel prediction would erase.
+    which the all-mask input of parallel prediction would erase. Without parallel rows,
+    sequences are cut after the batch's last target position (exact: causal rows never read
+    the positions after it).
 
     Metrics: ``locca/<task>`` (loss), ``locca/<task>_acc`` (token accuracy), ``locca/loss``.
     """
@@ -149,6 +151,14 @@ class LoccaObjective(nn.Module):
             if t == "cap" and self.training and self.parallel_prob > 0:
                 r = torch.rand(tokens_in.shape[0], generator=generator, device=generator.device if generator else "cpu")
                 parallel = (r < self.parallel_prob).to(tokens_in.device)
+            else:
+                # Cut the columns after the batch's last target token: causal rows never read
+                # them, so the loss is unchanged and the decoder skips ~1/3 of the padded length.
+                # (Parallel rows attend to every position, so Cap keeps its full length.)
+                used = (targets != IGNORE).any(0).nonzero()
+                if used.numel():
+                    n = int(used.max()) + 1
+                    tokens_in, targets = tokens_in[:, :n], targets[:, :n]
             hidden = decoder(tokens_in, image_tokens, image_mask, parallel=parallel)
             loss, m = self.token_loss(hidden, decoder.head, targets, valid)
             total = total + self.weights[t] * loss
