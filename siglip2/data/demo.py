@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 # Bump when anything that changes the bytes of the output changes, so old caches rebuild.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # ----------------------------------------------------------------------------------------
 # The world: shapes, colours, sizes
@@ -154,10 +154,11 @@ class _En(_Lang):
     prefixes = ("{}", "a photo of {}", "an image of {}", "a drawing of {}", "a picture of {}")
 
     def region(self, o):
-        return f"{o[2]} {o[1]} {o[0]}"
+        return " ".join(w for w in (o[2], o[1], o[0]) if w)  # size or colour may be omitted
 
     def np(self, o, case="nom"):
-        return "a " + self.region(o)
+        phrase = self.region(o)
+        return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
     def forms(self, name):
         return (name,)
@@ -430,13 +431,19 @@ def _relation(a_box, b_box) -> str:
 
 
 def describe(objects: Sequence[tuple[str, str, str]], boxes: Sequence[Sequence[float]], lang: str,
-             rng: np.random.Generator) -> str:
+             rng: np.random.Generator, omit: tuple[bool, bool] = (False, False)) -> str:
     """A caption naming every object (shape, colour, size) and how pairs of them are placed.
 
     Objects are described in a random order, so the same scene yields paraphrases (A left of
     B == B right of A); that is what gives retrieval several captions per image.
+    ``omit = (size, colour)`` leaves those words out for every object (English only: the other
+    languages' inflection tables assume all three words), as real alt-text often does.
     """
     L = LANGS[lang]
+    if any(omit):
+        if lang != "en":
+            raise ValueError("omitting words is implemented for English captions only")
+        objects = [(s, "" if omit[1] else c, "" if omit[0] else z) for s, c, z in objects]
     order = rng.permutation(len(objects))
     obj = [objects[i] for i in order]
     box = [boxes[i] for i in order]
@@ -583,8 +590,13 @@ def _draw(w, h, bg, objs: list[_Obj]) -> tuple[Image.Image, np.ndarray]:
 
 
 def generate_sample(rng: np.random.Generator, n_objects: int, force_shape: str | None = None,
-                    lang: str | None = None, n_captions: int = 1) -> dict:
-    """One scene: ``{"image": PIL, "mask": uint8 array, "captions": [...], "meta": json dict}``."""
+                    lang: str | None = None, n_captions: int = 1, omit_prob: float = 0.0) -> dict:
+    """One scene: ``{"image": PIL, "mask": uint8 array, "captions": [...], "meta": json dict}``.
+
+    ``omit_prob``: for English captions, the chance that the size words (and, drawn on its own,
+    the colour words) are left out of a caption. Region captions always keep all three words,
+    so that each names exactly one object.
+    """
     if lang is None:
         lang = "en" if rng.random() < _EN_FRACTION else _OTHER_LANGS[rng.integers(len(_OTHER_LANGS))]
     while True:  # a crowded small image can fail to fit n objects: draw a new canvas
@@ -599,7 +611,10 @@ def generate_sample(rng: np.random.Generator, n_objects: int, force_shape: str |
     boxes = [o.box for o in objs]
     captions: list[str] = []
     for _ in range(200):
-        c = describe(triples, boxes, lang, rng)
+        omit = (False, False)
+        if omit_prob > 0 and lang == "en":
+            omit = (bool(rng.random() < omit_prob), bool(rng.random() < omit_prob))
+        c = describe(triples, boxes, lang, rng, omit)
         if c not in captions:
             captions.append(c)
         if len(captions) == n_captions:
@@ -619,7 +634,8 @@ def generate_sample(rng: np.random.Generator, n_objects: int, force_shape: str |
 # ----------------------------------------------------------------------------------------
 # sid: the split's seed stream, so eval sets never share random draws with train.
 _SPLITS = {
-    "train": dict(sid=0, n_objects=(1, 2, 3, 4), p=(0.3, 0.3, 0.2, 0.2)),
+    # Train captions sometimes leave out sizes or colours (zero-shot prompts name the shape alone).
+    "train": dict(sid=0, n_objects=(1, 2, 3, 4), p=(0.3, 0.3, 0.2, 0.2), omit_prob=0.3),
     "zeroshot": dict(sid=1, n_objects=(1,), p=(1.0,)),
     "retrieval": dict(sid=2, n_objects=(1, 2, 3, 4), p=(0.25, 0.25, 0.25, 0.25), n_captions=3),
     "refexp": dict(sid=3, n_objects=(2, 3, 4), p=(0.4, 0.3, 0.3)),
@@ -668,7 +684,8 @@ def _write_shard(task: tuple) -> tuple[str, int, list[str]]:
         for i in range(start, start + count):
             n = int(rng.choice(cfg["n_objects"], p=cfg["p"]))
             force = SHAPES[i % len(SHAPES)] if split == "zeroshot" else None  # balanced classes
-            s = generate_sample(rng, n, force_shape=force, n_captions=cfg.get("n_captions", 1))
+            s = generate_sample(rng, n, force_shape=force, n_captions=cfg.get("n_captions", 1),
+                                omit_prob=cfg.get("omit_prob", 0.0))
             if split == "zeroshot":
                 s["meta"]["label"] = SHAPES.index(force)
             if split == "retrieval":
