@@ -61,19 +61,23 @@ class Stage(L.LightningModule):
         losses: Mapping[str, Mapping[str, Any]],
         name: str = "stage",
         handoff_fractions: list[float] | None = None,
-        compile: bool = False,
+        compile: bool | None = None,
         vocab_size: int | None = None,
         seed: int = 0,
     ):
+        """`model` is the model yaml as a dict; its `compile` key (`model.compile=true`)
+        torch.compiles the towers. `compile` here is the old `stage.compile` flag, kept so that
+        checkpoints saved with it still load; true is the same as `model.compile=true`."""
         super().__init__()
         model_cfg = _to_dict(model)
+        model_cfg["compile"] = bool(model_cfg.get("compile", False) or compile)
         if model_cfg.get("text", {}).get("vocab_size") is None:
             if vocab_size is None:
                 raise ValueError("model.text.vocab_size is null and no tokenizer vocab size was given")
             model_cfg["text"]["vocab_size"] = int(vocab_size)
         self.save_hyperparameters(
             {"model": model_cfg, "optim": _to_dict(optim), "losses": _to_dict(losses), "name": name,
-             "handoff_fractions": list(handoff_fractions or []), "compile": compile, "seed": int(seed)}
+             "handoff_fractions": list(handoff_fractions or []), "seed": int(seed)}
         )
         self.stage_name = name
         self.model = build_model(model_cfg)
@@ -85,7 +89,7 @@ class Stage(L.LightningModule):
                 raise ValueError(f"losses.{loss_name}.start_frac must lie in [0, 1], got {spec['start_frac']}")
         # Which losses are on; LossSchedule flips these and the checkpoint keeps them.
         self.loss_enabled: dict[str, bool] = {n: float(s["start_frac"]) <= 0.0 for n, s in self.loss_specs.items()}
-        self.compile_towers = compile
+        self.compile_towers = model_cfg["compile"]
         self.flops_per_batch: int | None = None
 
     # ---- what a stage implements -------------------------------------------------------

@@ -20,6 +20,10 @@ from .text import TextConfig, TextTransformer
 from .vit import ImageOutput, VisionConfig, VisionTransformer
 
 
+# Keys a model yaml may hold that configure how the model is run, not what it is.
+RUNTIME_KEYS = frozenset({"compile"})
+
+
 @dataclass
 class SigLIP2Config:
     vision: VisionConfig
@@ -48,12 +52,14 @@ class SigLIP2Config:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "SigLIP2Config":
-        """From the nested dict of `conf/model/*.yaml` (after `OmegaConf.to_container`)."""
+        """From the nested dict of `conf/model/*.yaml` (after `OmegaConf.to_container`).
+        Run-time options of the yaml (`RUNTIME_KEYS`, e.g. `compile`, read by the stage) are
+        not architecture and are left out."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        unknown = set(d) - known - RUNTIME_KEYS
         if unknown:
             raise ValueError(f"unknown model config keys {sorted(unknown)}; expected {sorted(known)}")
-        return cls(**{k: v for k, v in d.items()})
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
