@@ -75,3 +75,34 @@ def test_compiled_training_step_matches_eager():
         losses[compiled] = seen
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
     assert losses[True][1] != losses[True][0]  # the step changed the compiled towers' weights
+
+
+# ---------------------------------------------------------------- AdamW implementation
+def test_adamw_auto_is_fused_where_lightning_can_clip_it():
+    from types import SimpleNamespace
+
+    from stages.base import adamw_impl
+
+    assert adamw_impl("auto", SimpleNamespace(precision="32-true")) == "fused"
+    assert adamw_impl("auto", SimpleNamespace(precision="bf16-mixed")) == "foreach"
+    assert adamw_impl("auto", SimpleNamespace(precision="32-true", strategy=type("DeepSpeedStrategy", (), {})())) \
+        == "foreach"
+    assert adamw_impl("loop", SimpleNamespace(precision="bf16-mixed")) == "loop"
+    with pytest.raises(ValueError, match="optim.impl"):
+        adamw_impl("apex")
+
+
+def test_fused_adamw_trains_with_gradient_clipping_in_a_trainer(tmp_path):
+    import lightning as L
+
+    stage = PretrainStage(model=MICRO, optim={**OPTIM, "impl": "auto"}, losses={"sigmoid": {}})
+    g = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randn(4, 3, 8, 8, generator=g), "text": torch.randint(0, 10, (4, 4), generator=g)}
+               for _ in range(2)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, gradient_clip_val=1.0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    before = stage.model.logit_bias.detach().clone()
+    trainer.fit(stage, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert trainer.optimizers[0].defaults["fused"] is True
+    assert not torch.equal(before, stage.model.logit_bias.detach())
