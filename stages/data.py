@@ -79,7 +79,10 @@ class ImageTextData(L.LightningDataModule):
         crop_scale: tuple[float, float] = (0.5, 1.0),
         max_pixels: int = 40_000_000,
         locca_targets: Mapping[str, Any] | None = None,
+        draft_decode: bool = True,
     ):
+        """`draft_decode`: let JPEGs much larger than the training size decode at 1/2, 1/4
+        or 1/8 scale (never below it; see `siglip2.data.shards.decode_sample`)."""
         super().__init__()
         self.demo = None
         if demo:
@@ -107,6 +110,7 @@ class ImageTextData(L.LightningDataModule):
         self.crop_scale = tuple(crop_scale)
         self.max_pixels = int(max_pixels)
         self.locca_targets = dict(locca_targets) if locca_targets else None
+        self.draft_decode = bool(draft_decode)
         # Fail before training if a pattern matches nothing.
         from siglip2.data.shards import expand_urls
 
@@ -123,6 +127,7 @@ class ImageTextData(L.LightningDataModule):
             self.sources, sample_fn, batch_size=self.batch_size, num_batches=self.batches_per_epoch,
             seed=self.seed * 1_000_003 + epoch, num_workers=self.num_workers,
             shuffle_buffer=self.shuffle_buffer, max_pixels=self.max_pixels, reseed_each_iter=False,
+            decode_size=transform.min_source_size() if self.draft_decode else None,
         )
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:

@@ -400,3 +400,33 @@ def test_throughput_one_worker(tmp_path, capsys):
     with capsys.disabled():
         print(f"\n[throughput] 1 worker, 128px JPEG: decode only {decode_only:.0f} samples/s; "
               f"decode + 224px RRC/flip/[-1,1] {full:.0f} samples/s")
+
+
+# ---------------------------------------------------------------------------- decode size, collate
+
+def test_decode_size_lets_large_jpegs_decode_smaller_but_never_below_it():
+    rng = np.random.default_rng(0)
+    big = encode(Image.fromarray(rng.integers(0, 255, (300, 420, 3), np.uint8)), "JPEG", quality=90)
+    raw = {"__key__": "k", "jpg": big, "txt": b"a photo"}
+    assert decode_sample(raw).image.size == (420, 300)
+    small = decode_sample(raw, decode_size=(64, 64)).image
+    assert small.mode == "RGB" and 64 <= min(small.size) < 300 and small.size == (105, 75)  # 1/4 scale
+    assert decode_sample(raw, decode_size=(224, 224)).image.size == (420, 300)  # 1/2 would be < 224
+    png = {"__key__": "p", "png": encode(Image.new("RGB", (400, 400)), "PNG"), "txt": b"x"}
+    assert decode_sample(png, decode_size=(64, 64)).image.size == (400, 400)  # JPEG only
+    # a mask must match the full image, so no reduced decode with masks
+    mask = {**raw, "seg.png": encode(Image.new("L", (420, 300)), "PNG")}
+    assert decode_sample(mask, decode_mask=True, decode_size=(64, 64)).image.size == (420, 300)
+
+
+def test_collate_in_a_worker_stacks_into_shared_memory():
+    class Batches(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield S.collate([{"x": torch.full((2, 3), float(i)), "k": f"k{i}", "v": torch.tensor(i > 0)}
+                             for i in range(3)])
+
+    batch = next(iter(torch.utils.data.DataLoader(Batches(), batch_size=None, num_workers=1)))
+    assert batch["x"].is_shared() and batch["x"].shape == (3, 2, 3)
+    assert batch["x"][:, 0, 0].tolist() == [0.0, 1.0, 2.0] and batch["v"].tolist() == [False, True, True]
+    assert batch["k"] == ["k0", "k1", "k2"]
+    assert not S.collate([{"x": torch.zeros(2)}])["x"].is_shared()  # main process: plain stack

@@ -104,3 +104,13 @@ def test_keep_mask():
 def test_bad_scale():
     with pytest.raises(ValueError):
         ImageTransform(32, random_resized_crop=True, scale=(0.0, 1.0))
+
+
+def test_output_is_contiguous_and_min_source_size():
+    img = Image.new("RGB", (70, 40), (10, 20, 30))
+    x, _ = ImageTransform((24, 48), random_resized_crop=True, hflip=True)(img)
+    assert x.is_contiguous() and x.shape == (3, 24, 48)
+    assert ImageTransform(64).min_source_size() == (64, 64)
+    assert ImageTransform((32, 48)).min_source_size() == (48, 32)  # (w, h), like PIL sizes
+    # the smallest random crop (area 0.5, aspect 4/3) must still cover 64 px: 64 * sqrt(4/3 / 0.5)
+    assert ImageTransform(64, random_resized_crop=True, scale=(0.5, 1.0)).min_source_size() == (105, 105)

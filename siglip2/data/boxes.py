@@ -12,6 +12,7 @@ text tokenizer works). ``bins`` is a parameter everywhere.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -75,8 +76,10 @@ def quantize_box(box, bins: int = DEFAULT_BINS) -> list[int]:
 
     Float64 plus a 1e-4-bin nudge so that a boundary value stored in float32 (0.24 ->
     0.2399999946) lands in the bin a person expects (120, not 119)."""
-    b = torch.as_tensor(box, dtype=torch.float64).reshape(-1, 4)[0]
-    return [int(v) for v in (b * bins + 1e-4).floor().clamp(0, bins - 1).long()]
+    src = box if isinstance(box, torch.Tensor) else torch.as_tensor(box, dtype=torch.float64)
+    b = src.reshape(-1, 4)[0].tolist()  # Python floats: float64, exact for float32 input
+    # the same float64 arithmetic as a tensor version, without per-box tensor ops
+    return [min(max(math.floor(float(v) * bins + 1e-4), 0), bins - 1) for v in b]
 
 
 def dequantize_box(q: Sequence[int], bins: int = DEFAULT_BINS) -> list[float]:

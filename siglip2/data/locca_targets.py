@@ -71,13 +71,14 @@ def encode_example(prompt: list[int], target: list[int], max_len: int, pad_id: i
         seq = seq[:max_len + 1]
     if len(seq) <= len(prompt):
         return None
+    if not prompt:
+        raise ValueError("the prompt needs at least one token (its first plays BOS)")
     n = len(seq) - 1
-    inp = torch.full((max_len,), pad_id, dtype=torch.long)
-    tgt = torch.full((max_len,), IGNORE, dtype=torch.long)
-    inp[:n] = torch.tensor(seq[:-1])
     first = len(prompt) - 1  # position whose next token is the first target token
-    tgt[first:n] = torch.tensor(seq[len(prompt):])
-    return inp, tgt
+    # Built as lists, one tensor each: this runs three times per training sample.
+    inp = seq[:-1] + [pad_id] * (max_len - n)
+    tgt = [IGNORE] * first + seq[len(prompt):] + [IGNORE] * (max_len - n)
+    return torch.tensor(inp, dtype=torch.long), torch.tensor(tgt, dtype=torch.long)
 
 
 def region_boxes(regions) -> torch.Tensor:
@@ -96,8 +97,14 @@ def _randint(rng, n: int) -> int:
 def _usable_regions(regions, boxes) -> list[tuple[str, torch.Tensor]]:
     """(caption, box) pairs with a non-empty caption and a box of positive size; malformed
     json entries are skipped rather than failing the sample."""
+    regions = regions or []
+    if isinstance(boxes, torch.Tensor) and boxes.shape == (len(regions), 4):
+        # transformed boxes, one row per region: check all sizes at once
+        ok = boxes_valid(boxes).tolist()
+        return [(r.get("caption").strip(), boxes[i]) for i, r in enumerate(regions)
+                if ok[i] and isinstance(r, dict) and isinstance(r.get("caption"), str) and r["caption"].strip()]
     out = []
-    for i, r in enumerate(regions or []):
+    for i, r in enumerate(regions):
         try:
             cap = r.get("caption")
             box = as_boxes(r["box"] if boxes is None else boxes[i])

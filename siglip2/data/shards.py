@@ -144,7 +144,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def _decode_image(data: bytes, max_pixels: int, decode_size: tuple[int, int] | None = None) -> Image.Image:
     if not data:
         raise BadSample("bad_image", "zero-byte image")
     try:
@@ -154,6 +154,9 @@ def _decode_image(data: bytes, max_pixels: int) -> Image.Image:
             w, h = img.size
             if w * h > max_pixels:
                 raise BadSample("too_large", f"{w}x{h} > max_pixels={max_pixels}")
+            if decode_size is not None and img.format == "JPEG":
+                # DCT-domain downscale by 1/2, 1/4 or 1/8 while both sides stay >= decode_size
+                img.draft(None, tuple(decode_size))
             img.load()
             return to_rgb(img)
     except BadSample:
@@ -179,10 +182,14 @@ def _decode_mask(data: bytes, size: tuple[int, int]) -> np.ndarray:
 
 
 def decode_sample(raw: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  decode_mask: bool = False) -> DecodedSample:
+                  decode_mask: bool = False, decode_size: tuple[int, int] | None = None) -> DecodedSample:
     """Raw wds sample (key -> bytes) to a DecodedSample; raises :class:`BadSample` if bad.
 
     Cheap checks first (caption, json, header size) so bad samples cost no image decode.
+    ``decode_size`` (w, h): a JPEG at least twice that size on both sides is decoded at 1/2,
+    1/4 or 1/8 scale (libjpeg DCT scaling, never below ``decode_size``), which is faster than a
+    full decode; the caller resizes to its own size anyway (see
+    ``ImageTransform.min_source_size``). Ignored when a mask is decoded (it must match the image).
     """
     key = raw.get("__key__", "")
     img_bytes = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
@@ -204,7 +211,7 @@ def decode_sample(raw: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
             raise BadSample("bad_json") from None
         if not isinstance(meta, dict):
             raise BadSample("bad_json", f"json is a {type(meta).__name__}, not an object")
-    image = _decode_image(bytes(img_bytes), max_pixels)
+    image = _decode_image(bytes(img_bytes), max_pixels, None if decode_mask else decode_size)
     mask = None
     if decode_mask and MASK_KEY in raw:
         mask = _decode_mask(bytes(raw[MASK_KEY]), image.size)
@@ -399,12 +406,12 @@ def _read_shards(shards: Iterable[dict], stats: _WorkerStats,
 
 def _decode_stage(samples: Iterable[dict], stats: _WorkerStats, sample_fn: Callable,
                   max_pixels: int, decode_mask: bool,
-                  max_skips: int | None = None) -> Iterator[dict]:
+                  max_skips: int | None = None, decode_size: tuple[int, int] | None = None) -> Iterator[dict]:
     run = 0
     for raw in samples:
         key, url = raw.get("__key__", ""), raw.get("__url__", "")
         try:
-            decoded = decode_sample(raw, max_pixels=max_pixels, decode_mask=decode_mask)
+            decoded = decode_sample(raw, max_pixels=max_pixels, decode_mask=decode_mask, decode_size=decode_size)
             out = sample_fn(decoded)  # exceptions here are bugs: let them surface
             if out is None:
                 raise BadSample("sample_fn")
@@ -421,6 +428,18 @@ def _decode_stage(samples: Iterable[dict], stats: _WorkerStats, sample_fn: Calla
         yield out
 
 
+def _stack(vals: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack; inside a DataLoader worker straight into shared memory, as torch's
+    default_collate does: the batch then crosses to the main process without another copy
+    (a 128 x 3 x 224 x 224 float batch is 77 MB)."""
+    if get_worker_info() is None or vals[0].is_cuda or len({tuple(v.shape) for v in vals}) != 1:
+        return torch.stack(vals)
+    elem = vals[0]
+    storage = elem.untyped_storage()._new_shared(len(vals) * elem.numel() * elem.element_size())
+    out = elem.new_empty(0).set_(storage, 0, (len(vals), *elem.shape))
+    return torch.stack(vals, out=out)
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack tensors, put everything else into lists (docs/INTERFACES.md)."""
     out: dict[str, Any] = {}
@@ -428,7 +447,7 @@ def collate(samples: list[dict]) -> dict:
         vals = [s[k] for s in samples]
         if all(isinstance(v, torch.Tensor) for v in vals):
             try:
-                out[k] = torch.stack(vals)
+                out[k] = _stack(vals)
             except RuntimeError as e:
                 shapes = sorted({tuple(v.shape) for v in vals})
                 raise ValueError(f"cannot stack batch key {k!r}: shapes {shapes}") from e
@@ -502,9 +521,10 @@ class _TrainStream(IterableDataset):
     """Infinite resampled mix, cut to this worker's share of ``num_batches``."""
 
     def __init__(self, sources, sample_fn, batch_size, num_batches, seed, rank, world,
-                 shuffle_buffer, max_pixels, decode_mask, reseed_each_iter=True):
+                 shuffle_buffer, max_pixels, decode_mask, reseed_each_iter=True, decode_size=None):
         super().__init__()
         self.reseed_each_iter = reseed_each_iter
+        self.decode_size = decode_size
         self.sources = sources
         self.sample_fn = sample_fn
         self.batch_size = batch_size
@@ -551,7 +571,7 @@ class _TrainStream(IterableDataset):
                               random.Random(make_seed(self.seed, -1, g, it)))
         batches = _batch_stage(
             _decode_stage(mixed, stats, self.sample_fn, self.max_pixels, self.decode_mask,
-                          max_skips=MAX_CONSECUTIVE_SKIPS),
+                          max_skips=MAX_CONSECUTIVE_SKIPS, decode_size=self.decode_size),
             self.batch_size, stats, worker, partial_last=False)
         return islice(batches, mine)
 
@@ -603,13 +623,16 @@ def _loader(dataset, num_workers: int, generator: torch.Generator | None) -> Dat
 def build_train_loader(sources, sample_fn: Callable[[DecodedSample], dict | None],
                        batch_size: int, num_batches: int, seed: int = 0, num_workers: int = 2,
                        shuffle_buffer: int = 1000, max_pixels: int = DEFAULT_MAX_PIXELS,
-                       decode_mask: bool = False, reseed_each_iter: bool = True) -> DataLoader:
+                       decode_mask: bool = False, reseed_each_iter: bool = True,
+                       decode_size: tuple[int, int] | None = None) -> DataLoader:
     """Resampled training loader giving exactly ``num_batches`` batches per epoch per rank.
 
     ``sources``: a pattern, a list of patterns, or ``[{"urls": ..., "weight": w}, ...]``
     mixed per sample by weight (e.g. 0.9 English / 0.1 other pages). ``len(loader)`` is
     ``num_batches``. Worker ``i`` of ``W`` makes ``num_batches // W`` batches, plus one if
     ``i < num_batches % W``, so the total is exact for any worker count.
+    ``decode_size`` (w, h): let JPEGs decode at a reduced scale no smaller than this (see
+    :func:`decode_sample`); pass the transform's ``min_source_size()``.
     """
     if batch_size < 1 or num_batches < 1:
         raise ValueError(f"batch_size and num_batches must be >= 1, got {batch_size}, {num_batches}")
@@ -622,7 +645,7 @@ def build_train_loader(sources, sample_fn: Callable[[DecodedSample], dict | None
                            "all of them (with its own seed) instead of a disjoint subset",
                            len(urls), world, nworkers)
     ds = _TrainStream(srcs, sample_fn, batch_size, num_batches, seed, rank, world,
-                      shuffle_buffer, max_pixels, decode_mask, reseed_each_iter)
+                      shuffle_buffer, max_pixels, decode_mask, reseed_each_iter, decode_size)
     gen = torch.Generator().manual_seed(make_seed(seed, rank, 7))
     return _loader(ds, num_workers, gen)
 

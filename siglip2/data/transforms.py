@@ -13,6 +13,7 @@ edge) rather than being removed, so box lists stay aligned with their captions; 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -65,12 +66,24 @@ class ImageTransform:
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
 
+    def min_source_size(self) -> tuple[int, int]:
+        """(w, h) below which a decoded image would be upsampled here: a JPEG decoder may
+        downscale (DCT scaling) to no less than this at no loss of output resolution. With
+        random-resized-crop the smallest crop (area scale[0], the most extreme aspect) must
+        still cover the output."""
+        out_h, out_w = self.size
+        if not self.random_resized_crop:
+            return out_w, out_h
+        f = math.sqrt(max(self.ratio[1], 1.0 / self.ratio[0]) / self.scale[0])
+        return math.ceil(out_w * f), math.ceil(out_h * f)
+
     def __call__(self, img: Image.Image | torch.Tensor, boxes: torch.Tensor | None = None):
         x = F.pil_to_tensor(img) if isinstance(img, Image.Image) else img
         if x.ndim != 3 or x.shape[0] != 3:
             raise ValueError(f"expected an RGB image, got shape {tuple(x.shape)}")
         in_h, in_w = x.shape[-2:]
-        x = tv_tensors.Image(x)
+        # The image stays a plain tensor (the same torchvision image kernels run on it; the
+        # tv_tensors wrapper costs more than the resize itself on small images).
         b = None
         if boxes is not None:
             boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
@@ -93,7 +106,9 @@ class ImageTransform:
             if b is not None:
                 b = F.horizontal_flip(b)
 
-        out = to_unit_range(x.as_subclass(torch.Tensor))
+        # to_unit_range, written once into a contiguous (3, H, W) float tensor
+        out = torch.empty((3, *self.size), dtype=torch.float32)
+        out.copy_(x).div_(127.5).sub_(1.0)
         if b is None:
             return out, None
         out_h, out_w = self.size
