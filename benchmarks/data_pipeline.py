@@ -1,0 +1,222 @@
+"""Data pipeline throughput per worker: our shard pipeline vs the decode-only floor.
+
+Ours is the training loader exactly as a run builds it: `stages.data.ImageTextData` from the
+composed `conf/train.yaml` (data=demo, stage=pretrain, so LocCa targets are built too), its
+`train_dataloader()` = `siglip2.data.shards.build_train_loader` with one worker: resampled
+shards, tar read, decode, resize to the model's image size and [-1, 1], caption tokens,
+LocCa targets, collate. The floor is the least any loader must do with the same data: read the
+same demo tars with the standard library's `tarfile` and PIL-decode every JPEG to RGB, also in
+one DataLoader worker, nothing else.
+
+Both are timed from their first batch (worker start-up is not throughput) over the same
+number of samples; passes alternate ours / floor, and the median of --repeats passes is
+reported. The demo (`siglip2.data.demo.ensure_demo(root, num_train=2000)`) is built on first
+use under --root.
+
+The demo's JPEGs are small (short side 64..160 px, ~0.2 ms to decode), so the floor is very
+cheap and every fixed per-sample cost shows; full mode adds a row at 224 px on a web-like copy
+of the same shards (every image upscaled 4x, ~550 px, re-encoded at quality 90; built once
+next to the demo), where decoding costs what it does on real alt-text data.
+
+    python benchmarks/data_pipeline.py            # 64 px (tiny model), 224 px, 224 px on 4x images
+    python benchmarks/data_pipeline.py --quick    # 64 and 224 px, fewer samples per pass (< 1 min once built)
+    python benchmarks/data_pipeline.py --breakdown   # where ours spends its time, per stage
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import tarfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
+
+DEFAULT_ROOT = os.path.join(os.environ.get("SIGLIP2_CACHE", os.path.expanduser("~/.cache/siglip2")),
+                            "demo-n2000-s0")
+
+
+def build_data(demo, image_size: int, batch_size: int, num_batches: int, workers: int = 1,
+               shards: list[str] | None = None, extra: list[str] = ()):
+    """Our data module from the composed config (data=demo, stage=pretrain), as
+    `stages.runner.build` makes it, reading `demo`'s shards (or `shards`) and tokenizer."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    from siglip2.data.shards import expand_urls
+
+    urls = shards or expand_urls(demo.train_urls)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "data=demo", "data.demo=null", f"data.train=[{','.join(urls)}]", f"tokenizer.path={demo.tokenizer_path}",
+            f"model.vision.image_size={image_size}", f"data.batch_size={batch_size}",
+            f"data.batches_per_epoch={num_batches}", f"data.num_workers={workers}", *extra])
+    return instantiate(cfg.data, _recursive_=False, _convert_="all")
+
+
+class DecodeFloor(IterableDataset):
+    """Read the tars in order (cycling) and decode every JPEG to RGB; yield batch counts."""
+
+    def __init__(self, urls: list[str], num_samples: int, batch_size: int):
+        super().__init__()
+        self.urls, self.num_samples, self.batch_size = urls, num_samples, batch_size
+
+    def __iter__(self):
+        done = in_batch = 0
+        while True:
+            for url in self.urls:
+                with tarfile.open(url, mode="r|") as tar:
+                    for member in tar:
+                        if not member.name.endswith(".jpg"):
+                            continue
+                        data = tar.extractfile(member).read()
+                        Image.open(io.BytesIO(data)).convert("RGB")
+                        done += 1
+                        in_batch += 1
+                        if in_batch == self.batch_size:
+                            yield in_batch
+                            in_batch = 0
+                        if done == self.num_samples:
+                            return
+
+
+def upscaled_shards(urls: list[str], out_dir: str, factor: int = 4) -> list[str]:
+    """A copy of the shards with every JPEG upscaled `factor`x (bicubic, quality 90), built once."""
+    done = os.path.join(out_dir, "DONE")
+    outs = [os.path.join(out_dir, os.path.basename(u)) for u in urls]
+    if os.path.exists(done):
+        return outs
+    os.makedirs(out_dir, exist_ok=True)
+    for src, dst in zip(urls, outs):
+        with tarfile.open(src, mode="r|") as tin, tarfile.open(dst + ".tmp", mode="w") as tout:
+            for member in tin:
+                data = tin.extractfile(member).read()
+                if member.name.endswith(".jpg"):
+                    img = Image.open(io.BytesIO(data)).convert("RGB")
+                    img = img.resize((img.width * factor, img.height * factor), Image.Resampling.BICUBIC)
+                    buf = io.BytesIO()
+                    img.save(buf, format="JPEG", quality=90)
+                    data = buf.getvalue()
+                member.size = len(data)
+                tout.addfile(member, io.BytesIO(data))
+        os.replace(dst + ".tmp", dst)
+    open(done, "w").close()
+    return outs
+
+
+def timed(loader, count) -> float:
+    """Samples per second after the first batch."""
+    it = iter(loader)
+    count(next(it))
+    start, n = time.perf_counter(), 0
+    for batch in it:
+        n += count(batch)
+    return n / (time.perf_counter() - start)
+
+
+def measure(args, demo, image_size: int, upscale: int = 1) -> dict:
+    from siglip2.data.shards import expand_urls
+
+    num_batches = args.samples // args.batch
+    urls = expand_urls(demo.train_urls)
+    if upscale > 1:
+        urls = upscaled_shards(urls, f"{demo.root}-x{upscale}", upscale)
+    data = build_data(demo, image_size, args.batch, num_batches, workers=1, shards=urls)
+    rates = {"ours": [], "floor": []}
+    for r in range(args.repeats):
+        for name in (("ours", "floor") if r % 2 == 0 else ("floor", "ours")):
+            if name == "ours":
+                rates[name].append(timed(data.train_dataloader(), lambda b: len(b["key"])))
+            else:
+                floor = DataLoader(DecodeFloor(urls, num_batches * args.batch, args.batch), batch_size=None,
+                                   num_workers=1)
+                rates[name].append(timed(floor, int))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def breakdown(args, demo, image_size: int) -> None:
+    """Per-stage cost of ours in this process (ms per sample), same samples for every stage."""
+    from siglip2.data.shards import _read_shards, _WorkerStats, collate, decode_sample, expand_urls
+    from stages.data import TrainSample
+
+    torch.set_num_threads(1)
+    data = build_data(demo, image_size, args.batch, 1, workers=0)
+    urls = expand_urls(demo.train_urls)
+    n = args.samples
+    read = lambda: [s for _, s in zip(range(n), _read_shards([{"url": u} for u in urls], _WorkerStats()))]  # noqa: E731
+    raws = read()
+    loader = data.train_dataloader()
+    sample_fn = loader.dataset.sample_fn
+    decoded = [decode_sample(r) for r in raws]
+    steps = {
+        "tar read": read,
+        "PIL decode (floor)": lambda: [Image.open(io.BytesIO(r["jpg"])).convert("RGB") for r in raws],
+        "decode_sample": lambda: [decode_sample(r) for r in raws],
+        "image transform": lambda: [sample_fn.transform(d.image) for d in decoded],
+        "caption tokens": lambda: [data.tokenizer(d.caption) for d in decoded],
+        "TrainSample (all)": lambda: [sample_fn(d) for d in decoded],
+    }
+    out = {}
+    for name, fn in steps.items():
+        start = time.perf_counter()
+        out[name] = fn()
+        print(f"  {image_size:>4} px  {name:<20} {(time.perf_counter() - start) / n * 1e3:7.3f} ms/sample")
+    items = out["TrainSample (all)"]
+    start = time.perf_counter()
+    for i in range(0, n - args.batch + 1, args.batch):
+        collate(items[i:i + args.batch])
+    print(f"  {image_size:>4} px  {'collate':<20} {(time.perf_counter() - start) / n * 1e3:7.3f} ms/sample")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sizes", nargs="+", type=int, default=[64, 224])
+    ap.add_argument("--samples", type=int, default=None, help="samples per timed pass")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--root", default=DEFAULT_ROOT)
+    ap.add_argument("--num-train", type=int, default=2000)
+    ap.add_argument("--eval-size", type=int, default=None,
+                    help="demo eval split sizes (default: the demo's own, so a training run can share --root)")
+    ap.add_argument("--breakdown", action="store_true", help="per-stage cost of ours, in process")
+    ap.add_argument("--web", type=int, default=None, metavar="FACTOR",
+                    help="add a 224 px row on the shards upscaled FACTORx (default 4 in full mode, 0 = none)")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    args.batch = args.batch or (32 if args.quick else 128)
+    args.samples = args.samples or (8 if args.quick else 12) * args.batch
+    from siglip2.data.demo import ensure_demo
+
+    sizes = {} if args.eval_size is None else {f"num_{k}": args.eval_size
+                                                 for k in ("zeroshot", "retrieval", "refexp", "segmentation")}
+    demo = ensure_demo(args.root, num_train=args.num_train, **sizes)
+    if args.breakdown:
+        for size in args.sizes:
+            breakdown(args, demo, size)
+        return
+    print(f"data pipeline, 1 worker, {args.samples} samples per pass (first batch not timed), batch {args.batch}, "
+          f"median of {args.repeats} alternated passes; demo n={args.num_train} at {args.root}")
+    print(f"{'image px':>8} {'source':>10} {'ours/s':>9} {'floor/s':>9} {'ratio ours/floor':>17}")
+    web = args.web if args.web is not None else (0 if args.quick else 4)
+    rows = [(size, 1) for size in args.sizes] + ([(224, web)] if web > 1 else [])
+    for size, upscale in rows:
+        r = measure(args, demo, size, upscale)
+        source = "demo" if upscale == 1 else f"demo x{upscale}"
+        print(f"{size:>8} {source:>10} {r['ours']:>9.1f} {r['floor']:>9.1f} {r['ours'] / r['floor']:>17.2f}")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
