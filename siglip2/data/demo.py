@@ -6,6 +6,8 @@ background gives the sigmoid loss something learnable (shape, colour, size, layo
 its three targets (caption, region caption -> box, box -> region caption), the dense probe
 a per-pixel class mask, NaFlex aspect ratios from 1:2 to 2:1, and the tokenizer a 90/10
 English / multilingual mix with non-Latin scripts, all from a seed, in about a minute.
+English train captions leave out the sizes or the colours now and then, as alt-text does,
+so a prompt naming the shape alone ("a photo of a star.") is not out of distribution.
 
 Layout (img2dataset keys: ``jpg`` image, ``txt`` caption, ``json`` metadata, ``seg.png``
 class mask; ``0`` background, ``class_id + 1`` on each shape)::
