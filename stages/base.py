@@ -166,16 +166,20 @@ class Stage(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         results = self.compute_losses(batch)
         bsz = batch_size(batch)
+        # Everything is logged as a detached device tensor: no host sync here. Lightning turns
+        # progress-bar metrics into Python numbers after *every* batch (a device sync per
+        # step on GPU), so losses go to the bar only when there is a bar to show them.
+        bar = getattr(self._trainer, "progress_bar_callback", None) is not None
         total = None
         for name, (loss, metrics) in results.items():
             weighted = float(self.loss_specs[name]["weight"]) * loss
             total = weighted if total is None else total + weighted
-            self.log(f"train/loss_{name}", loss.detach(), batch_size=bsz, prog_bar=name == "sigmoid")
+            self.log(f"train/loss_{name}", loss.detach(), batch_size=bsz, prog_bar=bar and name == "sigmoid")
             for key, value in metrics.items():
                 self.log(f"train/{key}", value, batch_size=bsz)
         if total is None:
             raise RuntimeError(f"no loss is enabled at step {self.global_step}: check losses.*.start_frac")
-        self.log("train/loss", total.detach(), batch_size=bsz, prog_bar=True)
+        self.log("train/loss", total.detach(), batch_size=bsz, prog_bar=bar)
         return total
 
     def configure_optimizers(self):

@@ -106,3 +106,19 @@ def test_fused_adamw_trains_with_gradient_clipping_in_a_trainer(tmp_path):
     trainer.fit(stage, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     assert trainer.optimizers[0].defaults["fused"] is True
     assert not torch.equal(before, stage.model.logit_bias.detach())
+
+
+@pytest.mark.parametrize("progress_bar", [False, True])
+def test_losses_reach_the_progress_bar_only_when_there_is_one(tmp_path, progress_bar):
+    """Lightning converts progress-bar metrics to Python numbers after every batch (a device
+    sync per step on GPU), so without a bar nothing is logged to it."""
+    import lightning as L
+
+    stage = _stage()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randn(4, 3, 8, 8, generator=g), "text": torch.randint(0, 10, (4, 4), generator=g)}]
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=progress_bar, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(stage, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert ("train/loss" in trainer.progress_bar_metrics) == progress_bar
+    assert "train/loss" in trainer.callback_metrics and "train/loss_sigmoid" in trainer.callback_metrics
