@@ -19,14 +19,18 @@ text depth) reading timm's un-pooled tokens, with plain `F.cross_entropy`, run o
 three tasks (Cap, ARef, GCap) as ours.
 
 Inputs are random (no downloads, no pretrained weights), fp32 on CPU, the same batch for both
-sides, `torch.set_num_threads(--threads)` for both. Every (size, variant) row runs in a fresh
-subprocess; inside it the implementations alternate step by step (order rotated each round)
-after warm-up, and the median step time of each is reported, so machine noise hits both.
+sides, `torch.set_num_threads(--threads)` for both (default 1: see benchmarks/RESULTS.md).
+Sizes: tiny = conf/model/tiny.yaml with the demo's 4000-token vocab, batch 128; b16 =
+conf/model/b16.yaml at 112 px, batch 8, 32k vocab (CPU time and memory). Every (size, variant)
+row runs in a fresh subprocess; inside it the implementations alternate step by step (order
+rotated each round) after warm-up, and the median step time of each is reported, so machine
+noise hits both.
 
     python benchmarks/train_step.py                  # tiny + b16-shaped, sigmoid and sigmoid+LocCa
-    python benchmarks/train_step.py --quick          # tiny only, fewer repeats (< 1 min)
+    python benchmarks/train_step.py --quick          # tiny only, batch 32 (< 1 min)
     python benchmarks/train_step.py --compile        # adds ours with model.compile=true
     python benchmarks/train_step.py --adamw          # ours with optim.impl = loop | foreach | fused
+    python benchmarks/train_step.py --lightning      # adds ours inside Trainer.fit
 """
 from __future__ import annotations
 
@@ -50,7 +54,8 @@ if str(ROOT) not in sys.path:
 
 # Per size: Hydra overrides of the model, and the benchmark's batch. The tiny vocab is the
 # demo tokenizer's (4000); the B/16-shaped model uses a 32k vocab instead of Gemma's 256k so
-# that three copies of the optimiser state fit the shared 24 GiB machine (say so in reports).
+# that four copies of the optimiser state (--adamw) fit the shared 24 GiB machine, and 112 px
+# so that a step takes seconds, not half a minute, on one CPU thread.
 SIZES = {
     "tiny": dict(model="tiny", vocab=4000, batch=128, quick_batch=32, image=None, warmup=2),
     "b16": dict(model="b16", vocab=32000, batch=8, image=112, warmup=1),
