@@ -119,7 +119,7 @@ def test_resume_mid_epoch_continues_at_step_and_learning_rate(cache_dir, tmp_pat
     from stages.base import warmup_cosine
 
     common = ["trainer.max_steps=6", "data.batches_per_epoch=3", "callbacks.model_checkpoint.every_n_train_steps=2",
-              "optim.warmup_steps=2"]
+              "optim.warmup_steps=2", "optim.lr=1e-3"]
     with pytest.raises(SystemExit):
         fit(compose_cfg(common, cache_dir, tmp_path / "killed"), [_Crash(step=5)])
     ckpt = tmp_path / "killed" / "checkpoints" / "step_0000004.ckpt"  # mid epoch 1
