@@ -30,9 +30,10 @@ class SigLIP2Config:
     text: TextConfig
     embed_dim: int | None = None  # must equal vision.width (HF has no image projection)
     # Initial temperature t and bias b of the logits t * <x, y> + b. SigLIP's t = 10, b = -10
-    # suit batches of ~32k (b near -log(batch) balances the 1 positive against b - 1 negatives);
-    # small batches learn much sooner from b nearer -log(batch), since Adam moves b by only
-    # about lr per step. Init-only: not part of the released weights' config.
+    # were tuned for batches of ~32k; b near -log(batch) balances one positive against
+    # batch - 1 negatives at init. Not published for small batches, so configurable; on the demo
+    # (batch 128, lr 5e-4) b = -5 and b = -10 learned equally fast (README). Init-only: not
+    # part of the released weights' config.
     logit_scale_init: float = 10.0
     logit_bias_init: float = -10.0
     name: str = field(default="siglip2", compare=False)
