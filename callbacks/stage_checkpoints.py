@@ -36,7 +36,8 @@ class StageCheckpoints(L.Callback):
                 path = self.dirpath / self.filename(frac)
                 trainer.save_checkpoint(path)
                 self.saved.add(frac)
-                log.info("hand-off checkpoint %s at step %d", path, trainer.global_step)
+                if trainer.is_global_zero:  # every rank writes its part; one line in the shared log
+                    log.info("hand-off checkpoint %s at step %d", path, trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"saved": sorted(self.saved)}

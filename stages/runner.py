@@ -9,8 +9,10 @@ import json
 import logging
 import math
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import torch
@@ -39,11 +41,57 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     return {"datamodule": datamodule, "stage": stage, "trainer": trainer, "callbacks": callbacks}
 
 
+# Variables Lightning's subprocess launcher sets in the parent for the ranks it starts.
+_DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextmanager
+def sweep_job_ddp(trainer: L.Trainer) -> Iterator[None]:
+    """In a Hydra sweep (`-m`), let DDP on local processes run one job at a time, correctly.
+
+    Lightning starts ranks 1..n-1 by re-running ``sys.argv`` with ``hydra.run.dir`` set to
+    ``HydraConfig.run.dir``. In a sweep that command line is the whole sweep: each child would
+    start a sweep of its own and join the parent's jobs in lockstep, or with another job's
+    overrides. Inside this context the children get this job's own overrides and output dir
+    (a plain single run); afterwards the process group and the launcher's environment are
+    cleared so that the next job of the sweep starts fresh ranks on a fresh port.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    from omegaconf import read_write
+
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    if (hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN
+            or not isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)):
+        yield
+        return
+    saved_argv, saved_run_dir = sys.argv, hydra_cfg.run.dir
+    saved_env = {k: os.environ.get(k) for k in _DDP_LAUNCH_ENV}
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        sys.argv = saved_argv
+        with read_write(hydra_cfg):
+            hydra_cfg.run.dir = saved_run_dir
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run(cfg: DictConfig) -> float | None:
     objs = build(cfg)
     trainer: L.Trainer = objs["trainer"]
-    trainer.fit(objs["stage"], datamodule=objs["datamodule"], ckpt_path=cfg.get("ckpt_path"))
-    metrics = collect_metrics(trainer, objs["callbacks"])
+    with sweep_job_ddp(trainer):
+        trainer.fit(objs["stage"], datamodule=objs["datamodule"], ckpt_path=cfg.get("ckpt_path"))
+        metrics = collect_metrics(trainer, objs["callbacks"])
     out_dir = Path(cfg.paths.output_dir)
     write_metrics(metrics, out_dir / "metrics.json")
     objective = metrics.get(str(cfg.get("objective", "")))

@@ -76,6 +76,22 @@ def test_multirun_sweep_writes_one_output_dir_per_run(cache_dir, tmp_path):
     assert lrs == {1e-3, 3e-4}
 
 
+def test_multirun_sweep_with_ddp_runs_each_job_on_its_own_ranks(cache_dir, tmp_path):
+    """Lightning re-runs argv for rank 1; in a sweep that must be this job, not the sweep.
+
+    The jobs differ in model shape, so a rank 1 running another job's overrides cannot join
+    the parent's DDP group silently: the run fails or hangs (caught by the timeout).
+    """
+    cli(["-m", "model.vision.depth=1,2", "debug=fast", "trainer=ddp_cpu", "trainer.max_steps=2"], cache_dir,
+        tmp_path, timeout=300)
+    jobs = sorted(p.parent for p in tmp_path.glob("debug/multiruns/*/*/metrics.json"))
+    assert len(jobs) == 2
+    for job in jobs:
+        assert json.loads((job / "metrics.json").read_text())["global_step"] == 2
+        assert (job / "train_ddp_process_1.log").exists()  # rank 1 ran inside this job's dir
+    assert not (tmp_path / "debug" / "runs").exists()
+
+
 class _Crash(L.Callback):
     """Simulates a killed job: dies at the start of a given step, after earlier checkpoints."""
 
