@@ -1,10 +1,10 @@
 """The README's main job, exactly as a user runs it (`python train.py`), must learn.
 
 The bars here are below what the default job reaches on a 2-core CPU in its time budget (see
-the README "Results" table: about 47% image->text and 57% text->image R@5 at step 400, with
+the README "Results": 52% image->text and 67% text->image R@5 on the full held-out set, with
 chance near 1%): the loss falls, and retrieval on held-out demo images is far above chance.
-The issue's other bars (80% zero-shot shape accuracy, LocCa refexp/captions) are not met yet
-on this budget; the README says so.
+The issue's other bars (80% zero-shot shape accuracy, LocCa refexp/captions) are not met on
+this budget; the README says so and shows why (benchmarks/demo_shape_probe.py).
 """
 from __future__ import annotations
 
@@ -33,5 +33,5 @@ def test_default_main_job_learns(tmp_path):
     first, last = float(rows[0]["train/loss"]), float(rows[-1]["train/loss"])
     assert last < 0.75 * first, (first, last)
     # 500 images x 3 captions: chance image->text R@5 is about 1%.
-    assert metrics["retrieval/demo_retrieval/image_to_text_R@5"] > 0.25, metrics
-    assert metrics["retrieval/demo_retrieval/text_to_image_R@5"] > 0.25, metrics
+    assert metrics["retrieval/demo_retrieval/image_to_text_R@5"] > 0.35, metrics
+    assert metrics["retrieval/demo_retrieval/text_to_image_R@5"] > 0.35, metrics
