@@ -6,14 +6,15 @@ tiny ViT (`conf/model/tiny.yaml`: 64 px, patch 8, 4 x 128) supervised, with a li
 multi-label BCE on which of the 8 shapes each train image holds, and reports top-1 on the
 demo's held-out single-object zero-shot set (chance 12.5%) at a few sample counts. A peer
 row trains timm's ViT of the same shape (MAP pooling, no class token) alongside, so our tower
-is compared with the reference at equal steps. A supervised model is an upper bound for what
-the contrastive towers can learn from the same number of samples.
+is compared with the reference at equal steps. Labels are the most direct signal for shape
+there is, so this is a reference for what the contrastive towers can hope to learn about
+shape from the same number of samples.
 
     python benchmarks/demo_shape_probe.py              # 3200 steps x 64 (205k samples), ~25 min, 1 thread
     python benchmarks/demo_shape_probe.py --quick      # 40 steps on a 200-image demo (< 1 min)
 
-Reads the shards' .jpg and .json members only (no pickle), resized as training does (squash
-to a square, antialiased), all into memory as uint8.
+Reads the shards' .jpg and .json members only (no pickle), squashed to a square as training
+does (PIL's antialiased bilinear resize), all into memory as uint8.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from siglip2.data.demo import SHAPES, ensure_demo  # noqa: E402
 from siglip2.model.vit import VisionConfig, VisionTransformer  # noqa: E402
 
 
-def load_split(pattern: str, size: int, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(pattern: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, size, size) uint8 images and (N, len(SHAPES)) shape-presence targets."""
     images, targets = [], []
     for path in sorted(glob(pattern)):
@@ -58,8 +59,6 @@ def load_split(pattern: str, size: int, limit: int | None = None) -> tuple[torch
             img = Image.open(io.BytesIO(parts["jpg"])).convert("RGB").resize((size, size), Image.BILINEAR)
             images.append(np.asarray(img))
             targets.append(target)
-            if limit and len(images) >= limit:
-                break
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return x, torch.from_numpy(np.stack(targets))
 
