@@ -39,8 +39,9 @@ def test_mfu_prints_flops_step_time_and_mfu():
     assert re.search(rf"micro\s+sigmoid\s+8\s+32(\s+{NUMBER}){{4}}\s+{NUMBER}%$", out, re.M), out
 
 
-def test_demo_shape_probe_prints_ours_and_timm_accuracy_rows(tmp_path):
-    out = run("demo_shape_probe.py", "--root", str(tmp_path / "demo"))
-    rows = re.findall(rf"^\s+\d+\s+\d+\s+({NUMBER})\s+({NUMBER})$", out, re.M)
+def test_demo_probe_prints_ours_timm_and_cnn_accuracy_rows(tmp_path):
+    out = run("demo_probe.py", "--root", str(tmp_path / "demo"), "--attribute", "category")
+    assert "attribute category: 8 values" in out, out
+    rows = re.findall(rf"^\s+\d+\s+\d+\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})$", out, re.M)
     assert len(rows) == 2, out
     assert all(0.0 <= float(v) <= 1.0 for row in rows for v in row), out

@@ -370,6 +370,10 @@ def test_caption_word_match():
     objs = [[{"shape": "circle", "color": "red"}], [{"shape": "square", "color": "blue"},
                                                     {"shape": "circle", "color": "green"}]]
     assert caption_correctness(["red circle", "a green square"], objs) == 0.5
+    # with a category (the demo's fill pattern), the category is what must be named
+    objs = [[{"category": "striped", "shape": "circle", "color": "red"}],
+            [{"category": "dotted", "shape": "circle", "color": "red"}]]
+    assert caption_correctness(["a red striped square", "a red striped circle"], objs) == 0.5
 
 
 def test_overfit_decoder_then_caption_and_locate():

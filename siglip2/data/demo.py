@@ -1,23 +1,32 @@
-"""The embedded demo data: procedurally drawn shapes with captions, boxes and masks.
+"""The embedded demo data: procedurally drawn objects with captions, boxes and masks.
 
 Why it exists: every part of the recipe needs data that carries its signal, and the real
-data (WebLI) is neither shippable nor small. A scene of 1-4 coloured shapes on a textured
-background gives the sigmoid loss something learnable (shape, colour, size, layout), LocCa
-its three targets (caption, region caption -> box, box -> region caption), the dense probe
-a per-pixel class mask, NaFlex aspect ratios from 1:2 to 2:1, and the tokenizer a 90/10
-English / multilingual mix with non-Latin scripts, all from a seed, in about a minute.
-English train captions leave out the sizes or the colours now and then, as alt-text does,
-so a prompt naming the shape alone ("a photo of a star.") is not out of distribution.
+data (WebLI) is neither shippable nor small. A scene of 1-4 objects on a textured
+background gives the sigmoid loss something learnable (category, colour, shape, size,
+layout), LocCa its three targets (caption, region caption -> box, box -> region caption),
+the dense probe a per-pixel class mask, NaFlex aspect ratios from 1:2 to 2:1, and the
+tokenizer a 90/10 English / multilingual mix with non-Latin scripts, all from a seed, in
+about a minute.
+
+An object's *category* is its look: a fill pattern (striped, dotted, checkered, ...:
+``CATEGORIES``) at a random period and angle, in the object's colour and the category's own
+accent hue (``ACCENTS``; ``plain`` is one tone). The accent is what the tiny ViT learns: it
+sees colour within a few thousand samples, but neither a silhouette (the shape) nor a
+pattern in two tones of one colour within the demo's budget (``benchmarks/demo_probe.py``
+measured each: see ``benchmarks/RESULTS.md``). Shape stays in the data and has its own zero-shot set. English
+train captions leave out the size, colour, category or shape noun now and then, as alt-text
+does, so prompts naming one attribute ("a photo of a striped shape.", "a photo of a star.")
+are not out of distribution.
 
 Layout (img2dataset keys: ``jpg`` image, ``txt`` caption, ``json`` metadata, ``seg.png``
-class mask; ``0`` background, ``class_id + 1`` on each shape)::
+class mask; ``0`` background, ``class_id + 1`` on each object, class = category)::
 
     root/train/{000000..0000NN}.tar
-    root/eval/{zeroshot,retrieval,refexp,segmentation}/{000000..000003}.tar + <name>.yaml
+    root/eval/{zeroshot,zeroshot_shape,retrieval,refexp,segmentation}/{000000..000003}.tar + <name>.yaml
     root/tokenizer/demo_sp.model
     root/DONE.json        written last; holds the generation parameters and file sizes
 
-``regions[i]`` and ``objects[i]`` describe the same drawn shape; boxes are normalised pixel
+``regions[i]`` and ``objects[i]`` describe the same drawn object; boxes are normalised pixel
 edges ``[x1/W, y1/H, (x2+1)/W, (y2+1)/H]`` of the shape's tight mask bounding box.
 
 Entry points: :func:`ensure_demo` (build once, atomically, under a file lock; reuse after)
@@ -46,16 +55,19 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
-    "SHAPES", "COLORS", "SIZES", "LANGS", "ZEROSHOT_TEMPLATES", "FORMAT_VERSION",
+    "CATEGORIES", "ACCENTS", "SHAPES", "COLORS", "SIZES", "LANGS", "ZEROSHOT_TEMPLATES", "SHAPE_TEMPLATES",
+    "FORMAT_VERSION",
     "DemoData", "ensure_demo", "generate_sample", "render_grid", "word_forms", "describe",
 ]
 
 # Bump when anything that changes the bytes of the output changes, so old caches rebuild.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 # ----------------------------------------------------------------------------------------
-# The world: shapes, colours, sizes
+# The world: categories (fill patterns), shapes, colours, sizes
 # ----------------------------------------------------------------------------------------
+# The category of an object is how it is filled: a pattern of two tones of its colour.
+CATEGORIES: tuple[str, ...] = ("striped", "dotted", "checkered", "wavy", "ringed", "speckled", "plain", "gradient")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon", "cross", "diamond", "heart")
 # Saturated or extreme colours: backgrounds are muted mid-tones, so every object stands out.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -65,14 +77,34 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SIZES: tuple[str, ...] = ("small", "medium", "large")
 # Object extent (longest side before rotation) as a fraction of the image's shorter side.
 # The gaps between the ranges keep "small" / "medium" / "large" unambiguous to a model.
-_SIZE_FRAC = {"small": (0.17, 0.24), "medium": (0.30, 0.37), "large": (0.44, 0.54)}
+_SIZE_FRAC = {"small": (0.22, 0.28), "medium": (0.34, 0.41), "large": (0.48, 0.56)}
 _MIN_EXTENT = 12  # px; below this a star is a blob
 _MAX_ROT_DEG = 12.0  # small, so a rotated square never passes for a diamond
 _MIN_COLOR_DIST = 100.0  # RGB distance between an object's colour and the background under it
 _SHORT_SIDE = (64, 160)
 _MAX_ASPECT = 2.0
 
+# Pattern period as a fraction of the image's longer side (so the squashed 64 px training view
+# keeps >= ~4 px per period).
+_PERIOD_FRAC = (0.065, 0.10)
+_MIN_PERIOD = 6.0  # px in the drawn image
+# Each category's signature second tone (``plain`` has none). These hues are used for nothing
+# else (no object colour, no background: those are muted), so seeing one in an object is
+# seeing its category: a cue a tiny ViT learns as fast as colour. A pattern alone, in two
+# tones of the object's colour, was not learned in the demo's budget (benchmarks/RESULTS.md).
+ACCENTS: dict[str, tuple[int, int, int] | None] = {
+    "striped": (255, 140, 200), "dotted": (0, 225, 235), "checkered": (180, 255, 0), "wavy": (110, 55, 15),
+    "ringed": (0, 0, 110), "speckled": (255, 0, 255), "plain": None, "gradient": (130, 200, 255),
+}
+_MIN_ACCENT_DIST = 100.0  # an object's colour and its accent stay this far apart (RGB)
+
+# Zero-shot prompts: categories are named with the noun "shape" (English train captions use it
+# when they leave the shape out); the shape set names the shape alone.
 ZEROSHOT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {c} shape.", "a drawing of a {c} shape.", "a picture of a {c} shape.",
+    "an image of a {c} shape.", "a {c} shape.",
+)
+SHAPE_TEMPLATES: tuple[str, ...] = (
     "a photo of a {c}.", "a drawing of a {c}.", "a picture of a {c}.", "an image of a {c}.", "a {c}.",
 )
 
@@ -118,12 +150,15 @@ _POLYS = _unit_polygons()
 # ----------------------------------------------------------------------------------------
 # Languages: small word tables and the few grammar rules each needs
 # ----------------------------------------------------------------------------------------
-# An object is described by its (shape, color, size) names. Each language gives
-#   np(o, case)  an indefinite noun phrase ("a large red circle") in a grammatical case,
-#   region(o)    the bare phrase used as a region caption ("large red circle"),
+# An object is described by its (shape, color, size, category) names. Each language gives
+#   np(o, case)  an indefinite noun phrase ("a large red striped circle") in a grammatical case,
+#   region(o)    the bare phrase used as a region caption ("large red striped circle"),
 #   rel[r]       templates "{a} ... {b}" for r in left/right/above/below, with rel_case[r]
 #                the case {b} takes, also / join templates to add a third/fourth object,
-#   prefixes     caption frames ("a photo of {}") so paraphrases exist for retrieval.
+#   prefixes     caption frames ("a photo of {}") so paraphrases exist for retrieval,
+#   cats         the category (fill pattern) words. Outside English, Chinese and Japanese
+#                they are phrases that do not inflect ("mit Streifen", "в полоску"), so
+#                no case or gender table needs a new column.
 
 
 class _Lang:
@@ -155,8 +190,8 @@ class _En(_Lang):
     join = "{x}, and {y}"
     prefixes = ("{}", "a photo of {}", "an image of {}", "a drawing of {}", "a picture of {}")
 
-    def region(self, o):
-        return " ".join(w for w in (o[2], o[1], o[0]) if w)  # size or colour may be omitted
+    def region(self, o):  # size, colour or category may be omitted; shape then reads "shape"
+        return " ".join(w for w in (o[2], o[1], o[3], o[0] or "shape") if w)
 
     def np(self, o, case="nom"):
         phrase = self.region(o)
@@ -178,6 +213,9 @@ class _De(_Lang):
     rel = {"left": ("{a} links von {b}",), "right": ("{a} rechts von {b}",),
            "above": ("{a} über {b}",), "below": ("{a} unter {b}",)}
     rel_case = dict.fromkeys(rel, "dat")
+    cats = {"striped": "mit Streifen", "dotted": "mit Punkten", "checkered": "mit Karos",
+            "wavy": "mit Wellen", "ringed": "mit Ringen", "speckled": "mit Sprenkeln",
+            "plain": "ohne Muster", "gradient": "mit Farbverlauf"}
     also = join = "{x} und {y}"
     prefixes = ("{}", "Bild: {}", "Foto: {}", "Zeichnung: {}")
 
@@ -189,7 +227,7 @@ class _De(_Lang):
             art, end = ("eine" if g == "f" else "ein"), {"m": "er", "n": "es", "f": "e"}[g]
         if case == "dat":
             noun = self.dative.get(noun, noun)
-        words = f"{self.adj[o[2]]}{end} {self.adj[o[1]]}{end} {noun}"
+        words = f"{self.adj[o[2]]}{end} {self.adj[o[1]]}{end} {noun} {self.cats[o[3]]}"
         return f"{art} {words}" if article else words
 
     def np(self, o, case="nom"):
@@ -199,6 +237,8 @@ class _De(_Lang):
         return self._phrase(o, "nom", False)
 
     def forms(self, name):
+        if name in self.cats:
+            return (self.cats[name],)
         return (self.shapes[name][0],) if name in self.shapes else (self.adj[name],)
 
 
@@ -214,18 +254,22 @@ class _Es(_Lang):
     rel = {"left": ("{a} a la izquierda de {b}",), "right": ("{a} a la derecha de {b}",),
            "above": ("{a} encima de {b}",), "below": ("{a} debajo de {b}",)}
     rel_case = dict.fromkeys(rel, "nom")
+    cats = {"striped": "con rayas", "dotted": "con puntos", "checkered": "con cuadros", "wavy": "con ondas",
+            "ringed": "con anillos", "speckled": "con motas", "plain": "sin dibujo", "gradient": "con degradado"}
     also = join = "{x} y {y}"
     prefixes = ("{}", "una foto de {}", "una imagen de {}", "un dibujo de {}")
 
     def region(self, o):
         noun, g = self.shapes[o[0]]
         i = int(g == "f")
-        return f"{noun} {self.adj[o[1]][i]} {self.adj[o[2]][i]}"
+        return f"{noun} {self.adj[o[1]][i]} {self.adj[o[2]][i]} {self.cats[o[3]]}"
 
     def np(self, o, case="nom"):
         return ("una " if self.shapes[o[0]][1] == "f" else "un ") + self.region(o)
 
     def forms(self, name):
+        if name in self.cats:
+            return (self.cats[name],)
         return (self.shapes[name][0],) if name in self.shapes else self.adj[name]
 
 
@@ -243,6 +287,8 @@ class _Fr(_Lang):
     rel = {"left": ("{a} à gauche d'{b}",), "right": ("{a} à droite d'{b}",),
            "above": ("{a} au-dessus d'{b}",), "below": ("{a} au-dessous d'{b}",)}
     rel_case = dict.fromkeys(rel, "nom")
+    cats = {"striped": "à rayures", "dotted": "à pois", "checkered": "à carreaux", "wavy": "à vagues",
+            "ringed": "à anneaux", "speckled": "à mouchetures", "plain": "sans motif", "gradient": "en dégradé"}
     also = join = "{x} et {y}"
     prefixes = ("{}", "une photo d'{}", "une image d'{}", "un dessin d'{}")
 
@@ -252,12 +298,15 @@ class _Fr(_Lang):
         m, f, before = self.sizes[o[2]]
         size = (m, f)[i]
         color = self.colors[o[1]][i]
-        return f"{size} {noun} {color}" if before else f"{noun} {color} {size}"
+        pattern = self.cats[o[3]]
+        return f"{size} {noun} {color} {pattern}" if before else f"{noun} {color} {size} {pattern}"
 
     def np(self, o, case="nom"):
         return ("une " if self.shapes[o[0]][1] == "f" else "un ") + self.region(o)
 
     def forms(self, name):
+        if name in self.cats:
+            return (self.cats[name],)
         if name in self.shapes:
             return (self.shapes[name][0],)
         return self.colors.get(name) or self.sizes[name][:2]
@@ -290,6 +339,8 @@ class _Ru(_Lang):
     rel = {"left": ("{a} слева от {b}",), "right": ("{a} справа от {b}",),
            "above": ("{a} над {b}",), "below": ("{a} под {b}",)}
     rel_case = {"left": "gen", "right": "gen", "above": "ins", "below": "ins"}
+    cats = {"striped": "в полоску", "dotted": "в горошек", "checkered": "в клетку", "wavy": "с волнами",
+            "ringed": "с кольцами", "speckled": "в крапинку", "plain": "без узора", "gradient": "с градиентом"}
     also = join = "{x} и {y}"
     prefixes = ("{}", "на фото {}", "на картинке {}", "рисунок: {}")
 
@@ -301,12 +352,14 @@ class _Ru(_Lang):
             k, noun = (6 if g == "f" else 5), ins
         else:
             k, noun = {"m": 0, "f": 1, "n": 2}[g], nom
-        return f"{self.adj[o[2]][k]} {self.adj[o[1]][k]} {noun}"
+        return f"{self.adj[o[2]][k]} {self.adj[o[1]][k]} {noun} {self.cats[o[3]]}"
 
     def region(self, o):
         return self.np(o, "nom")
 
     def forms(self, name):
+        if name in self.cats:
+            return (self.cats[name],)
         return self.shapes[name][:3] if name in self.shapes else self.adj[name]
 
 
@@ -317,6 +370,8 @@ class _Zh(_Lang):
     colors = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色",
               "orange": "橙色", "white": "白色", "black": "黑色"}
     sizes = {"small": "小", "medium": "中等大小", "large": "大"}
+    cats = {"striped": "条纹", "dotted": "圆点", "checkered": "格子", "wavy": "波浪纹", "ringed": "环纹",
+            "speckled": "斑点", "plain": "纯色", "gradient": "渐变"}
     rel = {"left": ("{a}在{b}的左边", "{a}在{b}的左侧"), "right": ("{a}在{b}的右边", "{a}在{b}的右侧"),
            "above": ("{a}在{b}的上面", "{a}在{b}的上方"), "below": ("{a}在{b}的下面", "{a}在{b}的下方")}
     rel_case = dict.fromkeys(rel, "nom")
@@ -325,13 +380,13 @@ class _Zh(_Lang):
     prefixes = ("{}", "图中，{}", "照片里，{}", "一张图片：{}")
 
     def region(self, o):
-        return f"{self.sizes[o[2]]}的{self.colors[o[1]]}{self.shapes[o[0]]}"
+        return f"{self.sizes[o[2]]}的{self.colors[o[1]]}{self.cats[o[3]]}{self.shapes[o[0]]}"
 
     def np(self, o, case="nom"):
         return "一个" + self.region(o)
 
     def forms(self, name):
-        return ((self.shapes | self.colors | self.sizes)[name],)
+        return ((self.shapes | self.colors | self.sizes | self.cats)[name],)
 
 
 class _Ja(_Lang):
@@ -341,6 +396,8 @@ class _Ja(_Lang):
     colors = {"red": "赤い", "green": "緑の", "blue": "青い", "yellow": "黄色い", "purple": "紫の",
               "orange": "オレンジ色の", "white": "白い", "black": "黒い"}
     sizes = {"small": "小さい", "medium": "中くらいの", "large": "大きい"}
+    cats = {"striped": "縞模様の", "dotted": "水玉模様の", "checkered": "格子模様の", "wavy": "波模様の",
+            "ringed": "輪模様の", "speckled": "まだら模様の", "plain": "無地の", "gradient": "グラデーションの"}
     # "the A that is to the left of B": a noun phrase, like the English captions.
     rel = {"left": ("{b}の左にある{a}",), "right": ("{b}の右にある{a}",),
            "above": ("{b}の上にある{a}",), "below": ("{b}の下にある{a}",)}
@@ -349,13 +406,13 @@ class _Ja(_Lang):
     prefixes = ("{}", "{}の写真", "{}の絵", "{}の画像")
 
     def region(self, o):
-        return f"{self.sizes[o[2]]}{self.colors[o[1]]}{self.shapes[o[0]]}"
+        return f"{self.sizes[o[2]]}{self.colors[o[1]]}{self.cats[o[3]]}{self.shapes[o[0]]}"
 
     def np(self, o, case="nom"):
         return self.region(o)
 
     def forms(self, name):
-        return ((self.shapes | self.colors | self.sizes)[name],)
+        return ((self.shapes | self.colors | self.sizes | self.cats)[name],)
 
 
 class _Ar(_Lang):
@@ -370,18 +427,22 @@ class _Ar(_Lang):
     rel = {"left": ("{a} على يسار {b}",), "right": ("{a} على يمين {b}",),
            "above": ("{a} فوق {b}",), "below": ("{a} تحت {b}",)}
     rel_case = dict.fromkeys(rel, "nom")
+    cats = {"striped": "بخطوط", "dotted": "بنقاط", "checkered": "بمربعات", "wavy": "بأمواج",
+            "ringed": "بحلقات", "speckled": "ببقع", "plain": "بلا نقش", "gradient": "بتدرج لوني"}
     also = join = "{x} و{y}"  # "and" is written joined to the next word
     prefixes = ("{}", "صورة {}", "رسم {}", "صورة فيها {}")
 
     def region(self, o):
         noun, g = self.shapes[o[0]]
         i = int(g == "f")
-        return f"{noun} {self.adj[o[1]][i]} {self.adj[o[2]][i]}"
+        return f"{noun} {self.adj[o[1]][i]} {self.adj[o[2]][i]} {self.cats[o[3]]}"
 
     def np(self, o, case="nom"):
         return self.region(o)
 
     def forms(self, name):
+        if name in self.cats:
+            return (self.cats[name],)
         return (self.shapes[name][0],) if name in self.shapes else self.adj[name]
 
 
@@ -395,6 +456,10 @@ class _Hi(_Lang):
            "red": ("लाल", "लाल"), "green": ("हरा", "हरे"), "blue": ("नीला", "नीले"), "yellow": ("पीला", "पीले"),
            "purple": ("बैंगनी", "बैंगनी"), "orange": ("नारंगी", "नारंगी"), "white": ("सफ़ेद", "सफ़ेद"),
            "black": ("काला", "काले")}
+    # "-दार" adjectives do not inflect; सादा does (direct, oblique)
+    cats = {"striped": ("धारीदार", "धारीदार"), "dotted": ("बिंदीदार", "बिंदीदार"), "checkered": ("चेकदार", "चेकदार"),
+            "wavy": ("लहरदार", "लहरदार"), "ringed": ("छल्लेदार", "छल्लेदार"), "speckled": ("चित्तीदार", "चित्तीदार"),
+            "plain": ("सादा", "सादे"), "gradient": ("ढालदार", "ढालदार")}
     rel = {"left": ("{a} {b} के बाईं ओर है",), "right": ("{a} {b} के दाईं ओर है",),
            "above": ("{a} {b} के ऊपर है",), "below": ("{a} {b} के नीचे है",)}
     rel_case = dict.fromkeys(rel, "obl")
@@ -404,13 +469,13 @@ class _Hi(_Lang):
 
     def np(self, o, case="nom"):
         i = int(case == "obl")
-        return f"एक {self.adj[o[2]][i]} {self.adj[o[1]][i]} {self.shapes[o[0]][i]}"
+        return f"एक {self.adj[o[2]][i]} {self.adj[o[1]][i]} {self.cats[o[3]][i]} {self.shapes[o[0]][i]}"
 
     def region(self, o):
         return self.np(o)[len("एक "):]
 
     def forms(self, name):
-        return self.shapes[name] if name in self.shapes else self.adj[name]
+        return (self.shapes | self.cats).get(name) or self.adj[name]
 
 
 LANGS: dict[str, _Lang] = {c.code: c() for c in (_En, _De, _Es, _Fr, _Ru, _Zh, _Ja, _Ar, _Hi)}
@@ -419,7 +484,7 @@ _EN_FRACTION = 0.9  # WebLI's mix [P §2.1]
 
 
 def word_forms(lang: str, name: str) -> tuple[str, ...]:
-    """All forms in which ``lang`` writes a shape, colour or size name (e.g. ru: круг/круга/кругом)."""
+    """All forms in which ``lang`` writes a category, shape, colour or size name (e.g. ru: круг/круга/кругом)."""
     return LANGS[lang].forms(name)
 
 
@@ -432,20 +497,27 @@ def _relation(a_box, b_box) -> str:
     return "above" if dy < 0 else "below"
 
 
-def describe(objects: Sequence[tuple[str, str, str]], boxes: Sequence[Sequence[float]], lang: str,
-             rng: np.random.Generator, omit: tuple[bool, bool] = (False, False)) -> str:
-    """A caption naming every object (shape, colour, size) and how pairs of them are placed.
+OMITTABLE = ("size", "color", "category", "shape")
 
-    Objects are described in a random order, so the same scene yields paraphrases (A left of
-    B == B right of A); that is what gives retrieval several captions per image.
-    ``omit = (size, colour)`` leaves those words out for every object (English only: the other
-    languages' inflection tables assume all three words), as real alt-text often does.
+
+def describe(objects: Sequence[tuple[str, str, str, str]], boxes: Sequence[Sequence[float]], lang: str,
+             rng: np.random.Generator, omit: Sequence[bool] = (False, False, False, False)) -> str:
+    """A caption naming every object (shape, colour, size, category) and how pairs are placed.
+
+    Objects are ``(shape, color, size, category)`` tuples, described in a random order, so the
+    same scene yields paraphrases (A left of B == B right of A); that is what gives retrieval
+    several captions per image. ``omit`` flags, in ``OMITTABLE`` order (size, colour,
+    category, shape), leave those words out for every object (the shape noun becomes
+    "shape"); English only, since the other languages' inflection tables assume every word,
+    as real alt-text often does.
     """
     L = LANGS[lang]
     if any(omit):
         if lang != "en":
             raise ValueError("omitting words is implemented for English captions only")
-        objects = [(s, "" if omit[1] else c, "" if omit[0] else z) for s, c, z in objects]
+        o_size, o_color, o_cat, o_shape = omit
+        objects = [("" if o_shape else s, "" if o_color else c, "" if o_size else z, "" if o_cat else k)
+                   for s, c, z, k in objects]
     order = rng.permutation(len(objects))
     obj = [objects[i] for i in order]
     box = [boxes[i] for i in order]
@@ -522,6 +594,7 @@ class _Obj:
     shape: str
     color: str
     size: str
+    category: str
     poly: np.ndarray  # (P, 2) pixel coordinates
     fill: tuple[int, int, int]
     box: tuple[int, int, int, int] = (0, 0, 0, 0)  # tight mask box, pixel edges x1 y1 x2 y2
@@ -530,14 +603,17 @@ class _Obj:
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float64)
 
 
-def _place(rng, w, h, n, force_shape, bg) -> list[_Obj]:
-    """Rejection-sample n shapes whose boxes stay 3 px apart, shrinking ones that do not fit."""
+def _place(rng, w, h, n, force: dict[str, str], bg) -> list[_Obj]:
+    """Rejection-sample n objects whose boxes stay 3 px apart, shrinking ones that do not fit.
+
+    ``force`` fixes attributes of every object (``{"category": "dotted"}``: a balanced eval set)."""
     short = min(w, h)
     placed: list[_Obj] = []
     rects: list[tuple[float, float, float, float]] = []
     for _ in range(n):
         for attempt in range(40):
-            shape = force_shape if force_shape is not None else SHAPES[rng.integers(len(SHAPES))]
+            shape = force.get("shape") or SHAPES[rng.integers(len(SHAPES))]
+            category = force.get("category") or CATEGORIES[rng.integers(len(CATEGORIES))]
             size_i = int(rng.integers(3))
             if attempt >= 15:  # crowded image: fall back to smaller sizes before giving up
                 size_i = min(size_i, 1 if attempt < 28 else 0)
@@ -554,68 +630,132 @@ def _place(rng, w, h, n, force_shape, bg) -> list[_Obj]:
             r = (cx + lo[0], cy + lo[1], cx + hi[0], cy + hi[1])
             if any(r[0] < q[2] + 3 and q[0] < r[2] + 3 and r[1] < q[3] + 3 and q[1] < r[3] + 3 for q in rects):
                 continue
-            # colour: contrasting with the background under the shape, and the triple unique in
-            # the image so that every region caption refers to exactly one object
+            # colour: contrasting with the background under the object, and the description
+            # unique in the image so that every region caption refers to exactly one object
             x0, y0 = int(max(r[0], 0)), int(max(r[1], 0))
             under = bg[y0:int(r[3]) + 1, x0:int(r[2]) + 1].reshape(-1, 3).mean(0)
-            taken = {(o.shape, o.color, o.size) for o in placed}
+            taken = {(o.shape, o.color, o.size, o.category) for o in placed}
             far = np.sqrt(((_PALETTE - under) ** 2).sum(1)) >= _MIN_COLOR_DIST
-            ok = [c for c, f in zip(COLORS, far) if f and (shape, c, size) not in taken]
+            accent = ACCENTS[category]
+            ok = [c for c, f in zip(COLORS, far) if f and (shape, c, size, category) not in taken
+                  and (accent is None or np.linalg.norm(np.subtract(COLORS[c], accent)) >= _MIN_ACCENT_DIST)]
             if not ok:
                 continue
             color = ok[rng.integers(len(ok))]
             fill = tuple(int(v) for v in np.clip(np.array(COLORS[color]) + rng.integers(-12, 13, 3), 0, 255))
-            placed.append(_Obj(shape, color, size, p + (cx, cy), fill))
+            placed.append(_Obj(shape, color, size, category, p + (cx, cy), fill))
             rects.append(r)
             break
     return placed
 
 
-def _draw(w, h, bg, objs: list[_Obj]) -> tuple[Image.Image, np.ndarray]:
-    """Image and class mask through the same rasteriser, then tight boxes from the mask."""
-    img = Image.fromarray(bg)
-    mask = Image.new("L", (w, h), 0)
-    di, dm = ImageDraw.Draw(img), ImageDraw.Draw(mask)
-    for o in objs:
-        xy = [tuple(v) for v in o.poly.tolist()]
-        di.polygon(xy, fill=o.fill)
-        dm.polygon(xy, fill=SHAPES.index(o.shape) + 1)
-    m = np.asarray(mask)
-    for o in objs:
+def _pattern(category: str, x: np.ndarray, y: np.ndarray, period: float, rng) -> np.ndarray:
+    """How much of the second tone each pixel takes, in [0, 1], for a fill pattern.
+
+    ``x``, ``y``: pixel centres relative to the object's centre (px); ``period``: the pattern's
+    repeat (px). Every pattern but ``plain`` puts about half its area in each tone."""
+    a = rng.uniform(0, np.pi)
+    u = x * np.cos(a) + y * np.sin(a)
+    v = -x * np.sin(a) + y * np.cos(a)
+    u0, v0 = rng.uniform(0, period, 2)  # phase
+    if category == "striped":
+        return ((u + u0) / period) % 1.0 < 0.5
+    if category == "checkered":
+        side = 0.6 * period
+        return (np.floor((u + u0) / side) + np.floor((v + v0) / side)) % 2 == 1
+    if category == "dotted":  # discs on a square lattice, 40% of the area
+        du = (u + u0) % period - period / 2
+        dv = (v + v0) % period - period / 2
+        return du * du + dv * dv < 0.4 * period * period / np.pi
+    if category == "wavy":  # stripes bent by a sine across them
+        bend = 0.3 * period * np.sin(2 * np.pi * (v + v0) / (1.6 * period))
+        return ((u + u0 + bend) / period) % 1.0 < 0.5
+    if category == "ringed":  # concentric rings about a point near the centre, which is untinted
+        cx, cy = rng.uniform(-0.15, 0.15, 2) * period
+        return (np.hypot(x - cx, y - cy) / period) % 1.0 >= 0.5
+    if category == "speckled":  # blotches: coarse noise, thresholded at its median
+        cell = 0.35 * period
+        gh = int(np.ceil((y.max() - y.min() + 1) / cell)) + 2
+        gw = int(np.ceil((x.max() - x.min() + 1) / cell)) + 2
+        grid = Image.fromarray((rng.random((gh, gw)) * 255).astype(np.uint8))
+        field = np.asarray(grid.resize((int(gw * cell), int(gh * cell)), Image.BICUBIC), np.float32)
+        iy = np.clip((y - y.min()).astype(int), 0, field.shape[0] - 1)
+        ix = np.clip((x - x.min()).astype(int), 0, field.shape[1] - 1)
+        f = field[iy, ix]
+        return f > np.median(f)
+    if category == "plain":
+        return np.zeros_like(x, dtype=bool)
+    if category == "gradient":  # the object's colour over a third, then a ramp to the other tone
+        t = (u - u.min()) / max(float(u.max() - u.min()), 1e-6)
+        t = t if rng.random() < 0.5 else 1.0 - t
+        return np.clip((t - 0.35) / 0.65, 0.0, 1.0)
+    raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
+
+
+def _draw(w, h, bg, objs: list[_Obj], rng) -> tuple[Image.Image, np.ndarray]:
+    """Image and class mask from the same rasterised silhouettes, then tight boxes from the mask.
+
+    Each silhouette is filled with its category's pattern in its colour and its category's
+    accent (``ACCENTS``); the pattern's period is a fraction of the image's longer side
+    (``_PERIOD_FRAC``)."""
+    ids = Image.new("L", (w, h), 0)
+    dm = ImageDraw.Draw(ids)
+    for i, o in enumerate(objs):
+        dm.polygon([tuple(v) for v in o.poly.tolist()], fill=i + 1)
+    idm = np.asarray(ids)
+    img = bg.astype(np.float32)
+    m = np.zeros((h, w), np.uint8)
+    for i, o in enumerate(objs):
         # Boxes of different objects are >= 3 px apart, so a 1 px margin window sees only this one.
         lo, hi = o.poly.min(0), o.poly.max(0)
         x0, y0 = max(int(math.floor(lo[0])) - 1, 0), max(int(math.floor(lo[1])) - 1, 0)
         x1, y1 = min(int(math.ceil(hi[0])) + 2, w), min(int(math.ceil(hi[1])) + 2, h)
-        ys, xs = np.nonzero(m[y0:y1, x0:x1])
+        ys, xs = np.nonzero(idm[y0:y1, x0:x1] == i + 1)
         o.box = (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
-    return img, m
+        ys, xs = ys + y0, xs + x0
+        centre = (lo + hi) / 2
+        period = max(_MIN_PERIOD, rng.uniform(*_PERIOD_FRAC) * max(w, h))
+        t = _pattern(o.category, xs + 0.5 - centre[0], ys + 0.5 - centre[1], period, rng)
+        t = np.asarray(t, np.float32)[:, None]
+        fill = np.asarray(o.fill, np.float32)
+        accent = ACCENTS[o.category]
+        second = fill if accent is None else np.asarray(accent, np.float32) + rng.integers(-12, 13, 3)
+        img[ys, xs] = fill * (1 - t) + second * t
+        m[ys, xs] = CATEGORIES.index(o.category) + 1
+    return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8)), m
 
 
-def generate_sample(rng: np.random.Generator, n_objects: int, force_shape: str | None = None,
+def generate_sample(rng: np.random.Generator, n_objects: int, force: dict[str, str] | None = None,
                     lang: str | None = None, n_captions: int = 1, omit_prob: float = 0.0) -> dict:
     """One scene: ``{"image": PIL, "mask": uint8 array, "captions": [...], "meta": json dict}``.
 
-    ``omit_prob``: for English captions, the chance that the size words (and, drawn on its own,
-    the colour words) are left out of a caption. Region captions always keep all three words,
-    so that each names exactly one object.
+    ``force``: attributes every object takes (``{"category": "dotted"}`` or ``{"shape": "star"}``).
+    ``omit_prob``: for English captions, the chance, drawn for each of size, colour, category
+    and shape on its own, that those words are left out of a caption (the shape noun becomes
+    "shape"). Region captions always keep every word, so that each names exactly one object.
     """
+    force = dict(force or {})
+    bad = {k: v for k, v in force.items()
+           if v not in {"shape": SHAPES, "category": CATEGORIES}.get(k, ())}
+    if bad:
+        raise ValueError(f"force takes a known shape or category, got {bad}")
     if lang is None:
         lang = "en" if rng.random() < _EN_FRACTION else _OTHER_LANGS[rng.integers(len(_OTHER_LANGS))]
     while True:  # a crowded small image can fail to fit n objects: draw a new canvas
         w, h = _image_size(rng)
         bg, _ = _background(rng, w, h)
-        objs = _place(rng, w, h, n_objects, force_shape, bg)
+        objs = _place(rng, w, h, n_objects, force, bg)
         if len(objs) == n_objects:
             break
-    img, mask = _draw(w, h, bg, objs)
+    img, mask = _draw(w, h, bg, objs, rng)
     L = LANGS[lang]
-    triples = [(o.shape, o.color, o.size) for o in objs]
+    triples = [(o.shape, o.color, o.size, o.category) for o in objs]
     boxes = [o.box for o in objs]
     captions: list[str] = []
     for _ in range(200):
-        omit = (False, False)
+        omit = (False,) * len(OMITTABLE)
         if omit_prob > 0 and lang == "en":
-            omit = (bool(rng.random() < omit_prob), bool(rng.random() < omit_prob))
+            omit = tuple(bool(rng.random() < omit_prob) for _ in OMITTABLE)
         c = describe(triples, boxes, lang, rng, omit)
         if c not in captions:
             captions.append(c)
@@ -626,7 +766,8 @@ def generate_sample(rng: np.random.Generator, n_objects: int, force_shape: str |
         "regions": [{"caption": L.region(t),
                      "box": [round(b[0] / w, 6), round(b[1] / h, 6), round(b[2] / w, 6), round(b[3] / h, 6)]}
                     for t, b in zip(triples, boxes)],
-        "objects": [{"shape": s, "color": c, "size": z, "class_id": SHAPES.index(s)} for s, c, z in triples],
+        "objects": [{"category": k, "shape": s, "color": c, "size": z, "class_id": CATEGORIES.index(k)}
+                    for s, c, z, k in triples],
     }
     return {"image": img, "mask": mask, "captions": captions, "meta": meta}
 
@@ -636,14 +777,17 @@ def generate_sample(rng: np.random.Generator, n_objects: int, force_shape: str |
 # ----------------------------------------------------------------------------------------
 # sid: the split's seed stream, so eval sets never share random draws with train.
 _SPLITS = {
-    # Train captions sometimes leave out sizes or colours (zero-shot prompts name the shape alone).
+    # English train captions sometimes leave words out (zero-shot prompts name one attribute).
     "train": dict(sid=0, n_objects=(1, 2, 3, 4), p=(0.3, 0.3, 0.2, 0.2), omit_prob=0.3),
-    "zeroshot": dict(sid=1, n_objects=(1,), p=(1.0,)),
+    # single objects, balanced over the attribute named by `label` (category or shape)
+    "zeroshot": dict(sid=1, n_objects=(1,), p=(1.0,), label="category"),
     "retrieval": dict(sid=2, n_objects=(1, 2, 3, 4), p=(0.25, 0.25, 0.25, 0.25), n_captions=3),
     "refexp": dict(sid=3, n_objects=(2, 3, 4), p=(0.4, 0.3, 0.3)),
     "segmentation": dict(sid=4, n_objects=(1, 2, 3, 4), p=(0.25, 0.25, 0.25, 0.25)),
+    "zeroshot_shape": dict(sid=5, n_objects=(1,), p=(1.0,), label="shape"),
 }
-_EVAL_SPLITS = ("zeroshot", "retrieval", "refexp", "segmentation")
+_EVAL_SPLITS = ("zeroshot", "zeroshot_shape", "retrieval", "refexp", "segmentation")
+_LABELS = {"category": CATEGORIES, "shape": SHAPES}
 _PER_SHARD = 1000
 _MIN_SHARDS = 4  # so 2 ranks x 2 loader workers each get a shard of a small split
 _JPEG_QUALITY = 90
@@ -664,7 +808,8 @@ def _shard_plan(n: int) -> list[tuple[int, int]]:
 
 def _encode(sample: dict) -> dict:
     buf = io.BytesIO()
-    sample["image"].save(buf, format="JPEG", quality=_JPEG_QUALITY)
+    # 4:4:4: chroma subsampling would blur the accent into the object's colour at fine periods
+    sample["image"].save(buf, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
     mbuf = io.BytesIO()
     Image.fromarray(sample["mask"]).save(mbuf, format="PNG")
     return {"jpg": buf.getvalue(), "txt": sample["captions"][0].encode("utf-8"),
@@ -685,11 +830,14 @@ def _write_shard(task: tuple) -> tuple[str, int, list[str]]:
     with TarWriter(path, mtime=_TAR_MTIME) as tw:
         for i in range(start, start + count):
             n = int(rng.choice(cfg["n_objects"], p=cfg["p"]))
-            force = SHAPES[i % len(SHAPES)] if split == "zeroshot" else None  # balanced classes
-            s = generate_sample(rng, n, force_shape=force, n_captions=cfg.get("n_captions", 1),
+            force = {}
+            if "label" in cfg:  # balanced classes
+                names = _LABELS[cfg["label"]]
+                force = {cfg["label"]: names[i % len(names)]}
+            s = generate_sample(rng, n, force=force, n_captions=cfg.get("n_captions", 1),
                                 omit_prob=cfg.get("omit_prob", 0.0))
-            if split == "zeroshot":
-                s["meta"]["label"] = SHAPES.index(force)
+            if "label" in cfg:
+                s["meta"]["label"] = _LABELS[cfg["label"]].index(force[cfg["label"]])
             if split == "retrieval":
                 s["meta"]["captions"] = s["captions"]
             tw.write({"__key__": f"{i:09d}", **_encode(s)})
@@ -706,7 +854,8 @@ def _lexicon(lang: str, rng: np.random.Generator) -> list[str]:
     instrumental, a Japanese prefix) would otherwise be split into characters or bytes.
     """
     L = LANGS[lang]
-    objs = [(s, c, z) for s in SHAPES for c in COLORS for z in SIZES]
+    objs = [(s, c, z, CATEGORIES[(i + j) % len(CATEGORIES)])
+            for i, s in enumerate(SHAPES) for j, c in enumerate(COLORS) for z in SIZES]
     rels = [(r, t) for r, ts in L.rel.items() for t in ts]
     out = []
     for i, o in enumerate(objs):
@@ -730,11 +879,12 @@ def _tokenizer_corpus(texts: list[str], rng: np.random.Generator) -> list[str]:
     characters that make up 99.95% of the text, and the rest would fall to byte fallback."""
     out = [t.lower() for t in texts]
     out += [" ".join(str(v) for v in rng.integers(0, 1000, size=4)) for _ in range(2000)]
-    out += [t.format(c=c) for t in ZEROSHOT_TEMPLATES for c in SHAPES]
+    out += [t.format(c=c) for t in ZEROSHOT_TEMPLATES for c in CATEGORIES]
+    out += [t.format(c=c) for t in SHAPE_TEMPLATES for c in SHAPES]
     for lang in LANGS:
         out += _lexicon(lang, rng)
     alphabet = {c for lang in LANGS for t in _lexicon(lang, rng) for c in t} | set("0123456789")
-    alphabet |= {c for t in ZEROSHOT_TEMPLATES for c in t.replace("{c}", "")}
+    alphabet |= {c for t in ZEROSHOT_TEMPLATES + SHAPE_TEMPLATES for c in t.replace("{c}", "")}
     counts: dict[str, int] = {}
     for t in out:
         for c in t:
@@ -752,13 +902,14 @@ def _tokenizer_corpus(texts: list[str], rng: np.random.Generator) -> list[str]:
 class DemoData:
     root: str
     train_urls: str  # brace pattern, absolute
-    zeroshot_yaml: str
+    zeroshot_yaml: str  # categories
+    zeroshot_shape_yaml: str
     retrieval_yaml: str
     refexp_yaml: str
     segmentation_yaml: str
     tokenizer_path: str
     num_train: int = 0
-    classnames: list[str] = field(default_factory=lambda: list(SHAPES))
+    classnames: list[str] = field(default_factory=lambda: list(CATEGORIES))
     built: bool = False  # True when this call generated the data (False: reused the cache)
 
 
@@ -770,16 +921,19 @@ def _yaml_specs(counts: dict[str, int]) -> dict[str, dict]:
     n = {s: len(_shard_plan(counts[s])) for s in _EVAL_SPLITS}
     return {
         "zeroshot": {"name": "demo_zeroshot", "task": "zeroshot", "urls": _brace(n["zeroshot"]),
-                     "num_samples": counts["zeroshot"], "classnames": list(SHAPES),
+                     "num_samples": counts["zeroshot"], "classnames": list(CATEGORIES),
                      "templates": list(ZEROSHOT_TEMPLATES), "label_key": "label", "lang_key": "lang"},
+        "zeroshot_shape": {"name": "demo_zeroshot_shape", "task": "zeroshot", "urls": _brace(n["zeroshot_shape"]),
+                           "num_samples": counts["zeroshot_shape"], "classnames": list(SHAPES),
+                           "templates": list(SHAPE_TEMPLATES), "label_key": "label", "lang_key": "lang"},
         "retrieval": {"name": "demo_retrieval", "task": "retrieval", "urls": _brace(n["retrieval"]),
                       "num_samples": counts["retrieval"], "captions_key": "captions", "lang_key": "lang"},
         "refexp": {"name": "demo_refexp", "task": "refexp", "urls": _brace(n["refexp"]),
                    "num_samples": counts["refexp"], "regions_key": "regions", "lang_key": "lang"},
         "segmentation": {"name": "demo_segmentation", "task": "segmentation",
                          "urls": _brace(n["segmentation"]), "num_samples": counts["segmentation"],
-                         "classnames": list(SHAPES), "mask_key": "seg.png", "background_id": 0,
-                         "num_classes": len(SHAPES) + 1, "lang_key": "lang"},
+                         "classnames": list(CATEGORIES), "mask_key": "seg.png", "background_id": 0,
+                         "num_classes": len(CATEGORIES) + 1, "lang_key": "lang"},
     }
 
 
@@ -880,14 +1034,14 @@ def _data(root: str, marker: dict, built: bool) -> DemoData:
     ev = lambda s: os.path.join(root, "eval", s, f"{s}.yaml")  # noqa: E731
     return DemoData(
         root=root, train_urls=os.path.join(root, "train", _brace(marker["train_shards"])),
-        zeroshot_yaml=ev("zeroshot"), retrieval_yaml=ev("retrieval"), refexp_yaml=ev("refexp"),
+        zeroshot_yaml=ev("zeroshot"), zeroshot_shape_yaml=ev("zeroshot_shape"), retrieval_yaml=ev("retrieval"), refexp_yaml=ev("refexp"),
         segmentation_yaml=ev("segmentation"), tokenizer_path=os.path.join(root, "tokenizer", "demo_sp.model"),
         num_train=marker["counts"]["train"], built=built)
 
 
 def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *,
                 num_zeroshot: int = 800, num_retrieval: int = 500, num_refexp: int = 500,
-                num_segmentation: int = 500) -> DemoData:
+                num_segmentation: int = 500, num_zeroshot_shape: int | None = None) -> DemoData:
     """The demo data under ``root``, generated on first use and reused after.
 
     Crash- and race-safe because DDP ranks call this at once and a killed run must not leave a
@@ -898,8 +1052,10 @@ def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *
     """
     root = os.path.abspath(os.fspath(root))
     params = {"num_train": int(num_train), "seed": int(seed),
-              "eval_sizes": {"zeroshot": int(num_zeroshot), "retrieval": int(num_retrieval),
-                             "refexp": int(num_refexp), "segmentation": int(num_segmentation)}}
+              "eval_sizes": {"zeroshot": int(num_zeroshot),
+                             "zeroshot_shape": int(num_zeroshot if num_zeroshot_shape is None else num_zeroshot_shape),
+                             "retrieval": int(num_retrieval), "refexp": int(num_refexp),
+                             "segmentation": int(num_segmentation)}}
     if min(params["eval_sizes"].values()) < 1 or num_train < 1:
         raise ValueError(f"every split needs at least one sample, got {params}")
     parent, base = os.path.split(root)
@@ -939,7 +1095,7 @@ def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *
 # Looking at it
 # ----------------------------------------------------------------------------------------
 _MASK_PALETTE = np.array([(0, 0, 0)] + [tuple(int(255 * v) for v in colorsys.hsv_to_rgb(i / 8, 0.8, 1.0))
-                                         for i in range(len(SHAPES))], dtype=np.uint8)
+                                         for i in range(len(CATEGORIES))], dtype=np.uint8)
 
 
 def _font(size: int):
@@ -1016,7 +1172,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     d = _ensure(a.out, num_train=a.num_train, seed=a.seed, workers=a.workers)
     dt = time.perf_counter() - t0
     print(f"{'built' if d.built else 'reused'} demo data in {dt:.1f}s at {d.root}")
-    for k in ("train_urls", "zeroshot_yaml", "retrieval_yaml", "refexp_yaml", "segmentation_yaml", "tokenizer_path"):
+    for k in ("train_urls", "zeroshot_yaml", "zeroshot_shape_yaml", "retrieval_yaml", "refexp_yaml", "segmentation_yaml", "tokenizer_path"):
         print(f"  {k}: {getattr(d, k)}")
     if a.grid:
         print("  grid:", _render(d.train_urls, a.grid))

@@ -1,7 +1,8 @@
 """Greedy captioning with the LocCa decoder, and a word-match check of what a caption names.
 
-The demo data draws coloured shapes, so "does the caption name this object" is a fair,
-cheap correctness signal for a small decoder: both its colour and its shape word appear.
+The demo data draws coloured, patterned objects, so "does the caption name this object" is a
+fair, cheap correctness signal for a small decoder: both its colour and its category word
+(or, for data without categories, its shape word) appear.
 """
 from __future__ import annotations
 
@@ -31,18 +32,25 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
 
 
-def caption_names_object(caption: str, shape: str, color: str) -> bool:
-    """True when the caption contains the colour word and the shape word (or its plural),
-    as whole words: "a red circle" names (circle, red); "reddish circles" does not name red."""
+def caption_names_object(caption: str, name: str, color: str) -> bool:
+    """True when the caption contains the colour word and the name (a category such as
+    "striped", or a shape, or its plural) as whole words: "a red striped circle" names
+    (striped, red) and (circle, red); "reddish circles" does not name red."""
     words = set(_words(caption))
-    shape, color = shape.lower(), color.lower()
-    return color in words and (shape in words or shape + "s" in words or shape + "es" in words)
+    name, color = name.lower(), color.lower()
+    return color in words and (name in words or name + "s" in words or name + "es" in words)
+
+
+def object_name(obj: Mapping) -> str:
+    """What a caption must name about an object: its category when the data has one (the
+    demo's json), else its shape."""
+    return obj.get("category") or obj["shape"]
 
 
 def caption_correctness(captions: Sequence[str], objects: Sequence[Sequence[Mapping]]) -> float:
-    """Fraction of captions that name at least one object of their image (``objects`` per
-    image: the demo json's ``[{"shape": ..., "color": ...}, ...]``)."""
+    """Fraction of captions that name at least one object of their image by colour and
+    category (``objects`` per image: the demo json's ``[{"category": ..., "color": ...}, ...]``)."""
     if len(captions) != len(objects) or not captions:
         raise ValueError("need one non-empty list of objects per caption, and at least one caption")
-    hits = [any(caption_names_object(c, o["shape"], o["color"]) for o in objs) for c, objs in zip(captions, objects)]
+    hits = [any(caption_names_object(c, object_name(o), o["color"]) for o in objs) for c, objs in zip(captions, objects)]
     return sum(hits) / len(hits)

@@ -20,7 +20,7 @@ import yaml
 from siglip2 import distributed as dist_utils
 from siglip2.data.shards import DecodedSample, build_eval_loader
 from siglip2.data.transforms import ImageTransform
-from siglip2.eval.captioning import caption_names_object, generate_captions
+from siglip2.eval.captioning import caption_names_object, generate_captions, object_name
 from siglip2.eval.refexp import predict_boxes, refexp_accuracy
 from siglip2.eval.retrieval import retrieval_recall
 from siglip2.eval.zeroshot import ZeroShotMetrics, build_classifier, zeroshot_logits
@@ -148,12 +148,12 @@ def _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_ex
         metrics.update(logits, batch["label"].to(device))
         captions = None
         if decoder is not None and any(batch["objects"]):
-            # LocCa captions of single-object images: do they name the object's colour and shape?
+            # LocCa captions of single-object images: do they name the object's colour and category?
             captions = generate_captions(decoder, out.tokens, out.token_mask, tokenizer)
             for caption, objects in zip(captions, batch["objects"]):
                 if objects:
                     captioned += 1
-                    named += float(any(caption_names_object(caption, o["shape"], o["color"]) for o in objects))
+                    named += float(any(caption_names_object(caption, object_name(o), o["color"]) for o in objects))
         if len(examples) < keep_examples:
             top = logits.topk(min(3, logits.shape[1]), dim=-1).indices.cpu()
             for i in range(min(keep_examples - len(examples), image.shape[0])):
