@@ -137,7 +137,7 @@ def load_stage(path: str, map_location: str = "cpu"):
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    from siglip2.eval.suite import evaluate_all
+    from siglip2.eval.suite import evaluate_all, load_eval_set
 
     if cfg.data.get("demo"):
         from siglip2.data.demo import ensure_demo
@@ -162,4 +162,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     for key in sorted(metrics):
         print(f"{key:<{width}}  {metrics[key]:.4f}")
     write_metrics(metrics, Path(cfg.paths.output_dir) / "metrics.json")
+    if cfg.get("grid"):
+        from siglip2.eval.grid import render_predictions
+
+        zeroshot = next((s for s in cfg.eval.sets if load_eval_set(str(s)).task == "zeroshot"), None)
+        if zeroshot is None:
+            raise ValueError("grid= needs a zeroshot set in eval.sets")
+        png = render_predictions(str(zeroshot), stage.model, stage.locca_decoder(), tokenizer,
+                                 int(stage.hparams["model"]["vision"]["image_size"]), str(cfg.grid))
+        print(f"prediction grid written to {png}")
     return metrics

@@ -54,11 +54,18 @@ def test_eval_py_prints_table_and_writes_metrics(trained, tmp_path):
     env = dict(os.environ, WANDB_MODE="disabled")
     proc = subprocess.run(
         [sys.executable, "eval.py", f"ckpt_path={ckpt}", "eval=demo", "eval.max_batches=1", "data.demo.num_train=400",
-         f"paths.cache_dir={cache}", f"paths.log_dir={tmp_path}"],
+         f"paths.cache_dir={cache}", f"paths.log_dir={tmp_path}", f"grid={tmp_path / 'grid.png'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads(next(tmp_path.glob("eval/runs/*/metrics.json")).read_text())
-    for key in ("zeroshot/demo_zeroshot/top1", "retrieval/demo_retrieval/image_to_text_R@5",
+    # the picture of predictions: 16 held-out images, 4 per row, boxes and text drawn
+    import numpy as np
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (4 * (224 + 68), 4 * (224 + 4), 3) and grid.std() > 20
+    for key in ("zeroshot/demo_zeroshot/top1", "zeroshot/demo_zeroshot_shape/top1",
+                "retrieval/demo_retrieval/image_to_text_R@5",
                 "refexp/demo_refexp/acc@0.5"):
         assert key in metrics and key in proc.stdout, (key, sorted(metrics))
         assert 0.0 <= metrics[key] <= 1.0
