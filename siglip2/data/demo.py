@@ -13,9 +13,9 @@ An object's *category* is its look: a fill pattern (striped, dotted, checkered, 
 accent hue (``ACCENTS``; ``plain`` is one tone). The accent is what the tiny ViT learns: it
 sees colour within a few thousand samples, but neither a silhouette (the shape) nor a
 pattern in two tones of one colour within the demo's budget (``benchmarks/demo_probe.py``
-measured each: see ``benchmarks/RESULTS.md``). Shape stays in the data and has its own zero-shot set. English
-train captions leave out the size, colour, category or shape noun now and then, as alt-text
-does, so prompts naming one attribute ("a photo of a striped shape.", "a photo of a star.")
+measured each: see ``benchmarks/RESULTS.md``). Shape stays in the data and has its own
+zero-shot set. English train captions leave out the size, colour, category or shape noun now
+and then, as alt-text does, so prompts naming one attribute ("a photo of a striped shape.", "a photo of a star.")
 are not out of distribution.
 
 Layout (img2dataset keys: ``jpg`` image, ``txt`` caption, ``json`` metadata, ``seg.png``
@@ -66,7 +66,8 @@ FORMAT_VERSION = 3
 # ----------------------------------------------------------------------------------------
 # The world: categories (fill patterns), shapes, colours, sizes
 # ----------------------------------------------------------------------------------------
-# The category of an object is how it is filled: a pattern of two tones of its colour.
+# The category of an object is how it is filled: a pattern in its colour and the category's
+# accent hue (ACCENTS below).
 CATEGORIES: tuple[str, ...] = ("striped", "dotted", "checkered", "wavy", "ringed", "speckled", "plain", "gradient")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon", "cross", "diamond", "heart")
 # Saturated or extreme colours: backgrounds are muted mid-tones, so every object stands out.
