@@ -29,8 +29,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError("set either ckpt_path (resume this stage) or init_from (start a stage from weights), not both")
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
-    stage = instantiate(cfg.stage, model=cfg.model, optim=cfg.optim,
-                        vocab_size=datamodule.tokenizer.vocab_size, seed=int(cfg.seed), _recursive_=False, _convert_="all")
+    stage = build_stage(cfg, vocab_size=datamodule.tokenizer.vocab_size)
     if cfg.get("init_from"):
         stage.load_weights(str(cfg.init_from))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -39,6 +38,12 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return {"datamodule": datamodule, "stage": stage, "trainer": trainer, "callbacks": callbacks}
+
+
+def build_stage(cfg: DictConfig, vocab_size: int):
+    """The stage (LightningModule) a composed config names, with its model and losses."""
+    return instantiate(cfg.stage, model=cfg.model, optim=cfg.optim, vocab_size=int(vocab_size), seed=int(cfg.seed),
+                       _recursive_=False, _convert_="all")
 
 
 # Variables Lightning's subprocess launcher sets in the parent for the ranks it starts.
