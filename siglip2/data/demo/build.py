@@ -1,0 +1,196 @@
+"""Building the demo into a folder once, atomically, and reusing it after: :func:`ensure_demo`.
+
+Writes every split's shards (in a process pool, :mod:`.splits`), trains the demo tokenizer on
+:mod:`.corpus`, writes the eval YAMLs and last ``DONE.json`` (the parameters and every file's
+size), all in a temp sibling renamed into place under a file lock, so concurrent DDP ranks
+build once and a killed build is never read. :class:`DemoData` says where everything is.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import multiprocessing as mp
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .corpus import _tokenizer_corpus
+from .splits import _brace, _shard_plan, _write_shard, _yaml_specs
+from .world import CATEGORIES
+
+# Bump when anything that changes the bytes of the output changes (in any module of this
+# package), so old caches rebuild.
+FORMAT_VERSION = 3
+
+
+@dataclass
+class DemoData:
+    root: str
+    train_urls: str  # brace pattern, absolute
+    zeroshot_yaml: str  # categories
+    zeroshot_shape_yaml: str
+    retrieval_yaml: str
+    refexp_yaml: str
+    segmentation_yaml: str
+    tokenizer_path: str
+    num_train: int = 0
+    classnames: list[str] = field(default_factory=lambda: list(CATEGORIES))
+    built: bool = False  # True when this call generated the data (False: reused the cache)
+
+
+def _build(out: str, params: dict, workers: int) -> None:
+    """Generate everything into ``out`` (a fresh temp dir); DONE.json is written last."""
+    import yaml
+
+    from siglip2.data.tokenizer import train_sentencepiece
+
+    seed = params["seed"]
+    counts = {"train": params["num_train"], **params["eval_sizes"]}
+    tasks = []
+    for split, n in counts.items():
+        d = os.path.join(out, "train") if split == "train" else os.path.join(out, "eval", split)
+        os.makedirs(d, exist_ok=True)
+        for shard, (start, c) in enumerate(_shard_plan(n)):
+            tasks.append((os.path.join(d, f"{shard:06d}.tar"), split, seed, shard, start, c))
+    tasks.sort(key=lambda t: -t[5])  # largest first: the pool finishes together
+    if workers and workers > 1 and not mp.current_process().daemon:  # daemons may not have children
+        # spawn, not fork: DDP ranks and DataLoaders hold threads that fork would copy mid-lock
+        with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+            results = pool.map(_write_shard, tasks, chunksize=1)
+    else:
+        results = [_write_shard(t) for t in tasks]
+    texts = [t for split, shard, ts in sorted(results, key=lambda r: (r[0], r[1])) for t in ts]
+    corpus = _tokenizer_corpus(texts, np.random.default_rng([seed, 99]))
+    tok = train_sentencepiece(corpus, os.path.join(out, "tokenizer", "demo_sp"), vocab_size=4000)
+    if os.path.exists(tok[:-len(".model")] + ".vocab"):
+        os.remove(tok[:-len(".model")] + ".vocab")  # a human-readable copy of the model; unused
+    _strip_build_path(tok)
+    for split, spec in _yaml_specs(counts).items():
+        with open(os.path.join(out, "eval", split, f"{split}.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(spec, f, allow_unicode=True, sort_keys=False)
+    files = {}
+    for dirpath, _, names in os.walk(out):
+        for name in names:
+            p = os.path.join(dirpath, name)
+            files[os.path.relpath(p, out)] = os.path.getsize(p)
+    marker = {"format_version": FORMAT_VERSION, "params": params, "counts": counts,
+              "train_shards": len(_shard_plan(counts["train"])), "files": dict(sorted(files.items()))}
+    with open(os.path.join(out, "DONE.json.partial"), "w") as f:
+        json.dump(marker, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(os.path.join(out, "DONE.json.partial"), os.path.join(out, "DONE.json"))
+
+
+def _strip_build_path(model_path: str) -> None:
+    """SentencePiece records its output path (our temp dir) in the model: drop it, so the same
+    seed gives the same bytes wherever and whenever it was built."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except ImportError:  # protobuf missing: the model still works, it is just not byte-stable
+        return
+    m = pb.ModelProto()
+    with open(model_path, "rb") as f:
+        m.ParseFromString(f.read())
+    m.trainer_spec.model_prefix = os.path.basename(model_path)[:-len(".model")]
+    with open(model_path, "wb") as f:
+        f.write(m.SerializeToString())
+
+
+def _read_marker(root: str, params: dict) -> dict | None:
+    """The marker if ``root`` is a finished build of exactly these parameters, with every file
+    present at its recorded size; otherwise None (and the root gets rebuilt)."""
+    try:
+        with open(os.path.join(root, "DONE.json")) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if marker.get("format_version") != FORMAT_VERSION or marker.get("params") != params:
+        return None
+    for rel, size in marker.get("files", {}).items():
+        try:
+            if os.path.getsize(os.path.join(root, rel)) != size:
+                return None
+        except OSError:
+            return None
+    return marker
+
+
+_OURS = {"train", "eval", "tokenizer", "DONE.json", "DONE.json.partial"}
+
+
+def _check_replaceable(root: str) -> None:
+    """Refuse to delete a folder that is not (a piece of) a demo build: --out may be a typo."""
+    if os.path.isdir(root):
+        extra = set(os.listdir(root)) - _OURS
+        if extra:
+            raise FileExistsError(
+                f"{root} exists and holds files the demo did not write ({sorted(extra)[:5]}); "
+                "refusing to replace it. Pick an empty or new folder.")
+    elif os.path.exists(root):
+        raise FileExistsError(f"{root} exists and is not a folder")
+
+
+def _data(root: str, marker: dict, built: bool) -> DemoData:
+    ev = lambda s: os.path.join(root, "eval", s, f"{s}.yaml")  # noqa: E731
+    return DemoData(
+        root=root, train_urls=os.path.join(root, "train", _brace(marker["train_shards"])),
+        zeroshot_yaml=ev("zeroshot"), zeroshot_shape_yaml=ev("zeroshot_shape"), retrieval_yaml=ev("retrieval"), refexp_yaml=ev("refexp"),
+        segmentation_yaml=ev("segmentation"), tokenizer_path=os.path.join(root, "tokenizer", "demo_sp.model"),
+        num_train=marker["counts"]["train"], built=built)
+
+
+def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *,
+                num_zeroshot: int = 800, num_retrieval: int = 500, num_refexp: int = 500,
+                num_segmentation: int = 500, num_zeroshot_shape: int | None = None) -> DemoData:
+    """The demo data under ``root``, generated on first use and reused after.
+
+    Crash- and race-safe because DDP ranks call this at once and a killed run must not leave a
+    cache that looks finished: generation goes to a temp sibling that is renamed into place
+    only after ``DONE.json`` is written, and all of it happens under an exclusive ``fcntl`` lock
+    on ``<root>.lock`` (local file systems; on NFS let rank 0 build first). A root whose marker
+    is missing, names other parameters, or lists a file that is gone is rebuilt, never read.
+    """
+    root = os.path.abspath(os.fspath(root))
+    params = {"num_train": int(num_train), "seed": int(seed),
+              "eval_sizes": {"zeroshot": int(num_zeroshot),
+                             "zeroshot_shape": int(num_zeroshot if num_zeroshot_shape is None else num_zeroshot_shape),
+                             "retrieval": int(num_retrieval), "refexp": int(num_refexp),
+                             "segmentation": int(num_segmentation)}}
+    if min(params["eval_sizes"].values()) < 1 or num_train < 1:
+        raise ValueError(f"every split needs at least one sample, got {params}")
+    parent, base = os.path.split(root)
+    os.makedirs(parent, exist_ok=True)
+    with open(root + ".lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            marker = _read_marker(root, params)
+            if marker is not None:
+                return _data(root, marker, built=False)
+            _check_replaceable(root)
+            for name in os.listdir(parent):  # leftovers of killed builds; we hold the lock
+                if name.startswith(base + ".tmp-") or name.startswith(base + ".old-"):
+                    shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            tmp = os.path.join(parent, f"{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            os.makedirs(tmp)
+            try:
+                _build(tmp, params, workers)
+                if os.path.exists(root):
+                    old = os.path.join(parent, f"{base}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                    os.rename(root, old)
+                    os.rename(tmp, root)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.rename(tmp, root)
+            finally:
+                if os.path.exists(tmp):
+                    shutil.rmtree(tmp, ignore_errors=True)
+            marker = _read_marker(root, params)
+            assert marker is not None, "demo build finished but its marker does not validate"
+            return _data(root, marker, built=True)
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

@@ -1,0 +1,116 @@
+"""The demo's splits and their shards: what each split holds, and writing one shard.
+
+Train plus five eval sets (zeroshot by category, zeroshot by shape, retrieval, refexp,
+segmentation), each from its own seed stream, cut into ~1000-sample img2dataset-style tar
+shards (``jpg``, ``txt``, ``json``, ``seg.png``) with fixed tar times and JPEG settings, so the
+same seed gives the same bytes whatever the worker count; and the eval-set YAMLs that point
+the eval harness at them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+from PIL import Image
+
+from .languages import SHAPE_TEMPLATES, ZEROSHOT_TEMPLATES
+from .sample import generate_sample
+from .world import CATEGORIES, SHAPES
+
+# sid: the split's seed stream, so eval sets never share random draws with train.
+_SPLITS = {
+    # English train captions sometimes leave words out (zero-shot prompts name one attribute).
+    "train": dict(sid=0, n_objects=(1, 2, 3, 4), p=(0.3, 0.3, 0.2, 0.2), omit_prob=0.3),
+    # single objects, balanced over the attribute named by `label` (category or shape)
+    "zeroshot": dict(sid=1, n_objects=(1,), p=(1.0,), label="category"),
+    "retrieval": dict(sid=2, n_objects=(1, 2, 3, 4), p=(0.25, 0.25, 0.25, 0.25), n_captions=3),
+    "refexp": dict(sid=3, n_objects=(2, 3, 4), p=(0.4, 0.3, 0.3)),
+    "segmentation": dict(sid=4, n_objects=(1, 2, 3, 4), p=(0.25, 0.25, 0.25, 0.25)),
+    "zeroshot_shape": dict(sid=5, n_objects=(1,), p=(1.0,), label="shape"),
+}
+_EVAL_SPLITS = ("zeroshot", "zeroshot_shape", "retrieval", "refexp", "segmentation")
+_LABELS = {"category": CATEGORIES, "shape": SHAPES}
+_PER_SHARD = 1000
+_MIN_SHARDS = 4  # so 2 ranks x 2 loader workers each get a shard of a small split
+_JPEG_QUALITY = 90
+_TAR_MTIME = 0  # fixed tar header time: same seed, same bytes
+
+
+def _shard_plan(n: int) -> list[tuple[int, int]]:
+    """(start, count) per shard: ~1000 per shard, at least 4 shards when there are 4 samples."""
+    k = max(math.ceil(n / _PER_SHARD), min(_MIN_SHARDS, n), 1)
+    base, extra = divmod(n, k)
+    plan, start = [], 0
+    for i in range(k):
+        c = base + (i < extra)
+        plan.append((start, c))
+        start += c
+    return plan
+
+
+def _encode(sample: dict) -> dict:
+    buf = io.BytesIO()
+    # 4:4:4: chroma subsampling would blur the accent into the object's colour at fine periods
+    sample["image"].save(buf, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
+    mbuf = io.BytesIO()
+    Image.fromarray(sample["mask"]).save(mbuf, format="PNG")
+    return {"jpg": buf.getvalue(), "txt": sample["captions"][0].encode("utf-8"),
+            "json": json.dumps(sample["meta"], ensure_ascii=False).encode("utf-8"), "seg.png": mbuf.getvalue()}
+
+
+def _write_shard(task: tuple) -> tuple[str, int, list[str]]:
+    """Write one shard from its own seed stream (seed, split, shard): worker count is irrelevant.
+
+    Returns the texts the tokenizer is trained on (train split only).
+    """
+    from webdataset import TarWriter
+
+    path, split, seed, shard, start, count = task
+    cfg = _SPLITS[split]
+    rng = np.random.default_rng([seed, cfg["sid"], shard])
+    texts: list[str] = []
+    with TarWriter(path, mtime=_TAR_MTIME) as tw:
+        for i in range(start, start + count):
+            n = int(rng.choice(cfg["n_objects"], p=cfg["p"]))
+            force = {}
+            if "label" in cfg:  # balanced classes
+                names = _LABELS[cfg["label"]]
+                force = {cfg["label"]: names[i % len(names)]}
+            s = generate_sample(rng, n, force=force, n_captions=cfg.get("n_captions", 1),
+                                omit_prob=cfg.get("omit_prob", 0.0))
+            if "label" in cfg:
+                s["meta"]["label"] = _LABELS[cfg["label"]].index(force[cfg["label"]])
+            if split == "retrieval":
+                s["meta"]["captions"] = s["captions"]
+            tw.write({"__key__": f"{i:09d}", **_encode(s)})
+            if split == "train":
+                texts.extend(s["captions"])
+                texts.extend(r["caption"] for r in s["meta"]["regions"])
+    return split, shard, texts
+
+
+def _brace(n: int) -> str:
+    return f"{{000000..{n - 1:06d}}}.tar"
+
+
+def _yaml_specs(counts: dict[str, int]) -> dict[str, dict]:
+    n = {s: len(_shard_plan(counts[s])) for s in _EVAL_SPLITS}
+    return {
+        "zeroshot": {"name": "demo_zeroshot", "task": "zeroshot", "urls": _brace(n["zeroshot"]),
+                     "num_samples": counts["zeroshot"], "classnames": list(CATEGORIES),
+                     "templates": list(ZEROSHOT_TEMPLATES), "label_key": "label", "lang_key": "lang"},
+        "zeroshot_shape": {"name": "demo_zeroshot_shape", "task": "zeroshot", "urls": _brace(n["zeroshot_shape"]),
+                           "num_samples": counts["zeroshot_shape"], "classnames": list(SHAPES),
+                           "templates": list(SHAPE_TEMPLATES), "label_key": "label", "lang_key": "lang"},
+        "retrieval": {"name": "demo_retrieval", "task": "retrieval", "urls": _brace(n["retrieval"]),
+                      "num_samples": counts["retrieval"], "captions_key": "captions", "lang_key": "lang"},
+        "refexp": {"name": "demo_refexp", "task": "refexp", "urls": _brace(n["refexp"]),
+                   "num_samples": counts["refexp"], "regions_key": "regions", "lang_key": "lang"},
+        "segmentation": {"name": "demo_segmentation", "task": "segmentation",
+                         "urls": _brace(n["segmentation"]), "num_samples": counts["segmentation"],
+                         "classnames": list(CATEGORIES), "mask_key": "seg.png", "background_id": 0,
+                         "num_classes": len(CATEGORIES) + 1, "lang_key": "lang"},
+    }
