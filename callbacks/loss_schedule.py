@@ -1,8 +1,10 @@
-"""Turns each stage's losses on at their scheduled fraction of training.
+"""Turns each stage's losses on (and off) where the recipe's clock says.
 
-The recipe switches self-distillation and masked prediction on at 80% of the run; the
-fraction is `global_step / trainer.estimated_stepping_batches`, so it follows max_steps and
-any resume. The on/off state also lives in the checkpoint (see `stages.base.Stage`).
+Self-distillation and masked prediction join at 80% of the recipe. Progress is the stage's
+`recipe_progress` (examples seen, `siglip2.schedule.RecipeClock`), read before each batch;
+the switch calls `Stage.enable_loss` once (re-initialised parameters, cleared optimiser
+state). The on/off state lives in the checkpoint, so a resumed run is in the same phase and
+the switch never fires twice.
 """
 from __future__ import annotations
 
@@ -11,20 +13,25 @@ from typing import Any
 
 import lightning as L
 
+from siglip2.schedule import RecipeClock
+
 log = logging.getLogger(__name__)
 
 
 class LossSchedule(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        total = max(1, int(trainer.estimated_stepping_batches))
-        frac = trainer.global_step / total
-        for name, spec in pl_module.loss_specs.items():
-            if not pl_module.loss_enabled[name] and frac >= float(spec["start_frac"]):
-                pl_module.loss_enabled[name] = True
-                pl_module.on_loss_enabled(name)
-                log.info("loss '%s' on at step %d (%.1f%% of training)", name, trainer.global_step, 100 * frac)
+        progress = pl_module.recipe_progress
+        for name, cfg in pl_module.loss_configs.items():
+            on = RecipeClock.loss_on(cfg, progress)
+            if on and not pl_module.loss_enabled[name]:
+                pl_module.enable_loss(name)
+                log.info("loss '%s' on at step %d (%.1f%% of the recipe)", name, trainer.global_step, 100 * progress)
+            elif not on and pl_module.loss_enabled[name]:
+                pl_module.loss_enabled[name] = False
+                log.info("loss '%s' off at step %d (%.1f%% of the recipe)", name, trainer.global_step, 100 * progress)
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
-            pl_module.log("train/progress", frac)
+            pl_module.log("train/progress", progress)
+            pl_module.log("train/examples_seen", float(pl_module.examples_seen))
             for name, on in pl_module.loss_enabled.items():
                 pl_module.log(f"schedule/{name}_on", float(on))
 

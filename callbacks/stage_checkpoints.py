@@ -1,6 +1,7 @@
 """Saves the hand-off checkpoints the later stages start from (`frac_0.90.ckpt`, `frac_0.95.ckpt`).
 
-NaFlex continues from 90% of pretraining and resolution adaptation from 95% [P §2.4]; these
+NaFlex continues from 90% of pretraining and resolution adaptation from 95% [P §2.4]: each
+is written after the first step that brings the recipe's progress to its fraction. They
 are written through `trainer.save_checkpoint`, which writes atomically and works under every
 strategy (DeepSpeed and FSDP need all ranks to take part).
 """
@@ -30,9 +31,9 @@ class StageCheckpoints(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        total = max(1, int(trainer.estimated_stepping_batches))
+        progress = pl_module.recipe_progress  # after this batch: the recipe's clock, in examples
         for frac in self.fractions:
-            if frac not in self.saved and trainer.global_step >= round(frac * total):
+            if frac not in self.saved and progress >= frac:
                 path = self.dirpath / self.filename(frac)
                 trainer.save_checkpoint(path)
                 self.saved.add(frac)

@@ -1,54 +1,44 @@
-"""What every stage shares: the optimiser, the schedule, the named losses and their logging.
+"""What every stage shares: the optimiser, the recipe's clock, the named losses and their logging.
 
-A stage is a thin LightningModule: it owns a `SigLIP2` model and a dict of named losses, each
-with a weight and a start fraction that `callbacks.LossSchedule` flips during training.
-`compute_losses` is the one thing each stage writes; the weighted sum, the logging of every
-loss on its own and the optimiser live here so that all stages behave the same.
+A stage is a thin LightningModule: a `SigLIP2` model and an `nn.ModuleDict` of named losses,
+all built in `__init__` (losses that join later included), so that DDP, FSDP, the optimiser
+and the checkpoint see the same parameters from step 0. Each step, `compute_losses` runs every
+loss that is on with the inputs the stage's `loss_inputs` takes from a `StepContext`, which
+computes each shared forward pass once and only if a loss asks for it. When a loss is off,
+its parameters still join the graph with weight 0 (DDP's reducer expects every parameter's
+gradient). `callbacks.LossSchedule` asks `siglip2.schedule.RecipeClock` which losses are on;
+at a switch the joining loss's parameters are re-initialised and their optimiser state
+cleared.
 """
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
+from siglip2.config import from_dict, to_dict
 from siglip2.model import build_model
 from siglip2.model.layers import EncoderLayer
+from siglip2.model.two_tower import SigLIP2Config
+from siglip2.optim import OptimConfig, param_groups
+from siglip2.schedule import LossTiming, RecipeClock
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 2
 
 
 def fsdp_wrap_classes() -> set[type[nn.Module]]:
     """Transformer blocks are the FSDP units (used by conf/trainer/fsdp.yaml)."""
-    classes: set[type[nn.Module]] = {EncoderLayer}
-    try:
-        from siglip2.model.decoder import DecoderLayer
+    from siglip2.model.decoder import DecoderLayer
 
-        classes.add(DecoderLayer)
-    except ImportError:  # pragma: no cover - decoder is optional for some stages
-        pass
-    return classes
-
-
-def no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norms, token/position embeddings, the MAP probe and the logit scale/bias are not
-    decayed; the patch embedding is a Linear layer and is decayed like the other weights."""
-    if param.ndim <= 1:  # biases, LayerNorm weights, logit_scale/bias
-        return True
-    lowered = name.lower()
-    return any(key in lowered for key in ("token_embedding", "position_embedding", "probe", "norm", "mask_token"))
-
-
-def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to `min_ratio` at `total` steps."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return {EncoderLayer, DecoderLayer}
 
 
 def adamw_impl(impl: str, trainer: Any = None) -> str:
@@ -72,8 +62,55 @@ def adamw_impl(impl: str, trainer: Any = None) -> str:
     return "fused"
 
 
+@dataclass
+class RecipeWindow:
+    """A stage's place in the recipe (see `siglip2.schedule`): `window` in recipe progress,
+    `stretch` = stage examples per recipe example, `examples` = the recipe's length in
+    examples (None: from the checkpoint `init_from` names, else from this stage's max_steps)."""
+    window: tuple[float, float] = (0.0, 1.0)
+    stretch: float = 1.0
+    examples: int | None = None
+
+
+class StepContext:
+    """One training step's shared forward passes, each computed once, on first use.
+
+    Losses never run towers themselves: the stage hands each loss what it needs from here
+    (`Stage.loss_inputs`), so a pass no enabled loss asks for is never computed.
+    """
+
+    def __init__(self, stage: "Stage", batch: Mapping[str, Any]):
+        self.stage, self.batch = stage, batch
+
+    @cached_property
+    def image(self):
+        """`ImageOutput` of the student on the batch's images (`.embeds`, `.tokens`, `.token_mask`)."""
+        b = self.batch
+        if "patches" in b:
+            return self.stage.model.encode_image(patches=b["patches"], patch_coord=b.get("patch_coord"),
+                                                 patch_valid=b.get("patch_valid"),
+                                                 spatial_shapes=b.get("spatial_shapes"))
+        return self.stage.model.encode_image(image=b["image"])
+
+    @cached_property
+    def text_emb(self) -> torch.Tensor:
+        """(B, D) normalised text embeddings of the batch's captions."""
+        return self.stage.model.embed_text(self.batch["text"])
+
+    @cached_property
+    def generator(self) -> torch.Generator:
+        return self.stage.step_generator()
+
+
 class Stage(L.LightningModule):
-    """Base of all stages. Subclasses implement `compute_losses(batch) -> {name: (loss, metrics)}`."""
+    """Base of all stages.
+
+    Subclasses set `LOSSES` (loss name -> its config dataclass, a `LossTiming`) and implement
+    `build_loss(name, cfg) -> nn.Module` and `loss_inputs(name, ctx) -> kwargs of that
+    loss's forward`. Each loss returns `(scalar, {metric: tensor})`.
+    """
+
+    LOSSES: dict[str, type[LossTiming]] = {}
 
     def __init__(
         self,
@@ -82,13 +119,16 @@ class Stage(L.LightningModule):
         losses: Mapping[str, Mapping[str, Any]],
         name: str = "stage",
         handoff_fractions: list[float] | None = None,
+        recipe: Mapping[str, Any] | None = None,
         compile: bool | None = None,
         vocab_size: int | None = None,
         seed: int = 0,
     ):
-        """`model` is the model yaml as a dict; its `compile` key (`model.compile=true`)
-        torch.compiles the towers. `compile` here is the old `stage.compile` flag, kept so that
-        checkpoints saved with it still load; true is the same as `model.compile=true`."""
+        """`model`: the model yaml as a dict; its `compile` key (`model.compile=true`)
+        torch.compiles the towers (`compile` here is the old `stage.compile` flag, kept so that
+        checkpoints saved with it still load). `optim`: `OptimConfig` keys. `losses`: loss name
+        -> its config keys (`LOSSES`). `recipe`: `RecipeWindow` keys. Unknown names or keys
+        raise `ValueError` naming them, before anything is built."""
         super().__init__()
         model_cfg = _to_dict(model)
         model_cfg["compile"] = bool(model_cfg.get("compile", False) or compile)
@@ -96,33 +136,112 @@ class Stage(L.LightningModule):
             if vocab_size is None:
                 raise ValueError("model.text.vocab_size is null and no tokenizer vocab size was given")
             model_cfg["text"]["vocab_size"] = int(vocab_size)
+        self.optim_config = from_dict(OptimConfig, _to_dict(optim), "optim")
+        self.recipe = from_dict(RecipeWindow, _to_dict(recipe or {}), "stage.recipe")
+        self.loss_configs = self.parse_losses(_to_dict(losses))
+        SigLIP2Config.from_dict(model_cfg)  # unknown model keys fail here, before any compute
         self.save_hyperparameters(
             {"model": model_cfg, "optim": _to_dict(optim), "losses": _to_dict(losses), "name": name,
-             "handoff_fractions": list(handoff_fractions or []), "seed": int(seed)}
+             "handoff_fractions": list(handoff_fractions or []), "recipe": _to_dict(recipe or {}),
+             "seed": int(seed)}
         )
         self.stage_name = name
         self.model = build_model(model_cfg)
-        self.loss_specs: dict[str, dict[str, Any]] = _to_dict(losses)
-        for loss_name, spec in self.loss_specs.items():
-            spec.setdefault("weight", 1.0)
-            spec.setdefault("start_frac", 0.0)
-            if not 0.0 <= float(spec["start_frac"]) <= 1.0:
-                raise ValueError(f"losses.{loss_name}.start_frac must lie in [0, 1], got {spec['start_frac']}")
+        self.losses = nn.ModuleDict({n: self.build_loss(n, c) for n, c in self.loss_configs.items()})
         # Which losses are on; LossSchedule flips these and the checkpoint keeps them.
-        self.loss_enabled: dict[str, bool] = {n: float(s["start_frac"]) <= 0.0 for n, s in self.loss_specs.items()}
+        self.loss_enabled: dict[str, bool] = {n: RecipeClock.loss_on(c, self.recipe.window[0])
+                                              for n, c in self.loss_configs.items()}
         self.compile_towers = model_cfg["compile"]
         self.flops_per_batch: int | None = None
+        self.examples_seen = 0  # this stage's training examples, all ranks (the recipe's clock)
+        self.init_meta: dict[str, Any] = {}  # the `siglip2` entry of the init_from checkpoint
+        self._clock: RecipeClock | None = None
+        self._first_batch = 0  # per-rank batch size of the first batch, if the data module gives none
+
+    @classmethod
+    def parse_losses(cls, losses: Mapping[str, Any]) -> dict[str, LossTiming]:
+        unknown = [n for n in losses if n not in cls.LOSSES]
+        if unknown:
+            raise ValueError(f"unknown loss {unknown} in stage.losses; {cls.__name__} has {sorted(cls.LOSSES)}")
+        return {n: from_dict(cls.LOSSES[n], spec, f"stage.losses.{n}") for n, spec in losses.items()}
 
     # ---- what a stage implements -------------------------------------------------------
-    def compute_losses(self, batch: dict[str, Any]) -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        raise NotImplementedError("each stage defines its losses")
+    def build_loss(self, name: str, cfg: LossTiming) -> nn.Module:
+        raise NotImplementedError("each stage builds its losses")
+
+    def loss_inputs(self, name: str, ctx: StepContext) -> dict[str, Any]:
+        raise NotImplementedError("each stage says what its losses take")
 
     def on_loss_enabled(self, name: str) -> None:
-        """Called once when a scheduled loss turns on (distillation creates its teacher here)."""
+        """Called once when a scheduled loss turns on, after its parameters were re-initialised
+        (distillation copies the student into its teacher here)."""
 
     def locca_decoder(self):
         """The LocCa decoder (referring-expression and caption eval), or None without one."""
-        return None
+        head = self.losses["locca"] if "locca" in self.losses else None
+        return getattr(head, "decoder", None)
+
+    # ---- the recipe's clock ------------------------------------------------------------
+    @property
+    def clock(self) -> RecipeClock:
+        """This stage's `RecipeClock`, built when the Trainer is known (global batch, max_steps)."""
+        if self._clock is None:
+            self._clock = self.build_clock()
+        return self._clock
+
+    def build_clock(self, per_rank: int | None = None) -> RecipeClock:
+        """From the Trainer (max_steps, world size, accumulation) and the per-rank batch size
+        (the data module's `batch_size`, else the first batch's)."""
+        trainer = self.trainer
+        per_rank = per_rank or int(getattr(trainer.datamodule, "batch_size", 0) or 0) or self._first_batch
+        if not per_rank:
+            raise ValueError("the recipe's clock needs the per-rank batch size: give the data module a "
+                             "`batch_size`, or build the clock after the first batch")
+        step_examples = per_rank * int(trainer.world_size) * int(trainer.accumulate_grad_batches)
+        total = self.recipe.examples or self.init_meta.get("recipe", {}).get("examples")
+        opt = self.optim_config
+        clock = RecipeClock.for_stage(
+            stage_steps=int(trainer.estimated_stepping_batches), step_examples=step_examples,
+            warmup=opt.warmup_steps, window=tuple(self.recipe.window), stretch=self.recipe.stretch,
+            min_lr_ratio=opt.min_lr_ratio, total_examples=int(total) if total else None)
+        planned = int(trainer.estimated_stepping_batches) * step_examples
+        if abs(planned - clock.stage_examples) > step_examples:
+            log.warning("this stage trains %d examples but its window %s of a %d-example recipe holds %.0f: "
+                        "the schedule will %s", planned, clock.window, clock.total_examples, clock.stage_examples,
+                        "stop at the window's end early" if planned > clock.stage_examples else "end unfinished")
+        return clock
+
+    def _lr_factor(self) -> float:
+        if self._clock is None and not self._first_batch and not getattr(self.trainer.datamodule, "batch_size", 0):
+            # Before the first batch of a run without a data module: the factor of step 0 does
+            # not depend on the batch size (it is 1 / warmup steps), so one example per step will do.
+            return self.build_clock(per_rank=1).lr_factor(0)
+        return self.clock.lr_factor(self.examples_seen)
+
+    @property
+    def recipe_progress(self) -> float:
+        """Recipe progress in [0, 1] after the examples seen so far (the progress bar shows it)."""
+        if self.examples_seen == 0 and self._clock is None:
+            return float(self.recipe.window[0])
+        return self.clock.progress(self.examples_seen)
+
+    def enable_loss(self, name: str) -> None:
+        """Switch a scheduled loss on: re-initialise its parameters, clear their optimiser
+        state, then call `on_loss_enabled`. Runs once per loss per run (not again on resume)."""
+        module = self.losses[name]
+        for sub in module.modules():
+            if sub is not module and hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        params = set(module.parameters())
+        trainer = self._trainer
+        if params and trainer is not None:
+            for optimizer in trainer.optimizers:
+                for p in params:
+                    optimizer.state.pop(p, None)
+        self.loss_enabled[name] = True
+        self.on_loss_enabled(name)
 
     # ---- training ----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -163,6 +282,12 @@ class Stage(L.LightningModule):
             self.model.text_model.compile()
             self._compiled = True
 
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """{name: (loss, metrics)} of every loss that is on, from one shared `StepContext`."""
+        ctx = StepContext(self, batch)
+        return {name: loss(**self.loss_inputs(name, ctx))
+                for name, loss in self.losses.items() if self.loss_enabled[name]}
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         results = self.compute_losses(batch)
         bsz = batch_size(batch)
@@ -172,76 +297,93 @@ class Stage(L.LightningModule):
         bar = getattr(self._trainer, "progress_bar_callback", None) is not None
         total = None
         for name, (loss, metrics) in results.items():
-            weighted = float(self.loss_specs[name]["weight"]) * loss
+            weighted = float(self.loss_configs[name].weight) * loss
             total = weighted if total is None else total + weighted
             self.log(f"train/loss_{name}", loss.detach(), batch_size=bsz, prog_bar=bar and name == "sigmoid")
             for key, value in metrics.items():
                 self.log(f"train/{key}", value, batch_size=bsz)
         if total is None:
-            raise RuntimeError(f"no loss is enabled at step {self.global_step}: check losses.*.start_frac")
+            raise RuntimeError(f"no loss is on at step {self.global_step}: check stage.losses.*.start_frac")
+        dormant = [p for name, module in self.losses.items() if not self.loss_enabled[name]
+                   for p in module.parameters() if p.requires_grad]
+        if dormant:  # losses that join later: in the graph with weight 0, so DDP reduces every parameter
+            total = total + 0.0 * sum(p.sum() for p in dormant)
         self.log("train/loss", total.detach(), batch_size=bsz, prog_bar=bar)
+        world = int(self._trainer.world_size) if self._trainer is not None else 1
+        self._first_batch = self._first_batch or bsz
+        self.examples_seen += bsz * world
         return total
 
     def configure_optimizers(self):
-        cfg = self.hparams["optim"]
-        lr = float(cfg["lr"])
-        # The recipe's decay is decoupled from lr (big_vision); torch AdamW multiplies by lr.
-        torch_wd = float(cfg.get("weight_decay", 0.0)) / lr if lr > 0 else 0.0
-        decay, keep = [], []
-        for pname, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            (keep if no_decay(pname, param) else decay).append(param)
-        impl = adamw_impl(cfg.get("impl", "auto"), self.trainer)
+        cfg = self.optim_config
+        impl = adamw_impl(cfg.impl, self.trainer)
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": torch_wd}, {"params": keep, "weight_decay": 0.0}],
-            lr=lr,
-            betas=tuple(cfg.get("betas", (0.9, 0.999))),
-            eps=float(cfg.get("eps", 1e-8)),
+            param_groups(self.named_parameters(), cfg.torch_weight_decay),
+            lr=float(cfg.lr), betas=cfg.betas, eps=float(cfg.eps),
             fused=impl == "fused" or None,
             foreach=(impl == "foreach") if impl != "fused" else None,
         )
-        total = int(self.trainer.estimated_stepping_batches)
-        warm = cfg.get("warmup_steps", 0)
-        warmup = int(round(float(warm) * total)) if isinstance(warm, float) and warm < 1 else int(warm)
-        min_ratio = float(cfg.get("min_lr_ratio", 0.0))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total, warmup, min_ratio)
-        )
+        # The factor reads the examples seen, not the step count: a half batch moves it half as far.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: self._lr_factor())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints -------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["siglip2"] = {
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint carries to be used without the run's config (`siglip2.checkpoint`):
+        the configuration of the weights it holds (after any adaptation), the losses' configs,
+        the loss phase and the recipe's clock."""
+        clock = self._clock
+        return {
+            "format": CHECKPOINT_FORMAT,
             "stage": self.stage_name,
-            "model": self.hparams["model"],
+            "model": self.model.config.to_dict(),
+            "losses": {n: to_dict(c) for n, c in self.loss_configs.items()},
             "loss_enabled": dict(self.loss_enabled),
+            "examples_seen": int(self.examples_seen),
+            "recipe": {"examples": clock.total_examples if clock else self.recipe.examples,
+                       "window": list(self.recipe.window), "stretch": self.recipe.stretch,
+                       "progress": clock.progress(self.examples_seen) if clock else None},
         }
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["siglip2"] = self.checkpoint_meta()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from siglip2.checkpoint import upgrade_state_dict
+
         meta = checkpoint.get("siglip2", {})
         if meta.get("stage") not in (None, self.stage_name):
             raise ValueError(
                 f"ckpt_path resumes the same stage, but this checkpoint is from stage '{meta['stage']}' "
                 f"and this run is stage '{self.stage_name}'. Use init_from=... to start a new stage from it."
             )
+        checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
+        # Resume keeps the phase: modules exist from step 0, so no hook fires here.
         for name, enabled in meta.get("loss_enabled", {}).items():
-            if name in self.loss_enabled and enabled and not self.loss_enabled[name]:
-                self.loss_enabled[name] = True
-                self.on_loss_enabled(name)
+            if name in self.loss_enabled:
+                self.loss_enabled[name] = bool(enabled)
+        if "examples_seen" in meta:
+            self.examples_seen = int(meta["examples_seen"])
+        elif self._trainer is not None:  # format 1: constant batch, progress was global_step / max_steps
+            trainer = self._trainer
+            self.examples_seen = int(checkpoint.get("global_step", 0)) * int(
+                getattr(trainer.datamodule, "batch_size", 0) or 0) * int(trainer.world_size)
         check_shapes(self.state_dict(), checkpoint["state_dict"], source="ckpt_path")
 
     def load_weights(self, path: str) -> None:
-        """`init_from`: weights only, shapes checked, new optimiser and schedule."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state = checkpoint.get("state_dict", checkpoint)
+        """`init_from`: weights only (shapes checked), a new optimiser, and the clock of this
+        stage's window of the recipe the checkpoint belongs to."""
+        from siglip2.checkpoint import read_checkpoint
+
+        ckpt = read_checkpoint(path)
         own = self.state_dict()
-        check_shapes(own, state, source=f"init_from={path}", allow_missing=True)
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        check_shapes(own, ckpt.state_dict, source=f"init_from={path}", allow_missing=True)
+        missing, unexpected = self.load_state_dict(ckpt.state_dict, strict=False)
         log.info("init_from %s: %d tensors loaded, %d not in checkpoint, %d ignored",
                  path, len(own) - len(missing), len(missing), len(unexpected))
         if len(own) == len(missing):
             raise ValueError(f"init_from={path}: no tensor of this stage's model is in the checkpoint")
+        self.init_meta = ckpt.meta
 
 
 def check_shapes(own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], source: str,

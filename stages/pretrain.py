@@ -1,69 +1,54 @@
 """The main SigLIP 2 pretraining stage [P §2.1-2.3].
 
-Recipe in one screen: the sigmoid image-text loss, plus the LocCa decoder's captioning,
-referring-expression and grounded-captioning losses on the un-pooled image tokens, with
-equal weight from step 0. Which losses are on, and their weights, come from
-`conf/stage/pretrain.yaml` through `callbacks.LossSchedule`.
+Recipe in one screen: the sigmoid image-text loss on the student's pooled embeddings, plus
+the LocCa decoder's captioning, referring-expression and grounded-captioning losses on the
+same forward pass's un-pooled image tokens, with equal weight from step 0
+(`conf/stage/pretrain.yaml`). Self-distillation and masked prediction join at 80% (the
+distillation issue adds them here).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from siglip2.losses.sigmoid import SigmoidLoss
-from stages.base import Stage
-from stages.locca import LoccaHead
+from siglip2.losses.locca import LoccaConfig, LoccaHead
+from siglip2.losses.sigmoid import SigmoidLoss, SigmoidLossConfig
+from stages.base import Stage, StepContext
 
 
 class PretrainStage(Stage):
-    def __init__(self, model: Mapping[str, Any], optim: Mapping[str, Any], losses: Mapping[str, Any], **kwargs):
-        super().__init__(model, optim, losses, **kwargs)
-        specs = self.loss_specs
-        self.sigmoid = SigmoidLoss(chunk_size=int(specs["sigmoid"].get("chunk_size", 4096)))
-        self.locca = LoccaHead(self.hparams["model"], specs["locca"]) if "locca" in specs else None
+    LOSSES = {"sigmoid": SigmoidLossConfig, "locca": LoccaConfig}
 
-    def compute_losses(self, batch: dict[str, Any]):
-        image = self.model.encode_image(image=batch["image"])
-        text_emb = F.normalize(self.model.encode_text(batch["text"]), dim=-1)
-        image_emb = F.normalize(image.pooled, dim=-1)
-        results = {
-            "sigmoid": self.sigmoid(image_emb, text_emb, self.model.logit_scale.exp(), self.model.logit_bias)
-        }
-        if self.locca is not None and self.loss_enabled.get("locca", False):
-            results["locca"] = self.locca(batch, image.tokens, image.token_mask, self.step_generator())
-        return results
+    def build_loss(self, name: str, cfg) -> nn.Module:
+        if name == "sigmoid":
+            return SigmoidLoss(chunk_size=int(cfg.chunk_size))
+        return LoccaHead.for_model(cfg, self.model.config)
+
+    def loss_inputs(self, name: str, ctx: StepContext) -> dict[str, Any]:
+        if name == "sigmoid":  # student image and text embeddings
+            return dict(image_emb=ctx.image.embeds, text_emb=ctx.text_emb,
+                        logit_scale=self.model.logit_scale.exp(), logit_bias=self.model.logit_bias)
+        # locca: the same image pass's tokens, the batch's locca_* targets
+        return dict(batch=ctx.batch, image_tokens=ctx.image.tokens, image_mask=ctx.image.token_mask,
+                    generator=ctx.generator)
 
     def measure_flops(self, batch_size: int) -> int:
         """Towers plus one decoder pass (with the vocabulary projection) per LocCa task."""
         flops = super().measure_flops(batch_size)
-        if self.locca is None:
+        if "locca" not in self.losses:
             return flops
         from lightning.fabric.utilities.throughput import measure_flops
 
-        cfg = self.hparams["model"]
-        n_img = (cfg["vision"]["image_size"] // cfg["vision"]["patch_size"]) ** 2
+        config = self.model.config
+        n_img = (config.vision.image_size // config.vision.patch_size) ** 2
         with torch.device("meta"):
-            head = LoccaHead(cfg, self.loss_specs["locca"])
+            head = LoccaHead.for_model(self.loss_configs["locca"], config)
             tokens = torch.zeros(batch_size, head.decoder.max_len, dtype=torch.long)
-            image_tokens = torch.empty(batch_size, n_img, cfg["vision"]["width"])
+            image_tokens = torch.empty(batch_size, n_img, config.vision.width)
 
         def forward() -> torch.Tensor:
             return head.decoder.head(head.decoder(tokens, image_tokens)).sum()
 
         return flops + len(head.objective.tasks) * measure_flops(head, forward, loss_fn=lambda y: y)
-
-    def locca_decoder(self):
-        return self.locca.decoder if self.locca is not None else None
-
-    @torch.no_grad()
-    def embed(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None):
-        """Normalised embeddings for evaluation."""
-        out = {}
-        if image is not None:
-            out["image"] = F.normalize(self.model.encode_image(image=image).pooled, dim=-1)
-        if text is not None:
-            out["text"] = F.normalize(self.model.encode_text(text), dim=-1)
-        return out

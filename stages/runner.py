@@ -125,22 +125,6 @@ def write_metrics(metrics: dict[str, float], path: Path) -> None:
     print(f"metrics written to {path}")
 
 
-STAGES = {"pretrain": "stages.pretrain.PretrainStage"}
-
-
-def load_stage(path: str, map_location: str = "cpu"):
-    """The stage a checkpoint was written by, with its weights (for eval and export)."""
-    import importlib
-
-    meta = torch.load(path, map_location="cpu", weights_only=False).get("siglip2", {})
-    name = meta.get("stage")
-    if name not in STAGES:
-        raise ValueError(f"{path}: not a siglip2 stage checkpoint (stage={name!r}); known: {sorted(STAGES)}")
-    module, cls = STAGES[name].rsplit(".", 1)
-    stage_cls = getattr(importlib.import_module(module), cls)
-    return stage_cls.load_from_checkpoint(path, map_location=map_location, weights_only=False)
-
-
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     from siglip2.eval.suite import evaluate_all, load_eval_set
 
@@ -150,14 +134,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         ensure_demo(cfg.data.demo.root, num_train=int(cfg.data.demo.num_train), seed=int(cfg.data.demo.seed))
     from siglip2.data.tokenizer import build_tokenizer
 
-    stage = load_stage(str(cfg.ckpt_path)).to(cfg.device)
-    tokenizer = build_tokenizer(cfg.tokenizer.path, length=int(stage.hparams["model"]["text"]["max_len"]),
+    from siglip2.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(str(cfg.ckpt_path))
+    model = ckpt.model(str(cfg.get("weights", "student"))).to(cfg.device)
+    decoder = ckpt.locca_decoder()
+    decoder = decoder.to(cfg.device) if decoder is not None else None
+    tokenizer = build_tokenizer(cfg.tokenizer.path, length=int(ckpt.model_config.text.max_len),
                                 lowercase=bool(cfg.tokenizer.lowercase))
     results = evaluate_all(
-        list(cfg.eval.sets), model=stage.model, tokenizer=tokenizer,
-        image_size=int(stage.hparams["model"]["vision"]["image_size"]), device=cfg.device,
+        list(cfg.eval.sets), model=model, tokenizer=tokenizer, image_size=ckpt.image_size, device=cfg.device,
         batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers),
-        max_batches=cfg.eval.get("max_batches"), decoder=stage.locca_decoder(),
+        max_batches=cfg.eval.get("max_batches"), decoder=decoder,
     )
     results.pop("_tables", None)
     results.pop("_examples", None)
@@ -173,7 +161,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         zeroshot = next((s for s in cfg.eval.sets if load_eval_set(str(s)).task == "zeroshot"), None)
         if zeroshot is None:
             raise ValueError("grid= needs a zeroshot set in eval.sets")
-        png = render_predictions(str(zeroshot), stage.model, stage.locca_decoder(), tokenizer,
-                                 int(stage.hparams["model"]["vision"]["image_size"]), str(cfg.grid))
+        png = render_predictions(str(zeroshot), model, decoder, tokenizer, ckpt.image_size, str(cfg.grid))
         print(f"prediction grid written to {png}")
     return metrics

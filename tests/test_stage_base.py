@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from stages.base import no_decay, warmup_cosine
+from siglip2.optim import no_decay
+from siglip2.schedule import warmup_cosine
 from siglip2.model import build_model
 
 

@@ -132,7 +132,7 @@ def test_resume_at_epoch_boundary_matches_uninterrupted_run(cache_dir, tmp_path)
 
 
 def test_resume_mid_epoch_continues_at_step_and_learning_rate(cache_dir, tmp_path):
-    from stages.base import warmup_cosine
+    from siglip2.schedule import warmup_cosine
 
     common = ["trainer.max_steps=6", "data.batches_per_epoch=3", "callbacks.model_checkpoint.every_n_train_steps=2",
               "optim.warmup_steps=2", "optim.lr=1e-3"]

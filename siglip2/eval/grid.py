@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from siglip2.data.shards import DecodedSample, build_eval_loader
@@ -51,7 +50,7 @@ def render_predictions(zeroshot_yaml: str, model: torch.nn.Module, decoder: torc
     if batch is None:
         raise ValueError(f"{zeroshot_yaml}: no sample with regions and a label")
     out = model.encode_image(image=batch["image"])
-    top = zeroshot_logits(F.normalize(out.pooled.float(), dim=-1), classifier).argmax(-1).tolist()
+    top = zeroshot_logits(out.embeds, classifier).argmax(-1).tolist()
     captions = boxes = [None] * len(top)
     if decoder is not None:
         captions = generate_captions(decoder, out.tokens, out.token_mask, tokenizer)

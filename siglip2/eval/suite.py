@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from siglip2 import distributed as dist_utils
@@ -133,7 +132,7 @@ def evaluate_set(
 
 
 def _image_emb(model, image: torch.Tensor) -> torch.Tensor:
-    return F.normalize(model.encode_image(image=image).pooled.float(), dim=-1)
+    return model.encode_image(image=image).embeds
 
 
 def _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder):
@@ -144,7 +143,7 @@ def _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_ex
     for batch in _batches(loader, max_batches):
         image = batch["image"].to(device)
         out = model.encode_image(image=image)
-        logits = zeroshot_logits(F.normalize(out.pooled.float(), dim=-1), classifier)
+        logits = zeroshot_logits(out.embeds, classifier)
         metrics.update(logits, batch["label"].to(device))
         captions = None
         if decoder is not None and any(batch["objects"]):
@@ -180,7 +179,7 @@ def _retrieval(model, tokenizer, loader, device, max_batches, prefix):
         image_embs.append(_image_emb(model, batch["image"].to(device)))
         flat = [c for caps in batch["captions"] for c in caps]
         owner = [n_images + i for i, caps in enumerate(batch["captions"]) for _ in caps]
-        text_embs.append(F.normalize(model.encode_text(tokenizer(flat).to(device)).float(), dim=-1))
+        text_embs.append(model.embed_text(tokenizer(flat).to(device)))
         owners.append(torch.tensor(owner, dtype=torch.long))
         langs.extend(batch["lang"][i] for i, caps in enumerate(batch["captions"]) for _ in caps)
         n_images += batch["image"].shape[0]

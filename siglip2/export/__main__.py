@@ -1,41 +1,33 @@
-"""`python -m siglip2.export ckpt_path=PATH [format=hf] [out=DIR] [tokenizer=PATH]`.
+"""`python -m siglip2.export ckpt_path=PATH [format=hf] [out=DIR] [tokenizer=PATH] [weights=student|teacher]`.
 
 Turns a training checkpoint (any stage) into a folder `transformers.Siglip2Model.from_pretrained`
-loads. Reads the checkpoint with plain torch (no Lightning needed): the model config lives
-in the checkpoint's `siglip2` entry, the weights under the `model.` prefix.
+loads. Reads it with `siglip2.checkpoint` (no Lightning needed): the configuration of the
+weights it holds, and the student's (or the EMA teacher's) weights.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import torch
-
+from siglip2.checkpoint import read_checkpoint
 from siglip2.export.hf import save_hf
-from siglip2.model import build_model
 
 
-def load_checkpoint_model(path: str):
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    meta = checkpoint.get("siglip2")
-    if not meta or "model" not in meta:
-        raise ValueError(f"{path}: not a siglip2 training checkpoint (no 'siglip2' entry)")
-    model = build_model(meta["model"])
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+def load_checkpoint_model(path: str, which: str = "student"):
+    """The student (or EMA teacher) of a training checkpoint, in eval mode."""
+    return read_checkpoint(path).model(which)
 
 
 def main(argv: list[str]) -> Path:
     args = dict(a.split("=", 1) for a in argv if "=" in a)
-    unknown = set(args) - {"ckpt_path", "format", "out", "tokenizer"}
+    unknown = set(args) - {"ckpt_path", "format", "out", "tokenizer", "weights"}
     if "ckpt_path" not in args or unknown or len(args) != len(argv):
         raise SystemExit(__doc__)
     if args.get("format", "hf") != "hf":
         raise SystemExit(f"format={args['format']!r}: only 'hf' is supported")
     out = Path(args.get("out") or Path(args["ckpt_path"]).with_suffix("").as_posix() + "_hf")
-    folder = save_hf(load_checkpoint_model(args["ckpt_path"]), out, tokenizer_dir=args.get("tokenizer"))
+    model = load_checkpoint_model(args["ckpt_path"], args.get("weights", "student"))
+    folder = save_hf(model, out, tokenizer_dir=args.get("tokenizer"))
     print(f"exported to {folder}")
     return folder
 

@@ -14,13 +14,17 @@ or that have no target token are left out).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
-TASKS = ("cap", "aref", "gcap")
+# The target conventions (IGNORE = -100 for "no loss here", the task names) are the data
+# side's: one definition, in `siglip2.data.locca_targets`.
+from siglip2.data.locca_targets import IGNORE, TASKS, LoccaFormat
+from siglip2.model.decoder import LoccaDecoder
+from siglip2.schedule import LossTiming
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
@@ -169,3 +173,55 @@ class LoccaObjective(nn.Module):
         total = total / max(present, 1)
         metrics["locca/loss"] = total.detach()
         return total, metrics
+
+
+@dataclass
+class LoccaConfig(LossTiming):
+    """`stage.losses.locca` [P §2.2]: on from step 0 with the sigmoid loss's weight.
+
+    depth_ratio: decoder depth / text depth (0.5 in the paper). parallel_prob: share of Cap
+    rows predicted in parallel (big_vision CapPa; not published for SigLIP 2). chunk_size:
+    target tokens per chunk of the vocabulary projection. task_weights: per task (not
+    published: equal). targets: how prompts and boxes are written (`LoccaFormat`).
+    """
+    depth_ratio: float = 0.5
+    parallel_prob: float = 0.5
+    chunk_size: int = 1024
+    task_weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
+    targets: LoccaFormat = field(default_factory=LoccaFormat)
+
+    def __post_init__(self):
+        super().__post_init__()
+        unknown = set(self.task_weights) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown LocCa task(s) {sorted(unknown)} in task_weights; tasks are {list(TASKS)}")
+
+
+class LoccaHead(nn.Module):
+    """The LocCa decoder and its three-task objective: one module a stage holds as a loss.
+
+    The decoder has the text tower's width, heads and MLP size, `depth_ratio` of its depth
+    (at least 1), `targets.max_len` positions, and cross-attends to image tokens of width
+    `image_width`. forward(batch, image_tokens (B, N, image_width), image_mask (B, N) | None,
+    generator) -> (loss, metrics), as `LoccaObjective`.
+    """
+
+    def __init__(self, cfg: LoccaConfig, *, width: int, depth: int, heads: int, mlp_dim: int, vocab_size: int,
+                 image_width: int):
+        super().__init__()
+        self.decoder = LoccaDecoder(
+            width=width, depth=max(1, round(depth * float(cfg.depth_ratio))), heads=heads, mlp_dim=mlp_dim,
+            vocab_size=vocab_size, max_len=int(cfg.targets.max_len), image_width=image_width)
+        self.objective = LoccaObjective(weights=cfg.task_weights, parallel_prob=float(cfg.parallel_prob),
+                                        chunk_size=int(cfg.chunk_size))
+
+    @classmethod
+    def for_model(cls, cfg: LoccaConfig, model_config) -> "LoccaHead":
+        """Sized from a `SigLIP2Config`: the text tower's shape, the image tower's width."""
+        text, vision = model_config.text, model_config.vision
+        return cls(cfg, width=text.width, depth=text.depth, heads=text.heads, mlp_dim=text.mlp_dim,
+                   vocab_size=text.vocab_size, image_width=vision.width)
+
+    def forward(self, batch: Mapping[str, torch.Tensor], image_tokens: torch.Tensor,
+                image_mask: torch.Tensor | None, generator: torch.Generator | None = None):
+        return self.objective(self.decoder, image_tokens, image_mask, batch, generator=generator)

@@ -22,11 +22,14 @@ returns L_r = (1/b) * sum_{i in rank r} sum_{j in global batch} ..., normalised 
 of the per-rank losses is exactly the single-process loss on the concatenated batch; DDP's
 gradient averaging therefore yields the gradient of L_global.
 """
+from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from siglip2.schedule import LossTiming
 
 from ..distributed import all_gather_with_grad, get_rank, get_world_size
 
@@ -154,6 +157,16 @@ def sigmoid_loss_sums(
     return loss, pos_sum, neg_sum
 
 
+# Rows of the local b x b logits computed at a time (memory grows as chunk x b, not b^2).
+DEFAULT_CHUNK = 4096
+
+
+@dataclass
+class SigmoidLossConfig(LossTiming):
+    """`stage.losses.sigmoid`: weight and timing (on from step 0), and the tile size."""
+    chunk_size: int = DEFAULT_CHUNK
+
+
 class SigmoidLoss(nn.Module):
     """SigLIP sigmoid loss, chunked and distributed-aware.
 
@@ -166,7 +179,7 @@ class SigmoidLoss(nn.Module):
     rank's rows), logit_scale, logit_bias.
     """
 
-    def __init__(self, chunk_size: int = 1024, group=None):
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK, group=None):
         super().__init__()
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -92,8 +92,13 @@ class SigLIP2(nn.Module):
         return self.vision_model(image, patches, patch_coord, patch_valid, spatial_shapes, **hooks)
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids -> (B, D), not normalised."""
+        """(B, L) ids -> (B, D), not normalised (HF `get_text_features`)."""
         return self.text_model(text)
+
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, D) float32 L2-normalised text embeddings (HF `text_embeds`); the
+        text side of `ImageOutput.embeds`."""
+        return F.normalize(self.encode_text(text).float(), dim=-1)
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None, **image_kw) -> dict:
         """-> dict(image_emb, text_emb (L2-normalised), logit_scale (exp'd), logit_bias).
@@ -105,10 +110,10 @@ class SigLIP2(nn.Module):
         out = {"logit_scale": self.logit_scale.exp(), "logit_bias": self.logit_bias}
         if image is not None or image_kw.get("patches") is not None:
             img = self.encode_image(image, **image_kw)
-            out.update(image_emb=F.normalize(img.pooled, dim=-1), image_tokens=img.tokens,
+            out.update(image_emb=img.embeds, image_tokens=img.tokens,
                        image_token_mask=img.token_mask)
         if text is not None:
-            out["text_emb"] = F.normalize(self.encode_text(text), dim=-1)
+            out["text_emb"] = self.embed_text(text)
         return out
 
 

@@ -8,8 +8,10 @@ names are those of transformers `Siglip2VisionTransformer`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .heads import MAPHead
@@ -34,6 +36,12 @@ class ImageOutput:
     pooled: torch.Tensor  # (B, D) MAP-pooled embedding, not normalised
     tokens: torch.Tensor  # (B, N, W) post_layernorm'd patch tokens (LocCa, dense losses)
     token_mask: torch.Tensor | None  # (B, N) bool, True = real patch; None = no padding
+
+    @cached_property
+    def embeds(self) -> torch.Tensor:
+        """(B, D) float32 L2-normalised `pooled`: the image embedding of the sigmoid loss,
+        zero-shot and retrieval (HF `image_embeds`). Computed once, on first use."""
+        return F.normalize(self.pooled.float(), dim=-1)
 
 
 def patchify(image: torch.Tensor, patch: int) -> tuple[torch.Tensor, tuple[int, int]]:

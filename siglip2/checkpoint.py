@@ -1,0 +1,95 @@
+"""The one reader of our training checkpoints, without Lightning: eval, export and `init_from`.
+
+A checkpoint (`trainer.save_checkpoint`, any stage) holds the stage's `state_dict` — the
+student under `model.`, the losses' modules under `losses.<name>.` (the LocCa decoder under
+`losses.locca.decoder.`), an EMA teacher under `teacher.` when the stage has one — and a
+`siglip2` entry that makes it usable on its own: the configuration of the weights it holds
+(after any adaptation), the losses' configs, the loss phase and the recipe's clock
+(`stages.base.Stage.checkpoint_meta`).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from siglip2.model import SigLIP2, SigLIP2Config
+
+# Renamed since format 1 (old name prefix -> new), so earlier checkpoints keep loading.
+_RENAMED = {"locca.": "losses.locca."}
+
+
+def upgrade_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A format-1 stage state_dict with today's names (`locca.*` -> `losses.locca.*`)."""
+    out = {}
+    for key, value in state.items():
+        for old, new in _RENAMED.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
+@dataclass
+class Checkpoint:
+    """A read checkpoint. `state_dict`: the whole stage's tensors (today's names)."""
+    path: str
+    stage: str
+    model_config: SigLIP2Config
+    loss_configs: dict[str, dict[str, Any]]
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def weights(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors under `prefix` (e.g. "model."), with the prefix removed."""
+        return {k[len(prefix):]: v for k, v in self.state_dict.items() if k.startswith(prefix)}
+
+    def model(self, which: str = "student") -> SigLIP2:
+        """The two-tower model in eval mode: `student` (the trained weights) or `teacher`
+        (the EMA teacher of self-distillation, when the stage has one)."""
+        if which not in ("student", "teacher"):
+            raise ValueError(f"which must be 'student' or 'teacher', got {which!r}")
+        prefix = "model." if which == "student" else "teacher."
+        state = self.weights(prefix)
+        if not state:
+            raise ValueError(f"{self.path}: no {which} weights in this checkpoint (stage {self.stage!r}"
+                             + (", no EMA teacher before self-distillation is on" if which == "teacher" else "") + ")")
+        model = SigLIP2(self.model_config)
+        model.load_state_dict(state, strict=True)
+        return model.eval()
+
+    def locca_decoder(self):
+        """The LocCa decoder in eval mode, or None if the stage had no LocCa loss."""
+        if "locca" not in self.loss_configs:
+            return None
+        from siglip2.config import from_dict
+        from siglip2.losses.locca import LoccaConfig, LoccaHead
+
+        head = LoccaHead.for_model(from_dict(LoccaConfig, self.loss_configs["locca"], "losses.locca"),
+                                   self.model_config)
+        head.decoder.load_state_dict(self.weights("losses.locca.decoder."), strict=True)
+        return head.decoder.eval()
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model_config.vision.image_size)
+
+
+def read_checkpoint(path: str) -> Checkpoint:
+    """Read a checkpoint written by any stage (formats 1 and 2) on the CPU.
+
+    Raises `ValueError` if the file is not a siglip2 stage checkpoint.
+    """
+    raw = torch.load(str(path), map_location="cpu", weights_only=False)
+    meta = dict(raw.get("siglip2") or {})
+    if "model" not in meta or "state_dict" not in raw:
+        raise ValueError(f"{path}: not a siglip2 training checkpoint (no 'siglip2' entry with a model config)")
+    hparams = raw.get("hyper_parameters") or {}
+    losses = meta.get("losses")
+    if losses is None:  # format 1 kept the loss specs only in Lightning's hyper_parameters
+        losses = hparams.get("losses") or {}
+    return Checkpoint(path=str(path), stage=str(meta.get("stage")), model_config=SigLIP2Config.from_dict(meta["model"]),
+                      loss_configs=dict(losses), state_dict=upgrade_state_dict(raw["state_dict"]), meta=meta)

@@ -1,0 +1,65 @@
+"""Typed configs from the plain dicts of the yaml files: unknown keys are errors, by name.
+
+Every part that takes settings (a loss, the optimiser, a stage) declares them as a dataclass
+whose defaults are the documented ones; `from_dict` builds it from a nested dict (what
+`OmegaConf.to_container` gives), so a misspelt key (`losses.locca.parralel_prob`) fails
+before any compute with its dotted path and the closest known name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, where: str = "") -> T:
+    """`cls(**data)` with nested dataclass fields built recursively.
+
+    Raises `ValueError` naming the dotted path of every unknown key (with the closest known
+    key, if one is close) and of every required key that is missing.
+    """
+    if isinstance(data, cls):
+        return data
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        lines = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean '{_path(where, close[0])}'?)" if close else ""
+            lines.append(f"'{_path(where, key)}'{hint}")
+        raise ValueError(f"unknown config key {', '.join(lines)}; {cls.__name__} takes {sorted(fields)}")
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"missing config key {', '.join(repr(_path(where, m)) for m in missing)} for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        sub = _dataclass_of(hints.get(key))
+        kwargs[key] = from_dict(sub, value, _path(where, key)) if sub is not None and isinstance(value, Mapping) else value
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass config as the plain nested dict `from_dict` reads back (for checkpoints)."""
+    return dataclasses.asdict(obj)
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    """The dataclass in a field's type hint (`X`, `X | None`, `Optional[X]`), or None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _path(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key

@@ -1,0 +1,62 @@
+"""The optimiser's settings and parameter groups (big_vision's AdamW with decoupled decay).
+
+`OptimConfig` is the `optim:` block of `conf/train.yaml`, typed; its defaults are the
+yaml's (a test keeps them equal). Peak lr and warmup are not published for SigLIP 2
+(RECIPE.md); the demo's values and how they were chosen are in the README.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    """lr: peak learning rate. weight_decay: decoupled decay per step at peak (big_vision /
+    the paper: 1e-4), independent of lr; torch AdamW gets weight_decay / lr. warmup_steps:
+    optimiser steps (int) or a fraction of the recipe (float < 1). min_lr_ratio: the cosine's
+    end as a fraction of the peak. impl: AdamW kernel, "auto" | "fused" | "foreach" | "loop".
+    grad_clip: global gradient-norm clip (Lightning's gradient_clip_val)."""
+    lr: float = 3.5e-4
+    weight_decay: float = 1.0e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1.0e-8
+    warmup_steps: float | int = 0.05
+    min_lr_ratio: float = 0.0
+    impl: str = "auto"
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas needs two values, got {self.betas}")
+        if self.impl not in ("auto", "fused", "foreach", "loop"):
+            raise ValueError(f"optim.impl must be auto, fused, foreach or loop, got {self.impl!r}")
+        if self.lr < 0 or self.weight_decay < 0:
+            raise ValueError(f"optim.lr and optim.weight_decay must be >= 0, got {self.lr}, {self.weight_decay}")
+
+    @property
+    def torch_weight_decay(self) -> float:
+        """torch AdamW multiplies its decay by lr; the recipe's decay is decoupled from it."""
+        return float(self.weight_decay) / float(self.lr) if self.lr > 0 else 0.0
+
+
+def no_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases, norms, token/position embeddings, the MAP probe, mask tokens and the logit
+    scale/bias are not decayed; the patch embedding is a Linear layer and is decayed like the
+    other weights (big_vision's default decay mask: matrices only)."""
+    if param.ndim <= 1:  # biases, LayerNorm weights, logit_scale/bias
+        return True
+    lowered = name.lower()
+    return any(key in lowered for key in ("token_embedding", "position_embedding", "probe", "norm", "mask_token"))
+
+
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """[{decayed params, weight_decay}, {the rest, 0}] from `named_parameters()`, trainable only."""
+    decay, keep = [], []
+    for name, param in named:
+        if param.requires_grad:
+            (keep if no_decay(name, param) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]

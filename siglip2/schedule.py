@@ -1,0 +1,156 @@
+"""The recipe's clock: progress in examples seen -> lr factor, losses on/off, EMA momentum.
+
+SigLIP 2 is one run seen through several stages [P §2]: self-distillation and masked
+prediction join at 80% of pretraining, resolution adaptation continues the 95% checkpoint,
+NaFlex the 90% one with the last 10% of the cosine stretched 3.75x (RECIPE.md). All of them
+read one clock, *recipe progress* in [0, 1]:
+
+    progress = (window_start * total_examples + stage_examples_seen / stretch) / total_examples
+
+counted in examples, not steps, so a NaFlex step at half batch advances it by half a step.
+A stage declares its window of the recipe (pretrain 0-1, resadapt 0.95-1, NaFlex 0.90-1 with
+stretch 3.75); `init_from` therefore starts a stage where its window starts, never with a
+fresh warmup.
+
+Everything here is a pure function of the examples seen. Arithmetic is done on whole
+examples, so a run at a constant batch b gets bit for bit the factors of the step-based
+rule it replaces (warmup `(s + 1) / W`, cosine over `(s - W) / (T - W)`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class LossTiming:
+    """When a loss is on and how much it counts; every loss config starts with these.
+
+    `start_frac` / `end_frac` are fractions of the *recipe* (0.8 = from 80% of pretraining),
+    `weight` multiplies the loss in the stage's total.
+    """
+    weight: float = 1.0
+    start_frac: float = 0.0
+    end_frac: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.start_frac) <= float(self.end_frac) <= 1.0:
+            raise ValueError(f"need 0 <= start_frac <= end_frac <= 1, got {self.start_frac}, {self.end_frac}")
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over `warmup` steps (step s uses (s + 1) / warmup), then cosine
+    decay to `min_ratio` at `total` steps. The step-based closed form of `RecipeClock.lr_factor`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class RecipeClock:
+    """One stage's view of the recipe's clock.
+
+    total_examples: examples of the whole recipe (pretraining 0-100%).
+    step_examples: examples of one nominal optimiser step of this stage (global batch x
+        gradient accumulation); only the warmup's "this step's share" uses it.
+    warmup_examples: recipe examples at which the linear warmup reaches 1.
+    window: (start, end) of this stage in recipe progress.
+    stretch: stage examples per recipe example inside the window (NaFlex 3.75, else 1).
+    min_lr_ratio: the cosine ends at min_lr_ratio x peak.
+    """
+    total_examples: int
+    step_examples: int
+    warmup_examples: int = 0
+    window: tuple[float, float] = (0.0, 1.0)
+    stretch: float = 1.0
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        start, end = self.window
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"a stage's window must satisfy 0 <= start < end <= 1, got {self.window}")
+        if self.total_examples <= 0 or self.step_examples <= 0:
+            raise ValueError(f"total_examples and step_examples must be > 0, got {self.total_examples}, "
+                             f"{self.step_examples}")
+        if self.stretch <= 0:
+            raise ValueError(f"stretch must be > 0, got {self.stretch}")
+
+    @classmethod
+    def for_stage(cls, *, stage_steps: int, step_examples: int, warmup: float | int = 0,
+                  window: tuple[float, float] = (0.0, 1.0), stretch: float = 1.0, min_lr_ratio: float = 0.0,
+                  total_examples: int | None = None) -> "RecipeClock":
+        """The clock of a stage that runs `stage_steps` optimiser steps of `step_examples`.
+
+        Without `total_examples` (the recipe's length, e.g. from the checkpoint a stage starts
+        from) the stage's own length defines it: total = steps x step_examples / (span x
+        stretch). `warmup`: optimiser steps (int), or a fraction of the recipe (float < 1),
+        rounded to whole steps as the step-based schedule did.
+        """
+        start, end = window
+        if total_examples is None:
+            total_examples = int(round(stage_steps * step_examples / ((end - start) * stretch)))
+        total_steps = total_examples / step_examples
+        if isinstance(warmup, float) and warmup < 1:
+            warmup_examples = int(round(warmup * total_steps)) * step_examples
+        else:
+            warmup_examples = int(warmup) * step_examples
+        return cls(total_examples=int(total_examples), step_examples=int(step_examples),
+                   warmup_examples=warmup_examples, window=(float(start), float(end)), stretch=float(stretch),
+                   min_lr_ratio=float(min_lr_ratio))
+
+    # ---- progress --------------------------------------------------------------------
+    def recipe_examples(self, stage_examples: float) -> float:
+        """Recipe examples reached after `stage_examples` examples of this stage (capped at
+        the window's end)."""
+        start = round(self.window[0] * self.total_examples)
+        seen = stage_examples if self.stretch == 1.0 else stage_examples / self.stretch
+        return min(start + seen, self.window[1] * self.total_examples)
+
+    def progress(self, stage_examples: float) -> float:
+        """Recipe progress in [window start, window end] after `stage_examples` of this stage."""
+        return self.recipe_examples(stage_examples) / self.total_examples
+
+    @property
+    def stage_examples(self) -> float:
+        """Examples this stage takes to cover its window."""
+        return (self.window[1] - self.window[0]) * self.total_examples * self.stretch
+
+    # ---- what the clock decides ------------------------------------------------------
+    def lr_factor(self, stage_examples: float) -> float:
+        """Multiplier of the peak lr for the step that starts after `stage_examples`.
+
+        Warmup: (examples reached at the end of this step) / warmup_examples; then cosine
+        from 1 at the end of warmup to `min_lr_ratio` at the end of the recipe.
+        """
+        r = self.recipe_examples(stage_examples)
+        w, total = self.warmup_examples, self.total_examples
+        if w > 0 and r < w:
+            step = self.step_examples if self.stretch == 1.0 else self.step_examples / self.stretch
+            return (r + step) / w
+        t = min(1.0, (r - w) / max(self.step_examples, total - w))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    @staticmethod
+    def loss_on(timing: LossTiming, progress: float) -> bool:
+        """Whether a loss with this timing is on at `progress`."""
+        return float(timing.start_frac) <= progress and (progress < float(timing.end_frac) or timing.end_frac >= 1.0)
+
+    @classmethod
+    def loss_weight(cls, timing: LossTiming, progress: float) -> float:
+        """The loss's weight at `progress` (0 while it is off)."""
+        return float(timing.weight) if cls.loss_on(timing, progress) else 0.0
+
+
+def ema_momentum(progress: float, base: float = 0.996, final: float | None = None,
+                 start: float = 0.0, end: float = 1.0) -> float:
+    """EMA teacher momentum at recipe `progress`.
+
+    Fixed `base` by default (0.996, RECIPE.md: not published for SigLIP 2). With `final`
+    (DINO's schedule, final 1.0) it rises on a half cosine from `base` at `start` to `final`
+    at `end`: m = final - (final - base) * (1 + cos(pi * t)) / 2, t = (progress - start) / (end - start).
+    """
+    if final is None:
+        return float(base)
+    t = min(1.0, max(0.0, (progress - start) / max(end - start, 1e-12)))
+    return float(final - (final - base) * 0.5 * (1.0 + math.cos(math.pi * t)))
