@@ -147,14 +147,14 @@ def measure(args, demo, image_size: int, upscale: int = 1) -> dict:
 
 def breakdown(args, demo, image_size: int) -> None:
     """Per-stage cost of ours in this process (ms per sample), same samples for every stage."""
-    from siglip2.data.shards import _read_shards, _WorkerStats, collate, decode_sample, expand_urls
-    from stages.data import TrainSample
+    from siglip2.data.decode import decode_sample
+    from siglip2.data.shards import collate, expand_urls, read_shards
 
     torch.set_num_threads(1)
     data = build_data(demo, image_size, args.batch, 1, workers=0)
     urls = expand_urls(demo.train_urls)
     n = args.samples
-    read = lambda: [s for _, s in zip(range(n), _read_shards([{"url": u} for u in urls], _WorkerStats()))]  # noqa: E731
+    read = lambda: [s for _, s in zip(range(n), read_shards([{"url": u} for u in urls]))]  # noqa: E731
     raws = read()
     loader = data.train_dataloader()
     sample_fn = loader.dataset.sample_fn

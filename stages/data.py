@@ -1,5 +1,8 @@
 """The LightningDataModule that turns shards into training batches for every stage.
 
+Wiring only: the per-sample work (image view, tokens, LocCa targets) is
+`siglip2.data.samples.TrainSample`, the stream is `siglip2.data.shards.build_train_loader`.
+
 It builds the embedded demo when asked (before the tokenizer, which the demo trains), holds
 the tokenizer, and rebuilds the training loader every epoch with `seed + epoch` so that
 resampled shards differ between epochs and a resumed run sees the data an uninterrupted one
@@ -7,58 +10,20 @@ would have seen.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import random
 from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
 
-from siglip2.data.locca_targets import LoccaFormat, build_locca_targets, region_boxes
-from siglip2.data.shards import DecodedSample, build_train_loader
-from siglip2.data.tokenizer import Tokenizer, build_tokenizer
+from siglip2.data.locca_targets import LoccaFormat
+from siglip2.data.samples import TrainSample
+from siglip2.data.shards import build_train_loader
+from siglip2.data.tokenizer import build_tokenizer
 from siglip2.data.transforms import ImageTransform
 
 log = logging.getLogger(__name__)
-
-
-def sample_seed(seed: int, epoch: int, key: str) -> int:
-    """Per-sample randomness that does not depend on worker count or process RNG state."""
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-class TrainSample:
-    """DecodedSample -> training example: image, tokens and (optionally) LocCa targets.
-
-    LocCa boxes go through the same geometric transform as the image, so ARef/GCap targets
-    describe what the model sees.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, transform: ImageTransform, seed: int, epoch: int,
-                 locca_targets: Mapping[str, Any] | None = None):
-        self.tokenizer = tokenizer
-        self.transform = transform
-        self.seed, self.epoch = seed, epoch
-        self.locca_format = LoccaFormat(**dict(locca_targets)) if locca_targets else None
-
-    def __call__(self, sample: DecodedSample) -> dict[str, Any] | None:
-        regions = (sample.meta.get("regions") or []) if isinstance(sample.meta, dict) else []
-        boxes = None
-        if self.locca_format is not None and regions:
-            try:
-                boxes = region_boxes(regions)
-            except (KeyError, TypeError, ValueError):
-                regions, boxes = [], None  # malformed regions: this sample trains Cap only
-        image, boxes = self.transform(sample.image, boxes)
-        out: dict[str, Any] = {"image": image, "text": self.tokenizer(sample.caption)[0], "key": sample.key}
-        if self.locca_format is not None:
-            rng = random.Random(sample_seed(self.seed, self.epoch, sample.key))
-            out.update(build_locca_targets(self.tokenizer, sample.caption, regions, rng, self.locca_format,
-                                           boxes=boxes))
-        return out
 
 
 class ImageTextData(L.LightningDataModule):
@@ -82,7 +47,7 @@ class ImageTextData(L.LightningDataModule):
         draft_decode: bool = True,
     ):
         """`draft_decode`: let JPEGs much larger than the training size decode at 1/2, 1/4
-        or 1/8 scale (never below it; see `siglip2.data.shards.decode_sample`)."""
+        or 1/8 scale (never below it; see `siglip2.data.decode.decode_sample`)."""
         super().__init__()
         self.demo = None
         if demo:
@@ -122,7 +87,8 @@ class ImageTextData(L.LightningDataModule):
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         transform = ImageTransform(self.image_size, random_resized_crop=self.random_resized_crop,
                                    scale=self.crop_scale)
-        sample_fn = TrainSample(self.tokenizer, transform, self.seed, epoch, self.locca_targets)
+        locca = LoccaFormat(**self.locca_targets) if self.locca_targets else None
+        sample_fn = TrainSample(self.tokenizer, transform, self.seed, epoch, locca)
         return build_train_loader(
             self.sources, sample_fn, batch_size=self.batch_size, num_batches=self.batches_per_epoch,
             seed=self.seed * 1_000_003 + epoch, num_workers=self.num_workers,

@@ -8,7 +8,8 @@ Why it looks the way it does:
 - Evaluation streams read every shard once, split by rank then by worker, so every sample
   is seen exactly once across the whole job. Ranks may get different numbers of batches
   (shards are the unit of splitting), so gather eval results rather than step in lockstep.
-- Only the keys we know are decoded, by our own code with PIL and json. Nothing from a
+- Only the keys we know are decoded, by our own code with PIL and json
+  (:mod:`siglip2.data.decode`, which also holds the image mode policy). Nothing from a
   shard is ever unpickled: ``.pyd``/``.pickle``/``.pth``/... members are not even read
   out of the tar.
 - Bad data never stops a run: a bad sample is skipped and counted by reason, a bad shard is
@@ -21,13 +22,6 @@ Skip reasons (keys of ``batch["skipped"]``): see :data:`SKIP_REASONS`. A ``sampl
 a sample by returning None (reason "sample_fn") or by raising ``BadSample(reason)`` for a
 reason of its own; any other exception from it is a bug and propagates.
 
-Image mode policy (``to_rgb``): grayscale, palette, CMYK, 16-bit are converted to RGB;
-anything with transparency (RGBA, LA, palette + transparency) is composited over *white*.
-Web alt-text images with alpha are mostly logos and product shots drawn for white pages;
-dropping alpha instead exposes whatever colour hides under transparent pixels (often black).
-EXIF orientation is ignored, as big_vision's decoder does, so boxes in the json stay
-aligned with the stored pixels.
-
 Rank and world size come from ``torch.distributed`` when it is initialised, else from the
 ``RANK``/``WORLD_SIZE`` environment variables, else 0/1; they are read when the loader is
 built (Lightning builds loaders after the process group is up).
@@ -36,51 +30,38 @@ built (Lightning builds loaders after the process group is up).
 from __future__ import annotations
 
 import glob
-import io
-import json
 import logging
 import os
 import random
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from typing import Any
 from urllib.parse import urlparse
 
-import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.shardlists import expand_urls as _wds_expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 from webdataset.utils import make_seed
 
+# Decoding lives in siglip2.data.decode; its public names are re-exported here (unchanged API).
+from siglip2.data.decode import (DEFAULT_MAX_PIXELS, IMAGE_KEYS, JSON_KEY, MASK_KEY, TEXT_KEY,
+                                 BadSample, DecodedSample, decode_sample, to_rgb)
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DecodedSample", "BadSample", "SkipStats", "SKIP_REASONS", "DEFAULT_MAX_PIXELS", "IMAGE_KEYS",
     "build_train_loader", "build_eval_loader", "expand_urls", "decode_sample", "to_rgb",
-    "collate", "get_rank_world",
+    "collate", "get_rank_world", "read_shards",
 ]
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-TEXT_KEY, JSON_KEY, MASK_KEY = "txt", "json", "seg.png"
+# Only members with one of these keys are read out of the tar (see _wanted_file).
 _WANTED_KEYS = frozenset(IMAGE_KEYS + (TEXT_KEY, JSON_KEY, MASK_KEY))
-
-# Web images often carry the wrong extension, so any of these is accepted under any image
-# key; formats that call out to other programs (EPS -> Ghostscript) are never tried.
-Image.init()  # register every plugin so the names below resolve
-_IMAGE_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-                       if f in Image.OPEN)
-
-# A decoded 33.5 MP RGB image is ~100 MB: beyond that a single web image costs more
-# worker memory and time than it is worth at 224-512 px training resolution.
-DEFAULT_MAX_PIXELS = 2**25
 
 SKIP_REASONS = {
     "bad_shard": "tar could not be opened or read to the end (samples after the fault lost)",
@@ -99,123 +80,6 @@ SKIP_REASONS = {
 # fail loudly instead. Generous: a real dataset with a few bad shards never gets close.
 MAX_CONSECUTIVE_EMPTY_SHARDS = 200
 MAX_CONSECUTIVE_SKIPS = 100_000
-
-
-@dataclass
-class DecodedSample:
-    key: str
-    image: Image.Image  # RGB
-    caption: str
-    meta: dict = field(default_factory=dict)
-    mask: np.ndarray | None = None  # uint8 (H, W) when decode_mask=True and present
-
-
-class BadSample(Exception):
-    """Raised by :func:`decode_sample`; ``reason`` is a key of :data:`SKIP_REASONS`."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(reason, detail)
-        self.reason = reason
-        self.detail = detail
-
-
-# ----------------------------------------------------------------------------------------
-# decoding
-# ----------------------------------------------------------------------------------------
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB; transparency is composited over white (module doc)."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
-    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
-            arr = arr / 257.0
-        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
-        mode = "L"
-    if mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode == "L" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def _decode_image(data: bytes, max_pixels: int, decode_size: tuple[int, int] | None = None) -> Image.Image:
-    if not data:
-        raise BadSample("bad_image", "zero-byte image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=_IMAGE_FORMATS)  # header only
-            w, h = img.size
-            if w * h > max_pixels:
-                raise BadSample("too_large", f"{w}x{h} > max_pixels={max_pixels}")
-            if decode_size is not None and img.format == "JPEG":
-                # DCT-domain downscale by 1/2, 1/4 or 1/8 while both sides stay >= decode_size
-                img.draft(None, tuple(decode_size))
-            img.load()
-            return to_rgb(img)
-    except BadSample:
-        raise
-    except Image.DecompressionBombError as e:
-        raise BadSample("too_large", str(e)) from None
-    except Exception as e:  # UnidentifiedImageError, OSError (truncated), SyntaxError, ...
-        raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
-
-
-def _decode_mask(data: bytes, size: tuple[int, int]) -> np.ndarray:
-    try:
-        m = Image.open(io.BytesIO(data), formats=("PNG",))
-        m.load()
-        if m.mode not in ("L", "P"):
-            m = m.getchannel(0) if m.mode in ("RGB", "RGBA", "LA") else m.convert("L")
-        arr = np.array(m, dtype=np.uint8)
-    except Exception as e:
-        raise BadSample("bad_mask", f"{type(e).__name__}: {e}") from None
-    if (arr.shape[1], arr.shape[0]) != tuple(size):
-        raise BadSample("bad_mask", f"mask {arr.shape[1]}x{arr.shape[0]} != image {size[0]}x{size[1]}")
-    return arr
-
-
-def decode_sample(raw: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  decode_mask: bool = False, decode_size: tuple[int, int] | None = None) -> DecodedSample:
-    """Raw wds sample (key -> bytes) to a DecodedSample; raises :class:`BadSample` if bad.
-
-    Cheap checks first (caption, json, header size) so bad samples cost no image decode.
-    ``decode_size`` (w, h): a JPEG at least twice that size on both sides is decoded at 1/2,
-    1/4 or 1/8 scale (libjpeg DCT scaling, never below ``decode_size``), which is faster than a
-    full decode; the caller resizes to its own size anyway (see
-    ``ImageTransform.min_source_size``). Ignored when a mask is decoded (it must match the image).
-    """
-    key = raw.get("__key__", "")
-    img_bytes = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
-    if img_bytes is None:
-        raise BadSample("missing_image")
-    if TEXT_KEY not in raw:
-        raise BadSample("missing_caption")
-    try:
-        caption = bytes(raw[TEXT_KEY]).decode("utf-8-sig").strip()
-    except UnicodeDecodeError:
-        raise BadSample("bad_caption") from None
-    if not caption:
-        raise BadSample("empty_caption")
-    meta: dict = {}
-    if JSON_KEY in raw:
-        try:
-            meta = json.loads(bytes(raw[JSON_KEY]).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise BadSample("bad_json") from None
-        if not isinstance(meta, dict):
-            raise BadSample("bad_json", f"json is a {type(meta).__name__}, not an object")
-    image = _decode_image(bytes(img_bytes), max_pixels, None if decode_mask else decode_size)
-    mask = None
-    if decode_mask and MASK_KEY in raw:
-        mask = _decode_mask(bytes(raw[MASK_KEY]), image.size)
-    return DecodedSample(key=key, image=image, caption=caption, meta=meta, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -371,14 +235,23 @@ def _tag(files: Iterator[dict], url: str) -> Iterator[dict]:
         yield f
 
 
-def _read_shards(shards: Iterable[dict], stats: _WorkerStats,
-                 max_empty: int | None = None) -> Iterator[dict]:
+def read_shards(shards: Iterable[dict], stats: _WorkerStats | None = None,
+                max_empty: int | None = None) -> Iterator[dict]:
     """Shard dicts -> raw samples, one shard at a time so a fault is pinned on its shard.
 
+    ``shards``: dicts with a ``"url"`` (what ``wds.ResampledShards`` / ``SimpleShardList``
+    yield), e.g. ``[{"url": u} for u in expand_urls(pattern)]``. Each raw sample is a dict
+    ``{"__key__": str, "__url__": str, <ext>: bytes}`` holding only the members that
+    :func:`siglip2.data.decode.decode_sample` reads (image, ``txt``, ``json``, ``seg.png``).
+
     The tar is read with webdataset's own iterators; a shard that fails to open or
-    breaks part-way is counted once as "bad_shard" and warned about, and the stream goes
-    on with the next shard (the partial sample at the fault is dropped).
+    breaks part-way is counted once as "bad_shard" in ``stats`` (a fresh counter when None)
+    and warned about, and the stream goes on with the next shard (the partial sample at
+    the fault is dropped). Raises RuntimeError after ``max_empty`` shards in a row gave no
+    sample (None: never).
     """
+    if stats is None:
+        stats = _WorkerStats()
     empty_run = 0
     for shard in shards:
         url = shard["url"]
@@ -561,7 +434,7 @@ class _TrainStream(IterableDataset):
             seed = make_seed(self.seed, i, g, it)
             pipe = wds.DataPipeline(
                 wds.ResampledShards(subset, seed=seed, deterministic=True, worker_seed=_zero),
-                partial(_read_shards, stats=stats, max_empty=MAX_CONSECUTIVE_EMPTY_SHARDS),
+                partial(read_shards, stats=stats, max_empty=MAX_CONSECUTIVE_EMPTY_SHARDS),
                 wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer),
                             rng=random.Random(seed + 1)) if self.shuffle_buffer > 1 else None,
             )
@@ -602,7 +475,7 @@ class _EvalStream(IterableDataset):
             wds.SimpleShardList(self.urls),
             partial(_split_by_rank, rank=self.rank, world=self.world),
             wds.split_by_worker,
-            partial(_read_shards, stats=stats),
+            partial(read_shards, stats=stats),
             partial(_decode_stage, stats=stats, sample_fn=self.sample_fn,
                     max_pixels=self.max_pixels, decode_mask=self.decode_mask),
             partial(_batch_stage, batch_size=self.batch_size, stats=stats, worker_id=worker,

@@ -1,0 +1,75 @@
+"""One training example from one decoded sample: image view, caption tokens, LocCa targets.
+
+This is the ``sample_fn`` that :func:`siglip2.data.shards.build_train_loader` runs in its
+workers on every :class:`~siglip2.data.decode.DecodedSample`. It takes typed pieces (a
+tokenizer, an image transform, a :class:`~siglip2.data.locca_targets.LoccaFormat`), not
+config mappings; ``stages.data`` builds them from the config.
+
+Per-sample randomness (which region LocCa draws) comes from :func:`sample_seed`, a hash of
+run seed, epoch and sample key, so it does not depend on the worker count, the worker a
+sample lands on, or any process RNG state.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any
+
+from siglip2.data.decode import DecodedSample
+from siglip2.data.locca_targets import LoccaFormat, build_locca_targets, region_boxes
+from siglip2.data.tokenizer import Tokenizer
+from siglip2.data.transforms import ImageTransform
+
+__all__ = ["TrainSample", "sample_seed"]
+
+
+def sample_seed(seed: int, epoch: int, key: str) -> int:
+    """Per-sample randomness that does not depend on worker count or process RNG state.
+
+    Returns an unsigned 64-bit int (blake2b of ``"{seed}/{epoch}/{key}"``), the same in
+    every process for the same arguments.
+    """
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class TrainSample:
+    """DecodedSample -> training example: image, tokens and (optionally) LocCa targets.
+
+    LocCa boxes go through the same geometric transform as the image, so ARef/GCap targets
+    describe what the model sees.
+
+    Arguments: ``tokenizer`` (fixed-length ids), ``transform`` (PIL image + optional boxes ->
+    tensor + moved boxes), ``seed`` and ``epoch`` (see :func:`sample_seed`), ``locca``: the
+    LocCa prompt format, or None for no LocCa targets.
+
+    Output of a call: ``image`` float32 tensor (3, H, W) in [-1, 1], (H, W) the transform's
+    size; ``text``
+    int64 tensor (L,) of caption token ids (L = tokenizer length); ``key`` str; with
+    ``locca`` also ``locca_{t}_input`` / ``locca_{t}_target`` / ``locca_{t}_valid`` for t in
+    cap, aref, gcap (see :mod:`siglip2.data.locca_targets`). Malformed ``regions`` in the
+    sample json are not an error: that sample trains Cap only. Never returns None.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, transform: ImageTransform, seed: int, epoch: int,
+                 locca: LoccaFormat | None = None):
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.seed, self.epoch = seed, epoch
+        self.locca_format = locca
+
+    def __call__(self, sample: DecodedSample) -> dict[str, Any] | None:
+        regions = (sample.meta.get("regions") or []) if isinstance(sample.meta, dict) else []
+        boxes = None
+        if self.locca_format is not None and regions:
+            try:
+                boxes = region_boxes(regions)
+            except (KeyError, TypeError, ValueError):
+                regions, boxes = [], None  # malformed regions: this sample trains Cap only
+        image, boxes = self.transform(sample.image, boxes)
+        out: dict[str, Any] = {"image": image, "text": self.tokenizer(sample.caption)[0], "key": sample.key}
+        if self.locca_format is not None:
+            rng = random.Random(sample_seed(self.seed, self.epoch, sample.key))
+            out.update(build_locca_targets(self.tokenizer, sample.caption, regions, rng, self.locca_format,
+                                           boxes=boxes))
+        return out
