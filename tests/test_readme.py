@@ -26,3 +26,102 @@ def test_ci_extracts_exactly_the_readme_test_command():
     extract = re.search(r"cmd=\$\((.*)\)\n", script).group(1)
     out = subprocess.run(["bash", "-c", extract], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == bash_blocks((ROOT / "README.md").read_text())[1]
+
+
+# --- Every train.py / eval.py command in the README's bash blocks composes -------------------
+# Each command runs with `--cfg job` appended: Hydra parses the overrides and composes the
+# config, prints it and exits; nothing is trained, built or loaded, so commands naming files
+# that do not exist here (shards, checkpoints, tokenizers) compose as well. Hydra refuses
+# `--cfg` together with `-m`, so a sweep is expanded and each of its runs composed on its own.
+# `python -m siglip2.export` is not a Hydra app (it loads the checkpoint straight away), and
+# install lines (`python3 -m venv ...`, `pip ...`) are not usage: neither is collected here.
+import itertools
+import os
+import shlex
+import sys
+
+import pytest
+
+HYDRA_APPS = ("train.py", "eval.py")
+PLACEHOLDER = re.compile(r"<([A-Za-z_][\w-]*)>")  # <run>, <ckpt>: the user's own paths
+
+
+def readme_hydra_commands(text: str) -> list[str]:
+    """The `python train.py ...` / `python eval.py ...` commands of the bash blocks, one per
+    command, continuation lines joined, trailing comments dropped."""
+    commands = []
+    for block in bash_blocks(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip()
+            if not line or line.startswith("#") or line.startswith(("pip ", "python3 -m venv")):
+                continue
+            # A line may chain commands: split on the shell's separators, outside quotes.
+            lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+            lexer.whitespace_split = True
+            lexer.commenters = "#"
+            segments, current = [], []
+            for token in lexer:
+                if token in ("&&", "||", ";", "&", "|"):
+                    segments.append(current)
+                    current = []
+                else:
+                    current.append(token)
+            segments.append(current)
+            for tokens in segments:
+                if tokens[:1] == ["python"] and tokens[1:2] and tokens[1] in HYDRA_APPS:
+                    commands.append(shlex.join(tokens))
+    return commands
+
+
+def expand_sweep(args: list[str]) -> list[list[str]]:
+    """Overrides of a `-m` run -> the override lists of its runs (basic sweeper: the product)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices = []
+    for override in OverridesParser.create().parse_overrides(args):
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([override.input_line])
+    return [list(run) for run in itertools.product(*choices)]
+
+
+def compose_runs(command: str) -> list[list[str]]:
+    """The argv lists (without the interpreter) that compose `command`'s run(s) with --cfg job."""
+    tokens = shlex.split(PLACEHOLDER.sub(r"PLACEHOLDER_\1", command))
+    script, args = tokens[1], tokens[2:]
+    if "-m" in args or "--multirun" in args:
+        args = [a for a in args if a not in ("-m", "--multirun")]
+        return [[script, *run, "--cfg", "job"] for run in expand_sweep(args)]
+    return [[script, *args, "--cfg", "job"]]
+
+
+README_COMMANDS = readme_hydra_commands((ROOT / "README.md").read_text())
+
+
+def test_readme_usage_commands_are_collected():
+    """Guard against a vacuous pass: the Usage block's commands, the sweep and the real run."""
+    assert len(README_COMMANDS) >= 8, README_COMMANDS
+    assert any(" -m " in c for c in README_COMMANDS), README_COMMANDS
+    assert any("data.train" in c and "trainer.num_nodes=8" in c for c in README_COMMANDS), README_COMMANDS
+    assert any(c.startswith("python eval.py") for c in README_COMMANDS), README_COMMANDS
+    assert compose_runs("python train.py -m optim.lr=1e-3,3e-4 debug=fast") == [
+        ["train.py", "optim.lr=0.001", "debug=fast", "--cfg", "job"],
+        ["train.py", "optim.lr=0.0003", "debug=fast", "--cfg", "job"],
+    ]
+
+
+@pytest.mark.parametrize("command", README_COMMANDS)
+def test_readme_command_composes(command):
+    try:
+        runs = compose_runs(command)
+    except Exception as e:  # a sweep whose overrides Hydra cannot parse
+        pytest.fail(f"README command does not parse as Hydra overrides:\n  {command}\n{e}")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    for argv in runs:
+        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, (
+            f"README command fails to compose:\n  {command}\nran: python {shlex.join(argv)}\n"
+            f"{proc.stderr[-3000:]}")
