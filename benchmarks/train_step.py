@@ -86,12 +86,14 @@ def compose(size: str, overrides: list[str] = ()):
 
 def build_ours(cfg, total_steps: int = 10_000):
     """PretrainStage + its optimiser and scheduler, built as `stages.runner.build` builds them."""
-    from hydra.utils import instantiate
+    from stages.runner import build_stage
 
-    stage = instantiate(cfg.stage, model=cfg.model, optim=cfg.optim, vocab_size=int(cfg.model.text.vocab_size),
-                        seed=int(cfg.seed), _recursive_=False, _convert_="all")
+    stage = build_stage(cfg, vocab_size=int(cfg.model.text.vocab_size))
     stage.configure_model()  # compiles the towers when model.compile=true
-    stage._trainer = SimpleNamespace(estimated_stepping_batches=total_steps, global_step=0, precision="32-true")
+    # The clock reads max_steps, the world size and the per-rank batch from the Trainer.
+    stage._trainer = SimpleNamespace(estimated_stepping_batches=total_steps, global_step=0, precision="32-true",
+                                     world_size=1, accumulate_grad_batches=1,
+                                     datamodule=SimpleNamespace(batch_size=int(cfg.data.batch_size)))
     conf = stage.configure_optimizers()
     stage._trainer = None  # outside a Trainer: self.log is a no-op, global_step is 0
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]

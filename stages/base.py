@@ -13,6 +13,7 @@ cleared.
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -110,6 +111,7 @@ class Stage(L.LightningModule):
     loss's forward`. Each loss returns `(scalar, {metric: tensor})`.
     """
 
+    NAME = "stage"  # what checkpoints record; `ckpt_path` resumes only the same stage
     LOSSES: dict[str, type[LossTiming]] = {}
 
     def __init__(
@@ -117,7 +119,7 @@ class Stage(L.LightningModule):
         model: Mapping[str, Any],
         optim: Mapping[str, Any],
         losses: Mapping[str, Mapping[str, Any]],
-        name: str = "stage",
+        name: str | None = None,
         handoff_fractions: list[float] | None = None,
         recipe: Mapping[str, Any] | None = None,
         compile: bool | None = None,
@@ -130,6 +132,7 @@ class Stage(L.LightningModule):
         -> its config keys (`LOSSES`). `recipe`: `RecipeWindow` keys. Unknown names or keys
         raise `ValueError` naming them, before anything is built."""
         super().__init__()
+        name = name or self.NAME
         model_cfg = _to_dict(model)
         model_cfg["compile"] = bool(model_cfg.get("compile", False) or compile)
         if model_cfg.get("text", {}).get("vocab_size") is None:
@@ -227,13 +230,19 @@ class Stage(L.LightningModule):
 
     def enable_loss(self, name: str) -> None:
         """Switch a scheduled loss on: re-initialise its parameters, clear their optimiser
-        state, then call `on_loss_enabled`. Runs once per loss per run (not again on resume)."""
+        state, then call `on_loss_enabled`. Runs once per loss per run (not again on resume).
+        Under FSDP/DeepSpeed the optimiser state is sharded and owned by the strategy; the
+        state of the local shards is what is cleared."""
         module = self.losses[name]
-        for sub in module.modules():
-            if sub is not module and hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+        # Re-initialised as built (the module's own init), into the same parameter tensors so
+        # that DDP and the optimiser keep them; seeded by (run seed, loss name), so a run
+        # resumed before the switch re-initialises exactly as an uninterrupted one.
+        seed = int(self.hparams.get("seed", 0)) * 1_000_003 + zlib.crc32(name.encode())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = self.build_loss(name, self.loss_configs[name])
+        with torch.no_grad():
+            module.load_state_dict(fresh.state_dict())
         params = set(module.parameters())
         trainer = self._trainer
         if params and trainer is not None:

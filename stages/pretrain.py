@@ -19,6 +19,7 @@ from stages.base import Stage, StepContext
 
 
 class PretrainStage(Stage):
+    NAME = "pretrain"
     LOSSES = {"sigmoid": SigmoidLossConfig, "locca": LoccaConfig}
 
     def build_loss(self, name: str, cfg) -> nn.Module:

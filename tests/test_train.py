@@ -26,7 +26,9 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def cli(args: list[str], cache: Path, logs: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    # tests/ on the path: runs may name test stages (probe_stage.ProbeStage)
+    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", PYTHONPATH=path)
     cmd = [sys.executable, "train.py", *args, f"paths.cache_dir={cache}", f"paths.log_dir={logs}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -180,12 +182,18 @@ def test_init_from_loads_weights_and_names_mismatched_tensors(cache_dir, tmp_pat
         build(compose_cfg([f"init_from={ckpt}", "model.text.max_len=32"], cache_dir, tmp_path / "c"))
 
 
-def test_ddp_cpu_two_processes_train(cache_dir, tmp_path):
-    proc = cli(["debug=fast", "trainer=ddp_cpu", "trainer.max_steps=3"], cache_dir, tmp_path)
+def test_ddp_cpu_two_processes_train_with_a_loss_that_joins_later(cache_dir, tmp_path):
+    """DDP's reducer expects a gradient for every parameter it wraps at step 0: the probe
+    loss's head exists from step 0, is in the graph with weight 0 until its switch at 50%,
+    then trains. Losses and gradients against one process: tests/test_ddp_parity.py."""
+    proc = cli(["debug=fast", "trainer=ddp_cpu", "trainer.max_steps=4", "stage._target_=probe_stage.ProbeStage",
+                "+stage.losses.probe.start_frac=0.5"], cache_dir, tmp_path)
     metrics_path = Path(proc.stdout.strip().splitlines()[-1].split("metrics written to ")[-1])
     metrics = json.loads(metrics_path.read_text())
-    assert metrics["global_step"] == 3
+    assert metrics["global_step"] == 4
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert metrics["schedule/probe_on"] == 1.0 and torch.isfinite(torch.tensor(metrics["train/loss_probe"]))
+    assert metrics["train/examples_seen"] >= 3 * 2 * 16  # both ranks' batches counted
 
 
 def test_deepspeed_stage_2_composes_and_builds_trainer_on_cpu(cache_dir, tmp_path):
@@ -215,3 +223,63 @@ def test_fsdp_composes_and_wraps_transformer_blocks(cache_dir, tmp_path):
     with pytest.raises(Exception, match="requires a GPU accelerator"):
         build(compose_cfg(["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true"],
                           cache_dir, tmp_path))
+
+
+# ---------------------------------------------------------------- losses that join later
+class _Watch(L.Callback):
+    """At each batch start (after LossSchedule): which losses are on, and the optimiser state
+    of the probe head (cleared at the switch)."""
+
+    def __init__(self):
+        self.on: dict[int, bool] = {}
+        self.state_at_switch: list[int] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.on[trainer.global_step] = pl_module.loss_enabled["probe"]
+        if pl_module.switches and pl_module.switches[-1][1] == trainer.global_step and self.state_at_switch is None:
+            opt = trainer.optimizers[0]
+            self.state_at_switch = [len(opt.state.get(p, {})) for p in pl_module.losses["probe"].parameters()]
+
+
+PROBE = ["stage._target_=probe_stage.ProbeStage", "+stage.losses.probe.start_frac=0.5", "trainer.max_steps=9",
+         "data.batches_per_epoch=3", "callbacks.model_checkpoint.every_n_train_steps=3"]
+
+
+def test_a_loss_joins_at_its_fraction_once_and_resume_keeps_the_phase(cache_dir, tmp_path):
+    """The probe loss (tests/probe_stage.py) is built with the stage, so the optimiser and the
+    checkpoints hold its parameters from step 0; it turns on at 50% (step 5 of 9) with its
+    parameters re-initialised and its optimiser state cleared, the hook firing once. Runs
+    resumed from a checkpoint before the switch (step 3: the switch happens again after the
+    resume, as in the killed run) and after it (step 6) end in the same phase with the same
+    weights as the uninterrupted run."""
+    watch = _Watch()
+    _, full = fit(compose_cfg(PROBE, cache_dir, tmp_path / "full"), [watch])
+    assert full.switches == [("probe", 5)]
+    assert watch.on == {s: s >= 5 for s in range(9)}
+    assert watch.state_at_switch is not None and set(watch.state_at_switch) == {0}
+    ref = weights(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    assert any(k.startswith("losses.probe.head.") for k in ref)
+
+    with pytest.raises(SystemExit):
+        fit(compose_cfg(PROBE, cache_dir, tmp_path / "killed"), [_Crash(step=7)])
+    for step, fires in ((3, [("probe", 5)]), (6, [])):
+        ckpt = tmp_path / "killed" / "checkpoints" / f"step_{step:07d}.ckpt"
+        meta = torch.load(ckpt, map_location="cpu", weights_only=False)["siglip2"]
+        assert meta["loss_enabled"]["probe"] == (step > 5)
+        watch = _Watch()
+        trainer, resumed = fit(compose_cfg([*PROBE, f"ckpt_path={ckpt}"], cache_dir, tmp_path / f"resumed{step}"),
+                               [watch])
+        assert resumed.switches == fires
+        assert watch.on == {s: s >= 5 for s in range(step, 9)}
+        got = weights(tmp_path / f"resumed{step}" / "checkpoints" / "last.ckpt")
+        assert got.keys() == ref.keys()
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-6, msg=f"resumed from {step}: {key}")
+
+
+def test_a_misspelt_loss_key_fails_before_training(cache_dir, tmp_path):
+    from stages.runner import build
+
+    # Hydra wraps the stage's ValueError in an InstantiationException carrying its message.
+    with pytest.raises(Exception, match=r"stage\.losses\.locca\.paralel_prob.*parallel_prob"):
+        build(compose_cfg(["+stage.losses.locca.paralel_prob=0.1"], cache_dir, tmp_path))

@@ -1,0 +1,85 @@
+"""One checkpoint reader (siglip2/checkpoint.py): a checkpoint rebuilds exactly the model it
+holds, after any adaptation, and exports to transformers with the same outputs."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from siglip2.checkpoint import read_checkpoint
+from siglip2.export.__main__ import main as export_main
+from stages.pretrain import PretrainStage
+
+MODEL = {"name": "t", "embed_dim": 32,
+         "vision": dict(width=32, depth=2, mlp_dim=64, heads=4, patch_size=4, posemb_grid=4, image_size=16),
+         "text": dict(width=24, depth=2, mlp_dim=48, heads=3, vocab_size=50, max_len=10)}
+LOSSES = {"sigmoid": {}, "locca": {"targets": {"max_len": 10}}}
+
+
+def _save(stage, path):
+    """What Lightning's `trainer.save_checkpoint` writes for this module (state + our hook)."""
+    checkpoint = {"state_dict": stage.state_dict(), "hyper_parameters": dict(stage.hparams)}
+    stage.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+
+
+@torch.no_grad()
+def test_adapted_model_round_trips_through_checkpoint_export_and_transformers(tmp_path):
+    from transformers import Siglip2Model
+
+    torch.manual_seed(0)
+    stage = PretrainStage(model=MODEL, optim={}, losses=LOSSES).eval()
+    # Resolution stage: /4 patches -> /2 (FlexiViT PI-resize), 4x4 position table -> 6x6.
+    stage.model.vision_model.adapt(patch_size=2, posemb_grid=6)
+    _save(stage, tmp_path / "adapted.ckpt")
+
+    ckpt = read_checkpoint(str(tmp_path / "adapted.ckpt"))
+    assert ckpt.stage == "pretrain"
+    assert (ckpt.model_config.vision.patch_size, ckpt.model_config.vision.posemb_grid) == (2, 6)
+    model = ckpt.model()
+    image, text = torch.randn(2, 3, 12, 12), torch.randint(0, 50, (2, 10))
+    ours = stage.model.encode_image(image=image)
+    torch.testing.assert_close(model.encode_image(image=image).pooled, ours.pooled, rtol=0, atol=0)
+    torch.testing.assert_close(model.embed_text(text), stage.model.embed_text(text), rtol=0, atol=0)
+    decoder = ckpt.locca_decoder()
+    tokens = torch.randint(0, 50, (2, 5))
+    torch.testing.assert_close(decoder(tokens, ours.tokens), stage.locca_decoder()(tokens, ours.tokens))
+
+    folder = export_main([f"ckpt_path={tmp_path / 'adapted.ckpt'}", f"out={tmp_path / 'hf'}"])
+    hf = Siglip2Model.from_pretrained(folder).eval()
+    assert hf.config.vision_config.patch_size == 2 and hf.config.vision_config.num_patches == 36
+    pv = image.reshape(2, 3, 6, 2, 6, 2).permute(0, 2, 4, 3, 5, 1).reshape(2, 36, 12)
+    ref = hf(input_ids=text, pixel_values=pv, pixel_attention_mask=torch.ones(2, 36, dtype=torch.long),
+             spatial_shapes=torch.tensor([[6, 6], [6, 6]]))
+    torch.testing.assert_close(ours.pooled, ref.vision_model_output.pooler_output, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stage.model.embed_text(text), ref.text_embeds, rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_weights_are_refused_by_name_when_absent(tmp_path):
+    torch.manual_seed(0)
+    stage = PretrainStage(model=MODEL, optim={}, losses={"sigmoid": {}})
+    _save(stage, tmp_path / "s.ckpt")
+    ckpt = read_checkpoint(str(tmp_path / "s.ckpt"))
+    assert ckpt.locca_decoder() is None
+    with pytest.raises(ValueError, match="no teacher weights"):
+        ckpt.model("teacher")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a siglip2 training checkpoint"):
+        read_checkpoint(str(tmp_path / "other.ckpt"))
+
+
+def test_format_1_checkpoints_still_read(tmp_path):
+    """Checkpoints written before the losses moved into `losses.` (LocCa under `locca.`,
+    loss configs only in Lightning's hyper_parameters) read the same."""
+    torch.manual_seed(0)
+    stage = PretrainStage(model=MODEL, optim={}, losses=LOSSES).eval()
+    old = {k.replace("losses.locca.", "locca.", 1): v for k, v in stage.state_dict().items()}
+    torch.save({"state_dict": old, "hyper_parameters": {"losses": LOSSES},
+                "siglip2": {"stage": "pretrain", "model": stage.model.config.to_dict(),
+                            "loss_enabled": {"sigmoid": True, "locca": True}}}, tmp_path / "v1.ckpt")
+    ckpt = read_checkpoint(str(tmp_path / "v1.ckpt"))
+    tokens, image_tokens = torch.randint(0, 50, (1, 4)), torch.randn(1, 16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt.locca_decoder()(tokens, image_tokens),
+                                   stage.locca_decoder()(tokens, image_tokens))
