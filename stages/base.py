@@ -308,7 +308,10 @@ class Stage(L.LightningModule):
         for name, (loss, metrics) in results.items():
             weighted = float(self.loss_configs[name].weight) * loss
             total = weighted if total is None else total + weighted
-            self.log(f"train/loss_{name}", loss.detach(), batch_size=bsz, prog_bar=bar and name == "sigmoid")
+            # sync_dist: under DDP the logged loss is the mean over ranks (the optimised
+            # objective), not rank 0's share; one all-reduce of a scalar, no host sync.
+            self.log(f"train/loss_{name}", loss.detach(), batch_size=bsz, prog_bar=bar and name == "sigmoid",
+                     sync_dist=True)
             for key, value in metrics.items():
                 self.log(f"train/{key}", value, batch_size=bsz)
         if total is None:
@@ -317,7 +320,7 @@ class Stage(L.LightningModule):
                    for p in module.parameters() if p.requires_grad]
         if dormant:  # losses that join later: in the graph with weight 0, so DDP reduces every parameter
             total = total + 0.0 * sum(p.sum() for p in dormant)
-        self.log("train/loss", total.detach(), batch_size=bsz, prog_bar=bar)
+        self.log("train/loss", total.detach(), batch_size=bsz, prog_bar=bar, sync_dist=True)
         world = int(self._trainer.world_size) if self._trainer is not None else 1
         self._first_batch = self._first_batch or bsz
         self.examples_seen += bsz * world

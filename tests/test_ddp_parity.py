@@ -52,9 +52,8 @@ gather whose backward keeps only the local gradient leaves the text tower's grad
 1/3-1/2 of their norm, a loss off by the world size is off by 2x. The atol covers elements that are ~0 (the
 attention key biases' gradient is zero in exact arithmetic).
 
-Not checked here: what Lightning *logs*. `training_step` logs `train/loss*` without
-`sync_dist`, so a DDP run's logged value is rank 0's per-rank loss, not the mean over ranks
-compared here (the optimised objective is the mean either way).
+Not checked here: what Lightning *logs*. `training_step` logs `train/loss*` with
+`sync_dist=True`, i.e. the mean over ranks compared here.
 
 Data: the debug=fast demo (400 train samples plus full eval sets and tokenizer training)
 takes ~40 s to build on 2 cores, so the data module reads a tiny demo (32 train samples, same
