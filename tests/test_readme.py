@@ -114,14 +114,31 @@ def test_readme_usage_commands_are_collected():
 
 @pytest.mark.parametrize("command", README_COMMANDS)
 def test_readme_command_composes(command):
+    """Composed in this process with the entry point's own config (what `--cfg job` does
+    before printing; a subprocess per command costs ~15 s of imports on 2 cores)."""
+    from hydra import compose, initialize_config_dir
+
     try:
         runs = compose_runs(command)
     except Exception as e:  # a sweep whose overrides Hydra cannot parse
         pytest.fail(f"README command does not parse as Hydra overrides:\n  {command}\n{e}")
-    env = {**os.environ, "WANDB_MODE": "disabled"}
     for argv in runs:
-        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, (
-            f"README command fails to compose:\n  {command}\nran: python {shlex.join(argv)}\n"
-            f"{proc.stderr[-3000:]}")
+        script, overrides = argv[0], argv[1:-2]  # drop "--cfg job"
+        config_name = {"train.py": "train", "eval.py": "eval"}[script]
+        try:
+            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+                compose(config_name, overrides=overrides)
+        except Exception as e:
+            pytest.fail(f"README command fails to compose:\n  {command}\nas: {config_name} {overrides}\n{e}")
+
+
+def test_the_cli_composes_like_the_test_does():
+    """One real `--cfg job` through train.py, so the in-process compose above stays the CLI's."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    argv = ["train.py", 'data.train="/shards/{00000..00009}.tar"', "data=webdataset", "--cfg", "job"]
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "/shards/{00000..00009}.tar" in proc.stdout
+    bad = subprocess.run([sys.executable, "train.py", "data.train=/shards/{00000..00009}.tar", "--cfg", "job"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "mismatched input" in bad.stderr
