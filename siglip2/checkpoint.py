@@ -2,7 +2,8 @@
 
 A checkpoint (`trainer.save_checkpoint`, any stage) holds the stage's `state_dict` — the
 student under `model.`, the losses' modules under `losses.<name>.` (the LocCa decoder under
-`losses.locca.decoder.`), an EMA teacher under `teacher.` when the stage has one — and a
+`losses.locca.decoder.`), the EMA teacher's image tower under `teacher.vision.` and its heads
+under `teacher.heads.<loss>.` when the stage distils — and a
 `siglip2` entry that makes it usable on its own: the configuration of the weights it holds
 (after any adaptation), the losses' configs, the loss phase and the recipe's clock
 (`stages.base.Stage.checkpoint_meta`).
@@ -52,11 +53,20 @@ class Checkpoint:
         (the EMA teacher of self-distillation, when the stage has one)."""
         if which not in ("student", "teacher"):
             raise ValueError(f"which must be 'student' or 'teacher', got {which!r}")
-        prefix = "model." if which == "student" else "teacher."
-        state = self.weights(prefix)
+        state = self.weights("model.")
+        if which == "teacher":
+            # The EMA teacher is an image tower (SILC); its text side is the student's.
+            vision = self.weights("teacher.vision.")
+            if not vision:
+                raise ValueError(f"{self.path}: no teacher weights in this checkpoint (stage {self.stage!r} "
+                                 "has no EMA teacher: self-distillation is not configured)")
+            if not self.meta.get("loss_enabled", {}).get("local_to_global", True) and \
+                    not self.meta.get("loss_enabled", {}).get("masked", True):
+                raise ValueError(f"{self.path}: the teacher was never switched on (checkpoint from before "
+                                 "self-distillation started): it is a copy of the initial student")
+            state = {**state, **{f"vision_model.{k}": v for k, v in vision.items()}}
         if not state:
-            raise ValueError(f"{self.path}: no {which} weights in this checkpoint (stage {self.stage!r}"
-                             + (", no EMA teacher before self-distillation is on" if which == "teacher" else "") + ")")
+            raise ValueError(f"{self.path}: no model weights in this checkpoint")
         model = SigLIP2(self.model_config)
         model.load_state_dict(state, strict=True)
         return model.eval()

@@ -6,7 +6,7 @@ yaml's (a test keeps them equal). Peak lr and warmup are not published for SigLI
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -53,10 +53,24 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
     return any(key in lowered for key in ("token_embedding", "position_embedding", "probe", "norm", "mask_token"))
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """[{decayed params, weight_decay}, {the rest, 0}] from `named_parameters()`, trainable only."""
-    decay, keep = [], []
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, lr: float | None = None,
+                 lr_mults: Mapping[str, float] | None = None) -> list[dict]:
+    """AdamW groups from `named_parameters()` (trainable only): decayed params with
+    `weight_decay`, the rest with 0; parameters under a prefix of `lr_mults` (`{"losses.masked.":
+    0.5}`) get groups of their own with `lr * mult` (the schedule multiplies every group's lr)."""
+    lr_mults = {k: float(v) for k, v in (lr_mults or {}).items() if float(v) != 1.0}
+    if lr_mults and lr is None:
+        raise ValueError("lr multipliers need the peak lr")
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
     for name, param in named:
-        if param.requires_grad:
-            (keep if no_decay(name, param) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+        if not param.requires_grad:
+            continue
+        mult = next((m for prefix, m in lr_mults.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((not no_decay(name, param), mult), []).append(param)
+    out = []
+    for (decayed, mult), params in groups.items():
+        group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
+        if mult != 1.0:
+            group["lr"] = lr * mult
+        out.append(group)
+    return out

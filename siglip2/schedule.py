@@ -37,6 +37,11 @@ class LossTiming:
         if not 0.0 <= float(self.start_frac) <= float(self.end_frac) <= 1.0:
             raise ValueError(f"need 0 <= start_frac <= end_frac <= 1, got {self.start_frac}, {self.end_frac}")
 
+    @property
+    def effective_weight(self) -> float:
+        """The weight the stage multiplies the loss by (a loss may scale `weight`, e.g. by model size)."""
+        return float(self.weight)
+
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Linear warmup to 1 over `warmup` steps (step s uses (s + 1) / warmup), then cosine
@@ -139,7 +144,7 @@ class RecipeClock:
     @classmethod
     def loss_weight(cls, timing: LossTiming, progress: float) -> float:
         """The loss's weight at `progress` (0 while it is off)."""
-        return float(timing.weight) if cls.loss_on(timing, progress) else 0.0
+        return timing.effective_weight if cls.loss_on(timing, progress) else 0.0
 
 
 def ema_momentum(progress: float, base: float = 0.996, final: float | None = None,

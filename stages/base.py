@@ -172,12 +172,20 @@ class Stage(L.LightningModule):
     def build_loss(self, name: str, cfg: LossTiming) -> nn.Module:
         raise NotImplementedError("each stage builds its losses")
 
+    def context(self, batch: Mapping[str, Any]) -> StepContext:
+        """The step's shared forward passes (a stage with more passes returns a subclass)."""
+        return StepContext(self, batch)
+
     def loss_inputs(self, name: str, ctx: StepContext) -> dict[str, Any]:
         raise NotImplementedError("each stage says what its losses take")
 
     def on_loss_enabled(self, name: str) -> None:
         """Called once when a scheduled loss turns on, after its parameters were re-initialised
         (distillation copies the student into its teacher here)."""
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """Parameter-name prefix -> lr multiplier (e.g. distillation heads' `head_lr_mult`)."""
+        return {}
 
     def locca_decoder(self):
         """The LocCa decoder (referring-expression and caption eval), or None without one."""
@@ -293,7 +301,7 @@ class Stage(L.LightningModule):
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """{name: (loss, metrics)} of every loss that is on, from one shared `StepContext`."""
-        ctx = StepContext(self, batch)
+        ctx = self.context(batch)
         return {name: loss(**self.loss_inputs(name, ctx))
                 for name, loss in self.losses.items() if self.loss_enabled[name]}
 
@@ -306,7 +314,7 @@ class Stage(L.LightningModule):
         bar = getattr(self._trainer, "progress_bar_callback", None) is not None
         total = None
         for name, (loss, metrics) in results.items():
-            weighted = float(self.loss_configs[name].weight) * loss
+            weighted = self.loss_configs[name].effective_weight * loss
             total = weighted if total is None else total + weighted
             # sync_dist: under DDP the logged loss is the mean over ranks (the optimised
             # objective), not rank 0's share; one all-reduce of a scalar, no host sync.
@@ -330,7 +338,8 @@ class Stage(L.LightningModule):
         cfg = self.optim_config
         impl = adamw_impl(cfg.impl, self.trainer)
         optimizer = torch.optim.AdamW(
-            param_groups(self.named_parameters(), cfg.torch_weight_decay),
+            param_groups(self.named_parameters(), cfg.torch_weight_decay, lr=float(cfg.lr),
+                         lr_mults=self.lr_multipliers()),
             lr=float(cfg.lr), betas=cfg.betas, eps=float(cfg.eps),
             fused=impl == "fused" or None,
             foreach=(impl == "foreach") if impl != "fused" else None,

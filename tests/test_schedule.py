@@ -10,10 +10,12 @@ import torch
 from omegaconf import OmegaConf
 
 from siglip2.config import from_dict
+from siglip2.losses.distill import LocalToGlobalConfig, MaskedPredictionConfig
 from siglip2.losses.locca import LoccaConfig
 from siglip2.losses.sigmoid import SigmoidLossConfig
 from siglip2.optim import OptimConfig
 from siglip2.schedule import LossTiming, RecipeClock, ema_momentum, warmup_cosine
+from stages.pretrain import EMAConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,6 +142,9 @@ def _defaults(obj, prefix=""):
     ("conf/train.yaml", "optim", OptimConfig),
     ("conf/stage/pretrain.yaml", "losses.sigmoid", SigmoidLossConfig),
     ("conf/stage/pretrain.yaml", "losses.locca", LoccaConfig),
+    ("conf/stage/pretrain.yaml", "losses.local_to_global", LocalToGlobalConfig),
+    ("conf/stage/pretrain.yaml", "losses.masked", MaskedPredictionConfig),
+    ("conf/stage/pretrain.yaml", "ema", EMAConfig),
 ])
 def test_code_defaults_are_the_yaml_defaults(yaml_path, key, cls):
     node = OmegaConf.select(OmegaConf.load(ROOT / yaml_path), key)

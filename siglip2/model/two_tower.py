@@ -20,8 +20,9 @@ from .text import TextConfig, TextTransformer
 from .vit import ImageOutput, VisionConfig, VisionTransformer
 
 
-# Keys a model yaml may hold that configure how the model is run, not what it is.
-RUNTIME_KEYS = frozenset({"compile"})
+# Keys a model yaml may hold that configure how the model is run or trained, not what it is
+# (`distill`: the size-dependent self-distillation settings the stage reads).
+RUNTIME_KEYS = frozenset({"compile", "distill"})
 
 
 @dataclass

@@ -1,0 +1,60 @@
+"""The EMA teacher of self-distillation [P §2.3; SILC; DINO `student -> teacher` update].
+
+teacher <- m * teacher + (1 - m) * student, after every optimiser step, for the vision tower
+(patch embedding, encoder, MAP head) and the teacher copies of the distillation heads. The
+teacher has no gradient (`requires_grad=False`): it is in no optimiser group and DDP's
+reducer skips it, but it is a submodule of the stage, so checkpoints hold it and a resumed
+run continues with the same teacher. The momentum comes from `siglip2.schedule.ema_momentum`
+(fixed 0.996 by default, RECIPE.md). Under FSDP the update runs on whatever each rank holds
+(its local shards), the same elementwise formula.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+
+class EMATeacher(nn.Module):
+    """Frozen copies of student modules. `vision`: the image tower; `heads`: name -> head.
+
+    Build it from the student's modules (`EMATeacher(vision, {"local_to_global": head, ...})`);
+    pass the same modules to `copy_from` and `update`.
+    """
+
+    def __init__(self, vision: nn.Module, heads: Mapping[str, nn.Module] | None = None):
+        super().__init__()
+        self.vision = copy.deepcopy(vision)
+        self.heads = nn.ModuleDict({k: copy.deepcopy(v) for k, v in (heads or {}).items()})
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "EMATeacher":
+        return super().train(False)  # the teacher always runs in eval mode
+
+    def _pairs(self, vision: nn.Module, heads: Mapping[str, nn.Module]) -> tuple[list, list]:
+        teacher, student = [], []
+        for t_mod, s_mod in [(self.vision, vision), *[(self.heads[k], heads[k]) for k in self.heads]]:
+            t_params, s_params = list(t_mod.parameters()), list(s_mod.parameters())
+            if len(t_params) != len(s_params):
+                raise ValueError("teacher and student modules differ in structure")
+            teacher += t_params
+            student += s_params
+        return teacher, student
+
+    @torch.no_grad()
+    def copy_from(self, vision: nn.Module, heads: Mapping[str, nn.Module]) -> None:
+        """teacher = student (the switch: the teacher starts as the student)."""
+        teacher, student = self._pairs(vision, heads)
+        torch._foreach_copy_(teacher, [s.detach().to(t.dtype) for t, s in zip(teacher, student)])
+
+    @torch.no_grad()
+    def update(self, vision: nn.Module, heads: Mapping[str, nn.Module], momentum: float) -> None:
+        """teacher = momentum * teacher + (1 - momentum) * student, with `_foreach` ops."""
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"EMA momentum must lie in [0, 1], got {momentum}")
+        teacher, student = self._pairs(vision, heads)
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, [s.detach().to(t.dtype) for t, s in zip(teacher, student)], alpha=1.0 - momentum)
