@@ -137,7 +137,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from siglip2.checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(str(cfg.ckpt_path))
-    model = ckpt.model(str(cfg.get("weights", "student"))).to(cfg.device)
+    model = ckpt.model(str(cfg.get("which", "student"))).to(cfg.device)
     decoder = ckpt.locca_decoder()
     decoder = decoder.to(cfg.device) if decoder is not None else None
     tokenizer = build_tokenizer(cfg.tokenizer.path, length=int(ckpt.model_config.text.max_len),

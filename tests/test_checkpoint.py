@@ -83,3 +83,27 @@ def test_format_1_checkpoints_still_read(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ckpt.locca_decoder()(tokens, image_tokens),
                                    stage.locca_decoder()(tokens, image_tokens))
+
+
+@torch.no_grad()
+def test_the_ema_teacher_exports_and_loads_in_transformers(tmp_path):
+    from transformers import Siglip2Model
+
+    torch.manual_seed(0)
+    heads = {"hidden_dim": 16, "bottleneck_dim": 8, "out_dim": 32}
+    stage = PretrainStage(model=MODEL, optim={}, views={"local_grid": 2},
+                          losses={"sigmoid": {}, "local_to_global": heads, "masked": heads}).eval()
+    stage.loss_enabled.update(local_to_global=True, masked=True)
+    for p in stage.teacher.vision.parameters():  # the teacher has drifted from the student
+        p.add_(0.1 * torch.randn_like(p))
+    _save(stage, tmp_path / "d.ckpt")
+    folder = export_main([f"ckpt_path={tmp_path / 'd.ckpt'}", f"out={tmp_path / 'hf_t'}", "which=teacher"])
+    hf = Siglip2Model.from_pretrained(folder).eval()
+    image, text = torch.randn(2, 3, 16, 16), torch.randint(0, 50, (2, 10))
+    pv = image.reshape(2, 3, 4, 4, 4, 4).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 48)
+    ref = hf(input_ids=text, pixel_values=pv, pixel_attention_mask=torch.ones(2, 16, dtype=torch.long),
+             spatial_shapes=torch.tensor([[4, 4], [4, 4]]))
+    teacher = stage.teacher.vision(image=image).pooled
+    torch.testing.assert_close(teacher, ref.vision_model_output.pooler_output, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(teacher, stage.model.encode_image(image=image).pooled)
+    torch.testing.assert_close(stage.model.embed_text(text), ref.text_embeds, rtol=1e-4, atol=1e-5)
