@@ -1,9 +1,11 @@
 """Evaluation sets described by a yaml beside their shards, and one function that runs any of them.
 
-A set's yaml names its task (`zeroshot`, `retrieval`, `refexp`), its shards (a pattern
-relative to the yaml's folder, or absolute), and the keys that hold labels, captions and
-language. The same code serves the training callback and `eval.py`, single process or DDP
-(each rank reads its own shards; results are gathered or synced before they are computed).
+A set's yaml names its task (`zeroshot`, `retrieval`, `refexp`, `segmentation`), its shards
+(a pattern relative to the yaml's folder, or absolute), and the keys that hold labels,
+captions, language and masks. Segmentation sets are scored by a linear probe on frozen
+patch tokens (:mod:`siglip2.eval.dense_probe`, SigLIP 2 Table 2). The same code serves the
+training callback and `eval.py`, single process or DDP (each rank reads its own shards;
+results are gathered or synced before they are computed).
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ import torch
 import yaml
 
 from siglip2 import distributed as dist_utils
+from siglip2.data.decode import MASK_KEY
 from siglip2.data.shards import DecodedSample, build_eval_loader
 from siglip2.data.transforms import ImageTransform
 from siglip2.eval.captioning import caption_names_object, generate_captions, object_name
+from siglip2.eval.dense_probe import DenseProbeConfig, labels_from_mask, resize_labels, run_dense_probe
 from siglip2.eval.refexp import predict_boxes, refexp_accuracy
 from siglip2.eval.retrieval import retrieval_recall
 from siglip2.eval.zeroshot import ZeroShotMetrics, build_classifier, zeroshot_logits
@@ -40,6 +44,17 @@ class EvalSet:
     captions_key: str = "captions"
     lang_key: str = "lang"
     regions_key: str = "regions"
+    # segmentation: `mask_key` png per sample (value k = classnames[k-1], 0 = background);
+    # background_id 0: background is a scored class; null: value 0 is unlabelled (ADE20k).
+    mask_key: str = MASK_KEY
+    background_id: int | None = 0
+    num_classes: int | None = None  # optional check: len(classnames) (+1 with background)
+    probe: dict = field(default_factory=dict)  # DenseProbeConfig overrides
+
+    @property
+    def segmentation_classnames(self) -> list[str]:
+        """Names of the probe's classes, in class-index order."""
+        return (["background"] if self.background_id is not None else []) + list(self.classnames)
 
 
 def load_eval_set(path: str | os.PathLike) -> EvalSet:
@@ -56,14 +71,31 @@ def load_eval_set(path: str | os.PathLike) -> EvalSet:
     urls = str(spec["urls"])
     if "://" not in urls and not urls.startswith("pipe:") and not os.path.isabs(urls):
         urls = str(path.parent / urls)
-    if spec["task"] == "zeroshot" and not spec.get("classnames"):
-        raise ValueError(f"{path}: a zeroshot set needs classnames")
+    if spec["task"] in ("zeroshot", "segmentation") and not spec.get("classnames"):
+        raise ValueError(f"{path}: a {spec['task']} set needs classnames")
+    if spec["task"] == "segmentation":
+        _check_segmentation(path, spec)
     known = {f for f in EvalSet.__dataclass_fields__}
     return EvalSet(**{k: v for k, v in spec.items() if k in known} | {"urls": urls})
 
 
+def _check_segmentation(path: Path, spec: dict) -> None:
+    if spec.get("mask_key", MASK_KEY) != MASK_KEY:
+        raise ValueError(f"{path}: mask_key must be {MASK_KEY!r} (the member the shard decoder reads), "
+                         f"got {spec['mask_key']!r}")
+    background = spec.get("background_id", 0)
+    if background not in (0, None):
+        raise ValueError(f"{path}: background_id must be 0 (mask value 0 is a scored background class) "
+                         f"or null (value 0 is unlabelled), got {background!r}")
+    expected = len(spec["classnames"]) + (background is not None)
+    if spec.get("num_classes") is not None and int(spec["num_classes"]) != expected:
+        raise ValueError(f"{path}: num_classes={spec['num_classes']} but {len(spec['classnames'])} classnames"
+                         f"{' + background' if background is not None else ''} make {expected}")
+    DenseProbeConfig.from_dict(spec.get("probe"))  # unknown or invalid options fail at load time
+
+
 class EvalSample:
-    """DecodedSample -> what each task needs (image, label, captions, language, regions)."""
+    """DecodedSample -> what each task needs (image, label, captions, language, regions, masks)."""
 
     def __init__(self, es: EvalSet, image_size: int):
         self.es = es
@@ -87,6 +119,12 @@ class EvalSample:
             out["regions"] = list(meta.get(self.es.regions_key) or [])
             if not out["regions"]:
                 return None
+        elif self.es.task == "segmentation":
+            if sample.mask is None:
+                return None
+            labels = labels_from_mask(sample.mask, len(self.es.classnames), self.es.background_id is not None)
+            out["seg"] = labels  # (H, W) class indices at the mask's own size: scoring targets
+            out["seg_small"] = resize_labels(labels, image.shape[-2:])  # at the input size: training
         return out
 
 
@@ -111,7 +149,8 @@ def evaluate_set(
     keep_examples: int = 0,
 ) -> dict[str, Any]:
     """Metrics of one set, keyed `<task>/<set name>/<metric>`, plus `_examples`/`_tables` extras."""
-    loader = build_eval_loader(es.urls, EvalSample(es, image_size), batch_size=batch_size, num_workers=num_workers)
+    loader = build_eval_loader(es.urls, EvalSample(es, image_size), batch_size=batch_size, num_workers=num_workers,
+                               decode_mask=es.task == "segmentation")
     prefix = f"{es.task}/{es.name}"
     was_training = model.training
     model.eval()
@@ -125,10 +164,25 @@ def evaluate_set(
                 log.info("skipping %s: this stage has no LocCa decoder", prefix)
                 return {}
             return _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder)
-        log.info("skipping %s: task %s is evaluated by a dense probe, not here", prefix, es.task)
-        return {}
+        return _segmentation(es, model, loader, device, max_batches, prefix)
     finally:
         model.train(was_training)
+
+
+def _segmentation(es, model, loader, device, max_batches, prefix):
+    """Linear probe on frozen patch tokens: train on the set's training keys, mIoU on the rest."""
+    names = es.segmentation_classnames
+    res = run_dense_probe(model, _batches(loader, max_batches), len(names), device,
+                          DenseProbeConfig.from_dict(es.probe))
+    if not res:
+        return {}
+    log.info("%s: dense probe on %d + %d images took %.1f s", prefix, res["num_train_images"],
+             res["num_test_images"], res["seconds"])
+    out: dict[str, Any] = {f"{prefix}/{k}": float(res[k])
+                           for k in ("miou", "pixel_acc", "num_train_images", "num_test_images")}
+    # per-class IoU; NaN = class neither labelled nor predicted in the held-out part
+    out["_tables"] = {prefix: [[c, float(v)] for c, v in zip(names, res["iou"].tolist())]}
+    return out
 
 
 def _image_emb(model, image: torch.Tensor) -> torch.Tensor:
