@@ -1,4 +1,5 @@
-"""Saves the hand-off checkpoints the later stages start from (`frac_0.90.ckpt`, `frac_0.95.ckpt`).
+"""Saves the hand-off checkpoints the later stages start from (`frac_0.90.ckpt`, `frac_0.95.ckpt`),
+and the final weights as `last.ckpt` when training ends.
 
 NaFlex continues from 90% of pretraining and resolution adaptation from 95% [P §2.4]: each
 is written after the first step that brings the recipe's progress to its fraction. They
@@ -39,6 +40,14 @@ class StageCheckpoints(L.Callback):
                 self.saved.add(frac)
                 if trainer.is_global_zero:  # every rank writes its part; one line in the shared log
                     log.info("hand-off checkpoint %s at step %d", path, trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # ModelCheckpoint writes last.ckpt only at its interval: with max_steps not a multiple
+        # of it, the final weights would be in no file. Every rank takes part (DeepSpeed/FSDP).
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            log.info("final checkpoint %s at step %d", path, trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"saved": sorted(self.saved)}

@@ -326,13 +326,21 @@ class Stage(L.LightningModule):
             raise RuntimeError(f"no loss is on at step {self.global_step}: check stage.losses.*.start_frac")
         dormant = [p for name, module in self.losses.items() if not self.loss_enabled[name]
                    for p in module.parameters() if p.requires_grad]
-        if dormant:  # losses that join later: in the graph with weight 0, so DDP reduces every parameter
-            total = total + 0.0 * sum(p.sum() for p in dormant)
-        self.log("train/loss", total.detach(), batch_size=bsz, prog_bar=bar, sync_dist=True)
         world = int(self._trainer.world_size) if self._trainer is not None else 1
+        if dormant and world > 1:  # losses that join later: in the graph with weight 0 so that
+            total = total + 0.0 * sum(p.sum() for p in dormant)  # DDP's reducer gets every gradient
+        self.log("train/loss", total.detach(), batch_size=bsz, prog_bar=bar, sync_dist=True)
         self._first_batch = self._first_batch or bsz
         self.examples_seen += bsz * world
         return total
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # The weight-0 term gave the dormant losses' parameters zero gradients (for DDP's
+        # reducer); dropping them here lets AdamW skip them: no update, no decay, no state.
+        for name, module in self.losses.items():
+            if not self.loss_enabled[name]:
+                for p in module.parameters():
+                    p.grad = None
 
     def configure_optimizers(self):
         cfg = self.optim_config

@@ -142,6 +142,7 @@ class PretrainStage(Stage):
             self.log("distill/ema_momentum", m)
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)
         # DINO: the prototype layer gets no update for the first `freeze_prototypes` of the phase.
         progress = self.recipe_progress
         for name in DISTILL:

@@ -283,3 +283,39 @@ def test_a_misspelt_loss_key_fails_before_training(cache_dir, tmp_path):
     # Hydra wraps the stage's ValueError in an InstantiationException carrying its message.
     with pytest.raises(Exception, match=r"stage\.losses\.locca\.paralel_prob.*parallel_prob"):
         build(compose_cfg(["+stage.losses.locca.paralel_prob=0.1"], cache_dir, tmp_path))
+
+
+DISTILL = ["stage.losses.local_to_global.start_frac=0.5", "stage.losses.masked.start_frac=0.5", "trainer.max_steps=9",
+           "data.batches_per_epoch=3", "callbacks.model_checkpoint.every_n_train_steps=3"]
+
+
+def test_distillation_switches_on_and_resumes_with_the_same_teacher(cache_dir, tmp_path):
+    """Self-distillation and masked prediction at 50% (step 5 of 9): the teacher starts as the
+    student and follows it by EMA; resumed before and after the switch, the run ends with
+    the uninterrupted run's student, heads, centres and teacher."""
+    _, full = fit(compose_cfg(DISTILL, cache_dir, tmp_path / "full"))
+    ref = weights(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    assert full.loss_enabled["local_to_global"] and full.loss_enabled["masked"]
+    teacher = {k[len("teacher.vision."):]: v for k, v in ref.items() if k.startswith("teacher.vision.")}
+    student = {k[len("model.vision_model."):]: v for k, v in ref.items() if k.startswith("model.vision_model.")}
+    assert teacher.keys() == student.keys()
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)  # EMA lags the student
+    assert ref["losses.local_to_global.target.center"].abs().sum() > 0
+    with pytest.raises(SystemExit):
+        fit(compose_cfg(DISTILL, cache_dir, tmp_path / "killed"), [_Crash(step=7)])
+    for step in (3, 6):
+        ckpt = tmp_path / "killed" / "checkpoints" / f"step_{step:07d}.ckpt"
+        fit(compose_cfg([*DISTILL, f"ckpt_path={ckpt}"], cache_dir, tmp_path / f"resumed{step}"))
+        got = weights(tmp_path / f"resumed{step}" / "checkpoints" / "last.ckpt")
+        assert got.keys() == ref.keys()
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-6, msg=f"resumed from {step}: {key}")
+
+
+def test_last_ckpt_holds_the_final_weights_whatever_the_interval(cache_dir, tmp_path):
+    """max_steps 7 with a checkpoint every 3 steps: last.ckpt must be step 7, not 6."""
+    _, stage = fit(compose_cfg(["trainer.max_steps=7"], cache_dir, tmp_path))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 7
+    for key, value in stage.state_dict().items():
+        torch.testing.assert_close(ckpt["state_dict"][key], value, rtol=0, atol=0, msg=key)
