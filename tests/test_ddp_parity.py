@@ -207,6 +207,9 @@ def _compose(demo, tmp_path: Path):
             "data.demo=null", f'data.train="{demo.train_urls}"', f"tokenizer.path={demo.tokenizer_path}",
             f"data.batch_size={WORLD * PER_RANK}",
             "stage.losses.locca.parallel_prob=0",
+            # The distillation losses (from 80%) are off at step 0; their views are drawn per
+            # rank, so this one-step comparison covers sigmoid + LocCa only.
+            "~stage.losses.local_to_global", "~stage.losses.masked",
             # b = -2 instead of -10: the negatives' sigmoid is ~e^b, so at -10 the cross-rank
             # negatives (all the all-gather adds) hold ~1e-3 of the gradient; at -2 they count.
             "model.logit_bias_init=-2.0",
