@@ -15,6 +15,12 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# Keys that moved: the error for the old path names the new one.
+MOVED = {
+    "stage.losses.masked.mask_ratio": "stage.views.mask_ratio",
+    "stage.losses.local_to_global.local_views": "stage.views.local_count",
+}
+
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, where: str = "") -> T:
     """`cls(**data)` with nested dataclass fields built recursively.
@@ -31,7 +37,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, where: str = "")
         lines = []
         for key in unknown:
             close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean '{_path(where, close[0])}'?)" if close else ""
+            moved = MOVED.get(_path(where, key))
+            hint = (f" (moved to '{moved}')" if moved else
+                    f" (did you mean '{_path(where, close[0])}'?)" if close else "")
             lines.append(f"'{_path(where, key)}'{hint}")
         raise ValueError(f"unknown config key {', '.join(lines)}; {cls.__name__} takes {sorted(fields)}")
     missing = [name for name, f in fields.items() if name not in data

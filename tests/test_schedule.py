@@ -96,6 +96,8 @@ def test_a_misspelt_key_is_an_error_naming_it():
         from_dict(LoccaConfig, {"targets": {"binz": 10}}, "stage.losses.locca")
     with pytest.raises(ValueError, match=r"optim\.warmup"):
         from_dict(OptimConfig, {"warmup": 10}, "optim")
+    with pytest.raises(ValueError, match=r"moved to 'stage\.views\.mask_ratio'"):
+        from_dict(MaskedPredictionConfig, {"mask_ratio": 0.3}, "stage.losses.masked")
     cfg = from_dict(LoccaConfig, {"targets": {"bins": 10}, "start_frac": 0.0})
     assert cfg.targets.bins == 10 and cfg.depth_ratio == 0.5
 
