@@ -242,6 +242,7 @@ class _Watch(L.Callback):
 
 
 PROBE = ["stage._target_=probe_stage.ProbeStage", "+stage.losses.probe.start_frac=0.5", "trainer.max_steps=9",
+         "~stage.losses.local_to_global", "~stage.losses.masked",  # only the probe joins later here
          "data.batches_per_epoch=3", "callbacks.model_checkpoint.every_n_train_steps=3"]
 
 
