@@ -96,3 +96,12 @@ def all_gather_object(obj: Any, group=None) -> List[Any]:
     out: List[Optional[Any]] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """The sum of `tensor` over ranks (a new tensor; the input itself when not distributed).
+    Every rank must call it with the same shape."""
+    if is_distributed(group):
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, group=group)
+    return tensor

@@ -14,6 +14,7 @@ fresh (`Stage.enable_loss`); after every optimiser step the teacher follows the 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Mapping
@@ -81,13 +82,14 @@ class PretrainStage(Stage):
         """`views`: `ViewConfig` keys (global/local crops, local size, jitter); `ema`:
         `EMAConfig` keys. Both are used only when a distillation loss is configured."""
         views_in = dict(views or {})
-        views = dict(views_in)
-        grid = views.pop("local_grid", None)  # local views of grid x grid tokens: size = grid x patch
-        if grid is not None:
-            views["local_size"] = int(grid) * int(dict(kwargs.get("model") or args[0])["vision"]["patch_size"])
-        self.views = from_dict(ViewConfig, views, "stage.views")
+        views_cfg = dict(views_in)
+        grid = views_cfg.pop("local_grid", None)  # local views of grid x grid tokens: size = grid x patch
+        views_parsed = from_dict(ViewConfig, views_cfg, "stage.views")  # typos fail before anything is built
         self.ema = from_dict(EMAConfig, dict(ema or {}), "stage.ema")
         super().__init__(*args, **kwargs)
+        if grid is not None:
+            views_parsed = dataclasses.replace(views_parsed, local_size=int(grid) * self.model.config.vision.patch_size)
+        self.views = views_parsed
         self.hparams["views"], self.hparams["ema"] = views_in, dict(ema or {})
         distill = [n for n in DISTILL if n in self.losses]
         # Built now, in every checkpoint and outside the optimiser (no grad) from step 0.

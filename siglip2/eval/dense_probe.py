@@ -284,12 +284,6 @@ def score_probe(probe: LinearProbe, tokens: torch.Tensor, grid: Sequence[int],
     return cm
 
 
-def _sum_ranks(t: torch.Tensor) -> torch.Tensor:
-    if dist_utils.is_distributed():
-        t = t.clone()
-        torch.distributed.all_reduce(t)
-    return t
-
 
 @torch.no_grad()
 def _collect(model, batches: Iterable[dict], device, cfg: DenseProbeConfig):
@@ -350,7 +344,7 @@ def run_dense_probe(model: nn.Module, batches: Iterable[dict], num_classes: int,
     shapes = {s for s in dist_utils.all_gather_object(shape) if s is not None}
     if len(shapes) > 1:
         raise ValueError(f"ranks disagree on the (grid, input size, width): {sorted(shapes)}")
-    counts = _sum_ranks(torch.tensor([len(train_tok), len(test_tok)], device=device))
+    counts = dist_utils.all_reduce_sum(torch.tensor([len(train_tok), len(test_tok)], device=device))
     n_train, n_test = int(counts[0]), int(counts[1])
     if n_train == 0 or n_test == 0:
         log.warning("dense probe skipped: %d training and %d held-out images", n_train, n_test)
@@ -366,7 +360,7 @@ def run_dense_probe(model: nn.Module, batches: Iterable[dict], num_classes: int,
         for t in probe.state_dict().values():
             torch.distributed.broadcast(t, src=0)
     test = torch.stack(test_tok) if test_tok else torch.zeros(0, h * w, channels, device=device)
-    cm = _sum_ranks(score_probe(probe, test, (h, w), test_masks, num_classes)).cpu()
+    cm = dist_utils.all_reduce_sum(score_probe(probe, test, (h, w), test_masks, num_classes)).cpu()
     return {
         "miou": mean_iou(cm), "pixel_acc": float(cm.diag().sum()) / max(int(cm.sum()), 1),
         "iou": iou_per_class(cm), "num_train_images": n_train, "num_test_images": n_test,

@@ -218,7 +218,7 @@ def _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_ex
     result = metrics.compute()
     out: dict[str, Any] = {f"{prefix}/top1": float(result["top1"]), f"{prefix}/top5": float(result["top5"])}
     if decoder is not None:
-        named, captioned = _sum_ranks(named), _sum_ranks(captioned)
+        named, captioned = dist_utils.all_reduce_sum(named), dist_utils.all_reduce_sum(captioned)
         if captioned > 0:
             out[f"{prefix}/caption_names_object"] = float(named / captioned)
     out["_tables"] = {prefix: [[c, float(a)] for c, a in zip(es.classnames, result["per_class"].tolist())]}
@@ -265,12 +265,6 @@ def _retrieval(model, tokenizer, loader, device, max_batches, prefix):
     return out
 
 
-def _sum_ranks(value: torch.Tensor) -> torch.Tensor:
-    if dist_utils.is_distributed():
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-    return value
-
 
 def _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder):
     """Every region of every image is one query: its caption in, a box out, hit at IoU >= 0.5."""
@@ -284,7 +278,7 @@ def _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder):
         predicted = predict_boxes(decoder, tokens, mask, tokenizer, [r["caption"] for _, r in rows])
         hits += refexp_accuracy(predicted, [r["box"] for _, r in rows]) * len(rows)
         total += len(rows)
-    hits, total = _sum_ranks(hits), _sum_ranks(total)
+    hits, total = dist_utils.all_reduce_sum(hits), dist_utils.all_reduce_sum(total)
     return {f"{prefix}/acc@0.5": float(hits / total.clamp_min(1)), f"{prefix}/num_regions": float(total)}
 
 

@@ -22,20 +22,14 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from siglip2.distributed import all_reduce_sum
 from siglip2.schedule import LossTiming
 
 __all__ = ["DINOHead", "DistillConfig", "LocalToGlobalConfig", "MaskedPredictionConfig", "LocalToGlobalLoss",
            "MaskedPredictionLoss", "teacher_temperature", "sinkhorn_knopp"]
-
-
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x)
-    return x
 
 
 class DINOHead(nn.Module):
@@ -140,11 +134,11 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, iterations: int = 
     (DINOv2 `SinkhornKnoppTeacher`); sums are all-reduced over ranks."""
     q = torch.exp(teacher_logits.float() / temp).t()  # (K, N)
     n = torch.tensor(float(q.shape[1]), device=q.device)
-    n = _all_reduce(n)
+    n = all_reduce_sum(n)
     k = q.shape[0]
-    q /= _all_reduce(q.sum())
+    q /= all_reduce_sum(q.sum())
     for _ in range(iterations):
-        q /= _all_reduce(q.sum(dim=1, keepdim=True))
+        q /= all_reduce_sum(q.sum(dim=1, keepdim=True))
         q /= k
         q /= q.sum(dim=0, keepdim=True)
         q /= n
@@ -171,7 +165,7 @@ class _DINOTarget(nn.Module):
     def update_center(self, teacher_logits: torch.Tensor) -> None:
         """center = m * center + (1 - m) * mean of this step's teacher logits over all ranks."""
         t = teacher_logits.float().reshape(-1, teacher_logits.shape[-1])
-        total = _all_reduce(torch.cat([t.sum(0), t.new_tensor([t.shape[0]])]))
+        total = all_reduce_sum(torch.cat([t.sum(0), t.new_tensor([t.shape[0]])]))
         mean = total[:-1] / total[-1].clamp_min(1.0)
         m = self.cfg.center_momentum
         self.center.mul_(m).add_(mean[None], alpha=1.0 - m)
