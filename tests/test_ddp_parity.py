@@ -36,6 +36,15 @@ The logit bias starts at -2 (`model.logit_bias_init`), not SigLIP's -10, so that
 negative pairs, the only pairs the all-gather adds across ranks, carry a real share of the
 gradient.
 
+Self-distillation (cases `distill`, DINO centring, and `distill_sk`, Sinkhorn-Knopp): both
+losses are switched on as at 80% (`enable_loss`: heads re-initialised, teacher copied from
+the student), then the same noise moves student, teacher, heads and mask token. The views are
+drawn per (seed, step, rank) in training, so here they are cut once for the whole batch and
+injected (rank r gets its rows; local views are view-major). Compared besides losses and
+gradients: the teacher entropies and the centres after the step, which only agree if the
+centre's mean (and Sinkhorn-Knopp's sums) are all-reduced: with a rank-local mean the test
+fails on the centre.
+
 Excluded, and why: LocCa's parallel prediction draws per-row coin flips from a generator
 seeded by (seed, step, rank), so two ranks cannot draw what one process draws for the same
 rows; the test sets `stage.losses.locca.parallel_prob=0`, which removes the only draw inside
@@ -82,29 +91,79 @@ pytestmark = [pytest.mark.e2e,
 WORLD = 2
 PER_RANK = 4  # B; the reference runs 2B = 8 rows
 RTOL, ATOL = 1e-4, 1e-6
-# Sigmoid chunk sizes: the plain path (4096 > 8 rows) and the tiled autograd Function.
-CASES = {"plain": 4096, "chunked": 3}
+# Sigmoid chunk size and, for the distillation cases, the teacher-side target rule: the plain
+# path (4096 > 8 rows), the tiled autograd Function, and all four losses with DINO centring
+# and with Sinkhorn-Knopp (both all-reduce over ranks).
+CASES = {"plain": (4096, None), "chunked": (3, None), "distill": (4096, "centering"),
+         "distill_sk": (4096, "sinkhorn_knopp")}
+DISTILL = ("local_to_global", "masked")
+VIEW_SEED = 77
 PERTURB_SEED, PERTURB_STD = 1234, 0.02
 # Metrics whose mean over ranks is the global value (see module docstring).
 METRICS = ("pos_logit", "neg_logit", "logit_scale", "logit_bias",
-           "locca/cap", "locca/aref", "locca/gcap", "locca/loss")
+           "locca/cap", "locca/aref", "locca/gcap", "locca/loss",
+           "distill/local_to_global", "distill/masked", "distill/l2g/teacher_entropy",
+           "distill/masked/teacher_entropy", "distill/l2g/center_entropy", "distill/masked/center_entropy")
 
 
 # ---- shared by the reference and the ranks ---------------------------------------------
-def _build_stage(spec: dict[str, Any], chunk: int):
+def _build_stage(spec: dict[str, Any], case: str):
     from stages.runner import build_stage
 
+    chunk, centering = CASES[case]
     cfg = OmegaConf.create(spec["cfg"])
     cfg.stage.losses.sigmoid.chunk_size = chunk
+    if centering is None:  # sigmoid + LocCa only
+        for name in DISTILL:
+            del cfg.stage.losses[name]
+    else:
+        for name in DISTILL:
+            cfg.stage.losses[name].centering = centering
     torch.manual_seed(int(cfg.seed))
     stage = build_stage(cfg, vocab_size=spec["vocab_size"])
-    # Off the init point (see module docstring): the same seeded noise in every process.
+    if centering is not None:  # the switch, as at 80%: heads re-initialised, teacher = student
+        for name in DISTILL:
+            stage.enable_loss(name)
+    # Off the init point (see module docstring): the same seeded noise in every process. It
+    # lands on the teacher too (teacher != student, as after some EMA steps) and on the
+    # zero-initialised mask token.
     noise = torch.Generator().manual_seed(PERTURB_SEED)
     with torch.no_grad():
         for p in stage.parameters():
             p.add_(torch.randn(p.shape, generator=noise), alpha=PERTURB_STD)
     stage.train()
     return stage
+
+
+def _with_views(stage, views) -> None:
+    """Every step context of `stage` uses these views instead of drawing its own (the draw is
+    seeded per rank, so two ranks cannot cut what one process cuts for the same rows)."""
+    context = stage.context
+
+    def context_with_views(batch):
+        ctx = context(batch)
+        ctx.__dict__["views"] = views  # fills the cached_property
+        return ctx
+
+    stage.context = context_with_views
+
+
+def _rank_views(views, rank: int):
+    """Rank `rank`'s rows of views cut for the whole batch (local views are view-major)."""
+    lo, hi = rank * PER_RANK, (rank + 1) * PER_RANK
+    n = WORLD * PER_RANK
+
+    def local(t):
+        return t.unflatten(0, (t.shape[0] // n, n))[:, lo:hi].flatten(0, 1)
+
+    return type(views)(views.global_view[lo:hi], local(views.local_views), views.mask[lo:hi],
+                       views.global_boxes[lo:hi], local(views.local_boxes), views.global_flip[lo:hi],
+                       local(views.local_flip))
+
+
+def _centers(stage) -> dict[str, torch.Tensor]:
+    """The distillation losses' centres after the step (updated with the all-reduced mean)."""
+    return {name: stage.losses[name].target.center.clone() for name in DISTILL if name in stage.losses}
 
 
 def _recording(stage) -> dict[str, Any]:
@@ -161,8 +220,10 @@ def _rank_main(rank: int, work: str) -> None:
         n = spec["n"]
         batch = _rows(spec["batch"], rank * PER_RANK, (rank + 1) * PER_RANK, n)
         result = {}
-        for case, chunk in CASES.items():
-            stage = _build_stage(spec, chunk)
+        for case in CASES:
+            stage = _build_stage(spec, case)
+            if CASES[case][1] is not None:
+                _with_views(stage, _rank_views(spec["views"], rank))
             init = spec["init"][case]
             for key, value in stage.state_dict().items():  # same weights before DDP broadcasts rank 0's
                 assert torch.equal(value, init[key]), f"rank {rank}, {case}: {key} differs from the reference init"
@@ -171,7 +232,7 @@ def _rank_main(rank: int, work: str) -> None:
             total = ddp(batch)
             total.backward()
             grads = {name: p.grad.detach().clone() for name, p in stage.named_parameters() if p.grad is not None}
-            result[case] = {"values": _summary(seen, total), "grads": grads}
+            result[case] = {"values": _summary(seen, total), "grads": grads, "centers": _centers(stage)}
         torch.save(result, f"{work}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -207,9 +268,6 @@ def _compose(demo, tmp_path: Path):
             "data.demo=null", f'data.train="{demo.train_urls}"', f"tokenizer.path={demo.tokenizer_path}",
             f"data.batch_size={WORLD * PER_RANK}",
             "stage.losses.locca.parallel_prob=0",
-            # The distillation losses (from 80%) are off at step 0; their views are drawn per
-            # rank, so this one-step comparison covers sigmoid + LocCa only.
-            "~stage.losses.local_to_global", "~stage.losses.masked",
             # b = -2 instead of -10: the negatives' sigmoid is ~e^b, so at -10 the cross-rank
             # negatives (all the all-gather adds) hold ~1e-3 of the gradient; at -2 they count.
             "model.logit_bias_init=-2.0",
@@ -235,19 +293,27 @@ def test_ddp_two_ranks_match_one_process_on_the_whole_batch(tiny_demo, tmp_path)
     spec["cfg"]["seed"] = int(cfg.seed)
 
     reference = {}
-    for case, chunk in CASES.items():
-        stage = _build_stage(spec, chunk)
+    for case in CASES:
+        stage = _build_stage(spec, case)
+        distill = CASES[case][1] is not None
+        if distill:  # views of the whole batch, cut once; each rank gets its rows
+            if "views" not in spec:
+                from siglip2.data.views import make_views
+
+                spec["views"] = make_views(batch["image"], torch.Generator().manual_seed(VIEW_SEED), stage.views,
+                                           patch_size=stage.model.config.vision.patch_size)
+            _with_views(stage, spec["views"])
         spec["init"][case] = {k: v.detach().clone() for k, v in stage.state_dict().items()}
         seen = _recording(stage)
         total = stage.training_step(batch, 0)  # no Trainer needed: self.log warns and returns
-        assert set(seen) == {"sigmoid", "locca"}, sorted(seen)
+        assert set(seen) == {"sigmoid", "locca", *(DISTILL if distill else ())}, sorted(seen)
         total.backward()
-        grads = {name: p.grad.detach().clone() for name, p in stage.named_parameters()}
+        grads = {name: p.grad.detach().clone() for name, p in stage.named_parameters() if p.requires_grad}
         assert all(g is not None for g in grads.values())
         dead = [name for name, g in grads.items()  # key biases: zero gradient in exact arithmetic
                 if name.startswith("losses.") and not name.endswith("k_proj.bias") and not g.any()]
         assert not dead, f"{case}: LocCa parameters without a gradient, nothing to compare: {dead}"
-        reference[case] = {"values": _summary(seen, total), "grads": grads}
+        reference[case] = {"values": _summary(seen, total), "grads": grads, "centers": _centers(stage)}
     torch.save(spec, tmp_path / "spec.pt")
 
     _spawn(tmp_path)
@@ -280,3 +346,8 @@ def test_ddp_two_ranks_match_one_process_on_the_whole_batch(tiny_demo, tmp_path)
         print(f"{case} grads: max |diff| {worst_abs:.2e}, max |diff|/|ref| (norms, per tensor) {worst_norm:.2e}, "
               f"max |diff| / (atol + rtol |ref|) {worst_share:.2f}")
         assert not bad, f"{case}: {len(bad)} of {len(ref['grads'])} gradients differ:\n  " + "\n  ".join(bad[:40])
+        # Centres: updated from the all-reduced mean of the teacher logits, the same everywhere.
+        for name, want in ref["centers"].items():
+            assert want.abs().sum() > 0 or CASES[case][1] != "centering", f"{case} {name}: centre never moved"
+            for g in got:
+                assert torch.allclose(g["centers"][name], want, rtol=RTOL, atol=ATOL), f"{case} {name}: centre differs"
