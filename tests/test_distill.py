@@ -159,3 +159,70 @@ def test_mask_token_replaces_exactly_the_masked_patch_embeddings():
     pos = resize_posemb(vit.embeddings.position_embedding.weight, (4, 4))
     torch.testing.assert_close(masked[mask], (token[None] + pos[mask.nonzero()[:, 1]]))
     torch.testing.assert_close(masked[~mask], plain[~mask])
+
+
+# ---------------------------------------------------------------- the GPU configs, built on CPU
+def _compose(overrides: list[str]):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    root = Path(__file__).resolve().parents[1]
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def test_b16_bf16_gpu_config_builds_the_distillation_stage():
+    """`model=b16 trainer=gpu` (bf16-mixed) builds the stage the paper describes for B/16, on
+    the meta device: 96 px local views (6x6 tokens of 16 px), weights 1.0 and 0.25 x the size
+    factor 0.25, the paper-sized DINO heads, and a teacher outside the optimiser."""
+    from stages.runner import build_stage
+
+    cfg = _compose(["model=b16", "trainer=gpu"])
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
+    with torch.device("meta"):
+        stage = build_stage(cfg, vocab_size=256000)
+    assert stage.views.local_size == 96 and stage.views.local_size // stage.model.config.vision.patch_size == 6
+    assert stage.views.local_count == 8 and stage.views.mask_ratio == 0.5
+    l2g, masked = stage.loss_configs["local_to_global"], stage.loss_configs["masked"]
+    assert (l2g.start_frac, masked.start_frac) == (0.8, 0.8)
+    assert (l2g.effective_weight, masked.effective_weight) == (0.25, 0.0625)
+    assert stage.losses["local_to_global"].head.prototypes.shape == (65536, 256)
+    assert stage.losses["masked"].head.prototypes.shape == (8192, 256)
+    teacher = {id(p) for p in stage.teacher.parameters()}
+    assert teacher and not teacher & {id(p) for p in stage.parameters() if p.requires_grad}
+    # the teacher copies the vision tower and both heads, nothing else
+    vision = sum(p.numel() for p in stage.model.vision_model.parameters())
+    heads = sum(p.numel() for n in ("local_to_global", "masked") for p in stage.losses[n].head.parameters())
+    assert sum(p.numel() for p in stage.teacher.parameters()) == vision + heads
+
+
+def test_tiny_distillation_step_runs_under_bf16_autocast():
+    """The bf16-mixed path on CPU (autocast, as Lightning's bf16-mixed does on GPU): all four
+    losses finite and float32 (the DINO cross-entropies are computed in float32), gradients
+    reach the student, the heads and the mask token, and the EMA update keeps the teacher fp32."""
+    from stages.runner import build_stage
+
+    cfg = _compose(["debug=fast", "~stage.losses.locca"])  # LocCa's bf16 path: test_locca.py
+    torch.manual_seed(0)
+    stage = build_stage(cfg, vocab_size=300)
+    for name in ("local_to_global", "masked"):
+        stage.enable_loss(name)
+    stage.train()
+    size = cfg.model.vision.image_size
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(4, 3, size, size, generator=g) * 2 - 1,
+             "text": torch.randint(1, 300, (4, cfg.model.text.max_len), generator=g)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = stage.compute_losses(batch)
+    assert set(out) == {"sigmoid", "local_to_global", "masked"}
+    for name in ("local_to_global", "masked"):
+        loss = out[name][0]
+        assert loss.dtype == torch.float32 and torch.isfinite(loss), (name, loss)
+    total = sum(stage.loss_configs[k].effective_weight * v[0] for k, v in out.items())
+    total.backward()
+    assert stage.losses["masked"].mask_token.grad.abs().sum() > 0
+    assert stage.losses["local_to_global"].head.mlp[0].weight.grad.abs().sum() > 0
+    assert stage.model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    stage.teacher.update(stage.model.vision_model, stage.distill_heads(), 0.996)
+    assert all(p.dtype == torch.float32 for p in stage.teacher.parameters())
