@@ -83,9 +83,9 @@ class ViewConfig:
     (the training resolution, as SigLIP 2). ``global_scale`` / ``local_scale``: the crop's area
     as a fraction of the image, drawn uniformly. ``ratio``: crop aspect (w/h) range, drawn
     log-uniformly. ``local_size``: 96 px gives 6x6 tokens for patch 16 (84 px for /14); the
-    tiny demo model (64 px, patch 8) uses 32 px local views (4x4 tokens): its stage config
-    sets that. ``brightness``, ``contrast``, ``saturation``, ``hue``: ColorJitter strengths
-    (factors uniform in [max(0, 1 - s), 1 + s], hue shift uniform in [-hue, hue]; 0 turns one
+    tiny demo model (64 px, patch 8) uses 24 px local views (3x3 tokens): its model
+    config sets that (``distill.local_grid``). ``brightness``, ``contrast``, ``saturation``,
+    ``hue``: ColorJitter strengths (factors uniform in [max(0, 1 - s), 1 + s], hue shift uniform in [-hue, hue]; 0 turns one
     off), applied with probability ``jitter_p``, then grayscale with ``grayscale_p``.
     ``mask_ratio``: fraction of the global view's patches masked for the student, exactly
     ``round(mask_ratio * N)`` per image. ``sampling_ratio``: roi_align's samples per output
