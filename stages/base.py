@@ -13,6 +13,7 @@ cleared.
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from torch import nn
 
 from siglip2.config import from_dict, to_dict
 from siglip2.model import build_model
+from siglip2.model.adapt import adapt_vision_weights, architecture_differences
+from siglip2.model.posemb import POSEMB_RESIZE
 from siglip2.model.layers import EncoderLayer
 from siglip2.model.two_tower import SigLIP2Config
 from siglip2.optim import OptimConfig, param_groups
@@ -67,10 +70,14 @@ def adamw_impl(impl: str, trainer: Any = None) -> str:
 class RecipeWindow:
     """A stage's place in the recipe (see `siglip2.schedule`): `window` in recipe progress,
     `stretch` = stage examples per recipe example, `examples` = the recipe's length in
-    examples (None: from the checkpoint `init_from` names, else from this stage's max_steps)."""
+    examples (None: from the checkpoint `init_from` names, else from this stage's max_steps).
+    `fit_window`: the stage trains exactly the steps its window holds (`trainer.max_steps` is
+    replaced by ceil(window examples x stretch / global batch)) when the recipe's length is
+    known (from `examples` or the `init_from` checkpoint)."""
     window: tuple[float, float] = (0.0, 1.0)
     stretch: float = 1.0
     examples: int | None = None
+    fit_window: bool = False
 
 
 class StepContext:
@@ -125,12 +132,15 @@ class Stage(L.LightningModule):
         compile: bool | None = None,
         vocab_size: int | None = None,
         seed: int = 0,
+        posemb_resize: str = "hf",
     ):
         """`model`: the model yaml as a dict; its `compile` key (`model.compile=true`)
         torch.compiles the towers (`compile` here is the old `stage.compile` flag, kept so that
         checkpoints saved with it still load). `optim`: `OptimConfig` keys. `losses`: loss name
-        -> its config keys (`LOSSES`). `recipe`: `RecipeWindow` keys. Unknown names or keys
-        raise `ValueError` naming them, before anything is built."""
+        -> its config keys (`LOSSES`). `recipe`: `RecipeWindow` keys. `posemb_resize`: how
+        `init_from` resizes a checkpoint's position table to this model's grid ("hf" or
+        "bv_zoom", `siglip2.model.posemb.resize_posemb`). Unknown names or keys raise
+        `ValueError` naming them, before anything is built."""
         super().__init__()
         name = name or self.NAME
         model_cfg = _to_dict(model)
@@ -141,12 +151,15 @@ class Stage(L.LightningModule):
             model_cfg["text"]["vocab_size"] = int(vocab_size)
         self.optim_config = from_dict(OptimConfig, _to_dict(optim), "optim")
         self.recipe = from_dict(RecipeWindow, _to_dict(recipe or {}), "stage.recipe")
+        if posemb_resize not in POSEMB_RESIZE:
+            raise ValueError(f"stage.posemb_resize must be one of {POSEMB_RESIZE}, got {posemb_resize!r}")
+        self.posemb_resize = posemb_resize
         self.loss_configs = self.parse_losses(_to_dict(losses))
         SigLIP2Config.from_dict(model_cfg)  # unknown model keys fail here, before any compute
         self.save_hyperparameters(
             {"model": model_cfg, "optim": _to_dict(optim), "losses": _to_dict(losses), "name": name,
              "handoff_fractions": list(handoff_fractions or []), "recipe": _to_dict(recipe or {}),
-             "seed": int(seed)}
+             "seed": int(seed), "posemb_resize": posemb_resize}
         )
         self.stage_name = name
         self.model = build_model(model_cfg)
@@ -221,6 +234,16 @@ class Stage(L.LightningModule):
                         "the schedule will %s", planned, clock.window, clock.total_examples, clock.stage_examples,
                         "stop at the window's end early" if planned > clock.stage_examples else "end unfinished")
         return clock
+
+    def window_steps(self, global_batch: int) -> int | None:
+        """Optimiser steps of `global_batch` examples that cover this stage's window (the last
+        one may overrun the window's end, where the clock stops), or None while the recipe's
+        length is unknown (no `recipe.examples`, no `init_from` checkpoint recording it)."""
+        total = self.recipe.examples or self.init_meta.get("recipe", {}).get("examples")
+        if not total:
+            return None
+        start, end = self.recipe.window
+        return max(1, math.ceil((end - start) * int(total) * self.recipe.stretch / int(global_batch)))
 
     def _lr_factor(self) -> float:
         if self._clock is None and not self._first_batch and not getattr(self.trainer.datamodule, "batch_size", 0):
@@ -372,6 +395,7 @@ class Stage(L.LightningModule):
             "recipe": {"examples": clock.total_examples if clock else self.recipe.examples,
                        "window": list(self.recipe.window), "stretch": self.recipe.stretch,
                        "progress": clock.progress(self.examples_seen) if clock else None},
+            "init_from": self.init_meta.get("init_from_record"),
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -386,6 +410,13 @@ class Stage(L.LightningModule):
                 f"ckpt_path resumes the same stage, but this checkpoint is from stage '{meta['stage']}' "
                 f"and this run is stage '{self.stage_name}'. Use init_from=... to start a new stage from it."
             )
+        if "model" in meta:  # another resolution, patch size or architecture: name what differs
+            diff = architecture_differences(SigLIP2Config.from_dict(meta["model"]), self.model.config)
+            if diff:
+                raise ValueError(
+                    "ckpt_path resumes the same run, but the checkpoint's model differs from this run's in "
+                    + ", ".join(f"{k} ({a} in the checkpoint, {b} here)" for k, (a, b) in diff.items())
+                    + ". To continue these weights at another resolution, start a stage from them with init_from=...")
         checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
         # Resume keeps the phase: modules exist from step 0, so no hook fires here.
         for name, enabled in meta.get("loss_enabled", {}).items():
@@ -400,20 +431,64 @@ class Stage(L.LightningModule):
         check_shapes(self.state_dict(), checkpoint["state_dict"], source="ckpt_path")
 
     def load_weights(self, path: str) -> None:
-        """`init_from`: weights only (shapes checked), a new optimiser, and the clock of this
-        stage's window of the recipe the checkpoint belongs to."""
+        """`init_from`: weights only, a new optimiser, and the clock of this stage's window of
+        the recipe the checkpoint belongs to. `path` is one of our checkpoints (any stage) or
+        `hf:<folder>`, a `transformers.Siglip2Model` folder (`load_hf_weights`).
+
+        The image towers (student and EMA teacher) are fitted to this run's resolution and
+        patch size (`siglip2.model.adapt`); any other difference of the model (depth, width,
+        vocabulary, text length) is a `ValueError` naming the fields. The record of what was
+        loaded and adapted goes into this stage's checkpoints (`siglip2.init_from`)."""
+        if str(path).startswith("hf:"):
+            self.load_hf_weights(str(path)[3:])
+            return
         from siglip2.checkpoint import read_checkpoint
 
         ckpt = read_checkpoint(path)
+        state, notes = adapt_vision_weights(ckpt.state_dict, ckpt.model_config, self.model.config,
+                                            posemb_resize=self.posemb_resize, what=f"init_from={path}")
         own = self.state_dict()
-        check_shapes(own, ckpt.state_dict, source=f"init_from={path}", allow_missing=True)
-        missing, unexpected = self.load_state_dict(ckpt.state_dict, strict=False)
-        log.info("init_from %s: %d tensors loaded, %d not in checkpoint, %d ignored",
-                 path, len(own) - len(missing), len(missing), len(unexpected))
+        check_shapes(own, state, source=f"init_from={path}", allow_missing=True)
+        missing, unexpected = self.load_state_dict(state, strict=False)
         if len(own) == len(missing):
             raise ValueError(f"init_from={path}: no tensor of this stage's model is in the checkpoint")
-        self.init_meta = ckpt.meta
+        log.info("init_from %s (stage %s): %d tensors loaded, %d not in checkpoint, %d ignored",
+                 path, ckpt.stage, len(own) - len(missing), len(missing), len(unexpected))
+        for note in notes:
+            log.info("init_from: adapted %s", note)
+        self.init_meta = dict(ckpt.meta)
+        self.init_meta["init_from_record"] = {"path": str(path), "stage": ckpt.stage, "adapted": notes,
+                                              "not_in_checkpoint": sorted(missing), "ignored": sorted(unexpected)}
+        self.on_weights_loaded(set(own) - set(missing))
 
+    def load_hf_weights(self, folder: str) -> None:
+        """`init_from=hf:<folder>`: a `transformers.Siglip2Model` folder (safetensors + config,
+        e.g. a downloaded `google/siglip2-*-naflex` or our own export) into the towers, logit
+        scale and bias, adapted to this run's resolution like a checkpoint. Everything else
+        (LocCa decoder, distillation heads) was never released and starts as built; the log
+        says so. The recipe's length is not in the folder: the clock comes from this stage's
+        own steps unless `stage.recipe.examples` is set."""
+        from siglip2.export.hf import from_hf
+
+        hf = from_hf(folder)
+        state = {f"model.{k}": v for k, v in hf.state_dict().items()}
+        state, notes = adapt_vision_weights(state, hf.config, self.model.config, posemb_resize=self.posemb_resize,
+                                            prefixes=("model.vision_model.",), what=f"HF model {folder}")
+        own = self.state_dict()
+        check_shapes(own, state, source=f"init_from=hf:{folder}", allow_missing=True)
+        missing, _ = self.load_state_dict(state, strict=False)
+        fresh = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in missing if not k.startswith("teacher.")})
+        log.info("init_from hf:%s: %d tensors of the two towers loaded; starting fresh (never released): %s",
+                 folder, len(state), ", ".join(fresh) or "nothing")
+        for note in notes:
+            log.info("init_from: adapted %s", note)
+        self.init_meta = {"init_from_record": {"path": f"hf:{folder}", "stage": "hf", "adapted": notes,
+                                               "not_in_checkpoint": sorted(missing), "ignored": []}}
+        self.on_weights_loaded(set(state))
+
+    def on_weights_loaded(self, loaded: set[str]) -> None:
+        """After `init_from`: `loaded` names the stage tensors that came from the source (a
+        stage with an EMA teacher copies the student into a teacher the source did not hold)."""
 
 def check_shapes(own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], source: str,
                  allow_missing: bool = False) -> None:

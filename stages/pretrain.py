@@ -15,6 +15,7 @@ fresh (`Stage.enable_loss`); after every optimiser step the teacher follows the 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Mapping
@@ -33,6 +34,7 @@ from siglip2.schedule import RecipeClock, ema_momentum
 from stages.base import Stage, StepContext
 
 DISTILL = ("local_to_global", "masked")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -134,6 +136,13 @@ class PretrainStage(Stage):
     def on_loss_enabled(self, name: str) -> None:
         if name in DISTILL:  # the teacher starts as the student (heads just re-initialised)
             self.teacher.copy_from(self.model.vision_model, self.distill_heads())
+
+    def on_weights_loaded(self, loaded: set[str]) -> None:
+        # A source without a teacher (released weights, a checkpoint from before 80%): the
+        # teacher starts as the loaded student, as at the switch.
+        if self.teacher is not None and not any(k.startswith("teacher.") for k in loaded):
+            self.teacher.copy_from(self.model.vision_model, self.distill_heads())
+            log.info("init_from: no EMA teacher in the source; the teacher starts as the loaded student")
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)

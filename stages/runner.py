@@ -34,10 +34,33 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         stage.load_weights(str(cfg.init_from))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    overrides = {}
+    if stage.recipe.fit_window:  # e.g. resadapt: exactly the steps of its window of the recipe
+        steps = stage.window_steps(global_batch_size(cfg, datamodule))
+        if steps is None:
+            log.warning("stage %s: the recipe's length is unknown (no init_from checkpoint, no stage.recipe.examples); "
+                        "training trainer.max_steps=%s steps", stage.stage_name, cfg.trainer.get("max_steps"))
+        else:
+            log.info("stage %s covers recipe %s: %d steps (trainer.max_steps=%s replaced)", stage.stage_name,
+                     list(stage.recipe.window), steps, cfg.trainer.get("max_steps"))
+            overrides["max_steps"] = steps
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return {"datamodule": datamodule, "stage": stage, "trainer": trainer, "callbacks": callbacks}
+
+
+def global_batch_size(cfg: DictConfig, datamodule) -> int:
+    """Examples per optimiser step: per-rank batch x devices x nodes x gradient accumulation.
+    `trainer.devices` must be a count here ("auto" or a device list count as their length / 1)."""
+    devices = cfg.trainer.get("devices", 1)
+    if isinstance(devices, str):
+        devices = int(devices) if devices.isdigit() else (torch.cuda.device_count() or 1)
+    elif not isinstance(devices, int):
+        devices = len(devices)
+    nodes = int(cfg.trainer.get("num_nodes", 1) or 1)
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)
+    return int(datamodule.batch_size) * int(devices) * nodes * accumulate
 
 
 def build_stage(cfg: DictConfig, vocab_size: int):

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
+def trained(tmp_path_factory, cache_dir):
+    cache = cache_dir  # the session's debug demo (tests/conftest.py)
     out = tmp_path_factory.mktemp("run")
     fit(compose_cfg(["trainer.max_steps=2"], cache, out))
     return cache, out / "checkpoints" / "last.ckpt"

@@ -4,6 +4,8 @@ The released SigLIP 2 weights keep one learned G x G position table (G = 16) and
 to every image's patch grid on the fly with **bilinear, antialias=True, align_corners=False**
 (transformers `Siglip2VisionEmbeddings.resize_positional_embeddings`). timm's default is
 bicubic, which does not reproduce the released numbers, so the resize is written out here.
+`method="bv_zoom"` is big_vision's plain-ViT checkpoint loader instead (`models/vit.py
+resample_posemb`: `scipy.ndimage.zoom(order=1)`, corner-aligned linear, no antialias).
 """
 from __future__ import annotations
 
@@ -13,12 +15,22 @@ import torch
 import torch.nn.functional as F
 
 
-def resize_posemb(posemb: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Resize a (G*G, W) or (G, G, W) table to (h*w, W), row-major, exactly as HF does.
+POSEMB_RESIZE = ("hf", "bv_zoom")
 
-    The identity size is returned untouched (bilinear at scale 1 is the identity anyway).
-    Interpolation runs in float32 because antialiased bf16/fp16 is not supported on CPU.
+
+def resize_posemb(posemb: torch.Tensor, hw: tuple[int, int], method: str = "hf") -> torch.Tensor:
+    """Resize a (G*G, W) or (G, G, W) table to (h*w, W), row-major.
+
+    `method="hf"` (default): bilinear, half-pixel centres, antialias, exactly as HF's
+    `resize_positional_embeddings` (and big_vision's FlexiViT / NaFlex). `"bv_zoom"`:
+    corner-aligned linear, no antialias, as `scipy.ndimage.zoom(table, (h/G, w/G, 1), order=1)`
+    in big_vision's `vit.resample_posemb` (the two differ by up to ~0.2 of a unit-variance
+    table at 16 -> 32). The identity size is returned untouched. Interpolation runs in
+    float32 (antialiased bf16/fp16 is not supported on CPU). Raises `ValueError` for a
+    non-square (G*G, W) table, a non-positive grid or an unknown method.
     """
+    if method not in POSEMB_RESIZE:
+        raise ValueError(f"posemb resize method must be one of {POSEMB_RESIZE}, got {method!r}")
     if posemb.ndim == 2:
         g = math.isqrt(posemb.shape[0])
         if g * g != posemb.shape[0]:
@@ -31,7 +43,10 @@ def resize_posemb(posemb: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     if (h, w) == (gh, gw):
         return posemb.reshape(gh * gw, width)
     x = posemb.permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    if method == "hf":
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    else:  # scipy.ndimage.zoom(order=1): output i samples input i * (G - 1) / (h - 1)
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=True)
     return x[0].reshape(width, h * w).t().to(posemb.dtype)
 
 
@@ -76,14 +91,19 @@ def resample_patch_embed(
     new_patch: int,
     channels: int = 3,
     interpolation: str = "bilinear",
-    antialias: bool = True,
+    antialias: bool = False,
 ) -> torch.Tensor:
     """FlexiViT PI-resize of the patch Linear weight (W, p*p*C) -> (W, q*q*C).
 
+    The new kernel is pinv(B^T) w, with B the (q*q, p*p) matrix that resizes a p x p patch to
+    q x q, so that <resize(x), w_new> = <x, w> for every p x p patch x when upsampling (the
+    least-squares fit when downsampling, e.g. /16 -> /14). By default B is big_vision's
+    (`models/proj/flexi/vit.py resample_patchemb`: `tf.image.resize(..., "bilinear")`, half-pixel
+    centres, **no antialias**); timm's own default is bicubic + antialias (~15% different).
     The Linear flattens patches in (ph, pw, C) order (HF `convert_image_to_patches`); timm's
-    `resample_patch_embed` wants a conv kernel (W, C, p, p), so this only reshapes around it.
-    Bilinear follows big_vision's `flexi` resize (timm defaults to bicubic). The bias needs
-    no change: PI-resize keeps <x, w> for a resized input x.
+    `resample_patch_embed`, which builds B and the pinv, wants a conv kernel (W, C, p, p), so
+    this only reshapes around it. The bias needs no change. Raises `ValueError` if the
+    fan-in is not p*p*channels.
     """
     from timm.layers import resample_patch_embed as _timm_resample
 

@@ -117,7 +117,8 @@ class VisionTransformer(nn.Module):
         return ImageOutput(self.head(tokens, key_mask), tokens, key_mask)
 
     @torch.no_grad()
-    def adapt(self, patch_size: int | None = None, posemb_grid: int | None = None, **resize_kw) -> None:
+    def adapt(self, patch_size: int | None = None, posemb_grid: int | None = None, posemb_resize: str = "hf",
+              **resize_kw) -> None:
         """Resolution stage helper: FlexiViT PI-resize the patch Linear to `patch_size` and/or
         bilinearly resize the learned position table to `posemb_grid` x `posemb_grid`, in place.
 
@@ -133,6 +134,6 @@ class VisionTransformer(nn.Module):
             emb.patch_embedding = lin
             self.cfg.patch_size = emb.patch_size = patch_size
         if posemb_grid is not None and posemb_grid != self.cfg.posemb_grid:
-            table = resize_posemb(emb.position_embedding.weight, (posemb_grid, posemb_grid))
+            table = resize_posemb(emb.position_embedding.weight, (posemb_grid, posemb_grid), posemb_resize)
             emb.position_embedding = nn.Embedding.from_pretrained(table.clone(), freeze=False)
             self.cfg.posemb_grid = posemb_grid
