@@ -36,6 +36,8 @@ from siglip2.schedule import LossTiming, RecipeClock
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 2
+# Metric prefixes logged as they are (their own W&B section), not under `train/`.
+OWN_SECTION = ("distill/",)
 
 
 def fsdp_wrap_classes() -> set[type[nn.Module]]:
@@ -344,7 +346,9 @@ class Stage(L.LightningModule):
             self.log(f"train/loss_{name}", loss.detach(), batch_size=bsz, prog_bar=bar and name == "sigmoid",
                      sync_dist=True)
             for key, value in metrics.items():
-                self.log(f"train/{key}", value, batch_size=bsz)
+                # self-distillation's metrics get their own W&B section (`distill/...`: each
+                # loss, teacher-student agreement, centre and teacher entropies)
+                self.log(key if key.startswith(OWN_SECTION) else f"train/{key}", value, batch_size=bsz)
         if total is None:
             raise RuntimeError(f"no loss is on at step {self.global_step}: check stage.losses.*.start_frac")
         dormant = [p for name, module in self.losses.items() if not self.loss_enabled[name]
