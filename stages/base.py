@@ -97,7 +97,10 @@ class StepContext:
         """`ImageOutput` of the student on the batch's images (`.embeds`, `.tokens`, `.token_mask`)."""
         b = self.batch
         if "patches" in b:
-            return self.stage.model.encode_image(patches=b["patches"], patch_coord=b.get("patch_coord"),
+            patches = b["patches"]
+            if patches.dtype == torch.uint8:  # NaFlex batches carry pixels; [-1, 1] on the device
+                patches = patches.float().div_(127.5).sub_(1.0)
+            return self.stage.model.encode_image(patches=patches, patch_coord=b.get("patch_coord"),
                                                  patch_valid=b.get("patch_valid"),
                                                  spatial_shapes=b.get("spatial_shapes"))
         return self.stage.model.encode_image(image=b["image"])
@@ -156,7 +159,8 @@ class Stage(L.LightningModule):
         if posemb_resize not in POSEMB_RESIZE:
             raise ValueError(f"stage.posemb_resize must be one of {POSEMB_RESIZE}, got {posemb_resize!r}")
         self.posemb_resize = posemb_resize
-        self.loss_configs = self.parse_losses(_to_dict(losses))
+        # a loss set to null (`losses: {masked: null}`, `stage.losses.masked=null`) is not built
+        self.loss_configs = self.parse_losses({k: v for k, v in _to_dict(losses).items() if v is not None})
         SigLIP2Config.from_dict(model_cfg)  # unknown model keys fail here, before any compute
         self.save_hyperparameters(
             {"model": model_cfg, "optim": _to_dict(optim), "losses": _to_dict(losses), "name": name,
@@ -230,7 +234,8 @@ class Stage(L.LightningModule):
             stage_steps=int(trainer.estimated_stepping_batches), step_examples=step_examples,
             warmup=opt.warmup_steps, window=tuple(self.recipe.window), stretch=self.recipe.stretch,
             min_lr_ratio=opt.min_lr_ratio, total_examples=int(total) if total else None)
-        planned = int(trainer.estimated_stepping_batches) * step_examples
+        mean = float(getattr(trainer.datamodule, "mean_batch_size", 0) or per_rank)  # NaFlex: some batches halved
+        planned = int(trainer.estimated_stepping_batches) * step_examples * mean / per_rank
         if abs(planned - clock.stage_examples) > step_examples:
             log.warning("this stage trains %d examples but its window %s of a %d-example recipe holds %.0f: "
                         "the schedule will %s", planned, clock.window, clock.total_examples, clock.stage_examples,
@@ -456,8 +461,9 @@ class Stage(L.LightningModule):
         missing, unexpected = self.load_state_dict(state, strict=False)
         if len(own) == len(missing):
             raise ValueError(f"init_from={path}: no tensor of this stage's model is in the checkpoint")
-        log.info("init_from %s (stage %s): %d tensors loaded, %d not in checkpoint, %d ignored",
-                 path, ckpt.stage, len(own) - len(missing), len(missing), len(unexpected))
+        log.info("init_from %s (stage %s): %d tensors loaded, %d not in checkpoint, %d ignored%s",
+                 path, ckpt.stage, len(own) - len(missing), len(missing), len(unexpected),
+                 f" (modules this stage does not have: {', '.join(_module_prefixes(unexpected))})" if unexpected else "")
         for note in notes:
             log.info("init_from: adapted %s", note)
         self.init_meta = dict(ckpt.meta)
@@ -493,6 +499,11 @@ class Stage(L.LightningModule):
     def on_weights_loaded(self, loaded: set[str]) -> None:
         """After `init_from`: `loaded` names the stage tensors that came from the source (a
         stage with an EMA teacher copies the student into a teacher the source did not hold)."""
+
+def _module_prefixes(keys, depth: int = 2) -> list[str]:
+    """The distinct leading `depth` name parts of state-dict keys (`teacher.vision`, ...)."""
+    return sorted({".".join(k.split(".")[:depth]) for k in keys})
+
 
 def check_shapes(own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], source: str,
                  allow_missing: bool = False) -> None:

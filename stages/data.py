@@ -45,9 +45,13 @@ class ImageTextData(L.LightningDataModule):
         max_pixels: int = 40_000_000,
         locca_targets: Mapping[str, Any] | None = None,
         draft_decode: bool = True,
+        naflex: Mapping[str, Any] | None = None,
+        patch_size: int | None = None,
     ):
         """`draft_decode`: let JPEGs much larger than the training size decode at 1/2, 1/4
-        or 1/8 scale (never below it; see `siglip2.data.decode.decode_sample`)."""
+        or 1/8 scale (never below it; see `siglip2.data.decode.decode_sample`). `naflex`:
+        `siglip2.data.naflex.NaFlexConfig` keys (set by `stage=naflex`): native-aspect
+        batches of patches at a planned sequence length per batch, `patch_size` pixels a side."""
         super().__init__()
         self.demo = None
         if demo:
@@ -76,6 +80,16 @@ class ImageTextData(L.LightningDataModule):
         self.max_pixels = int(max_pixels)
         self.locca_targets = dict(locca_targets) if locca_targets else None
         self.draft_decode = bool(draft_decode)
+        self.naflex = None
+        if naflex:
+            from siglip2.config import from_dict
+            from siglip2.data.naflex import NaFlexConfig, SeqLenPlan
+
+            if not patch_size:
+                raise ValueError("data.naflex needs data.patch_size (the model's patch size)")
+            self.naflex = from_dict(NaFlexConfig, dict(naflex), "data.naflex")
+            self.patch_size = int(patch_size)
+            self.plan = SeqLenPlan(self.naflex, self.batch_size)
         # Fail before training if a pattern matches nothing.
         from siglip2.data.shards import expand_urls
 
@@ -85,16 +99,28 @@ class ImageTextData(L.LightningDataModule):
 
     def train_dataloader(self):
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        transform = ImageTransform(self.image_size, random_resized_crop=self.random_resized_crop,
-                                   scale=self.crop_scale)
+        batcher = None
+        if self.naflex is not None:  # native aspect, planned length per batch (NaFlexBatches)
+            from siglip2.data.naflex import NaFlexBatches, NativeImage
+
+            transform = NativeImage()
+            batcher = NaFlexBatches(self.plan, self.patch_size, offset=epoch * self.batches_per_epoch)
+        else:
+            transform = ImageTransform(self.image_size, random_resized_crop=self.random_resized_crop,
+                                       scale=self.crop_scale)
         locca = LoccaFormat(**self.locca_targets) if self.locca_targets else None
         sample_fn = TrainSample(self.tokenizer, transform, self.seed, epoch, locca)
         return build_train_loader(
             self.sources, sample_fn, batch_size=self.batch_size, num_batches=self.batches_per_epoch,
             seed=self.seed * 1_000_003 + epoch, num_workers=self.num_workers,
             shuffle_buffer=self.shuffle_buffer, max_pixels=self.max_pixels, reseed_each_iter=False,
-            decode_size=transform.min_source_size() if self.draft_decode else None,
+            decode_size=transform.min_source_size() if self.draft_decode else None, batcher=batcher,
         )
+
+    @property
+    def mean_batch_size(self) -> float:
+        """Mean examples per batch (NaFlex halves some batches); the batch size otherwise."""
+        return self.plan.examples_per_batch_mean() if self.naflex is not None else float(self.batch_size)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # Keys, skip counters and worker ids stay on the host; tensors move.

@@ -51,7 +51,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
 
 def global_batch_size(cfg: DictConfig, datamodule) -> int:
-    """Examples per optimiser step: per-rank batch x devices x nodes x gradient accumulation.
+    """Examples per optimiser step: per-rank batch (its mean, when batches vary) x devices x
+    nodes x gradient accumulation.
     `trainer.devices` must be a count here ("auto" or a device list count as their length / 1)."""
     devices = cfg.trainer.get("devices", 1)
     if isinstance(devices, str):
@@ -60,7 +61,8 @@ def global_batch_size(cfg: DictConfig, datamodule) -> int:
         devices = len(devices)
     nodes = int(cfg.trainer.get("num_nodes", 1) or 1)
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)
-    return int(datamodule.batch_size) * int(devices) * nodes * accumulate
+    per_rank = float(getattr(datamodule, "mean_batch_size", datamodule.batch_size))  # NaFlex halves some batches
+    return max(1, round(per_rank * int(devices) * nodes * accumulate))
 
 
 def build_stage(cfg: DictConfig, vocab_size: int):

@@ -177,3 +177,66 @@ def test_token_batching_keeps_the_token_budget():
         SeqLenPlan(NaFlexConfig(), batch_size=31)
     with pytest.raises(ValueError, match="batching"):
         NaFlexConfig(batching="pixels")
+
+
+# ---------------------------------------------------------------- the loader and the stage
+@pytest.mark.e2e
+def test_two_ranks_with_two_workers_each_draw_the_same_lengths(cache_dir, monkeypatch):
+    """The real loader (stage=naflex data config, 2 DataLoader workers) as rank 0 and rank 1
+    of 2: batch k has the plan's length and size on both ranks, whichever worker made it."""
+    from hydra.utils import instantiate
+
+    from test_train import compose_cfg
+
+    cfg = compose_cfg(["stage=naflex", "data.num_workers=2", "data.batches_per_epoch=6"], cache_dir, cache_dir)
+    seen = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        data = instantiate(cfg.data, _recursive_=False, _convert_="all")
+        seen[rank] = [(b["patches"].shape[1], b["patches"].shape[0], b["worker_id"]) for b in data.train_dataloader()]
+        for b_len, b_size, _ in seen[rank]:
+            assert b_len in (32, 64, 144, 196, 256)
+    plan = data.plan
+    assert [(n, b) for n, b, _ in seen[0]] == [(n, b) for n, b, _ in seen[1]] == [plan(k) for k in range(6)]
+    assert {w for _, _, w in seen[0]} == {0, 1}  # both workers made batches
+
+
+@pytest.mark.e2e
+def test_naflex_stage_trains_from_the_90pct_checkpoint(cache_dir, debug_pretrain, tmp_path):
+    import lightning as L
+
+    from test_train import compose_cfg, fit
+
+    class Record(L.Callback):
+        def __init__(self):
+            self.batches = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.batches.append({k: batch[k].clone() for k in ("patches", "patch_valid", "spatial_shapes")})
+
+    ckpt = debug_pretrain / "checkpoints" / "frac_0.90.ckpt"
+    record = Record()
+    trainer, stage = fit(compose_cfg(["stage=naflex", f"init_from={ckpt}"], cache_dir, tmp_path), [record])
+    assert set(stage.losses) == {"sigmoid", "locca"} and stage.teacher is None
+    source = torch.load(ckpt, map_location="cpu", weights_only=False)["siglip2"]
+    total = source["recipe"]["examples"]
+    plan = trainer.datamodule.plan
+    # the stretched window: 10% of the recipe x 3.75, in batches of the plan's mean size
+    assert trainer.max_steps == math.ceil(0.1 * total * 3.75 / plan.examples_per_batch_mean())
+    assert trainer.global_step == trainer.max_steps == len(record.batches)
+    for k, b in enumerate(record.batches):  # batch k follows the plan (one process, no workers)
+        length, size = plan(k)
+        assert b["patches"].shape[:2] == (size, length) and b["patches"].dtype == torch.uint8
+        grid = b["spatial_shapes"].prod(1)
+        assert torch.equal(b["patch_valid"].sum(1), grid) and bool((grid <= length).all())
+    assert stage.examples_seen == sum(plan(k)[1] for k in range(trainer.global_step))
+    out = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    meta = out["siglip2"]
+    assert meta["stage"] == "naflex" and meta["init_from"]["not_in_checkpoint"] == []
+    assert any(k.startswith("teacher.") for k in meta["init_from"]["ignored"])  # no distillation here
+    # progress moves 1/3.75 recipe example per example trained, from the window's start
+    want = min(1.0, (round(0.9 * total) + stage.examples_seen / 3.75) / total)
+    assert meta["recipe"]["stretch"] == 3.75 and meta["recipe"]["progress"] == pytest.approx(want, abs=1e-9)
+    for name in ("sigmoid", "locca"):
+        assert torch.isfinite(trainer.callback_metrics[f"train/loss_{name}"])

@@ -248,12 +248,10 @@ def test_init_from_hf_adapts_to_this_runs_resolution_and_refuses_other_sizes(tmp
 
 # ---------------------------------------------------------------- the stage, end to end
 @pytest.mark.e2e
-def test_resadapt_from_the_95pct_checkpoint_64_to_96px_with_all_losses(cache_dir, tmp_path):
+def test_resadapt_from_the_95pct_checkpoint_64_to_96px_with_all_losses(cache_dir, debug_pretrain, tmp_path):
     from test_train import compose_cfg, fit
 
-    _, pre = fit(compose_cfg([], cache_dir, tmp_path / "pretrain"))
-    assert pre.loss_enabled["local_to_global"] and pre.loss_enabled["masked"]  # 80% of 6 steps
-    ckpt = tmp_path / "pretrain" / "checkpoints" / "frac_0.95.ckpt"
+    ckpt = debug_pretrain / "checkpoints" / "frac_0.95.ckpt"  # distillation on from 80% of 6 steps
     source = torch.load(ckpt, map_location="cpu", weights_only=False)
     trainer, stage = fit(compose_cfg(["stage=resadapt", f"init_from={ckpt}", "model.vision.image_size=96"],
                                      cache_dir, tmp_path / "resadapt"))
@@ -280,8 +278,23 @@ def test_resadapt_from_the_95pct_checkpoint_64_to_96px_with_all_losses(cache_dir
     assert warm < start
     want = 0.5 * (1 + math.cos(math.pi * (start - warm) / (total - warm)))
     assert stage.clock.lr_factor(0) == pytest.approx(want, rel=1e-9)
-    # a checkpoint of this stage at another resolution, or of another stage, cannot be resumed
+    # export at the adapted resolution: HF's config has the 12x12 table and reproduces our embeddings
+    from transformers import Siglip2Model
+
+    from siglip2.checkpoint import read_checkpoint
+    from siglip2.export import save_hf
+
     last = tmp_path / "resadapt" / "checkpoints" / "last.ckpt"
+    ours = read_checkpoint(str(last)).model()
+    hf = Siglip2Model.from_pretrained(save_hf(ours, tmp_path / "hf")).eval()
+    assert hf.config.vision_config.num_patches == 144 and hf.config.vision_config.patch_size == 8
+    with torch.no_grad():
+        image = torch.rand(2, 3, 96, 96) * 2 - 1
+        text = torch.randint(0, ours.config.text.vocab_size, (2, ours.config.text.max_len))
+        ref_img, ref_txt = _hf_embeds(hf, image, text, 8)
+        torch.testing.assert_close(ours.encode_image(image=image).embeds, ref_img, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.embed_text(text), ref_txt, atol=1e-5, rtol=1e-5)
+    # a checkpoint of this stage at another resolution, or of another stage, cannot be resumed
     with pytest.raises(ValueError, match=r"vision.image_size \(96 in the checkpoint, 128 here\)"):
         fit(compose_cfg(["stage=resadapt", f"ckpt_path={last}", "model.vision.image_size=128",
                          "stage.recipe.fit_window=false"], cache_dir, tmp_path / "bad"))

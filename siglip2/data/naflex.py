@@ -168,3 +168,51 @@ class SeqLenPlan:
         """Mean examples per batch over the first `batches` (for step-count planning)."""
         return sum(self(i)[1] for i in range(batches)) / batches
 
+
+
+class NativeImage:
+    """The per-sample "transform" of NaFlex training: the decoded image as a uint8 (3, H, W)
+    tensor at its own size, boxes unchanged (normalised boxes survive the later whole-image
+    resize). The resize to the batch's length happens in `NaFlexBatches`, after the plan is
+    drawn. Same call signature as `siglip2.data.transforms.ImageTransform`."""
+
+    def __call__(self, img, boxes: torch.Tensor | None = None):
+        from torchvision.transforms.v2 import functional as TF
+
+        x = TF.pil_to_tensor(img) if not torch.is_tensor(img) else img
+        if x.ndim != 3 or x.shape[0] != 3:
+            raise ValueError(f"expected an RGB image, got shape {tuple(x.shape)}")
+        return x, boxes
+
+    def min_source_size(self) -> None:
+        return None  # no draft decoding: the largest sequence length decides the size per batch
+
+
+class NaFlexBatches:
+    """Worker-side batching for NaFlex training (`siglip2.data.shards.build_train_loader`'s
+    `batcher`). Batch k of a rank (k = offset + j * workers + worker: the DataLoader takes
+    batches round-robin from its workers) gets (length, examples) = plan(k); its samples'
+    uint8 `image`s are resized for at most `length` patches, patchified and padded to
+    `length`: the batch holds uint8 `patches` (B, length, p*p*3), `patch_coord`,
+    `patch_valid`, `spatial_shapes` and no `image` (the stage converts to [-1, 1] on the
+    device). Every other key is collated as usual."""
+
+    def __init__(self, plan: SeqLenPlan, patch_size: int, offset: int = 0):
+        self.plan, self.patch_size, self.offset = plan, int(patch_size), int(offset)
+
+    def __call__(self, samples, worker: int, nworkers: int, collate, finish):
+        from itertools import islice
+
+        it = iter(samples)
+        j = 0
+        while True:
+            length, size = self.plan(self.offset + j * nworkers + worker)
+            buf = list(islice(it, size))
+            if len(buf) < size:
+                return
+            items = [patchify_image(resize_for_max_patches(s.pop("image"), self.patch_size, length), self.patch_size)
+                     for s in buf]
+            batch = collate(buf)
+            batch.update(pad_patches(items, length))
+            yield finish(batch)
+            j += 1

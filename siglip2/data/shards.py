@@ -342,7 +342,11 @@ def _batch_stage(samples: Iterable[dict], batch_size: int, stats: _WorkerStats,
 
 
 def _finish_batch(buf: list[dict], stats: _WorkerStats, worker_id: int) -> dict:
-    batch = collate(buf)
+    return _stamp(collate(buf), stats, worker_id)
+
+
+def _stamp(batch: dict, stats: _WorkerStats, worker_id: int) -> dict:
+    """A made batch carries the worker's skip counts so far and the worker id."""
     batch["skipped"] = dict(stats.counts)
     batch["worker_id"] = worker_id
     return batch
@@ -394,8 +398,9 @@ class _TrainStream(IterableDataset):
     """Infinite resampled mix, cut to this worker's share of ``num_batches``."""
 
     def __init__(self, sources, sample_fn, batch_size, num_batches, seed, rank, world,
-                 shuffle_buffer, max_pixels, decode_mask, reseed_each_iter=True, decode_size=None):
+                 shuffle_buffer, max_pixels, decode_mask, reseed_each_iter=True, decode_size=None, batcher=None):
         super().__init__()
+        self.batcher = batcher
         self.reseed_each_iter = reseed_each_iter
         self.decode_size = decode_size
         self.sources = sources
@@ -442,10 +447,13 @@ class _TrainStream(IterableDataset):
         weights = [w for _, w in self.sources]
         mixed = _weighted_mix(streams, weights,
                               random.Random(make_seed(self.seed, -1, g, it)))
-        batches = _batch_stage(
-            _decode_stage(mixed, stats, self.sample_fn, self.max_pixels, self.decode_mask,
-                          max_skips=MAX_CONSECUTIVE_SKIPS, decode_size=self.decode_size),
-            self.batch_size, stats, worker, partial_last=False)
+        decoded = _decode_stage(mixed, stats, self.sample_fn, self.max_pixels, self.decode_mask,
+                                max_skips=MAX_CONSECUTIVE_SKIPS, decode_size=self.decode_size)
+        if self.batcher is not None:  # e.g. NaFlex: a planned length and size per batch
+            batches = self.batcher(decoded, worker, nworkers, collate,
+                                   partial(_stamp, stats=stats, worker_id=worker))
+        else:
+            batches = _batch_stage(decoded, self.batch_size, stats, worker, partial_last=False)
         return islice(batches, mine)
 
 
@@ -497,7 +505,7 @@ def build_train_loader(sources, sample_fn: Callable[[DecodedSample], dict | None
                        batch_size: int, num_batches: int, seed: int = 0, num_workers: int = 2,
                        shuffle_buffer: int = 1000, max_pixels: int = DEFAULT_MAX_PIXELS,
                        decode_mask: bool = False, reseed_each_iter: bool = True,
-                       decode_size: tuple[int, int] | None = None) -> DataLoader:
+                       decode_size: tuple[int, int] | None = None, batcher: Callable | None = None) -> DataLoader:
     """Resampled training loader giving exactly ``num_batches`` batches per epoch per rank.
 
     ``sources``: a pattern, a list of patterns, or ``[{"urls": ..., "weight": w}, ...]``
@@ -506,6 +514,8 @@ def build_train_loader(sources, sample_fn: Callable[[DecodedSample], dict | None
     ``i < num_batches % W``, so the total is exact for any worker count.
     ``decode_size`` (w, h): let JPEGs decode at a reduced scale no smaller than this (see
     :func:`decode_sample`); pass the transform's ``min_source_size()``.
+    ``batcher(samples, worker, nworkers, collate, finish)``: makes this worker's batches from
+    its sample stream instead of fixed-size batching (NaFlex: `siglip2.data.naflex.NaFlexBatches`).
     """
     if batch_size < 1 or num_batches < 1:
         raise ValueError(f"batch_size and num_batches must be >= 1, got {batch_size}, {num_batches}")
@@ -518,7 +528,7 @@ def build_train_loader(sources, sample_fn: Callable[[DecodedSample], dict | None
                            "all of them (with its own seed) instead of a disjoint subset",
                            len(urls), world, nworkers)
     ds = _TrainStream(srcs, sample_fn, batch_size, num_batches, seed, rank, world,
-                      shuffle_buffer, max_pixels, decode_mask, reseed_each_iter, decode_size)
+                      shuffle_buffer, max_pixels, decode_mask, reseed_each_iter, decode_size, batcher)
     gen = torch.Generator().manual_seed(make_seed(seed, rank, 7))
     return _loader(ds, num_workers, gen)
 
