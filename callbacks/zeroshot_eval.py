@@ -20,12 +20,14 @@ log = logging.getLogger(__name__)
 
 class ZeroShotEval(L.Callback):
     def __init__(self, sets: list[str], every_n_steps: int = 0, batch_size: int = 128, num_workers: int = 0,
-                 max_batches: int | None = None, num_examples: int = 8):
+                 max_batches: int | None = None, num_examples: int = 8, naflex_seq_len: int | None = None):
+        """`naflex_seq_len`: evaluate NaFlex-style (own aspect ratio, at most that many patches)."""
         self.sets = [load_eval_set(s) for s in (sets or [])]
         self.every_n_steps = int(every_n_steps or 0)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.max_batches = max_batches
         self.num_examples = num_examples
+        self.naflex_seq_len = int(naflex_seq_len) if naflex_seq_len else None
         self.final_metrics: dict[str, float] = {}
         self._last_step = -1
 
@@ -38,7 +40,7 @@ class ZeroShotEval(L.Callback):
             self.sets, model=pl_module.model, tokenizer=datamodule.tokenizer, image_size=datamodule.image_size,
             device=pl_module.device, batch_size=self.batch_size, num_workers=self.num_workers,
             max_batches=self.max_batches, decoder=pl_module.locca_decoder(),
-            keep_examples=self.num_examples if trainer.is_global_zero else 0,
+            keep_examples=self.num_examples if trainer.is_global_zero else 0, naflex_seq_len=self.naflex_seq_len,
         )
         tables, examples = results.pop("_tables", {}), results.pop("_examples", {})
         numbers = {k: float(v) for k, v in results.items()}
@@ -69,6 +71,9 @@ class ZeroShotEval(L.Callback):
             wb.log_table(key=f"{name}/per_class", columns=["class", "accuracy"], data=rows, step=trainer.global_step)
         for name, items in examples.items():
             if items:
+                items = [it for it in items if "image" in it]  # NaFlex evaluation keeps no square view
+                if not items:
+                    continue
                 images = [((it["image"].float().clamp(-1, 1) + 1) / 2) for it in items]
                 captions = [f"true: {it['label']} | top: {', '.join(it['top'])}" for it in items]
                 wb.log_image(key=f"{name}/examples", images=images, caption=captions, step=trainer.global_step)

@@ -240,3 +240,39 @@ def test_naflex_stage_trains_from_the_90pct_checkpoint(cache_dir, debug_pretrain
     assert meta["recipe"]["stretch"] == 3.75 and meta["recipe"]["progress"] == pytest.approx(want, abs=1e-9)
     for name in ("sigmoid", "locca"):
         assert torch.isfinite(trainer.callback_metrics[f"train/loss_{name}"])
+
+
+@pytest.mark.e2e
+def test_naflex_evaluation_keeps_each_images_aspect_within_the_length(cache_dir):
+    """eval.naflex_seq_len: the eval samples are padded patch sequences of at most L patches
+    whose grid follows the image's aspect; zero-shot, retrieval and refexp run on them (the
+    dense probe keeps its square view), and a random model scores near chance."""
+    import yaml
+
+    from siglip2.data.demo import ensure_demo
+    from siglip2.data.shards import build_eval_loader
+    from siglip2.data.tokenizer import build_tokenizer
+    from siglip2.eval.suite import EvalSample, evaluate_all, load_eval_set
+    from siglip2.model import build_model
+    from test_train import ROOT
+
+    demo = ensure_demo(cache_dir / "demo-n400-s0", num_train=400, seed=0)
+    cfg = yaml.safe_load((ROOT / "conf" / "model" / "tiny.yaml").read_text())
+    tok = build_tokenizer(demo.tokenizer_path, length=cfg["text"]["max_len"])
+    cfg["text"]["vocab_size"] = tok.vocab_size
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    es = load_eval_set(demo.retrieval_yaml)
+    loader = build_eval_loader(es.urls, EvalSample(es, 64, naflex_seq_len=48, patch_size=8), batch_size=16)
+    batch = next(iter(loader))
+    assert batch["patches"].shape[1:] == (48, 8 * 8 * 3) and "image" not in batch
+    shapes = batch["spatial_shapes"]
+    assert bool((shapes.prod(1) <= 48).all()) and len({tuple(s) for s in shapes.tolist()}) > 1  # own aspects
+    from siglip2.losses.locca import LoccaConfig, LoccaHead
+
+    decoder = LoccaHead.for_model(LoccaConfig(), model.config).decoder.eval()  # refexp reads padded tokens
+    res = evaluate_all([demo.zeroshot_yaml, demo.retrieval_yaml, demo.refexp_yaml], model=model, tokenizer=tok,
+                       image_size=64, batch_size=100, max_batches=1, naflex_seq_len=48, decoder=decoder)
+    assert res["refexp/demo_refexp/num_regions"] > 0 and 0.0 <= res["refexp/demo_refexp/acc@0.5"] <= 1.0
+    for key in ("zeroshot/demo_zeroshot/top1", "retrieval/demo_retrieval/image_to_text_R@5"):
+        assert 0.0 <= res[key] <= 0.4, (key, res[key])  # an untrained model: near chance

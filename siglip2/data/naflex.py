@@ -113,6 +113,7 @@ class NaFlexConfig:
     halve_at_max: bool = True
     tokens_per_batch: int | None = None
     seed: int = 0
+    eval_seq_len: int | None = None  # the stage's evaluation length (`eval.naflex_seq_len`)
 
     def __post_init__(self):
         self.seq_lens = tuple(sorted(int(s) for s in self.seq_lens))

@@ -97,14 +97,34 @@ def _check_segmentation(path: Path, spec: dict) -> None:
 class EvalSample:
     """DecodedSample -> what each task needs (image, label, captions, language, regions, masks)."""
 
-    def __init__(self, es: EvalSet, image_size: int):
+    def __init__(self, es: EvalSet, image_size: int, naflex_seq_len: int | None = None, patch_size: int | None = None):
+        """`naflex_seq_len`: instead of a square `image_size` view, each image keeps its aspect
+        ratio at the largest size of at most that many `patch_size` patches (`siglip2.data.naflex`),
+        padded to the length: `patches` uint8, `patch_coord`, `patch_valid`, `spatial_shapes`."""
         self.es = es
         self.transform = ImageTransform(image_size)
+        self.naflex_seq_len, self.patch_size = naflex_seq_len, patch_size
+        if naflex_seq_len is not None and not patch_size:
+            raise ValueError("NaFlex evaluation needs the model's patch size")
+
+    def _naflex(self, img) -> dict[str, torch.Tensor]:
+        from torchvision.transforms.v2 import functional as TF
+
+        from siglip2.data.naflex import pad_patches, patchify_image, resize_for_max_patches
+
+        x = resize_for_max_patches(TF.pil_to_tensor(img), self.patch_size, self.naflex_seq_len)
+        batch = pad_patches([patchify_image(x, self.patch_size)], self.naflex_seq_len)
+        return {k: v[0] for k, v in batch.items()}
 
     def __call__(self, sample: DecodedSample) -> dict[str, Any] | None:
-        image, _ = self.transform(sample.image, None)
         meta = sample.meta if isinstance(sample.meta, dict) else {}
-        out: dict[str, Any] = {"image": image, "key": sample.key, "lang": str(meta.get(self.es.lang_key, "en"))}
+        out: dict[str, Any] = {"key": sample.key, "lang": str(meta.get(self.es.lang_key, "en"))}
+        if self.naflex_seq_len is not None and self.es.task != "segmentation":
+            out.update(self._naflex(sample.image))
+            image = None
+        else:
+            image, _ = self.transform(sample.image, None)
+            out["image"] = image
         if self.es.task == "zeroshot":
             if self.es.label_key not in meta:
                 return None
@@ -147,9 +167,16 @@ def evaluate_set(
     max_batches: int | None = None,
     decoder: torch.nn.Module | None = None,
     keep_examples: int = 0,
+    naflex_seq_len: int | None = None,
 ) -> dict[str, Any]:
-    """Metrics of one set, keyed `<task>/<set name>/<metric>`, plus `_examples`/`_tables` extras."""
-    loader = build_eval_loader(es.urls, EvalSample(es, image_size), batch_size=batch_size, num_workers=num_workers,
+    """Metrics of one set, keyed `<task>/<set name>/<metric>`, plus `_examples`/`_tables` extras.
+
+    `naflex_seq_len`: zero-shot, retrieval and refexp see each image at its own aspect ratio
+    with at most that many patches (a NaFlex model, `eval.naflex_seq_len=256`); the dense
+    probe, which needs a fixed grid, keeps the square `image_size` view."""
+    sample_fn = EvalSample(es, image_size, naflex_seq_len, getattr(getattr(model, "config", None), "vision", None)
+                           and model.config.vision.patch_size)
+    loader = build_eval_loader(es.urls, sample_fn, batch_size=batch_size, num_workers=num_workers,
                                decode_mask=es.task == "segmentation")
     prefix = f"{es.task}/{es.name}"
     was_training = model.training
@@ -185,8 +212,19 @@ def _segmentation(es, model, loader, device, max_batches, prefix):
     return out
 
 
-def _image_emb(model, image: torch.Tensor) -> torch.Tensor:
-    return model.encode_image(image=image).embeds
+def _encode(model, batch: dict[str, Any], device):
+    """`ImageOutput` of a batch of square images (`image`) or NaFlex patches (`patches`...)."""
+    if "patches" in batch:
+        patches = batch["patches"].to(device)
+        patches = patches.float().div_(127.5).sub_(1.0) if patches.dtype == torch.uint8 else patches
+        return model.encode_image(patches=patches, patch_coord=batch["patch_coord"].to(device),
+                                  patch_valid=batch["patch_valid"].to(device),
+                                  spatial_shapes=batch["spatial_shapes"].to(device))
+    return model.encode_image(image=batch["image"].to(device))
+
+
+def _batch_len(batch: dict[str, Any]) -> int:
+    return int((batch["patches"] if "patches" in batch else batch["image"]).shape[0])
 
 
 def _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder):
@@ -195,8 +233,8 @@ def _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_ex
     examples: list[dict[str, Any]] = []
     named, captioned = torch.zeros((), device=device), torch.zeros((), device=device)
     for batch in _batches(loader, max_batches):
-        image = batch["image"].to(device)
-        out = model.encode_image(image=image)
+        image = batch["image"].to(device) if "image" in batch else None
+        out = _encode(model, batch, device)
         logits = zeroshot_logits(out.embeds, classifier)
         metrics.update(logits, batch["label"].to(device))
         captions = None
@@ -209,9 +247,11 @@ def _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_ex
                     named += float(any(caption_names_object(caption, object_name(o), o["color"]) for o in objects))
         if len(examples) < keep_examples:
             top = logits.topk(min(3, logits.shape[1]), dim=-1).indices.cpu()
-            for i in range(min(keep_examples - len(examples), image.shape[0])):
-                example = {"image": image[i].cpu(), "label": es.classnames[int(batch["label"][i])],
+            for i in range(min(keep_examples - len(examples), _batch_len(batch))):
+                example = {"label": es.classnames[int(batch["label"][i])],
                            "top": [es.classnames[int(j)] for j in top[i]]}
+                if image is not None:
+                    example["image"] = image[i].cpu()
                 if captions is not None:
                     example["caption"] = captions[i]
                 examples.append(example)
@@ -230,13 +270,13 @@ def _retrieval(model, tokenizer, loader, device, max_batches, prefix):
     image_embs, text_embs, owners, langs = [], [], [], []
     n_images = 0
     for batch in _batches(loader, max_batches):
-        image_embs.append(_image_emb(model, batch["image"].to(device)))
+        image_embs.append(_encode(model, batch, device).embeds)
         flat = [c for caps in batch["captions"] for c in caps]
         owner = [n_images + i for i, caps in enumerate(batch["captions"]) for _ in caps]
         text_embs.append(model.embed_text(tokenizer(flat).to(device)))
         owners.append(torch.tensor(owner, dtype=torch.long))
         langs.extend(batch["lang"][i] for i, caps in enumerate(batch["captions"]) for _ in caps)
-        n_images += batch["image"].shape[0]
+        n_images += _batch_len(batch)
     image_emb = torch.cat(image_embs) if image_embs else torch.zeros(0, 1, device=device)
     text_emb = torch.cat(text_embs) if text_embs else torch.zeros(0, image_emb.shape[1], device=device)
     owner = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
@@ -270,7 +310,7 @@ def _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder):
     """Every region of every image is one query: its caption in, a box out, hit at IoU >= 0.5."""
     hits, total = torch.zeros((), device=device), torch.zeros((), device=device)
     for batch in _batches(loader, max_batches):
-        img = model.encode_image(image=batch["image"].to(device))
+        img = _encode(model, batch, device)
         rows = [(i, r) for i, regions in enumerate(batch["regions"]) for r in regions]
         index = torch.tensor([i for i, _ in rows], device=device)
         tokens = img.tokens[index]

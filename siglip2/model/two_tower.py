@@ -22,7 +22,7 @@ from .vit import ImageOutput, VisionConfig, VisionTransformer
 
 # Keys a model yaml may hold that configure how the model is run or trained, not what it is
 # (`distill`: the size-dependent self-distillation settings the stage reads).
-RUNTIME_KEYS = frozenset({"compile", "distill", "naflex_seq_lens"})
+RUNTIME_KEYS = frozenset({"compile", "distill", "naflex_seq_lens", "naflex_eval_seq_len"})
 
 
 @dataclass
