@@ -171,6 +171,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         list(cfg.eval.sets), model=model, tokenizer=tokenizer, image_size=ckpt.image_size, device=cfg.device,
         batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers),
         max_batches=cfg.eval.get("max_batches"), decoder=decoder, naflex_seq_len=cfg.eval.get("naflex_seq_len"),
+        aspect_min=cfg.eval.get("aspect_min"),
     )
     results.pop("_tables", None)
     results.pop("_examples", None)

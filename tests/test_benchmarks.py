@@ -45,3 +45,10 @@ def test_demo_probe_prints_ours_timm_and_cnn_accuracy_rows(tmp_path):
     rows = re.findall(rf"^\s+\d+\s+\d+\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})$", out, re.M)
     assert len(rows) == 2, out
     assert all(0.0 <= float(v) <= 1.0 for row in rows for v in row), out
+
+
+def test_naflex_throughput_prints_loader_and_step_ratios(tmp_path):
+    out = run("naflex_throughput.py", "--root", str(tmp_path / "demo"), "--num-train", "96", "--eval-size", "1",
+              "--batches", "3")
+    assert re.search(rf"naflex / fixed: {NUMBER}x samples/s", out), out
+    assert re.search(rf"naflex {NUMBER} ms\s+fixed {NUMBER} ms\s+ratio {NUMBER}x", out), out

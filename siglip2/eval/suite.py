@@ -97,13 +97,18 @@ def _check_segmentation(path: Path, spec: dict) -> None:
 class EvalSample:
     """DecodedSample -> what each task needs (image, label, captions, language, regions, masks)."""
 
-    def __init__(self, es: EvalSet, image_size: int, naflex_seq_len: int | None = None, patch_size: int | None = None):
+    def __init__(self, es: EvalSet, image_size: int, naflex_seq_len: int | None = None, patch_size: int | None = None,
+                 aspect_min: float | None = None):
         """`naflex_seq_len`: instead of a square `image_size` view, each image keeps its aspect
         ratio at the largest size of at most that many `patch_size` patches (`siglip2.data.naflex`),
-        padded to the length: `patches` uint8, `patch_coord`, `patch_valid`, `spatial_shapes`."""
+        padded to the length: `patches` uint8, `patch_coord`, `patch_valid`, `spatial_shapes`.
+        `aspect_min`: keep only images at least this elongated (max(w/h, h/w) >= aspect_min);
+        the others are skipped and counted (reason `sample_fn`), e.g. the demo's 1:2 and 2:1
+        images for NaFlex's direction."""
         self.es = es
         self.transform = ImageTransform(image_size)
         self.naflex_seq_len, self.patch_size = naflex_seq_len, patch_size
+        self.aspect_min = float(aspect_min) if aspect_min else None
         if naflex_seq_len is not None and not patch_size:
             raise ValueError("NaFlex evaluation needs the model's patch size")
 
@@ -117,6 +122,10 @@ class EvalSample:
         return {k: v[0] for k, v in batch.items()}
 
     def __call__(self, sample: DecodedSample) -> dict[str, Any] | None:
+        if self.aspect_min is not None:
+            w, h = sample.image.size
+            if max(w / h, h / w) < self.aspect_min:
+                return None
         meta = sample.meta if isinstance(sample.meta, dict) else {}
         out: dict[str, Any] = {"key": sample.key, "lang": str(meta.get(self.es.lang_key, "en"))}
         if self.naflex_seq_len is not None and self.es.task != "segmentation":
@@ -168,14 +177,16 @@ def evaluate_set(
     decoder: torch.nn.Module | None = None,
     keep_examples: int = 0,
     naflex_seq_len: int | None = None,
+    aspect_min: float | None = None,
 ) -> dict[str, Any]:
     """Metrics of one set, keyed `<task>/<set name>/<metric>`, plus `_examples`/`_tables` extras.
 
     `naflex_seq_len`: zero-shot, retrieval and refexp see each image at its own aspect ratio
     with at most that many patches (a NaFlex model, `eval.naflex_seq_len=256`); the dense
-    probe, which needs a fixed grid, keeps the square `image_size` view."""
+    probe, which needs a fixed grid, keeps the square `image_size` view. `aspect_min`: only
+    images at least that elongated (see `EvalSample`)."""
     sample_fn = EvalSample(es, image_size, naflex_seq_len, getattr(getattr(model, "config", None), "vision", None)
-                           and model.config.vision.patch_size)
+                           and model.config.vision.patch_size, aspect_min)
     loader = build_eval_loader(es.urls, sample_fn, batch_size=batch_size, num_workers=num_workers,
                                decode_mask=es.task == "segmentation")
     prefix = f"{es.task}/{es.name}"
