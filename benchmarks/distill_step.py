@@ -29,12 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_step as ts  # noqa: E402  (compose, build_ours, make_batch)
 
 
-def worker(phase: str, steps: int, threads: int) -> dict:
+def worker(phase: str, steps: int, threads: int, local_grid: int | None = None) -> dict:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     # "none": a stage without the distillation losses (the cost of carrying them before 80%)
-    cfg = ts.compose("tiny", ["~stage.losses.local_to_global", "~stage.losses.masked"] if phase == "none" else [])
+    grid = [f"stage.views.local_grid={local_grid}"] if local_grid else []
+    cfg = ts.compose("tiny", ["~stage.losses.local_to_global", "~stage.losses.masked"] if phase == "none" else grid)
     stage, _, step = ts.build_ours(cfg)
     batch = ts.make_batch(cfg, int(cfg.data.batch_size), locca=True)
     batch["image"] = batch["image"].clamp(-1, 1)
@@ -102,15 +103,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--local-grid", type=int, default=None,
+                    help="local views of N x N tokens (default: the model yaml's distill.local_grid)")
     ap.add_argument("--worker", nargs=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], 3 if args.quick else args.steps, args.threads)))
+        print(json.dumps(worker(args.worker[0], 3 if args.quick else args.steps, args.threads, args.local_grid)))
         return
     rows = {"none": [], "before": [], "after": []}
     for _ in range(1 if args.quick else args.repeats):
         for phase in ("none", "before", "after"):  # alternate, each in a fresh process (peak RSS per phase)
             cmd = [sys.executable, __file__, "--worker", phase, "--threads", str(args.threads)]
+            if args.local_grid:
+                cmd += ["--local-grid", str(args.local_grid)]
             if args.quick:
                 cmd.append("--quick")
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
