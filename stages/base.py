@@ -138,13 +138,15 @@ class Stage(L.LightningModule):
         vocab_size: int | None = None,
         seed: int = 0,
         posemb_resize: str = "hf",
+        optim_overrides: Mapping[str, Any] | None = None,
     ):
         """`model`: the model yaml as a dict; its `compile` key (`model.compile=true`)
         torch.compiles the towers (`compile` here is the old `stage.compile` flag, kept so that
         checkpoints saved with it still load). `optim`: `OptimConfig` keys. `losses`: loss name
         -> its config keys (`LOSSES`). `recipe`: `RecipeWindow` keys. `posemb_resize`: how
         `init_from` resizes a checkpoint's position table to this model's grid ("hf" or
-        "bv_zoom", `siglip2.model.posemb.resize_posemb`). Unknown names or keys raise
+        "bv_zoom", `siglip2.model.posemb.resize_posemb`). `optim_overrides`: the stage's own
+        optimiser keys over `optim` (ACID: lr 1e-5, no weight decay). Unknown names or keys raise
         `ValueError` naming them, before anything is built."""
         super().__init__()
         name = name or self.NAME
@@ -154,7 +156,11 @@ class Stage(L.LightningModule):
             if vocab_size is None:
                 raise ValueError("model.text.vocab_size is null and no tokenizer vocab size was given")
             model_cfg["text"]["vocab_size"] = int(vocab_size)
-        self.optim_config = from_dict(OptimConfig, _to_dict(optim), "optim")
+        overrides = _to_dict(optim_overrides or {})
+        if overrides:
+            log.info("stage %s sets its own optimiser keys over optim: %s", name, overrides)
+        optim = {**_to_dict(optim), **overrides}
+        self.optim_config = from_dict(OptimConfig, optim, "optim")
         self.recipe = from_dict(RecipeWindow, _to_dict(recipe or {}), "stage.recipe")
         if posemb_resize not in POSEMB_RESIZE:
             raise ValueError(f"stage.posemb_resize must be one of {POSEMB_RESIZE}, got {posemb_resize!r}")
@@ -518,6 +524,9 @@ def check_shapes(own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tens
 
 
 def batch_size(batch: Mapping[str, Any]) -> int:
+    """Examples a batch trains (ACID's super-batch records the part it trained as `trained_batch_size`)."""
+    if "trained_batch_size" in batch:
+        return int(batch["trained_batch_size"])
     for key in ("image", "patches", "text"):
         if key in batch:
             return int(batch[key].shape[0])

@@ -47,11 +47,14 @@ class ImageTextData(L.LightningDataModule):
         draft_decode: bool = True,
         naflex: Mapping[str, Any] | None = None,
         patch_size: int | None = None,
+        filter_ratio: float = 0.0,
     ):
         """`draft_decode`: let JPEGs much larger than the training size decode at 1/2, 1/4
         or 1/8 scale (never below it; see `siglip2.data.decode.decode_sample`). `naflex`:
         `siglip2.data.naflex.NaFlexConfig` keys (set by `stage=naflex`): native-aspect
-        batches of patches at a planned sequence length per batch, `patch_size` pixels a side."""
+        batches of patches at a planned sequence length per batch, `patch_size` pixels a side.
+        `filter_ratio` f (set by `stage=acid`): the loader yields super-batches of
+        b / (1 - f) examples per rank, of which the stage trains `batch_size` = b."""
         super().__init__()
         self.demo = None
         if demo:
@@ -71,6 +74,9 @@ class ImageTextData(L.LightningDataModule):
                                          lowercase=bool(tok.get("lowercase", True)))
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
+        from siglip2.data.curation import CurationConfig
+
+        self.loader_batch_size = CurationConfig(filter_ratio=float(filter_ratio or 0.0)).super_batch(self.batch_size)
         self.batches_per_epoch = int(batches_per_epoch)
         self.num_workers = int(num_workers)
         self.shuffle_buffer = int(shuffle_buffer)
@@ -111,7 +117,7 @@ class ImageTextData(L.LightningDataModule):
         locca = LoccaFormat(**self.locca_targets) if self.locca_targets else None
         sample_fn = TrainSample(self.tokenizer, transform, self.seed, epoch, locca)
         return build_train_loader(
-            self.sources, sample_fn, batch_size=self.batch_size, num_batches=self.batches_per_epoch,
+            self.sources, sample_fn, batch_size=self.loader_batch_size, num_batches=self.batches_per_epoch,
             seed=self.seed * 1_000_003 + epoch, num_workers=self.num_workers,
             shuffle_buffer=self.shuffle_buffer, max_pixels=self.max_pixels, reseed_each_iter=False,
             decode_size=transform.min_source_size() if self.draft_decode else None, batcher=batcher,

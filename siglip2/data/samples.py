@@ -45,7 +45,8 @@ class TrainSample:
 
     Output of a call: ``image`` float32 tensor (3, H, W) in [-1, 1], (H, W) the transform's
     size; ``text``
-    int64 tensor (L,) of caption token ids (L = tokenizer length); ``key`` str; with
+    int64 tensor (L,) of caption token ids (L = tokenizer length); ``key`` str; ``lang`` str,
+    the sample json's ``lang`` (or ``language``), "" without one; with
     ``locca`` also ``locca_{t}_input`` / ``locca_{t}_target`` / ``locca_{t}_valid`` for t in
     cap, aref, gcap (see :mod:`siglip2.data.locca_targets`). Malformed ``regions`` in the
     sample json are not an error: that sample trains Cap only. Never returns None.
@@ -67,9 +68,18 @@ class TrainSample:
             except (KeyError, TypeError, ValueError):
                 regions, boxes = [], None  # malformed regions: this sample trains Cap only
         image, boxes = self.transform(sample.image, boxes)
-        out: dict[str, Any] = {"image": image, "text": self.tokenizer(sample.caption)[0], "key": sample.key}
+        out: dict[str, Any] = {"image": image, "text": self.tokenizer(sample.caption)[0], "key": sample.key,
+                               "lang": _language(sample.meta)}
         if self.locca_format is not None:
             rng = random.Random(sample_seed(self.seed, self.epoch, sample.key))
             out.update(build_locca_targets(self.tokenizer, sample.caption, regions, rng, self.locca_format,
                                            boxes=boxes))
         return out
+
+
+def _language(meta) -> str:
+    """The caption's language code from the sample json (`lang`, else `language`), "" if none."""
+    if not isinstance(meta, dict):
+        return ""
+    value = meta.get("lang", meta.get("language"))
+    return value if isinstance(value, str) else ""

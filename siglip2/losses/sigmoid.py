@@ -157,6 +157,41 @@ def sigmoid_loss_sums(
     return loss, pos_sum, neg_sum
 
 
+@torch.no_grad()
+def sigmoid_pair_losses(
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor,
+        chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Every pair's term of the sigmoid loss, without gradient: (n, m) float32 with
+
+        l_ij = -log sigmoid(z_ij * (t * x_i.y_j + b)),  z_ij = +1 if i == j else -1,
+
+    so `l.sum() / n` is `SigmoidLoss` on the same batch (one process). This is what data
+    curation scores (ACID/JEST's learnability, `siglip2.data.curation`: RECIPE.md "ACID
+    distillation"). The only (n, m) tensor is the result: logits are formed chunk_size x
+    chunk_size at a time and written into it, as `sigmoid_loss_sums` forms them.
+    `logit_scale` is the exponentiated t, as `SigmoidLoss` takes it.
+    """
+    n, m = image_emb.shape[0], text_emb.shape[0]
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    out = torch.empty(n, m, dtype=torch.float32, device=image_emb.device)
+    t = torch.as_tensor(logit_scale, device=image_emb.device).float().reshape(())
+    b = torch.as_tensor(logit_bias, device=image_emb.device).float().reshape(())
+    with _no_autocast(image_emb.device):
+        for r0 in range(0, n, chunk_size):
+            r1 = min(r0 + chunk_size, n)
+            for c0 in range(0, m, chunk_size):
+                c1 = min(c0 + chunk_size, m)
+                logits = t * (image_emb[r0:r1] @ text_emb[c0:c1].T).float() + b
+                z = _tile_labels(r0, r1, c0, c1, 0, image_emb.device, torch.float32)
+                out[r0:r1, c0:c1] = -F.logsigmoid(z * logits)
+    return out
+
+
 # Rows of the local b x b logits computed at a time (memory grows as chunk x b, not b^2).
 DEFAULT_CHUNK = 4096
 
