@@ -128,6 +128,19 @@ class AcidStage(Stage):
         if self.teacher_model is not None:
             self.teacher_model.to(self.device)
 
+    @property
+    def trained_batch_size(self) -> int | None:
+        """b: the examples trained per rank and step (the data module's `batch_size`; its
+        loader yields b / (1 - f)). Settable for use outside a Trainer (benchmarks)."""
+        if getattr(self, "_trained_batch_size", None):
+            return self._trained_batch_size
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return int(dm.batch_size) if dm is not None else None
+
+    @trained_batch_size.setter
+    def trained_batch_size(self, value: int | None) -> None:
+        self._trained_batch_size = value
+
     def _teacher_inputs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.teacher_model.config
         image, text = batch["image"], batch["text"]
@@ -178,7 +191,7 @@ class AcidStage(Stage):
         if "image" not in batch:
             raise ValueError("stage=acid trains on fixed-resolution batches (`image`); NaFlex batches are not supported")
         n = int(batch["image"].shape[0])
-        k = int(self.trainer.datamodule.batch_size) if self._trainer is not None else n
+        k = self.trained_batch_size or n
         if n < k:
             raise ValueError(f"stage=acid: a super-batch of {n} examples cannot give the batch of {k}")
         if n == k:  # filter_ratio 0: plain continued training

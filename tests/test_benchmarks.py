@@ -52,3 +52,9 @@ def test_naflex_throughput_prints_loader_and_step_ratios(tmp_path):
               "--batches", "3")
     assert re.search(rf"naflex / fixed: {NUMBER}x samples/s", out), out
     assert re.search(rf"naflex {NUMBER} ms\s+fixed {NUMBER} ms\s+ratio {NUMBER}x", out), out
+
+
+def test_acid_step_prints_the_scoring_overhead():
+    out = run("acid_step.py", "--steps", "1")
+    assert re.search(rf"plain {NUMBER} ms\s+acid {NUMBER} ms\s+\(scoring \+ selection {NUMBER} ms\)\s+"
+                     rf"acid / plain: {NUMBER}x", out), out
