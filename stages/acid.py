@@ -30,12 +30,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from siglip2.config import from_dict
-from siglip2.data.curation import CurationConfig, select
+from siglip2.data.curation import CurationConfig, TeacherCache, load_teacher, select, teacher_inputs
 from siglip2.losses.sigmoid import SigmoidLoss, SigmoidLossConfig, sigmoid_pair_losses
-from siglip2.model import SigLIP2
 from stages.base import Stage, StepContext
 
 log = logging.getLogger(__name__)
@@ -45,43 +43,13 @@ log = logging.getLogger(__name__)
 class AcidConfig(CurationConfig):
     """`stage.acid`: the selection (`CurationConfig`: filter ratio, method, chunks) and the
     teacher: `teacher` = one of our checkpoints (its student) or `hf:<folder>` (a
-    `transformers.Siglip2Model`); null only with `method=random` or `filter_ratio=0`.
+    `transformers.Siglip2Model`); null only with `method=random` or `filter_ratio=0`, or
+    with `teacher_cache`: a file of the teacher's embeddings of every training sample
+    (`python -m siglip2.data.curation cache`), read instead of running the teacher.
     `score_chunk_size`: rows of the pair-loss matrix formed at a time."""
     teacher: str | None = None
+    teacher_cache: str | None = None
     score_chunk_size: int = 1024
-
-
-def load_teacher(spec: str) -> tuple[SigLIP2, dict[str, Any]]:
-    """The frozen teacher (eval mode, no gradient) and a record of where it came from."""
-    if str(spec).startswith("hf:"):
-        from siglip2.export.hf import from_hf
-
-        model = from_hf(str(spec)[3:])
-        record = {"path": str(spec), "stage": "hf"}
-    else:
-        from siglip2.checkpoint import read_checkpoint
-
-        ckpt = read_checkpoint(str(spec))
-        model = ckpt.model("student")
-        record = {"path": str(spec), "stage": ckpt.stage}
-    model.eval().requires_grad_(False)
-    record["model"] = model.config.to_dict()
-    return model, record
-
-
-def refit_text_length(tokens: torch.Tensor, length: int, pad_id: int, eos_id: int) -> torch.Tensor:
-    """(B, L) padded, EOS-terminated ids -> (B, length), as the tokenizer would have written
-    them at `length`: padded on the right, or cut with the last slot EOS when the caption no
-    longer fits ("sticky" EOS). A caption already cut at L stays cut."""
-    b, cur = tokens.shape
-    if length == cur:
-        return tokens
-    if length > cur:
-        return torch.cat([tokens, tokens.new_full((b, length - cur), pad_id)], dim=1)
-    out = tokens[:, :length].clone()
-    ended = (out == eos_id).any(dim=1)
-    out[~ended, -1] = eos_id
-    return out
 
 
 class AcidStage(Stage):
@@ -95,17 +63,28 @@ class AcidStage(Stage):
         super().__init__(*args, **kwargs)
         self.hparams["acid"] = dict(acid or {})
         self.teacher_record: dict[str, Any] | None = None
-        teacher = None
+        teacher, self.teacher_cache = None, None
         scores = self.acid.filter_ratio > 0 and self.acid.method != "random"
-        if scores:
+        if scores and self.acid.teacher_cache:
+            self.teacher_cache = TeacherCache(self.acid.teacher_cache)
+            self.teacher_record = {**self.teacher_cache.teacher, "cache": self.acid.teacher_cache}
+            theirs = self.teacher_cache.teacher["model"]["text"]["vocab_size"]
+            v, t = self.model.config.vision, self.model.config.text
+            if (self.teacher_cache.image_size, self.teacher_cache.text_length) != (v.image_size, t.max_len):
+                raise ValueError(f"stage.acid.teacher_cache={self.acid.teacher_cache} was built for a learner of "
+                                 f"{self.teacher_cache.image_size} px and {self.teacher_cache.text_length} tokens; "
+                                 f"this one has {v.image_size} px and {t.max_len}")
+        elif scores:
             if not self.acid.teacher:
                 raise ValueError(f"stage=acid with method={self.acid.method!r} needs a teacher: "
-                                 "stage.acid.teacher=<checkpoint> or hf:<folder> (method=random needs none)")
+                                 "stage.acid.teacher=<checkpoint> or hf:<folder>, or stage.acid.teacher_cache=<file> "
+                                 "(method=random needs none)")
             teacher, self.teacher_record = load_teacher(self.acid.teacher)
-            mine, theirs = self.model.config.text.vocab_size, teacher.config.text.vocab_size
-            if mine != theirs:
-                raise ValueError(f"stage.acid.teacher={self.acid.teacher}: its vocabulary has {theirs} tokens, the "
-                                 f"learner's {mine}: teacher and learner must share one tokenizer")
+            theirs = teacher.config.text.vocab_size
+        if scores and self.model.config.text.vocab_size != theirs:
+            raise ValueError(f"stage.acid.teacher={self.acid.teacher_cache or self.acid.teacher}: its vocabulary has "
+                             f"{theirs} tokens, the learner's {self.model.config.text.vocab_size}: teacher and "
+                             "learner must share one tokenizer")
         # Not a submodule: no checkpoint bytes, no optimiser, no DDP/FSDP wrapping.
         self.__dict__["teacher_model"] = teacher
 
@@ -127,34 +106,28 @@ class AcidStage(Stage):
     def on_fit_start(self) -> None:
         if self.teacher_model is not None:
             self.teacher_model.to(self.device)
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.teacher_cache is not None and getattr(dm, "random_resized_crop", False):
+            raise ValueError("stage.acid.teacher_cache holds the teacher's embeddings of each sample's one "
+                             "deterministic view; data.random_resized_crop=true gives other views: run the teacher "
+                             "(stage.acid.teacher) instead")
+        if self.teacher_cache is not None and bool(getattr(dm, "draft_decode", True)) != self.teacher_cache.draft_decode:
+            raise ValueError(f"stage.acid.teacher_cache was built with draft decoding "
+                             f"{'on' if self.teacher_cache.draft_decode else 'off'} and data.draft_decode is "
+                             f"{getattr(dm, 'draft_decode', True)}: the cached pixels are not training's")
 
-    @property
-    def trained_batch_size(self) -> int | None:
-        """b: the examples trained per rank and step (the data module's `batch_size`; its
-        loader yields b / (1 - f)). Settable for use outside a Trainer (benchmarks)."""
-        if getattr(self, "_trained_batch_size", None):
-            return self._trained_batch_size
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        return int(dm.batch_size) if dm is not None else None
+    def _teacher_embeddings(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.teacher_cache is not None:
+            return self.teacher_cache.lookup(list(batch["key"]), self.device)
+        tok = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None) if self._trainer else None
+        image, text = teacher_inputs(self.teacher_model.config, batch["image"], batch["text"],
+                                     getattr(tok, "pad_id", None), getattr(tok, "eos_id", None))
+        return self.teacher_model.encode_image(image=image).embeds, self.teacher_model.embed_text(text)
 
-    @trained_batch_size.setter
-    def trained_batch_size(self, value: int | None) -> None:
-        self._trained_batch_size = value
-
-    def _teacher_inputs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.teacher_model.config
-        image, text = batch["image"], batch["text"]
-        size = int(t.vision.image_size)
-        if tuple(image.shape[-2:]) != (size, size):
-            image = F.interpolate(image.float(), size=(size, size), mode="bilinear", align_corners=False,
-                                  antialias=True)
-        if text.shape[1] != int(t.text.max_len):
-            tok = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
-            if tok is None:
-                raise ValueError("the teacher's text length differs from the learner's and no tokenizer is known "
-                                 "to re-pad the ids (the data module holds it)")
-            text = refit_text_length(text, int(t.text.max_len), tok.pad_id, tok.eos_id)
-        return image, text
+    def _teacher_logits_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.teacher_cache is not None:
+            return self.teacher_cache.logit_scale.to(self.device), self.teacher_cache.logit_bias.to(self.device)
+        return self.teacher_model.logit_scale.exp(), self.teacher_model.logit_bias
 
     @torch.no_grad()
     def score(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -164,17 +137,15 @@ class AcidStage(Stage):
         m = self.model
         learner = sigmoid_pair_losses(m.encode_image(image=batch["image"]).embeds, m.embed_text(batch["text"]),
                                       m.logit_scale.exp(), m.logit_bias, chunk)
-        t = self.teacher_model
-        image, text = self._teacher_inputs(batch)
-        teacher = sigmoid_pair_losses(t.encode_image(image=image).embeds, t.embed_text(text),
-                                      t.logit_scale.exp(), t.logit_bias, chunk)
+        image_emb, text_emb = self._teacher_embeddings(batch)
+        teacher = sigmoid_pair_losses(image_emb, text_emb, *self._teacher_logits_params(), chunk)
         return {"learner": learner, "teacher": teacher, "learnability": learner - teacher}
 
     def choose(self, batch: Mapping[str, Any], k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(k,) indices of the super-batch to train on, and the `acid/` metrics."""
         n = int(batch["image"].shape[0])
         gen = self.step_generator()
-        if self.acid.method == "random" or self.teacher_model is None:
+        if self.acid.method == "random" or (self.teacher_model is None and self.teacher_cache is None):
             return select(None, n, k, self.acid, gen, self.device), {}
         s = self.score(batch)
         idx = select(s["learnability"], n, k, self.acid, gen, self.device)

@@ -240,3 +240,41 @@ def test_acid_trains_on_two_ddp_processes_with_a_teacher_of_another_size(cache_d
     assert meta["acid"]["teacher"]["model"]["vision"]["image_size"] == 96
     assert meta["examples_seen"] == 3 * 2 * 16  # each rank loads 32 and trains 16
     assert meta["init_from"]["stage"] == "pretrain" and meta["recipe"]["examples"] == 3 * 2 * 16
+
+
+@pytest.mark.e2e
+def test_teacher_cache_gives_the_live_teachers_scores_on_training_batches(cache_dir, debug_pretrain, tmp_path):
+    """`python -m siglip2.data.curation cache` over the training shards, then a super-batch
+    from the real training loader: the stage scores it from the cache exactly as with the
+    teacher running (the teacher is frozen and the cached inputs are training's)."""
+    import subprocess
+    import sys
+
+    from hydra.utils import instantiate
+
+    from siglip2.data.curation import TeacherCache
+    from stages.runner import build_stage
+    from test_train import compose_cfg
+
+    ckpt = debug_pretrain / "checkpoints" / "last.ckpt"
+    cfg = compose_cfg(["stage=acid", f"stage.acid.teacher={ckpt}"], cache_dir, tmp_path)
+    data = instantiate(cfg.data, _recursive_=False, _convert_="all")
+    out = tmp_path / "teacher_cache.pt"
+    proc = subprocess.run([sys.executable, "-m", "siglip2.data.curation", "cache", "--teacher", str(ckpt),
+                           "--shards", data.sources, "--tokenizer", str(cfg.tokenizer.path), "--image-size", "64",
+                           "--text-length", "40", "--out", str(out), "--batch-size", "50"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": "."},
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(TeacherCache(out).keys) == 400  # every training sample of the debug demo
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image"].shape[0] == 32  # b / (1 - f) = 16 / 0.5
+    live = build_stage(cfg, vocab_size=data.tokenizer.vocab_size)
+    cached = build_stage(compose_cfg(["stage=acid", f"stage.acid.teacher_cache={out}"], cache_dir, tmp_path),
+                         vocab_size=data.tokenizer.vocab_size)
+    cached.load_state_dict(live.state_dict())
+    a, b = live.score(batch), cached.score(batch)
+    torch.testing.assert_close(a["teacher"], b["teacher"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a["learnability"], b["learnability"], atol=1e-4, rtol=1e-4)
+    with pytest.raises(KeyError, match="1 of 2 samples are not in the teacher cache"):
+        cached.score({**batch, "image": batch["image"][:2], "text": batch["text"][:2], "key": [batch["key"][0], "x"]})

@@ -28,10 +28,14 @@ siglip2.data.curation cache`, see `main`) and read instead of running it every s
 """
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 METHODS = ("joint", "sample", "topk", "random")
 
@@ -141,3 +145,157 @@ def _check(a: torch.Tensor, k: int) -> torch.Tensor:
     if not 0 < int(k) <= a.shape[0]:
         raise ValueError(f"cannot choose {k} examples from {a.shape[0]}")
     return a
+
+
+# ---------------------------------------------------------------- the teacher's inputs and cache
+def load_teacher(spec: str) -> tuple["SigLIP2", dict[str, Any]]:
+    """The frozen teacher (eval mode, no gradient) and a record of where it came from."""
+    if str(spec).startswith("hf:"):
+        from siglip2.export.hf import from_hf
+
+        model = from_hf(str(spec)[3:])
+        record = {"path": str(spec), "stage": "hf"}
+    else:
+        from siglip2.checkpoint import read_checkpoint
+
+        ckpt = read_checkpoint(str(spec))
+        model = ckpt.model("student")
+        record = {"path": str(spec), "stage": ckpt.stage}
+    model.eval().requires_grad_(False)
+    record["model"] = model.config.to_dict()
+    return model, record
+
+
+def refit_text_length(tokens: torch.Tensor, length: int, pad_id: int, eos_id: int) -> torch.Tensor:
+    """(B, L) padded, EOS-terminated ids -> (B, length), as the tokenizer would have written
+    them at `length`: padded on the right, or cut with the last slot EOS when the caption no
+    longer fits ("sticky" EOS). A caption already cut at L stays cut."""
+    b, cur = tokens.shape
+    if length == cur:
+        return tokens
+    if length > cur:
+        return torch.cat([tokens, tokens.new_full((b, length - cur), pad_id)], dim=1)
+    out = tokens[:, :length].clone()
+    ended = (out == eos_id).any(dim=1)
+    out[~ended, -1] = eos_id
+    return out
+
+
+def teacher_inputs(teacher_config, image: torch.Tensor, text: torch.Tensor, pad_id: int | None = None,
+                   eos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The learner's batch as the teacher (`SigLIP2Config`) takes it: images (B, 3, S, S)
+    resized to its resolution (bilinear, antialiased, on the device) and ids refitted to its
+    text length (`refit_text_length`; needs the tokenizer's pad and EOS ids when the lengths differ)."""
+    size = int(teacher_config.vision.image_size)
+    if tuple(image.shape[-2:]) != (size, size):
+        image = F.interpolate(image.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    length = int(teacher_config.text.max_len)
+    if text.shape[1] != length:
+        if pad_id is None or eos_id is None:
+            raise ValueError(f"the teacher's text length {length} differs from the batch's {text.shape[1]}: "
+                             "the tokenizer's pad and EOS ids are needed to refit the ids")
+        text = refit_text_length(text, length, pad_id, eos_id)
+    return image, text
+
+
+class TeacherCache:
+    """The frozen teacher's embeddings of every training sample, by sample key (a file
+    written by `python -m siglip2.data.curation cache`). Exact: the teacher is frozen and the
+    cached inputs are the ones training builds (same resize to the learner's resolution,
+    same ids), which requires a deterministic image transform (no random resized crop).
+
+    `lookup(keys)` -> (image_emb, text_emb) rows, (N, D) float32; a key the cache lacks is a
+    `KeyError` naming how many and which (a cache built from other shards)."""
+
+    def __init__(self, path: str | Path):
+        raw = torch.load(str(path), map_location="cpu", weights_only=False)
+        if not isinstance(raw, dict) or raw.get("kind") != "siglip2-teacher-cache":
+            raise ValueError(f"{path}: not a teacher cache (write one with python -m siglip2.data.curation cache)")
+        self.path = str(path)
+        self.keys: list[str] = list(raw["keys"])
+        self.row = {k: i for i, k in enumerate(self.keys)}
+        self.image_emb, self.text_emb = raw["image_emb"].float(), raw["text_emb"].float()
+        self.logit_scale, self.logit_bias = raw["logit_scale"].float(), raw["logit_bias"].float()
+        self.teacher: dict[str, Any] = dict(raw["teacher"])
+        self.image_size, self.text_length = int(raw["image_size"]), int(raw["text_length"])
+        self.draft_decode = bool(raw.get("draft_decode", True))
+
+    def lookup(self, keys: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = [k for k in keys if k not in self.row]
+        if missing:
+            raise KeyError(f"{len(missing)} of {len(keys)} samples are not in the teacher cache {self.path} "
+                           f"(e.g. {missing[:3]}): it was built from other shards")
+        rows = torch.tensor([self.row[k] for k in keys])
+        return self.image_emb[rows].to(device), self.text_emb[rows].to(device)
+
+
+@torch.no_grad()
+def build_teacher_cache(teacher_spec: str, urls, tokenizer_path: str, image_size: int, text_length: int,
+                        out: str | Path, batch_size: int = 64, num_workers: int = 1, device: str = "cpu",
+                        lowercase: bool = True, draft_decode: bool = True) -> Path:
+    """Encode every sample of `urls` once with the teacher, from the inputs training builds
+    for a learner of `image_size` px and `text_length` tokens; write a `TeacherCache` file.
+    `draft_decode` must match the run's `data.draft_decode` (JPEG decoding at a reduced
+    scale changes the pixels). Duplicate sample keys are an error (the cache is looked up by key)."""
+    from siglip2.data.samples import TrainSample
+    from siglip2.data.shards import build_eval_loader
+    from siglip2.data.tokenizer import build_tokenizer
+    from siglip2.data.transforms import ImageTransform
+
+    teacher, record = load_teacher(teacher_spec)
+    teacher.to(device)
+    tok = build_tokenizer(tokenizer_path, length=int(text_length), lowercase=lowercase)
+    if tok.vocab_size != teacher.config.text.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_path} has {tok.vocab_size} tokens, the teacher {teacher_spec} "
+                         f"{teacher.config.text.vocab_size}")
+    transform = ImageTransform(int(image_size))
+    sample_fn = TrainSample(tok, transform, seed=0, epoch=0, locca=None)
+    loader = build_eval_loader(urls, sample_fn, batch_size=batch_size, num_workers=num_workers,
+                               decode_size=transform.min_source_size() if draft_decode else None)
+    keys, images, texts = [], [], []
+    for batch in loader:
+        image, text = teacher_inputs(teacher.config, batch["image"].to(device), batch["text"].to(device),
+                                     tok.pad_id, tok.eos_id)
+        images.append(teacher.encode_image(image=image).embeds.float().cpu())
+        texts.append(teacher.embed_text(text).float().cpu())
+        keys += list(batch["key"])
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})[:3]
+        raise ValueError(f"duplicate sample keys in {urls} (e.g. {dup}): a teacher cache needs unique keys")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    torch.save({"kind": "siglip2-teacher-cache", "keys": keys, "image_emb": torch.cat(images),
+                "text_emb": torch.cat(texts), "logit_scale": teacher.logit_scale.exp().detach().cpu(),
+                "logit_bias": teacher.logit_bias.detach().cpu(), "teacher": record,
+                "image_size": int(image_size), "text_length": int(text_length), "tokenizer": str(tokenizer_path),
+                "draft_decode": bool(draft_decode)}, tmp)
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m siglip2.data.curation",
+                                 description="ACID's frozen teacher: precompute its embeddings of a shard set")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cache", help="write the teacher's embeddings of every sample, by key")
+    c.add_argument("--teacher", required=True, help="our checkpoint or hf:<Siglip2Model folder>")
+    c.add_argument("--shards", required=True, help="the training shard pattern (data.train)")
+    c.add_argument("--tokenizer", required=True, help="the run's tokenizer (.model file or folder)")
+    c.add_argument("--image-size", type=int, required=True, help="the learner's image size (model.vision.image_size)")
+    c.add_argument("--text-length", type=int, required=True, help="the learner's text length (model.text.max_len)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--num-workers", type=int, default=1)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--no-draft-decode", action="store_true", help="the run sets data.draft_decode=false")
+    args = ap.parse_args(argv)
+    path = build_teacher_cache(args.teacher, args.shards, args.tokenizer, args.image_size, args.text_length,
+                               args.out, args.batch_size, args.num_workers, args.device,
+                               draft_decode=not args.no_draft_decode)
+    cache = TeacherCache(path)
+    print(f"teacher cache: {len(cache.keys)} samples -> {path}")
+
+
+if __name__ == "__main__":
+    main()

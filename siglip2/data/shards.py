@@ -464,8 +464,9 @@ def _zero() -> int:
 class _EvalStream(IterableDataset):
     """Every shard once: split by rank (fixed at build time), then by worker."""
 
-    def __init__(self, urls, sample_fn, batch_size, rank, world, max_pixels, decode_mask):
+    def __init__(self, urls, sample_fn, batch_size, rank, world, max_pixels, decode_mask, decode_size=None):
         super().__init__()
+        self.decode_size = decode_size
         self.urls = urls
         self.sample_fn = sample_fn
         self.batch_size = batch_size
@@ -485,7 +486,7 @@ class _EvalStream(IterableDataset):
             wds.split_by_worker,
             partial(read_shards, stats=stats),
             partial(_decode_stage, stats=stats, sample_fn=self.sample_fn,
-                    max_pixels=self.max_pixels, decode_mask=self.decode_mask),
+                    max_pixels=self.max_pixels, decode_mask=self.decode_mask, decode_size=self.decode_size),
             partial(_batch_stage, batch_size=self.batch_size, stats=stats, worker_id=worker,
                     partial_last=True),
         )
@@ -535,11 +536,12 @@ def build_train_loader(sources, sample_fn: Callable[[DecodedSample], dict | None
 
 def build_eval_loader(urls, sample_fn: Callable[[DecodedSample], dict | None],
                       batch_size: int, num_workers: int = 1, decode_mask: bool = False,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> DataLoader:
-    """Every sample exactly once across ranks; the last batch of each worker may be short."""
+                      max_pixels: int = DEFAULT_MAX_PIXELS, decode_size: tuple[int, int] | None = None) -> DataLoader:
+    """Every sample exactly once across ranks; the last batch of each worker may be short.
+    `decode_size`: JPEG draft decoding as `build_train_loader` does it (None: full size)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     expanded = expand_urls(urls)
     rank, world = get_rank_world()
-    ds = _EvalStream(expanded, sample_fn, batch_size, rank, world, max_pixels, decode_mask)
+    ds = _EvalStream(expanded, sample_fn, batch_size, rank, world, max_pixels, decode_mask, decode_size)
     return _loader(ds, num_workers, None)
