@@ -142,7 +142,7 @@ def test_gumbel_noise_is_standard_gumbel():
 def test_refit_text_length_equals_tokenizing_at_that_length(cache_dir):
     from siglip2.data.demo import ensure_demo
     from siglip2.data.tokenizer import build_tokenizer
-    from stages.acid import refit_text_length
+    from siglip2.data.curation import refit_text_length
 
     demo = ensure_demo(str(cache_dir / "demo-n400-s0"), num_train=400, seed=0)
     tok = build_tokenizer(str(demo.tokenizer_path), length=40)
