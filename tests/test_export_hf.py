@@ -61,3 +61,95 @@ def test_round_trip(tmp_path):
 def test_map_text_pool_cannot_export():
     with pytest.raises(ValueError, match="pool"):
         to_hf(_model(pool="map"))
+
+
+def _pictures():
+    """Non-square and square RGB pictures with structure at every scale (a smooth field plus blocks)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for w, h in [(128, 64), (256, 64), (64, 192), (96, 96)]:
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([np.sin(xx / 7.0), np.cos(yy / 5.0), np.sin((xx + yy) / 11.0)], -1) * 90 + 128
+        base += rng.normal(0, 20, size=base.shape)
+        out.append(Image.fromarray(base.clip(0, 255).astype("uint8")))
+    return out
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+@torch.no_grad()
+def test_fixed_resolution_export_preprocesses_as_training(tmp_path):
+    """A fixed-resolution stage's export is a `SiglipModel` whose `SiglipImageProcessor`
+    squashes to the square training size: on 2:1, 4:1 and 1:3 images its embeddings equal ours
+    after our training transform (the NaFlex processor, which keeps the aspect, did not:
+    cosine 0.83-0.89 in issue 18)."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    from siglip2.data.transforms import ImageTransform
+
+    m = _model()
+    out = save_hf(m, tmp_path / "fixed", preprocessing="fixed")
+    hf, proc = AutoModel.from_pretrained(out).eval(), AutoImageProcessor.from_pretrained(out)
+    assert type(hf).__name__ == "SiglipModel"
+    pics = _pictures()
+    ours = m.encode_image(image=torch.stack([ImageTransform(16)(p, None)[0] for p in pics])).embeds
+    pv = proc(images=pics, return_tensors="pt")["pixel_values"]
+    assert pv.shape == (4, 3, 16, 16)
+    theirs = torch.nn.functional.normalize(_image_features(hf, pixel_values=pv), dim=-1)
+    assert float(_cos(ours, theirs).min()) > 0.999, _cos(ours, theirs)
+    # and the weights come back: fixed export -> ours, same numbers
+    back = from_hf(out)
+    sd = m.state_dict()
+    assert all(torch.allclose(sd[k], v) for k, v in back.state_dict().items())
+
+
+@torch.no_grad()
+def test_naflex_export_preprocesses_as_naflex_evaluation(tmp_path):
+    """A NaFlex stage's export: `Siglip2ImageProcessor` + `Siglip2Model` with
+    `pixel_attention_mask` and `spatial_shapes` give our NaFlex evaluation's embeddings."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    from siglip2.eval.suite import _encode  # the NaFlex evaluation's encoder
+
+    m = _model()
+    out = save_hf(m, tmp_path / "naflex", preprocessing="naflex")
+    hf, proc = AutoModel.from_pretrained(out).eval(), AutoImageProcessor.from_pretrained(out)
+    assert type(hf).__name__ == "Siglip2Model"
+    from siglip2.data.naflex import pad_patches, patchify_image, resize_for_max_patches
+    from torchvision.transforms.v2 import functional as TF
+
+    pics = _pictures()
+    batch = pad_patches([patchify_image(resize_for_max_patches(TF.pil_to_tensor(p), 4, 16), 4) for p in pics], 16)
+    ours = _encode(m, batch, "cpu").embeds
+    enc = proc(images=pics, return_tensors="pt")
+    assert torch.equal(enc["spatial_shapes"], batch["spatial_shapes"])
+    theirs = torch.nn.functional.normalize(_image_features(hf, pixel_values=enc["pixel_values"],
+                                                           pixel_attention_mask=enc["pixel_attention_mask"],
+                                                           spatial_shapes=enc["spatial_shapes"]), dim=-1)
+    assert float(_cos(ours, theirs).min()) > 0.999, _cos(ours, theirs)
+
+
+def _image_features(hf, **kw):
+    out = hf.get_image_features(**kw)
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def test_export_cli_picks_the_processor_from_the_checkpoints_stage(tmp_path, monkeypatch):
+    """`python -m siglip2.export`: fixed-resolution stages -> SiglipModel, naflex -> Siglip2Model."""
+    import json
+
+    from siglip2.checkpoint import Checkpoint
+    from siglip2.export import __main__ as cli
+
+    m = _model()
+    for stage, kind in (("pretrain", "siglip"), ("resadapt", "siglip"), ("naflex", "siglip2")):
+        ck = Checkpoint(path="x", stage=stage, model_config=m.config, loss_configs={},
+                        state_dict={f"model.{k}": v for k, v in m.state_dict().items()})
+        monkeypatch.setattr(cli, "read_checkpoint", lambda path, ck=ck: ck)
+        folder = cli.main([f"ckpt_path={tmp_path}/{stage}.ckpt", f"out={tmp_path / stage}"])
+        assert json.loads((folder / "config.json").read_text())["model_type"] == kind, stage

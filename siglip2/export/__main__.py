@@ -1,8 +1,12 @@
-"""`python -m siglip2.export ckpt_path=PATH [format=hf] [out=DIR] [tokenizer=PATH] [which=student|teacher]`.
+"""`python -m siglip2.export ckpt_path=PATH [format=hf|siglip2|siglip] [out=DIR] [tokenizer=PATH] [which=student|teacher]`.
 
-Turns a training checkpoint (any stage) into a folder `transformers.Siglip2Model.from_pretrained`
-loads. Reads it with `siglip2.checkpoint` (no Lightning needed): the configuration of the
-weights it holds, and the student's (or the EMA teacher's) weights.
+Turns a training checkpoint (any stage) into a folder transformers loads, with the image
+processor of the transform that stage trained with (`format=hf`, the default): a NaFlex
+checkpoint as `Siglip2Model` + `Siglip2ImageProcessor` (aspect kept), any other stage's as
+`SiglipModel` + `SiglipImageProcessor` (square resize), as Google released SigLIP 2.
+`format=siglip2` / `format=siglip` force one layout (a fixed-resolution model as a
+`Siglip2Model` embeds non-square images differently from training: the log says so).
+Reads the checkpoint with `siglip2.checkpoint` (no Lightning needed).
 """
 from __future__ import annotations
 
@@ -23,12 +27,20 @@ def main(argv: list[str]) -> Path:
     unknown = set(args) - {"ckpt_path", "format", "out", "tokenizer", "which"}
     if "ckpt_path" not in args or unknown or len(args) != len(argv):
         raise SystemExit(__doc__)
-    if args.get("format", "hf") != "hf":
-        raise SystemExit(f"format={args['format']!r}: only 'hf' is supported")
+    fmt = args.get("format", "hf")
+    if fmt not in ("hf", "siglip2", "siglip"):
+        raise SystemExit(f"format={fmt!r}: one of hf (by the checkpoint's stage), siglip2, siglip")
     out = Path(args.get("out") or Path(args["ckpt_path"]).with_suffix("").as_posix() + "_hf")
-    model = load_checkpoint_model(args["ckpt_path"], args.get("which", "student"))
-    folder = save_hf(model, out, tokenizer_dir=args.get("tokenizer"))
-    print(f"exported to {folder}")
+    ckpt = read_checkpoint(args["ckpt_path"])
+    trained = "naflex" if ckpt.stage == "naflex" else "fixed"
+    preprocessing = {"hf": trained, "siglip2": "naflex", "siglip": "fixed"}[fmt]
+    if preprocessing != trained:
+        print(f"warning: stage {ckpt.stage!r} trained with the {trained} transform; this export's processor applies "
+              f"the {preprocessing} one, so non-square images embed differently from training", file=sys.stderr)
+    model = ckpt.model(args.get("which", "student"))
+    folder = save_hf(model, out, tokenizer_dir=args.get("tokenizer"), preprocessing=preprocessing)
+    kind = "Siglip2Model + Siglip2ImageProcessor" if preprocessing == "naflex" else "SiglipModel + SiglipImageProcessor"
+    print(f"exported to {folder} ({kind}; transformers AutoModel loads it)")
     return folder
 
 
