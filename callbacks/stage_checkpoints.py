@@ -1,5 +1,9 @@
 """Saves the hand-off checkpoints the later stages start from (`frac_0.90.ckpt`, `frac_0.95.ckpt`),
-and the final weights as `last.ckpt` when training ends.
+the final weights as `last.ckpt` when training ends, and a resumable `last.ckpt` when the run
+is stopped by SIGTERM (preemption, `kill`, a scheduler's time limit): Lightning notes the
+signal, finishes the current step and raises `SIGTERMException` on every rank at the same
+step; this callback saves there and `stages.runner.run` then exits with code 143 (128 +
+SIGTERM), never 0. Resume with `ckpt_path=<run>/checkpoints/last.ckpt`.
 
 NaFlex continues from 90% of pretraining and resolution adaptation from 95% [P §2.4]: each
 is written after the first step that brings the recipe's progress to its fraction. They
@@ -48,6 +52,15 @@ class StageCheckpoints(L.Callback):
         trainer.save_checkpoint(path)
         if trainer.is_global_zero:
             log.info("final checkpoint %s at step %d", path, trainer.global_step)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            path = self.dirpath / "last.ckpt"
+            trainer.save_checkpoint(path)
+            if trainer.is_global_zero:
+                log.warning("SIGTERM: saved %s at step %d; resume with ckpt_path=%s", path, trainer.global_step, path)
 
     def state_dict(self) -> dict[str, Any]:
         return {"saved": sorted(self.saved)}

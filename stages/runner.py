@@ -119,8 +119,14 @@ def sweep_job_ddp(trainer: L.Trainer) -> Iterator[None]:
 def run(cfg: DictConfig) -> float | None:
     objs = build(cfg)
     trainer: L.Trainer = objs["trainer"]
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     with sweep_job_ddp(trainer):
-        trainer.fit(objs["stage"], datamodule=objs["datamodule"], ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(objs["stage"], datamodule=objs["datamodule"], ckpt_path=cfg.get("ckpt_path"))
+        except SIGTERMException:  # callbacks.StageCheckpoints saved last.ckpt; never look successful
+            log.error("stopped by SIGTERM at step %d; exit code 143", trainer.global_step)
+            raise SystemExit(143) from None
         metrics = collect_metrics(trainer, objs["callbacks"])
     out_dir = Path(cfg.paths.output_dir)
     write_metrics(metrics, out_dir / "metrics.json")
