@@ -106,6 +106,8 @@ class AcidStage(Stage):
     def on_fit_start(self) -> None:
         if self.teacher_model is not None:
             self.teacher_model.to(self.device)
+        if self.teacher_record and self.teacher_record.get("tokenizer"):  # same size is not enough: same ids
+            self.check_tokenizer(self.teacher_record["tokenizer"], f"stage.acid.teacher={self.acid.teacher}")
         dm = getattr(self.trainer, "datamodule", None)
         if self.teacher_cache is not None and getattr(dm, "random_resized_crop", False):
             raise ValueError("stage.acid.teacher_cache holds the teacher's embeddings of each sample's one "

@@ -183,6 +183,9 @@ class Stage(L.LightningModule):
         self.flops_per_batch: int | None = None
         self.examples_seen = 0  # this stage's training examples, all ranks (the recipe's clock)
         self.init_meta: dict[str, Any] = {}  # the `siglip2` entry of the init_from checkpoint
+        # the run's tokenizer (path, sha256, vocab size; set by stages.runner.build): recorded in
+        # every checkpoint so that eval, export and later stages use the same ids
+        self.tokenizer_record: dict[str, Any] | None = None
         self._clock: RecipeClock | None = None
         self._first_batch = 0  # per-rank batch size of the first batch, if the data module gives none
 
@@ -411,6 +414,7 @@ class Stage(L.LightningModule):
                        "window": list(self.recipe.window), "stretch": self.recipe.stretch,
                        "progress": clock.progress(self.examples_seen) if clock else None},
             "init_from": self.init_meta.get("init_from_record"),
+            "tokenizer": self.tokenizer_record,
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -432,6 +436,7 @@ class Stage(L.LightningModule):
                     "ckpt_path resumes the same run, but the checkpoint's model differs from this run's in "
                     + ", ".join(f"{k} ({a} in the checkpoint, {b} here)" for k, (a, b) in diff.items())
                     + ". To continue these weights at another resolution, start a stage from them with init_from=...")
+        self.check_tokenizer(meta.get("tokenizer"), "ckpt_path")
         checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
         # Resume keeps the phase: modules exist from step 0, so no hook fires here.
         for name, enabled in meta.get("loss_enabled", {}).items():
@@ -460,6 +465,7 @@ class Stage(L.LightningModule):
         from siglip2.checkpoint import read_checkpoint
 
         ckpt = read_checkpoint(path)
+        self.check_tokenizer(ckpt.meta.get("tokenizer"), f"init_from={path}")
         state, notes = adapt_vision_weights(ckpt.state_dict, ckpt.model_config, self.model.config,
                                             posemb_resize=self.posemb_resize, what=f"init_from={path}")
         own = self.state_dict()
@@ -501,6 +507,17 @@ class Stage(L.LightningModule):
         self.init_meta = {"init_from_record": {"path": f"hf:{folder}", "stage": "hf", "adapted": notes,
                                                "not_in_checkpoint": sorted(missing), "ignored": []}}
         self.on_weights_loaded(set(state))
+
+    def check_tokenizer(self, record: Mapping[str, Any] | None, source: str) -> None:
+        """A checkpoint trained with other token ids (same vocabulary size or not) is refused,
+        naming both tokenizers; checkpoints that record none are accepted."""
+        mine = self.tokenizer_record
+        if not record or not mine or record.get("sha256") == mine.get("sha256"):
+            return
+        raise ValueError(f"{source} was trained with the tokenizer {record.get('path')} (sha256 "
+                         f"{str(record.get('sha256'))[:12]}, {record.get('vocab_size')} tokens); this run's is "
+                         f"{mine.get('path')} (sha256 {str(mine.get('sha256'))[:12]}, {mine.get('vocab_size')} tokens): "
+                         "its token ids would mean other words. Use the same tokenizer (tokenizer.path=...)")
 
     def on_weights_loaded(self, loaded: set[str]) -> None:
         """After `init_from`: `loaded` names the stage tensors that came from the source (a

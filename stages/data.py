@@ -70,6 +70,7 @@ class ImageTextData(L.LightningDataModule):
         else:
             raise ValueError("data: set data.train (a shard pattern), data.sources, or use data=demo")
         tok = dict(tokenizer)
+        self.tokenizer_path = str(tok["path"])
         self.tokenizer = build_tokenizer(tok["path"], length=int(tok.get("length", text_length)),
                                          lowercase=bool(tok.get("lowercase", True)))
         self.image_size = int(image_size)

@@ -30,6 +30,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
     stage = build_stage(cfg, vocab_size=datamodule.tokenizer.vocab_size)
+    stage.tokenizer_record = tokenizer_record(datamodule)
     if cfg.get("init_from"):
         stage.load_weights(str(cfg.init_from))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -48,6 +49,18 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return {"datamodule": datamodule, "stage": stage, "trainer": trainer, "callbacks": callbacks}
+
+
+def tokenizer_record(datamodule) -> dict[str, Any] | None:
+    """What checkpoints record of the run's tokenizer (`siglip2.data.tokenizer.tokenizer_fingerprint`)."""
+    from siglip2.data.tokenizer import tokenizer_fingerprint
+
+    path = getattr(datamodule, "tokenizer_path", None)
+    if not path:
+        return None
+    tok = datamodule.tokenizer
+    return {**tokenizer_fingerprint(path), "vocab_size": int(tok.vocab_size), "length": int(tok.length),
+            "lowercase": bool(getattr(tok, "lowercase", True))}
 
 
 def global_batch_size(cfg: DictConfig, datamodule) -> int:
@@ -156,6 +169,15 @@ def write_metrics(metrics: dict[str, float], path: Path) -> None:
     print(f"metrics written to {path}")
 
 
+def _overridden(group: str) -> bool:
+    """Whether the command line names `group` (`tokenizer=...` or `tokenizer.path=...`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    return any(o.lstrip("+~").split("=")[0].split(".")[0] == group for o in HydraConfig.get().overrides.task)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     from siglip2.eval.suite import evaluate_all, load_eval_set
 
@@ -171,8 +193,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model = ckpt.model(str(cfg.get("which", "student"))).to(cfg.device)
     decoder = ckpt.locca_decoder()
     decoder = decoder.to(cfg.device) if decoder is not None else None
-    tokenizer = build_tokenizer(cfg.tokenizer.path, length=int(ckpt.model_config.text.max_len),
-                                lowercase=bool(cfg.tokenizer.lowercase))
+    from siglip2.data.tokenizer import resolve_checkpoint_tokenizer
+
+    path = resolve_checkpoint_tokenizer(ckpt.meta.get("tokenizer"), str(cfg.tokenizer.path),
+                                        explicit=_overridden("tokenizer"), what=f"checkpoint {cfg.ckpt_path}")
+    log.info("tokenizer: %s", path)
+    tokenizer = build_tokenizer(path, length=int(ckpt.model_config.text.max_len),
+                                lowercase=bool((ckpt.meta.get("tokenizer") or {}).get("lowercase", cfg.tokenizer.lowercase)))
     results = evaluate_all(
         list(cfg.eval.sets), model=model, tokenizer=tokenizer, image_size=ckpt.image_size, device=cfg.device,
         batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers),

@@ -50,3 +50,42 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(cache_dir, tmp_
     assert resumed.returncode == 0, log[-3000:]
     final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert int(final["global_step"]) == stopped + 2
+
+
+def test_checkpoints_carry_their_tokenizer_and_other_ids_are_refused(cache_dir, debug_pretrain, tmp_path):
+    """A `debug=fast` model evaluated with the full demo's tokenizer (same vocabulary size,
+    other ids) used to get wrong numbers silently. The checkpoint now records its tokenizer
+    (path, sha256); eval and export use it, a run starting from it with another tokenizer
+    stops naming both, and naming another one explicitly is refused."""
+    import shutil
+
+    from siglip2.checkpoint import read_checkpoint
+    from siglip2.data.tokenizer import resolve_checkpoint_tokenizer, tokenizer_fingerprint
+    from stages.runner import build
+    from test_train import compose_cfg
+
+    ckpt = read_checkpoint(str(debug_pretrain / "checkpoints" / "last.ckpt"))
+    record = ckpt.meta["tokenizer"]
+    own = str(cache_dir / "demo-n400-s0" / "tokenizer" / "demo_sp.model")
+    assert record["path"] == own and record["sha256"] == tokenizer_fingerprint(own)["sha256"]
+    assert record["vocab_size"] == ckpt.model_config.text.vocab_size
+    # another demo's tokenizer: the same vocabulary size, other ids
+    cfg = compose_cfg(["data.demo.seed=1", f"init_from={debug_pretrain}/checkpoints/last.ckpt"], cache_dir, tmp_path)
+    other = str(cfg.tokenizer.path)
+    with pytest.raises(ValueError, match="was trained with the tokenizer .*demo-n400-s0.*this run's is .*demo-n400-s1"):
+        build(cfg)
+    from siglip2.data.tokenizer import build_tokenizer
+
+    assert build_tokenizer(other).vocab_size == record["vocab_size"]  # the size alone could not tell them apart
+    # eval / export: the configured default is ignored for the checkpoint's own ...
+    assert resolve_checkpoint_tokenizer(record, other) == own
+    # ... an explicitly named other one is refused by name ...
+    with pytest.raises(ValueError, match="demo-n400-s1"):
+        resolve_checkpoint_tokenizer(record, other, explicit=True)
+    # ... and a moved copy of the right one is found by its content
+    moved = tmp_path / "moved.model"
+    shutil.copy(own, moved)
+    gone = {**record, "path": str(tmp_path / "nowhere.model")}
+    assert resolve_checkpoint_tokenizer(gone, str(moved)) == str(moved)
+    with pytest.raises(ValueError, match="not there any more"):
+        resolve_checkpoint_tokenizer(gone, other)

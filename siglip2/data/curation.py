@@ -160,7 +160,7 @@ def load_teacher(spec: str) -> tuple["SigLIP2", dict[str, Any]]:
 
         ckpt = read_checkpoint(str(spec))
         model = ckpt.model("student")
-        record = {"path": str(spec), "stage": ckpt.stage}
+        record = {"path": str(spec), "stage": ckpt.stage, "tokenizer": ckpt.meta.get("tokenizer")}
     model.eval().requires_grad_(False)
     record["model"] = model.config.to_dict()
     return model, record

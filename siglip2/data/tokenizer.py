@@ -18,12 +18,16 @@ do we pad with EOS. ``decode`` stops at the first EOS, so whatever follows it is
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from collections.abc import Iterable, Sequence
 
 import torch
 
 __all__ = ["Tokenizer", "build_tokenizer", "train_sentencepiece"]
+
+log = logging.getLogger(__name__)
 
 
 class Tokenizer:
@@ -184,6 +188,62 @@ def build_tokenizer(path: str, length: int = 64, lowercase: bool = True) -> Toke
     if os.path.isdir(path):
         return HFTokenizer(path, length=length, lowercase=lowercase)
     return SentencePieceTokenizer(path, length=length, lowercase=lowercase)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "spiece.model", "added_tokens.json", "vocab.json", "merges.txt")
+
+
+def tokenizer_fingerprint(path: str | os.PathLike) -> dict:
+    """What a checkpoint records of the tokenizer it was trained with: the absolute `path` and
+    the `sha256` of its content (the `.model` file, or a folder's tokenizer files by name).
+    Two tokenizers of the same vocabulary size but other ids differ here."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    h = hashlib.sha256()
+    if os.path.isdir(path):
+        names = [n for n in _TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))]
+        if not names:
+            raise FileNotFoundError(f"no tokenizer files {_TOKENIZER_FILES} in {path}")
+        for n in names:
+            h.update(n.encode() + b"\0")
+            with open(os.path.join(path, n), "rb") as f:
+                h.update(f.read())
+    else:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return {"path": path, "sha256": h.hexdigest()}
+
+
+def resolve_checkpoint_tokenizer(record: dict | None, configured: str | None, explicit: bool = False,
+                                 what: str = "checkpoint") -> str:
+    """The tokenizer to use with a checkpoint that recorded `record` (`tokenizer_fingerprint`).
+
+    - The checkpoint's own tokenizer when its file is still there, unchanged.
+    - Else `configured`, if its content is the recorded one (the file moved).
+    - `explicit` (the user named `configured`) and its content differs: `ValueError` naming both.
+    - No record (a checkpoint from before tokenizers were recorded): `configured`, with a warning.
+    Raises `ValueError` when no tokenizer with the recorded content can be found.
+    """
+    if not record:
+        if configured is None:
+            raise ValueError(f"{what} does not record its tokenizer: name it (tokenizer.path=...)")
+        log.warning("%s does not record its tokenizer; using %s: make sure it is the one it was trained with",
+                    what, configured)
+        return str(configured)
+    want = record.get("sha256")
+    mine = tokenizer_fingerprint(configured) if configured and os.path.exists(os.path.expanduser(configured)) else None
+    if explicit and mine is not None and mine["sha256"] != want:
+        raise ValueError(f"{what} was trained with the tokenizer {record.get('path')} (sha256 {want[:12]}), not "
+                         f"{mine['path']} (sha256 {mine['sha256'][:12]}): other token ids would give wrong numbers. "
+                         "Leave the tokenizer unset to use the checkpoint's")
+    recorded = record.get("path")
+    if recorded and os.path.exists(recorded) and tokenizer_fingerprint(recorded)["sha256"] == want:
+        return str(recorded)
+    if mine is not None and mine["sha256"] == want:
+        return str(configured)
+    raise ValueError(f"{what} was trained with the tokenizer {recorded} (sha256 {want[:12]}), which is not there "
+                     f"any more or has changed, and {configured} is another one: give that tokenizer's file with "
+                     "tokenizer.path=...")
 
 
 def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int = 4000) -> str:

@@ -6,6 +6,7 @@ checkpoint as `Siglip2Model` + `Siglip2ImageProcessor` (aspect kept), any other 
 `SiglipModel` + `SiglipImageProcessor` (square resize), as Google released SigLIP 2.
 `format=siglip2` / `format=siglip` force one layout (a fixed-resolution model as a
 `Siglip2Model` embeds non-square images differently from training: the log says so).
+The tokenizer the checkpoint recorded is copied in (`tokenizer=` naming another one is refused).
 Reads the checkpoint with `siglip2.checkpoint` (no Lightning needed).
 """
 from __future__ import annotations
@@ -38,7 +39,14 @@ def main(argv: list[str]) -> Path:
         print(f"warning: stage {ckpt.stage!r} trained with the {trained} transform; this export's processor applies "
               f"the {preprocessing} one, so non-square images embed differently from training", file=sys.stderr)
     model = ckpt.model(args.get("which", "student"))
-    folder = save_hf(model, out, tokenizer_dir=args.get("tokenizer"), preprocessing=preprocessing)
+    tokenizer = args.get("tokenizer")
+    record = ckpt.meta.get("tokenizer")
+    if record or tokenizer:  # the checkpoint's own tokenizer; another one named here is refused
+        from siglip2.data.tokenizer import resolve_checkpoint_tokenizer
+
+        tokenizer = resolve_checkpoint_tokenizer(record, tokenizer, explicit=tokenizer is not None,
+                                                 what=f"checkpoint {args['ckpt_path']}")
+    folder = save_hf(model, out, tokenizer_dir=tokenizer, preprocessing=preprocessing)
     kind = "Siglip2Model + Siglip2ImageProcessor" if preprocessing == "naflex" else "SiglipModel + SiglipImageProcessor"
     print(f"exported to {folder} ({kind}; transformers AutoModel loads it)")
     return folder
