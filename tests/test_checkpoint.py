@@ -46,7 +46,17 @@ def test_adapted_model_round_trips_through_checkpoint_export_and_transformers(tm
     tokens = torch.randint(0, 50, (2, 5))
     torch.testing.assert_close(decoder(tokens, ours.tokens), stage.locca_decoder()(tokens, ours.tokens))
 
-    folder = export_main([f"ckpt_path={tmp_path / 'adapted.ckpt'}", f"out={tmp_path / 'hf'}"])
+    # the default export of a fixed-resolution stage: SiglipModel, square inputs, same numbers
+    from transformers import AutoModel
+
+    fixed = AutoModel.from_pretrained(export_main([f"ckpt_path={tmp_path / 'adapted.ckpt'}",
+                                                   f"out={tmp_path / 'fixed'}"])).eval()
+    assert type(fixed).__name__ == "SiglipModel"
+    square = torch.randn(2, 3, 16, 16)  # the checkpoint's image_size: an 8x8 grid of the 6x6 table, resized
+    torch.testing.assert_close(fixed.vision_model(pixel_values=square).pooler_output,
+                               stage.model.encode_image(image=square).pooled, rtol=1e-4, atol=1e-5)
+
+    folder = export_main([f"ckpt_path={tmp_path / 'adapted.ckpt'}", f"out={tmp_path / 'hf'}", "format=siglip2"])
     hf = Siglip2Model.from_pretrained(folder).eval()
     assert hf.config.vision_config.patch_size == 2 and hf.config.vision_config.num_patches == 36
     pv = image.reshape(2, 3, 6, 2, 6, 2).permute(0, 2, 4, 3, 5, 1).reshape(2, 36, 12)
@@ -97,7 +107,8 @@ def test_the_ema_teacher_exports_and_loads_in_transformers(tmp_path):
     for p in stage.teacher.vision.parameters():  # the teacher has drifted from the student
         p.add_(0.1 * torch.randn_like(p))
     _save(stage, tmp_path / "d.ckpt")
-    folder = export_main([f"ckpt_path={tmp_path / 'd.ckpt'}", f"out={tmp_path / 'hf_t'}", "which=teacher"])
+    folder = export_main([f"ckpt_path={tmp_path / 'd.ckpt'}", f"out={tmp_path / 'hf_t'}", "which=teacher",
+                          "format=siglip2"])
     hf = Siglip2Model.from_pretrained(folder).eval()
     image, text = torch.randn(2, 3, 16, 16), torch.randint(0, 50, (2, 10))
     pv = image.reshape(2, 3, 4, 4, 4, 4).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 48)

@@ -72,14 +72,16 @@ def test_eval_py_prints_table_and_writes_metrics(trained, tmp_path):
 
 
 def test_export_cli_gives_a_folder_transformers_loads(trained, tmp_path):
-    from transformers import Siglip2Model
+    from transformers import AutoModel
 
     from siglip2.export.__main__ import load_checkpoint_model, main
 
     _, ckpt = trained
     folder = main([f"ckpt_path={ckpt}", "format=hf", f"out={tmp_path / 'hf'}"])
     ours = load_checkpoint_model(str(ckpt))
-    hf = Siglip2Model.from_pretrained(folder).eval()
+    hf = AutoModel.from_pretrained(folder).eval()
+    assert type(hf).__name__ == "SiglipModel"  # a fixed-resolution stage, with its square processor
+    assert (folder / "tokenizer.model").is_file()  # the tokenizer the checkpoint recorded
     text = torch.randint(0, ours.config.text.vocab_size, (2, ours.config.text.max_len))
     with torch.no_grad():
         # HF's text pooler output is head(last token): the text embedding before normalisation.
