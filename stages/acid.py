@@ -118,6 +118,19 @@ class AcidStage(Stage):
                              f"{'on' if self.teacher_cache.draft_decode else 'off'} and data.draft_decode is "
                              f"{getattr(dm, 'draft_decode', True)}: the cached pixels are not training's")
 
+    @property
+    def trained_batch_size(self) -> int | None:
+        """b: the examples trained per rank and step (the data module's `batch_size`; its
+        loader yields b / (1 - f)). Settable for use outside a Trainer (benchmarks)."""
+        if self.__dict__.get("_trained_batch_size"):
+            return self.__dict__["_trained_batch_size"]
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return int(dm.batch_size) if dm is not None else None
+
+    @trained_batch_size.setter
+    def trained_batch_size(self, value: int | None) -> None:
+        self.__dict__["_trained_batch_size"] = value
+
     def _teacher_embeddings(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.teacher_cache is not None:
             return self.teacher_cache.lookup(list(batch["key"]), self.device)
