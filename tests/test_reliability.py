@@ -89,3 +89,33 @@ def test_checkpoints_carry_their_tokenizer_and_other_ids_are_refused(cache_dir, 
     assert resolve_checkpoint_tokenizer(gone, str(moved)) == str(moved)
     with pytest.raises(ValueError, match="not there any more"):
         resolve_checkpoint_tokenizer(gone, other)
+
+
+def test_final_evaluation_with_more_ranks_than_an_eval_sets_shards(cache_dir, debug_pretrain, tmp_path):
+    """Two DDP ranks, every eval set cut to one shard: one rank has no images. The final
+    evaluation used to die in the retrieval gather ((0, 1) vs (n, D) embeddings) after
+    training, with no metrics.json. Now every set is scored on the one rank's images."""
+    import json
+
+    import yaml
+
+    from test_train import cli
+
+    demo = cache_dir / "demo-n400-s0" / "eval"  # built by the debug_pretrain fixture
+    sets = []
+    for name in ("zeroshot", "retrieval", "refexp", "segmentation"):
+        spec = yaml.safe_load((demo / name / f"{name}.yaml").read_text())
+        spec.update(urls=str(demo / name / "000000.tar"), name=f"{spec['name']}_1shard")
+        spec.pop("num_samples", None)
+        path = tmp_path / f"{name}_1shard.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        sets.append(str(path))
+    proc = cli(["debug=fast", "trainer=ddp_cpu", "trainer.max_steps=2", "eval=demo", f"eval.sets=[{','.join(sets)}]"],
+               cache_dir, tmp_path / "logs")
+    metrics_path = Path(proc.stdout.strip().splitlines()[-1].split("metrics written to ")[-1])
+    metrics = json.loads(metrics_path.read_text())
+    one_shard = metrics["retrieval/demo_retrieval_1shard/num_images"]
+    assert 0 < one_shard < 500 / 2  # one of the four shards: the other rank had none
+    for key in ("zeroshot/demo_zeroshot_1shard/top1", "retrieval/demo_retrieval_1shard/image_to_text_R@5",
+                "refexp/demo_refexp_1shard/acc@0.5", "segmentation/demo_segmentation_1shard/miou"):
+        assert 0.0 <= metrics[key] <= 1.0, key

@@ -288,7 +288,8 @@ def _retrieval(model, tokenizer, loader, device, max_batches, prefix):
         owners.append(torch.tensor(owner, dtype=torch.long))
         langs.extend(batch["lang"][i] for i, caps in enumerate(batch["captions"]) for _ in caps)
         n_images += _batch_len(batch)
-    image_emb = torch.cat(image_embs) if image_embs else torch.zeros(0, 1, device=device)
+    # a rank with no images of this set (more ranks than shards) still joins the gathers, as (0, D)
+    image_emb = torch.cat(image_embs) if image_embs else torch.zeros(0, int(model.config.embed_dim), device=device)
     text_emb = torch.cat(text_embs) if text_embs else torch.zeros(0, image_emb.shape[1], device=device)
     owner = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
     # Under DDP each rank holds its own images: gather, shifting owners by earlier ranks' counts.
