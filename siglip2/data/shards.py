@@ -33,6 +33,7 @@ import glob
 import logging
 import os
 import random
+import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
@@ -45,7 +46,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.shardlists import expand_urls as _wds_expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 from webdataset.utils import make_seed
 
 # Decoding lives in siglip2.data.decode; its public names are re-exported here (unchanged API).
@@ -74,6 +75,8 @@ SKIP_REASONS = {
     "bad_json": "json member not a valid JSON object",
     "bad_mask": "seg.png undecodable or not the image's size (decode_mask=True only)",
     "sample_fn": "the user's sample_fn returned None",
+    "duplicate_member": "a member name twice in one sample (the sample is skipped, the shard's others kept)",
+    "truncated_sample": "the tar ends inside this sample (its earlier samples are kept)",
 }
 
 # A resampled stream over shards that never yield a usable sample would spin forever;
@@ -235,6 +238,72 @@ def _tag(files: Iterator[dict], url: str) -> Iterator[dict]:
         yield f
 
 
+class _ShardFault(Exception):
+    """The tar stream broke part-way (its cause is chained)."""
+
+
+def _tar_samples(fileobj, url: str, stats: _WorkerStats) -> Iterator[dict]:
+    """Raw samples of one tar stream, grouped by key (webdataset's `base_plus_ext`, lower-case
+    extensions), reading only the members we decode.
+
+    Faults are pinned on the sample they hit, never on the samples around it:
+    - a member name seen twice in one sample: that sample is skipped ("duplicate_member");
+    - the stream breaks inside a member's data: that member's sample is skipped
+      ("truncated_sample"), every complete sample before it delivered;
+    - the stream breaks in a header: the pending sample is delivered when it holds an image
+      and a caption (its members were read whole), else skipped as truncated.
+    Then `_ShardFault` is raised for the caller to count the shard.
+    """
+    tar = tarfile.open(fileobj=fileobj, mode="r|*")
+    current: dict | None = None
+    duplicate = False
+
+    def finish():
+        if current is None:
+            return None
+        if duplicate:
+            stats.skip("duplicate_member", current["__key__"], url)
+            return None
+        return current
+
+    members = iter(tar)
+    while True:
+        try:
+            info = next(members)
+        except StopIteration:
+            break
+        except Exception as exn:  # a header cut short or corrupt
+            if current is not None and not duplicate and any(k in current for k in IMAGE_KEYS) \
+                    and TEXT_KEY in current:
+                yield current
+            elif current is not None:
+                stats.skip("duplicate_member" if duplicate else "truncated_sample", current["__key__"], url)
+            raise _ShardFault(f"{type(exn).__name__}: {exn}") from exn
+        if not info.isreg() or not _wanted_file(info.name):
+            continue
+        key, ext = base_plus_ext(info.name)
+        if key is None:
+            continue
+        ext = ext.lower()
+        if current is None or key != current["__key__"]:
+            done = finish()
+            if done is not None:
+                yield done
+            current, duplicate = {"__key__": key, "__url__": url}, False
+        if ext in current:
+            duplicate = True
+            continue
+        try:
+            current[ext] = tar.extractfile(info).read()
+        except Exception as exn:  # the data of this member is cut short
+            stats.skip("truncated_sample", key, url)
+            raise _ShardFault(f"{type(exn).__name__}: {exn}") from exn
+        tar.members = []  # a streaming read keeps no member list
+    done = finish()
+    if done is not None:
+        yield done
+
+
 def read_shards(shards: Iterable[dict], stats: _WorkerStats | None = None,
                 max_empty: int | None = None) -> Iterator[dict]:
     """Shard dicts -> raw samples, one shard at a time so a fault is pinned on its shard.
@@ -244,11 +313,11 @@ def read_shards(shards: Iterable[dict], stats: _WorkerStats | None = None,
     ``{"__key__": str, "__url__": str, <ext>: bytes}`` holding only the members that
     :func:`siglip2.data.decode.decode_sample` reads (image, ``txt``, ``json``, ``seg.png``).
 
-    The tar is read with webdataset's own iterators; a shard that fails to open or
-    breaks part-way is counted once as "bad_shard" in ``stats`` (a fresh counter when None)
-    and warned about, and the stream goes on with the next shard (the partial sample at
-    the fault is dropped). Raises RuntimeError after ``max_empty`` shards in a row gave no
-    sample (None: never).
+    A duplicated member skips its sample only, and a tar cut short loses only the sample it
+    is cut in (`_tar_samples`); a shard that fails to open or breaks part-way is counted
+    once as "bad_shard" in ``stats`` (a fresh counter when None) and warned about, and the
+    stream goes on with the next shard. Raises RuntimeError after ``max_empty`` shards in a
+    row gave no sample (None: never).
     """
     if stats is None:
         stats = _WorkerStats()
@@ -259,12 +328,11 @@ def read_shards(shards: Iterable[dict], stats: _WorkerStats | None = None,
         stream = None
         try:
             stream = _open_url(url)
-            files = tar_file_iterator(stream, select_files=_wanted_file)
-            for sample in group_by_keys(_tag(files, url)):
+            for sample in _tar_samples(stream, url, stats):
                 n += 1
                 yield sample
         except Exception as exn:
-            stats.bad_shard(url, exn)
+            stats.bad_shard(url, exn.__cause__ or exn)
         finally:
             if stream is not None:
                 try:
@@ -330,15 +398,24 @@ def collate(samples: list[dict]) -> dict:
 
 
 def _batch_stage(samples: Iterable[dict], batch_size: int, stats: _WorkerStats,
-                 worker_id: int, partial_last: bool) -> Iterator[dict]:
+                 worker_id: int, partial_last: bool, trailer: bool = False) -> Iterator[dict]:
+    """Batches of `batch_size`; `trailer`: when the stream ends with skips no batch has carried
+    yet, one more batch with no samples (only `skipped` and `worker_id`) carries them."""
     buf: list[dict] = []
+    sent: dict[str, int] | None = None
     for s in samples:
         buf.append(s)
         if len(buf) == batch_size:
-            yield _finish_batch(buf, stats, worker_id)
+            batch = _finish_batch(buf, stats, worker_id)
+            sent = batch["skipped"]
+            yield batch
             buf = []
     if buf and partial_last:
-        yield _finish_batch(buf, stats, worker_id)
+        batch = _finish_batch(buf, stats, worker_id)
+        sent = batch["skipped"]
+        yield batch
+    if trailer and stats.counts and dict(stats.counts) != sent:
+        yield _stamp({}, stats, worker_id)
 
 
 def _finish_batch(buf: list[dict], stats: _WorkerStats, worker_id: int) -> dict:
@@ -488,7 +565,7 @@ class _EvalStream(IterableDataset):
             partial(_decode_stage, stats=stats, sample_fn=self.sample_fn,
                     max_pixels=self.max_pixels, decode_mask=self.decode_mask, decode_size=self.decode_size),
             partial(_batch_stage, batch_size=self.batch_size, stats=stats, worker_id=worker,
-                    partial_last=True),
+                    partial_last=True, trailer=True),
         )
         return iter(pipe)
 
@@ -537,7 +614,9 @@ def build_train_loader(sources, sample_fn: Callable[[DecodedSample], dict | None
 def build_eval_loader(urls, sample_fn: Callable[[DecodedSample], dict | None],
                       batch_size: int, num_workers: int = 1, decode_mask: bool = False,
                       max_pixels: int = DEFAULT_MAX_PIXELS, decode_size: tuple[int, int] | None = None) -> DataLoader:
-    """Every sample exactly once across ranks; the last batch of each worker may be short.
+    """Every sample exactly once across ranks; the last batch of each worker may be short, and
+    a worker whose last skips no batch carried ends with a batch of no samples carrying them
+    (`skipped`, `worker_id` only: consumers fold it into their `SkipStats` and skip it).
     `decode_size`: JPEG draft decoding as `build_train_loader` does it (None: full size)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

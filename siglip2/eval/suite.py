@@ -157,11 +157,38 @@ class EvalSample:
         return out
 
 
+class _CountedLoader:
+    """An eval loader whose batches' skip counts are folded (`stats`); batches with no
+    samples (the stream's trailing skip counts) are not passed on."""
+
+    def __init__(self, loader):
+        from siglip2.data.shards import SkipStats
+
+        self.loader, self.stats = loader, SkipStats()
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.stats.update(batch)
+            if "key" in batch:
+                yield batch
+
+
 def _batches(loader, max_batches: int | None):
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         yield batch
+
+
+def _skip_metrics(stats, prefix: str) -> dict[str, float]:
+    """`<prefix>/skipped_<reason>`: the set's samples skipped by reason, summed over ranks."""
+    totals: dict[str, int] = {}
+    for part in dist_utils.all_gather_object(stats.totals()):
+        for reason, n in part.items():
+            totals[reason] = totals.get(reason, 0) + int(n)
+    for reason, n in sorted(totals.items()):
+        log.warning("%s: %d samples skipped (%s)", prefix, n, reason)
+    return {f"{prefix}/skipped_{reason}": float(n) for reason, n in totals.items()}
 
 
 @torch.no_grad()
@@ -187,22 +214,24 @@ def evaluate_set(
     images at least that elongated (see `EvalSample`)."""
     sample_fn = EvalSample(es, image_size, naflex_seq_len, getattr(getattr(model, "config", None), "vision", None)
                            and model.config.vision.patch_size, aspect_min)
-    loader = build_eval_loader(es.urls, sample_fn, batch_size=batch_size, num_workers=num_workers,
-                               decode_mask=es.task == "segmentation")
+    loader = _CountedLoader(build_eval_loader(es.urls, sample_fn, batch_size=batch_size, num_workers=num_workers,
+                                              decode_mask=es.task == "segmentation"))
     prefix = f"{es.task}/{es.name}"
     was_training = model.training
     model.eval()
     try:
         if es.task == "zeroshot":
-            return _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder)
-        if es.task == "retrieval":
-            return _retrieval(model, tokenizer, loader, device, max_batches, prefix)
-        if es.task == "refexp":
+            out = _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder)
+        elif es.task == "retrieval":
+            out = _retrieval(model, tokenizer, loader, device, max_batches, prefix)
+        elif es.task == "refexp":
             if decoder is None:
                 log.info("skipping %s: this stage has no LocCa decoder", prefix)
                 return {}
-            return _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder)
-        return _segmentation(es, model, loader, device, max_batches, prefix)
+            out = _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder)
+        else:
+            out = _segmentation(es, model, loader, device, max_batches, prefix)
+        return {**out, **_skip_metrics(loader.stats, prefix)}
     finally:
         model.train(was_training)
 
