@@ -8,16 +8,17 @@ set -euo pipefail
 OUT=${1:-$HOME/.cache/siglip2/acid-miniature}
 STEPS=${STEPS:-300}
 LR=${LR:-1e-4}
+TEACHER_STEPS=${TEACHER_STEPS:-1500}   # README: 1500 (first teacher) and 3000 (second)
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 if [ ! -f "$OUT/student/checkpoints/last.ckpt" ]; then   # the default demo job (750 steps)
   python train.py logger=csv hydra.run.dir="$OUT/student"
 fi
-if [ ! -f "$OUT/teacher/checkpoints/last.ckpt" ]; then   # 1.5x wider, 1.5x deeper, 2x the steps, sigmoid only
+if [ ! -f "$OUT/teacher/checkpoints/last.ckpt" ]; then   # 1.5x wider, 1.5x deeper, more steps, sigmoid only
   python train.py logger=csv hydra.run.dir="$OUT/teacher" \
     model.vision.width=192 model.vision.depth=6 model.vision.mlp_dim=768 \
     model.text.width=192 model.text.depth=6 model.text.mlp_dim=768 model.embed_dim=192 \
-    stage.losses.locca=null stage.losses.local_to_global=null stage.losses.masked=null trainer.max_steps=1500
+    stage.losses.locca=null stage.losses.local_to_global=null stage.losses.masked=null trainer.max_steps="$TEACHER_STEPS"
 fi
 COMMON=(stage=acid init_from="$OUT/student/checkpoints/last.ckpt" trainer.max_steps="$STEPS"
         stage.optim_overrides.lr="$LR" logger=csv)
