@@ -29,6 +29,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError("set either ckpt_path (resume this stage) or init_from (start a stage from weights), not both")
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
+    check_vocab(cfg, datamodule.tokenizer)
     stage = build_stage(cfg, vocab_size=datamodule.tokenizer.vocab_size)
     stage.tokenizer_record = tokenizer_record(datamodule)
     if cfg.get("init_from"):
@@ -49,6 +50,16 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return {"datamodule": datamodule, "stage": stage, "trainer": trainer, "callbacks": callbacks}
+
+
+def check_vocab(cfg: DictConfig, tokenizer) -> None:
+    """A model yaml that fixes `text.vocab_size` must match the tokenizer: a larger tokenizer
+    would index past the embedding table mid-run, a smaller one leaves rows never trained."""
+    fixed = cfg.model.get("text", {}).get("vocab_size")
+    if fixed is not None and int(fixed) != int(tokenizer.vocab_size):
+        raise ValueError(f"model.text.vocab_size is {fixed} but the tokenizer ({cfg.tokenizer.get('path')}) has "
+                         f"{tokenizer.vocab_size} tokens: use the model's tokenizer (e.g. tokenizer=gemma for the "
+                         "released sizes) or model.text.vocab_size=null to size the model from the tokenizer")
 
 
 def tokenizer_record(datamodule) -> dict[str, Any] | None:

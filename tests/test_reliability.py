@@ -249,3 +249,14 @@ def test_training_and_evaluation_run_to_the_end_on_the_fuzzed_corpus(cache_dir, 
     for reason, n in skips.items():
         assert metrics[f"retrieval/fuzz/skipped_{reason}"] == n, reason
     assert metrics.get("data/skipped_bad_image", 0) > 0  # the training stream counted its skips too
+
+
+def test_a_tokenizer_of_another_size_than_the_model_stops_before_compute(cache_dir, debug_pretrain, tmp_path):
+    """`model=b16` (256,000 tokens) with the demo's 4,000-token tokenizer used to build and
+    train until an id or a shape failed deep inside; now the run stops at start, naming both."""
+    from stages.runner import build
+    from test_train import compose_cfg
+
+    cfg = compose_cfg(["model.text.vocab_size=256000"], cache_dir, tmp_path)
+    with pytest.raises(ValueError, match="model.text.vocab_size is 256000 but the tokenizer .* has 4000 tokens"):
+        build(cfg)
