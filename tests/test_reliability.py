@@ -260,3 +260,35 @@ def test_a_tokenizer_of_another_size_than_the_model_stops_before_compute(cache_d
     cfg = compose_cfg(["model.text.vocab_size=256000"], cache_dir, tmp_path)
     with pytest.raises(ValueError, match="model.text.vocab_size is 256000 but the tokenizer .* has 4000 tokens"):
         build(cfg)
+
+
+def test_kill_9_at_a_random_moment_then_resume_ends_with_the_uninterrupted_weights(cache_dir, tmp_path):
+    """A real `kill -9` (no handler runs) at a random moment of a 15-step run, after its first checkpoint;
+    `ckpt_path=last.ckpt` (written atomically every 3 steps = every epoch here) resumes at an
+    epoch boundary, so the final weights equal an uninterrupted run's."""
+    import random
+
+    common = ["debug=fast", "trainer.max_steps=15", "data.batches_per_epoch=3",
+              "callbacks.model_checkpoint.every_n_train_steps=3"]
+    full = _start(common, cache_dir, tmp_path / "full")
+    assert full.wait(timeout=300) == 0, full.communicate()[0][-3000:]
+    killed = _start(common, cache_dir, tmp_path / "killed")  # the same run (the schedule depends on max_steps)
+    first = tmp_path / "killed" / "checkpoints" / "step_0000003.ckpt"
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.1)
+    time.sleep(random.Random().uniform(0.0, 1.0))
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    stopped = int(torch.load(last, map_location="cpu", weights_only=False)["global_step"])
+    assert stopped % 3 == 0 and 3 <= stopped < 15
+    resumed = _start([*common, f"ckpt_path={last}"], cache_dir, tmp_path / "resumed")
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, log[-3000:]
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 15
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=1e-6, msg=key)
