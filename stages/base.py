@@ -473,6 +473,11 @@ class Stage(L.LightningModule):
         missing, unexpected = self.load_state_dict(state, strict=False)
         if len(own) == len(missing):
             raise ValueError(f"init_from={path}: no tensor of this stage's model is in the checkpoint")
+        towers = [k for k in missing if k.startswith("model.")]
+        if towers:  # only the losses' modules and the EMA teacher may start fresh, never the towers
+            raise ValueError(f"init_from={path}: the checkpoint lacks {len(towers)} tensors of the model itself "
+                             f"({', '.join(towers[:5])}{', ...' if len(towers) > 5 else ''}); only loss modules "
+                             "(LocCa decoder, distillation heads) and the EMA teacher may start fresh")
         log.info("init_from %s (stage %s): %d tensors loaded, %d not in checkpoint, %d ignored%s",
                  path, ckpt.stage, len(own) - len(missing), len(missing), len(unexpected),
                  f" (modules this stage does not have: {', '.join(_module_prefixes(unexpected))})" if unexpected else "")

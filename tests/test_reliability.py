@@ -292,3 +292,23 @@ def test_kill_9_at_a_random_moment_then_resume_ends_with_the_uninterrupted_weigh
     assert a["global_step"] == b["global_step"] == 15
     for key in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_init_from_a_checkpoint_missing_tower_tensors_is_refused(cache_dir, debug_pretrain, tmp_path):
+    """Tensors a checkpoint lacks may start fresh only in modules a stage adds (loss heads,
+    the LocCa decoder, the EMA teacher), never in the towers: such a checkpoint used to load
+    with the missing tensors left random and one INFO line."""
+    from stages.runner import build
+    from test_train import compose_cfg
+
+    raw = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    del raw["state_dict"]["model.text_model.final_layer_norm.weight"]
+    torch.save(raw, tmp_path / "cut.ckpt")
+    with pytest.raises(ValueError, match="lacks 1 tensors of the model itself .*final_layer_norm.weight"):
+        build(compose_cfg([f"init_from={tmp_path / 'cut.ckpt'}"], cache_dir, tmp_path))
+    # a checkpoint without the LocCa decoder (a stage that had none) still starts one fresh
+    for key in [k for k in raw["state_dict"] if k.startswith("losses.locca.")]:
+        del raw["state_dict"][key]
+    raw["state_dict"]["model.text_model.final_layer_norm.weight"] = torch.ones(128)
+    torch.save(raw, tmp_path / "no_locca.ckpt")
+    build(compose_cfg([f"init_from={tmp_path / 'no_locca.ckpt'}"], cache_dir, tmp_path / "ok"))
