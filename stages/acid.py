@@ -108,6 +108,10 @@ class AcidStage(Stage):
             self.teacher_model.to(self.device)
         if self.teacher_record and self.teacher_record.get("tokenizer"):  # same size is not enough: same ids
             self.check_tokenizer(self.teacher_record["tokenizer"], f"stage.acid.teacher={self.acid.teacher}")
+        if self.teacher_cache is not None and self.teacher_cache.tokenizer:  # the ids the cache was encoded from
+            self.check_tokenizer(self.teacher_cache.tokenizer, f"stage.acid.teacher_cache={self.acid.teacher_cache}")
+        if self.teacher_record:
+            log.info("ACID teacher: %s", self.teacher_record.get("cache") or self.teacher_record.get("path"))
         dm = getattr(self.trainer, "datamodule", None)
         if self.teacher_cache is not None and getattr(dm, "random_resized_crop", False):
             raise ValueError("stage.acid.teacher_cache holds the teacher's embeddings of each sample's one "

@@ -267,6 +267,10 @@ def test_teacher_cache_gives_the_live_teachers_scores_on_training_batches(cache_
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(TeacherCache(out).keys) == 400  # every training sample of the debug demo
+    from siglip2.data.tokenizer import tokenizer_fingerprint
+
+    # the ids it was encoded from: a run with another tokenizer is refused at fit start (check_tokenizer)
+    assert TeacherCache(out).tokenizer["sha256"] == tokenizer_fingerprint(str(cfg.tokenizer.path))["sha256"]
     batch = next(iter(data.train_dataloader()))
     assert batch["image"].shape[0] == 32  # b / (1 - f) = 16 / 0.5
     live = build_stage(cfg, vocab_size=data.tokenizer.vocab_size)

@@ -76,27 +76,33 @@ def gumbel(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
-def joint_select(learnability: torch.Tensor, k: int, n_chunks: int = 16,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """JEST's joint example selection: (N, N) learnability -> (k,) long indices, without
-    repeats, in the order drawn. Raises `ValueError` if k > N or the matrix is not square."""
-    a = _check(learnability, k).double()
-    n = a.shape[0]
-    diag = a.diagonal()
-    chosen = torch.zeros(n, dtype=torch.bool, device=a.device)
+def _gumbel_chunks(scores, n: int, k: int, n_chunks: int, generator, device) -> torch.Tensor:
+    """k indices of n drawn in `chunk_sizes(k, n_chunks)` chunks without replacement: each
+    chunk is the top of `scores(chosen)` + one Gumbel vector (Gumbel top-k = sampling from
+    softmax(scores) without replacement)."""
+    chosen = torch.zeros(n, dtype=torch.bool, device=device)
     picked: list[torch.Tensor] = []
     for size in chunk_sizes(k, n_chunks):
-        if picked:
-            s = chosen.double()
-            scores = diag + a @ s + s @ a  # A_kk + sum_{j in S} (A_kj + A_jk)
-        else:
-            scores = diag.clone()
-        noisy = scores + gumbel(n, generator, a.device)
+        noisy = scores(chosen) + gumbel(n, generator, device)
         noisy[chosen] = -math.inf
         new = noisy.topk(size).indices
         chosen[new] = True
         picked.append(new)
     return torch.cat(picked)
+
+
+def joint_select(learnability: torch.Tensor, k: int, n_chunks: int = 16,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """JEST's joint example selection: (N, N) learnability -> (k,) long indices, without
+    repeats, in the order drawn. Raises `ValueError` if k > N or the matrix is not square."""
+    a = _check(learnability, k).double()
+    diag = a.diagonal()
+
+    def scores(chosen: torch.Tensor) -> torch.Tensor:
+        s = chosen.double()
+        return diag + a @ s + s @ a  # A_kk + sum_{j in S} (A_kj + A_jk); the diagonal alone while S is empty
+
+    return _gumbel_chunks(scores, a.shape[0], k, n_chunks, generator, a.device)
 
 
 def independent_select(learnability: torch.Tensor, k: int, sample: bool = True, n_chunks: int = 1,
@@ -107,16 +113,7 @@ def independent_select(learnability: torch.Tensor, k: int, sample: bool = True, 
     diag = a.diagonal()
     if not sample:
         return diag.topk(k).indices
-    n = a.shape[0]
-    chosen = torch.zeros(n, dtype=torch.bool, device=a.device)
-    picked = []
-    for size in chunk_sizes(k, n_chunks):
-        noisy = diag + gumbel(n, generator, a.device)
-        noisy[chosen] = -math.inf
-        new = noisy.topk(size).indices
-        chosen[new] = True
-        picked.append(new)
-    return torch.cat(picked)
+    return _gumbel_chunks(lambda chosen: diag, a.shape[0], k, n_chunks, generator, a.device)
 
 
 def random_select(n: int, k: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -219,6 +216,8 @@ class TeacherCache:
         self.teacher: dict[str, Any] = dict(raw["teacher"])
         self.image_size, self.text_length = int(raw["image_size"]), int(raw["text_length"])
         self.draft_decode = bool(raw.get("draft_decode", True))
+        tok = raw.get("tokenizer")
+        self.tokenizer: dict[str, Any] | None = tok if isinstance(tok, dict) else None  # path + sha256
 
     def lookup(self, keys: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [k for k in keys if k not in self.row]
@@ -239,7 +238,7 @@ def build_teacher_cache(teacher_spec: str, urls, tokenizer_path: str, image_size
     scale changes the pixels). Duplicate sample keys are an error (the cache is looked up by key)."""
     from siglip2.data.samples import TrainSample
     from siglip2.data.shards import build_eval_loader
-    from siglip2.data.tokenizer import build_tokenizer
+    from siglip2.data.tokenizer import build_tokenizer, tokenizer_fingerprint
     from siglip2.data.transforms import ImageTransform
 
     teacher, record = load_teacher(teacher_spec)
@@ -268,7 +267,8 @@ def build_teacher_cache(teacher_spec: str, urls, tokenizer_path: str, image_size
     torch.save({"kind": "siglip2-teacher-cache", "keys": keys, "image_emb": torch.cat(images),
                 "text_emb": torch.cat(texts), "logit_scale": teacher.logit_scale.exp().detach().cpu(),
                 "logit_bias": teacher.logit_bias.detach().cpu(), "teacher": record,
-                "image_size": int(image_size), "text_length": int(text_length), "tokenizer": str(tokenizer_path),
+                "image_size": int(image_size), "text_length": int(text_length),
+                "tokenizer": {**tokenizer_fingerprint(tokenizer_path), "vocab_size": int(tok.vocab_size)},
                 "draft_decode": bool(draft_decode)}, tmp)
     tmp.replace(out)
     return out
