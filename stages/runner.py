@@ -141,6 +141,10 @@ def sweep_job_ddp(trainer: L.Trainer) -> Iterator[None]:
 
 
 def run(cfg: DictConfig) -> float | None:
+    if cfg.get("recipe"):  # experiment=recipe_*: a chain of stages, each its own train.py run
+        from stages.recipe import run_recipe
+
+        return run_recipe(cfg)
     objs = build(cfg)
     trainer: L.Trainer = objs["trainer"]
     from lightning.pytorch.utilities.exceptions import SIGTERMException

@@ -273,15 +273,16 @@ def test_kill_9_at_a_random_moment_then_resume_ends_with_the_uninterrupted_weigh
     full = _start(common, cache_dir, tmp_path / "full")
     assert full.wait(timeout=300) == 0, full.communicate()[0][-3000:]
     killed = _start(common, cache_dir, tmp_path / "killed")  # the same run (the schedule depends on max_steps)
-    first = tmp_path / "killed" / "checkpoints" / "step_0000003.ckpt"
+    # last.ckpt is written after the periodic step_*.ckpt: waiting on the latter let a kill
+    # land between the two (a CI failure)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
-    while not first.exists() and time.time() < deadline and killed.poll() is None:
+    while not last.exists() and time.time() < deadline and killed.poll() is None:
         time.sleep(0.1)
     time.sleep(random.Random().uniform(0.0, 1.0))
     killed.send_signal(signal.SIGKILL)
     killed.communicate(timeout=60)
     assert killed.returncode == -signal.SIGKILL
-    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     stopped = int(torch.load(last, map_location="cpu", weights_only=False)["global_step"])
     assert stopped % 3 == 0 and 3 <= stopped < 15
     resumed = _start([*common, f"ckpt_path={last}"], cache_dir, tmp_path / "resumed")
