@@ -33,6 +33,7 @@ import torch
 
 from siglip2.config import from_dict
 from siglip2.data.curation import CurationConfig, TeacherCache, load_teacher, select, teacher_inputs
+from siglip2.data.transforms import normalize_pixels
 from siglip2.losses.sigmoid import SigmoidLoss, SigmoidLossConfig, sigmoid_pair_losses
 from stages.base import Stage, StepContext
 
@@ -154,6 +155,7 @@ class AcidStage(Stage):
         difference `learnability`, each model with its own t and b."""
         chunk = int(self.acid.score_chunk_size)
         m = self.model
+        batch = normalize_pixels(batch)
         learner = sigmoid_pair_losses(m.encode_image(image=batch["image"]).embeds, m.embed_text(batch["text"]),
                                       m.logit_scale.exp(), m.logit_bias, chunk)
         image_emb, text_emb = self._teacher_embeddings(batch)

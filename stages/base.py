@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from siglip2.config import from_dict, to_dict
+from siglip2.data.transforms import normalize_pixels
 from siglip2.model import build_model
 from siglip2.model.adapt import adapt_vision_weights, architecture_differences
 from siglip2.model.posemb import POSEMB_RESIZE
@@ -338,9 +339,14 @@ class Stage(L.LightningModule):
             self.model.text_model.compile()
             self._compiled = True
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The loader's uint8 pixels become float32 in [-1, 1] here, on the device."""
+        return normalize_pixels(batch) if isinstance(batch, dict) else batch
+
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """{name: (loss, metrics)} of every loss that is on, from one shared `StepContext`."""
-        ctx = self.context(batch)
+        """{name: (loss, metrics)} of every loss that is on, from one shared `StepContext`.
+        uint8 pixels (a batch straight from the loader) are normalised first."""
+        ctx = self.context(normalize_pixels(batch))
         return {name: loss(**self.loss_inputs(name, ctx))
                 for name, loss in self.losses.items() if self.loss_enabled[name]}
 
@@ -466,6 +472,7 @@ class Stage(L.LightningModule):
 
         ckpt = read_checkpoint(path)
         self.check_tokenizer(ckpt.meta.get("tokenizer"), f"init_from={path}")
+        self.check_vocab_size(int(ckpt.model_config.text.vocab_size), f"init_from={path}")
         state, notes = adapt_vision_weights(ckpt.state_dict, ckpt.model_config, self.model.config,
                                             posemb_resize=self.posemb_resize, what=f"init_from={path}")
         own = self.state_dict()
@@ -498,6 +505,7 @@ class Stage(L.LightningModule):
         from siglip2.export.hf import from_hf
 
         hf = from_hf(folder)
+        self.check_vocab_size(int(hf.config.text.vocab_size), f"init_from=hf:{folder}")
         state = {f"model.{k}": v for k, v in hf.state_dict().items()}
         state, notes = adapt_vision_weights(state, hf.config, self.model.config, posemb_resize=self.posemb_resize,
                                             prefixes=("model.vision_model.",), what=f"HF model {folder}")
@@ -523,6 +531,15 @@ class Stage(L.LightningModule):
                          f"{str(record.get('sha256'))[:12]}, {record.get('vocab_size')} tokens); this run's is "
                          f"{mine.get('path')} (sha256 {str(mine.get('sha256'))[:12]}, {mine.get('vocab_size')} tokens): "
                          "its token ids would mean other words. Use the same tokenizer (tokenizer.path=...)")
+
+    def check_vocab_size(self, theirs: int, source: str) -> None:
+        """Weights with another vocabulary size than this run's tokenizer are a `ValueError`
+        naming both, before any tensor is compared."""
+        mine = int(self.model.config.text.vocab_size)
+        if theirs != mine:
+            path = (self.tokenizer_record or {}).get("path", "tokenizer.path")
+            raise ValueError(f"{source} has a vocabulary of {theirs} tokens but this run's tokenizer ({path}) has "
+                             f"{mine}: use the tokenizer those weights were trained with (tokenizer.path=...)")
 
     def on_weights_loaded(self, loaded: set[str]) -> None:
         """After `init_from`: `loaded` names the stage tensors that came from the source (a

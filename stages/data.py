@@ -57,7 +57,7 @@ class ImageTextData(L.LightningDataModule):
         b / (1 - f) examples per rank, of which the stage trains `batch_size` = b."""
         super().__init__()
         self.demo = None
-        if demo:
+        if demo and demo.get("root"):  # `debug=fast` sets demo.num_train even on data=webdataset
             from siglip2.data.demo import ensure_demo
 
             self.demo = ensure_demo(demo["root"], num_train=int(demo["num_train"]), seed=int(demo["seed"]))
@@ -114,7 +114,7 @@ class ImageTextData(L.LightningDataModule):
             batcher = NaFlexBatches(self.plan, self.patch_size, offset=epoch * self.batches_per_epoch)
         else:
             transform = ImageTransform(self.image_size, random_resized_crop=self.random_resized_crop,
-                                       scale=self.crop_scale)
+                                       scale=self.crop_scale, dtype="uint8")  # [-1, 1] on the device
         locca = LoccaFormat(**self.locca_targets) if self.locca_targets else None
         sample_fn = TrainSample(self.tokenizer, transform, self.seed, epoch, locca)
         return build_train_loader(

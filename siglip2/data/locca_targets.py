@@ -115,32 +115,71 @@ def _usable_regions(regions, boxes) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def build_locca_targets(tokenizer, caption: str, regions=None, rng=None, fmt: LoccaFormat = LoccaFormat(),
-                        boxes=None) -> dict[str, torch.Tensor]:
-    """The ``locca_*`` tensors of one sample.
+@dataclass(frozen=True)
+class LoccaRequest:
+    """One task of one sample before tokenisation: prompt and target texts; `truncate`: may
+    the target be cut to fit `max_len` (not for boxes, which must stay whole)."""
+    task: str
+    prompt: str
+    target: str
+    truncate: bool = True
 
-    tokenizer: ``encode(text, add_eos)``, ``pad_id``, ``eos_id`` (docs/INTERFACES.md).
-    regions: the json ``regions``; boxes: optional (K, 4) transformed boxes replacing theirs.
-    rng: ``random.Random``, ``numpy.random.Generator`` or ``torch.Generator`` (seeded by caller).
-    """
-    L, pad = fmt.max_len, tokenizer.pad_id
-    encoded: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {t: None for t in TASKS}
+
+def locca_requests(caption: str, regions=None, rng=None, fmt: LoccaFormat = LoccaFormat(),
+                   boxes=None) -> list[LoccaRequest]:
+    """The texts of one sample's LocCa tasks (Cap if it has a caption; ARef and GCap on a
+    region each, drawn with ``rng``, if it has usable regions). Tokenised later, per batch,
+    by :func:`encode_locca`; :func:`build_locca_targets` is both for one sample."""
+    out = []
     if isinstance(caption, str) and caption.strip():
-        encoded["cap"] = encode_example(prompt_ids(tokenizer, prompt_text("cap", fmt)),
-                                        tokenizer.encode(caption, add_eos=True), L, pad)
+        out.append(LoccaRequest("cap", prompt_text("cap", fmt), caption))
     usable = _usable_regions(regions, boxes)
     if usable:
         cap, box = usable[_randint(rng, len(usable))]
-        encoded["aref"] = encode_example(prompt_ids(tokenizer, prompt_text("aref", fmt, caption=cap)),
-                                         tokenizer.encode(box_to_text(box, fmt.bins), add_eos=True), L, pad,
-                                         truncate=False)
+        out.append(LoccaRequest("aref", prompt_text("aref", fmt, caption=cap), box_to_text(box, fmt.bins),
+                                truncate=False))
         cap, box = usable[_randint(rng, len(usable))]
-        encoded["gcap"] = encode_example(prompt_ids(tokenizer, prompt_text("gcap", fmt, box=box)),
-                                         tokenizer.encode(cap, add_eos=True), L, pad)
-    out = {}
-    for t, e in encoded.items():
-        inp, tgt = e if e is not None else (torch.full((L,), pad, dtype=torch.long),
-                                            torch.full((L,), IGNORE, dtype=torch.long))
-        out[f"locca_{t}_input"], out[f"locca_{t}_target"] = inp, tgt
-        out[f"locca_{t}_valid"] = torch.tensor(e is not None)
+        out.append(LoccaRequest("gcap", prompt_text("gcap", fmt, box=box), cap))
     return out
+
+
+def encode_locca(tokenizer, requests: list[list[LoccaRequest]], fmt: LoccaFormat = LoccaFormat()
+                 ) -> dict[str, torch.Tensor]:
+    """Batched ``locca_*`` tensors of B samples' requests: ``locca_{t}_input`` and
+    ``locca_{t}_target`` (B, max_len) int64, ``locca_{t}_valid`` (B,) bool, for t in cap,
+    aref, gcap. All prompts and all targets are encoded in two calls of
+    ``tokenizer.encode_batch``."""
+    flat = [(i, r) for i, reqs in enumerate(requests) for r in reqs]
+    prompts = _encode_all(tokenizer, [r.prompt for _, r in flat], add_eos=False)
+    targets = _encode_all(tokenizer, [r.target for _, r in flat], add_eos=True)
+    L, pad, b = fmt.max_len, tokenizer.pad_id, len(requests)
+    out = {}
+    for t in TASKS:
+        out[f"locca_{t}_input"] = torch.full((b, L), pad, dtype=torch.long)
+        out[f"locca_{t}_target"] = torch.full((b, L), IGNORE, dtype=torch.long)
+        out[f"locca_{t}_valid"] = torch.zeros(b, dtype=torch.bool)
+    for (i, r), prompt, target in zip(flat, prompts, targets):
+        e = encode_example(prompt or [pad], target, L, pad, truncate=r.truncate)
+        if e is not None:
+            out[f"locca_{r.task}_input"][i], out[f"locca_{r.task}_target"][i] = e
+            out[f"locca_{r.task}_valid"][i] = True
+    return out
+
+
+def _encode_all(tokenizer, texts: list[str], add_eos: bool) -> list[list[int]]:
+    if hasattr(tokenizer, "encode_batch"):
+        return tokenizer.encode_batch(texts, add_eos=add_eos)
+    return [tokenizer.encode(t, add_eos=add_eos) for t in texts]  # a tokenizer with only encode()
+
+
+def build_locca_targets(tokenizer, caption: str, regions=None, rng=None, fmt: LoccaFormat = LoccaFormat(),
+                        boxes=None) -> dict[str, torch.Tensor]:
+    """The ``locca_*`` tensors of one sample (``locca_{t}_input``/``_target`` (max_len,),
+    ``locca_{t}_valid`` a bool scalar).
+
+    tokenizer: ``encode_batch(texts, add_eos)`` (or ``encode(text, add_eos)``), ``pad_id``, ``eos_id`` (docs/INTERFACES.md).
+    regions: the json ``regions``; boxes: optional (K, 4) transformed boxes replacing theirs.
+    rng: ``random.Random``, ``numpy.random.Generator`` or ``torch.Generator`` (seeded by caller).
+    """
+    batch = encode_locca(tokenizer, [locca_requests(caption, regions, rng, fmt, boxes)], fmt)
+    return {k: v[0] for k, v in batch.items()}

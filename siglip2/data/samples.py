@@ -1,7 +1,9 @@
 """One training example from one decoded sample: image view, caption tokens, LocCa targets.
 
 This is the ``sample_fn`` that :func:`siglip2.data.shards.build_train_loader` runs in its
-workers on every :class:`~siglip2.data.decode.DecodedSample`. It takes typed pieces (a
+workers on every :class:`~siglip2.data.decode.DecodedSample`, and its ``collate`` makes the
+batch: captions and LocCa texts are tokenised there, per batch, in one batch call of the
+tokenizer each (not once per sample). It takes typed pieces (a
 tokenizer, an image transform, a :class:`~siglip2.data.locca_targets.LoccaFormat`), not
 config mappings; ``stages.data`` builds them from the config.
 
@@ -16,7 +18,7 @@ import random
 from typing import Any
 
 from siglip2.data.decode import DecodedSample
-from siglip2.data.locca_targets import LoccaFormat, build_locca_targets, region_boxes
+from siglip2.data.locca_targets import LoccaFormat, encode_locca, locca_requests, region_boxes
 from siglip2.data.tokenizer import Tokenizer
 from siglip2.data.transforms import ImageTransform
 
@@ -34,7 +36,7 @@ def sample_seed(seed: int, epoch: int, key: str) -> int:
 
 
 class TrainSample:
-    """DecodedSample -> training example: image, tokens and (optionally) LocCa targets.
+    """DecodedSample -> training example (``__call__``, per sample) -> batch (``collate``).
 
     LocCa boxes go through the same geometric transform as the image, so ARef/GCap targets
     describe what the model sees.
@@ -43,13 +45,17 @@ class TrainSample:
     tensor + moved boxes), ``seed`` and ``epoch`` (see :func:`sample_seed`), ``locca``: the
     LocCa prompt format, or None for no LocCa targets.
 
-    Output of a call: ``image`` float32 tensor (3, H, W) in [-1, 1], (H, W) the transform's
-    size; ``text``
-    int64 tensor (L,) of caption token ids (L = tokenizer length); ``key`` str; ``lang`` str,
-    the sample json's ``lang`` (or ``language``), "" without one; with
-    ``locca`` also ``locca_{t}_input`` / ``locca_{t}_target`` / ``locca_{t}_valid`` for t in
-    cap, aref, gcap (see :mod:`siglip2.data.locca_targets`). Malformed ``regions`` in the
-    sample json are not an error: that sample trains Cap only. Never returns None.
+    A call returns ``image`` (the transform's output: uint8 or float32 (3, H, W)),
+    ``caption`` str, ``key`` str, ``lang`` str (the sample json's ``lang`` or ``language``, ""
+    without one) and, with ``locca``, ``locca`` (the sample's
+    :class:`~siglip2.data.locca_targets.LoccaRequest` list: the region draws are made here,
+    seeded per sample). Malformed ``regions`` are not an error: that sample trains Cap only.
+    Never returns None.
+
+    ``collate(samples)`` returns the batch: ``image`` (B, 3, H, W) stacked, ``text`` (B, L)
+    int64 caption ids (L = tokenizer length), ``caption``/``key``/``lang`` lists and, with
+    ``locca``, ``locca_{t}_input``/``locca_{t}_target`` (B, max_len) and ``locca_{t}_valid``
+    (B,) for t in cap, aref, gcap (see :mod:`siglip2.data.locca_targets`).
     """
 
     def __init__(self, tokenizer: Tokenizer, transform: ImageTransform, seed: int, epoch: int,
@@ -68,13 +74,24 @@ class TrainSample:
             except (KeyError, TypeError, ValueError):
                 regions, boxes = [], None  # malformed regions: this sample trains Cap only
         image, boxes = self.transform(sample.image, boxes)
-        out: dict[str, Any] = {"image": image, "text": self.tokenizer(sample.caption)[0], "key": sample.key,
+        out: dict[str, Any] = {"image": image, "caption": sample.caption, "key": sample.key,
                                "lang": _language(sample.meta)}
         if self.locca_format is not None:
             rng = random.Random(sample_seed(self.seed, self.epoch, sample.key))
-            out.update(build_locca_targets(self.tokenizer, sample.caption, regions, rng, self.locca_format,
-                                           boxes=boxes))
+            out["locca"] = locca_requests(sample.caption, regions, rng, self.locca_format, boxes=boxes)
         return out
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Stack the samples into a batch and tokenise its texts in batch calls."""
+        from siglip2.data.shards import collate
+
+        requests = [s.pop("locca") for s in samples] if samples and "locca" in samples[0] else None
+        batch = collate(samples)
+        if samples:
+            batch["text"] = self.tokenizer(batch["caption"])
+        if requests is not None:
+            batch.update(encode_locca(self.tokenizer, requests, self.locca_format))
+        return batch
 
 
 def _language(meta) -> str:

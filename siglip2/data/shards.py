@@ -398,28 +398,37 @@ def collate(samples: list[dict]) -> dict:
 
 
 def _batch_stage(samples: Iterable[dict], batch_size: int, stats: _WorkerStats,
-                 worker_id: int, partial_last: bool, trailer: bool = False) -> Iterator[dict]:
-    """Batches of `batch_size`; `trailer`: when the stream ends with skips no batch has carried
-    yet, one more batch with no samples (only `skipped` and `worker_id`) carries them."""
+                 worker_id: int, partial_last: bool, trailer: bool = False,
+                 collate_fn: Callable[[list[dict]], dict] | None = None) -> Iterator[dict]:
+    """Batches of `batch_size` made by `collate_fn` (default `collate`); `trailer`: when the
+    stream ends with skips no batch has carried yet, one more batch with no samples (only
+    `skipped` and `worker_id`) carries them."""
     buf: list[dict] = []
     sent: dict[str, int] | None = None
     for s in samples:
         buf.append(s)
         if len(buf) == batch_size:
-            batch = _finish_batch(buf, stats, worker_id)
+            batch = _finish_batch(buf, stats, worker_id, collate_fn)
             sent = batch["skipped"]
             yield batch
             buf = []
     if buf and partial_last:
-        batch = _finish_batch(buf, stats, worker_id)
+        batch = _finish_batch(buf, stats, worker_id, collate_fn)
         sent = batch["skipped"]
         yield batch
     if trailer and stats.counts and dict(stats.counts) != sent:
         yield _stamp({}, stats, worker_id)
 
 
-def _finish_batch(buf: list[dict], stats: _WorkerStats, worker_id: int) -> dict:
-    return _stamp(collate(buf), stats, worker_id)
+def _finish_batch(buf: list[dict], stats: _WorkerStats, worker_id: int,
+                  collate_fn: Callable[[list[dict]], dict] | None = None) -> dict:
+    return _stamp((collate_fn or collate)(buf), stats, worker_id)
+
+
+def sample_collate(sample_fn: Callable) -> Callable[[list[dict]], dict]:
+    """The batch maker of a `sample_fn`: its `collate` method when it has one (e.g.
+    `siglip2.data.samples.TrainSample`, which tokenises per batch), else `collate`."""
+    return getattr(sample_fn, "collate", collate)
 
 
 def _stamp(batch: dict, stats: _WorkerStats, worker_id: int) -> dict:
@@ -527,10 +536,11 @@ class _TrainStream(IterableDataset):
         decoded = _decode_stage(mixed, stats, self.sample_fn, self.max_pixels, self.decode_mask,
                                 max_skips=MAX_CONSECUTIVE_SKIPS, decode_size=self.decode_size)
         if self.batcher is not None:  # e.g. NaFlex: a planned length and size per batch
-            batches = self.batcher(decoded, worker, nworkers, collate,
+            batches = self.batcher(decoded, worker, nworkers, sample_collate(self.sample_fn),
                                    partial(_stamp, stats=stats, worker_id=worker))
         else:
-            batches = _batch_stage(decoded, self.batch_size, stats, worker, partial_last=False)
+            batches = _batch_stage(decoded, self.batch_size, stats, worker, partial_last=False,
+                                   collate_fn=sample_collate(self.sample_fn))
         return islice(batches, mine)
 
 
@@ -565,7 +575,7 @@ class _EvalStream(IterableDataset):
             partial(_decode_stage, stats=stats, sample_fn=self.sample_fn,
                     max_pixels=self.max_pixels, decode_mask=self.decode_mask, decode_size=self.decode_size),
             partial(_batch_stage, batch_size=self.batch_size, stats=stats, worker_id=worker,
-                    partial_last=True, trailer=True),
+                    partial_last=True, trailer=True, collate_fn=sample_collate(self.sample_fn)),
         )
         return iter(pipe)
 

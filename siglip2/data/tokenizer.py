@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -60,6 +61,10 @@ class Tokenizer:
     def _decode_raw(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def _encode_raw_batch(self, texts: list[str]) -> list[list[int]]:
+        """Backends with a batch call (SentencePiece, HF fast tokenizers) override this."""
+        return [self._encode_raw(t) for t in texts]
+
     # -- public API ----------------------------------------------------------------------
     def encode(self, text: str, add_eos: bool = True) -> list[int]:
         """Token ids of ``text`` (lower-cased if configured), EOS appended, no padding."""
@@ -72,16 +77,30 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
+    def encode_batch(self, texts: Sequence[str], add_eos: bool = True) -> list[list[int]]:
+        """``[encode(t, add_eos) for t in texts]`` in one call of the backend's batch encoder
+        (what the training loader uses: one call per batch, not per sample)."""
+        texts = list(texts)
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"expected str, got {type(t).__name__}")
+        if self.lowercase:
+            texts = [t.lower() for t in texts]
+        out = self._encode_raw_batch(texts) if texts else []
+        if add_eos:
+            for ids in out:
+                ids.append(self.eos_id)
+        return out
+
     def __call__(self, texts: str | Sequence[str], length: int | None = None) -> torch.LongTensor:
-        """(B, L) int64 ids; a single string gives B = 1."""
+        """(B, L) int64 ids; a single string gives B = 1. One batch call of the backend."""
         if isinstance(texts, str):
             texts = [texts]
         length = self.length if length is None else int(length)
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         out = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
-        for i, text in enumerate(texts):
-            ids = self.encode(text, add_eos=True)
+        for i, ids in enumerate(self.encode_batch(texts, add_eos=True)):
             if len(ids) > length:
                 ids = ids[: length - 1] + [self.eos_id]  # eos="sticky"
             out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -139,6 +158,9 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode_raw(self, text: str) -> list[int]:
         return list(self.sp.encode(text, out_type=int))
 
+    def _encode_raw_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(ids) for ids in self.sp.encode(texts, out_type=int)]
+
     def _decode_raw(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
@@ -168,6 +190,9 @@ class HFTokenizer(Tokenizer):
 
     def _encode_raw(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
+
+    def _encode_raw_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(ids) for ids in self.hf(texts, add_special_tokens=False)["input_ids"]]
 
     def _decode_raw(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -289,3 +314,86 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
             minloglevel=2,
         )
     return model_prefix + ".model"
+
+
+# ---- a SentencePiece model for your own shards ---------------------------------------------
+
+def shard_captions(pattern: str, lowercase: bool = True) -> tuple[list[str], dict[str, int]]:
+    """Every caption (`txt`, UTF-8) of the shards `pattern` matches, read as the training
+    loader reads them, lower-cased as the tokenizer will see them; and the skip counts by
+    reason (`missing_caption`, `bad_caption`, `empty_caption`, plus the tar faults of
+    `siglip2.data.shards.read_shards`). Raises FileNotFoundError for a pattern with no shard."""
+    from siglip2.data.decode import TEXT_KEY
+    from siglip2.data.shards import _WorkerStats, expand_urls, read_shards
+
+    stats = _WorkerStats()
+    captions = []
+    for raw in read_shards([{"url": u} for u in expand_urls(pattern)], stats):
+        data = raw.get(TEXT_KEY)
+        if data is None:
+            stats.skip("missing_caption", raw.get("__key__", ""), raw.get("__url__", ""))
+            continue
+        try:
+            text = bytes(data).decode("utf-8-sig").strip()
+        except UnicodeDecodeError:
+            stats.skip("bad_caption", raw.get("__key__", ""), raw.get("__url__", ""))
+            continue
+        if not text:
+            stats.skip("empty_caption", raw.get("__key__", ""), raw.get("__url__", ""))
+            continue
+        captions.append(text.lower() if lowercase else text)
+    return captions, dict(stats.counts)
+
+
+def train_shard_tokenizer(pattern: str, vocab_size: int, out_dir: str, lowercase: bool = True,
+                          max_captions: int = 2_000_000, seed: int = 0) -> dict[str, Any]:
+    """Train `out_dir/tokenizer.model` on the captions of `pattern` with the demo tokenizer's
+    SentencePiece settings (`train_sentencepiece`: BPE, byte fallback, digits split,
+    character coverage 0.9995 for multilingual text, Gemma's special ids pad 0 / eos 1).
+
+    At most `max_captions` captions are used (a seeded uniform sample; SentencePiece holds
+    them in memory). `vocab_size` is a soft limit: a small corpus gets fewer pieces (the
+    returned `vocab_size` says how many). Returns a summary: path, sha256, vocab size,
+    captions read and used, skip counts."""
+    import random as _random
+
+    captions, skipped = shard_captions(pattern, lowercase=lowercase)
+    if not captions:
+        raise ValueError(f"no captions in {pattern} (skipped: {skipped or 'none'})")
+    used = captions
+    if len(captions) > max_captions:
+        used = _random.Random(seed).sample(captions, max_captions)
+    os.makedirs(out_dir, exist_ok=True)
+    path = train_sentencepiece(used, os.path.join(out_dir, "tokenizer"), vocab_size=int(vocab_size))
+    vocab = os.path.join(out_dir, "tokenizer.vocab")
+    if os.path.exists(vocab):
+        os.remove(vocab)
+    tok = build_tokenizer(path, lowercase=lowercase)
+    return {"path": path, "sha256": tokenizer_fingerprint(path)["sha256"], "vocab_size": tok.vocab_size,
+            "requested_vocab_size": int(vocab_size), "captions": len(captions), "captions_used": len(used),
+            "skipped": skipped, "lowercase": lowercase}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m siglip2.data.tokenizer",
+                                 description="Tokenizer tools for your own shards.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="train a SentencePiece model on the shards' captions")
+    tr.add_argument("--shards", required=True, help="shard pattern, e.g. '/data/{00000..00999}.tar'")
+    tr.add_argument("--vocab", type=int, default=32000, help="vocabulary size (a soft limit; default 32000)")
+    tr.add_argument("--out", required=True, help="output folder: DIR/tokenizer.model")
+    tr.add_argument("--max-captions", type=int, default=2_000_000, help="sample at most this many captions")
+    tr.add_argument("--no-lowercase", action="store_true", help="keep case (then train with tokenizer.lowercase=false)")
+    args = ap.parse_args(argv)
+    summary = train_shard_tokenizer(args.shards, args.vocab, args.out, lowercase=not args.no_lowercase,
+                                    max_captions=args.max_captions)
+    print(json.dumps(summary, indent=2))
+    print(f"train with: tokenizer=sentencepiece tokenizer.path={summary['path']}"
+          + (" tokenizer.lowercase=false" if args.no_lowercase else ""))
+
+
+if __name__ == "__main__":
+    main()
