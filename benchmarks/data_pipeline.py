@@ -14,13 +14,20 @@ reported. The demo (`siglip2.data.demo.ensure_demo(root, num_train=2000)`) is bu
 use under --root.
 
 The demo's JPEGs are small (short side 64..160 px, ~0.2 ms to decode), so the floor is very
-cheap and every fixed per-sample cost shows; full mode adds a row at 224 px on a web-like copy
-of the same shards (every image upscaled 4x, ~550 px, re-encoded at quality 90; built once
-next to the demo), where decoding costs what it does on real alt-text data.
+cheap and every fixed per-sample cost shows. Web-sized rows use a copy of the same shards with
+every image resized to --web-size (default 500x375, a typical alt-text photo; quality 90,
+built once next to the demo), measured at 64, 224 and 384 px: there decoding costs what it
+does on real data. `--web FACTOR` instead upscales every image FACTORx (the older 224 px row).
 
-    python benchmarks/data_pipeline.py            # 64 px (tiny model), 224 px, 224 px on 4x images
+Ours never makes float32 pixels in the workers: batches carry uint8 images, normalised on the
+device by the stage. `--gpu-step` adds the arithmetic of how many such workers one B/16 step
+at batch 256 on an H100-class GPU needs, from the measured 224 px web rate and the step's
+FLOPs (`Stage.measure_flops`, towers + LocCa decoder, forward + backward).
+
+    python benchmarks/data_pipeline.py            # demo 64 + 224 px; web 500x375 at 64, 224, 384 px
     python benchmarks/data_pipeline.py --quick    # 64 and 224 px, fewer samples per pass (< 1 min once built)
     python benchmarks/data_pipeline.py --breakdown   # where ours spends its time, per stage
+    python benchmarks/data_pipeline.py --sizes --web-size 500x375 --web-px 224 384 --gpu-step
 """
 from __future__ import annotations
 
@@ -91,8 +98,8 @@ class DecodeFloor(IterableDataset):
                             return
 
 
-def upscaled_shards(urls: list[str], out_dir: str, factor: int = 4) -> list[str]:
-    """A copy of the shards with every JPEG upscaled `factor`x (bicubic, quality 90), built once."""
+def rewritten_shards(urls: list[str], out_dir: str, resize) -> list[str]:
+    """A copy of the shards with every JPEG replaced by `resize(image)` (quality 90), built once."""
     done = os.path.join(out_dir, "DONE")
     outs = [os.path.join(out_dir, os.path.basename(u)) for u in urls]
     if os.path.exists(done):
@@ -103,8 +110,7 @@ def upscaled_shards(urls: list[str], out_dir: str, factor: int = 4) -> list[str]
             for member in tin:
                 data = tin.extractfile(member).read()
                 if member.name.endswith(".jpg"):
-                    img = Image.open(io.BytesIO(data)).convert("RGB")
-                    img = img.resize((img.width * factor, img.height * factor), Image.Resampling.BICUBIC)
+                    img = resize(Image.open(io.BytesIO(data)).convert("RGB"))
                     buf = io.BytesIO()
                     img.save(buf, format="JPEG", quality=90)
                     data = buf.getvalue()
@@ -113,6 +119,46 @@ def upscaled_shards(urls: list[str], out_dir: str, factor: int = 4) -> list[str]
         os.replace(dst + ".tmp", dst)
     open(done, "w").close()
     return outs
+
+
+def upscaled_shards(urls: list[str], out_dir: str, factor: int = 4) -> list[str]:
+    """Every JPEG upscaled `factor`x (bicubic)."""
+    return rewritten_shards(urls, out_dir, lambda img: img.resize((img.width * factor, img.height * factor),
+                                                                  Image.Resampling.BICUBIC))
+
+
+def resized_shards(urls: list[str], out_dir: str, size: tuple[int, int]) -> list[str]:
+    """Every JPEG resized to `size` (w, h) (bicubic): web-sized photos, for the decode cost of
+    real alt-text data."""
+    return rewritten_shards(urls, out_dir, lambda img: img.resize(size, Image.Resampling.BICUBIC))
+
+
+def gpu_step_arithmetic(per_worker: float, batch: int = 256, image_size: int = 224,
+                        peak_tflops: float = 989.0, mfu: float = 0.4) -> None:
+    """Workers one B/16 pretraining step needs: FLOPs of the step (meta device) -> step time at
+    `mfu` of an H100 SXM's dense bf16 peak -> examples/s -> / the measured per-worker rate."""
+    import math
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from stages.runner import build_stage
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["model=b16", f"model.vision.image_size={image_size}"])
+    with torch.device("meta"):
+        stage = build_stage(cfg, vocab_size=int(cfg.model.text.vocab_size))
+    stage._trainer = SimpleNamespace(world_size=1)
+    flops = stage.measure_flops(batch)
+    step_s = flops / (peak_tflops * 1e12 * mfu)
+    need = batch / step_s
+    print(f"\nB/16 step, batch {batch}, {image_size} px, sigmoid + LocCa (forward + backward): {flops / 1e12:.1f} TFLOP")
+    print(f"  H100 SXM dense bf16 peak {peak_tflops:.0f} TFLOP/s x {mfu:.0%} MFU = {peak_tflops * mfu:.0f} TFLOP/s "
+          f"-> {step_s * 1e3:.0f} ms a step -> {need:,.0f} examples/s")
+    print(f"  / {per_worker:.1f} examples/s per worker ({image_size} px, web-sized JPEGs, measured above) "
+          f"= {need / per_worker:.1f} -> {math.ceil(need / per_worker)} loader workers (CPU cores) per GPU")
 
 
 def timed(loader, count) -> float:
@@ -125,12 +171,14 @@ def timed(loader, count) -> float:
     return n / (time.perf_counter() - start)
 
 
-def measure(args, demo, image_size: int, upscale: int = 1) -> dict:
+def measure(args, demo, image_size: int, upscale: int = 1, web_size: tuple[int, int] | None = None) -> dict:
     from siglip2.data.shards import expand_urls
 
     num_batches = args.samples // args.batch
     urls = expand_urls(demo.train_urls)
-    if upscale > 1:
+    if web_size is not None:
+        urls = resized_shards(urls, f"{demo.root}-web{web_size[0]}x{web_size[1]}", web_size)
+    elif upscale > 1:
         urls = upscaled_shards(urls, f"{demo.root}-x{upscale}", upscale)
     data = build_data(demo, image_size, args.batch, num_batches, workers=1, shards=urls)
     rates = {"ours": [], "floor": []}
@@ -182,7 +230,12 @@ def breakdown(args, demo, image_size: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sizes", nargs="+", type=int, default=[64, 224])
+    ap.add_argument("--sizes", nargs="*", type=int, default=[64, 224], help="rows on the demo's own JPEGs")
+    ap.add_argument("--web-size", default=None, metavar="WxH",
+                    help="rows on the shards resized to WxH (default 500x375 in full mode; 0 = none)")
+    ap.add_argument("--web-px", nargs="+", type=int, default=[64, 224, 384], help="training sizes of the web rows")
+    ap.add_argument("--gpu-step", action="store_true",
+                    help="print the workers a B/16 step at batch 256 on an H100 needs (needs a 224 px web row)")
     ap.add_argument("--samples", type=int, default=None, help="samples per timed pass")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=5)
@@ -209,13 +262,24 @@ def main() -> None:
     print(f"data pipeline, 1 worker, {args.samples} samples per pass (first batch not timed), batch {args.batch}, "
           f"median of {args.repeats} alternated passes; demo n={args.num_train} at {args.root}")
     print(f"{'image px':>8} {'source':>10} {'ours/s':>9} {'floor/s':>9} {'ratio ours/floor':>17}")
-    web = args.web if args.web is not None else (0 if args.quick else 4)
-    rows = [(size, 1) for size in args.sizes] + ([(224, web)] if web > 1 else [])
-    for size, upscale in rows:
-        r = measure(args, demo, size, upscale)
-        source = "demo" if upscale == 1 else f"demo x{upscale}"
+    # (the source column is wider for web rows; the numbers stay aligned by position)
+    web = args.web if args.web is not None else 0
+    web_size = args.web_size if args.web_size is not None else (None if args.quick else "500x375")
+    web_size = tuple(int(v) for v in web_size.split("x")) if web_size and web_size != "0" else None
+    rows = [(size, 1, None) for size in args.sizes] + ([(224, web, None)] if web > 1 else [])
+    rows += [(size, 1, web_size) for size in args.web_px] if web_size else []
+    web_224 = None
+    for size, upscale, wsize in rows:
+        r = measure(args, demo, size, upscale, wsize)
+        source = f"web {wsize[0]}x{wsize[1]}" if wsize else ("demo" if upscale == 1 else f"demo x{upscale}")
         print(f"{size:>8} {source:>10} {r['ours']:>9.1f} {r['floor']:>9.1f} {r['ours'] / r['floor']:>17.2f}")
         sys.stdout.flush()
+        if wsize and size == 224:
+            web_224 = r["ours"]
+    if args.gpu_step:
+        if web_224 is None:
+            raise SystemExit("--gpu-step needs a 224 px web row (--web-size WxH --web-px 224)")
+        gpu_step_arithmetic(web_224)
 
 
 if __name__ == "__main__":

@@ -301,7 +301,8 @@ def command_line_overrides() -> list[str]:
     keep = []
     for item in HydraConfig.get().overrides.task:
         key = item.lstrip("+~").split("=")[0]
-        if key == "experiment" or key.split(".")[0] in ("recipe", "hydra") or key in ("ckpt_path", "init_from"):
+        if key == "experiment" or key.split(".")[0].split("/")[0] in ("recipe", "hydra") or key in ("ckpt_path",
+                                                                                                 "init_from"):
             continue
         keep.append(item)
     return keep

@@ -27,9 +27,11 @@ def test_train_step_prints_ours_vs_open_clip_ratio_rows():
 
 def test_data_pipeline_prints_ours_vs_decode_floor_ratio(tmp_path):
     out = run("data_pipeline.py", "--root", str(tmp_path / "demo"), "--num-train", "48", "--eval-size", "1",
-              "--sizes", "32", "--samples", "24", "--batch", "8", "--repeats", "1")
+              "--sizes", "32", "--samples", "24", "--batch", "8", "--repeats", "1", "--web-size", "40x30",
+              "--web-px", "24")
     assert "ratio ours/floor" in out
     assert re.search(rf"^\s+32\s+demo\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$", out, re.M), out
+    assert re.search(rf"^\s+24\s+web 40x30\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$", out, re.M), out
 
 
 def test_mfu_prints_flops_step_time_and_mfu():

@@ -167,3 +167,20 @@ def test_tokenizer_cli_round_trips_every_script_and_trains_on_its_shards(shard_t
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["siglip2"]["tokenizer"]["sha256"] == summary["sha256"]
     assert ckpt["state_dict"]["model.text_model.embeddings.token_embedding.weight"].shape[0] == tok.vocab_size
+
+
+def test_init_from_weights_of_another_vocabulary_size_names_both(shard_tokenizer, cache_dir, debug_pretrain, tmp_path):
+    """A checkpoint that records no tokenizer (older, or converted) with another vocabulary
+    size than this run's tokenizer: a clear error at init_from, not a shape mismatch inside."""
+    from stages.runner import build
+    from test_train import compose_cfg
+
+    _, summary = shard_tokenizer
+    raw = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    raw["siglip2"]["tokenizer"] = None
+    torch.save(raw, tmp_path / "no_record.ckpt")
+    vocab = raw["siglip2"]["model"]["text"]["vocab_size"]
+    with pytest.raises(ValueError, match=f"vocabulary of {vocab} tokens but this run's tokenizer .* has "
+                                         f"{summary['vocab_size']}"):
+        build(compose_cfg([f"init_from={tmp_path / 'no_record.ckpt'}", f"tokenizer.path={summary['path']}"],
+                          cache_dir, tmp_path))
