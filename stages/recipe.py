@@ -257,7 +257,9 @@ def stage_summary(stage: ChainStage) -> dict[str, Any]:
     metrics = json.loads((stage.dir / FINISHED).read_text())
     ckpt = torch.load(stage.checkpoint("last"), map_location="cpu", weights_only=False, mmap=True)
     meta = ckpt.get("siglip2", {})
-    return {"dir": str(stage.dir), "init_from": stage.init_from, "global_step": int(ckpt.get("global_step", 0)),
+    return {"dir": str(stage.dir), "init_from": stage.init_from,
+            "overrides": [f"{k}={v}" for k, v in stage.groups.items()] + [f"{k}={v}" for k, v in stage.values],
+            "global_step": int(ckpt.get("global_step", 0)),
             "examples_seen": int(meta.get("examples_seen", 0)), "wall_s": round(wall_seconds(stage), 1),
             "image_size": (meta.get("model") or {}).get("vision", {}).get("image_size"),
             "metrics": {k: v for k, v in metrics.items() if k.startswith(TABLE_PREFIXES)}}
@@ -290,6 +292,12 @@ def recipe_lock(root: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _hydra_ready() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized()
 
 
 def command_line_overrides() -> list[str]:
@@ -348,10 +356,19 @@ def run_recipe(cfg: DictConfig) -> float | None:
     result = {"recipe": str(recipe.name), "dir": str(root), "stages": summary,
               "wall_s": round(sum(s["wall_s"] for s in summary.values()), 1),
               "driver_wall_s_this_call": round(time.time() - started, 1)}
-    tmp = root / "recipe.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, root / "recipe.json")
-    print(f"\nrecipe {recipe.name}: {root}\n{table(summary)}\n\nrecipe.json written to {root / 'recipe.json'}")
+    # the recipe folder holds the latest call's table; each call's own output folder (one per
+    # job of a -m sweep) keeps its own copy
+    outputs = [root / "recipe.json"]
+    own = cfg.get("paths", {}).get("output_dir") if _hydra_ready() else None
+    if own and Path(str(own)).resolve() != root:
+        outputs.append(Path(str(own)) / "recipe.json")
+    for path in outputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, path)
+    print(f"\nrecipe {recipe.name}: {root}\n{table(summary)}\n\nrecipe.json written to "
+          + " and ".join(str(p) for p in outputs))
     return None
 
 

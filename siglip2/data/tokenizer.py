@@ -205,6 +205,9 @@ def build_tokenizer(path: str, length: int = 64, lowercase: bool = True) -> Toke
     so a typo in a config fails at start-up rather than at the first batch.
     """
     path = os.fspath(path)
+    if path in ("", "???"):
+        raise ValueError("tokenizer.path is not set: give the tokenizer's file or folder, e.g. "
+                         "tokenizer.path=DIR/tokenizer.model (python -m siglip2.data.tokenizer train makes one)")
     path = os.path.expanduser(path)
     if not os.path.exists(path):
         raise FileNotFoundError(
