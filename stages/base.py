@@ -339,13 +339,10 @@ class Stage(L.LightningModule):
             self.model.text_model.compile()
             self._compiled = True
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """The loader's uint8 pixels become float32 in [-1, 1] here, on the device."""
-        return normalize_pixels(batch) if isinstance(batch, dict) else batch
-
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """{name: (loss, metrics)} of every loss that is on, from one shared `StepContext`.
-        uint8 pixels (a batch straight from the loader) are normalised first."""
+        uint8 pixels (a batch from a data module that did not normalise them on the device,
+        or straight from the loader) are normalised first; float pixels pass unchanged."""
         ctx = self.context(normalize_pixels(batch))
         return {name: loss(**self.loss_inputs(name, ctx))
                 for name, loss in self.losses.items() if self.loss_enabled[name]}

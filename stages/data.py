@@ -21,7 +21,7 @@ from siglip2.data.locca_targets import LoccaFormat
 from siglip2.data.samples import TrainSample
 from siglip2.data.shards import build_train_loader
 from siglip2.data.tokenizer import build_tokenizer
-from siglip2.data.transforms import ImageTransform
+from siglip2.data.transforms import ImageTransform, normalize_pixels
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,11 @@ class ImageTextData(L.LightningDataModule):
     def mean_batch_size(self) -> float:
         """Mean examples per batch (NaFlex halves some batches); the batch size otherwise."""
         return self.plan.examples_per_batch_mean() if self.naflex is not None else float(self.batch_size)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The workers' uint8 pixels (`image`, NaFlex `patches`) become float32 in [-1, 1]
+        here, on the device (`siglip2.data.transforms.normalize_pixels`)."""
+        return normalize_pixels(batch) if isinstance(batch, dict) else batch
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # Keys, skip counters and worker ids stay on the host; tensors move.

@@ -219,6 +219,7 @@ def test_naflex_stage_trains_from_the_90pct_checkpoint(cache_dir, debug_pretrain
     record = Record()
     trainer, stage = fit(compose_cfg(["stage=naflex", f"init_from={ckpt}"], cache_dir, tmp_path), [record])
     assert set(stage.losses) == {"sigmoid", "locca"} and stage.teacher is None
+    assert next(iter(trainer.datamodule.train_dataloader()))["patches"].dtype == torch.uint8  # workers: uint8
     source = torch.load(ckpt, map_location="cpu", weights_only=False)["siglip2"]
     total = source["recipe"]["examples"]
     plan = trainer.datamodule.plan
@@ -227,7 +228,9 @@ def test_naflex_stage_trains_from_the_90pct_checkpoint(cache_dir, debug_pretrain
     assert trainer.global_step == trainer.max_steps == len(record.batches)
     for k, b in enumerate(record.batches):  # batch k follows the plan (one process, no workers)
         length, size = plan(k)
-        assert b["patches"].shape[:2] == (size, length) and b["patches"].dtype == torch.uint8
+        # the loader's uint8 patches arrive in the step as float32 in [-1, 1] (normalised on the device)
+        assert b["patches"].shape[:2] == (size, length) and b["patches"].dtype == torch.float32
+        assert float(b["patches"].min()) >= -1.0 and float(b["patches"].max()) <= 1.0
         grid = b["spatial_shapes"].prod(1)
         assert torch.equal(b["patch_valid"].sum(1), grid) and bool((grid <= length).all())
     assert stage.examples_seen == sum(plan(k)[1] for k in range(trainer.global_step))
