@@ -279,7 +279,9 @@ def test_ddp_two_ranks_match_one_process_on_the_whole_batch(tiny_demo, tmp_path)
 
     cfg = _compose(tiny_demo, tmp_path)
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
-    batch = next(iter(datamodule.train_dataloader()))
+    from siglip2.data.transforms import normalize_pixels
+
+    batch = normalize_pixels(next(iter(datamodule.train_dataloader())))  # what the device hook gives the step
     n = WORLD * PER_RANK
     assert batch["image"].shape[0] == n
     # LocCa's per-rank per-sequence mean averages to the global mean only with equal counts.
