@@ -61,6 +61,21 @@ class ZeroShotEval(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.evaluate(trainer, pl_module)
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_device = pl_module.device
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed from its final checkpoint (e.g. a recipe stage killed during its final
+        # evaluation) skips training, and Lightning then calls no on_train_end: evaluate here,
+        # on the device training used (teardown has moved the model off it).
+        if self.sets and self._last_step == -1:
+            device = pl_module.device
+            pl_module.to(getattr(self, "_fit_device", device))
+            try:
+                self.evaluate(trainer, pl_module)
+            finally:
+                pl_module.to(device)
+
     @staticmethod
     def _log_wandb(trainer: L.Trainer, pl_module: L.LightningModule, tables: dict, examples: dict) -> None:
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]

@@ -219,3 +219,22 @@ def test_real_run_recipes_compose_every_stage_with_the_papers_settings(experimen
             if stage.name in ("resadapt", "naflex"):
                 ref = {"resadapt": "frac_0.95", "naflex": "frac_0.90"}[stage.name]
                 assert cfg.init_from.endswith(f"0_pretrain-{by_name['pretrain'].key}/checkpoints/{ref}.ckpt")
+
+
+def test_a_run_resumed_from_its_final_checkpoint_still_writes_its_evaluation(cache_dir, tmp_path):
+    """A stage killed during its final evaluation resumes from a last.ckpt at max_steps:
+    Lightning skips training (and on_train_end), yet metrics.json must carry the numbers."""
+    env = dict(os.environ, WANDB_MODE="disabled")
+    common = [sys.executable, "train.py", "debug=fast", f"paths.cache_dir={cache_dir}", "trainer.max_steps=3",
+              "eval=demo", "eval.max_batches=1", "eval.batch_size=50",
+              "eval.sets=[${data.demo.root}/eval/zeroshot/zeroshot.yaml]"]
+    first = subprocess.run([*common, f"hydra.run.dir={tmp_path / 'a'}"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run([*common, f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+                            f"hydra.run.dir={tmp_path / 'b'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert b["global_step"] == 3 and b["zeroshot/demo_zeroshot/top1"] == a["zeroshot/demo_zeroshot/top1"]
