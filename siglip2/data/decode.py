@@ -127,6 +127,20 @@ def _decode_mask(data: bytes, size: tuple[int, int]) -> np.ndarray:
     return arr
 
 
+def decode_caption(raw: dict) -> str:
+    """The sample's ``txt`` as UTF-8 (BOM dropped, stripped). Raises ``BadSample`` with reason
+    ``missing_caption``, ``bad_caption`` (not UTF-8) or ``empty_caption``."""
+    if TEXT_KEY not in raw:
+        raise BadSample("missing_caption")
+    try:
+        caption = bytes(raw[TEXT_KEY]).decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        raise BadSample("bad_caption") from None
+    if not caption:
+        raise BadSample("empty_caption")
+    return caption
+
+
 def decode_sample(raw: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
                   decode_mask: bool = False, decode_size: tuple[int, int] | None = None) -> DecodedSample:
     """Raw wds sample (key -> bytes) to a DecodedSample; raises :class:`BadSample` if bad.
@@ -149,14 +163,7 @@ def decode_sample(raw: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
     img_bytes = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
     if img_bytes is None:
         raise BadSample("missing_image")
-    if TEXT_KEY not in raw:
-        raise BadSample("missing_caption")
-    try:
-        caption = bytes(raw[TEXT_KEY]).decode("utf-8-sig").strip()
-    except UnicodeDecodeError:
-        raise BadSample("bad_caption") from None
-    if not caption:
-        raise BadSample("empty_caption")
+    caption = decode_caption(raw)
     meta: dict = {}
     if JSON_KEY in raw:
         try:

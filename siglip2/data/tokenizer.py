@@ -68,14 +68,7 @@ class Tokenizer:
     # -- public API ----------------------------------------------------------------------
     def encode(self, text: str, add_eos: bool = True) -> list[int]:
         """Token ids of ``text`` (lower-cased if configured), EOS appended, no padding."""
-        if not isinstance(text, str):
-            raise TypeError(f"expected str, got {type(text).__name__}")
-        if self.lowercase:
-            text = text.lower()
-        ids = self._encode_raw(text)
-        if add_eos:
-            ids.append(self.eos_id)
-        return ids
+        return self.encode_batch([text], add_eos=add_eos)[0]
 
     def encode_batch(self, texts: Sequence[str], add_eos: bool = True) -> list[list[int]]:
         """``[encode(t, add_eos) for t in texts]`` in one call of the backend's batch encoder
@@ -326,23 +319,16 @@ def shard_captions(pattern: str, lowercase: bool = True) -> tuple[list[str], dic
     loader reads them, lower-cased as the tokenizer will see them; and the skip counts by
     reason (`missing_caption`, `bad_caption`, `empty_caption`, plus the tar faults of
     `siglip2.data.shards.read_shards`). Raises FileNotFoundError for a pattern with no shard."""
-    from siglip2.data.decode import TEXT_KEY
+    from siglip2.data.decode import BadSample, decode_caption
     from siglip2.data.shards import _WorkerStats, expand_urls, read_shards
 
     stats = _WorkerStats()
     captions = []
     for raw in read_shards([{"url": u} for u in expand_urls(pattern)], stats):
-        data = raw.get(TEXT_KEY)
-        if data is None:
-            stats.skip("missing_caption", raw.get("__key__", ""), raw.get("__url__", ""))
-            continue
         try:
-            text = bytes(data).decode("utf-8-sig").strip()
-        except UnicodeDecodeError:
-            stats.skip("bad_caption", raw.get("__key__", ""), raw.get("__url__", ""))
-            continue
-        if not text:
-            stats.skip("empty_caption", raw.get("__key__", ""), raw.get("__url__", ""))
+            text = decode_caption(raw)  # as the training loader reads captions
+        except BadSample as e:
+            stats.skip(e.reason, raw.get("__key__", ""), raw.get("__url__", ""))
             continue
         captions.append(text.lower() if lowercase else text)
     return captions, dict(stats.counts)
