@@ -23,8 +23,8 @@ blur / solarize        GaussianBlur (1.0 / 0.1 / 0.5), Solarization    **left ou
 =====================  ==============================================  =====================
 
 Everything works on the batch's ``image`` (B, 3, H, W) float in [-1, 1] (the model's input
-range), batched (no Python loop over samples for pixel work; the only loop is over the 4
-positions of ColorJitter's random order), on whatever device the images are on, so switching
+range), batched (no Python loop over samples for pixel work; the jitter's random order is
+per-sample masks over fixed slots), on whatever device the images are on, so switching
 the losses on never restarts the data loaders (DESIGN.md, "Data flow"). All randomness
 comes from a ``torch.Generator`` passed in: small parameter tensors (boxes, flags, factors,
 mask noise) are drawn on the generator's device and then moved to the images' device, so a
@@ -62,13 +62,14 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torchvision.ops import roi_align
 
 __all__ = [
     "ViewConfig", "DistillViews", "random_resized_crop_boxes", "crop_resize", "random_hflip",
     "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "rgb_to_grayscale",
-    "color_jitter", "global_view", "local_views", "random_patch_mask", "make_views",
+    "color_jitter", "global_view", "local_views", "mask_count", "random_patch_mask", "make_views",
 ]
 
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale (and PIL's "L" mode)
@@ -138,6 +139,15 @@ class DistillViews(NamedTuple):
     local_boxes: torch.Tensor   # (n*B, 4), view-major like local_views
     global_flip: torch.Tensor   # (B,) bool: flipped horizontally after the crop
     local_flip: torch.Tensor    # (n*B,) bool
+
+    def masked_positions(self, ratio: float) -> torch.Tensor:
+        """(B, K) long: each image's masked patch positions, ascending, K = ``mask_count(N,
+        ratio)`` (every row of a `random_patch_mask` has exactly K). Row-major, it lists what
+        ``mask.nonzero()`` lists, in the same order, with a shape the host knows: gathering
+        with it needs no host sync (``nonzero`` waits for the device to learn its size)."""
+        k = mask_count(self.mask.shape[1], ratio)
+        # stable sort of 0 (masked) before 1: the masked positions first, each group ascending
+        return (~self.mask).to(torch.uint8).argsort(dim=1, stable=True)[:, :k]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +311,7 @@ def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     # the continuous form of the six-sector formula: channel n in (R 5, G 3, B 1) is
     # v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6
     h, s, v = hsv.unbind(dim=-3)
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=hsv.dtype, device=hsv.device).reshape(3, 1, 1)
+    n = torch.arange(5, 0, -2, dtype=hsv.dtype, device=hsv.device).reshape(3, 1, 1)  # no host copy
     k = (n + 6.0 * h.unsqueeze(-3)).remainder(6.0)
     w = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
     return (v.unsqueeze(-3) * (1.0 - s.unsqueeze(-3) * w)).clamp(0.0, 1.0)
@@ -317,6 +327,24 @@ def adjust_hue(images: torch.Tensor, factor: torch.Tensor | float) -> torch.Tens
     return _hsv_to_rgb(torch.stack([h, hsv[:, 1], hsv[:, 2]], dim=-3))
 
 
+def _float32(x: float) -> float:
+    """``x`` rounded to float32, as a Python float (exact in float32 arithmetic)."""
+    return float(np.float32(x))
+
+
+def _jitter_blend(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+    """One blend slot of the jitter: per sample, op 0 brightness (target 0), 1 contrast (the
+    image's mean luma), 2 saturation (the pixel's luma), each f x + (1 - f) target, clamped;
+    rows with ``use`` False, or op 3 (hue: not a blend), pass through unchanged (f = 1)."""
+    op4 = op.reshape(-1, 1, 1, 1)
+    f = factors.gather(1, op[:, None].clamp(max=2)).reshape(-1, 1, 1, 1)
+    f = torch.where(use.reshape(-1, 1, 1, 1) & (op4 != 3), f, torch.ones_like(f))
+    gray = rgb_to_grayscale(x)
+    # target = 0, mean luma or luma: one-hot per-sample weights (exact: 1 * t + 0 * t' = t)
+    target = gray * (op4 == 2).to(x.dtype) + gray.mean(dim=(-3, -2, -1), keepdim=True) * (op4 == 1).to(x.dtype)
+    return _blend(x, target, f)
+
+
 def color_jitter(images: torch.Tensor, *, generator: torch.Generator | None = None,
                  brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2, hue: float = 0.1,
                  p: float = 0.8, grayscale_p: float = 0.2) -> torch.Tensor:
@@ -325,33 +353,31 @@ def color_jitter(images: torch.Tensor, *, generator: torch.Generator | None = No
 
     As torchvision's ColorJitter, each sample applies its four ops in its own random order
     (``randperm(4)``) with factors uniform in [max(0, 1 - s), 1 + s] (hue shift in
-    [-hue, hue]); an op whose strength is 0 is the identity. Batched over samples: each of
-    the 4 positions in the order computes a brightness / contrast / saturation blend for every
-    sample (they share one form, f x + (1 - f) target) and, if ``hue > 0``, a hue rotation,
-    keeping per sample the one its order names: about 4 HSV round trips per call, cheap next
-    to the ViT forward they feed. Grayscale keeps 3 channels.
+    [-hue, hue]); an op whose strength is 0 is the identity. One pass, each op once per
+    sample: brightness, contrast and saturation share one form (f x + (1 - f) target), so
+    the batch runs three blend slots for the ops a sample orders *before* its hue rotation
+    (a slot a sample does not need is f = 1, an exact identity), then one HSV round trip
+    for the whole batch, then three slots for the ops after it. Each sample sees exactly
+    torchvision's sequence of ops in its own order.
 
     Draws (B, 10) uniforms: apply, 4 factors, 4 order keys, grayscale.
     """
     u = _rand(images.shape[0], 10, generator=generator).to(images.device, non_blocking=True)
     apply, order, gray_flag = u[:, 0] < p, u[:, 5:9].argsort(dim=1), u[:, 9] < grayscale_p
-    strengths = torch.tensor([brightness, contrast, saturation], dtype=u.dtype, device=u.device)
-    factors = torch.cat([(1.0 - strengths).clamp(min=0.0) + 2.0 * strengths * u[:, 1:4],  # [max(0,1-s), 1+s]
-                         hue * (2.0 * u[:, 4:5] - 1.0)], dim=1).to(images.dtype)
+    # [max(0, 1 - s), 1 + s] in float32 arithmetic (Python floats: no host-to-device copy)
+    factors = torch.stack([max(0.0, _float32(_float32(1.0) - _float32(s))) + 2.0 * _float32(s) * u[:, 1 + i]
+                           for i, s in enumerate((brightness, contrast, saturation))]
+                          + [hue * (2.0 * u[:, 4] - 1.0)], dim=1).to(images.dtype)
     x = ((images + 1.0) * 0.5).clamp(0.0, 1.0)
+    hue_at = (order == 3).to(torch.uint8).argmax(dim=1)  # position of the hue op in each order
     out = x
-    for pos in range(4):
-        op = order[:, pos]
-        f = factors.gather(1, op[:, None]).reshape(-1, 1, 1, 1)
-        gray = rgb_to_grayscale(out)
-        target = torch.where((op == 0).reshape(-1, 1, 1, 1), torch.zeros_like(gray),
-                             torch.where((op == 1).reshape(-1, 1, 1, 1), gray.mean(dim=(-3, -2, -1), keepdim=True), gray))
-        blended = _blend(out, target, torch.where(op.reshape(-1, 1, 1, 1) == 3, torch.ones_like(f), f))
-        if hue > 0:
-            blended = torch.where((op == 3).reshape(-1, 1, 1, 1), adjust_hue(out, factors[:, 3]), blended)
-        else:
-            blended = torch.where((op == 3).reshape(-1, 1, 1, 1), out, blended)
-        out = blended
+    for pos in range(3):  # the ops before the hue rotation
+        out = _jitter_blend(out, order[:, pos], factors, pos < hue_at)
+    if hue > 0:
+        out = adjust_hue(out, factors[:, 3])
+    for j in range(3):  # the ops after it
+        pos = hue_at + 1 + j
+        out = _jitter_blend(out, order.gather(1, pos.clamp(max=3)[:, None])[:, 0], factors, pos <= 3)
     out = torch.where(apply.reshape(-1, 1, 1, 1), out, x)
     out = torch.where(gray_flag.reshape(-1, 1, 1, 1), rgb_to_grayscale(out).expand_as(out), out)
     return out * 2.0 - 1.0
@@ -396,6 +422,13 @@ def local_views(images: torch.Tensor, generator: torch.Generator | None, n: int 
     return _views(images, generator, n, size, scale, cfg)[0]
 
 
+def mask_count(num_patches: int, ratio: float) -> int:
+    """Patches masked per image: ``round(ratio * num_patches)`` (Python's round)."""
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"mask ratio must be in [0, 1], got {ratio}")
+    return int(round(ratio * num_patches))
+
+
 def random_patch_mask(batch_size: int, num_patches: int, ratio: float = 0.5, *,
                       generator: torch.Generator | None = None, device: torch.device | str | None = None
                       ) -> torch.Tensor:
@@ -403,9 +436,7 @@ def random_patch_mask(batch_size: int, num_patches: int, ratio: float = 0.5, *,
     row, uniformly at random and independently per row (SigLIP 2 masks 50% of every image's
     patches, TIPS-style; not DINOv2's block masks on half the images). Positions index the
     patch tokens row-major (y, x). Draws (B, N) uniforms; the mask is moved to ``device``."""
-    if not 0 <= ratio <= 1:
-        raise ValueError(f"mask ratio must be in [0, 1], got {ratio}")
-    k = int(round(ratio * num_patches))
+    k = mask_count(num_patches, ratio)
     noise = _rand(batch_size, num_patches, generator=generator)
     masked = noise.argsort(dim=1)[:, :k]
     mask = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=noise.device)
