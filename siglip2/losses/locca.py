@@ -10,6 +10,13 @@ weight and bias. Peak extra memory is O(chunk_size x V) plus one weight-sized gr
 Normalisation [P §2.2, "normalised per sequence"]: each sequence's loss is the mean over its
 own target tokens; the batch loss is the mean over valid sequences (rows whose task is absent
 or that have no target token are left out).
+
+No host sync (DESIGN.md, "Scaling out"): which tokens count is a weight (0 off target), not
+a boolean index, and nothing branches on the data. The projection's cost follows the tokens
+it runs on, so a batch may carry host-side bounds counted on the CPU (`locca_host_bounds`):
+then it runs on the target tokens only, as boolean indexing would, still without a sync;
+without them it runs on every padded position (what a fixed-shape JAX loss such as big_vision's
+computes).
 """
 from __future__ import annotations
 
@@ -28,7 +35,9 @@ from siglip2.schedule import LossTiming
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
-    """sum_i w_i * CE(h_i @ W^T + b, t_i), and the count of argmax hits, chunked over tokens.
+    """sum_i w_i * CE(h_i @ W^T + b, t_i), and the count of argmax hits where w_i > 0, chunked
+    over tokens. A token of weight 0 adds exactly 0 to the loss and its gradients (its target
+    must still be a valid class index: the caller writes 0 there).
 
     Autocast is honoured by hand (compute dtype recorded in forward, reused in backward with
     autocast off), because the backward may run on another thread without autocast state.
@@ -45,8 +54,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 z, t = F.linear(h[s:s + chunk].to(cdt), wc, bc).float(), target[s:s + chunk]
                 lse[s:s + chunk] = torch.logsumexp(z, -1)
                 nll = lse[s:s + chunk] - z.gather(1, t[:, None])[:, 0]
-                loss += (nll * tok_w[s:s + chunk]).sum()
-                hits += (z.argmax(-1) == t).sum()
+                w = tok_w[s:s + chunk]
+                loss += (nll * w).sum()
+                hits += ((z.argmax(-1) == t) & (w > 0)).sum()  # weight 0 = not a target token
                 del z
         ctx.save_for_backward(h, weight, bias, target, tok_w, lse)
         ctx.chunk, ctx.cdt = chunk, cdt
@@ -98,25 +108,64 @@ class LoccaLoss(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
-                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                valid: torch.Tensor | None = None, max_targets: int | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """hidden (B, L, W); targets (B, L) with -100 = no loss; valid (B,) bool (task present).
+
+        ``max_targets``: a host-side upper bound of the target tokens (a Python int counted
+        on the CPU batch, `locca_host_bounds`). With it the vocabulary projection runs on
+        the first ``max_targets`` positions in target-first order (a fixed-shape gather whose
+        size the host already knows); without it, on all B*L positions, weight 0 where there
+        is no target. Either way the result is the same and nothing waits for the device.
 
         Returns (loss, metrics) with metrics ``loss``, ``acc`` (token argmax accuracy),
         ``tokens`` and ``sequences`` (counts), all detached.
         """
+        # No host sync and no branch on the data: weights, 0 where there is no target, instead
+        # of boolean indexing. A batch without any target token gives an exact 0 that still
+        # reaches the decoder (same graph on every rank and every step).
         tgt_mask = targets != IGNORE
         if valid is not None:
             tgt_mask = tgt_mask & valid.to(torch.bool)[:, None]
         per_seq = tgt_mask.sum(1)
         n_seq = (per_seq > 0).sum()
-        if int(n_seq) == 0:  # keep the graph (and DDP's hooks) alive with an exact zero
-            zero = 0.0 * (hidden.sum() + head.weight.sum())
-            return zero, {"loss": zero.detach(), "acc": zero.detach(), "tokens": n_seq, "sequences": n_seq}
-        w = (1.0 / per_seq.clamp_min(1).float())[:, None].expand_as(tgt_mask)[tgt_mask] / n_seq.float()
-        loss, hits = chunked_linear_cross_entropy(hidden[tgt_mask], head.weight, head.bias, targets[tgt_mask],
-                                                  w, self.chunk_size)
         n_tok = tgt_mask.sum()
-        return loss, {"loss": loss.detach(), "acc": hits.float() / n_tok, "tokens": n_tok, "sequences": n_seq}
+        w = (1.0 / per_seq.clamp_min(1).float())[:, None].expand_as(tgt_mask) / n_seq.clamp_min(1).float()
+        w = torch.where(tgt_mask, w, torch.zeros_like(w)).reshape(-1)
+        flat_targets = torch.where(tgt_mask, targets, torch.zeros_like(targets)).reshape(-1)
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        if max_targets is not None and max_targets < flat_targets.shape[0]:
+            # target positions first, each group in row-major order (stable): the first
+            # max_targets rows hold every target token, in the order boolean indexing gives
+            torch._assert_async(n_tok <= max_targets, "LocCa: more target tokens than max_targets")
+            order = (~tgt_mask).reshape(-1).to(torch.uint8).argsort(stable=True)[:max(int(max_targets), 1)]
+            flat_hidden, flat_targets, w = flat_hidden.index_select(0, order), flat_targets[order], w[order]
+        loss, hits = chunked_linear_cross_entropy(flat_hidden, head.weight, head.bias, flat_targets, w,
+                                                  self.chunk_size)
+        return loss, {"loss": loss.detach(), "acc": hits.float() / n_tok.clamp_min(1), "tokens": n_tok,
+                      "sequences": n_seq}
+
+
+def locca_host_bounds(batch: Mapping[str, torch.Tensor], tasks=TASKS) -> dict[str, int]:
+    """Python ints that let the LocCa objective trim its work without asking the device:
+    ``locca_{t}_max_targets`` (the task's target tokens in rows with ``locca_{t}_valid``) and
+    ``locca_{t}_columns`` (1 + the last column holding one of them; 0 when none).
+
+    Count them where the batch is still on the CPU (the data module, before the transfer):
+    ints travel with the batch untouched, and bounds counted on a batch stay valid for any
+    slice of its rows. `LoccaObjective` reads them when present; without them it does the
+    same maths on the full padded length.
+    """
+    out = {}
+    for t in tasks:
+        key = f"locca_{t}_target"
+        if key not in batch:
+            continue
+        has = (batch[key] != IGNORE) & batch[f"locca_{t}_valid"].to(torch.bool).reshape(-1, 1)
+        cols = has.any(0).nonzero()
+        out[f"locca_{t}_max_targets"] = int(has.sum())
+        out[f"locca_{t}_columns"] = int(cols.max()) + 1 if cols.numel() else 0
+    return out
 
 
 class LoccaObjective(nn.Module):
@@ -124,14 +173,20 @@ class LoccaObjective(nn.Module):
 
     total = sum_t weight_t * loss_t / (number of tasks present in the batch), so with the
     default unit weights it is the plain mean over tasks present; a task is present when any
-    row has ``locca_{t}_valid``. Absent tasks are skipped (no decoder pass) and their metric
-    keys are left out. Parallel prediction is drawn per row with ``parallel_prob`` (0.5
-    [P §2.2]) in training mode, for Cap only: ARef and GCap are conditioned on their prompt,
-    which the all-mask input of parallel prediction would erase. Without parallel rows,
-    sequences are cut after the batch's last target position (exact: causal rows never read
-    the positions after it).
+    row has ``locca_{t}_valid``. Every task of nonzero weight runs its decoder pass on every
+    step, present or not: an absent task's loss is an exact 0 through the same graph, so all
+    ranks issue the same passes (FSDP's all-gathers) and nothing waits for the device to
+    decide what to run (no host sync). Parallel prediction is drawn per row with
+    ``parallel_prob`` (0.5 [P §2.2]) in training mode, for Cap only: ARef and GCap are
+    conditioned on their prompt, which the all-mask input of parallel prediction would erase.
+    Optional Python ints in the batch (`locca_host_bounds`, counted on the CPU) trim the work
+    exactly: ``locca_{t}_max_targets`` bounds the tokens the vocabulary projection runs on (see
+    `LoccaLoss`), and ``locca_{t}_columns`` cuts the columns after the last target token for
+    tasks without parallel rows (causal rows never read the positions after it; parallel rows
+    attend to every position, so Cap keeps its full length in training).
 
-    Metrics: ``locca/<task>`` (loss), ``locca/<task>_acc`` (token accuracy), ``locca/loss``.
+    Metrics: ``locca/<task>`` (loss), ``locca/<task>_acc`` (token accuracy), ``locca/loss``,
+    for every task of nonzero weight (0 on a step where the task is absent).
     """
 
     def __init__(self, weights: Mapping[str, float] | None = None, parallel_prob: float = 0.5,
@@ -145,32 +200,27 @@ class LoccaObjective(nn.Module):
 
     def forward(self, decoder, image_tokens: torch.Tensor, image_mask: torch.Tensor | None,
                 batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None):
-        total, present, metrics = image_tokens.new_zeros(()), 0, {}
-        for t in self.tasks:
+        total, present, metrics = image_tokens.new_zeros(()), image_tokens.new_zeros((), dtype=torch.float32), {}
+        active = [t for t in self.tasks if self.weights[t] != 0]  # configuration, not data
+        for t in active:
             valid = batch[f"locca_{t}_valid"].to(torch.bool).view(-1)
-            if self.weights[t] == 0 or not bool(valid.any()):
-                continue
             tokens_in, targets = batch[f"locca_{t}_input"], batch[f"locca_{t}_target"]
             parallel = None
             if t == "cap" and self.training and self.parallel_prob > 0:
                 r = torch.rand(tokens_in.shape[0], generator=generator, device=generator.device if generator else "cpu")
-                parallel = (r < self.parallel_prob).to(tokens_in.device)
-            else:
-                # Cut the columns after the batch's last target token: causal rows never read
-                # them, so the loss is unchanged and the decoder skips ~1/3 of the padded length.
-                # (Parallel rows attend to every position, so Cap keeps its full length.)
-                used = (targets != IGNORE).any(0).nonzero()
-                if used.numel():
-                    n = int(used.max()) + 1
-                    tokens_in, targets = tokens_in[:, :n], targets[:, :n]
+                parallel = (r < self.parallel_prob).to(tokens_in.device, non_blocking=True)
+            columns, bound = batch.get(f"locca_{t}_columns"), batch.get(f"locca_{t}_max_targets")
+            if parallel is None and isinstance(columns, int) and 0 < columns < tokens_in.shape[1]:
+                tokens_in, targets = tokens_in[:, :columns], targets[:, :columns]
             hidden = decoder(tokens_in, image_tokens, image_mask, parallel=parallel)
-            loss, m = self.token_loss(hidden, decoder.head, targets, valid)
-            total = total + self.weights[t] * loss
-            present += 1
+            loss, m = self.token_loss(hidden, decoder.head, targets, valid,
+                                      max_targets=bound if isinstance(bound, int) else None)
+            total = total + self.weights[t] * loss  # an absent task's loss is an exact 0
+            present = present + valid.any().float()
             metrics[f"locca/{t}"], metrics[f"locca/{t}_acc"] = m["loss"], m["acc"]
-        if present == 0:  # nothing to learn from: an exact zero that still reaches the decoder
+        if not active:  # nothing to learn from: an exact zero that still reaches the decoder
             total = 0.0 * sum(p.sum() for p in decoder.parameters())
-        total = total / max(present, 1)
+        total = total / present.clamp_min(1.0)
         metrics["locca/loss"] = total.detach()
         return total, metrics
 
