@@ -58,6 +58,19 @@ def grid_shapes(patch_coord: torch.Tensor, patch_valid: torch.Tensor | None = No
     return coord.amax(dim=1) + 1
 
 
+def _antialias_weights(index: torch.Tensor, out_size: torch.Tensor, in_size: int) -> torch.Tensor:
+    """(..., in_size) weights of output cell ``index`` of an ``out_size`` axis resized from
+    ``in_size`` cells by ``F.interpolate(mode="bilinear", align_corners=False, antialias=True)``:
+    the triangle filter stretched by the scale when shrinking, normalised to sum 1
+    (PyTorch's ``_compute_weights_aa``; transformers' Siglip2 writes it the same way)."""
+    scale = in_size / out_size.float()
+    support = scale.clamp(min=1.0)
+    center = (index.float() + 0.5) * scale - 0.5
+    source = torch.arange(in_size, device=index.device, dtype=torch.float32)
+    weights = (1.0 - (source - center[..., None]).abs() / support[..., None]).clamp(min=0.0)
+    return weights / weights.sum(-1, keepdim=True)
+
+
 def posemb_for_batch(
     posemb: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -69,21 +82,32 @@ def posemb_for_batch(
     `spatial_shapes` (B, 2) holds each image's (h, w) patch grid. Without `patch_coord` the
     patches are taken to be row-major with the h*w valid ones first (HF / big_vision layout);
     with `patch_coord` (B, N, 2) (y, x) each patch picks its own cell, so any order works.
-    Padding positions receive some valid row (they are masked downstream). The table is
-    resized once per distinct grid, then everything is one differentiable gather.
+    Padding positions receive the image's last cell (they are masked downstream).
+
+    The resize is `resize_posemb`'s (bilinear, antialias, half-pixel centres), written as
+    what it is, a linear map: each token's embedding is the table weighted by the outer
+    product of its row's and its column's interpolation weights, one (B, N, G*G) @ (G*G, W)
+    matmul. Every shape is fixed by (B, N) and the table, whatever the grids: no host sync,
+    and `torch.compile` compiles once per sequence length, not once per mix of grids.
     """
-    shapes = spatial_shapes.long()
-    uniq, inverse = torch.unique(shapes, dim=0, return_inverse=True)
-    tables = [resize_posemb(posemb, hw) for hw in uniq.tolist()]
-    sizes = uniq[:, 0] * uniq[:, 1]
-    offsets = (torch.cumsum(sizes, 0) - sizes)[inverse]  # (B,)
+    if posemb.ndim == 2:
+        g = math.isqrt(posemb.shape[0])
+        if g * g != posemb.shape[0]:
+            raise ValueError(f"position table of {posemb.shape[0]} rows is not a square grid")
+        posemb = posemb.reshape(g, g, -1)
+    gh, gw, width = posemb.shape
+    shapes = spatial_shapes.long().clamp(min=1)
+    h, w = shapes[:, 0:1], shapes[:, 1:2]
     if patch_coord is None:
         idx = torch.arange(num_tokens, device=shapes.device)[None].expand(len(shapes), -1)
     else:
         coord = patch_coord.long()
-        idx = coord[..., 0] * shapes[:, 1:2] + coord[..., 1]
-    idx = torch.minimum(idx.clamp(min=0), (sizes[inverse] - 1)[:, None])
-    return torch.cat(tables)[offsets[:, None] + idx]
+        idx = coord[..., 0] * w + coord[..., 1]
+    idx = torch.minimum(idx.clamp(min=0), h * w - 1)
+    row = torch.div(idx, w, rounding_mode="floor")
+    weights = _antialias_weights(row, h, gh)[..., :, None] * _antialias_weights(idx - row * w, w, gw)[..., None, :]
+    table = posemb.reshape(gh * gw, width).float()
+    return (weights.flatten(-2) @ table).to(posemb.dtype)
 
 
 def resample_patch_embed(
