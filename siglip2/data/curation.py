@@ -240,6 +240,7 @@ def build_teacher_cache(teacher_spec: str, urls, tokenizer_path: str, image_size
     from siglip2.data.shards import build_eval_loader
     from siglip2.data.tokenizer import build_tokenizer, tokenizer_fingerprint
     from siglip2.data.transforms import ImageTransform
+    from siglip2.eval.precision import eval_precision, tower_autocast
 
     teacher, record = load_teacher(teacher_spec)
     teacher.to(device)
@@ -252,12 +253,14 @@ def build_teacher_cache(teacher_spec: str, urls, tokenizer_path: str, image_size
     loader = build_eval_loader(urls, sample_fn, batch_size=batch_size, num_workers=num_workers,
                                decode_size=transform.min_source_size() if draft_decode else None)
     keys, images, texts = [], [], []
-    for batch in loader:
-        image, text = teacher_inputs(teacher.config, batch["image"].to(device), batch["text"].to(device),
-                                     tok.pad_id, tok.eos_id)
-        images.append(teacher.encode_image(image=image).embeds.float().cpu())
-        texts.append(teacher.embed_text(text).float().cpu())
-        keys += list(batch["key"])
+    with eval_precision(device):  # CUDA: bf16 towers, TF32 matmuls; CPU: fp32 (as evaluation)
+        for batch in loader:
+            image, text = teacher_inputs(teacher.config, batch["image"].to(device), batch["text"].to(device),
+                                         tok.pad_id, tok.eos_id)
+            with tower_autocast(device):
+                images.append(teacher.encode_image(image=image).embeds.float().cpu())
+                texts.append(teacher.embed_text(text).float().cpu())
+            keys += list(batch["key"])
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})[:3]
         raise ValueError(f"duplicate sample keys in {urls} (e.g. {dup}): a teacher cache needs unique keys")

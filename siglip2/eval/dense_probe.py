@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from siglip2 import distributed as dist_utils
+from siglip2.eval.precision import tower_autocast
 
 __all__ = [
     "IGNORE", "DenseProbeConfig", "LinearProbe", "is_train_key", "labels_from_mask", "resize_labels",
@@ -301,7 +302,8 @@ def _collect(model, batches: Iterable[dict], device, cfg: DenseProbeConfig):
         image = batch["image"]
         take = image.shape[0] if cap is None else min(image.shape[0], cap - seen)
         seen += take
-        out = model.encode_image(image=image[:take].to(device))
+        with tower_autocast(device):  # bf16 on CUDA, fp32 on CPU (siglip2.eval.precision)
+            out = model.encode_image(image=image[:take].to(device))
         if out.token_mask is not None and not bool(out.token_mask.all()):
             raise ValueError("the dense probe needs fixed-grid tokens (no padding)")
         tokens = out.tokens.float()

@@ -24,6 +24,7 @@ from siglip2.data.shards import DecodedSample, build_eval_loader
 from siglip2.data.transforms import ImageTransform
 from siglip2.eval.captioning import caption_names_object, generate_captions, object_name
 from siglip2.eval.dense_probe import DenseProbeConfig, labels_from_mask, resize_labels, run_dense_probe
+from siglip2.eval.precision import eval_precision, tower_autocast
 from siglip2.eval.refexp import predict_boxes, refexp_accuracy
 from siglip2.eval.retrieval import retrieval_recall
 from siglip2.eval.zeroshot import ZeroShotMetrics, build_classifier, zeroshot_logits
@@ -220,20 +221,26 @@ def evaluate_set(
     was_training = model.training
     model.eval()
     try:
-        if es.task == "zeroshot":
-            out = _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder)
-        elif es.task == "retrieval":
-            out = _retrieval(model, tokenizer, loader, device, max_batches, prefix)
-        elif es.task == "refexp":
-            if decoder is None:
-                log.info("skipping %s: this stage has no LocCa decoder", prefix)
-                return {}
-            out = _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder)
-        else:
-            out = _segmentation(es, model, loader, device, max_batches, prefix)
-        return {**out, **_skip_metrics(loader.stats, prefix)}
+        # CUDA: towers in bf16 autocast, other float32 matmuls in TF32; CPU: fp32 (eval.precision)
+        with eval_precision(device):
+            return _run_task(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder)
     finally:
         model.train(was_training)
+
+
+def _run_task(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder) -> dict[str, Any]:
+    if es.task == "zeroshot":
+        out = _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder)
+    elif es.task == "retrieval":
+        out = _retrieval(model, tokenizer, loader, device, max_batches, prefix)
+    elif es.task == "refexp":
+        if decoder is None:
+            log.info("skipping %s: this stage has no LocCa decoder", prefix)
+            return {}
+        out = _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder)
+    else:
+        out = _segmentation(es, model, loader, device, max_batches, prefix)
+    return {**out, **_skip_metrics(loader.stats, prefix)}
 
 
 def _segmentation(es, model, loader, device, max_batches, prefix):
@@ -253,14 +260,25 @@ def _segmentation(es, model, loader, device, max_batches, prefix):
 
 
 def _encode(model, batch: dict[str, Any], device):
-    """`ImageOutput` of a batch of square images (`image`) or NaFlex patches (`patches`...)."""
+    """`ImageOutput` of a batch of square images (`image`) or NaFlex patches (`patches`...),
+    the tower under `tower_autocast(device)` (its `embeds` are float32 all the same)."""
     if "patches" in batch:
         patches = batch["patches"].to(device)
         patches = patches.float().div_(127.5).sub_(1.0) if patches.dtype == torch.uint8 else patches
-        return model.encode_image(patches=patches, patch_coord=batch["patch_coord"].to(device),
-                                  patch_valid=batch["patch_valid"].to(device),
-                                  spatial_shapes=batch["spatial_shapes"].to(device))
-    return model.encode_image(image=batch["image"].to(device))
+        with tower_autocast(device):
+            return model.encode_image(patches=patches, patch_coord=batch["patch_coord"].to(device),
+                                      patch_valid=batch["patch_valid"].to(device),
+                                      spatial_shapes=batch["spatial_shapes"].to(device))
+    with tower_autocast(device):
+        return model.encode_image(image=batch["image"].to(device))
+
+
+def _under(context, device, fn: Callable) -> Callable:
+    """``fn`` called inside ``context(device)`` (the classifier builder calls the text tower)."""
+    def call(*args, **kwargs):
+        with context(device):
+            return fn(*args, **kwargs)
+    return call
 
 
 def _batch_len(batch: dict[str, Any]) -> int:
@@ -268,7 +286,8 @@ def _batch_len(batch: dict[str, Any]) -> int:
 
 
 def _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder):
-    classifier = build_classifier(model.encode_text, tokenizer, es.classnames, es.templates, device=device)
+    classifier = build_classifier(_under(tower_autocast, device, model.encode_text), tokenizer, es.classnames,
+                                  es.templates, device=device)
     metrics = ZeroShotMetrics(len(es.classnames)).to(device)
     examples: list[dict[str, Any]] = []
     named, captioned = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -280,7 +299,8 @@ def _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_ex
         captions = None
         if decoder is not None and any(batch["objects"]):
             # LocCa captions of single-object images: do they name the object's colour and category?
-            captions = generate_captions(decoder, out.tokens, out.token_mask, tokenizer)
+            with tower_autocast(device):
+                captions = generate_captions(decoder, out.tokens, out.token_mask, tokenizer)
             for caption, objects in zip(captions, batch["objects"]):
                 if objects:
                     captioned += 1
@@ -313,7 +333,8 @@ def _retrieval(model, tokenizer, loader, device, max_batches, prefix):
         image_embs.append(_encode(model, batch, device).embeds)
         flat = [c for caps in batch["captions"] for c in caps]
         owner = [n_images + i for i, caps in enumerate(batch["captions"]) for _ in caps]
-        text_embs.append(model.embed_text(tokenizer(flat).to(device)))
+        with tower_autocast(device):
+            text_embs.append(model.embed_text(tokenizer(flat).to(device)))
         owners.append(torch.tensor(owner, dtype=torch.long))
         langs.extend(batch["lang"][i] for i, caps in enumerate(batch["captions"]) for _ in caps)
         n_images += _batch_len(batch)
@@ -356,7 +377,8 @@ def _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder):
         index = torch.tensor([i for i, _ in rows], device=device)
         tokens = img.tokens[index]
         mask = img.token_mask[index] if img.token_mask is not None else None
-        predicted = predict_boxes(decoder, tokens, mask, tokenizer, [r["caption"] for _, r in rows])
+        with tower_autocast(device):
+            predicted = predict_boxes(decoder, tokens, mask, tokenizer, [r["caption"] for _, r in rows])
         hits += refexp_accuracy(predicted, [r["box"] for _, r in rows]) * len(rows)
         total += len(rows)
     hits, total = dist_utils.all_reduce_sum(hits), dist_utils.all_reduce_sum(total)
