@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from siglip2.eval.suite import evaluate_all, load_eval_set
+from stages.sharding import plain_model
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,12 @@ class ZeroShotEval(L.Callback):
             return self.final_metrics
         self._last_step = trainer.global_step
         datamodule = trainer.datamodule
+        # the towers run outside the training forward: under a sharded strategy an unsharded copy
+        model, decoder = plain_model(pl_module)
         results = evaluate_all(
-            self.sets, model=pl_module.model, tokenizer=datamodule.tokenizer, image_size=datamodule.image_size,
+            self.sets, model=model, tokenizer=datamodule.tokenizer, image_size=datamodule.image_size,
             device=pl_module.device, batch_size=self.batch_size, num_workers=self.num_workers,
-            max_batches=self.max_batches, decoder=pl_module.locca_decoder(),
+            max_batches=self.max_batches, decoder=decoder,
             keep_examples=self.num_examples if trainer.is_global_zero else 0, naflex_seq_len=self.naflex_seq_len,
         )
         tables, examples = results.pop("_tables", {}), results.pop("_examples", {})

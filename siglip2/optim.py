@@ -43,34 +43,50 @@ class OptimConfig:
         return float(self.weight_decay) / float(self.lr) if self.lr > 0 else 0.0
 
 
-def no_decay(name: str, param: nn.Parameter) -> bool:
+def no_decay(name: str, param: nn.Parameter, ndim: int | None = None) -> bool:
     """Biases, norms, token/position embeddings, the MAP probe, mask tokens and the logit
     scale/bias are not decayed; the patch embedding is a Linear layer and is decayed like the
-    other weights (big_vision's default decay mask: matrices only)."""
-    if param.ndim <= 1:  # biases, LayerNorm weights, logit_scale/bias
+    other weights (big_vision's default decay mask: matrices only). `ndim`: the parameter's
+    original number of dimensions when `param` is a flattened shard (FSDP1 hands the optimiser
+    1-D views), else `param.ndim`."""
+    if (param.ndim if ndim is None else ndim) <= 1:  # biases, LayerNorm weights, logit_scale/bias
         return True
     lowered = name.lower()
     return any(key in lowered for key in ("token_embedding", "position_embedding", "probe", "norm", "mask_token"))
 
 
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, lr: float | None = None,
-                 lr_mults: Mapping[str, float] | None = None) -> list[dict]:
-    """AdamW groups from `named_parameters()` (trainable only): decayed params with
-    `weight_decay`, the rest with 0; parameters under a prefix of `lr_mults` (`{"losses.masked.":
-    0.5}`) get groups of their own with `lr * mult` (the schedule multiplies every group's lr)."""
+                 lr_mults: Mapping[str, float] | None = None, ndims: Mapping[str, int] | None = None,
+                 gates: Iterable[str] = ()) -> list[dict]:
+    """AdamW groups from `named_parameters()` (trainable only; names as in the unwrapped
+    module): decayed params with `weight_decay`, the rest with 0; parameters under a prefix of
+    `lr_mults` (`{"losses.masked.": 0.5}`) get groups of their own with `lr * mult` (the
+    schedule multiplies every group's lr). `ndims`: name -> original ndim, for parameters that
+    are flattened shards now (see `no_decay`); a name missing from it is a `KeyError`.
+    `gates`: name prefixes whose parameters get groups of their own, tagged `group["gate"] =
+    prefix` (the longest prefix that matches), so that a caller can stop their updates by
+    setting the group's lr to 0 (dormant losses, frozen prototypes: sharded optimisers cannot
+    see `grad = None`)."""
     lr_mults = {k: float(v) for k, v in (lr_mults or {}).items() if float(v) != 1.0}
     if lr_mults and lr is None:
         raise ValueError("lr multipliers need the peak lr")
-    groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
+    gates = sorted(gates, key=len, reverse=True)
+    groups: dict[tuple[bool, float, str | None], list[nn.Parameter]] = {(True, 1.0, None): [], (False, 1.0, None): []}
     for name, param in named:
         if not param.requires_grad:
             continue
         mult = next((m for prefix, m in lr_mults.items() if name.startswith(prefix)), 1.0)
-        groups.setdefault((not no_decay(name, param), mult), []).append(param)
+        gate = next((g for g in gates if name.startswith(g)), None)
+        decayed = not no_decay(name, param, None if ndims is None else ndims[name])
+        groups.setdefault((decayed, mult, gate), []).append(param)
     out = []
-    for (decayed, mult), params in groups.items():
+    for (decayed, mult, gate), params in groups.items():
+        if not params and gate is not None:
+            continue
         group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
         if mult != 1.0:
             group["lr"] = lr * mult
+        if gate is not None:
+            group["gate"] = gate
         out.append(group)
     return out

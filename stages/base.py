@@ -33,6 +33,7 @@ from siglip2.model.layers import EncoderLayer
 from siglip2.model.two_tower import SigLIP2Config
 from siglip2.optim import OptimConfig, param_groups
 from siglip2.schedule import LossTiming, RecipeClock
+from stages import sharding
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,15 @@ OWN_SECTION = ("distill/",)
 
 
 def fsdp_wrap_classes() -> set[type[nn.Module]]:
-    """Transformer blocks are the FSDP units (used by conf/trainer/fsdp.yaml)."""
+    """The FSDP units (conf/trainer/fsdp.yaml): each transformer block, and each image tower and
+    distillation head as a whole. The last two make the EMA teacher's units the same shape as
+    the student's (a `VisionTransformer` and a `DINOHead` each), so that every teacher shard
+    holds the same elements as its student shard and the EMA update runs shard by shard."""
+    from siglip2.losses.distill import DINOHead
     from siglip2.model.decoder import DecoderLayer
+    from siglip2.model.vit import VisionTransformer
 
-    return {EncoderLayer, DecoderLayer}
+    return {EncoderLayer, DecoderLayer, VisionTransformer, DINOHead}
 
 
 def adamw_impl(impl: str, trainer: Any = None) -> str:
@@ -177,6 +183,10 @@ class Stage(L.LightningModule):
         self.stage_name = name
         self.model = build_model(model_cfg)
         self.losses = nn.ModuleDict({n: self.build_loss(n, c) for n, c in self.loss_configs.items()})
+        # Each parameter's ndim as built, before any strategy flattens it into shards: which
+        # parameters decay is decided by it (FSDP1 hands the optimiser 1-D views).
+        self._param_ndims = {n: p.ndim for n, p in self.named_parameters()}
+        self._gates_open: dict[str, bool] = {}
         # Which losses are on; LossSchedule flips these and the checkpoint keeps them.
         self.loss_enabled: dict[str, bool] = {n: RecipeClock.loss_on(c, self.recipe.window[0])
                                               for n, c in self.loss_configs.items()}
@@ -284,19 +294,14 @@ class Stage(L.LightningModule):
         module = self.losses[name]
         # Re-initialised as built (the module's own init), into the same parameter tensors so
         # that DDP and the optimiser keep them; seeded by (run seed, loss name), so a run
-        # resumed before the switch re-initialises exactly as an uninterrupted one.
+        # resumed before the switch re-initialises exactly as an uninterrupted one. Written
+        # through the strategy (FSDP: into the shards), with fresh optimiser state.
         seed = int(self.hparams.get("seed", 0)) * 1_000_003 + zlib.crc32(name.encode())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             fresh = self.build_loss(name, self.loss_configs[name])
-        with torch.no_grad():
-            module.load_state_dict(fresh.state_dict())
-        params = set(module.parameters())
-        trainer = self._trainer
-        if params and trainer is not None:
-            for optimizer in trainer.optimizers:
-                for p in params:
-                    optimizer.state.pop(p, None)
+        sharding.reinit_module(self, module, fresh.state_dict())
+        sharding.reset_optimizer_state(self, module.parameters())
         self.loss_enabled[name] = True
         self.on_loss_enabled(name)
 
@@ -334,6 +339,13 @@ class Stage(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def configure_model(self) -> None:
+        # FSDP2 (Lightning's ModelParallelStrategy): the stage shards itself (stages/fsdp2.py),
+        # compiling the towers' blocks first when model.compile is set.
+        from stages.fsdp2 import is_fsdp2, shard_stage
+
+        if is_fsdp2(self):
+            shard_stage(self)
+            return
         if self.compile_towers and not getattr(self, "_compiled", False):
             self.model.vision_model.compile()
             self.model.text_model.compile()
@@ -378,20 +390,49 @@ class Stage(L.LightningModule):
         self.examples_seen += bsz * world
         return total
 
+    def lr_gates(self) -> dict[str, bool]:
+        """Parameter-name prefix -> whether those parameters are updated this step. Closed
+        gates get lr 0 in their own optimiser groups (`siglip2.optim.param_groups`): no update
+        and no weight decay, under every strategy (a sharded optimiser cannot see
+        `grad = None`). Here: each loss's parameters while the loss is off; subclasses add more
+        (pretraining: the frozen prototypes)."""
+        return {f"losses.{n}.": on for n, on in self.loss_enabled.items()}
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        # The weight-0 term gave the dormant losses' parameters zero gradients (for DDP's
-        # reducer); dropping them here lets AdamW skip them: no update, no decay, no state.
-        for name, module in self.losses.items():
-            if not self.loss_enabled[name]:
-                for p in module.parameters():
-                    p.grad = None
+        # Dormant losses (in the graph with weight 0 for DDP's reducer) and frozen parameters:
+        # their groups step with lr 0. The schedule's LambdaLR sets every group's lr again
+        # after the step, so a closed gate lasts one step and is closed again here if needed.
+        gates = self.lr_gates()
+        inner = getattr(optimizer, "optimizer", optimizer)
+        for group in inner.param_groups:
+            gate = group.get("gate")
+            if gate is None:
+                continue
+            is_open = gates.get(gate, True)
+            if not is_open:
+                group["lr"] = 0.0
+            elif self._gates_open.get(gate) is False:
+                # opened: the parameters start with fresh moments (DINO: a frozen layer has no
+                # optimiser state until it first steps), as the loss switch does
+                sharding.reset_optimizer_state(self, group["params"])
+            self._gates_open[gate] = is_open
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # FSDP1: the norm is over every rank's shards, which only the root module can compute
+        # (Lightning's FSDP precision plugin refuses `norm`); everything else: Lightning's own.
+        root = sharding.fsdp_root(self)
+        if root is not None and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
+            root.clip_grad_norm_(float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         cfg = self.optim_config
         impl = adamw_impl(cfg.impl, self.trainer)
         optimizer = torch.optim.AdamW(
-            param_groups(self.named_parameters(), cfg.torch_weight_decay, lr=float(cfg.lr),
-                         lr_mults=self.lr_multipliers()),
+            param_groups([(sharding.clean_name(n), p) for n, p in self.named_parameters()], cfg.torch_weight_decay,
+                         lr=float(cfg.lr), lr_mults=self.lr_multipliers(), ndims=self._param_ndims,
+                         gates=self.lr_gates()),
             lr=float(cfg.lr), betas=cfg.betas, eps=float(cfg.eps),
             fused=impl == "fused" or None,
             foreach=(impl == "foreach") if impl != "fused" else None,
@@ -440,7 +481,10 @@ class Stage(L.LightningModule):
                     + ", ".join(f"{k} ({a} in the checkpoint, {b} here)" for k, (a, b) in diff.items())
                     + ". To continue these weights at another resolution, start a stage from them with init_from=...")
         self.check_tokenizer(meta.get("tokenizer"), "ckpt_path")
-        checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
+        # FSDP and DeepSpeed load the weights themselves and take `state_dict` out first
+        has_state = "state_dict" in checkpoint
+        if has_state:
+            checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
         # Resume keeps the phase: modules exist from step 0, so no hook fires here.
         for name, enabled in meta.get("loss_enabled", {}).items():
             if name in self.loss_enabled:
@@ -451,7 +495,8 @@ class Stage(L.LightningModule):
             trainer = self._trainer
             self.examples_seen = int(checkpoint.get("global_step", 0)) * int(
                 getattr(trainer.datamodule, "batch_size", 0) or 0) * int(trainer.world_size)
-        check_shapes(self.state_dict(), checkpoint["state_dict"], source="ckpt_path")
+        if has_state:
+            check_shapes(self.state_dict(), checkpoint["state_dict"], source="ckpt_path")
 
     def load_weights(self, path: str) -> None:
         """`init_from`: weights only, a new optimiser, and the clock of this stage's window of

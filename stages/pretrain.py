@@ -152,15 +152,16 @@ class PretrainStage(Stage):
             self.teacher.update(self.model.vision_model, self.distill_heads(), m)
             self.log("distill/ema_momentum", m)
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        super().on_before_optimizer_step(optimizer)
+    def lr_gates(self) -> dict[str, bool]:
         # DINO: the prototype layer gets no update for the first `freeze_prototypes` of the phase.
+        gates = super().lr_gates()
         progress = self.recipe_progress
         for name in DISTILL:
-            if name in self.losses and self.loss_enabled[name]:
+            if name in self.losses:
                 cfg = self.loss_configs[name]
-                if progress < cfg.start_frac + cfg.freeze_prototypes * (cfg.end_frac - cfg.start_frac):
-                    self.losses[name].head.prototypes.grad = None
+                frozen = progress < cfg.start_frac + cfg.freeze_prototypes * (cfg.end_frac - cfg.start_frac)
+                gates[f"losses.{name}.head.prototypes"] = self.loss_enabled[name] and not frozen
+        return gates
 
     def lr_multipliers(self) -> dict[str, float]:
         return {f"losses.{n}.": self.loss_configs[n].head_lr_mult for n in DISTILL if n in self.losses}

@@ -23,3 +23,31 @@ def debug_pretrain(cache_dir, tmp_path_factory) -> Path:
     _, stage = fit(compose_cfg([], cache_dir, out))
     assert stage.loss_enabled["local_to_global"] and stage.loss_enabled["masked"]
     return out
+
+
+# The command every strategy test runs: debug=fast (6 steps, self-distillation on at step 5,
+# step checkpoints every 3 steps) as 2 CPU processes with 8 examples each.
+STRATEGY_RUN = ["debug=fast", "data.batch_size=8"]
+
+
+def run_dir(proc) -> Path:
+    """The run folder of a `train.py` call (from its last line, "metrics written to ...")."""
+    return Path(proc.stdout.strip().splitlines()[-1].split("metrics written to ")[-1]).parent
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(cache_dir, tmp_path_factory) -> Path:
+    """The run folder of `STRATEGY_RUN` under `trainer=ddp_cpu`: the reference every sharded
+    strategy's weights are compared with (DDP itself equals one process on the concatenated
+    batch: tests/test_ddp_parity.py). Treat as read-only."""
+    from test_train import cli
+
+    return run_dir(cli([*STRATEGY_RUN, "trainer=ddp_cpu"], cache_dir, tmp_path_factory.mktemp("ddp-reference")))
+
+
+def attention_key_bias(name: str) -> bool:
+    """Attention key biases: their exact gradient is zero (softmax is unchanged by adding the
+    same q.b_k to every key's score), so Adam steps them on rounding noise, by up to its lr per
+    step, in a direction no two reduction orders agree on. Strategy comparisons bound them by
+    the summed lr instead of float noise."""
+    return "k_proj.bias" in name

@@ -64,10 +64,18 @@ class DecoderLayer(nn.Module):
         a = self.cross_attn
         return _heads(a.k_proj(image_tokens), self.heads), _heads(a.v_proj(image_tokens), self.heads)
 
-    def forward(self, x, cross_kv, cross_mask=None, self_mask=None, cache=None, pos: int = 0, is_causal=False):
-        """``self_mask`` (B|1, 1, n, S) bool, or ``is_causal`` (no mask tensor: lets SDPA use
+    def forward(self, x, cross_kv=None, cross_mask=None, self_mask=None, cache=None, pos: int = 0, is_causal=False,
+                image_tokens: torch.Tensor | None = None):
+        """``cross_kv``: this layer's image keys/values from ``cross_kv()``, or None with
+        ``image_tokens`` (B, N, Wi), from which they are computed here, inside the block's own
+        forward (under FSDP the block's weights are whole only there).
+        ``self_mask`` (B|1, 1, n, S) bool, or ``is_causal`` (no mask tensor: lets SDPA use
         its fused kernels). ``cache``: (k, v) buffers (B, H, T, dh) filled at [pos, pos + n) in
         place; attention then reads keys [0, pos + n). Without a cache keys are this call's tokens."""
+        if cross_kv is None:
+            if image_tokens is None:
+                raise ValueError("DecoderLayer needs cross_kv or image_tokens")
+            cross_kv = self.cross_kv(image_tokens)
         a, h = self.self_attn, self.layer_norm1(x)
         q, k, v = _heads(a.q_proj(h), self.heads), _heads(a.k_proj(h), self.heads), _heads(a.v_proj(h), self.heads)
         if cache is not None:
@@ -88,6 +96,8 @@ class LoccaDecoder(nn.Module):
     def __init__(self, width: int, depth: int, heads: int, mlp_dim: int, vocab_size: int,
                  max_len: int, image_width: int | None = None):
         super().__init__()
+        self._init_args = dict(width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, vocab_size=vocab_size,
+                               max_len=max_len, image_width=image_width)
         self.vocab_size, self.max_len, self.heads = vocab_size, max_len, heads
         self.mask_id = vocab_size  # CapPa convention: the extra embedding row
         self.token_embedding = nn.Embedding(vocab_size + 1, width)
@@ -100,6 +110,11 @@ class LoccaDecoder(nn.Module):
         # CapPa zero-initialises the vocabulary projection: the first loss is exactly log(V).
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+
+    def rebuild(self) -> "LoccaDecoder":
+        """A new decoder of the same shape (fresh initialisation), e.g. an unwrapped copy of an
+        FSDP-wrapped one to load full weights into."""
+        return LoccaDecoder(**self._init_args)
 
     def _embed(self, tokens: torch.Tensor, pos: int = 0) -> torch.Tensor:
         n = tokens.shape[1]
@@ -126,7 +141,7 @@ class LoccaDecoder(nn.Module):
         self_mask = None if parallel is None else self_attention_mask(n, parallel, b, x.device)
         cross_mask = self._cross_mask(image_mask)
         for layer in self.layers:
-            x = layer(x, layer.cross_kv(image_tokens), cross_mask, self_mask, is_causal=parallel is None)
+            x = layer(x, None, cross_mask, self_mask, is_causal=parallel is None, image_tokens=image_tokens)
         return self.final_layer_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
