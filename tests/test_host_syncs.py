@@ -9,7 +9,7 @@ the *calls* that would sync on a GPU, with a ``TorchFunctionMode`` over one
 frame of this repository that made it.
 
 Budget: 0 in the losses, views and towers this census covers, except the ones listed in
-``KNOWN`` (file, call) -> count, which live in files owned elsewhere and are waiting for the
+``KNOWN_AFTER_SWITCH`` (file, call) -> count, which live in files owned elsewhere and are waiting for the
 change described there; lower the budget when they go.
 
 LocCa (issue 25, 1h): under FSDP every rank must run the same decoder passes every step
@@ -143,7 +143,7 @@ def _step_census(stage, batch) -> SyncCensus:
 
 def test_training_step_host_sync_census():
     """Before the switch (sigmoid + LocCa, with one task absent from the batch) and after it
-    (+ local-to-global and masked prediction): no sync outside the KNOWN budget."""
+    (+ local-to-global and masked prediction): no sync outside the KNOWN_AFTER_SWITCH budget."""
     stage = _stage().train()
     batch = _locca_batch([("a red circle", REGION), ("two blue squares", None), ("x", REGION), ("a cat", None)])
     batch["locca_gcap_valid"][:] = False  # a task with no valid row: still one decoder pass
