@@ -6,7 +6,8 @@ teacher has no gradient (`requires_grad=False`): it is in no optimiser group and
 reducer skips it, but it is a submodule of the stage, so checkpoints hold it and a resumed
 run continues with the same teacher. The momentum comes from `siglip2.schedule.ema_momentum`
 (fixed 0.996 by default, RECIPE.md). Under FSDP the update runs on whatever each rank holds
-(its local shards), the same elementwise formula.
+(its local shards), the same elementwise formula; FSDP2 DTensors are updated through their
+local shards, which hold the same elements for a teacher and its student (checked).
 """
 from __future__ import annotations
 
@@ -15,6 +16,20 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+
+
+def _local(t: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of `t`: a DTensor's (FSDP2) local shard, which must hold the same
+    elements as `other`'s (same global shape and placements), else `t` itself."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t
+    if not isinstance(other, DTensor) or t.shape != other.shape or t.placements != other.placements:
+        raise ValueError("teacher and student parameters are sharded differently: the EMA update would mix "
+                         f"different elements ({tuple(t.shape)} {t.placements} vs {tuple(other.shape)} "
+                         f"{getattr(other, 'placements', 'whole')})")
+    return t.to_local()
 
 
 class EMATeacher(nn.Module):
@@ -42,7 +57,7 @@ class EMATeacher(nn.Module):
                 raise ValueError("teacher and student modules differ in structure")
             teacher += t_params
             student += s_params
-        return teacher, student
+        return [_local(t, s) for t, s in zip(teacher, student)], [_local(s, t) for t, s in zip(teacher, student)]
 
     @torch.no_grad()
     def copy_from(self, vision: nn.Module, heads: Mapping[str, nn.Module]) -> None:
