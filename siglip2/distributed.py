@@ -56,13 +56,62 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return out, None
 
 
+# Shapes already found equal on every rank, per group: (id(group), shape) (see `check_same_shape`).
+_CHECKED_SHAPES: set = set()
+_SHAPE_SLOTS = 9  # ndim + up to 8 sizes, so every rank's record has the same length
+
+
+def _reading_syncs(tensor: torch.Tensor) -> bool:
+    """Whether reading a collective's result on the host waits for the device (not on the CPU)."""
+    return tensor.device.type != "cpu"
+
+
+def check_same_shape(tensor: torch.Tensor, group=None, what: str = "all_gather_with_grad") -> None:
+    """Raise a `ValueError` on every rank, naming each rank's shape, when the ranks of `group`
+    pass tensors of different shapes to a collective that needs equal ones; no-op in a single
+    process. Without it gloo aborts the processes in C++ and NCCL hangs or gathers garbage.
+
+    The check is one small all_gather of the shapes, read on the host. When is it made:
+    - CPU tensors (gloo): on every call. Reading the result costs no device sync.
+    - accelerator tensors (NCCL): on the first call with each shape, per process and group.
+      Reading the gathered shapes is a host sync, which the training step must not make
+      every step; the distinct shapes of a run are few (one, or one per NaFlex batch plan),
+      so this is a handful of syncs per run. Ranks that pass equal shapes (a correct run)
+      see the same sequence of shapes, so they all decide alike and issue the check
+      together. What this catches on GPUs: any mismatch on a shape no rank has used before
+      (the first step; per-rank batch settings that differ; a plan that differs between
+      ranks). What it cannot catch without a sync every step: one rank changing to a new
+      shape while another repeats a shape it already used (then the two ranks issue
+      different collectives, as they would without the check).
+    """
+    if not is_distributed(group) or tensor.ndim + 1 > _SHAPE_SLOTS:
+        return
+    key = (id(group), tuple(tensor.shape))
+    if _reading_syncs(tensor) and key in _CHECKED_SHAPES:
+        return
+    record = [tensor.ndim, *tensor.shape] + [0] * (_SHAPE_SLOTS - 1 - tensor.ndim)
+    mine = torch.tensor(record, dtype=torch.long, device=tensor.device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    shapes = [tuple(r[1:1 + r[0]]) for r in (g.tolist() for g in gathered)]
+    if any(s != shapes[0] for s in shapes):
+        sizes = ", ".join(f"rank {r}: {tuple(s)}" for r, s in enumerate(shapes))
+        raise ValueError(f"{what}: the ranks pass tensors of different shapes ({sizes}); every rank must pass the "
+                         "same shape, e.g. the same per-rank batch size (all_gather_variable gathers tensors whose "
+                         "first dimension differs between ranks, without gradient)")
+    _CHECKED_SHAPES.add(key)
+
+
 def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Differentiable all_gather, concatenated along dim 0 in rank order.
 
-    Every rank must pass the same shape. Identity in a single process.
+    Every rank must pass the same shape: a mismatch is a `ValueError` on every rank naming
+    each rank's shape (`check_same_shape`, which says when it is checked). Identity in a
+    single process.
     """
     if not is_distributed(group):
         return tensor
+    check_same_shape(tensor, group)
     return _AllGatherWithGrad.apply(tensor, group)
 
 
