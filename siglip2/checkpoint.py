@@ -7,11 +7,19 @@ under `teacher.heads.<loss>.` when the stage distils — and a
 `siglip2` entry that makes it usable on its own: the configuration of the weights it holds
 (after any adaptation), the losses' configs, the loss phase and the recipe's clock
 (`stages.base.Stage.checkpoint_meta`).
+
+Every file we read back (checkpoints here and for Lightning's resume, ACID's teacher cache,
+the recipe's summaries) goes through `load_plain`: tensors and plain Python values only, never
+pickled code.
 """
 from __future__ import annotations
 
+import pickle
+import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +28,31 @@ from siglip2.model import SigLIP2, SigLIP2Config
 
 # Renamed since format 1 (old name prefix -> new), so earlier checkpoints keep loading.
 _RENAMED = {"locca.": "losses.locca."}
+
+
+def load_plain(path: str | Path, *, mmap: bool = False) -> Any:
+    """`torch.load` of a file that holds only tensors and plain Python values (dict, list,
+    tuple, str, int, float, bool, None), on the CPU: `weights_only=True`, so nothing in the
+    file can run code while it is read. Everything we write is of that kind.
+
+    A file that needs more (pickled objects: classes, functions, OmegaConf nodes, enums,
+    paths) is refused with a `ValueError` naming the file and what it would have run, before
+    any of it is built. `mmap=True` maps the tensors instead of reading them (a cheap look
+    at a large file); legacy (non-zip) files are read whole.
+    """
+    path = str(path)
+    if mmap and not zipfile.is_zipfile(path):
+        mmap = False
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", str(err))
+        reason = (found.group(1) if found else str(err).splitlines()[0]).strip().rstrip(".")
+        raise ValueError(
+            f"{path}: refused: this file holds more than tensors and plain Python values, and loading it would "
+            f"execute pickled code, which can run anything ({reason}). Our checkpoints and teacher caches hold "
+            "only plain values; a file from elsewhere must be converted by someone who trusts it (torch.load with "
+            "weights_only=False, keep the tensors and plain values, torch.save)") from None
 
 
 def upgrade_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -91,9 +124,12 @@ class Checkpoint:
 def read_checkpoint(path: str) -> Checkpoint:
     """Read a checkpoint written by any stage (formats 1 and 2) on the CPU.
 
-    Raises `ValueError` if the file is not a siglip2 stage checkpoint.
+    Raises `ValueError` if the file is not a siglip2 stage checkpoint, or if it holds more
+    than tensors and plain values (`load_plain`: reading it never runs pickled code).
     """
-    raw = torch.load(str(path), map_location="cpu", weights_only=False)
+    raw = load_plain(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: not a siglip2 training checkpoint (a {type(raw).__name__}, not a dict)")
     meta = dict(raw.get("siglip2") or {})
     if "model" not in meta or "state_dict" not in raw:
         raise ValueError(f"{path}: not a siglip2 training checkpoint (no 'siglip2' entry with a model config)")

@@ -252,10 +252,10 @@ def _newest_write(folder: Path, since: float) -> float:
 
 
 def stage_summary(stage: ChainStage) -> dict[str, Any]:
-    import torch
+    from siglip2.checkpoint import load_plain
 
     metrics = json.loads((stage.dir / FINISHED).read_text())
-    ckpt = torch.load(stage.checkpoint("last"), map_location="cpu", weights_only=False, mmap=True)
+    ckpt = load_plain(stage.checkpoint("last"), mmap=True)
     meta = ckpt.get("siglip2", {})
     return {"dir": str(stage.dir), "init_from": stage.init_from,
             "overrides": [f"{k}={v}" for k, v in stage.groups.items()] + [f"{k}={v}" for k, v in stage.values],

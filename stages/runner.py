@@ -27,6 +27,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate data module, stage, callbacks, loggers and Trainer from a composed config."""
     if cfg.get("ckpt_path") and cfg.get("init_from"):
         raise ValueError("set either ckpt_path (resume this stage) or init_from (start a stage from weights), not both")
+    if cfg.get("ckpt_path"):
+        check_resume_checkpoint(str(cfg.ckpt_path))
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
     check_vocab(cfg, datamodule.tokenizer)
@@ -36,20 +38,59 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         stage.load_weights(str(cfg.init_from))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    overrides = {}
+    if not loggers:
+        callbacks = drop_logger_callbacks(callbacks)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if stage.recipe.fit_window:  # e.g. resadapt: exactly the steps of its window of the recipe
-        steps = stage.window_steps(global_batch_size(cfg, datamodule))
+        # From the built Trainer: its world size is the real one (devices: -1 / "auto" resolved, nodes).
+        steps = stage.window_steps(global_batch_size(trainer, datamodule))
         if steps is None:
             log.warning("stage %s: the recipe's length is unknown (no init_from checkpoint, no stage.recipe.examples); "
                         "training trainer.max_steps=%s steps", stage.stage_name, cfg.trainer.get("max_steps"))
         else:
-            log.info("stage %s covers recipe %s: %d steps (trainer.max_steps=%s replaced)", stage.stage_name,
-                     list(stage.recipe.window), steps, cfg.trainer.get("max_steps"))
-            overrides["max_steps"] = steps
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+            log.info("stage %s covers recipe %s: %d steps of %d ranks (trainer.max_steps=%s replaced)",
+                     stage.stage_name, list(stage.recipe.window), steps, trainer.world_size,
+                     cfg.trainer.get("max_steps"))
+            trainer.fit_loop.epoch_loop.max_steps = steps  # what `Trainer(max_steps=...)` sets
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return {"datamodule": datamodule, "stage": stage, "trainer": trainer, "callbacks": callbacks}
+
+
+def drop_logger_callbacks(callbacks: list[Any]) -> list[Any]:
+    """Without an experiment logger (`logger=none`), the callbacks that only write to one
+    (Lightning's `LearningRateMonitor` refuses to start without one) are left out, with a log line."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    kept = []
+    for cb in callbacks:
+        if isinstance(cb, LearningRateMonitor):
+            log.info("no logger configured: %s left out (it only writes to a logger; metrics.json is still written)",
+                     type(cb).__name__)
+        else:
+            kept.append(cb)
+    return kept
+
+
+def check_resume_checkpoint(path: str) -> None:
+    """`ckpt_path` must hold only tensors and plain values (`siglip2.checkpoint.load_plain`),
+    checked before any strategy reads it: Lightning's resume is `weights_only=True` for the
+    strategies that load through their CheckpointIO (single device, DDP), but FSDP's full-state
+    reader and DeepSpeed's engine unpickle without that limit. A directory (a sharded or
+    DeepSpeed checkpoint) has every torch/pickle file in it checked. Tensors are memory-mapped,
+    so the look costs little even for a large file. Lightning's own names ("last", "hpc", ...)
+    are left to Lightning, whose load is then `weights_only=True` (`run`)."""
+    from siglip2.checkpoint import load_plain
+
+    root = Path(path)
+    if root.is_file():
+        load_plain(root, mmap=True)
+    elif root.is_dir():
+        for file in sorted(p for p in root.rglob("*") if p.is_file()):
+            with open(file, "rb") as handle:
+                head = handle.read(4)
+            if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # a torch.save zip or a raw pickle
+                load_plain(file, mmap=True)
 
 
 def check_vocab(cfg: DictConfig, tokenizer) -> None:
@@ -74,19 +115,13 @@ def tokenizer_record(datamodule) -> dict[str, Any] | None:
             "lowercase": bool(getattr(tok, "lowercase", True))}
 
 
-def global_batch_size(cfg: DictConfig, datamodule) -> int:
-    """Examples per optimiser step: per-rank batch (its mean, when batches vary) x devices x
-    nodes x gradient accumulation.
-    `trainer.devices` must be a count here ("auto" or a device list count as their length / 1)."""
-    devices = cfg.trainer.get("devices", 1)
-    if isinstance(devices, str):
-        devices = int(devices) if devices.isdigit() else (torch.cuda.device_count() or 1)
-    elif not isinstance(devices, int):
-        devices = len(devices)
-    nodes = int(cfg.trainer.get("num_nodes", 1) or 1)
-    accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)
+def global_batch_size(trainer: L.Trainer, datamodule) -> int:
+    """Examples per optimiser step: per-rank batch (its mean, when batches vary) x the Trainer's
+    world size (devices x nodes, as Lightning resolved `devices: -1`, "auto", a count or a
+    list) x gradient accumulation. Read from the built Trainer, never from the config's
+    `devices` literal (-1 would count as one device)."""
     per_rank = float(getattr(datamodule, "mean_batch_size", datamodule.batch_size))  # NaFlex halves some batches
-    return max(1, round(per_rank * int(devices) * nodes * accumulate))
+    return max(1, round(per_rank * int(trainer.world_size) * int(trainer.accumulate_grad_batches)))
 
 
 def build_stage(cfg: DictConfig, vocab_size: int):
@@ -151,7 +186,8 @@ def run(cfg: DictConfig) -> float | None:
 
     with sweep_job_ddp(trainer):
         try:
-            trainer.fit(objs["stage"], datamodule=objs["datamodule"], ckpt_path=cfg.get("ckpt_path"))
+            # weights_only: the resumed file holds tensors and plain values only (build checked it)
+            trainer.fit(objs["stage"], datamodule=objs["datamodule"], ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         except SIGTERMException:  # callbacks.StageCheckpoints saved last.ckpt; never look successful
             log.error("stopped by SIGTERM at step %d; exit code 143", trainer.global_step)
             raise SystemExit(143) from None

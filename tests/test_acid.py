@@ -221,7 +221,7 @@ def test_acid_trains_on_two_ddp_processes_with_a_teacher_of_another_size(cache_d
     from test_train import cli
 
     vocab = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu",
-                       weights_only=False)["siglip2"]["model"]["text"]["vocab_size"]
+                       weights_only=True)["siglip2"]["model"]["text"]["vocab_size"]
     teacher = _hf_teacher(tmp_path, vocab=vocab, image_size=96, max_len=48)
     proc = cli(["debug=fast", "stage=acid", "trainer=ddp_cpu", "trainer.max_steps=3",
                 f"init_from={debug_pretrain}/checkpoints/last.ckpt", f"stage.acid.teacher=hf:{teacher}",
@@ -235,7 +235,7 @@ def test_acid_trains_on_two_ddp_processes_with_a_teacher_of_another_size(cache_d
         assert math.isfinite(metrics[key]), key
     assert 0.0 < metrics["acid/chosen_frac_en"] <= 1.0
     meta = torch.load(metrics_path.parent / "checkpoints" / "last.ckpt", map_location="cpu",
-                      weights_only=False)["siglip2"]
+                      weights_only=True)["siglip2"]
     assert meta["stage"] == "acid" and meta["acid"]["teacher"]["path"] == f"hf:{teacher}"
     assert meta["acid"]["teacher"]["model"]["vision"]["image_size"] == 96
     assert meta["examples_seen"] == 3 * 2 * 16  # each rank loads 32 and trains 16

@@ -220,7 +220,7 @@ def test_naflex_stage_trains_from_the_90pct_checkpoint(cache_dir, debug_pretrain
     trainer, stage = fit(compose_cfg(["stage=naflex", f"init_from={ckpt}"], cache_dir, tmp_path), [record])
     assert set(stage.losses) == {"sigmoid", "locca"} and stage.teacher is None
     assert next(iter(trainer.datamodule.train_dataloader()))["patches"].dtype == torch.uint8  # workers: uint8
-    source = torch.load(ckpt, map_location="cpu", weights_only=False)["siglip2"]
+    source = torch.load(ckpt, map_location="cpu", weights_only=True)["siglip2"]
     total = source["recipe"]["examples"]
     plan = trainer.datamodule.plan
     # the stretched window: 10% of the recipe x 3.75, in batches of the plan's mean size
@@ -234,7 +234,7 @@ def test_naflex_stage_trains_from_the_90pct_checkpoint(cache_dir, debug_pretrain
         grid = b["spatial_shapes"].prod(1)
         assert torch.equal(b["patch_valid"].sum(1), grid) and bool((grid <= length).all())
     assert stage.examples_seen == sum(plan(k)[1] for k in range(trainer.global_step))
-    out = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    out = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     meta = out["siglip2"]
     assert meta["stage"] == "naflex" and meta["init_from"]["not_in_checkpoint"] == []
     assert any(k.startswith("teacher.") for k in meta["init_from"]["ignored"])  # no distillation here

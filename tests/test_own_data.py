@@ -164,7 +164,7 @@ def test_tokenizer_cli_round_trips_every_script_and_trains_on_its_shards(shard_t
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 3 and np.isfinite(metrics["train/loss"])
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["siglip2"]["tokenizer"]["sha256"] == summary["sha256"]
     assert ckpt["state_dict"]["model.text_model.embeddings.token_embedding.weight"].shape[0] == tok.vocab_size
 
@@ -176,7 +176,7 @@ def test_init_from_weights_of_another_vocabulary_size_names_both(shard_tokenizer
     from test_train import compose_cfg
 
     _, summary = shard_tokenizer
-    raw = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    raw = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     raw["siglip2"]["tokenizer"] = None
     torch.save(raw, tmp_path / "no_record.ckpt")
     vocab = raw["siglip2"]["model"]["text"]["vocab_size"]

@@ -120,7 +120,7 @@ def test_chain_killed_in_its_second_stage_resumes_to_the_uninterrupted_numbers(c
     os.killpg(killed.pid, signal.SIGKILL)
     killed.communicate(timeout=60)
     assert not list((tmp_path / "chain").glob("2_resadapt-*/metrics.json"))  # it stopped in stage 2
-    stopped = int(torch.load(pretrain_last, map_location="cpu", weights_only=False)["global_step"])
+    stopped = int(torch.load(pretrain_last, map_location="cpu", weights_only=True)["global_step"])
     assert stopped % 3 == 0 and 3 <= stopped <= 9
 
     again = _run_chain(_chain_args(cache_dir, tmp_path / "chain", tmp_path / "d3"))
@@ -132,9 +132,9 @@ def test_chain_killed_in_its_second_stage_resumes_to_the_uninterrupted_numbers(c
         assert got["stages"][name]["metrics"] == pytest.approx(expected["stages"][name]["metrics"], abs=1e-6), name
         assert got["stages"][name]["examples_seen"] == expected["stages"][name]["examples_seen"]
         a = torch.load(Path(expected["stages"][name]["dir"]) / "checkpoints" / "last.ckpt", map_location="cpu",
-                       weights_only=False)["state_dict"]
+                       weights_only=True)["state_dict"]
         b = torch.load(Path(got["stages"][name]["dir"]) / "checkpoints" / "last.ckpt", map_location="cpu",
-                       weights_only=False)["state_dict"]
+                       weights_only=True)["state_dict"]
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=f"{name}: {key}")
     attempts = (Path(got["stages"]["pretrain"]["dir"]) / "recipe_attempts.jsonl").read_text().splitlines()

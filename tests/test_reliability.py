@@ -39,7 +39,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(cache_dir, tmp_
     proc.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 143, log[-3000:]
-    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     stopped = int(last["global_step"])
     assert 3 < stopped < 400, stopped  # later than the periodic checkpoint: nothing lost
     assert last["siglip2"]["examples_seen"] == stopped * 16
@@ -48,7 +48,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(cache_dir, tmp_
                       f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}"], cache_dir, tmp_path / "resumed")
     log, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, log[-3000:]
-    final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert int(final["global_step"]) == stopped + 2
 
 
@@ -283,13 +283,13 @@ def test_kill_9_at_a_random_moment_then_resume_ends_with_the_uninterrupted_weigh
     killed.send_signal(signal.SIGKILL)
     killed.communicate(timeout=60)
     assert killed.returncode == -signal.SIGKILL
-    stopped = int(torch.load(last, map_location="cpu", weights_only=False)["global_step"])
+    stopped = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
     assert stopped % 3 == 0 and 3 <= stopped < 15
     resumed = _start([*common, f"ckpt_path={last}"], cache_dir, tmp_path / "resumed")
     log, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, log[-3000:]
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert a["global_step"] == b["global_step"] == 15
     for key in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=1e-6, msg=key)
@@ -302,7 +302,7 @@ def test_init_from_a_checkpoint_missing_tower_tensors_is_refused(cache_dir, debu
     from stages.runner import build
     from test_train import compose_cfg
 
-    raw = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    raw = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     del raw["state_dict"]["model.text_model.final_layer_norm.weight"]
     torch.save(raw, tmp_path / "cut.ckpt")
     with pytest.raises(ValueError, match="lacks 1 tensors of the model itself .*final_layer_norm.weight"):

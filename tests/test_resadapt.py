@@ -252,7 +252,7 @@ def test_resadapt_from_the_95pct_checkpoint_64_to_96px_with_all_losses(cache_dir
     from test_train import compose_cfg, fit
 
     ckpt = debug_pretrain / "checkpoints" / "frac_0.95.ckpt"  # distillation on from 80% of 6 steps
-    source = torch.load(ckpt, map_location="cpu", weights_only=False)
+    source = torch.load(ckpt, map_location="cpu", weights_only=True)
     trainer, stage = fit(compose_cfg(["stage=resadapt", f"init_from={ckpt}", "model.vision.image_size=96"],
                                      cache_dir, tmp_path / "resadapt"))
     # the window's steps: 5% of the pretraining recipe's examples at batch 16
@@ -264,7 +264,7 @@ def test_resadapt_from_the_95pct_checkpoint_64_to_96px_with_all_losses(cache_dir
     for name in ("sigmoid", "locca", "local_to_global", "masked"):
         assert torch.isfinite(metrics[f"train/loss_{name}"]), name
     # adapted: student and teacher at a 12x12 table; the checkpoint records the new configuration
-    out = torch.load(tmp_path / "resadapt" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    out = torch.load(tmp_path / "resadapt" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     meta = out["siglip2"]
     assert meta["stage"] == "resadapt"
     assert (meta["model"]["vision"]["image_size"], meta["model"]["vision"]["posemb_grid"]) == (96, 12)

@@ -49,7 +49,7 @@ def fit(cfg, extra_callbacks=()):
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def test_debug_fast_cli_writes_metrics_and_handoff_checkpoints(cache_dir, tmp_path):
@@ -155,7 +155,7 @@ def test_resume_refuses_checkpoint_of_another_model(cache_dir, tmp_path):
 def test_resume_refuses_checkpoint_of_another_stage(cache_dir, tmp_path):
     fit(compose_cfg(["trainer.max_steps=2"], cache_dir, tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     state["siglip2"]["stage"] = "naflex"
     other = tmp_path / "other_stage.ckpt"
     torch.save(state, other)
@@ -262,7 +262,7 @@ def test_a_loss_joins_at_its_fraction_once_and_resume_keeps_the_phase(cache_dir,
         fit(compose_cfg(PROBE, cache_dir, tmp_path / "killed"), [_Crash(step=7)])
     for step, fires in ((3, [("probe", 5)]), (6, [])):
         ckpt = tmp_path / "killed" / "checkpoints" / f"step_{step:07d}.ckpt"
-        meta = torch.load(ckpt, map_location="cpu", weights_only=False)["siglip2"]
+        meta = torch.load(ckpt, map_location="cpu", weights_only=True)["siglip2"]
         assert meta["loss_enabled"]["probe"] == (step > 5)
         watch = _Watch()
         trainer, resumed = fit(compose_cfg([*PROBE, f"ckpt_path={ckpt}"], cache_dir, tmp_path / f"resumed{step}"),
@@ -313,7 +313,7 @@ def test_distillation_switches_on_and_resumes_with_the_same_teacher(cache_dir, t
 def test_last_ckpt_holds_the_final_weights_whatever_the_interval(cache_dir, tmp_path):
     """max_steps 7 with a checkpoint every 3 steps: last.ckpt must be step 7, not 6."""
     _, stage = fit(compose_cfg(["trainer.max_steps=7"], cache_dir, tmp_path))
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 7
     for key, value in stage.state_dict().items():
         torch.testing.assert_close(ckpt["state_dict"][key], value, rtol=0, atol=0, msg=key)

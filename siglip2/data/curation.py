@@ -205,7 +205,9 @@ class TeacherCache:
     `KeyError` naming how many and which (a cache built from other shards)."""
 
     def __init__(self, path: str | Path):
-        raw = torch.load(str(path), map_location="cpu", weights_only=False)
+        from siglip2.checkpoint import load_plain  # tensors and plain values only: never runs pickled code
+
+        raw = load_plain(path)
         if not isinstance(raw, dict) or raw.get("kind") != "siglip2-teacher-cache":
             raise ValueError(f"{path}: not a teacher cache (write one with python -m siglip2.data.curation cache)")
         self.path = str(path)
