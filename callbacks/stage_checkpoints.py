@@ -40,7 +40,7 @@ class StageCheckpoints(L.Callback):
         for frac in self.fractions:
             if frac not in self.saved and progress >= frac:
                 path = self.dirpath / self.filename(frac)
-                trainer.save_checkpoint(path)
+                trainer.save_checkpoint(path, weights_only=False)  # the full, resumable checkpoint
                 self.saved.add(frac)
                 if trainer.is_global_zero:  # every rank writes its part; one line in the shared log
                     log.info("hand-off checkpoint %s at step %d", path, trainer.global_step)
@@ -49,7 +49,7 @@ class StageCheckpoints(L.Callback):
         # ModelCheckpoint writes last.ckpt only at its interval: with max_steps not a multiple
         # of it, the final weights would be in no file. Every rank takes part (DeepSpeed/FSDP).
         path = self.dirpath / "last.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full, resumable checkpoint
         if trainer.is_global_zero:
             log.info("final checkpoint %s at step %d", path, trainer.global_step)
 
@@ -58,7 +58,7 @@ class StageCheckpoints(L.Callback):
 
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
             path = self.dirpath / "last.ckpt"
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the full, resumable checkpoint
             if trainer.is_global_zero:
                 log.warning("SIGTERM: saved %s at step %d; resume with ckpt_path=%s", path, trainer.global_step, path)
 

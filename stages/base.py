@@ -37,7 +37,10 @@ from stages import sharding
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 2
+# 3: the optimiser's parameter groups also split by lr gate (dormant losses, frozen prototypes),
+# so the optimiser state of formats 1-2 does not fit: such checkpoints load weights (init_from,
+# eval, export) but cannot resume.
+CHECKPOINT_FORMAT = 3
 # Metric prefixes logged as they are (their own W&B section), not under `train/`.
 OWN_SECTION = ("distill/",)
 
@@ -481,6 +484,12 @@ class Stage(L.LightningModule):
                     + ", ".join(f"{k} ({a} in the checkpoint, {b} here)" for k, (a, b) in diff.items())
                     + ". To continue these weights at another resolution, start a stage from them with init_from=...")
         self.check_tokenizer(meta.get("tokenizer"), "ckpt_path")
+        if int(meta.get("format", 1)) < 3 and checkpoint.get("optimizer_states"):
+            raise ValueError(
+                f"ckpt_path: this checkpoint is format {meta.get('format', 1)}, written before the optimiser's parameter "
+                "groups were split by lr gate (format 3), so its optimiser state does not fit this version and the run "
+                "cannot resume exactly. Continue its weights with init_from=<ckpt> and stage.recipe.examples / the same "
+                "stage window instead (a new optimiser, the clock from the checkpoint).")
         # FSDP and DeepSpeed load the weights themselves and take `state_dict` out first
         has_state = "state_dict" in checkpoint
         if has_state:

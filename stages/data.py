@@ -17,6 +17,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from siglip2.losses.locca import locca_host_bounds
+
 from siglip2.data.locca_targets import LoccaFormat
 from siglip2.data.samples import TrainSample
 from siglip2.data.shards import build_train_loader
@@ -136,6 +138,9 @@ class ImageTextData(L.LightningDataModule):
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # Keys, skip counters and worker ids stay on the host; tensors move.
+        # LocCa's work bounds are counted here, on the host batch, so that the loss trims the
+        # padded length without asking the device (siglip2.losses.locca.locca_host_bounds).
         if isinstance(batch, dict):
-            return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            moved = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            return {**moved, **locca_host_bounds(batch)}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)

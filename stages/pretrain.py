@@ -31,6 +31,7 @@ from siglip2.losses.locca import LoccaConfig, LoccaHead
 from siglip2.losses.sigmoid import SigmoidLoss, SigmoidLossConfig
 from siglip2.model.ema import EMATeacher
 from siglip2.schedule import RecipeClock, ema_momentum
+from stages import sharding
 from stages.base import Stage, StepContext
 
 DISTILL = ("local_to_global", "masked")
@@ -123,7 +124,12 @@ class PretrainStage(Stage):
                 teacher_logits = self.teacher.heads[name](ctx.teacher_global.pooled)
             return dict(student_pooled=ctx.local_pooled, teacher_logits=teacher_logits, teacher_temp=temp)
         # masked: tokens at the masked positions only (gathered before the heads)
-        image_index, position = ctx.views.mask.nonzero(as_tuple=True)
+        # (B, K) masked positions per image (a fixed count per image: no host sync), in the order
+        # `mask.nonzero` would give them
+        masked = ctx.views.masked_positions(self.views.mask_ratio)
+        image_index = torch.arange(masked.shape[0], device=masked.device).repeat_interleave(
+            masked.shape[1], output_size=masked.numel())
+        position = masked.reshape(-1)
         with torch.no_grad():
             teacher_logits = self.teacher.heads[name](ctx.teacher_global.tokens[image_index, position])
         return dict(student_tokens=ctx.student_masked.tokens[image_index, position], teacher_logits=teacher_logits,
@@ -136,6 +142,13 @@ class PretrainStage(Stage):
     def on_loss_enabled(self, name: str) -> None:
         if name in DISTILL:  # the teacher starts as the student (heads just re-initialised)
             self.teacher.copy_from(self.model.vision_model, self.distill_heads())
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        sharding.teacher_setup(self)  # before the strategy wraps the stage (DeepSpeed: keeps fp32 values)
+
+    def on_fit_start(self) -> None:
+        sharding.teacher_setup(self)  # after it (DeepSpeed: the teacher back to fp32)
 
     def on_weights_loaded(self, loaded: set[str]) -> None:
         # A source without a teacher (released weights, a checkpoint from before 80%): the
@@ -150,7 +163,8 @@ class PretrainStage(Stage):
             start = min(self.loss_configs[n].start_frac for n in DISTILL if n in self.losses)
             m = ema_momentum(self.recipe_progress, self.ema.momentum, self.ema.final_momentum, start=start)
             self.teacher.update(self.model.vision_model, self.distill_heads(), m)
-            self.log("distill/ema_momentum", m)
+            # a tensor on the device, not a Python float: logging floats makes Lightning sync each step
+            self.log("distill/ema_momentum", torch.tensor(m, device=self.device))
 
     def lr_gates(self) -> dict[str, bool]:
         # DINO: the prototype layer gets no update for the first `freeze_prototypes` of the phase.

@@ -78,3 +78,25 @@ def test_fsdp_resumed_from_a_step_checkpoint_ends_with_the_uninterrupted_weights
     resumed = run_dir(cli([*STRATEGY_RUN, "trainer=fsdp_cpu", f"ckpt_path={fsdp_run / 'checkpoints' / 'step_0000003.ckpt'}"],
                           cache_dir, tmp_path))
     assert_same_weights(_state(resumed)["state_dict"], _state(fsdp_run)["state_dict"], lr_sum=ATOL)
+
+
+def test_fsdp_runs_the_later_stages_from_its_own_handoffs(fsdp_run, cache_dir, tmp_path):
+    """NaFlex (mixed sequence lengths, halved batches), resolution adaptation (all losses,
+    teacher adapted) and ACID (our checkpoint as teacher) under FSDP, each from the FSDP run's
+    hand-off file, each writing a checkpoint `read_checkpoint` reads."""
+    from siglip2.checkpoint import read_checkpoint
+
+    ckpt = fsdp_run / "checkpoints"
+    runs = {"naflex": [f"init_from={ckpt / 'frac_0.90.ckpt'}"],
+            "resadapt": [f"init_from={ckpt / 'frac_0.95.ckpt'}", "model.vision.image_size=96"],
+            "acid": [f"init_from={ckpt / 'last.ckpt'}", f"stage.acid.teacher={ckpt / 'last.ckpt'}", "stage.acid.n_chunks=4"]}
+    for stage, extra in runs.items():
+        out = run_dir(cli([*STRATEGY_RUN, "trainer=fsdp_cpu", f"stage={stage}", "trainer.max_steps=2", *extra],
+                          cache_dir, tmp_path / stage))
+        metrics = json.loads((out / "metrics.json").read_text())
+        # fit_window stages (NaFlex, resadapt) train the steps of their window, not max_steps
+        assert metrics["global_step"] >= 1 and torch.isfinite(torch.tensor(metrics["train/loss"])), stage
+        read = read_checkpoint(str(out / "checkpoints" / "last.ckpt"))
+        assert read.stage == stage
+        if stage == "resadapt":
+            assert read.image_size == 96

@@ -8,9 +8,8 @@ the *calls* that would sync on a GPU, with a ``TorchFunctionMode`` over one
 ``stage.training_step`` (forward) and its backward, and attributes each to the innermost
 frame of this repository that made it.
 
-Budget: 0 in the losses, views and towers this census covers, except the ones listed in
-``KNOWN_AFTER_SWITCH`` (file, call) -> count, which live in files owned elsewhere and are waiting for the
-change described there; lower the budget when they go.
+Budget: 0 in the stage, losses, views and towers this census covers (``KNOWN_AFTER_SWITCH``
+(file, call) -> count lists any accepted exception, with its reason; none today).
 
 LocCa (issue 25, 1h): under FSDP every rank must run the same decoder passes every step
 (each pass all-gathers the decoder's shards), so a task with no valid row in a rank's batch
@@ -39,14 +38,7 @@ SYNC_CALLS = {"item", "__bool__", "tolist", "nonzero", "argwhere", "__int__", "_
               "numpy", "bincount", "unique", "unique_consecutive", "masked_select"}
 
 # Known remaining syncs, in files this test does not own: (file, call) -> count per step.
-KNOWN_AFTER_SWITCH = {
-    # `ctx.views.mask.nonzero(as_tuple=True)` in `loss_inputs` ("masked"): use
-    # `ctx.views.masked_positions(self.views.mask_ratio)` (fixed (B, K)) instead
-    ("stages/pretrain.py", "nonzero"): 1,
-    # `torch.bincount(image_index, minlength=batch_size)` in MaskedPredictionLoss.forward:
-    # `index_add_` of ones into zeros(batch_size) counts the same without a sync
-    ("siglip2/losses/distill.py", "bincount"): 1,
-}
+KNOWN_AFTER_SWITCH: dict[tuple[str, str], int] = {}
 
 
 class SyncCensus(TorchFunctionMode):

@@ -123,3 +123,49 @@ def test_losses_reach_the_progress_bar_only_when_there_is_one(tmp_path, progress
     trainer.fit(stage, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     assert ("train/loss" in trainer.progress_bar_metrics) == progress_bar
     assert "train/loss" in trainer.callback_metrics and "train/loss_sigmoid" in trainer.callback_metrics
+
+
+# ---------------------------------------------------------------- decay, gates, old checkpoints
+from siglip2.optim import param_groups  # noqa: E402
+
+
+def test_decay_follows_the_built_ndim_when_the_optimiser_sees_flat_shards():
+    """FSDP1 hands the optimiser 1-D views: the ndim recorded at build decides, as unwrapped."""
+    stage = _stage()
+    flat = [(n, torch.nn.Parameter(p.detach().reshape(-1))) for n, p in stage.named_parameters()]
+    as_built = param_groups(stage.named_parameters(), 0.1)
+    from_flat = param_groups(flat, 0.1, ndims=stage._param_ndims)
+    decayed = lambda groups: sum(len(g["params"]) for g in groups if g["weight_decay"] > 0)  # noqa: E731
+    assert decayed(from_flat) == decayed(as_built) > 0
+    assert decayed(param_groups(flat, 0.1)) == 0  # what ndim alone gave a sharded run
+
+
+def test_dormant_loss_and_frozen_prototypes_step_with_lr_zero_in_their_own_groups():
+    torch.manual_seed(0)
+    stage = PretrainStage(model=MICRO, optim=OPTIM, losses={
+        "sigmoid": {}, "local_to_global": {"start_frac": 0.8, "out_dim": 16, "hidden_dim": 8, "bottleneck_dim": 4}})
+    gates = stage.lr_gates()
+    assert gates == {"losses.sigmoid.": True, "losses.local_to_global.": False,
+                     "losses.local_to_global.head.prototypes": False}
+    groups = param_groups(stage.named_parameters(), 0.1, ndims=stage._param_ndims, gates=gates)
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    by_gate = {g.get("gate"): g for g in opt.param_groups}
+    proto = stage.losses["local_to_global"].head.prototypes
+    assert any(p is proto for p in by_gate["losses.local_to_global.head.prototypes"]["params"])
+    before = {id(p): p.detach().clone() for g in opt.param_groups for p in g["params"]}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            p.grad = torch.ones_like(p)
+    stage.on_before_optimizer_step(opt)
+    opt.step()
+    for g in opt.param_groups:
+        moved = any(not torch.equal(before[id(p)], p) for p in g["params"])
+        assert moved == (g.get("gate") in (None, "losses.sigmoid.")), g.get("gate")
+
+
+def test_resume_refuses_an_optimiser_state_from_before_the_gated_groups_with_a_clear_error():
+    stage = _stage()
+    old = {"siglip2": {"format": 2, "stage": "pretrain"}, "state_dict": stage.state_dict(),
+           "optimizer_states": [{"state": {}, "param_groups": []}]}
+    with pytest.raises(ValueError, match="format 2.*init_from"):
+        stage.on_load_checkpoint(old)

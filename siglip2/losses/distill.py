@@ -231,7 +231,8 @@ class MaskedPredictionLoss(nn.Module):
         s = self.head(student_tokens)
         q = self.target.targets(teacher_logits, teacher_temp)
         per_token = _cross_entropy(q, s, self.cfg.student_temp)
-        counts = torch.bincount(image_index, minlength=batch_size).clamp_min(1).to(per_token.dtype)
+        # masked patches per image, without bincount (a host sync: its output size is data-dependent)
+        counts = per_token.new_zeros(batch_size).index_add_(0, image_index, torch.ones_like(per_token)).clamp_min(1)
         loss = (per_token / counts[image_index]).sum() / batch_size
         metrics = {"distill/masked": loss.detach(), **self.target.metrics(q, s.detach(), teacher_temp, "distill/masked")}
         if self.training:
