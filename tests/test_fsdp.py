@@ -61,7 +61,7 @@ def test_fsdp_through_the_switch_gives_ddps_weights_teacher_and_heads(fsdp_run, 
     assert decayed > 50
 
 
-def test_fsdp_evaluates_during_training_and_its_checkpoint_is_one_file_eval_reads(fsdp_run, cache_dir):
+def test_fsdp_evaluates_during_training_and_its_checkpoint_is_one_file_eval_and_export_read(fsdp_run, tmp_path):
     metrics = json.loads((fsdp_run / "metrics.json").read_text())
     assert any(k.startswith("zeroshot/") for k in metrics), sorted(metrics)
     from siglip2.checkpoint import read_checkpoint
@@ -70,6 +70,19 @@ def test_fsdp_evaluates_during_training_and_its_checkpoint_is_one_file_eval_read
         assert (fsdp_run / "checkpoints" / name).is_file()
     model = read_checkpoint(str(fsdp_run / "checkpoints" / "last.ckpt")).model()
     assert model.vision_model.embeddings.patch_embedding.weight.ndim == 2
+    # exported, the FSDP run's weights give transformers the embeddings our reader's model gives
+    from transformers import AutoModel
+
+    from siglip2.export.__main__ import main as export_main
+
+    folder = export_main([f"ckpt_path={fsdp_run / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'hf'}"])
+    hf = AutoModel.from_pretrained(folder).eval()
+    size = model.config.vision.image_size
+    image, text = torch.rand(2, 3, size, size) * 2 - 1, torch.randint(1, 100, (2, model.config.text.max_len))
+    with torch.no_grad():
+        out = hf(pixel_values=image, input_ids=text)
+        torch.testing.assert_close(out.image_embeds, model.encode_image(image=image).embeds, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out.text_embeds, model.embed_text(text), rtol=1e-4, atol=1e-5)
 
 
 def test_fsdp_resumed_from_a_step_checkpoint_ends_with_the_uninterrupted_weights(fsdp_run, cache_dir, tmp_path):
