@@ -21,6 +21,7 @@ from functools import cached_property
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.strategies import ParallelStrategy
 import torch
 from torch import nn
 
@@ -386,8 +387,11 @@ class Stage(L.LightningModule):
         dormant = [p for name, module in self.losses.items() if not self.loss_enabled[name]
                    for p in module.parameters() if p.requires_grad]
         world = int(self._trainer.world_size) if self._trainer is not None else 1
-        if dormant and world > 1:  # losses that join later: in the graph with weight 0 so that
-            total = total + 0.0 * sum(p.sum() for p in dormant)  # DDP's reducer gets every gradient
+        strategy = getattr(self._trainer, "strategy", None)
+        if dormant and (world > 1 or isinstance(strategy, ParallelStrategy)):
+            # losses that join later: in the graph with weight 0 so that DDP's reducer gets every
+            # gradient (it runs with one process too: `trainer=gpu_ddp trainer.devices=1`)
+            total = total + 0.0 * sum(p.sum() for p in dormant)
         self.log("train/loss", total.detach(), batch_size=bsz, prog_bar=bar, sync_dist=True)
         self._first_batch = self._first_batch or bsz
         self.examples_seen += bsz * world

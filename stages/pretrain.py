@@ -163,8 +163,9 @@ class PretrainStage(Stage):
             start = min(self.loss_configs[n].start_frac for n in DISTILL if n in self.losses)
             m = ema_momentum(self.recipe_progress, self.ema.momentum, self.ema.final_momentum, start=start)
             self.teacher.update(self.model.vision_model, self.distill_heads(), m)
-            # a tensor on the device, not a Python float: logging floats makes Lightning sync each step
-            self.log("distill/ema_momentum", torch.tensor(m, device=self.device))
+            # only on logging steps: a Python number becomes a device tensor (a copy that waits) when logged
+            if self.global_step % max(1, int(self.trainer.log_every_n_steps)) == 0:
+                self.log("distill/ema_momentum", m)
 
     def lr_gates(self) -> dict[str, bool]:
         # DINO: the prototype layer gets no update for the first `freeze_prototypes` of the phase.

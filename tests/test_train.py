@@ -193,6 +193,14 @@ def test_ddp_cpu_two_processes_train_with_a_loss_that_joins_later(cache_dir, tmp
     assert metrics["train/examples_seen"] >= 3 * 2 * 16  # both ranks' batches counted
 
 
+def test_ddp_with_one_process_trains_through_the_switch(cache_dir, tmp_path):
+    """`trainer=gpu_ddp trainer.devices=1` (a one-GPU job with the multi-GPU config): DDP still
+    runs its reducer, which needs a gradient for the dormant distillation heads."""
+    proc = cli(["debug=fast", "trainer=ddp_cpu", "trainer.devices=1"], cache_dir, tmp_path)
+    metrics = json.loads(Path(proc.stdout.strip().splitlines()[-1].split("metrics written to ")[-1]).read_text())
+    assert metrics["global_step"] == 6 and metrics["schedule/local_to_global_on"] == 1.0
+
+
 def test_deepspeed_stage_2_composes_and_builds_trainer_on_cpu(cache_dir, tmp_path):
     """Training needs CUDA; on CPU the config composes and Lightning builds the Trainer."""
     from stages.runner import build
