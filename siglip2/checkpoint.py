@@ -127,7 +127,12 @@ def read_checkpoint(path: str) -> Checkpoint:
     Raises `ValueError` if the file is not a siglip2 stage checkpoint, or if it holds more
     than tensors and plain values (`load_plain`: reading it never runs pickled code).
     """
-    raw = load_plain(path)
+    if Path(path).is_dir():  # DeepSpeed's checkpoint directories: fp32 masters from the ZeRO shards
+        from siglip2.checkpoint_zero import read_zero_checkpoint
+
+        raw = read_zero_checkpoint(path)
+    else:
+        raw = load_plain(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: not a siglip2 training checkpoint (a {type(raw).__name__}, not a dict)")
     meta = dict(raw.get("siglip2") or {})

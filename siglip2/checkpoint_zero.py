@@ -87,6 +87,21 @@ def _load(path: Path, what: str, mmap: bool = True) -> Any:
                          f"({reason})") from None
 
 
+def check_zero_checkpoint(path: str | Path) -> None:
+    """Every torch file of a DeepSpeed checkpoint directory holds only tensors, plain values and
+    DeepSpeed's three records, else `ValueError` naming the file and what it would have run:
+    the check before DeepSpeed's own loader (a resume, `ckpt_path`) unpickles the files without
+    that limit. Tensors are memory-mapped, so the look costs little."""
+    tag = _tag_dir(Path(path))
+    if not any(tag.glob("*.pt")):
+        raise ValueError(f"{path}: no DeepSpeed state files in {tag}")
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        with open(file, "rb") as handle:
+            head = handle.read(4)
+        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # a torch.save zip or a raw pickle
+            _load(file, "state")
+
+
 def read_zero_checkpoint(path: str | Path) -> dict[str, Any]:
     """A DeepSpeed ZeRO-1/2 checkpoint directory as a Lightning checkpoint dict: `state_dict`
     (every parameter in fp32 from the optimiser's master copy, or as saved for parameters

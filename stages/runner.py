@@ -86,6 +86,11 @@ def check_resume_checkpoint(path: str) -> None:
     if root.is_file():
         load_plain(root, mmap=True)
     elif root.is_dir():
+        from siglip2.checkpoint_zero import check_zero_checkpoint, is_zero_checkpoint
+
+        if is_zero_checkpoint(root):  # DeepSpeed's files also pickle three small records of its own
+            check_zero_checkpoint(root)
+            return
         for file in sorted(p for p in root.rglob("*") if p.is_file()):
             with open(file, "rb") as handle:
                 head = handle.read(4)
