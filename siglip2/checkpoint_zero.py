@@ -36,6 +36,10 @@ from typing import Any
 import torch
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
+# What DeepSpeed's engine puts into the model-states file; the rest is Lightning's client state.
+_DEEPSPEED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes",
+                   "frozen_param_fragments", "shared_params", "lr_scheduler", "data_sampler", "random_ltd",
+                   "ds_config"}
 _OPTIM_STATES = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
@@ -100,6 +104,14 @@ def check_zero_checkpoint(path: str | Path) -> None:
             head = handle.read(4)
         if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # a torch.save zip or a raw pickle
             _load(file, "state")
+
+
+def read_zero_client_state(path: str | Path) -> dict[str, Any]:
+    """Lightning's client state of a DeepSpeed checkpoint directory (`siglip2` meta,
+    `global_step`, `hyper_parameters`, ...) without the weights: a cheap look (memory-mapped)."""
+    tag = _tag_dir(Path(path))
+    model = _load(tag / MODEL_STATES, "model-states")
+    return {k: v for k, v in model.items() if k not in _DEEPSPEED_KEYS}
 
 
 def read_zero_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -182,8 +194,6 @@ def read_zero_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: {len(missing)} tensors of the module were not rebuilt from the ZeRO files "
                          f"({', '.join(missing[:5])})")
     state = {k: state[k] for k in module}  # the module's own order
-    skip = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "frozen_param_fragments",
-            "shared_params", "lr_scheduler", "data_sampler", "random_ltd", "ds_config"}
-    raw = {k: v for k, v in model.items() if k not in skip}
+    raw = {k: v for k, v in model.items() if k not in _DEEPSPEED_KEYS}
     raw["state_dict"] = state
     return raw

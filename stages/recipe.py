@@ -255,7 +255,13 @@ def stage_summary(stage: ChainStage) -> dict[str, Any]:
     from siglip2.checkpoint import load_plain
 
     metrics = json.loads((stage.dir / FINISHED).read_text())
-    ckpt = load_plain(stage.checkpoint("last"), mmap=True)
+    last = stage.checkpoint("last")
+    if last.is_dir():  # DeepSpeed writes a directory; its meta is in the model-states file
+        from siglip2.checkpoint_zero import read_zero_client_state
+
+        ckpt = read_zero_client_state(last)
+    else:
+        ckpt = load_plain(last, mmap=True)
     meta = ckpt.get("siglip2", {})
     return {"dir": str(stage.dir), "init_from": stage.init_from,
             "overrides": [f"{k}={v}" for k, v in stage.groups.items()] + [f"{k}={v}" for k, v in stage.values],

@@ -79,6 +79,7 @@ def test_checkpoint_directory_reads_as_deepspeeds_own_consolidation(ds_run):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from siglip2.checkpoint import read_checkpoint
+    from siglip2.checkpoint_zero import read_zero_client_state
 
     _, run = ds_run
     for name in ("last.ckpt", "frac_0.90.ckpt"):
@@ -91,6 +92,7 @@ def test_checkpoint_directory_reads_as_deepspeeds_own_consolidation(ds_run):
             assert ckpt.state_dict[key].dtype == torch.float32, key
             assert torch.equal(ckpt.state_dict[key], value), key
         assert ckpt.stage == "pretrain" and ckpt.meta["loss_enabled"]["masked"]
+        assert read_zero_client_state(path)["siglip2"] == ckpt.meta  # the recipe's cheap look
         assert ckpt.model("teacher") is not None and ckpt.locca_decoder() is not None
 
 
@@ -147,6 +149,21 @@ def test_fp32_deepspeed_ends_with_the_weights_of_ddp_through_the_switch(ds_run, 
     assert max(worst.values()) < 5e-6, worst
 
 
+def test_dormant_heads_are_neither_updated_nor_decayed_before_the_switch(ds_run, cache_dir, tmp_path):
+    """Before 80% the distillation heads and mask token sit in optimiser groups whose lr is 0
+    (`Stage.lr_gates`): ZeRO-2's flat fp32 groups keep them exactly as built (a `grad = None`
+    mask, invisible to DeepSpeed, let weight decay shrink them by ~1e-4 per step)."""
+    from stages.runner import build
+
+    _, run = ds_run
+    built = build(compose_cfg([], cache_dir, tmp_path))["stage"].state_dict()
+    at_step3 = _state(run / "checkpoints" / "step_0000003.ckpt")
+    heads = [k for k in at_step3 if k.startswith(DISTILL_PREFIXES)]
+    assert heads
+    for key in heads:
+        assert torch.equal(at_step3[key], built[key]), key
+
+
 def test_switch_reinit_reaches_the_fp32_masters_and_survives_the_step(ds_run, ds_bf16_run):
     """The heads re-initialised at 80% are what the engine's fp32 masters hold (so the step
     continues from them), and after the step they are one lr-sized update away, not back at the
@@ -177,12 +194,16 @@ def test_teacher_stays_fp32_under_bf16_and_follows_the_ema(ds_bf16_run):
     assert {str(v.dtype) for k, v in ckpt.items() if k.startswith("teacher.")} == {"torch.float32"}
 
 
-def test_resume_from_a_checkpoint_directory_gives_the_uninterrupted_weights(ds_run, cache_dir, tmp_path):
-    """Resume at step 3 (what `last.ckpt` holds after a kill between steps 3 and 6) through the
-    switch to step 6: the same weights, teacher and optimiser's masters as the uninterrupted run."""
+def test_resume_from_last_ckpt_directory_gives_the_uninterrupted_weights(ds_run, cache_dir, tmp_path):
+    """Resume from `last.ckpt` as a kill between steps 3 and 6 leaves it (the step-3 directory
+    `ModelCheckpoint(save_last=True)` wrote then) through the switch to step 6: the same weights,
+    teacher and fp32 masters as the uninterrupted run, bit for bit."""
+    import shutil
+
     _, full = ds_run
-    resumed = _train(["trainer=deepspeed_cpu", f"ckpt_path={full / 'checkpoints' / 'step_0000003.ckpt'}"],
-                     cache_dir, tmp_path, probe=False)
+    last = tmp_path / "killed" / "last.ckpt"
+    shutil.copytree(full / "checkpoints" / "step_0000003.ckpt", last)
+    resumed = _train(["trainer=deepspeed_cpu", f"ckpt_path={last}"], cache_dir, tmp_path / "resumed", probe=False)
     a, b = _state(full / "checkpoints" / "last.ckpt"), _state(resumed / "checkpoints" / "last.ckpt")
     assert set(a) == set(b)
     diff = max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point())
