@@ -64,7 +64,9 @@ def ddp_run(cache_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ds_bf16_run(cache_dir, tmp_path_factory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("ds-bf16")
-    return out, _train(["trainer=deepspeed_cpu", "trainer.precision=bf16-mixed"], cache_dir, out)
+    # with the end-of-training evaluation (zero-shot set), which runs an fp32 copy from the masters
+    return out, _train(["trainer=deepspeed_cpu", "trainer.precision=bf16-mixed", "eval=demo", "eval.max_batches=1",
+                        "eval.sets=[${data.demo.root}/eval/zeroshot/zeroshot.yaml]"], cache_dir, out)
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -192,6 +194,9 @@ def test_teacher_stays_fp32_under_bf16_and_follows_the_ema(ds_bf16_run):
         assert rec["ema_residual"] <= 1e-6 * rec["teacher_scale"], rec
     ckpt = _state(run / "checkpoints" / "last.ckpt")
     assert {str(v.dtype) for k, v in ckpt.items() if k.startswith("teacher.")} == {"torch.float32"}
+    # evaluation during training ran on the bf16 engine's towers through an fp32 copy (plain_model)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["zeroshot/demo_zeroshot/top1"] <= 1.0
 
 
 def test_resume_from_last_ckpt_directory_gives_the_uninterrupted_weights(ds_run, cache_dir, tmp_path):
