@@ -4,6 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (counts and compiles that must not depend on
+    the machine's threads), restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

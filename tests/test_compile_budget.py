@@ -25,11 +25,8 @@ MODEL = {"name": "t", "embed_dim": 16,
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here runs on one intra-op thread (conftest.one_thread)."""
 
 
 class CountingBackend:

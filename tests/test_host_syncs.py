@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from siglip2.data.locca_targets import IGNORE, LoccaFormat, build_locca_targets
 from siglip2.losses.locca import LoccaLoss, LoccaObjective, locca_host_bounds
+from test_locca import CharTokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # no Trainer here
 
@@ -80,17 +81,6 @@ class SyncCensus(TorchFunctionMode):
         return out
 
 
-class CharTokenizer:
-    """Character-level tokenizer (the interface `build_locca_targets` uses)."""
-    chars = " abcdefghijklmnopqrstuvwxyz0123456789:"
-    pad_id, eos_id, unk_id = 0, 1, 2
-    vocab_size = 3 + len(chars)
-
-    def encode(self, text, add_eos=True):
-        ids = [3 + self.chars.index(c) if c in self.chars else self.unk_id for c in text.lower()]
-        return ids + [self.eos_id] if add_eos else ids
-
-
 TOK = CharTokenizer()
 FMT = LoccaFormat(max_len=40)
 REGION = [{"caption": "red circle", "box": [0.1, 0.1, 0.4, 0.5]}]
@@ -102,11 +92,8 @@ def _locca_batch(samples) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here runs on one intra-op thread (conftest.one_thread)."""
 
 
 # ---------------------------------------------------------------- the census of one step

@@ -18,6 +18,17 @@ import torch.nn.functional as F
 POSEMB_RESIZE = ("hf", "bv_zoom")
 
 
+
+def _as_grid(posemb: torch.Tensor) -> torch.Tensor:
+    """A (G*G, W) table as its (G, G, W) grid (a (Gh, Gw, W) grid passes); a non-square
+    row count is a `ValueError`."""
+    if posemb.ndim != 2:
+        return posemb
+    g = math.isqrt(posemb.shape[0])
+    if g * g != posemb.shape[0]:
+        raise ValueError(f"position table of {posemb.shape[0]} rows is not a square grid")
+    return posemb.reshape(g, g, -1)
+
 def resize_posemb(posemb: torch.Tensor, hw: tuple[int, int], method: str = "hf") -> torch.Tensor:
     """Resize a (G*G, W) or (G, G, W) table to (h*w, W), row-major.
 
@@ -31,11 +42,7 @@ def resize_posemb(posemb: torch.Tensor, hw: tuple[int, int], method: str = "hf")
     """
     if method not in POSEMB_RESIZE:
         raise ValueError(f"posemb resize method must be one of {POSEMB_RESIZE}, got {method!r}")
-    if posemb.ndim == 2:
-        g = math.isqrt(posemb.shape[0])
-        if g * g != posemb.shape[0]:
-            raise ValueError(f"position table of {posemb.shape[0]} rows is not a square grid")
-        posemb = posemb.reshape(g, g, -1)
+    posemb = _as_grid(posemb)
     gh, gw, width = posemb.shape
     h, w = int(hw[0]), int(hw[1])
     if h <= 0 or w <= 0:
@@ -90,11 +97,7 @@ def posemb_for_batch(
     matmul. Every shape is fixed by (B, N) and the table, whatever the grids: no host sync,
     and `torch.compile` compiles once per sequence length, not once per mix of grids.
     """
-    if posemb.ndim == 2:
-        g = math.isqrt(posemb.shape[0])
-        if g * g != posemb.shape[0]:
-            raise ValueError(f"position table of {posemb.shape[0]} rows is not a square grid")
-        posemb = posemb.reshape(g, g, -1)
+    posemb = _as_grid(posemb)
     gh, gw, width = posemb.shape
     shapes = spatial_shapes.long().clamp(min=1)
     h, w = shapes[:, 0:1], shapes[:, 1:2]
