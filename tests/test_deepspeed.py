@@ -50,20 +50,20 @@ def _probe(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def ds_run(cache_dir, tmp_path_factory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("ds-fp32")
+def ds_run(cache_dir, module_tmp) -> tuple[Path, Path]:
+    out = module_tmp("ds-fp32")
     return out, _train(["trainer=deepspeed_cpu"], cache_dir, out)
 
 
 @pytest.fixture(scope="module")
-def ddp_run(cache_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp-fp32")
+def ddp_run(cache_dir, module_tmp) -> Path:
+    out = module_tmp("ddp-fp32")
     return _train(["trainer=ddp_cpu"], cache_dir, out, probe=False)
 
 
 @pytest.fixture(scope="module")
-def ds_bf16_run(cache_dir, tmp_path_factory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("ds-bf16")
+def ds_bf16_run(cache_dir, module_tmp) -> tuple[Path, Path]:
+    out = module_tmp("ds-bf16")
     # with the end-of-training evaluation (zero-shot set), which runs an fp32 copy from the masters
     return out, _train(["trainer=deepspeed_cpu", "trainer.precision=bf16-mixed", "eval=demo", "eval.max_batches=1",
                         "eval.sets=[${data.demo.root}/eval/zeroshot/zeroshot.yaml]"], cache_dir, out)

@@ -17,9 +17,9 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_dir):
+def trained(module_tmp, cache_dir):
     cache = cache_dir  # the session's debug demo (tests/conftest.py)
-    out = tmp_path_factory.mktemp("run")
+    out = module_tmp("run")
     fit(compose_cfg(["trainer.max_steps=2"], cache, out))
     return cache, out / "checkpoints" / "last.ckpt"
 

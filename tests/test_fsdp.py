@@ -43,9 +43,9 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(cache_dir, tmp_path_factory) -> Path:
+def fsdp_run(cache_dir, module_tmp) -> Path:
     return run_dir(cli([*STRATEGY_RUN, "trainer=fsdp_cpu", "eval=demo", "eval.max_batches=1", "eval.batch_size=16"],
-                       cache_dir, tmp_path_factory.mktemp("fsdp")))
+                       cache_dir, module_tmp("fsdp")))
 
 
 def test_fsdp_through_the_switch_gives_ddps_weights_teacher_and_heads(fsdp_run, ddp_reference):

@@ -106,9 +106,9 @@ def _probe(run: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fsdp2_run(cache_dir, tmp_path_factory) -> Path:
+def fsdp2_run(cache_dir, module_tmp) -> Path:
     """The FSDP2 run, with evaluation when training ends (the towers gathered into a plain copy)."""
-    return _run("fsdp2_cpu", cache_dir, tmp_path_factory.mktemp("fsdp2"),
+    return _run("fsdp2_cpu", cache_dir, module_tmp("fsdp2"),
                 ["eval=demo", "eval.max_batches=1", "eval.batch_size=16"])
 
 
