@@ -63,6 +63,12 @@ class RecipeClock:
     window: (start, end) of this stage in recipe progress.
     stretch: stage examples per recipe example inside the window (NaFlex 3.75, else 1).
     min_lr_ratio: the cosine ends at min_lr_ratio x peak.
+    lr: "recipe" (the paper: the stage reads its window's part of the one recipe cosine, so
+        a continuation from 90% runs at the cosine's tail, ~2% of peak) or "rewarm" (not the
+        paper's: the stage's own linear warmup over `rewarm_warmup` of its examples to
+        `rewarm_peak` x peak, then a cosine to min_lr_ratio x that over the rest of the
+        stage; for adapting a model to what it has not seen, e.g. native aspect ratios).
+        Loss switches and the EMA momentum follow recipe progress either way.
     """
     total_examples: int
     step_examples: int
@@ -70,6 +76,9 @@ class RecipeClock:
     window: tuple[float, float] = (0.0, 1.0)
     stretch: float = 1.0
     min_lr_ratio: float = 0.0
+    lr: str = "recipe"
+    rewarm_warmup: float = 0.1
+    rewarm_peak: float = 1.0
 
     def __post_init__(self):
         start, end = self.window
@@ -80,11 +89,17 @@ class RecipeClock:
                              f"{self.step_examples}")
         if self.stretch <= 0:
             raise ValueError(f"stretch must be > 0, got {self.stretch}")
+        if self.lr not in ("recipe", "rewarm"):
+            raise ValueError(f"lr must be 'recipe' or 'rewarm', got {self.lr!r}")
+        if not 0.0 <= self.rewarm_warmup < 1.0 or self.rewarm_peak <= 0:
+            raise ValueError(f"rewarm_warmup must lie in [0, 1) and rewarm_peak be > 0, got "
+                             f"{self.rewarm_warmup}, {self.rewarm_peak}")
 
     @classmethod
     def for_stage(cls, *, stage_steps: int, step_examples: int, warmup: float | int = 0,
                   window: tuple[float, float] = (0.0, 1.0), stretch: float = 1.0, min_lr_ratio: float = 0.0,
-                  total_examples: int | None = None) -> "RecipeClock":
+                  total_examples: int | None = None, lr: str = "recipe", rewarm_warmup: float = 0.1,
+                  rewarm_peak: float = 1.0) -> "RecipeClock":
         """The clock of a stage that runs `stage_steps` optimiser steps of `step_examples`.
 
         Without `total_examples` (the recipe's length, e.g. from the checkpoint a stage starts
@@ -102,7 +117,8 @@ class RecipeClock:
             warmup_examples = int(warmup) * step_examples
         return cls(total_examples=int(total_examples), step_examples=int(step_examples),
                    warmup_examples=warmup_examples, window=(float(start), float(end)), stretch=float(stretch),
-                   min_lr_ratio=float(min_lr_ratio))
+                   min_lr_ratio=float(min_lr_ratio), lr=str(lr), rewarm_warmup=float(rewarm_warmup),
+                   rewarm_peak=float(rewarm_peak))
 
     # ---- progress --------------------------------------------------------------------
     def recipe_examples(self, stage_examples: float) -> float:
@@ -126,8 +142,11 @@ class RecipeClock:
         """Multiplier of the peak lr for the step that starts after `stage_examples`.
 
         Warmup: (examples reached at the end of this step) / warmup_examples; then cosine
-        from 1 at the end of warmup to `min_lr_ratio` at the end of the recipe.
+        from 1 at the end of warmup to `min_lr_ratio` at the end of the recipe. With
+        `lr="rewarm"`, the same shape over this stage's own examples, peaking at `rewarm_peak`.
         """
+        if self.lr == "rewarm":
+            return self._rewarm_factor(stage_examples)
         r = self.recipe_examples(stage_examples)
         w, total = self.warmup_examples, self.total_examples
         if w > 0 and r < w:
@@ -135,6 +154,15 @@ class RecipeClock:
             return (r + step) / w
         t = min(1.0, (r - w) / max(self.step_examples, total - w))
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    def _rewarm_factor(self, stage_examples: float) -> float:
+        span = self.stage_examples
+        w = self.rewarm_warmup * span
+        if w > 0 and stage_examples < w:
+            return self.rewarm_peak * min(1.0, (stage_examples + self.step_examples) / w)
+        t = min(1.0, (stage_examples - w) / max(self.step_examples, span - w))
+        cosine = self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+        return self.rewarm_peak * cosine
 
     @staticmethod
     def loss_on(timing: LossTiming, progress: float) -> bool:

@@ -34,7 +34,7 @@ import torch
 from siglip2.config import from_dict
 from siglip2.data.curation import CurationConfig, TeacherCache, load_teacher, select, teacher_inputs
 from siglip2.data.transforms import normalize_pixels
-from siglip2.losses.sigmoid import SigmoidLoss, SigmoidLossConfig, sigmoid_pair_losses
+from siglip2.losses.sigmoid import SigmoidLoss, SigmoidLossConfig, negative_weight, sigmoid_pair_losses
 from stages.base import Stage, StepContext
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ class AcidStage(Stage):
 
     def loss_inputs(self, name: str, ctx: StepContext) -> dict[str, Any]:
         return dict(image_emb=ctx.image.embeds, text_emb=ctx.text_emb,
-                    logit_scale=self.model.logit_scale.exp(), logit_bias=self.model.logit_bias)
+                    logit_scale=self.model.logit_scale.exp(), logit_bias=self.model.logit_bias,
+                        nominal_batch_size=self.sigmoid_nominal())
 
     def load_weights(self, path: str) -> None:
         super().load_weights(path)
@@ -171,11 +172,14 @@ class AcidStage(Stage):
         s = self.score(batch)
         idx = select(s["learnability"], n, k, self.acid, gen, self.device)
         diag = s["learnability"].diagonal()
+        # The super-batch's sigmoid losses at the trained batch's scale (each negative weighted
+        # by (k - 1)/(n - 1): `negative_weight`), comparable with train/loss_sigmoid.
+        w = negative_weight(n, k)
         metrics = {
             "acid/learnability_chosen": diag[idx].mean(),
             "acid/learnability_all": diag.mean(),
-            "acid/learner_loss": s["learner"].sum() / n,
-            "acid/teacher_loss": s["teacher"].sum() / n,
+            "acid/learner_loss": _as_batch_of(s["learner"], w),
+            "acid/teacher_loss": _as_batch_of(s["teacher"], w),
         }
         return idx, metrics
 
@@ -230,3 +234,10 @@ def chosen_share(langs: list[str] | None, rows: list[int], groups: tuple[str, ..
     name = [lang if lang in groups else ("non_en" if lang else "unknown") for lang in (str(x or "") for x in langs)]
     total, kept = Counter(name), Counter(name[i] for i in rows)
     return {g: kept[g] / total[g] for g in total}
+
+
+def _as_batch_of(pair_losses: torch.Tensor, neg_weight: float) -> torch.Tensor:
+    """The sigmoid loss of an (n, n) pair-loss matrix with each negative weighted by
+    `neg_weight`: (diagonal + neg_weight * off-diagonal) / n."""
+    pos = pair_losses.diagonal().sum()
+    return (pos + neg_weight * (pair_losses.sum() - pos)) / pair_losses.shape[0]

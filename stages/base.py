@@ -86,11 +86,20 @@ class RecipeWindow:
     examples (None: from the checkpoint `init_from` names, else from this stage's max_steps).
     `fit_window`: the stage trains exactly the steps its window holds (`trainer.max_steps` is
     replaced by ceil(window examples x stretch / global batch)) when the recipe's length is
-    known (from `examples` or the `init_from` checkpoint)."""
+    known (from `examples` or the `init_from` checkpoint). `lr`, `rewarm_warmup`,
+    `rewarm_peak`: the stage's lr over its window (`siglip2.schedule.RecipeClock`: "recipe",
+    the paper's, or "rewarm", a fresh warmup + cosine over the stage, not the paper's)."""
     window: tuple[float, float] = (0.0, 1.0)
     stretch: float = 1.0
     examples: int | None = None
     fit_window: bool = False
+    lr: str = "recipe"
+    rewarm_warmup: float = 0.1
+    rewarm_peak: float = 1.0
+
+    def __post_init__(self):
+        if self.lr not in ("recipe", "rewarm"):
+            raise ValueError(f"stage.recipe.lr must be 'recipe' (the paper's) or 'rewarm', got {self.lr!r}")
 
 
 class StepContext:
@@ -257,7 +266,8 @@ class Stage(L.LightningModule):
         clock = RecipeClock.for_stage(
             stage_steps=int(trainer.estimated_stepping_batches), step_examples=step_examples,
             warmup=opt.warmup_steps, window=tuple(self.recipe.window), stretch=self.recipe.stretch,
-            min_lr_ratio=opt.min_lr_ratio, total_examples=int(total) if total else None)
+            min_lr_ratio=opt.min_lr_ratio, total_examples=int(total) if total else None, lr=self.recipe.lr,
+            rewarm_warmup=self.recipe.rewarm_warmup, rewarm_peak=self.recipe.rewarm_peak)
         mean = float(getattr(trainer.datamodule, "mean_batch_size", 0) or per_rank)  # NaFlex: some batches halved
         planned = int(trainer.estimated_stepping_batches) * step_examples * mean / per_rank
         if abs(planned - clock.stage_examples) > step_examples:
@@ -282,6 +292,20 @@ class Stage(L.LightningModule):
             # not depend on the batch size (it is 1 / warmup steps), so one example per step will do.
             return self.build_clock(per_rank=1).lr_factor(0)
         return self.clock.lr_factor(self.examples_seen)
+
+    @property
+    def nominal_batch_size(self) -> int | None:
+        """Per rank, the run's configured batch size (the data module's `nominal_batch_size`):
+        what the sigmoid loss weights batches of other sizes to (`SigmoidLoss`,
+        `stage.losses.sigmoid.nominal_negatives`). None outside a Trainer or without a data module."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        size = getattr(dm, "nominal_batch_size", None) or getattr(dm, "batch_size", None)
+        return int(size) if size else None
+
+    def sigmoid_nominal(self) -> int | None:
+        """`nominal_batch_size` when `stage.losses.sigmoid.nominal_negatives` is on, else None."""
+        cfg = self.loss_configs.get("sigmoid")
+        return self.nominal_batch_size if cfg is not None and getattr(cfg, "nominal_negatives", False) else None
 
     @property
     def recipe_progress(self) -> float:

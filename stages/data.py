@@ -131,6 +131,12 @@ class ImageTextData(L.LightningDataModule):
         """Mean examples per batch (NaFlex halves some batches); the batch size otherwise."""
         return self.plan.examples_per_batch_mean() if self.naflex is not None else float(self.batch_size)
 
+    @property
+    def nominal_batch_size(self) -> int:
+        """Per rank, the batch size the loss weights every batch to (`SigmoidLoss`): the NaFlex
+        plan's nominal size, `batch_size` otherwise (ACID: the trained batch, not its super-batch)."""
+        return self.plan.nominal_batch_size if self.naflex is not None else int(self.batch_size)
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """The workers' uint8 pixels (`image`, NaFlex `patches`) become float32 in [-1, 1]
         here, on the device (`siglip2.data.transforms.normalize_pixels`)."""

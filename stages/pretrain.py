@@ -114,7 +114,8 @@ class PretrainStage(Stage):
     def loss_inputs(self, name: str, ctx: PretrainContext) -> dict[str, Any]:
         if name == "sigmoid":  # student image and text embeddings
             return dict(image_emb=ctx.image.embeds, text_emb=ctx.text_emb,
-                        logit_scale=self.model.logit_scale.exp(), logit_bias=self.model.logit_bias)
+                        logit_scale=self.model.logit_scale.exp(), logit_bias=self.model.logit_bias,
+                        nominal_batch_size=self.sigmoid_nominal())
         if name == "locca":  # the same image pass's tokens, the batch's locca_* targets
             return dict(batch=ctx.batch, image_tokens=ctx.image.tokens, image_mask=ctx.image.token_mask,
                         generator=ctx.generator)

@@ -276,6 +276,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         zeroshot = next((s for s in cfg.eval.sets if load_eval_set(str(s)).task == "zeroshot"), None)
         if zeroshot is None:
             raise ValueError("grid= needs a zeroshot set in eval.sets")
-        png = render_predictions(str(zeroshot), model, decoder, tokenizer, ckpt.image_size, str(cfg.grid))
+        if cfg.eval.get("naflex_seq_len"):  # NaFlex: the images at their own aspect, per length
+            from siglip2.eval.naflex_grid import render_naflex_predictions
+
+            lengths = list(cfg.eval.get("grid_seq_lens") or [cfg.eval.naflex_seq_len])
+            png = render_naflex_predictions(str(zeroshot), model, tokenizer, ckpt.model_config.vision.patch_size,
+                                            lengths, str(cfg.grid), aspect_min=cfg.eval.get("aspect_min"),
+                                            device=cfg.device)
+        else:
+            png = render_predictions(str(zeroshot), model, decoder, tokenizer, ckpt.image_size, str(cfg.grid))
         print(f"prediction grid written to {png}")
     return metrics

@@ -71,6 +71,32 @@ def test_eval_py_prints_table_and_writes_metrics(trained, tmp_path):
         assert 0.0 <= metrics[key] <= 1.0
 
 
+def test_naflex_grid_shows_each_elongated_image_at_its_own_aspect_per_length(trained):
+    """The NaFlex picture (`eval.py grid=... eval.naflex_seq_len=...`): each image's views keep
+    its aspect ratio within each length's patch budget, the patch grid is drawn, one column per length."""
+    import numpy as np
+    from PIL import Image
+
+    from siglip2.checkpoint import read_checkpoint
+    from siglip2.data.demo import ensure_demo
+    from siglip2.data.tokenizer import build_tokenizer
+    from siglip2.eval.naflex_grid import render_naflex_predictions
+
+    cache, ckpt = trained
+    c = read_checkpoint(str(ckpt))
+    demo = ensure_demo(cache / "demo-n400-s0", num_train=400, seed=0)
+    tok = build_tokenizer(demo.tokenizer_path, length=c.model_config.text.max_len)
+    p = c.model_config.vision.patch_size
+    png = render_naflex_predictions(demo.zeroshot_yaml, c.model("student"), tok, p, [32, 64, 144],
+                                    str(Path(ckpt).parent / "nf.png"), aspect_min=1.6, n=3, cell=160)
+    grid = np.asarray(Image.open(png))
+    assert grid.shape == (3 * (160 + 30 + 4), 4 * (160 + 4), 3)
+    # the 144-token view of the first row: yellow grid lines every patch, within the aspect-kept view
+    tile = grid[:160, 3 * 164:3 * 164 + 160]
+    yellow = (tile[..., 0] == 255) & (tile[..., 1] == 255) & (tile[..., 2] == 0)
+    assert yellow.any(axis=0).sum() >= 5 and yellow.any(axis=1).sum() >= 5
+
+
 def test_export_cli_gives_a_folder_transformers_loads(trained, tmp_path):
     from transformers import AutoModel
 

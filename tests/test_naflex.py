@@ -215,6 +215,9 @@ def test_naflex_stage_trains_from_the_90pct_checkpoint(cache_dir, debug_pretrain
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.batches.append({k: batch[k].clone() for k in ("patches", "patch_valid", "spatial_shapes")})
 
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.batches[-1]["negative_weight"] = float(trainer.callback_metrics["train/negative_weight"])
+
     ckpt = debug_pretrain / "checkpoints" / "frac_0.90.ckpt"
     record = Record()
     trainer, stage = fit(compose_cfg(["stage=naflex", f"init_from={ckpt}"], cache_dir, tmp_path), [record])
@@ -233,6 +236,10 @@ def test_naflex_stage_trains_from_the_90pct_checkpoint(cache_dir, debug_pretrain
         assert float(b["patches"].min()) >= -1.0 and float(b["patches"].max()) <= 1.0
         grid = b["spatial_shapes"].prod(1)
         assert torch.equal(b["patch_valid"].sum(1), grid) and bool((grid <= length).all())
+        # a halved batch's negatives count as the full batch's (issue 26): (B - 1)/(B/2 - 1)
+        want = 1.0 if size == plan.batch_size else (plan.batch_size - 1) / (size - 1)
+        assert b["negative_weight"] == pytest.approx(want), (k, size)
+    assert any(plan(k)[1] < plan.batch_size for k in range(trainer.global_step))  # the run has halved batches
     assert stage.examples_seen == sum(plan(k)[1] for k in range(trainer.global_step))
     out = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     meta = out["siglip2"]

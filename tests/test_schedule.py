@@ -68,6 +68,25 @@ def test_stage_windows_continue_the_recipe_not_a_fresh_warmup():
     assert alone.total_examples == total
 
 
+def test_rewarm_gives_the_stage_its_own_warmup_and_cosine_on_the_recipe_clock():
+    total = 10_000 * 256
+    recipe = RecipeClock.for_stage(stage_steps=3750, step_examples=256, warmup=0.05, window=(0.9, 1.0),
+                                   stretch=3.75, total_examples=total)
+    rewarm = RecipeClock.for_stage(stage_steps=3750, step_examples=256, warmup=0.05, window=(0.9, 1.0),
+                                   stretch=3.75, total_examples=total, lr="rewarm", rewarm_warmup=0.1,
+                                   rewarm_peak=0.5, min_lr_ratio=0.1)
+    span = rewarm.stage_examples
+    assert recipe.lr_factor(0) < 0.03                                   # the paper's: the cosine's tail
+    assert rewarm.lr_factor(0) == pytest.approx(0.5 * 256 / (0.1 * span))  # first step of a fresh warmup
+    assert rewarm.lr_factor(0.1 * span - 256) == pytest.approx(0.5)     # warmup ends at the peak
+    assert rewarm.lr_factor(0.55 * span) == pytest.approx(0.5 * (0.1 + 0.9 * 0.5))  # half the cosine
+    assert rewarm.lr_factor(span) == pytest.approx(0.05)                # min_lr_ratio x peak
+    # progress (loss switches, EMA momentum) is the recipe's either way
+    assert rewarm.progress(span / 2) == recipe.progress(span / 2) == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="lr must be"):
+        RecipeClock.for_stage(stage_steps=10, step_examples=4, lr="warm")
+
+
 def test_losses_switch_on_at_their_fraction():
     late = LossTiming(weight=2.0, start_frac=0.8)
     clock = RecipeClock.for_stage(stage_steps=10, step_examples=4)

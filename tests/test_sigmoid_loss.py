@@ -151,6 +151,7 @@ def test_chunked_path_saves_no_batch_squared_tensor():
 # 2 processes (gloo) vs one process on the concatenated batch
 
 WORLD, LOCAL_B, CHUNK = 2, 5, 3
+NOMINAL = 8  # per rank: the batch of 5 is a smaller one than the run's (NaFlex halving)
 
 
 def _dist_worker(rank, init_method, out_dir):
@@ -160,11 +161,12 @@ def _dist_worker(rank, init_method, out_dir):
         x, y, t, bias = _inputs(WORLD * LOCAL_B, seed=5, scale=6.0, bias=-3.0, scale_shape=(1,))
         sl = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
         results = {}
-        for name, fn in [("ours", SigmoidLoss(chunk_size=CHUNK)),
-                         ("ours_plain", SigmoidLoss(chunk_size=4096)),
-                         ("open_clip", SigLipLoss(rank=rank, world_size=WORLD))]:
+        for name, fn, kw in [("ours", SigmoidLoss(chunk_size=CHUNK), {}),
+                             ("ours_plain", SigmoidLoss(chunk_size=4096), {}),
+                             ("ours_nominal", SigmoidLoss(chunk_size=CHUNK), {"nominal_batch_size": NOMINAL}),
+                             ("open_clip", SigLipLoss(rank=rank, world_size=WORLD), {})]:
             xs, ys, ts, bs = _leaves(x[sl], y[sl], t, bias)
-            out = fn(xs, ys, ts, bs)
+            out = fn(xs, ys, ts, bs, **kw)
             loss = out[0] if isinstance(out, tuple) else out
             loss.backward()
             results[name] = dict(loss=loss.detach(), gx=xs.grad, gy=ys.grad, gt=ts.grad, gb=bs.grad)
@@ -203,6 +205,17 @@ def test_two_process_gloo_matches_single_process(tmp_path):
             total = sum(ranks[r][impl][k] for r in range(WORLD))
             torch.testing.assert_close(total, WORLD * g, rtol=1e-5, atol=1e-6)
 
+    # The weighting uses the global sizes: W ranks of 5 stand for a global batch of W * 8, as one
+    # process would weight its concatenated batch of 10.
+    n_loss, (n_gx, _, _, n_gb) = _loss_and_grads(
+        lambda *a: SigmoidLoss(chunk_size=CHUNK)(*a, nominal_batch_size=WORLD * NOMINAL), x, y, t, bias)
+    assert not torch.allclose(n_loss, g_loss)
+    losses = torch.stack([ranks[r]["ours_nominal"]["loss"] for r in range(WORLD)])
+    torch.testing.assert_close(losses.mean(), n_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["ours_nominal"]["gx"], WORLD * n_gx[:LOCAL_B], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sum(ranks[r]["ours_nominal"]["gb"] for r in range(WORLD)), WORLD * n_gb,
+                               rtol=1e-5, atol=1e-6)
+
 
 def test_bfloat16_embeddings_accumulate_in_float32():
     x, y, t, bias = _inputs(40, seed=6)
@@ -213,3 +226,81 @@ def test_bfloat16_embeddings_accumulate_in_float32():
         assert grads[0].dtype == grads[1].dtype == torch.bfloat16 and grads[2].dtype == torch.float32
         torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(grads[2], ref_grads[2], rtol=5e-2, atol=5e-2)
+
+
+# --------------------------------------------------------------------------------------
+# Batches of another size than the nominal one (NaFlex's halved batches, token budgets):
+# each negative weighted by (N - 1)/(n - 1) (issue 26)
+
+def _no_information_loss(n, bias, nominal, chunk=4096):
+    """The loss of a batch of n examples whose every logit is `bias` (t * x.y = 0: no
+    information), and its gradient w.r.t. the bias."""
+    x = torch.zeros(n, D)
+    x[:, 0] = 1.0
+    y = torch.zeros(n, D)
+    y[:, 1] = 1.0  # x.y = 0 for every pair
+    b = torch.tensor(float(bias), requires_grad=True)
+    loss, _ = SigmoidLoss(chunk_size=chunk)(x, y, torch.tensor(10.0), b, nominal_batch_size=nominal)
+    (gb,) = torch.autograd.grad(loss, [b])
+    return float(loss), float(gb)
+
+
+@pytest.mark.parametrize("chunk", [3, 4096])
+def test_every_batch_size_has_the_nominal_no_information_optimum_and_gradient_scale(chunk):
+    N = 32
+    optimum = math.log(1 / (N - 1))  # sigmoid(b*) = 1/N
+    # the analytic per-row loss of the nominal batch at logit b: -log s(b) - (N-1) log(1 - s(b))
+    def nominal_row(b):
+        return -F.logsigmoid(torch.tensor(b)).item() - (N - 1) * F.logsigmoid(torch.tensor(-b)).item()
+
+    for n in (N, N // 2, 8, 2, 48):  # full, halved (the paper's NaFlex), a token budget's sizes
+        for b in (-10.0, optimum, -1.0):
+            loss, grad = _no_information_loss(n, b, N, chunk)
+            assert loss == pytest.approx(nominal_row(b), rel=1e-5), (n, b)
+            # d/db of the nominal row: (s - 1) + (N - 1) s, zero at s = 1/N
+            s = 1 / (1 + math.exp(-b))
+            assert grad == pytest.approx((s - 1) + (N - 1) * s, rel=1e-4, abs=1e-6), (n, b)
+        assert abs(_no_information_loss(n, optimum, N, chunk)[1]) < 1e-5
+
+    # Without the weighting (the plain loss, open_clip's and the paper's formula), a halved
+    # batch's optimum is 1/(N/2): between the two optima, full and halved batches push the
+    # shared bias in opposite directions (the failure of issue 26); weighted, both push alike.
+    _, g_full = _no_information_loss(N, optimum, None, chunk)
+    _, g_half = _no_information_loss(N // 2, optimum, None, chunk)
+    assert abs(g_full) < 1e-5 and g_half < -0.4
+    between = math.log(1 / (3 * N // 4 - 1))  # sigmoid = 1/24, between 1/32 and 1/16
+    assert _no_information_loss(N, between, None, chunk)[1] > 0.2 > -0.2 > _no_information_loss(
+        N // 2, between, None, chunk)[1]
+    assert _no_information_loss(N // 2, between, N, chunk)[1] == pytest.approx(
+        _no_information_loss(N, between, None, chunk)[1], rel=1e-4)
+
+
+def test_nominal_batch_of_the_same_size_is_the_plain_loss_and_weights_only_negatives():
+    x, y, t, bias = _inputs(12, seed=3)
+    plain, grads = _loss_and_grads(lambda *a: SigmoidLoss()(*a), x, y, t, bias)
+    same, grads_same = _loss_and_grads(lambda *a: SigmoidLoss()(*a, nominal_batch_size=12), x, y, t, bias)
+    assert torch.equal(plain, same) and all(torch.equal(a, b) for a, b in zip(grads, grads_same))
+    # against the formula with weights written out: positives 1, negatives (N-1)/(n-1)
+    N, n = 40, 12
+    w = (N - 1) / (n - 1)
+    logits = t * x @ y.T + bias
+    z = 2 * torch.eye(n) - 1
+    expected = -(F.logsigmoid(z * logits) * torch.where(z > 0, 1.0, w)).sum() / n
+    for chunk in (5, 4096):
+        got, metrics = SigmoidLoss(chunk_size=chunk)(x, y, t, bias, nominal_batch_size=N)
+        torch.testing.assert_close(got, expected)
+        assert float(metrics["negative_weight"]) == pytest.approx(w)
+    # chunked and plain paths give the same weighted gradients
+    _, g_chunk = _loss_and_grads(lambda *a: SigmoidLoss(chunk_size=5)(*a, nominal_batch_size=N), x, y, t, bias)
+    _, g_plain = _loss_and_grads(lambda *a: SigmoidLoss()(*a, nominal_batch_size=N), x, y, t, bias)
+    for a, b in zip(g_chunk, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_negative_weight_values_and_errors():
+    from siglip2.losses.sigmoid import negative_weight
+
+    assert negative_weight(16, 32) == 31 / 15
+    assert negative_weight(32, 32) == 1.0 and negative_weight(16, None) == 1.0 and negative_weight(1, 32) == 1.0
+    with pytest.raises(ValueError, match="batch sizes must be >= 1"):
+        negative_weight(0, 32)

@@ -165,6 +165,17 @@ class SeqLenPlan:
                 self._steps.append((length, self.batch_size))
         return self._steps[index]
 
+    @property
+    def nominal_batch_size(self) -> int:
+        """The batch size the plan's batches stand for: `batch_size` for `examples` batching
+        (halved batches are half of it), the budget over the middle length for `tokens`
+        (`batch_size` with the default budget). What `SigmoidLoss(nominal_batch_size=)`
+        weights every other size to."""
+        cfg = self.config
+        if cfg.batching == "tokens" and cfg.tokens_per_batch:
+            return max(1, cfg.tokens_per_batch // cfg.seq_lens[len(cfg.seq_lens) // 2])
+        return self.batch_size
+
     def examples_per_batch_mean(self, batches: int = 10_000) -> float:
         """Mean examples per batch over the first `batches` (for step-count planning)."""
         return sum(self(i)[1] for i in range(batches)) / batches

@@ -41,6 +41,35 @@ def _tile_labels(r0: int, r1: int, c0: int, c1: int, pos_offset: int, device, dt
     return torch.where(rows == cols, 1.0, -1.0).to(dtype)
 
 
+def _pair_weights(z: torch.Tensor, neg_weight: float) -> torch.Tensor | float:
+    """Each pair's weight in the loss sum: 1 for positives (z = +1), `neg_weight` for negatives."""
+    return 1.0 if neg_weight == 1.0 else torch.where(z > 0, 1.0, neg_weight).to(z.dtype)
+
+
+def negative_weight(batch_size: int, nominal_batch_size: int | None) -> float:
+    """(N - 1) / (n - 1): the weight of each negative pair in a batch of n examples (global,
+    all ranks) that makes its sigmoid loss estimate that of the nominal batch of N.
+
+    A row of the sigmoid loss holds one positive and n - 1 negatives, so its
+    no-information optimum (every logit equal) is sigmoid(logit) = 1/n, and its size and
+    gradient scale grow with n. Batches of another size than the run's nominal one (NaFlex's
+    halved batches at the largest length [P §2.4.2], `batching: tokens`, a last partial batch)
+    then pull the shared logit bias towards another optimum than the full batches, an
+    alternating push that gradient clipping turns into a smaller image-text signal (issue
+    26). With every negative weighted by (N - 1)/(n - 1), each row counts as N - 1
+    negatives: optimum sigmoid(logit) = 1/N and the gradient scale of a full batch, whatever
+    n. Returns 1.0 when `nominal_batch_size` is None (the plain loss: SigLIP's, big_vision's
+    and open_clip's), when n == N, or when n < 2 (no negatives).
+
+    Raises ValueError for n < 1 or N < 1.
+    """
+    if batch_size < 1 or (nominal_batch_size is not None and nominal_batch_size < 1):
+        raise ValueError(f"batch sizes must be >= 1, got {batch_size} and nominal {nominal_batch_size}")
+    if nominal_batch_size is None or batch_size == nominal_batch_size or batch_size < 2:
+        return 1.0
+    return (nominal_batch_size - 1) / (batch_size - 1)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Logits, loss and gradients are formed in float32 when the embeddings are 16-bit."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -51,7 +80,8 @@ def _no_autocast(device: torch.device):
 
 
 class _ChunkedSigmoidLoss(torch.autograd.Function):
-    """Sum over all (i, j) of -log sigmoid(z_ij * (t * x_i.y_j + b)), computed tile by tile.
+    """Sum over all (i, j) of w_ij * -log sigmoid(z_ij * (t * x_i.y_j + b)), computed tile by
+    tile, with w_ij = 1 for positives and `neg_weight` for negatives.
 
     Row i of `x` is positive with row i + pos_offset of `y` (the rank's own block inside the
     gathered text embeddings). Returns (loss_sum, positive_logit_sum, negative_logit_sum);
@@ -64,7 +94,7 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, y, t, b, pos_offset: int, chunk_size: int):
+    def forward(ctx, x, y, t, b, pos_offset: int, chunk_size: int, neg_weight: float = 1.0):
         n, m = x.shape[0], y.shape[0]
         acc = _acc_dtype(x.dtype)
         loss = x.new_zeros((), dtype=acc)
@@ -78,11 +108,11 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
                     c1 = min(c0 + chunk_size, m)
                     logits = t.to(acc) * (xr @ y[c0:c1].T).to(acc) + b.to(acc)
                     z = _tile_labels(r0, r1, c0, c1, pos_offset, x.device, acc)
-                    loss -= F.logsigmoid(z * logits).sum()
+                    loss -= (F.logsigmoid(z * logits) * _pair_weights(z, neg_weight)).sum()
                     pos_sum += (logits * (z > 0)).sum()
                     all_sum += logits.sum()
         ctx.save_for_backward(x, y, t, b)
-        ctx.pos_offset, ctx.chunk_size = pos_offset, chunk_size
+        ctx.pos_offset, ctx.chunk_size, ctx.neg_weight = pos_offset, chunk_size, neg_weight
         pos_sum, neg_sum = pos_sum.detach(), (all_sum - pos_sum).detach()
         ctx.mark_non_differentiable(pos_sum, neg_sum)
         return loss, pos_sum, neg_sum
@@ -110,7 +140,7 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
                     logits = t_acc * sim + b_acc
                     z = _tile_labels(r0, r1, c0, c1, off, x.device, acc)
                     # d/dl [-log sigmoid(z l)] = -z * sigmoid(-z l)
-                    g = -z * torch.sigmoid(-z * logits) * grad_loss.to(acc)
+                    g = -z * torch.sigmoid(-z * logits) * _pair_weights(z, ctx.neg_weight) * grad_loss.to(acc)
                     if need_x:
                         gx[r0:r1] += t_acc * (g @ yc.to(acc))
                     if need_y:
@@ -126,6 +156,7 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
             gb.reshape(b.shape).to(b.dtype) if need_b else None,
             None,
             None,
+            None,
         )
 
 
@@ -136,21 +167,23 @@ def sigmoid_loss_sums(
         logit_bias: torch.Tensor,
         pos_offset: int = 0,
         chunk_size: int = 1024,
+        neg_weight: float = 1.0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unnormalised sum of the sigmoid loss of every image row against every text row.
 
     Row i of image_emb is the positive of row i + pos_offset of text_emb; all other pairs
-    are negatives. Returns (loss_sum, positive_logit_sum, negative_logit_sum), the last two
+    are negatives, each weighted by `neg_weight` (`negative_weight`; 1.0 = the plain sum). Returns (loss_sum, positive_logit_sum, negative_logit_sum), the last two
     detached. Tiles of chunk_size x chunk_size when either side exceeds chunk_size, the
     plain autograd formula otherwise (same numbers up to float rounding).
     """
     n, m = image_emb.shape[0], text_emb.shape[0]
     if n > chunk_size or m > chunk_size:
-        return _ChunkedSigmoidLoss.apply(image_emb, text_emb, logit_scale, logit_bias, pos_offset, chunk_size)
+        return _ChunkedSigmoidLoss.apply(image_emb, text_emb, logit_scale, logit_bias, pos_offset, chunk_size,
+                                         float(neg_weight))
     acc = _acc_dtype(image_emb.dtype)
     logits = logit_scale.to(acc) * (image_emb @ text_emb.T).to(acc) + logit_bias.to(acc)
     z = _tile_labels(0, n, 0, m, pos_offset, logits.device, logits.dtype)
-    loss = -F.logsigmoid(z * logits).sum()
+    loss = -(F.logsigmoid(z * logits) * _pair_weights(z, float(neg_weight))).sum()
     with torch.no_grad():
         pos_sum = (logits * (z > 0)).sum()
         neg_sum = logits.sum() - pos_sum
@@ -198,17 +231,28 @@ DEFAULT_CHUNK = 4096
 
 @dataclass
 class SigmoidLossConfig(LossTiming):
-    """`stage.losses.sigmoid`: weight and timing (on from step 0), and the tile size."""
+    """`stage.losses.sigmoid`: weight and timing (on from step 0), the tile size, and
+    `nominal_negatives`: weight each negative of a batch that is not the run's nominal size
+    so that it estimates the nominal batch's loss (`negative_weight`). Not in the paper,
+    which does not say how its halved NaFlex batches are weighted; false gives the plain
+    per-batch loss. A no-op whenever every batch has the nominal size (fixed-resolution
+    stages), so it matters for NaFlex (halving, `batching: tokens`) only."""
     chunk_size: int = DEFAULT_CHUNK
+    nominal_negatives: bool = True
 
 
 class SigmoidLoss(nn.Module):
     """SigLIP sigmoid loss, chunked and distributed-aware.
 
-    forward(image_emb (b, D), text_emb (b, D), logit_scale (exp'd, () or (1,)), logit_bias)
-    -> (loss, metrics). Embeddings are expected L2-normalised. When torch.distributed is
-    initialised with world size > 1 (in `group`), every rank must pass the same b; the loss
-    follows open_clip's per-rank convention (see module docstring).
+    forward(image_emb (b, D), text_emb (b, D), logit_scale (exp'd, () or (1,)), logit_bias,
+    nominal_batch_size=None) -> (loss, metrics). Embeddings are expected L2-normalised. When
+    torch.distributed is initialised with world size > 1 (in `group`), every rank must pass
+    the same b; the loss follows open_clip's per-rank convention (see module docstring).
+
+    `nominal_batch_size` (per rank, the run's configured batch size): when given and the
+    batch has another size, every negative is weighted by `negative_weight(W*b, W*nominal)`
+    so the loss has the nominal batch's no-information optimum and gradient scale (NaFlex's
+    halved and token-budget batches). None: the plain loss, as open_clip's SigLipLoss.
 
     metrics (detached): pos_logit / neg_logit (mean positive / negative logit of this
     rank's rows), logit_scale, logit_bias.
@@ -227,6 +271,7 @@ class SigmoidLoss(nn.Module):
             text_emb: torch.Tensor,
             logit_scale: torch.Tensor,
             logit_bias: torch.Tensor,
+            nominal_batch_size: int | None = None,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         if image_emb.shape != text_emb.shape:
             raise ValueError(f"image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)} differ")
@@ -242,8 +287,10 @@ class SigmoidLoss(nn.Module):
             offset = get_rank(self.group) * b
         else:
             all_text, offset = text_emb, 0
+        nominal = None if nominal_batch_size is None else int(nominal_batch_size) * world
+        weight = negative_weight(all_text.shape[0], nominal)
         loss_sum, pos_sum, neg_sum = sigmoid_loss_sums(
-            image_emb, all_text, logit_scale, logit_bias, offset, self.chunk_size)
+            image_emb, all_text, logit_scale, logit_bias, offset, self.chunk_size, weight)
         loss = loss_sum / b
         num_neg = max(b * all_text.shape[0] - b, 1)
         metrics = {
@@ -251,5 +298,6 @@ class SigmoidLoss(nn.Module):
             "neg_logit": neg_sum / num_neg,
             "logit_scale": logit_scale.detach().reshape(()),
             "logit_bias": logit_bias.detach().reshape(()),
+            "negative_weight": image_emb.new_tensor(weight, dtype=torch.float32),
         }
         return loss, metrics
