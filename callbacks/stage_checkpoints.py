@@ -50,6 +50,7 @@ class StageCheckpoints(L.Callback):
         # of it, the final weights would be in no file. Every rank takes part (DeepSpeed/FSDP).
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path, weights_only=False)  # the full, resumable checkpoint
+        _claim_last(trainer, path)
         if trainer.is_global_zero:
             log.info("final checkpoint %s at step %d", path, trainer.global_step)
 
@@ -67,3 +68,16 @@ class StageCheckpoints(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.saved = set(state_dict.get("saved", []))
+
+
+def _claim_last(trainer: L.Trainer, path: Path) -> None:
+    """Tell each `ModelCheckpoint(save_last=True)` writing to the same folder that `path` is its
+    last checkpoint. Lightning runs checkpoint callbacks after the others; one that never
+    saved at its interval (a run shorter than `every_n_train_steps`) would otherwise save the
+    same step again at train end, as `last-v1.ckpt` beside ours (it finds last.ckpt taken)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath and Path(cb.dirpath) == path.parent:
+            cb.last_model_path = str(path)
+            cb._last_checkpoint_saved = str(path)  # what its on_train_end checks (lightning 2.x)

@@ -325,3 +325,12 @@ def test_last_ckpt_holds_the_final_weights_whatever_the_interval(cache_dir, tmp_
     assert ckpt["global_step"] == 7
     for key, value in stage.state_dict().items():
         torch.testing.assert_close(ckpt["state_dict"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_run_shorter_than_the_interval_writes_one_last_ckpt(cache_dir, tmp_path):
+    """2 steps, checkpoints every 3: ModelCheckpoint never saved at its interval, and must not
+    save the same final step again as last-v1.ckpt beside the final last.ckpt (issue 27)."""
+    fit(compose_cfg(["trainer.max_steps=2"], cache_dir, tmp_path))
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["frac_0.90.ckpt", "frac_0.95.ckpt", "last.ckpt"], names
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
