@@ -66,6 +66,9 @@ class ZeroShotEval(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_device = pl_module.device
+        if not self.sets and trainer.is_global_zero:
+            log.info("no evaluation sets (eval.sets is empty): training ends without evaluation numbers; "
+                     "name yours with eval.sets='[/path/to/set.yaml]' (README \"Evaluation data layout\")")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run resumed from its final checkpoint (e.g. a recipe stage killed during its final

@@ -234,24 +234,45 @@ def _overridden(group: str) -> bool:
     return any(o.lstrip("+~").split("=")[0].split(".")[0] == group for o in HydraConfig.get().overrides.task)
 
 
+def _select(cfg: DictConfig, key: str) -> Any:
+    """`cfg.<key>`, or None when it is missing or interpolates what is not there (e.g. the
+    demo tokenizer's `${data.demo.root}` under `data=webdataset`)."""
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=False)
+    except Exception:  # an interpolation that cannot resolve
+        return None
+
+
+def _needs_demo(cfg: DictConfig, ckpt) -> bool:
+    """Whether evaluating needs the embedded demo: an eval set under its root, or the
+    checkpoint's tokenizer is the demo's and is not on disk (built with the demo)."""
+    root = _select(cfg, "data.demo.root")
+    if not root:
+        return False
+    root = os.path.abspath(os.path.expanduser(str(root)))
+    inside = lambda p: bool(p) and os.path.abspath(os.path.expanduser(str(p))).startswith(root + os.sep)
+    recorded = (ckpt.meta.get("tokenizer") or {}).get("path")
+    return any(inside(s) for s in (cfg.eval.sets or [])) or (inside(recorded) and not os.path.exists(recorded))
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    from siglip2.checkpoint import read_checkpoint
+    from siglip2.data.tokenizer import build_tokenizer, resolve_checkpoint_tokenizer
     from siglip2.eval.suite import evaluate_all, load_eval_set
 
-    if cfg.data.get("demo"):
+    ckpt = read_checkpoint(str(cfg.ckpt_path))
+    if _needs_demo(cfg, ckpt):  # built only when its sets or its tokenizer are used
         from siglip2.data.demo import ensure_demo
 
         ensure_demo(cfg.data.demo.root, num_train=int(cfg.data.demo.num_train), seed=int(cfg.data.demo.seed))
-    from siglip2.data.tokenizer import build_tokenizer
-
-    from siglip2.checkpoint import read_checkpoint
-
-    ckpt = read_checkpoint(str(cfg.ckpt_path))
+    if not cfg.eval.sets:
+        raise ValueError("nothing to evaluate: eval.sets is empty; name your sets with "
+                         "eval.sets='[/path/to/set.yaml]' (README \"Evaluation data layout\")")
     model = ckpt.model(str(cfg.get("which", "student"))).to(cfg.device)
     decoder = ckpt.locca_decoder()
     decoder = decoder.to(cfg.device) if decoder is not None else None
-    from siglip2.data.tokenizer import resolve_checkpoint_tokenizer
-
-    path = resolve_checkpoint_tokenizer(ckpt.meta.get("tokenizer"), str(cfg.tokenizer.path),
+    configured = _select(cfg, "tokenizer.path")
+    path = resolve_checkpoint_tokenizer(ckpt.meta.get("tokenizer"), str(configured) if configured else None,
                                         explicit=_overridden("tokenizer"), what=f"checkpoint {cfg.ckpt_path}")
     log.info("tokenizer: %s", path)
     tokenizer = build_tokenizer(path, length=int(ckpt.model_config.text.max_len),

@@ -184,3 +184,51 @@ def test_init_from_weights_of_another_vocabulary_size_names_both(shard_tokenizer
                                          f"{summary['vocab_size']}"):
         build(compose_cfg([f"init_from={tmp_path / 'no_record.ckpt'}", f"tokenizer.path={summary['path']}"],
                           cache_dir, tmp_path))
+
+
+def _readme_own_data_commands() -> list[str]:
+    """The two commands of README "Your own data" (train a tokenizer, train on the shards)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Your own data"):]
+    section = section[:section.index("\n### ", 10)]
+    lines = [ln.strip() for ln in section.splitlines() if ln.strip().startswith("python ")]
+    assert [ln.split()[:3] for ln in lines] == [["python", "-m", "siglip2.data.tokenizer"],
+                                                ["python", "train.py", "data=webdataset"]], lines
+    return lines
+
+
+@pytest.mark.e2e
+def test_readme_own_data_commands_run_as_written_then_eval_builds_no_demo(tmp_path):
+    """README "Your own data" run as written on tiny shards (only the shard folder, the run's
+    size and the cache moved): the tokenizer CLI, then training with `data=webdataset`, whose
+    evaluation defaults must not reach for the demo's sets (issue 27: an interpolation error
+    before anything ran). Then `eval.py` on the user's own eval set, which must not build the
+    demo (it did: ~2 min and 285 MB, silently)."""
+    import shlex
+
+    shards = write_shards(tmp_path / "data")
+    cache = tmp_path / "cache"
+    env = dict(os.environ, WANDB_MODE="disabled")
+    small = ["data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=10", "trainer.max_steps=2",
+             "logger=none", f"paths.cache_dir={cache}", f"paths.log_dir={tmp_path / 'logs'}",
+             "hydra.run.dir=run"]
+    for line in _readme_own_data_commands():
+        argv = [a.replace("/data/{00000..00999}.tar", shards) for a in shlex.split(line)]
+        argv = [sys.executable, *argv[1:]]
+        if argv[1] == "train.py":
+            argv = [argv[0], str(ROOT / "train.py"), *argv[2:], *small]
+        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (line, proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "no evaluation sets" in proc.stdout + proc.stderr
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2
+
+    (tmp_path / "data" / "own_retrieval.yaml").write_text(
+        "name: own_retrieval\ntask: retrieval\nurls: \"{00000..00001}.tar\"\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"ckpt_path={ckpt}",
+                           f"eval.sets=[{tmp_path / 'data' / 'own_retrieval.yaml'}]", f"paths.cache_dir={cache}",
+                           f"paths.log_dir={tmp_path / 'logs'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "retrieval/own_retrieval/image_to_text_R@1" in proc.stdout
+    assert not any(p.name.startswith("demo") for p in cache.iterdir()) if cache.exists() else True
