@@ -242,6 +242,37 @@ def test_bad_samples_skipped_and_counted(tmp_path, caplog):
     assert any("too_large" in r.getMessage() for r in caplog.records)
 
 
+def test_keys_with_dots_are_read_and_samples_of_other_members_counted(tmp_path):
+    """Keys made from file names keep their dots (`photo.v3.jpg` is sample `photo.v3`, not
+    `photo` with a `v3.jpg` member we never read: webdataset #237), and a sample of members we
+    do not decode is counted, never lost silently (issue 27)."""
+    import tarfile
+
+    from siglip2.data.shards import split_member
+
+    assert split_member("photo.v3.jpg") == ("photo.v3", "jpg")
+    assert split_member("dir.a/IMG_1.final.JPEG") == ("dir.a/IMG_1.final", "jpeg")
+    assert split_member("k.v2.seg.png") == ("k.v2", "seg.png") and split_member("k.png") == ("k", "png")
+    assert split_member("k.v2.cls") == ("k.v2", None)
+    members = [("photo.v3.jpg", jpeg()), ("photo.v3.txt", b"dotted one"), ("photo.v3.json", b"{}"),
+               ("IMG_0001.final.edit.jpg", jpeg()), ("IMG_0001.final.edit.txt", b"dotted two"),
+               ("plain.jpg", jpeg()), ("plain.txt", b"plain"), ("plain.extra.bin", b"\0"),
+               ("only.cls", b"3"), ("only.npy", b"\0"),  # nothing we decode: counted
+               ("a.b.c.cls", b"1"), ("a.b.c.jpg", jpeg()), ("a.b.c.txt", b"unread member first")]
+    with tarfile.open(tmp_path / "dots.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    stats, got = SkipStats(), {}
+    for b in build_eval_loader(str(tmp_path / "dots.tar"), sample_fn, batch_size=2, num_workers=0):
+        stats.update(b)
+        got.update(dict(zip(b.get("key", []), b.get("caption", []))))
+    assert got == {"photo.v3": "dotted one", "IMG_0001.final.edit": "dotted two", "plain": "plain",
+                   "a.b.c": "unread member first"}
+    assert stats.totals() == {"no_known_member": 1}
+
+
 def test_corrupt_and_garbage_tars_skipped_with_warning(tmp_path, caplog):
     urls = make_shards(tmp_path, 3, 6)
     with open(urls[1], "rb") as f:

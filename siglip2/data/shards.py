@@ -46,7 +46,6 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.shardlists import expand_urls as _wds_expand_urls
-from webdataset.tariterators import base_plus_ext
 from webdataset.utils import make_seed
 
 # Decoding lives in siglip2.data.decode; its public names are re-exported here (unchanged API).
@@ -61,8 +60,9 @@ __all__ = [
     "collate", "get_rank_world", "read_shards",
 ]
 
-# Only members with one of these keys are read out of the tar (see _wanted_file).
+# Only members with one of these keys are read out of the tar (see split_member).
 _WANTED_KEYS = frozenset(IMAGE_KEYS + (TEXT_KEY, JSON_KEY, MASK_KEY))
+_WANTED_LONGEST_FIRST = tuple(sorted(_WANTED_KEYS, key=len, reverse=True))  # "seg.png" before "png"
 
 SKIP_REASONS = {
     "bad_shard": "tar could not be opened or read to the end (samples after the fault lost)",
@@ -77,6 +77,7 @@ SKIP_REASONS = {
     "sample_fn": "the user's sample_fn returned None",
     "duplicate_member": "a member name twice in one sample (the sample is skipped, the shard's others kept)",
     "truncated_sample": "the tar ends inside this sample (its earlier samples are kept)",
+    "no_known_member": "no member this reader decodes (jpg/jpeg/png/webp, txt, json, seg.png)",
 }
 
 # A resampled stream over shards that never yield a usable sample would spin forever;
@@ -226,10 +227,20 @@ class SkipStats:
 # pipeline stages
 # ----------------------------------------------------------------------------------------
 
-def _wanted_file(fname: str) -> bool:
-    """Only members with a key we decode are read out of the tar at all."""
-    base = fname.rsplit("/", 1)[-1]
-    return "." in base and base.split(".", 1)[1].lower() in _WANTED_KEYS
+def split_member(name: str) -> tuple[str, str | None]:
+    """(sample key, extension) of a tar member. The extension is the longest of the ones we
+    decode that the name ends with, case-insensitive ("seg.png" before "png"); the key is
+    everything before it, dots and folders included, so keys made from file names keep their
+    dots ("photo.v3.jpg" -> ("photo.v3", "jpg"), where webdataset's `base_plus_ext` splits at
+    the first dot and loses the image: webdataset #237). A member we do not decode gives
+    (name up to its last dot, None): it is never read, but its sample is seen and counted."""
+    lower = name.lower()
+    for ext in _WANTED_LONGEST_FIRST:
+        key = name[:-len(ext) - 1]
+        if lower.endswith("." + ext) and key and not key.endswith("/"):
+            return key, ext
+    base = name.rsplit("/", 1)[-1]
+    return (name.rsplit(".", 1)[0] if "." in base.lstrip(".") else name), None
 
 
 def _tag(files: Iterator[dict], url: str) -> Iterator[dict]:
@@ -243,8 +254,9 @@ class _ShardFault(Exception):
 
 
 def _tar_samples(fileobj, url: str, stats: _WorkerStats) -> Iterator[dict]:
-    """Raw samples of one tar stream, grouped by key (webdataset's `base_plus_ext`, lower-case
-    extensions), reading only the members we decode.
+    """Raw samples of one tar stream, grouped by key (`split_member`: dotted keys kept,
+    lower-case extensions), reading only the members we decode. A group of members of which
+    we decode none is counted ("no_known_member"), never dropped silently.
 
     Faults are pinned on the sample they hit, never on the samples around it:
     - a member name seen twice in one sample: that sample is skipped ("duplicate_member");
@@ -264,6 +276,9 @@ def _tar_samples(fileobj, url: str, stats: _WorkerStats) -> Iterator[dict]:
         if duplicate:
             stats.skip("duplicate_member", current["__key__"], url)
             return None
+        if len(current) == 2:  # only __key__ and __url__: members, none of them ours
+            stats.skip("no_known_member", current["__key__"], url)
+            return None
         return current
 
     members = iter(tar)
@@ -279,17 +294,19 @@ def _tar_samples(fileobj, url: str, stats: _WorkerStats) -> Iterator[dict]:
             elif current is not None:
                 stats.skip("duplicate_member" if duplicate else "truncated_sample", current["__key__"], url)
             raise _ShardFault(f"{type(exn).__name__}: {exn}") from exn
-        if not info.isreg() or not _wanted_file(info.name):
+        if not info.isreg():
             continue
-        key, ext = base_plus_ext(info.name)
-        if key is None:
-            continue
-        ext = ext.lower()
+        key, ext = split_member(info.name)
+        if ext is None and current is not None and (key == current["__key__"]
+                                                    or info.name.startswith(current["__key__"] + ".")):
+            continue  # another member of the current sample that we do not read
         if current is None or key != current["__key__"]:
             done = finish()
             if done is not None:
                 yield done
             current, duplicate = {"__key__": key, "__url__": url}, False
+        if ext is None:
+            continue  # the first member of a sample is one we do not read: the sample is seen
         if ext in current:
             duplicate = True
             continue
