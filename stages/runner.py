@@ -41,6 +41,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     if not loggers:
         callbacks = drop_logger_callbacks(callbacks)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_accumulation(trainer, datamodule)
     if stage.recipe.fit_window:  # e.g. resadapt: exactly the steps of its window of the recipe
         # From the built Trainer: its world size is the real one (devices: -1 / "auto" resolved, nodes).
         steps = stage.window_steps(global_batch_size(trainer, datamodule))
@@ -55,6 +56,18 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return {"datamodule": datamodule, "stage": stage, "trainer": trainer, "callbacks": callbacks}
+
+
+def check_accumulation(trainer: L.Trainer, datamodule) -> None:
+    """Gradient accumulation over an epoch that is not a whole number of steps: Lightning makes
+    the epoch's last optimiser step from the leftover micro-batches (Lightning #19684), a
+    smaller step every epoch, silently. Refused, naming both keys."""
+    acc, per_epoch = int(trainer.accumulate_grad_batches), getattr(datamodule, "batches_per_epoch", None)
+    if acc > 1 and per_epoch and int(per_epoch) % acc:
+        fix = -(-int(per_epoch) // acc) * acc
+        raise ValueError(f"trainer.accumulate_grad_batches={acc} does not divide data.batches_per_epoch={per_epoch}: "
+                         f"every epoch would end with a step of {int(per_epoch) % acc} micro-batch(es). "
+                         f"Set data.batches_per_epoch to a multiple of {acc} (e.g. {fix})")
 
 
 def drop_logger_callbacks(callbacks: list[Any]) -> list[Any]:

@@ -115,3 +115,27 @@ def test_debug_fast_without_a_logger(cache_dir, tmp_path):
         runner.run(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["global_step"] == 2
+
+
+def test_accumulation_that_does_not_divide_the_epoch_is_refused_naming_both_keys(cache_dir, tmp_path):
+    """Lightning ends each epoch with a step of the leftover micro-batches (Lightning #19684):
+    debug=fast's 3 batches per epoch with accumulation 2 made 6 steps from 10 micro-batches.
+    Refused before anything runs; an aligned epoch trains every step on 2 micro-batches."""
+    import lightning as L
+    from test_train import compose_cfg, fit
+
+    from stages.runner import build
+
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=2 does not divide data.batches_per_epoch=3.*e\.g\. 4"):
+        build(compose_cfg(["trainer.accumulate_grad_batches=2"], cache_dir, tmp_path))
+
+    class Count(L.Callback):
+        micro = 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            Count.micro += 1
+
+    trainer, _ = fit(compose_cfg(["trainer.accumulate_grad_batches=2", "data.batches_per_epoch=4",
+                                  "trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=100"],
+                                 cache_dir, tmp_path), [Count()])
+    assert trainer.global_step == 3 and Count.micro == 6
