@@ -35,5 +35,12 @@ class LossSchedule(L.Callback):
             for name, on in pl_module.loss_enabled.items():
                 pl_module.log(f"schedule/{name}_on", float(on))
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # metrics.json holds the final state, not the last *logged* value (logged every
+        # log_every_n_steps, before the step: the switch or the last batch could be missed)
+        self.final_metrics = {"train/progress": float(pl_module.recipe_progress),
+                              "train/examples_seen": float(pl_module.examples_seen),
+                              **{f"schedule/{n}_on": float(on) for n, on in pl_module.loss_enabled.items()}}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
