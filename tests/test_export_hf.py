@@ -26,11 +26,13 @@ def _model(**text):
 @torch.no_grad()
 def test_save_hf_loads_in_transformers(tmp_path):
     m = _model()
-    tok = tmp_path / "tok"
-    tok.mkdir()
-    (tok / "tokenizer.json").write_text("{}")
-    out = save_hf(m, tmp_path / "hf", tokenizer_dir=tok)
-    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    out = save_hf(m, tmp_path / "hf")  # the tokenizer's part: tests/test_export_transformers.py
+    assert (out / "model.safetensors").is_file() and not (out / "tokenizer.json").exists()
+    junk = tmp_path / "tok"
+    junk.mkdir()
+    (junk / "tokenizer.json").write_text("{}")  # not a tokenizer: refused, never copied as is
+    with pytest.raises(ValueError, match="could not load a Hugging Face tokenizer"):
+        save_hf(m, tmp_path / "junk", tokenizer_dir=junk)
     hf = Siglip2Model.from_pretrained(out).eval()
     proc = Siglip2ImageProcessor.from_pretrained(out)
     assert proc.patch_size == 4 and proc.max_num_patches == 16

@@ -6,7 +6,9 @@ checkpoint as `Siglip2Model` + `Siglip2ImageProcessor` (aspect kept), any other 
 `SiglipModel` + `SiglipImageProcessor` (square resize), as Google released SigLIP 2.
 `format=siglip2` / `format=siglip` force one layout (a fixed-resolution model as a
 `Siglip2Model` embeds non-square images differently from training: the log says so).
-The tokenizer the checkpoint recorded is copied in (`tokenizer=` naming another one is refused).
+The tokenizer the checkpoint recorded (and its lower-casing) is written so that transformers'
+`AutoProcessor` and zero-shot `pipeline` give training's token ids (`tokenizer=` naming another
+one is refused; one transformers cannot reproduce is an error naming why).
 Reads the checkpoint with `siglip2.checkpoint` (no Lightning needed).
 """
 from __future__ import annotations
@@ -46,7 +48,8 @@ def main(argv: list[str]) -> Path:
 
         tokenizer = resolve_checkpoint_tokenizer(record, tokenizer, explicit=tokenizer is not None,
                                                  what=f"checkpoint {args['ckpt_path']}")
-    folder = save_hf(model, out, tokenizer_dir=tokenizer, preprocessing=preprocessing)
+    lowercase = bool((record or {}).get("lowercase", True))  # as training read its captions
+    folder = save_hf(model, out, tokenizer_dir=tokenizer, preprocessing=preprocessing, lowercase=lowercase)
     kind = "Siglip2Model + Siglip2ImageProcessor" if preprocessing == "naflex" else "SiglipModel + SiglipImageProcessor"
     print(f"exported to {folder} ({kind}; transformers AutoModel loads it)")
     return folder
