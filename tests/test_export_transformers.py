@@ -287,3 +287,23 @@ def test_a_text_length_other_than_the_pipelines_64(tokenizers, tmp_path, caplog)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         pipeline("zero-shot-image-classification", model=str(out))(pics[0], candidate_labels=CLASSES)
 
+
+def test_the_readme_snippet_runs_as_written(tokenizers, tmp_path):
+    """README's "Use the exported model with transformers" block, with its folder and picture
+    filled in, gives our probabilities (AutoProcessor + AutoModel and the pipeline)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Use the exported model with transformers", 1)[1].split("\n### ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    tok = build_tokenizer(tokenizers["demo"])
+    model = _model(tok.vocab_size)
+    out = save_hf(model, tmp_path / "hf", tokenizer_dir=tokenizers["demo"], preprocessing="naflex")
+    pic = _pictures("naflex")[1]
+    pic.save(tmp_path / "photo.png")
+    names: dict = {}
+    exec(code.replace("<dir>", str(out)).replace("<image>", str(tmp_path / "photo.png")), names)
+    ours = _ours(model, tok, [pic], "naflex", names["labels"])
+    assert float((names["probs"] - ours).abs().max()) <= TOL
+    scores = torch.tensor([[{r["label"]: r["score"] for r in names["scores"]}[c] for c in names["labels"]]])
+    assert float((scores - ours).abs().max()) <= TOL
