@@ -194,6 +194,9 @@ def sweep_job_ddp(trainer: L.Trainer) -> Iterator[None]:
 
 
 def run(cfg: DictConfig) -> float | None:
+    from stages.quiet import quiet_known_noise
+
+    quiet_known_noise()
     if cfg.get("recipe"):  # experiment=recipe_*: a chain of stages, each its own train.py run
         from stages.recipe import run_recipe
 
@@ -269,6 +272,9 @@ def _needs_demo(cfg: DictConfig, ckpt) -> bool:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    from stages.quiet import quiet_known_noise
+
+    quiet_known_noise()
     from siglip2.checkpoint import read_checkpoint
     from siglip2.data.tokenizer import build_tokenizer, resolve_checkpoint_tokenizer
     from siglip2.eval.suite import evaluate_all, load_eval_set

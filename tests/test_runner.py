@@ -111,10 +111,30 @@ def test_debug_fast_without_a_logger(cache_dir, tmp_path):
     built = runner.build(cfg)
     assert not built["trainer"].loggers
     assert not any(isinstance(cb, LearningRateMonitor) for cb in built["trainer"].callbacks)
-    with mock.patch.object(runner, "build", return_value=built):
-        runner.run(cfg)
+    import logging
+    import warnings
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addHandler(handler)
+    try:
+        with mock.patch.object(runner, "build", return_value=built), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            runner.run(cfg)
+    finally:
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").removeHandler(handler)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["global_step"] == 2
+    # the library noise that drowned the run's own lines is gone (stages/quiet.py), nothing else
+    said = [str(w.message) for w in caught] + records
+    for noise in ("module(s) in eval mode", "has `__len__` defined", "LeafSpec", "litlogger"):
+        assert not any(noise in m for m in said), (noise, said)
+    assert any("max_steps=2" in m for m in records)  # Lightning's own useful lines still show
 
 
 def test_accumulation_that_does_not_divide_the_epoch_is_refused_naming_both_keys(cache_dir, tmp_path):
