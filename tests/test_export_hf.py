@@ -155,3 +155,33 @@ def test_export_cli_picks_the_processor_from_the_checkpoints_stage(tmp_path, mon
         monkeypatch.setattr(cli, "read_checkpoint", lambda path, ck=ck: ck)
         folder = cli.main([f"ckpt_path={tmp_path}/{stage}.ckpt", f"out={tmp_path / stage}"])
         assert json.loads((folder / "config.json").read_text())["model_type"] == kind, stage
+
+
+def test_export_cli_writes_the_checkpoints_tokenizer_as_it_was_trained(tmp_path, monkeypatch):
+    """The CLI writes the recorded tokenizer with its recorded lower-casing: a checkpoint trained
+    cased (`tokenizer.lowercase=false`) exports a tokenizer that keeps case, and transformers'
+    AutoProcessor gives the training ids."""
+    import random
+
+    from transformers import AutoProcessor
+
+    from siglip2.checkpoint import Checkpoint
+    from siglip2.data.tokenizer import build_tokenizer, tokenizer_fingerprint, train_sentencepiece
+    from siglip2.export import __main__ as cli
+
+    rng = random.Random(0)
+    words = "a the Red blue GREEN circle Square photo of on left right".split()
+    sp = train_sentencepiece([" ".join(rng.choice(words) for _ in range(6)) for _ in range(200)],
+                             str(tmp_path / "sp" / "tok"), vocab_size=400)
+    texts = ["A Red Circle", "a red circle", "GREEN square on the LEFT"]
+    for lowercase in (True, False):
+        tok = build_tokenizer(sp, length=10, lowercase=lowercase)
+        m = _model(vocab_size=tok.vocab_size)
+        ck = Checkpoint(path="x", stage="pretrain", model_config=m.config, loss_configs={},
+                        state_dict={f"model.{k}": v for k, v in m.state_dict().items()},
+                        meta={"tokenizer": {**tokenizer_fingerprint(sp), "lowercase": lowercase}})
+        monkeypatch.setattr(cli, "read_checkpoint", lambda path, ck=ck: ck)
+        folder = cli.main([f"ckpt_path={tmp_path}/x.ckpt", f"out={tmp_path / str(lowercase)}"])
+        ids = AutoProcessor.from_pretrained(folder)(text=texts, return_tensors="pt")["input_ids"]
+        assert torch.equal(ids, tok(texts)), lowercase
+        assert torch.equal(ids[0], ids[1]) == lowercase
