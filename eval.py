@@ -8,12 +8,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from siglip2.cli import user_errors
 from stages.runner import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with user_errors("eval.py"):  # a clear message, exit 1, no traceback (SIGLIP2_TRACEBACK=1)
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from siglip2.cli import user_errors
 from stages.runner import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return run(cfg)
+    with user_errors("train.py"):  # a clear message, exit 1, no traceback (SIGLIP2_TRACEBACK=1)
+        return run(cfg)
 
 
 if __name__ == "__main__":

@@ -232,3 +232,22 @@ def test_readme_own_data_commands_run_as_written_then_eval_builds_no_demo(tmp_pa
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "retrieval/own_retrieval/image_to_text_R@1" in proc.stdout
     assert not any(p.name.startswith("demo") for p in cache.iterdir()) if cache.exists() else True
+
+
+def test_cli_errors_are_one_clear_line_without_a_traceback(cache_dir, tmp_path):
+    """A user's mistake in the tokenizer CLI and in train.py: exit code 1 and one line naming
+    it, no traceback around it (issue 27); SIGLIP2_TRACEBACK=1 gives the traceback back."""
+    env = dict(os.environ, WANDB_MODE="disabled")
+    tok = [sys.executable, "-m", "siglip2.data.tokenizer", "train", "--shards", str(tmp_path / "no/{0..1}.tar"),
+           "--vocab", "100", "--out", str(tmp_path / "tok")]
+    proc = subprocess.run(tok, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("python -m siglip2.data.tokenizer: error: no shard matches"), proc.stderr
+    proc = subprocess.run(tok, cwd=ROOT, env={**env, "SIGLIP2_TRACEBACK": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+    train = [sys.executable, "train.py", "debug=fast", "stage.recipe.lr=warm", f"paths.cache_dir={cache_dir}",
+             f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "train.py: error: stage.recipe.lr must be 'recipe' (the paper's) or 'rewarm', got 'warm'" in proc.stderr

@@ -385,4 +385,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from siglip2.cli import user_errors
+
+    with user_errors("python -m siglip2.data.tokenizer"):
+        main()
