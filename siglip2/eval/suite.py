@@ -10,6 +10,7 @@ results are gathered or synced before they are computed).
 from __future__ import annotations
 
 import logging
+import time
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,9 +389,15 @@ def _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder):
 def evaluate_all(sets: list[str | EvalSet], **kwargs: Any) -> dict[str, Any]:
     """Runs every set; numbers merged into one dict, extras (`_tables`, `_examples`) merged too."""
     out: dict[str, Any] = {"_tables": {}, "_examples": {}}
-    for spec in sets:
+    loud = dist_utils.get_rank() == 0
+    for i, spec in enumerate(sets):
         es = spec if isinstance(spec, EvalSet) else load_eval_set(spec)
+        started = time.monotonic()
+        if loud:  # one line per set: a pass over a set can take minutes on a CPU
+            log.info("evaluating %s (%s, set %d of %d)", es.name, es.task, i + 1, len(sets))
         res = evaluate_set(es, **kwargs)
+        if loud:
+            log.info("%s done in %.0f s", es.name, time.monotonic() - started)
         out["_tables"].update(res.pop("_tables", {}))
         out["_examples"].update(res.pop("_examples", {}))
         out.update(res)
