@@ -19,4 +19,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from stages.overrides import exit_on_bad_overrides
+
+    exit_on_bad_overrides("eval.py", "eval", sys.argv[1:])  # typos and bad values, named, before Hydra
     main()

@@ -18,4 +18,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from stages.overrides import exit_on_bad_overrides
+
+    exit_on_bad_overrides("train.py", "train", sys.argv[1:])  # typos and bad values, named, before Hydra
     main()

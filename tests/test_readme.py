@@ -130,6 +130,9 @@ def test_readme_command_composes(command):
                 compose(config_name, overrides=overrides)
         except Exception as e:
             pytest.fail(f"README command fails to compose:\n  {command}\nas: {config_name} {overrides}\n{e}")
+        from stages.overrides import check_overrides  # what train.py / eval.py check before Hydra
+
+        assert check_overrides(config_name, overrides) == [], command
 
 
 def test_the_cli_composes_like_the_test_does():

@@ -1,0 +1,50 @@
+"""Command-line overrides are checked before anything runs (issue 27 item 5): an unknown key
+names the closest one, a typo added with `+` is caught, a value of the wrong type names the
+key and the type; what is valid passes (README commands: tests/test_readme.py)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.overrides import check_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["data.batch_szie=32"], "unknown key 'data.batch_szie' (did you mean 'data.batch_size'?)"),
+    (["+data.batch_szie=32"], "'+data.batch_szie' adds a key next to 'data.batch_size': a typo?"),
+    (["+model.vision.widht=64"], "'+model.vision.widht' adds a key next to 'model.vision.width'"),
+    (["optim.lr=abc"], "optim.lr=abc: expected a number"),
+    (["sed=3"], "unknown key 'sed' (did you mean 'seed'?)"),
+    (["trainer.max_stpes=10"], "did you mean 'trainer.max_steps'?"),
+    (["stage=naflex", "stage.naflex.seq_len=[64]"], "did you mean 'stage.naflex.seq_lens'?"),
+    (["model=b16", "model.vision.widht=64"], "did you mean 'model.vision.width'?"),  # checked against b16
+    (["stage.losses.sigmoid.nominal_negatives=no"], "expected a boolean"),
+])
+def test_typos_and_bad_values_are_named(argv, message):
+    problems = check_overrides("train", argv)
+    assert len(problems) == 1 and message in problems[0], problems
+
+
+@pytest.mark.parametrize("argv", [
+    ["optim.lr=1e-3"], ["optim.lr=1e-3,3e-4"], ["trainer.devices=auto"], ["trainer.devices=[0,3]"],
+    ["+trainer.profiler=simple"], ["+stage.losses.probe.start_frac=0.5"], ["stage.losses.locca=null"],
+    ["data=webdataset", 'data.train="/data/{00000..00999}.tar"'], ["seed=3"], ["init_from=/x.ckpt"],
+    ["stage=naflex", "stage.naflex.seq_lens=[64]", "stage.recipe.lr=rewarm"], ["~callbacks.lr_monitor"],
+])
+def test_valid_overrides_pass(argv):
+    assert check_overrides("train", argv) == []
+
+
+def test_train_py_stops_before_hydra_with_the_named_key():
+    proc = subprocess.run([sys.executable, "train.py", "data.batch_szie=32", "optim.lr=abc"], cwd=ROOT,
+                          env=dict(os.environ, WANDB_MODE="disabled"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [
+        "train.py: error: unknown key 'data.batch_szie' (did you mean 'data.batch_size'?)",
+        "train.py: error: optim.lr=abc: expected a number (its default is 0.00035)"]
