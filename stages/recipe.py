@@ -131,10 +131,20 @@ def _parses_as(text: str) -> Any:
         return None
 
 
-def parse_chain(recipe: DictConfig, root: Path, passthrough: list[str]) -> list[ChainStage]:
+# Under `debug=...` (a smoke run of the whole chain) a stage's own steps give way to the debug
+# config's, unless the command line set them for that stage (`recipe.stages.<name>.set.<key>`).
+DEBUG_YIELDS = ("trainer.max_steps",)
+
+
+def parse_chain(recipe: DictConfig, root: Path, passthrough: list[str],
+                explicit: frozenset[str] = frozenset()) -> list[ChainStage]:
     """The recipe block -> stages in order, with dependencies, hashes and folders.
 
-    Raises ValueError for a reference to an unknown or later stage."""
+    `explicit`: the `recipe.*` keys the command line set (`recipe_command_line_keys`). Under a
+    `debug=` choice in `passthrough`, a stage's own `DEBUG_YIELDS` values not in `explicit`
+    are dropped, so `debug=fast` is a smoke run in every stage (the teacher's 1,500 steps and
+    ACID's 300 were not). Raises ValueError for a reference to an unknown or later stage."""
+    debug = any(a.lstrip("+").split("=")[0] == "debug" for a in passthrough)
     common = recipe.get("common") or {}
     stages: list[ChainStage] = []
     by_name: dict[str, ChainStage] = {}
@@ -142,6 +152,11 @@ def parse_chain(recipe: DictConfig, root: Path, passthrough: list[str]) -> list[
         spec = spec or {}
         groups = {**dict(common.get("groups") or {}), **dict(spec.get("groups") or {})}
         values = flatten(common.get("set") or {}) + flatten(spec.get("set") or {})
+        if debug:
+            dropped = [k for k, _ in values if k in DEBUG_YIELDS and f"recipe.stages.{name}.set.{k}" not in explicit]
+            if dropped:
+                log.info("recipe stage %s: %s from the debug config, not the stage's own", name, ", ".join(dropped))
+            values = [(k, v) for k, v in values if k not in dropped]
         init_from = spec.get("init_from")
         refs = [init_from] if isinstance(init_from, str) and CKPT_REF.match(init_from) else []
         refs += [v for _, v in values if isinstance(v, str) and CKPT_REF.match(v)]
@@ -306,6 +321,16 @@ def _hydra_ready() -> bool:
     return HydraConfig.initialized()
 
 
+def recipe_command_line_keys() -> frozenset[str]:
+    """The `recipe.*` keys this run's command line sets."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return frozenset()
+    keys = (item.lstrip("+~").split("=")[0] for item in HydraConfig.get().overrides.task)
+    return frozenset(k for k in keys if k.startswith("recipe."))
+
+
 def command_line_overrides() -> list[str]:
     """This run's command-line overrides that every stage gets (not `experiment=`, `recipe.*`)."""
     from hydra.core.hydra_config import HydraConfig
@@ -338,7 +363,7 @@ def run_recipe(cfg: DictConfig) -> float | None:
     recipe = cfg.recipe
     root = Path(str(recipe.dir)).resolve()
     passthrough = command_line_overrides()
-    stages = parse_chain(recipe, root, passthrough)
+    stages = parse_chain(recipe, root, passthrough, recipe_command_line_keys())
     by_name = {s.name: s for s in stages}
     with recipe_lock(root):
         slurm = slurm_launcher()

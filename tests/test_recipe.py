@@ -65,6 +65,26 @@ def test_a_changed_stage_changes_its_folder_and_those_after_it_never_those_befor
                      "acid": ["pretrain", "teacher"]}
 
 
+def test_debug_makes_every_stage_a_smoke_run_unless_the_command_line_sets_its_steps(tmp_path):
+    """`experiment=recipe_demo debug=fast` trained the teacher's 1,500 steps and ACID's 300
+    (over 25 minutes) because a stage's own values win over the command line: under `debug=`
+    the stage's own trainer.max_steps gives way to the debug config's, and a value the command
+    line sets for the stage (`recipe.stages.<name>.set.trainer.max_steps`) still wins."""
+    from stages.recipe import stage_overrides
+
+    def steps(passthrough, explicit=frozenset()):
+        chain = parse_chain(_demo_recipe(), tmp_path, passthrough, explicit)
+        by_name = {s.name: s for s in chain}
+        return {s.name: [a for a in stage_overrides(s, by_name, passthrough, "demo") if "max_steps" in a]
+                for s in chain}
+
+    assert steps([])["teacher"] == ["trainer.max_steps=1500"] and steps([])["acid"] == ["trainer.max_steps=300"]
+    smoke = steps(["debug=fast"])
+    assert all(v == [] for v in smoke.values()), smoke  # debug/fast.yaml's max_steps for every stage
+    mine = steps(["debug=fast"], frozenset({"recipe.stages.teacher.set.trainer.max_steps"}))
+    assert mine["teacher"] == ["trainer.max_steps=1500"] and mine["acid"] == []
+
+
 def test_a_reference_to_a_later_or_unknown_stage_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="'naflex' is not an earlier stage"):
         parse_chain(_demo_recipe(**{"stages.resadapt.init_from": "ckpt:naflex/last"}), tmp_path, [])
