@@ -9,7 +9,7 @@
 # LocCa): fixed 64 px vs NaFlex, each with the paper's lr (the recipe cosine's tail) and with
 # stage.recipe.lr=rewarm; evaluated on the demo's elongated images (eval.aspect_min=1.6) at
 # 32 / 64 / 144 tokens (the fixed model: square 64 px).
-#   bash benchmarks/naflex_batches.sh [OUT] [A|B|AB]     # A ~25 min, B ~45 min on 2 cores
+#   bash benchmarks/naflex_batches.sh [OUT] [A|B|AB]     # A ~60 min, B ~45 min on 2 cores
 set -euo pipefail
 OUT=${1:-$HOME/.cache/siglip2/naflex-batches}
 PARTS=${2:-AB}
@@ -29,6 +29,12 @@ if [[ $PARTS == *A* ]]; then
   run mixed_not_halved stage.naflex.halve_at_max=false
   run tokens_plain stage.naflex.batching=tokens stage.losses.sigmoid.nominal_negatives=false
   run tokens_nominal stage.naflex.batching=tokens
+  for name in one_length mixed_halved_nominal mixed_not_halved; do  # the same models at other lengths
+    for len in 32 144; do
+      [ -f "$OUT/EA_${name}_$len/metrics.json" ] || python eval.py ckpt_path="$OUT/A_$name/checkpoints/last.ckpt" \
+        eval.naflex_seq_len=$len "$SETS" hydra.run.dir="$OUT/EA_${name}_$len"
+    done
+  done
 fi
 
 if [[ $PARTS == *B* ]]; then

@@ -229,7 +229,7 @@ def test_acid_trains_on_two_ddp_processes_with_a_teacher_of_another_size(cache_d
     metrics_path = Path(proc.stdout.strip().splitlines()[-1].split("metrics written to ")[-1])
     metrics = json.loads(metrics_path.read_text())
     assert metrics["global_step"] == 3
-    assert metrics["train/examples_seen"] == 2 * 2 * 16  # logged at the last step's start: trained, not loaded
+    assert metrics["train/examples_seen"] == 3 * 2 * 16  # the final count: trained examples, not the super-batches
     for key in ("acid/learnability_chosen", "acid/learnability_all", "acid/learner_loss", "acid/teacher_loss",
                 "train/loss_sigmoid"):
         assert math.isfinite(metrics[key]), key
