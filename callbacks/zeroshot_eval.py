@@ -23,6 +23,7 @@ class ZeroShotEval(L.Callback):
     def __init__(self, sets: list[str], every_n_steps: int = 0, batch_size: int = 128, num_workers: int = 0,
                  max_batches: int | None = None, num_examples: int = 8, naflex_seq_len: int | None = None):
         """`naflex_seq_len`: evaluate NaFlex-style (own aspect ratio, at most that many patches)."""
+        sets = [sets] if isinstance(sets, str) else sets  # eval.sets=/a.yaml without brackets
         self.sets = [load_eval_set(s) for s in (sets or [])]
         self.every_n_steps = int(every_n_steps or 0)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
@@ -67,8 +68,9 @@ class ZeroShotEval(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_device = pl_module.device
         if not self.sets and trainer.is_global_zero:
-            log.info("no evaluation sets (eval.sets is empty): training ends without evaluation numbers; "
-                     "name yours with eval.sets='[/path/to/set.yaml]' (README \"Evaluation data layout\")")
+            log.info("no evaluation sets (eval=none, or your own data without eval.sets): training ends without "
+                     "evaluation numbers; name sets with eval.sets='[/path/to/set.yaml]' (README \"Evaluation data "
+                     "layout\"), or evaluate the checkpoint later with eval.py")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run resumed from its final checkpoint (e.g. a recipe stage killed during its final

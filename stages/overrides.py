@@ -123,8 +123,6 @@ def check_overrides(config_name: str, argv: Sequence[str]) -> list[str]:
     args = [a for a in argv if not a.startswith("-")]
     parsed = [(a, _split(a)) for a in args]
     base = [a for a, p in parsed if p is None and not a.startswith("hydra")]
-    if not any(p for _, p in parsed):
-        return []
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose(config_name, overrides=[a.split("=")[0] + "=" + a.split("=", 1)[1].split(",")[0]
@@ -132,12 +130,26 @@ def check_overrides(config_name: str, argv: Sequence[str]) -> list[str]:
     except Exception:
         return []
     problems = []
+    given = [p[1] for _, p in parsed if p is not None]
+    for key in sorted({k for k in given if given.count(k) > 1}):
+        problems.append(f"'{key}' is given {given.count(key)} times, and only the last one counts: an unquoted "
+                        f"{{a..b}} shard pattern the shell expanded? Quote it: '{key}=\"/data/{{00000..00999}}.tar\"'")
     for _, p in parsed:
         if p is not None:
             problem = _problem(cfg, *p)
             if problem:
                 problems.append(problem)
+    for key in _missing(OmegaConf.to_container(cfg, resolve=False)):
+        if key not in given:
+            problems.append(f"'{key}' has no default and is required: add {key}=...")
     return problems
+
+
+def _missing(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is `???` (required, no default), without resolving anything."""
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in _missing(value, f"{prefix}{key}.")]
+    return [prefix[:-1]] if node == "???" else []
 
 
 def exit_on_bad_overrides(prog: str, config_name: str, argv: Sequence[str]) -> None:

@@ -271,6 +271,37 @@ def _needs_demo(cfg: DictConfig, ckpt) -> bool:
     return any(inside(s) for s in (cfg.eval.sets or [])) or (inside(recorded) and not os.path.exists(recorded))
 
 
+def _checkpoint_demo(ckpt) -> tuple[int, int] | None:
+    """(num_train, seed) of the demo a checkpoint was trained on, from the path of its recorded
+    tokenizer (`<cache>/demo-n<N>-s<seed>/tokenizer/...`); None for any other tokenizer."""
+    import re
+
+    recorded = (ckpt.meta.get("tokenizer") or {}).get("path")
+    match = re.fullmatch(r"demo-n(\d+)-s(\d+)", Path(recorded).parent.parent.name) if recorded else None
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _match_checkpoint_data(cfg: DictConfig, ckpt) -> None:
+    """eval.py takes the data kind from the checkpoint unless the command line names it: a
+    checkpoint of the demo of N samples is evaluated on that demo's sets (the eval sets are the
+    same for every N; the 20k demo was built for a debug checkpoint), and a checkpoint of your
+    own data is not evaluated on the demo's sets unless asked (`eval=demo`)."""
+    demo = _checkpoint_demo(ckpt)
+    if demo and cfg.data.get("demo") and not _overridden("data"):
+        if (int(cfg.data.demo.num_train), int(cfg.data.demo.seed)) != demo:
+            log.info("the checkpoint was trained on the demo of %d samples (seed %d): using its tokenizer and "
+                     "eval sets (data.demo.num_train=... to choose another)", *demo)
+            cfg.data.demo.num_train, cfg.data.demo.seed = demo
+    elif demo is None and (ckpt.meta.get("tokenizer") or {}).get("path") and not _overridden("eval") \
+            and _select(cfg, "data.demo.root") and cfg.eval.sets:
+        root = os.path.abspath(os.path.expanduser(str(_select(cfg, "data.demo.root"))))
+        sets = [cfg.eval.sets] if isinstance(cfg.eval.sets, str) else cfg.eval.sets
+        if all(os.path.abspath(str(s)).startswith(root + os.sep) for s in sets):
+            raise ValueError(f"checkpoint {cfg.ckpt_path} was trained on your own data (tokenizer "
+                             f"{ckpt.meta['tokenizer']['path']}), and the eval sets are the demo's: name yours with "
+                             "eval.sets='[/path/to/set.yaml]' (or eval=demo to evaluate it on the demo anyway)")
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     from stages.quiet import quiet_known_noise
 
@@ -280,6 +311,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from siglip2.eval.suite import evaluate_all, load_eval_set
 
     ckpt = read_checkpoint(str(cfg.ckpt_path))
+    _match_checkpoint_data(cfg, ckpt)
+    if isinstance(cfg.eval.sets, str):  # eval.sets=/a.yaml without brackets: one set, not its characters
+        cfg.eval.sets = [cfg.eval.sets]
     if _needs_demo(cfg, ckpt):  # built only when its sets or its tokenizer are used
         from siglip2.data.demo import ensure_demo
 

@@ -71,6 +71,21 @@ def test_eval_py_prints_table_and_writes_metrics(trained, tmp_path):
         assert 0.0 <= metrics[key] <= 1.0
 
 
+def test_eval_py_takes_the_demo_size_from_the_checkpoint(trained, tmp_path):
+    """A debug checkpoint (demo of 400) evaluated without naming the demo: its own demo's sets
+    and tokenizer, never a 20k demo build (~2 min, 285 MB; issue 27); eval.sets without brackets
+    is one set."""
+    cache, ckpt = trained
+    proc = subprocess.run(
+        [sys.executable, "eval.py", f"ckpt_path={ckpt}", "eval.max_batches=1", f"paths.cache_dir={cache}",
+         f"paths.log_dir={tmp_path}", "eval.sets=${data.demo.root}/eval/zeroshot/zeroshot.yaml"],
+        cwd=ROOT, env=dict(os.environ, WANDB_MODE="disabled"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "trained on the demo of 400 samples" in proc.stderr + proc.stdout
+    assert "zeroshot/demo_zeroshot/top1" in proc.stdout
+    assert not any(p.name.startswith("demo-n20000") for p in Path(cache).iterdir())
+
+
 def test_naflex_grid_shows_each_elongated_image_at_its_own_aspect_per_length(trained):
     """The NaFlex picture (`eval.py grid=... eval.naflex_seq_len=...`): each image's views keep
     its aspect ratio within each length's patch budget, the patch grid is drawn, one column per length."""

@@ -41,6 +41,17 @@ def test_valid_overrides_pass(argv):
     assert check_overrides("train", argv) == []
 
 
+def test_a_repeated_key_and_a_required_value_are_named():
+    """The shell expands an unquoted `data.train=/x/{0..2}.tar` into three overrides of which
+    Hydra keeps the last (one shard trained, silently); eval.py without ckpt_path."""
+    problems = check_overrides("train", ["data=webdataset", "data.train=/x/0.tar", "data.train=/x/1.tar"])
+    assert len(problems) == 1 and "'data.train' is given 2 times" in problems[0] and "Quote it" in problems[0]
+    assert check_overrides("eval", []) == ["'ckpt_path' has no default and is required: add ckpt_path=..."]
+    assert check_overrides("eval", ["ckpt_path=/x.ckpt"]) == []
+    assert check_overrides("train", ["tokenizer=gemma"]) == [
+        "'tokenizer.path' has no default and is required: add tokenizer.path=..."]
+
+
 def test_train_py_stops_before_hydra_with_the_named_key():
     proc = subprocess.run([sys.executable, "train.py", "data.batch_szie=32", "optim.lr=abc"], cwd=ROOT,
                           env=dict(os.environ, WANDB_MODE="disabled"), capture_output=True, text=True, timeout=300)

@@ -223,6 +223,11 @@ def test_readme_own_data_commands_run_as_written_then_eval_builds_no_demo(tmp_pa
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2
 
+    # without eval.sets: the demo's sets are not silently used for a checkpoint of your own data
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"ckpt_path={ckpt}", f"paths.cache_dir={cache}",
+                           f"paths.log_dir={tmp_path / 'logs'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "was trained on your own data" in proc.stderr, proc.stderr[-3000:]
     (tmp_path / "data" / "own_retrieval.yaml").write_text(
         "name: own_retrieval\ntask: retrieval\nurls: \"{00000..00001}.tar\"\n")
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"ckpt_path={ckpt}",
