@@ -251,6 +251,10 @@ def test_cli_errors_are_one_clear_line_without_a_traceback(cache_dir, tmp_path):
     proc = subprocess.run(tok, cwd=ROOT, env={**env, "SIGLIP2_TRACEBACK": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 1 and "Traceback" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "siglip2.export", f"ckpt_path={tmp_path / 'nope.ckpt'}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.startswith("python -m siglip2.export: error: ") and "nope.ckpt" in proc.stderr
     train = [sys.executable, "train.py", "debug=fast", "stage.recipe.lr=warm", f"paths.cache_dir={cache_dir}",
              f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

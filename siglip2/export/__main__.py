@@ -56,4 +56,7 @@ def main(argv: list[str]) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from siglip2.cli import user_errors
+
+    with user_errors("python -m siglip2.export"):  # a wrong path or tokenizer: one line, exit 1
+        main(sys.argv[1:])
