@@ -19,6 +19,7 @@ the closest existing one, or the key and the type its default has, for every con
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -132,8 +133,14 @@ def check_overrides(config_name: str, argv: Sequence[str]) -> list[str]:
     problems = []
     given = [p[1] for _, p in parsed if p is not None]
     for key in sorted({k for k in given if given.count(k) > 1}):
-        problems.append(f"'{key}' is given {given.count(key)} times, and only the last one counts: an unquoted "
-                        f"{{a..b}} shard pattern the shell expanded? Quote it: '{key}=\"/data/{{00000..00999}}.tar\"'")
+        values = [p[2] for _, p in parsed if p is not None and p[1] == key]
+        # A key given again is how the recipe driver lets a stage's own value win (the last one
+        # counts); only values alike but for their numbers are a `{a..b}` pattern the shell expanded.
+        skeletons = {re.sub(r"\d+", "#", v) for v in values}
+        if len(set(values)) == len(values) and len(skeletons) == 1 and "/" in next(iter(skeletons)):
+            problems.append(f"'{key}' is given {len(values)} times ({values[0]}, {values[1]}, ...), and only the last "
+                            f"one counts: an unquoted {{a..b}} shard pattern the shell expanded? Quote it: "
+                            f"'{key}=\"/data/{{00000..00999}}.tar\"'")
     for _, p in parsed:
         if p is not None:
             problem = _problem(cfg, *p)

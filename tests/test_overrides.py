@@ -46,6 +46,8 @@ def test_a_repeated_key_and_a_required_value_are_named():
     Hydra keeps the last (one shard trained, silently); eval.py without ckpt_path."""
     problems = check_overrides("train", ["data=webdataset", "data.train=/x/0.tar", "data.train=/x/1.tar"])
     assert len(problems) == 1 and "'data.train' is given 2 times" in problems[0] and "Quote it" in problems[0]
+    # a key given again with another value is how the recipe driver lets a stage's own value win
+    assert check_overrides("train", ["trainer.max_steps=9", "trainer.max_steps=1500"]) == []
     assert check_overrides("eval", []) == ["'ckpt_path' has no default and is required: add ckpt_path=..."]
     assert check_overrides("eval", ["ckpt_path=/x.ckpt"]) == []
     assert check_overrides("train", ["tokenizer=gemma"]) == [
