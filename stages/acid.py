@@ -96,7 +96,7 @@ class AcidStage(Stage):
     def loss_inputs(self, name: str, ctx: StepContext) -> dict[str, Any]:
         return dict(image_emb=ctx.image.embeds, text_emb=ctx.text_emb,
                     logit_scale=self.model.logit_scale.exp(), logit_bias=self.model.logit_bias,
-                        nominal_batch_size=self.sigmoid_nominal())
+                    nominal_batch_size=self.sigmoid_nominal())
 
     def load_weights(self, path: str) -> None:
         super().load_weights(path)

@@ -172,8 +172,8 @@ def sigmoid_loss_sums(
     """Unnormalised sum of the sigmoid loss of every image row against every text row.
 
     Row i of image_emb is the positive of row i + pos_offset of text_emb; all other pairs
-    are negatives, each weighted by `neg_weight` (`negative_weight`; 1.0 = the plain sum). Returns (loss_sum, positive_logit_sum, negative_logit_sum), the last two
-    detached. Tiles of chunk_size x chunk_size when either side exceeds chunk_size, the
+    are negatives, each weighted by `neg_weight` (`negative_weight`; 1.0 = the plain sum).
+    Returns (loss_sum, positive_logit_sum, negative_logit_sum), the last two detached. Tiles of chunk_size x chunk_size when either side exceeds chunk_size, the
     plain autograd formula otherwise (same numbers up to float rounding).
     """
     n, m = image_emb.shape[0], text_emb.shape[0]
