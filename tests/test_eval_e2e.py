@@ -44,7 +44,7 @@ def test_random_model_scores_near_chance_on_demo_sets(trained):
     top1 = [v for k, v in res.items() if k.startswith("zeroshot/") and k.endswith("/top1")][0]
     r5 = [v for k, v in res.items() if k.startswith("retrieval/") and k.endswith("image_to_text_R@5")
           and "non_en" not in k][0]
-    n_img = [v for k, v in res.items() if k.endswith("/num_images")][0]
+    n_img = [v for k, v in res.items() if k.startswith("retrieval/") and k.endswith("/num_images")][0]
     assert abs(top1 - 1 / n_classes) < 0.1, top1          # chance = 1/8 on a balanced set
     assert r5 < 0.05 and n_img >= 500, (r5, n_img)       # chance ~ 5 * 3 captions / 1500
 

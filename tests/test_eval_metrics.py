@@ -236,7 +236,9 @@ def test_zeroshot_metrics_hand_computed():
     assert out["top5"].item() == pytest.approx(0.75)
     # per class: 0 -> 1/1, 1 -> 0/1, 2 -> 1/1, 3 and 4 have no samples -> 0, 5 -> 0/1
     assert out["per_class"].tolist() == pytest.approx([1, 0, 1, 0, 0, 0])
+    assert out["num_images"].item() == 4
     m.reset()
+    assert m.compute()["num_images"].item() == 0
     m3 = ZeroShotMetrics(3)                          # fewer than 5 classes: top-5 = top-3
     m3.update(torch.tensor([[0., 1, 2], [2., 1, 0]]), torch.tensor([0, 1]))
     out = m3.compute()

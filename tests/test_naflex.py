@@ -286,3 +286,34 @@ def test_naflex_evaluation_keeps_each_images_aspect_within_the_length(cache_dir)
     assert res["refexp/demo_refexp/num_regions"] > 0 and 0.0 <= res["refexp/demo_refexp/acc@0.5"] <= 1.0
     for key in ("zeroshot/demo_zeroshot/top1", "retrieval/demo_retrieval/image_to_text_R@5"):
         assert 0.0 <= res[key] <= 0.4, (key, res[key])  # an untrained model: near chance
+    n_all = res["zeroshot/demo_zeroshot/num_images"]
+    assert n_all == 100 and not any("skipped" in k for k in res), sorted(res)
+
+
+def test_aspect_subset_is_counted_and_told_as_kept_n_of_m(cache_dir, caplog):
+    """`eval.aspect_min` leaves out the squarer images on purpose: counted under
+    `filtered_aspect`, told as one info line "kept N of M", no per-sample skip warnings."""
+    import logging
+
+    import yaml
+
+    from siglip2.data.demo import ensure_demo
+    from siglip2.data.tokenizer import build_tokenizer
+    from siglip2.eval.suite import evaluate_all
+    from siglip2.model import build_model
+    from test_train import ROOT
+
+    demo = ensure_demo(cache_dir / "demo-n400-s0", num_train=400, seed=0)
+    cfg = yaml.safe_load((ROOT / "conf" / "model" / "tiny.yaml").read_text())
+    tok = build_tokenizer(demo.tokenizer_path, length=cfg["text"]["max_len"])
+    cfg["text"]["vocab_size"] = tok.vocab_size
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    kw = dict(model=model, tokenizer=tok, image_size=64, batch_size=500, naflex_seq_len=48)
+    full = evaluate_all([demo.zeroshot_yaml], **kw)["zeroshot/demo_zeroshot/num_images"]
+    with caplog.at_level(logging.INFO):
+        res = evaluate_all([demo.zeroshot_yaml], aspect_min=1.6, **kw)
+    kept, left = res["zeroshot/demo_zeroshot/num_images"], res["zeroshot/demo_zeroshot/skipped_filtered_aspect"]
+    assert kept > 0 and left > 0 and kept + left == full, (kept, left, full)
+    assert f"kept {int(kept)} of {int(full)} images" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "skipped" in r.getMessage()]

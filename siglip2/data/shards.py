@@ -20,7 +20,9 @@ Why it looks the way it does:
 
 Skip reasons (keys of ``batch["skipped"]``): see :data:`SKIP_REASONS`. A ``sample_fn`` skips
 a sample by returning None (reason "sample_fn") or by raising ``BadSample(reason)`` for a
-reason of its own; any other exception from it is a bug and propagates.
+reason of its own; any other exception from it is a bug and propagates. A reason that starts
+with ``filtered_`` (:data:`FILTER_PREFIX`) is a sample left out on purpose (an eval subset's
+aspect filter, a balance table): counted like the others, but not warned about per sample.
 
 Rank and world size come from ``torch.distributed`` when it is initialised, else from the
 ``RANK``/``WORLD_SIZE`` environment variables, else 0/1; they are read when the loader is
@@ -79,6 +81,14 @@ SKIP_REASONS = {
     "truncated_sample": "the tar ends inside this sample (its earlier samples are kept)",
     "no_known_member": "no member this reader decodes (jpg/jpeg/png/webp, txt, json, seg.png)",
 }
+
+FILTER_PREFIX = "filtered_"  # reasons for samples left out on purpose, not bad data
+
+
+def is_filter_reason(reason: str) -> bool:
+    """True for a skip reason that names a deliberate filter (``filtered_*``), not bad data."""
+    return reason.startswith(FILTER_PREFIX)
+
 
 # A resampled stream over shards that never yield a usable sample would spin forever;
 # fail loudly instead. Generous: a real dataset with a few bad shards never gets close.
@@ -177,7 +187,7 @@ class _WorkerStats:
     def skip(self, reason: str, key: str = "", url: str = "", detail: str = "") -> None:
         self.counts[reason] += 1
         n = self.counts[reason]
-        if _is_power_of_ten(n):
+        if _is_power_of_ten(n) and not is_filter_reason(reason):
             logger.warning("skipped sample %r from %s: %s%s (%d so far for this reason in "
                            "this worker)", key, url, reason, f" ({detail})" if detail else "", n)
 

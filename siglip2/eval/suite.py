@@ -21,7 +21,7 @@ import yaml
 
 from siglip2 import distributed as dist_utils
 from siglip2.data.decode import MASK_KEY
-from siglip2.data.shards import DecodedSample, build_eval_loader
+from siglip2.data.shards import BadSample, DecodedSample, build_eval_loader, is_filter_reason
 from siglip2.data.transforms import ImageTransform
 from siglip2.eval.captioning import caption_names_object, generate_captions, object_name
 from siglip2.eval.dense_probe import DenseProbeConfig, labels_from_mask, resize_labels, run_dense_probe
@@ -105,8 +105,10 @@ class EvalSample:
         ratio at the largest size of at most that many `patch_size` patches (`siglip2.data.naflex`),
         padded to the length: `patches` uint8, `patch_coord`, `patch_valid`, `spatial_shapes`.
         `aspect_min`: keep only images at least this elongated (max(w/h, h/w) >= aspect_min);
-        the others are skipped and counted (reason `sample_fn`), e.g. the demo's 1:2 and 2:1
-        images for NaFlex's direction."""
+        the others are left out and counted (reason `filtered_aspect`, an info line "kept N of
+        M"), e.g. the demo's 1:2 and 2:1 images for NaFlex's direction. A sample without what
+        its task needs is skipped under `missing_label`, `missing_captions`, `missing_regions`
+        or `missing_mask` (a warning: the set's data is incomplete)."""
         self.es = es
         self.transform = ImageTransform(image_size)
         self.naflex_seq_len, self.patch_size = naflex_seq_len, patch_size
@@ -127,7 +129,7 @@ class EvalSample:
         if self.aspect_min is not None:
             w, h = sample.image.size
             if max(w / h, h / w) < self.aspect_min:
-                return None
+                raise BadSample("filtered_aspect", f"{w}x{h} is under aspect {self.aspect_min:g}")
         meta = sample.meta if isinstance(sample.meta, dict) else {}
         out: dict[str, Any] = {"key": sample.key, "lang": str(meta.get(self.es.lang_key, "en"))}
         if self.naflex_seq_len is not None and self.es.task != "segmentation":
@@ -138,21 +140,21 @@ class EvalSample:
             out["image"] = image
         if self.es.task == "zeroshot":
             if self.es.label_key not in meta:
-                return None
+                raise BadSample("missing_label", f"no {self.es.label_key!r} in the json")
             out["label"] = torch.tensor(int(meta[self.es.label_key]))
             out["objects"] = list(meta.get("objects") or [])
         elif self.es.task == "retrieval":
             captions = meta.get(self.es.captions_key) or [sample.caption]
             out["captions"] = [c for c in captions if isinstance(c, str) and c.strip()]
             if not out["captions"]:
-                return None
+                raise BadSample("missing_captions", f"no {self.es.captions_key!r} in the json and no txt")
         elif self.es.task == "refexp":
             out["regions"] = list(meta.get(self.es.regions_key) or [])
             if not out["regions"]:
-                return None
+                raise BadSample("missing_regions", f"no {self.es.regions_key!r} in the json")
         elif self.es.task == "segmentation":
             if sample.mask is None:
-                return None
+                raise BadSample("missing_mask", "no seg.png member")
             labels = labels_from_mask(sample.mask, len(self.es.classnames), self.es.background_id is not None)
             out["seg"] = labels  # (H, W) class indices at the mask's own size: scoring targets
             out["seg_small"] = resize_labels(labels, image.shape[-2:])  # at the input size: training
@@ -182,14 +184,22 @@ def _batches(loader, max_batches: int | None):
         yield batch
 
 
-def _skip_metrics(stats, prefix: str) -> dict[str, float]:
-    """`<prefix>/skipped_<reason>`: the set's samples skipped by reason, summed over ranks."""
+def _skip_metrics(stats, prefix: str, delivered: float | None = None) -> dict[str, float]:
+    """`<prefix>/skipped_<reason>`: the set's samples skipped by reason, summed over ranks.
+    Bad or incomplete samples are a warning; a deliberate filter (`filtered_*`, e.g. the aspect
+    subset) an info line "kept N of M" when `delivered` (the images scored) is known."""
     totals: dict[str, int] = {}
     for part in dist_utils.all_gather_object(stats.totals()):
         for reason, n in part.items():
             totals[reason] = totals.get(reason, 0) + int(n)
     for reason, n in sorted(totals.items()):
-        log.warning("%s: %d samples skipped (%s)", prefix, n, reason)
+        if not is_filter_reason(reason):
+            log.warning("%s: %d samples skipped (%s)", prefix, n, reason)
+        elif delivered is not None:
+            log.info("%s: kept %d of %d images (%d left out: %s)", prefix, int(delivered), int(delivered) + n, n,
+                     reason)
+        else:
+            log.info("%s: %d images left out (%s)", prefix, n, reason)
     return {f"{prefix}/skipped_{reason}": float(n) for reason, n in totals.items()}
 
 
@@ -241,7 +251,8 @@ def _run_task(es, model, tokenizer, loader, device, max_batches, prefix, keep_ex
         out = _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder)
     else:
         out = _segmentation(es, model, loader, device, max_batches, prefix)
-    return {**out, **_skip_metrics(loader.stats, prefix)}
+    delivered = next((v for k, v in out.items() if k.endswith("/num_images")), None)
+    return {**out, **_skip_metrics(loader.stats, prefix, delivered)}
 
 
 def _segmentation(es, model, loader, device, max_batches, prefix):
@@ -317,7 +328,8 @@ def _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_ex
                     example["caption"] = captions[i]
                 examples.append(example)
     result = metrics.compute()
-    out: dict[str, Any] = {f"{prefix}/top1": float(result["top1"]), f"{prefix}/top5": float(result["top5"])}
+    out: dict[str, Any] = {f"{prefix}/top1": float(result["top1"]), f"{prefix}/top5": float(result["top5"]),
+                           f"{prefix}/num_images": float(result["num_images"])}
     if decoder is not None:
         named, captioned = dist_utils.all_reduce_sum(named), dist_utils.all_reduce_sum(captioned)
         if captioned > 0:

@@ -73,13 +73,14 @@ def zeroshot_logits(image_emb: torch.Tensor, classifier: torch.Tensor) -> torch.
 
 
 class ZeroShotMetrics(nn.Module):
-    """Top-1 / top-5 accuracy (micro: fraction of samples) and per-class accuracy (recall of
-    each class, 0 for a class with no samples), from torchmetrics, so states are summed
+    """Top-1 / top-5 accuracy (micro: fraction of samples), per-class accuracy (recall of
+    each class, 0 for a class with no samples) and the number of images scored, from torchmetrics, so states are summed
     across DDP ranks on `compute()`. top-5 uses top_k = min(5, num_classes). The eval loader
     must yield every sample exactly once across ranks (ours does), as nothing is deduped.
     """
 
     def __init__(self, num_classes: int):
+        from torchmetrics.aggregation import SumMetric
         from torchmetrics.classification import MulticlassAccuracy
 
         super().__init__()
@@ -87,15 +88,18 @@ class ZeroShotMetrics(nn.Module):
         self.top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.per_class = MulticlassAccuracy(num_classes, top_k=1, average=None)
+        self.num_images = SumMetric()
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits, labels = logits.detach().float(), labels.detach().long()
         for m in (self.top1, self.top5, self.per_class):
             m.update(logits, labels)
+        self.num_images.update(float(labels.numel()))
 
     def compute(self) -> Dict[str, torch.Tensor]:
-        return {"top1": self.top1.compute(), "top5": self.top5.compute(), "per_class": self.per_class.compute()}
+        return {"top1": self.top1.compute(), "top5": self.top5.compute(), "per_class": self.per_class.compute(),
+                "num_images": self.num_images.compute()}
 
     def reset(self) -> None:
-        for m in (self.top1, self.top5, self.per_class):
+        for m in (self.top1, self.top5, self.per_class, self.num_images):
             m.reset()
