@@ -243,3 +243,25 @@ def test_zeroshot_metrics_hand_computed():
     m3.update(torch.tensor([[0., 1, 2], [2., 1, 0]]), torch.tensor([0, 1]))
     out = m3.compute()
     assert out["top1"].item() == 0.0 and out["top5"].item() == 1.0
+
+
+def test_eval_set_yaml_typo_names_the_key_and_the_closest_one(tmp_path):
+    """A misspelt key in a set's yaml (`lable_key`) would fall back to the default key and
+    score the wrong field: it is refused, naming the closest key."""
+    import yaml
+
+    from siglip2.eval.suite import load_eval_set
+
+    spec = {"name": "mine", "task": "zeroshot", "urls": "x-{000..001}.tar", "classnames": ["a", "b"],
+            "lable_key": "cls", "num_samples": 10}
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=r"'lable_key' \(did you mean 'label_key'\?\)"):
+        load_eval_set(path)
+    spec["label_key"] = spec.pop("lable_key")
+    path.write_text(yaml.safe_dump(spec))
+    es = load_eval_set(path)
+    assert es.label_key == "cls" and es.num_samples == 10 and es.urls == str(tmp_path / "x-{000..001}.tar")
+    path.write_text("- a list\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_eval_set(path)

@@ -52,6 +52,7 @@ class EvalSet:
     background_id: int | None = 0
     num_classes: int | None = None  # optional check: len(classnames) (+1 with background)
     probe: dict = field(default_factory=dict)  # DenseProbeConfig overrides
+    num_samples: int | None = None  # informational: how many samples the shards hold
 
     @property
     def segmentation_classnames(self) -> list[str]:
@@ -60,11 +61,27 @@ class EvalSet:
 
 
 def load_eval_set(path: str | os.PathLike) -> EvalSet:
-    """Reads an eval yaml; relative shard patterns are resolved against the yaml's folder."""
+    """Reads an eval yaml; relative shard patterns are resolved against the yaml's folder.
+
+    Raises FileNotFoundError for a missing file and ValueError for a missing required key, an
+    unknown task, or a key `EvalSet` does not take (a typo such as `lable_key` would otherwise
+    fall back to the default key silently), naming the closest known key."""
+    import difflib
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"eval set yaml not found: {path}")
     spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: an eval set yaml is a mapping of keys, got {type(spec).__name__}")
+    known = sorted(EvalSet.__dataclass_fields__)
+    unknown = [k for k in spec if k not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ValueError(f"{path}: unknown key {', '.join(hints)}; an eval set takes {known}")
     for key in ("name", "task", "urls"):
         if key not in spec:
             raise ValueError(f"{path}: missing required key '{key}'")
@@ -77,8 +94,7 @@ def load_eval_set(path: str | os.PathLike) -> EvalSet:
         raise ValueError(f"{path}: a {spec['task']} set needs classnames")
     if spec["task"] == "segmentation":
         _check_segmentation(path, spec)
-    known = {f for f in EvalSet.__dataclass_fields__}
-    return EvalSet(**{k: v for k, v in spec.items() if k in known} | {"urls": urls})
+    return EvalSet(**spec | {"urls": urls})
 
 
 def _check_segmentation(path: Path, spec: dict) -> None:
