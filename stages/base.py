@@ -98,8 +98,23 @@ class RecipeWindow:
     rewarm_peak: float = 1.0
 
     def __post_init__(self):
+        """Every value checked when the stage is built, each error naming its `stage.recipe.*` key."""
+        window = tuple(self.window) if isinstance(self.window, (list, tuple)) else None
+        if (window is None or len(window) != 2 or not all(isinstance(v, (int, float)) for v in window)
+                or not 0.0 <= window[0] < window[1] <= 1.0):
+            raise ValueError(f"stage.recipe.window must be [start, end] in recipe progress with "
+                             f"0 <= start < end <= 1, got {self.window!r}")
+        self.window = (float(window[0]), float(window[1]))
+        if not self.stretch > 0:
+            raise ValueError(f"stage.recipe.stretch must be > 0, got {self.stretch!r}")
+        if self.examples is not None and not int(self.examples) > 0:
+            raise ValueError(f"stage.recipe.examples must be > 0 (or null), got {self.examples!r}")
         if self.lr not in ("recipe", "rewarm"):
             raise ValueError(f"stage.recipe.lr must be 'recipe' (the paper's) or 'rewarm', got {self.lr!r}")
+        if not 0.0 <= self.rewarm_warmup < 1.0:
+            raise ValueError(f"stage.recipe.rewarm_warmup must lie in [0, 1), got {self.rewarm_warmup!r}")
+        if not self.rewarm_peak > 0:
+            raise ValueError(f"stage.recipe.rewarm_peak must be > 0, got {self.rewarm_peak!r}")
 
 
 class StepContext:

@@ -61,3 +61,21 @@ def test_train_py_stops_before_hydra_with_the_named_key():
     assert proc.stderr.splitlines() == [
         "train.py: error: unknown key 'data.batch_szie' (did you mean 'data.batch_size'?)",
         "train.py: error: optim.lr=abc: expected a number (its default is 0.00035)"]
+
+
+@pytest.mark.parametrize("values, key", [
+    ({"window": [0.9, 0.5]}, "stage.recipe.window"),
+    ({"window": [0.1]}, "stage.recipe.window"),
+    ({"stretch": 0}, "stage.recipe.stretch"),
+    ({"examples": 0}, "stage.recipe.examples"),
+    ({"lr": "cosine"}, "stage.recipe.lr"),
+    ({"rewarm_warmup": 1.0}, "stage.recipe.rewarm_warmup"),
+    ({"rewarm_peak": -1}, "stage.recipe.rewarm_peak"),
+])
+def test_a_bad_recipe_window_value_names_its_key(values, key):
+    from siglip2.config import from_dict
+    from stages.base import RecipeWindow
+
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        from_dict(RecipeWindow, values, "stage.recipe")
+    assert from_dict(RecipeWindow, {"window": [0.9, 1]}, "stage.recipe").window == (0.9, 1.0)
