@@ -122,6 +122,9 @@ def check_overrides(config_name: str, argv: Sequence[str]) -> list[str]:
     from hydra import compose, initialize_config_dir
 
     args = [a for a in argv if not a.startswith("-")]
+    unparsable = [problem for a in args for problem in [_grammar_problem(a)] if problem]
+    if unparsable:
+        return unparsable
     parsed = [(a, _split(a)) for a in args]
     base = [a for a, p in parsed if p is None and not a.startswith("hydra")]
     try:
@@ -129,7 +132,7 @@ def check_overrides(config_name: str, argv: Sequence[str]) -> list[str]:
             cfg = compose(config_name, overrides=[a.split("=")[0] + "=" + a.split("=", 1)[1].split(",")[0]
                                                   if "," in a else a for a in base])
     except Exception:
-        return []
+        return [p for a in base for p in [_group_problem(a)] if p]  # else Hydra reports it itself
     problems = []
     given = [p[1] for _, p in parsed if p is not None]
     for key in sorted({k for k in given if given.count(k) > 1}):
@@ -150,6 +153,36 @@ def check_overrides(config_name: str, argv: Sequence[str]) -> list[str]:
         if key not in given:
             problems.append(f"'{key}' has no default and is required: add {key}=...")
     return problems
+
+
+def _grammar_problem(arg: str) -> str | None:
+    """The override as Hydra's grammar would reject it, with the quoting that fixes it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if "=" not in arg:
+        return None  # Hydra reports a bare word itself
+    try:
+        OverridesParser.create().parse_override(arg)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        key, value = arg.split("=", 1)
+        return (f"could not parse the override '{arg}' ({reason}). Hydra's override grammar needs a value "
+                f"with brackets, braces, commas or spaces quoted inside the shell's quotes: "
+                f"\"{key}='{value}'\", or a list written whole: '{key}=[1,2]' "
+                f"(https://hydra.cc/docs/advanced/override_grammar/basic/)")
+    return None
+
+
+def _group_problem(arg: str) -> str | None:
+    """`group=option` naming an option that is not in conf/<group>/: the closest one and the list."""
+    key, _, value = arg.lstrip("+~").partition("=")
+    folder = CONF / key.split("@")[0].replace(".", "/")
+    if not folder.is_dir() or (folder / f"{value}.yaml").is_file() or "," in value:
+        return None
+    options = sorted(p.stem for p in folder.glob("*.yaml"))
+    close = difflib.get_close_matches(value, options, n=1)
+    hint = f" (did you mean '{key}={close[0]}'?)" if close else ""
+    return f"'{arg}': conf/{key}/ has no '{value}'{hint}; its options: {', '.join(options)}"
 
 
 def _missing(node: Any, prefix: str = "") -> list[str]:

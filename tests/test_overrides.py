@@ -25,6 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
     (["stage=naflex", "stage.naflex.seq_len=[64]"], "did you mean 'stage.naflex.seq_lens'?"),
     (["model=b16", "model.vision.widht=64"], "did you mean 'model.vision.width'?"),  # checked against b16
     (["stage.losses.sigmoid.nominal_negatives=no"], "expected a boolean"),
+    # Hydra's grammar rejects these: the override and its quoting are named, not only the token
+    (["data=webdataset", "data.train=/d/{000..009}.tar"],
+     "could not parse the override 'data.train=/d/{000..009}.tar'"),
+    (["data.batch_size=[1,"], "\"data.batch_size='[1,'\""),
+    (["model=tinyy"], "conf/model/ has no 'tinyy' (did you mean 'model=tiny'?)"),
+    (["data=webdatset"], "did you mean 'data=webdataset'?"),
 ])
 def test_typos_and_bad_values_are_named(argv, message):
     problems = check_overrides("train", argv)
@@ -36,6 +42,7 @@ def test_typos_and_bad_values_are_named(argv, message):
     ["+trainer.profiler=simple"], ["+stage.losses.probe.start_frac=0.5"], ["stage.losses.locca=null"],
     ["data=webdataset", 'data.train="/data/{00000..00999}.tar"'], ["seed=3"], ["init_from=/x.ckpt"],
     ["stage=naflex", "stage.naflex.seq_lens=[64]", "stage.recipe.lr=rewarm"], ["~callbacks.lr_monitor"],
+    ["data=webdataset", "data.train='/d/{000..009}.tar'"], ["model=b16,tiny"],
 ])
 def test_valid_overrides_pass(argv):
     assert check_overrides("train", argv) == []
