@@ -27,8 +27,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate data module, stage, callbacks, loggers and Trainer from a composed config."""
     if cfg.get("ckpt_path") and cfg.get("init_from"):
         raise ValueError("set either ckpt_path (resume this stage) or init_from (start a stage from weights), not both")
-    if cfg.get("ckpt_path"):
-        check_resume_checkpoint(str(cfg.ckpt_path))
+    resume_step = check_resume_checkpoint(str(cfg.ckpt_path)) if cfg.get("ckpt_path") else None
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
     check_vocab(cfg, datamodule.tokenizer)
@@ -53,6 +52,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
                      stage.stage_name, list(stage.recipe.window), steps, trainer.world_size,
                      cfg.trainer.get("max_steps"))
             trainer.fit_loop.epoch_loop.max_steps = steps  # what `Trainer(max_steps=...)` sets
+    if resume_step is not None and 0 <= trainer.max_steps <= resume_step:
+        log.warning("ckpt_path %s is at step %d and this run stops at trainer.max_steps=%d: it is already "
+                    "finished and nothing will be trained (raise trainer.max_steps to train on; evaluate it "
+                    "with eval.py ckpt_path=...)", cfg.ckpt_path, resume_step, trainer.max_steps)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return {"datamodule": datamodule, "stage": stage, "trainer": trainer, "callbacks": callbacks}
@@ -85,30 +88,34 @@ def drop_logger_callbacks(callbacks: list[Any]) -> list[Any]:
     return kept
 
 
-def check_resume_checkpoint(path: str) -> None:
+def check_resume_checkpoint(path: str) -> int | None:
     """`ckpt_path` must hold only tensors and plain values (`siglip2.checkpoint.load_plain`),
     checked before any strategy reads it: Lightning's resume is `weights_only=True` for the
     strategies that load through their CheckpointIO (single device, DDP), but FSDP's full-state
     reader and DeepSpeed's engine unpickle without that limit. A directory (a sharded or
     DeepSpeed checkpoint) has every torch/pickle file in it checked. Tensors are memory-mapped,
     so the look costs little even for a large file. Lightning's own names ("last", "hpc", ...)
-    are left to Lightning, whose load is then `weights_only=True` (`run`)."""
+    are left to Lightning, whose load is then `weights_only=True` (`run`). Returns the file's
+    `global_step` (None for a directory or a file without one)."""
     from siglip2.checkpoint import load_plain
 
     root = Path(path)
     if root.is_file():
-        load_plain(root, mmap=True)
+        state = load_plain(root, mmap=True)
+        step = state.get("global_step") if isinstance(state, dict) else None
+        return int(step) if isinstance(step, int) else None
     elif root.is_dir():
         from siglip2.checkpoint_zero import check_zero_checkpoint, is_zero_checkpoint
 
         if is_zero_checkpoint(root):  # DeepSpeed's files also pickle three small records of its own
             check_zero_checkpoint(root)
-            return
+            return None
         for file in sorted(p for p in root.rglob("*") if p.is_file()):
             with open(file, "rb") as handle:
                 head = handle.read(4)
             if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # a torch.save zip or a raw pickle
                 load_plain(file, mmap=True)
+    return None
 
 
 def check_vocab(cfg: DictConfig, tokenizer) -> None:

@@ -335,3 +335,20 @@ def test_a_run_shorter_than_the_interval_writes_one_last_ckpt(cache_dir, tmp_pat
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["frac_0.90.ckpt", "frac_0.95.ckpt", "last.ckpt"], names
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+
+
+def test_resuming_a_finished_run_says_so(debug_pretrain, cache_dir, tmp_path, caplog):
+    """`ckpt_path=<last.ckpt>` of a run that reached trainer.max_steps trains nothing: the
+    run says so instead of ending quietly as if it had trained."""
+    import logging
+
+    from stages.runner import build
+
+    last = debug_pretrain / "checkpoints" / "last.ckpt"
+    with caplog.at_level(logging.WARNING, logger="stages.runner"):
+        build(compose_cfg([f"ckpt_path={last}"], cache_dir, tmp_path / "again"))
+    assert "is at step 6 and this run stops at trainer.max_steps=6: it is already finished" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stages.runner"):
+        build(compose_cfg([f"ckpt_path={last}", "trainer.max_steps=9"], cache_dir, tmp_path / "on"))
+    assert "already finished" not in caplog.text
