@@ -62,8 +62,10 @@ def test_eval_py_prints_table_and_writes_metrics(trained, tmp_path):
     import numpy as np
     from PIL import Image
 
+    from siglip2.eval.grid import LEGEND_HEIGHT
+
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
-    assert grid.shape == (4 * (224 + 68), 4 * (224 + 4), 3) and grid.std() > 20
+    assert grid.shape == (LEGEND_HEIGHT + 4 * (224 + 68), 4 * (224 + 4), 3) and grid.std() > 20
     for key in ("zeroshot/demo_zeroshot/top1", "zeroshot/demo_zeroshot_shape/top1",
                 "retrieval/demo_retrieval/image_to_text_R@5",
                 "refexp/demo_refexp/acc@0.5", "segmentation/demo_segmentation/miou"):

@@ -3,7 +3,8 @@
 For each image of a zero-shot set whose json carries ``regions`` (the demo's sets do): the
 image with its ground-truth box (green) and the box the LocCa decoder predicts for the
 region caption (red, ARef), the top zero-shot class next to the label, and the caption the
-decoder generates (Cap). Used by ``python eval.py ckpt_path=... grid=PATH.png``.
+decoder generates (Cap). A legend strip (`LEGEND_HEIGHT` px) on top says what each mark is.
+Used by ``python eval.py ckpt_path=... grid=PATH.png``.
 """
 from __future__ import annotations
 
@@ -21,6 +22,23 @@ from siglip2.eval.captioning import generate_captions
 from siglip2.eval.refexp import predict_boxes
 from siglip2.eval.suite import load_eval_set
 from siglip2.eval.zeroshot import build_classifier, zeroshot_logits
+
+
+LEGEND_HEIGHT = 20
+
+
+def _legend(width: int, font, decoder: bool) -> Image.Image:
+    """The strip that says what the boxes and lines mean."""
+    strip = Image.new("RGB", (width, LEGEND_HEIGHT), (255, 255, 255))
+    d = ImageDraw.Draw(strip)
+    x = 4
+    for colour, text in (((0, 200, 0), "true box of 'box for'"), ((255, 0, 0), "box LocCa predicts for it")):
+        d.rectangle([x, 4, x + 12, 15], outline=colour, width=2)
+        d.text((x + 17, 3), text, fill=(0, 0, 0), font=font)
+        x += 22 + int(d.textlength(text, font=font)) + 12
+    rest = "top-1: zero-shot class; caption: LocCa's own caption" if decoder else         "top-1: zero-shot class (no LocCa decoder: no boxes, no captions)"
+    d.text((x, 3), rest, fill=(0, 0, 0), font=font)
+    return strip
 
 
 def _font(size: int):
@@ -75,9 +93,10 @@ def render_predictions(zeroshot_yaml: str, model: torch.nn.Module, decoder: torc
         d.multiline_text((3, cell + 2), "\n".join(lines), fill=(0, 0, 0), font=font)
         tiles.append(tile)
     rows = math.ceil(len(tiles) / cols)
-    grid = Image.new("RGB", (cols * (cell + 4), rows * (cell + 68)), (160, 160, 160))
+    grid = Image.new("RGB", (cols * (cell + 4), LEGEND_HEIGHT + rows * (cell + 68)), (160, 160, 160))
+    grid.paste(_legend(grid.width, font, decoder is not None), (0, 0))
     for i, tile in enumerate(tiles):
-        grid.paste(tile, ((i % cols) * (cell + 4), (i // cols) * (cell + 68)))
+        grid.paste(tile, ((i % cols) * (cell + 4), LEGEND_HEIGHT + (i // cols) * (cell + 68)))
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     grid.save(out_png)
     return out_png
