@@ -5,11 +5,20 @@ metrics.json in the run's output directory.
 """
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from siglip2.cli import user_errors
-from stages.runner import evaluate
+
+if __name__ == "__main__":
+    from stages.overrides import exit_on_bad_overrides
+
+    exit_on_bad_overrides("eval.py", "eval", sys.argv[1:])  # typos and bad values, named, before Hydra
+    if not any(a in ("-h", "--help", "--cfg", "-c", "--info", "-i") for a in sys.argv[1:]):
+        print("eval.py: loading torch and Lightning ...", file=sys.stderr, flush=True)  # ~10 s on a small CPU
+from stages.runner import evaluate  # noqa: E402  (imported eagerly: Lightning sets its logging up on import)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
@@ -19,9 +28,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from stages.overrides import exit_on_bad_overrides
-
-    exit_on_bad_overrides("eval.py", "eval", sys.argv[1:])  # typos and bad values, named, before Hydra
     main()
