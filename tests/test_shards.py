@@ -273,6 +273,32 @@ def test_keys_with_dots_are_read_and_samples_of_other_members_counted(tmp_path):
     assert stats.totals() == {"no_known_member": 1}
 
 
+def test_a_tar_not_grouped_by_sample_is_counted_and_named(tmp_path, caplog):
+    """`tar cf x.tar *.jpg *.txt` puts every image before every caption: no sample is whole.
+    Each part is counted (the images as missing_caption, the captions met again as
+    split_sample), and one warning names the shard and the fix."""
+    import logging
+    import tarfile
+
+    names = [f"k{i}" for i in range(4)]
+    with tarfile.open(tmp_path / "sorted_by_ext.tar", "w") as tar:
+        for ext, make in (("jpg", lambda k: jpeg()), ("txt", lambda k: f"caption {k}".encode())):
+            for k in names:
+                data = make(k)
+                info = tarfile.TarInfo(f"{k}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    stats = SkipStats()
+    with caplog.at_level(logging.WARNING):
+        keys = []
+        for b in build_eval_loader(str(tmp_path / "sorted_by_ext.tar"), sample_fn, batch_size=2, num_workers=0):
+            stats.update(b)
+            keys += b.get("key", [])
+    assert keys == [] and stats.totals() == {"missing_caption": 4, "split_sample": 4}
+    warned = [r.getMessage() for r in caplog.records if "not grouped by sample" in r.getMessage()]
+    assert len(warned) == 1 and "sorted_by_ext.tar" in warned[0]
+
+
 def test_corrupt_and_garbage_tars_skipped_with_warning(tmp_path, caplog):
     urls = make_shards(tmp_path, 3, 6)
     with open(urls[1], "rb") as f:

@@ -80,6 +80,8 @@ SKIP_REASONS = {
     "duplicate_member": "a member name twice in one sample (the sample is skipped, the shard's others kept)",
     "truncated_sample": "the tar ends inside this sample (its earlier samples are kept)",
     "no_known_member": "no member this reader decodes (jpg/jpeg/png/webp, txt, json, seg.png)",
+    "split_sample": "a key met again after other keys: its members are not next to each other in the tar "
+                    "(its first part is counted under its own reason, e.g. missing_caption)",
 }
 
 FILTER_PREFIX = "filtered_"  # reasons for samples left out on purpose, not bad data
@@ -275,14 +277,30 @@ def _tar_samples(fileobj, url: str, stats: _WorkerStats) -> Iterator[dict]:
     - the stream breaks in a header: the pending sample is delivered when it holds an image
       and a caption (its members were read whole), else skipped as truncated.
     Then `_ShardFault` is raised for the caller to count the shard.
+    A key met again after other keys (a tar written as `tar cf x.tar *.jpg *.txt`, members
+    not grouped by sample) is skipped as "split_sample", with one warning per shard naming it.
     """
     tar = tarfile.open(fileobj=fileobj, mode="r|*")
     current: dict | None = None
     duplicate = False
+    seen: set[str] = set()  # keys of this shard's finished groups
+    split = 0
 
     def finish():
+        nonlocal split
         if current is None:
             return None
+        if current["__key__"] in seen:
+            split += 1
+            if split == 1:
+                logger.warning("shard %s: sample %r is met again after other samples: the tar's members are not "
+                               "grouped by sample (written as `tar cf x.tar *.jpg *.txt`?), so each part is skipped "
+                               "on its own (split_sample, missing_caption, ...). Write each sample's files next to "
+                               "each other (tar of the files sorted by name, or webdataset's ShardWriter)",
+                               url, current["__key__"])
+            stats.skip("split_sample", current["__key__"], url)
+            return None
+        seen.add(current["__key__"])
         if duplicate:
             stats.skip("duplicate_member", current["__key__"], url)
             return None
