@@ -64,13 +64,24 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 def check_accumulation(trainer: L.Trainer, datamodule) -> None:
     """Gradient accumulation over an epoch that is not a whole number of steps: Lightning makes
     the epoch's last optimiser step from the leftover micro-batches (Lightning #19684), a
-    smaller step every epoch, silently. Refused, naming both keys."""
+    smaller step every epoch, silently. Refused, naming both keys. The epoch is
+    `data.batches_per_epoch`, or `trainer.limit_train_batches` when that cuts it shorter (a count,
+    or a fraction of the epoch, as Lightning reads it)."""
     acc, per_epoch = int(trainer.accumulate_grad_batches), getattr(datamodule, "batches_per_epoch", None)
-    if acc > 1 and per_epoch and int(per_epoch) % acc:
-        fix = -(-int(per_epoch) // acc) * acc
-        raise ValueError(f"trainer.accumulate_grad_batches={acc} does not divide data.batches_per_epoch={per_epoch}: "
-                         f"every epoch would end with a step of {int(per_epoch) % acc} micro-batch(es). "
-                         f"Set data.batches_per_epoch to a multiple of {acc} (e.g. {fix})")
+    if acc <= 1 or not per_epoch:
+        return
+    per_epoch, key = int(per_epoch), "data.batches_per_epoch"
+    limit = trainer.limit_train_batches
+    if limit is not None:
+        limited = int(limit) if isinstance(limit, int) else int(per_epoch * float(limit))
+        if limited < per_epoch:
+            per_epoch, key = limited, f"trainer.limit_train_batches={limit} (an epoch of {limited} batches)"
+    if per_epoch % acc:
+        fix = -(-per_epoch // acc) * acc
+        what = f"{key}={per_epoch}" if key == "data.batches_per_epoch" else key
+        raise ValueError(f"trainer.accumulate_grad_batches={acc} does not divide {what}: "
+                         f"every epoch would end with a step of {per_epoch % acc} micro-batch(es). "
+                         f"Make the epoch a multiple of {acc} batches (e.g. {fix})")
 
 
 def drop_logger_callbacks(callbacks: list[Any]) -> list[Any]:

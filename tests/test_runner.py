@@ -148,6 +148,11 @@ def test_accumulation_that_does_not_divide_the_epoch_is_refused_naming_both_keys
 
     with pytest.raises(ValueError, match=r"accumulate_grad_batches=2 does not divide data.batches_per_epoch=3.*e\.g\. 4"):
         build(compose_cfg(["trainer.accumulate_grad_batches=2"], cache_dir, tmp_path))
+    # Lightning's limit_train_batches cuts the epoch the same way (a count or a fraction)
+    for limit, epoch in (("3", 3), ("0.75", 3)):
+        with pytest.raises(ValueError, match=rf"limit_train_batches={limit} \(an epoch of {epoch} batches\)"):
+            build(compose_cfg(["trainer.accumulate_grad_batches=2", "data.batches_per_epoch=4",
+                               f"+trainer.limit_train_batches={limit}"], cache_dir, tmp_path))
 
     class Count(L.Callback):
         micro = 0
