@@ -13,7 +13,11 @@ from omegaconf import DictConfig
 from siglip2.cli import user_errors
 
 if __name__ == "__main__":
+    import os
+
     from stages.overrides import exit_on_bad_overrides
+
+    os.environ.setdefault("PROJECT_ROOT", os.getcwd())  # conf/paths: logs/ under the directory run from
 
     exit_on_bad_overrides("eval.py", "eval", sys.argv[1:])  # typos and bad values, named, before Hydra
     if not any(a in ("-h", "--help", "--cfg", "-c", "--info", "-i") for a in sys.argv[1:]):

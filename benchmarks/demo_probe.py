@@ -14,6 +14,11 @@ category cue (a fill pattern, not the silhouette): see `benchmarks/RESULTS.md`.
     python benchmarks/demo_probe.py --attribute category              # 470 x 64 = 30k samples
     python benchmarks/demo_probe.py --attribute shape --steps 1600    # 102k samples
     python benchmarks/demo_probe.py --quick                           # 40 steps on a 200-image demo
+    python benchmarks/demo_probe.py --world glyphs --steps 235        # issue 28's candidate: 15k samples
+
+`--world glyphs` draws the scenes in memory instead (`siglip2.data.demo.glyphs`: 1-3 digits
+from DejaVu fonts per train image, 800 single-glyph held-out images, 80 per glyph), the
+attribute being the glyph.
 
 Reads the shards' .jpg and .json members only (no pickle), squashed to a square as training
 does (PIL's antialiased bilinear resize), all into memory as uint8.
@@ -44,6 +49,25 @@ from siglip2.model.vit import VisionConfig, VisionTransformer  # noqa: E402
 
 VALUES = {"category": CATEGORIES, "shape": SHAPES, "color": tuple(COLORS)}
 TEST_SET = {"category": "zeroshot", "shape": "zeroshot_shape", "color": "zeroshot"}
+
+
+def glyph_split(n: int, size: int, seed: int, single: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 3, size, size) uint8 squashed glyph scenes and (n, 10) glyph-presence targets:
+    1-3 glyphs per image, or (`single`) one glyph per image, the glyphs in turn."""
+    from siglip2.data.demo.glyphs import GLYPHS, draw_glyph_scene, glyph_scene_size
+
+    rng = np.random.default_rng(seed)
+    images, targets = [], []
+    for i in range(n):
+        w, h = glyph_scene_size(rng)
+        force = GLYPHS[i % len(GLYPHS)] if single else None
+        img, _, glyphs = draw_glyph_scene(rng, w, h, 1 if single else int(rng.integers(1, 4)), force)
+        target = np.zeros(len(GLYPHS), np.float32)
+        for g in glyphs:
+            target[GLYPHS.index(g.glyph)] = 1.0
+        images.append(np.asarray(img.resize((size, size), Image.BILINEAR)))
+        targets.append(target)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.stack(targets))
 
 
 def load_split(pattern: str, size: int, attribute: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +126,8 @@ class SmallCNN(torch.nn.Module):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--attribute", choices=sorted(VALUES), default="category")
+    ap.add_argument("--world", choices=("demo", "glyphs"), default="demo",
+                    help="demo: the built demo's shards; glyphs: issue 28's glyph scenes, drawn in memory")
     ap.add_argument("--root", default=None, help="demo folder (default: the training cache's, by --num-train)")
     ap.add_argument("--num-train", type=int, default=20000)
     ap.add_argument("--steps", type=int, default=470)
@@ -122,7 +148,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    if not (Path(args.root) / "DONE.json").is_file():  # a finished demo folder is read as it is
+    if args.world == "demo" and not (Path(args.root) / "DONE.json").is_file():  # a finished demo is read as it is
         ensure_demo(args.root, num_train=args.num_train,
                     **({"num_zeroshot": 40, "num_retrieval": 8, "num_refexp": 8, "num_segmentation": 8}
                        if args.quick else {}))
@@ -133,9 +159,17 @@ def main() -> None:
                width=tiny["width"], depth=tiny["depth"], heads=tiny["heads"], mlp=tiny["mlp_dim"])
     print("tower:", cfg)
     t0 = time.time()
-    x_train, y_train = load_split(str(Path(args.root) / "train" / "*.tar"), cfg["size"], args.attribute)
-    x_test, y_test = load_split(str(Path(args.root) / "eval" / TEST_SET[args.attribute] / "*.tar"), cfg["size"],
-                                args.attribute)
+    if args.world == "glyphs":
+        from siglip2.data.demo.glyphs import GLYPHS
+
+        args.attribute = "glyph"
+        VALUES["glyph"] = GLYPHS
+        x_train, y_train = glyph_split(min(args.num_train, args.steps * args.batch), cfg["size"], 0, single=False)
+        x_test, y_test = glyph_split(80 if args.quick else 800, cfg["size"], 1, single=True)
+    else:
+        x_train, y_train = load_split(str(Path(args.root) / "train" / "*.tar"), cfg["size"], args.attribute)
+        x_test, y_test = load_split(str(Path(args.root) / "eval" / TEST_SET[args.attribute] / "*.tar"),
+                                    cfg["size"], args.attribute)
     n_values = y_train.shape[1]
     print(f"attribute {args.attribute}: {n_values} values; loaded {len(x_train)} train / {len(x_test)} "
           f"held-out single-object images in {time.time() - t0:.0f} s")

@@ -64,8 +64,15 @@ def test_debug_fast_cli_writes_metrics_and_handoff_checkpoints(cache_dir, tmp_pa
 
 
 def test_multirun_sweep_writes_one_output_dir_per_run(cache_dir, tmp_path):
-    cli(["-m", "optim.lr=1e-3,3e-4", "debug=fast", "trainer.max_steps=2"], cache_dir, tmp_path)
-    found = sorted(tmp_path.glob("debug/multiruns/*/*/metrics.json"))
+    """The README's sweep as a user types it: no paths.log_dir, so logs/ goes under the
+    directory it is started from (it once failed resolving hydra.sweep.dir: "HydraConfig was
+    not set")."""
+    env = {k: v for k, v in os.environ.items() if k != "PROJECT_ROOT"}
+    env.update(WANDB_MODE="disabled", SIGLIP2_CACHE=str(cache_dir))
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "optim.lr=1e-3,3e-4", "debug=fast",
+                           "trainer.max_steps=2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    found = sorted(tmp_path.glob("logs/debug/multiruns/*/*/metrics.json"))
     assert len(found) == 2
     import yaml
 

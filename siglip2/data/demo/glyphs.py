@@ -1,0 +1,147 @@
+"""A candidate demo world for issue 28: large glyphs (digits and letters) drawn from fonts.
+
+What a tiny ViT learns fast is layout *across* patches, not texture inside one
+(``benchmarks/RESULTS.md``, demo probe): a glyph whose strokes are about a patch wide at the
+training resolution (64 px, patch 8) is read from which patches its strokes cover. This module
+draws such scenes: 1-3 glyphs in distinct palette colours on the demo's muted backgrounds, each
+glyph's pixels labelled with its class (a per-pixel *glyph class* mask, so a dense probe needs
+learned features), tight boxes read off the mask. ``benchmarks/demo_probe.py --world glyphs``
+measures what the tiny tower learns of it, supervised, before the demo is rebuilt on it.
+
+Fonts: matplotlib's bundled DejaVu family (Sans, Serif, Sans Mono; bold and book weights),
+found through ``matplotlib.get_data_path()``; nothing is downloaded. Raises ``RuntimeError``
+naming the folder when no font file is found.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .world import _MIN_COLOR_DIST, _PALETTE, COLORS, SIZES, _background
+
+GLYPHS: tuple[str, ...] = tuple("0123456789")
+# Bold weights first: their strokes are the widest (about 0.15 of the glyph's height).
+FONT_FILES: tuple[str, ...] = ("DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono-Bold.ttf",
+                               "DejaVuSans.ttf")
+# Glyph height as a fraction of the image's shorter side, per size word (gaps keep them apart).
+GLYPH_SIZE_FRAC = {"small": (0.30, 0.38), "medium": (0.46, 0.56), "large": (0.66, 0.80)}
+_MAX_ROT_DEG = 10.0
+
+
+def font_dir() -> Path:
+    """The folder of matplotlib's bundled TrueType fonts."""
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+
+
+@lru_cache(maxsize=None)
+def _font_paths() -> tuple[str, ...]:
+    folder = font_dir()
+    found = tuple(str(folder / f) for f in FONT_FILES if (folder / f).is_file())
+    if not found:
+        raise RuntimeError(f"no DejaVu font found in {folder} (matplotlib's bundled fonts)")
+    return found
+
+
+@lru_cache(maxsize=512)
+def _font(font: str, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(font, size)
+
+
+@lru_cache(maxsize=4096)
+def _glyph_bitmap(ch: str, font: str, height: int) -> np.ndarray:
+    """Boolean (h, w) bitmap of `ch` whose ink is `height` px tall, cropped to its ink."""
+    x0, y0, x1, y1 = _font(font, 100).getbbox(ch)
+    size = max(4, round(100 * height / max(1, y1 - y0)))
+    f = _font(font, size)
+    x0, y0, x1, y1 = f.getbbox(ch)
+    canvas = Image.new("L", (x1 - x0 + 4, y1 - y0 + 4), 0)
+    ImageDraw.Draw(canvas).text((2 - x0, 2 - y0), ch, fill=255, font=f)
+    a = np.asarray(canvas) > 127
+    ys, xs = np.nonzero(a)
+    return a[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+def glyph_mask(ch: str, font: str, height: int, angle_deg: float) -> np.ndarray:
+    """Boolean bitmap of a glyph `height` px tall, rotated by `angle_deg` (expanded, cropped).
+    Heights are rounded to even pixels and angles to whole degrees, so bitmaps are reused."""
+    return _rotated(ch, font, 2 * max(2, round(height / 2)), int(round(angle_deg)))
+
+
+@lru_cache(maxsize=16384)
+def _rotated(ch: str, font: str, height: int, angle_deg: int) -> np.ndarray:
+    a = _glyph_bitmap(ch, font, height)
+    if angle_deg == 0:
+        return a
+    img = Image.fromarray(a.astype(np.uint8) * 255).rotate(angle_deg, resample=Image.BILINEAR, expand=True)
+    r = np.asarray(img) > 127
+    ys, xs = np.nonzero(r)
+    return r[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+@dataclass
+class Glyph:
+    glyph: str
+    color: str
+    size: str
+    font: str
+    box: tuple[int, int, int, int]  # tight pixel edges x1 y1 x2 y2 (x2, y2 exclusive)
+
+
+def draw_glyph_scene(rng: np.random.Generator, w: int, h: int, n: int,
+                     force_glyph: str | None = None) -> tuple[Image.Image, np.ndarray, list[Glyph]]:
+    """A `w` x `h` scene of up to `n` glyphs (fewer when they do not fit), in distinct colours.
+
+    Returns the RGB image, a uint8 mask (0 background, `GLYPHS.index(g) + 1` on each glyph's
+    ink) and the glyphs with their tight boxes. Boxes stay >= 3 px apart."""
+    bg, _ = _background(rng, w, h)
+    img = bg.astype(np.float32)
+    mask = np.zeros((h, w), np.uint8)
+    placed: list[Glyph] = []
+    short = min(w, h)
+    for _ in range(n):
+        for attempt in range(40):
+            ch = force_glyph or GLYPHS[rng.integers(len(GLYPHS))]
+            size_i = int(rng.integers(3)) if attempt < 15 else 0
+            size = SIZES[size_i]
+            height = max(10, int(rng.uniform(*GLYPH_SIZE_FRAC[size]) * short))
+            fonts = _font_paths()
+            font = fonts[rng.integers(len(fonts))]
+            m = glyph_mask(ch, font, height, rng.uniform(-_MAX_ROT_DEG, _MAX_ROT_DEG))
+            gh, gw = m.shape
+            if gw > w - 6 or gh > h - 6:
+                continue
+            x0, y0 = int(rng.integers(3, w - gw - 2)), int(rng.integers(3, h - gh - 2))
+            box = (x0, y0, x0 + gw, y0 + gh)
+            if any(box[0] < q.box[2] + 3 and q.box[0] < box[2] + 3 and box[1] < q.box[3] + 3
+                   and q.box[1] < box[3] + 3 for q in placed):
+                continue
+            under = bg[y0:y0 + gh, x0:x0 + gw][m].reshape(-1, 3).mean(0)
+            far = np.sqrt(((_PALETTE - under) ** 2).sum(1)) >= _MIN_COLOR_DIST
+            ok = [c for c, f in zip(COLORS, far) if f and c not in {g.color for g in placed}]
+            if not ok:
+                continue
+            color = ok[rng.integers(len(ok))]
+            fill = np.clip(np.array(COLORS[color]) + rng.integers(-12, 13, 3), 0, 255).astype(np.float32)
+            region = img[y0:y0 + gh, x0:x0 + gw]
+            region[m] = fill
+            mask[y0:y0 + gh, x0:x0 + gw][m] = GLYPHS.index(ch) + 1
+            ys, xs = np.nonzero(m)
+            placed.append(Glyph(ch, color, size, Path(font).stem,
+                                (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1,
+                                 y0 + int(ys.max()) + 1)))
+            break
+    return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8)), mask, placed
+
+
+def glyph_scene_size(rng: np.random.Generator, max_aspect: float = 2.0, short=(64, 160)) -> tuple[int, int]:
+    """(w, h): short side uniform in `short`, aspect log-uniform in [1/max_aspect, max_aspect]."""
+    s = int(rng.integers(short[0], short[1] + 1))
+    ar = math.exp(rng.uniform(-math.log(max_aspect), math.log(max_aspect)))
+    return (int(round(s * ar)), s) if ar >= 1 else (s, int(round(s / ar)))
