@@ -128,8 +128,14 @@ def read_checkpoint(path: str) -> Checkpoint:
     than tensors and plain values (`load_plain`: reading it never runs pickled code).
     """
     if Path(path).is_dir():  # DeepSpeed's checkpoint directories: fp32 masters from the ZeRO shards
-        from siglip2.checkpoint_zero import read_zero_checkpoint
+        from siglip2.checkpoint_zero import is_zero_checkpoint, read_zero_checkpoint
 
+        if not is_zero_checkpoint(path):  # a run folder, or its checkpoints/ folder
+            found = sorted(Path(path).glob("*.ckpt")) or sorted(Path(path).glob("checkpoints/*.ckpt"))
+            hint = (f"; it holds {', '.join(str(p) for p in found[:4])}{', ...' if len(found) > 4 else ''}"
+                    if found else "")
+            raise ValueError(f"{path} is a folder, not a checkpoint: give a checkpoint file, e.g. "
+                             f"<run>/checkpoints/last.ckpt{hint}")
         raw = read_zero_checkpoint(path)
     else:
         raw = load_plain(path)

@@ -77,6 +77,12 @@ def test_teacher_weights_are_refused_by_name_when_absent(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not a siglip2 training checkpoint"):
         read_checkpoint(str(tmp_path / "other.ckpt"))
+    # a run folder given for a checkpoint: named as a folder, with the files it holds
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"is a folder, not a checkpoint.*run/checkpoints/last\.ckpt"):
+        read_checkpoint(str(run))
 
 
 def test_format_1_checkpoints_still_read(tmp_path):
