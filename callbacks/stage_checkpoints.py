@@ -3,7 +3,10 @@ the final weights as `last.ckpt` when training ends, and a resumable `last.ckpt`
 is stopped by SIGTERM (preemption, `kill`, a scheduler's time limit): Lightning notes the
 signal, finishes the current step and raises `SIGTERMException` on every rank at the same
 step; this callback saves there and `stages.runner.run` then exits with code 143 (128 +
-SIGTERM), never 0. Resume with `ckpt_path=<run>/checkpoints/last.ckpt`.
+SIGTERM), never 0. Resume with `ckpt_path=<run>/checkpoints/last.ckpt`. In a single-process run
+the first Ctrl-C (SIGINT) takes the same path (the step finishes, `last.ckpt` is saved, exit code
+130); a second Ctrl-C stops at once, as Lightning does. Multi-process runs keep Lightning's
+Ctrl-C handling (no checkpoint; the periodic ones stay).
 
 NaFlex continues from 90% of pretraining and resolution adaptation from 95% [P §2.4]: each
 is written after the first step that brings the recipe's progress to its fraction. They
@@ -13,6 +16,9 @@ strategy (DeepSpeed and FSDP need all ranks to take part).
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +35,32 @@ class StageCheckpoints(L.Callback):
             if not 0.0 < f <= 1.0:
                 raise ValueError(f"hand-off fraction {f} must lie in (0, 1]")
         self.saved: set[float] = set()
+        self.interrupted = False  # the first Ctrl-C of a single-process run was taken as SIGTERM
+        self._previous_sigint: Any = None
 
     @staticmethod
     def filename(frac: float) -> str:
         return f"frac_{frac:.2f}.ckpt"
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.interrupted:  # a second Ctrl-C: stop now, as Lightning does
+            self._restore_sigint()
+            raise KeyboardInterrupt
+        self.interrupted = True
+        log.warning("Ctrl-C: finishing this step and saving last.ckpt (Ctrl-C again to stop at once)")
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's SIGTERM path: stop at the step's end
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_sigint()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -61,7 +89,8 @@ class StageCheckpoints(L.Callback):
             path = self.dirpath / "last.ckpt"
             trainer.save_checkpoint(path, weights_only=False)  # the full, resumable checkpoint
             if trainer.is_global_zero:
-                log.warning("SIGTERM: saved %s at step %d; resume with ckpt_path=%s", path, trainer.global_step, path)
+                log.warning("%s: saved %s at step %d; resume with ckpt_path=%s",
+                            "Ctrl-C" if self.interrupted else "SIGTERM", path, trainer.global_step, path)
 
     def state_dict(self) -> dict[str, Any]:
         return {"saved": sorted(self.saved)}

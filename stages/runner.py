@@ -228,6 +228,9 @@ def run(cfg: DictConfig) -> float | None:
             # weights_only: the resumed file holds tensors and plain values only (build checked it)
             trainer.fit(objs["stage"], datamodule=objs["datamodule"], ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         except SIGTERMException:  # callbacks.StageCheckpoints saved last.ckpt; never look successful
+            if any(getattr(cb, "interrupted", False) for cb in trainer.callbacks):
+                log.error("interrupted by Ctrl-C at step %d; exit code 130", trainer.global_step)
+                raise SystemExit(130) from None
             log.error("stopped by SIGTERM at step %d; exit code 143", trainer.global_step)
             raise SystemExit(143) from None
         metrics = collect_metrics(trainer, objs["callbacks"])

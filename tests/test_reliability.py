@@ -52,6 +52,26 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(cache_dir, tmp_
     assert int(final["global_step"]) == stopped + 2
 
 
+def test_ctrl_c_finishes_the_step_and_saves_like_sigterm(cache_dir, tmp_path):
+    """Ctrl-C (SIGINT) in a single-process run used to stop with "attempting graceful
+    shutdown" and no checkpoint since the last periodic one: now the step ends, last.ckpt is
+    saved at it, the log says how to resume, and the exit code is 130."""
+    out = tmp_path / "run"
+    proc = _start(["debug=fast", "trainer.max_steps=400", "data.batches_per_epoch=400"], cache_dir, out)
+    periodic = out / "checkpoints" / "step_0000003.ckpt"
+    deadline = time.time() + 300
+    while not periodic.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert periodic.exists(), proc.communicate()[0][-3000:]
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, log[-3000:]
+    assert "Ctrl-C: saved" in log and "interrupted by Ctrl-C" in log, log[-3000:]
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert 3 < int(last["global_step"]) < 400
+
+
 def test_checkpoints_carry_their_tokenizer_and_other_ids_are_refused(cache_dir, debug_pretrain, tmp_path):
     """A `debug=fast` model evaluated with the full demo's tokenizer (same vocabulary size,
     other ids) used to get wrong numbers silently. The checkpoint now records its tokenizer
