@@ -152,7 +152,7 @@ def test_export_cli_picks_the_processor_from_the_checkpoints_stage(tmp_path, mon
     for stage, kind in (("pretrain", "siglip"), ("resadapt", "siglip"), ("naflex", "siglip2")):
         ck = Checkpoint(path="x", stage=stage, model_config=m.config, loss_configs={},
                         state_dict={f"model.{k}": v for k, v in m.state_dict().items()})
-        monkeypatch.setattr(cli, "read_checkpoint", lambda path, ck=ck: ck)
+        monkeypatch.setattr("siglip2.checkpoint.read_checkpoint", lambda path, ck=ck: ck)
         folder = cli.main([f"ckpt_path={tmp_path}/{stage}.ckpt", f"out={tmp_path / stage}"])
         assert json.loads((folder / "config.json").read_text())["model_type"] == kind, stage
 
@@ -180,7 +180,7 @@ def test_export_cli_writes_the_checkpoints_tokenizer_as_it_was_trained(tmp_path,
         ck = Checkpoint(path="x", stage="pretrain", model_config=m.config, loss_configs={},
                         state_dict={f"model.{k}": v for k, v in m.state_dict().items()},
                         meta={"tokenizer": {**tokenizer_fingerprint(sp), "lowercase": lowercase}})
-        monkeypatch.setattr(cli, "read_checkpoint", lambda path, ck=ck: ck)
+        monkeypatch.setattr("siglip2.checkpoint.read_checkpoint", lambda path, ck=ck: ck)
         folder = cli.main([f"ckpt_path={tmp_path}/x.ckpt", f"out={tmp_path / str(lowercase)}"])
         ids = AutoProcessor.from_pretrained(folder)(text=texts, return_tensors="pt")["input_ids"]
         assert torch.equal(ids, tok(texts)), lowercase

@@ -254,7 +254,13 @@ def test_cli_errors_are_one_clear_line_without_a_traceback(cache_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "siglip2.export", f"ckpt_path={tmp_path / 'nope.ckpt'}"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.stderr.startswith("python -m siglip2.export: error: ") and "nope.ckpt" in proc.stderr
+    assert "python -m siglip2.export: error: " in proc.stderr and "nope.ckpt" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "siglip2.export", "ckpt_path=x.ckpt", "outt=/y"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)  # a typo: named before torch loads
+    assert proc.returncode == 1 and "unknown key 'outt' (did you mean 'out'?)" in proc.stderr, proc.stderr
+    expanded = [*tok[:5], str(tmp_path / "a0.tar"), str(tmp_path / "a1.tar"), *tok[6:]]  # the shell's {0..1}
+    proc = subprocess.run(expanded, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "the shell expanded an unquoted {a..b} shard pattern" in proc.stderr
     train = [sys.executable, "train.py", "debug=fast", "stage.recipe.lr=warm", f"paths.cache_dir={cache_dir}",
              f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -46,6 +46,14 @@ def test_trained_model_is_gemma_style(sp_model):
     assert [sp.id_to_piece(i) for i in sp.encode("2024")][-4:] == ["2", "0", "2", "4"]
 
 
+def test_a_vocabulary_smaller_than_the_characters_is_one_clear_error(tmp_path):
+    """SentencePiece's own check ("Vocabulary size is smaller than required_chars") used to
+    reach the user as a raw RuntimeError traceback from the CLI."""
+    with pytest.raises(ValueError, match=r"a vocabulary of 20 is too small for these captions: their characters "
+                                         r"alone need \d+ pieces.*--vocab \d+"):
+        train_sentencepiece(corpus(200), str(tmp_path / "small"), vocab_size=20)
+
+
 def test_training_is_deterministic(tmp_path):
     a = train_sentencepiece(corpus(200), str(tmp_path / "a"), vocab_size=500)
     b = train_sentencepiece(iter(corpus(200)), str(tmp_path / "b"), vocab_size=500)

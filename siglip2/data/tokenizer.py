@@ -287,6 +287,21 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
         raise ValueError("train_sentencepiece: no non-empty texts to train on")
 
     spm.set_random_generator_seed(0)
+    try:
+        _train_spm(spm, texts, model_prefix, vocab_size)
+    except RuntimeError as e:  # SentencePiece's own check: every character needs a piece
+        import re
+
+        m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if m is None:
+            raise
+        raise ValueError(f"a vocabulary of {m.group(1)} is too small for these captions: their characters alone "
+                         f"need {m.group(2)} pieces (plus the 4 special ones); ask for more, e.g. "
+                         f"--vocab {max(4 * int(m.group(2)), 1000)}") from None
+    return model_prefix + ".model"
+
+
+def _train_spm(spm, texts: list[str], model_prefix: str, vocab_size: int) -> None:
     with open(os.devnull, "w") as devnull:
         spm.SentencePieceTrainer.Train(
             logstream=devnull,
@@ -309,7 +324,6 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
             max_sentence_length=16384,
             minloglevel=2,
         )
-    return model_prefix + ".model"
 
 
 # ---- a SentencePiece model for your own shards ---------------------------------------------
@@ -376,7 +390,12 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--out", required=True, help="output folder: DIR/tokenizer.model")
     tr.add_argument("--max-captions", type=int, default=2_000_000, help="sample at most this many captions")
     tr.add_argument("--no-lowercase", action="store_true", help="keep case (then train with tokenizer.lowercase=false)")
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)
+    if extra:
+        shell_expanded = all(e.endswith(".tar") or "/" in e for e in extra)
+        ap.error(f"unrecognized arguments: {' '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}"
+                 + ("; the shell expanded an unquoted {a..b} shard pattern into files: quote it, "
+                    "--shards '/data/{00000..00999}.tar'" if shell_expanded else ""))
     summary = train_shard_tokenizer(args.shards, args.vocab, args.out, lowercase=not args.no_lowercase,
                                     max_captions=args.max_captions)
     print(json.dumps(summary, indent=2))

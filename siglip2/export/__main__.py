@@ -13,23 +13,49 @@ Reads the checkpoint with `siglip2.checkpoint` (no Lightning needed).
 """
 from __future__ import annotations
 
+import difflib
 import sys
 from pathlib import Path
 
-from siglip2.checkpoint import read_checkpoint
-from siglip2.export.hf import save_hf
+KEYS = ("ckpt_path", "format", "out", "tokenizer", "which")
 
 
 def load_checkpoint_model(path: str, which: str = "student"):
     """The student (or EMA teacher) of a training checkpoint, in eval mode."""
+    from siglip2.checkpoint import read_checkpoint
+
     return read_checkpoint(path).model(which)
 
 
-def main(argv: list[str]) -> Path:
-    args = dict(a.split("=", 1) for a in argv if "=" in a)
-    unknown = set(args) - {"ckpt_path", "format", "out", "tokenizer", "which"}
-    if "ckpt_path" not in args or unknown or len(args) != len(argv):
+def parse_args(argv: list[str]) -> dict[str, str]:
+    """`key=value` arguments; raises SystemExit naming a bare word, an unknown key (with the
+    closest known one) or a missing ckpt_path, before anything heavy is imported."""
+    if not argv or any(a in ("-h", "--help") for a in argv):
         raise SystemExit(__doc__)
+    problems, args = [], {}
+    for a in argv:
+        key, eq, value = a.partition("=")
+        if not eq:
+            problems.append(f"'{a}' is not key=value (keys: {', '.join(KEYS)})")
+        elif key not in KEYS:
+            close = difflib.get_close_matches(key, KEYS, n=1)
+            problems.append(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                            + f"; keys: {', '.join(KEYS)}")
+        else:
+            args[key] = value
+    if "ckpt_path" not in args and not problems:
+        problems.append("ckpt_path=<checkpoint> is required")
+    if problems:
+        raise SystemExit("python -m siglip2.export: error: " + "; ".join(problems))
+    return args
+
+
+def main(argv: list[str]) -> Path:
+    args = parse_args(argv)
+    print(f"reading {args['ckpt_path']} ...", file=sys.stderr, flush=True)  # torch's import: seconds
+    from siglip2.checkpoint import read_checkpoint
+    from siglip2.export.hf import save_hf
+
     fmt = args.get("format", "hf")
     if fmt not in ("hf", "siglip2", "siglip"):
         raise SystemExit(f"format={fmt!r}: one of hf (by the checkpoint's stage), siglip2, siglip")
