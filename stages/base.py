@@ -549,6 +549,24 @@ class Stage(L.LightningModule):
                 getattr(trainer.datamodule, "batch_size", 0) or 0) * int(trainer.world_size)
         if has_state:
             check_shapes(self.state_dict(), checkpoint["state_dict"], source="ckpt_path")
+        self._warn_if_retimed(meta)
+
+    def _warn_if_retimed(self, meta: Mapping[str, Any]) -> None:
+        """Resuming with another trainer.max_steps (or batch, or world size) changes the recipe's
+        length: progress, the loss switches, the hand-offs and the lr cosine follow the new one."""
+        recorded = (meta.get("recipe") or {}).get("examples")
+        if not recorded or self._trainer is None:
+            return
+        try:
+            now = self.build_clock().total_examples
+        except Exception:  # no batch size known yet: nothing to compare
+            return
+        if int(now) != int(recorded):
+            seen = int(meta.get("examples_seen", self.examples_seen))
+            log.warning("ckpt_path: the checkpoint's recipe is %d examples long and this run's is %d (trainer.max_steps, "
+                        "batch or world size changed): recipe progress goes from %.1f%% to %.1f%%, and the loss "
+                        "switches, hand-off checkpoints and lr schedule follow the new length", int(recorded),
+                        int(now), 100 * seen / int(recorded), 100 * seen / int(now))
 
     def load_weights(self, path: str) -> None:
         """`init_from`: weights only, a new optimiser, and the clock of this stage's window of

@@ -356,6 +356,9 @@ def test_resuming_a_finished_run_says_so(debug_pretrain, cache_dir, tmp_path, ca
         build(compose_cfg([f"ckpt_path={last}"], cache_dir, tmp_path / "again"))
     assert "is at step 6 and this run stops at trainer.max_steps=6: it is already finished" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="stages.runner"):
-        build(compose_cfg([f"ckpt_path={last}", "trainer.max_steps=9"], cache_dir, tmp_path / "on"))
-    assert "already finished" not in caplog.text
+    # training on past the end re-times the recipe: said, with the progress before and after
+    with caplog.at_level(logging.WARNING):
+        trainer, _ = fit(compose_cfg([f"ckpt_path={last}", "trainer.max_steps=8"], cache_dir, tmp_path / "on"))
+    assert trainer.global_step == 8 and "already finished" not in caplog.text
+    assert "the checkpoint's recipe is 96 examples long and this run's is 128" in caplog.text
+    assert "from 100.0% to 75.0%" in caplog.text
