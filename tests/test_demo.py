@@ -403,3 +403,25 @@ def test_render_grid(built, tmp_path):
     img = Image.open(out)
     assert img.size == (4 * 400, 2 * 270)
     assert np.asarray(img).std() > 10
+
+
+def test_glyph_scenes_label_each_glyphs_ink_and_box_it_tightly():
+    """The glyph world candidate (issue 28): each glyph's ink carries its class in the mask,
+    and its box is the tight box of that ink; the same seed draws the same scene."""
+    import numpy as np
+
+    from siglip2.data.demo.glyphs import GLYPHS, draw_glyph_scene
+
+    for seed in range(6):
+        img, mask, glyphs = draw_glyph_scene(np.random.default_rng(seed), 120, 80, 3)
+        again = draw_glyph_scene(np.random.default_rng(seed), 120, 80, 3)
+        assert np.array_equal(np.asarray(img), np.asarray(again[0])) and np.array_equal(mask, again[1])
+        assert glyphs and img.size == (120, 80) and mask.shape == (80, 120)
+        assert len({g.color for g in glyphs}) == len(glyphs)
+        for g in glyphs:
+            x1, y1, x2, y2 = g.box
+            ys, xs = np.nonzero(mask == GLYPHS.index(g.glyph) + 1)
+            inside = (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
+            assert inside.any()
+            own_y, own_x = ys[inside], xs[inside]
+            assert (own_x.min(), own_y.min(), own_x.max() + 1, own_y.max() + 1) == g.box
