@@ -9,6 +9,10 @@ anything else still shows.
 - Lightning's "`isinstance(treespec, LeafSpec)` is deprecated": inside Lightning's own
   pytree helper with this torch; nothing of ours.
 - Lightning's "💡 Tip: ... litlogger" advertisement (an INFO line, not a warning).
+- ModelCheckpoint's "The dirpath has changed from ... won't be reloaded": every run, a resumed
+  one too, writes into its own new folder, and we keep every checkpoint (`save_top_k: -1`), so
+  there is no best-k bookkeeping to lose. (Lightning's warning about resuming mid-epoch with
+  a non-resumable loader is kept: it is true of our streams.)
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ _WARNINGS = (
     r"Found \d+ module\(s\) in eval mode at the start of training",
     r"Your `IterableDataset` has `__len__` defined",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"The dirpath has changed from",
 )
 
 
