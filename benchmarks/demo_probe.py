@@ -51,9 +51,11 @@ VALUES = {"category": CATEGORIES, "shape": SHAPES, "color": tuple(COLORS)}
 TEST_SET = {"category": "zeroshot", "shape": "zeroshot_shape", "color": "zeroshot"}
 
 
-def glyph_split(n: int, size: int, seed: int, single: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def glyph_split(n: int, size: int, seed: int, single: bool, max_glyphs: int = 3,
+                sizes: tuple[str, ...] = ("small", "medium", "large")) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, 3, size, size) uint8 squashed glyph scenes and (n, 10) glyph-presence targets:
-    1-3 glyphs per image, or (`single`) one glyph per image, the glyphs in turn."""
+    1-`max_glyphs` glyphs per image, or (`single`) one glyph per image, the glyphs in turn;
+    glyph sizes drawn from `sizes`."""
     from siglip2.data.demo.glyphs import GLYPHS, draw_glyph_scene, glyph_scene_size
 
     rng = np.random.default_rng(seed)
@@ -61,7 +63,8 @@ def glyph_split(n: int, size: int, seed: int, single: bool) -> tuple[torch.Tenso
     for i in range(n):
         w, h = glyph_scene_size(rng)
         force = GLYPHS[i % len(GLYPHS)] if single else None
-        img, _, glyphs = draw_glyph_scene(rng, w, h, 1 if single else int(rng.integers(1, 4)), force)
+        img, _, glyphs = draw_glyph_scene(rng, w, h, 1 if single else int(rng.integers(1, max_glyphs + 1)), force,
+                                          sizes)
         target = np.zeros(len(GLYPHS), np.float32)
         for g in glyphs:
             target[GLYPHS.index(g.glyph)] = 1.0
@@ -128,6 +131,8 @@ def main() -> None:
     ap.add_argument("--attribute", choices=sorted(VALUES), default="category")
     ap.add_argument("--world", choices=("demo", "glyphs"), default="demo",
                     help="demo: the built demo's shards; glyphs: issue 28's glyph scenes, drawn in memory")
+    ap.add_argument("--glyph-max", type=int, default=3, help="--world glyphs: at most this many glyphs per image")
+    ap.add_argument("--glyph-sizes", default="small,medium,large", help="--world glyphs: the sizes drawn")
     ap.add_argument("--root", default=None, help="demo folder (default: the training cache's, by --num-train)")
     ap.add_argument("--num-train", type=int, default=20000)
     ap.add_argument("--steps", type=int, default=470)
@@ -164,8 +169,10 @@ def main() -> None:
 
         args.attribute = "glyph"
         VALUES["glyph"] = GLYPHS
-        x_train, y_train = glyph_split(min(args.num_train, args.steps * args.batch), cfg["size"], 0, single=False)
-        x_test, y_test = glyph_split(80 if args.quick else 800, cfg["size"], 1, single=True)
+        sizes = tuple(args.glyph_sizes.split(","))
+        x_train, y_train = glyph_split(min(args.num_train, args.steps * args.batch), cfg["size"], 0, single=False,
+                                       max_glyphs=args.glyph_max, sizes=sizes)
+        x_test, y_test = glyph_split(80 if args.quick else 800, cfg["size"], 1, single=True, sizes=sizes)
     else:
         x_train, y_train = load_split(str(Path(args.root) / "train" / "*.tar"), cfg["size"], args.attribute)
         x_test, y_test = load_split(str(Path(args.root) / "eval" / TEST_SET[args.attribute] / "*.tar"),

@@ -94,9 +94,10 @@ class Glyph:
     box: tuple[int, int, int, int]  # tight pixel edges x1 y1 x2 y2 (x2, y2 exclusive)
 
 
-def draw_glyph_scene(rng: np.random.Generator, w: int, h: int, n: int,
-                     force_glyph: str | None = None) -> tuple[Image.Image, np.ndarray, list[Glyph]]:
-    """A `w` x `h` scene of up to `n` glyphs (fewer when they do not fit), in distinct colours.
+def draw_glyph_scene(rng: np.random.Generator, w: int, h: int, n: int, force_glyph: str | None = None,
+                     sizes: tuple[str, ...] = SIZES) -> tuple[Image.Image, np.ndarray, list[Glyph]]:
+    """A `w` x `h` scene of up to `n` glyphs (fewer when they do not fit), in distinct colours,
+    each of one of `sizes` (`GLYPH_SIZE_FRAC`; crowded scenes fall back to the smallest of them).
 
     Returns the RGB image, a uint8 mask (0 background, `GLYPHS.index(g) + 1` on each glyph's
     ink) and the glyphs with their tight boxes. Boxes stay >= 3 px apart."""
@@ -108,8 +109,7 @@ def draw_glyph_scene(rng: np.random.Generator, w: int, h: int, n: int,
     for _ in range(n):
         for attempt in range(40):
             ch = force_glyph or GLYPHS[rng.integers(len(GLYPHS))]
-            size_i = int(rng.integers(3)) if attempt < 15 else 0
-            size = SIZES[size_i]
+            size = sizes[int(rng.integers(len(sizes)))] if attempt < 15 else sizes[0]
             height = max(10, int(rng.uniform(*GLYPH_SIZE_FRAC[size]) * short))
             fonts = _font_paths()
             font = fonts[rng.integers(len(fonts))]
