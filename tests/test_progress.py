@@ -99,7 +99,7 @@ def test_a_progress_bar_callback_needs_enable_progress_bar():
 
 @pytest.mark.parametrize("overrides, enabled", [
     ([], True),
-    (["debug=fast"], False),                          # conf/debug/fast.yaml turns the bar off
+    (["debug=fast"], True),                           # the 6-step smoke shows its bar too (issue 27)
     (["trainer.enable_progress_bar=false"], False),
 ])
 def test_config_wires_the_step_bar_and_respects_enable_progress_bar(overrides, enabled, tmp_path):
