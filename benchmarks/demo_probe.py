@@ -52,7 +52,8 @@ TEST_SET = {"category": "zeroshot", "shape": "zeroshot_shape", "color": "zerosho
 
 
 def glyph_split(n: int, size: int, seed: int, single: bool, max_glyphs: int = 3,
-                sizes: tuple[str, ...] = ("small", "medium", "large")) -> tuple[torch.Tensor, torch.Tensor]:
+                sizes: tuple[str, ...] = ("small", "medium", "large"), max_aspect: float = 2.0,
+                num_fonts: int | None = None, centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, 3, size, size) uint8 squashed glyph scenes and (n, 10) glyph-presence targets:
     1-`max_glyphs` glyphs per image, or (`single`) one glyph per image, the glyphs in turn;
     glyph sizes drawn from `sizes`."""
@@ -61,10 +62,10 @@ def glyph_split(n: int, size: int, seed: int, single: bool, max_glyphs: int = 3,
     rng = np.random.default_rng(seed)
     images, targets = [], []
     for i in range(n):
-        w, h = glyph_scene_size(rng)
+        w, h = glyph_scene_size(rng, max_aspect=max_aspect)
         force = GLYPHS[i % len(GLYPHS)] if single else None
         img, _, glyphs = draw_glyph_scene(rng, w, h, 1 if single else int(rng.integers(1, max_glyphs + 1)), force,
-                                          sizes)
+                                          sizes, num_fonts=num_fonts, centred=centred)
         target = np.zeros(len(GLYPHS), np.float32)
         for g in glyphs:
             target[GLYPHS.index(g.glyph)] = 1.0
@@ -133,6 +134,9 @@ def main() -> None:
                     help="demo: the built demo's shards; glyphs: issue 28's glyph scenes, drawn in memory")
     ap.add_argument("--glyph-max", type=int, default=3, help="--world glyphs: at most this many glyphs per image")
     ap.add_argument("--glyph-sizes", default="small,medium,large", help="--world glyphs: the sizes drawn")
+    ap.add_argument("--glyph-aspect", type=float, default=2.0, help="--world glyphs: images up to this aspect")
+    ap.add_argument("--glyph-fonts", type=int, default=None, help="--world glyphs: only the first N fonts")
+    ap.add_argument("--glyph-centred", action="store_true", help="--world glyphs: each glyph at the centre")
     ap.add_argument("--root", default=None, help="demo folder (default: the training cache's, by --num-train)")
     ap.add_argument("--num-train", type=int, default=20000)
     ap.add_argument("--steps", type=int, default=470)
@@ -170,9 +174,10 @@ def main() -> None:
         args.attribute = "glyph"
         VALUES["glyph"] = GLYPHS
         sizes = tuple(args.glyph_sizes.split(","))
+        kw = dict(sizes=sizes, max_aspect=args.glyph_aspect, num_fonts=args.glyph_fonts, centred=args.glyph_centred)
         x_train, y_train = glyph_split(min(args.num_train, args.steps * args.batch), cfg["size"], 0, single=False,
-                                       max_glyphs=args.glyph_max, sizes=sizes)
-        x_test, y_test = glyph_split(80 if args.quick else 800, cfg["size"], 1, single=True, sizes=sizes)
+                                       max_glyphs=args.glyph_max, **kw)
+        x_test, y_test = glyph_split(80 if args.quick else 800, cfg["size"], 1, single=True, **kw)
     else:
         x_train, y_train = load_split(str(Path(args.root) / "train" / "*.tar"), cfg["size"], args.attribute)
         x_test, y_test = load_split(str(Path(args.root) / "eval" / TEST_SET[args.attribute] / "*.tar"),

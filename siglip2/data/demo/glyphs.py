@@ -95,9 +95,12 @@ class Glyph:
 
 
 def draw_glyph_scene(rng: np.random.Generator, w: int, h: int, n: int, force_glyph: str | None = None,
-                     sizes: tuple[str, ...] = SIZES) -> tuple[Image.Image, np.ndarray, list[Glyph]]:
+                     sizes: tuple[str, ...] = SIZES, num_fonts: int | None = None,
+                     centred: bool = False) -> tuple[Image.Image, np.ndarray, list[Glyph]]:
     """A `w` x `h` scene of up to `n` glyphs (fewer when they do not fit), in distinct colours,
-    each of one of `sizes` (`GLYPH_SIZE_FRAC`; crowded scenes fall back to the smallest of them).
+    each of one of `sizes` (`GLYPH_SIZE_FRAC`; crowded scenes fall back to the smallest of them),
+    in one of the first `num_fonts` of `FONT_FILES` (all by default); `centred`: each glyph at
+    the image's centre (+-2 px), for probing what placement costs (use with n=1).
 
     Returns the RGB image, a uint8 mask (0 background, `GLYPHS.index(g) + 1` on each glyph's
     ink) and the glyphs with their tight boxes. Boxes stay >= 3 px apart."""
@@ -111,13 +114,16 @@ def draw_glyph_scene(rng: np.random.Generator, w: int, h: int, n: int, force_gly
             ch = force_glyph or GLYPHS[rng.integers(len(GLYPHS))]
             size = sizes[int(rng.integers(len(sizes)))] if attempt < 15 else sizes[0]
             height = max(10, int(rng.uniform(*GLYPH_SIZE_FRAC[size]) * short))
-            fonts = _font_paths()
+            fonts = _font_paths()[:num_fonts] if num_fonts else _font_paths()
             font = fonts[rng.integers(len(fonts))]
             m = glyph_mask(ch, font, height, rng.uniform(-_MAX_ROT_DEG, _MAX_ROT_DEG))
             gh, gw = m.shape
             if gw > w - 6 or gh > h - 6:
                 continue
-            x0, y0 = int(rng.integers(3, w - gw - 2)), int(rng.integers(3, h - gh - 2))
+            if centred:
+                x0, y0 = (w - gw) // 2 + int(rng.integers(-2, 3)), (h - gh) // 2 + int(rng.integers(-2, 3))
+            else:
+                x0, y0 = int(rng.integers(3, w - gw - 2)), int(rng.integers(3, h - gh - 2))
             box = (x0, y0, x0 + gw, y0 + gh)
             if any(box[0] < q.box[2] + 3 and q.box[0] < box[2] + 3 and box[1] < q.box[3] + 3
                    and q.box[1] < box[3] + 3 for q in placed):
