@@ -252,17 +252,12 @@ def test_naflex_stage_trains_from_the_90pct_checkpoint(cache_dir, debug_pretrain
         assert torch.isfinite(trainer.callback_metrics[f"train/loss_{name}"])
 
 
-@pytest.mark.e2e
-def test_naflex_evaluation_keeps_each_images_aspect_within_the_length(cache_dir):
-    """eval.naflex_seq_len: the eval samples are padded patch sequences of at most L patches
-    whose grid follows the image's aspect; zero-shot, retrieval and refexp run on them (the
-    dense probe keeps its square view), and a random model scores near chance."""
+def _demo_and_random_tiny_model(cache_dir):
+    """The 400-sample demo, its tokenizer and a seeded random `model=tiny` in eval mode."""
     import yaml
 
     from siglip2.data.demo import ensure_demo
-    from siglip2.data.shards import build_eval_loader
     from siglip2.data.tokenizer import build_tokenizer
-    from siglip2.eval.suite import EvalSample, evaluate_all, load_eval_set
     from siglip2.model import build_model
     from test_train import ROOT
 
@@ -271,7 +266,18 @@ def test_naflex_evaluation_keeps_each_images_aspect_within_the_length(cache_dir)
     tok = build_tokenizer(demo.tokenizer_path, length=cfg["text"]["max_len"])
     cfg["text"]["vocab_size"] = tok.vocab_size
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
+    return demo, tok, build_model(cfg).eval()
+
+
+@pytest.mark.e2e
+def test_naflex_evaluation_keeps_each_images_aspect_within_the_length(cache_dir):
+    """eval.naflex_seq_len: the eval samples are padded patch sequences of at most L patches
+    whose grid follows the image's aspect; zero-shot, retrieval and refexp run on them (the
+    dense probe keeps its square view), and a random model scores near chance."""
+    from siglip2.data.shards import build_eval_loader
+    from siglip2.eval.suite import EvalSample, evaluate_all, load_eval_set
+
+    demo, tok, model = _demo_and_random_tiny_model(cache_dir)
     es = load_eval_set(demo.retrieval_yaml)
     loader = build_eval_loader(es.urls, EvalSample(es, 64, naflex_seq_len=48, patch_size=8), batch_size=16)
     batch = next(iter(loader))
@@ -295,20 +301,9 @@ def test_aspect_subset_is_counted_and_told_as_kept_n_of_m(cache_dir, caplog):
     `filtered_aspect`, told as one info line "kept N of M", no per-sample skip warnings."""
     import logging
 
-    import yaml
-
-    from siglip2.data.demo import ensure_demo
-    from siglip2.data.tokenizer import build_tokenizer
     from siglip2.eval.suite import evaluate_all
-    from siglip2.model import build_model
-    from test_train import ROOT
 
-    demo = ensure_demo(cache_dir / "demo-n400-s0", num_train=400, seed=0)
-    cfg = yaml.safe_load((ROOT / "conf" / "model" / "tiny.yaml").read_text())
-    tok = build_tokenizer(demo.tokenizer_path, length=cfg["text"]["max_len"])
-    cfg["text"]["vocab_size"] = tok.vocab_size
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
+    demo, tok, model = _demo_and_random_tiny_model(cache_dir)
     kw = dict(model=model, tokenizer=tok, image_size=64, batch_size=500, naflex_seq_len=48)
     full = evaluate_all([demo.zeroshot_yaml], **kw)["zeroshot/demo_zeroshot/num_images"]
     with caplog.at_level(logging.INFO):

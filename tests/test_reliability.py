@@ -24,17 +24,23 @@ def _start(args: list[str], cache: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(cache_dir, tmp_path):
-    """SIGTERM (preemption, a scheduler's time limit) used to exit with code 0 and save
-    nothing since the last periodic checkpoint. Now: last.ckpt at the step the signal
-    stopped, exit code 143, and `ckpt_path=last.ckpt` resumes from that step."""
-    out = tmp_path / "run"
-    proc = _start(["debug=fast", "trainer.max_steps=400", "data.batches_per_epoch=400"], cache_dir, out)
+def _start_past_step_3(cache: Path, out: Path) -> subprocess.Popen:
+    """A 400-step debug run, returned once its step-3 periodic checkpoint is written."""
+    proc = _start(["debug=fast", "trainer.max_steps=400", "data.batches_per_epoch=400"], cache, out)
     periodic = out / "checkpoints" / "step_0000003.ckpt"
     deadline = time.time() + 300
     while not periodic.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert periodic.exists(), proc.communicate()[0][-3000:]
+    return proc
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(cache_dir, tmp_path):
+    """SIGTERM (preemption, a scheduler's time limit) used to exit with code 0 and save
+    nothing since the last periodic checkpoint. Now: last.ckpt at the step the signal
+    stopped, exit code 143, and `ckpt_path=last.ckpt` resumes from that step."""
+    out = tmp_path / "run"
+    proc = _start_past_step_3(cache_dir, out)
     time.sleep(2.0)  # a few steps past the periodic checkpoint
     proc.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=300)
@@ -57,12 +63,7 @@ def test_ctrl_c_finishes_the_step_and_saves_like_sigterm(cache_dir, tmp_path):
     shutdown" and no checkpoint since the last periodic one: now the step ends, last.ckpt is
     saved at it, the log says how to resume, and the exit code is 130."""
     out = tmp_path / "run"
-    proc = _start(["debug=fast", "trainer.max_steps=400", "data.batches_per_epoch=400"], cache_dir, out)
-    periodic = out / "checkpoints" / "step_0000003.ckpt"
-    deadline = time.time() + 300
-    while not periodic.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert periodic.exists(), proc.communicate()[0][-3000:]
+    proc = _start_past_step_3(cache_dir, out)
     time.sleep(2.0)
     proc.send_signal(signal.SIGINT)
     log, _ = proc.communicate(timeout=300)

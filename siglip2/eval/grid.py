@@ -36,7 +36,8 @@ def _legend(width: int, font, decoder: bool) -> Image.Image:
         d.rectangle([x, 4, x + 12, 15], outline=colour, width=2)
         d.text((x + 17, 3), text, fill=(0, 0, 0), font=font)
         x += 22 + int(d.textlength(text, font=font)) + 12
-    rest = "top-1: zero-shot class; caption: LocCa's own caption" if decoder else         "top-1: zero-shot class (no LocCa decoder: no boxes, no captions)"
+    rest = ("top-1: zero-shot class; caption: LocCa's own caption" if decoder
+            else "top-1: zero-shot class (no LocCa decoder: no boxes, no captions)")
     d.text((x, 3), rest, fill=(0, 0, 0), font=font)
     return strip
 
