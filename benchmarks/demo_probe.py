@@ -16,9 +16,14 @@ category cue (a fill pattern, not the silhouette): see `benchmarks/RESULTS.md`.
     python benchmarks/demo_probe.py --quick                           # 40 steps on a 200-image demo
     python benchmarks/demo_probe.py --world glyphs --steps 235        # issue 28's candidate: 15k samples
 
-`--world glyphs` draws the scenes in memory instead (`siglip2.data.demo.glyphs`: 1-3 digits
+`--world glyphs` draws the scenes in memory instead (`siglip2.data.demo.glyphs`: 1-3 glyphs
 from DejaVu fonts per train image, 800 single-glyph held-out images, 80 per glyph), the
-attribute being the glyph.
+attribute being the glyph; `--glyph-*` options choose the layout, background, ink, glyph set
+and fonts. The cue chosen for issue 28 (0.97 at 15k samples, RESULTS.md "Step 2"):
+
+    python benchmarks/demo_probe.py --world glyphs --num-train 15040 --steps 235 --lr 1e-3 \
+        --glyph-background black --glyph-ink pastel --glyph-fonts 3 --glyph-sizes large \
+        --glyph-set AEHKMOSVXZ --glyph-max 1 --glyph-aspect 1
 
 Reads the shards' .jpg and .json members only (no pickle), squashed to a square as training
 does (PIL's antialiased bilinear resize), all into memory as uint8.
@@ -53,22 +58,23 @@ TEST_SET = {"category": "zeroshot", "shape": "zeroshot_shape", "color": "zerosho
 
 def glyph_split(n: int, size: int, seed: int, single: bool, max_glyphs: int = 3,
                 sizes: tuple[str, ...] = ("small", "medium", "large"), max_aspect: float = 2.0,
-                num_fonts: int | None = None, centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                num_fonts: int | None = None, centred: bool = False, cells: int | None = None,
+                background: str = "demo", ink: str = "palette", alphabet: str = "0123456789") -> tuple[torch.Tensor, torch.Tensor]:
     """(n, 3, size, size) uint8 squashed glyph scenes and (n, 10) glyph-presence targets:
     1-`max_glyphs` glyphs per image, or (`single`) one glyph per image, the glyphs in turn;
     glyph sizes drawn from `sizes`."""
-    from siglip2.data.demo.glyphs import GLYPHS, draw_glyph_scene, glyph_scene_size
+    from siglip2.data.demo.glyphs import draw_glyph_scene, glyph_scene_size
 
     rng = np.random.default_rng(seed)
     images, targets = [], []
     for i in range(n):
         w, h = glyph_scene_size(rng, max_aspect=max_aspect)
-        force = GLYPHS[i % len(GLYPHS)] if single else None
+        force = alphabet[i % len(alphabet)] if single else None
         img, _, glyphs = draw_glyph_scene(rng, w, h, 1 if single else int(rng.integers(1, max_glyphs + 1)), force,
-                                          sizes, num_fonts=num_fonts, centred=centred)
-        target = np.zeros(len(GLYPHS), np.float32)
+                                          sizes, num_fonts=num_fonts, centred=centred, cells=cells, background=background, ink=ink, alphabet=alphabet)
+        target = np.zeros(len(alphabet), np.float32)
         for g in glyphs:
-            target[GLYPHS.index(g.glyph)] = 1.0
+            target[alphabet.index(g.glyph)] = 1.0
         images.append(np.asarray(img.resize((size, size), Image.BILINEAR)))
         targets.append(target)
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.stack(targets))
@@ -137,6 +143,13 @@ def main() -> None:
     ap.add_argument("--glyph-aspect", type=float, default=2.0, help="--world glyphs: images up to this aspect")
     ap.add_argument("--glyph-fonts", type=int, default=None, help="--world glyphs: only the first N fonts")
     ap.add_argument("--glyph-centred", action="store_true", help="--world glyphs: each glyph at the centre")
+    ap.add_argument("--glyph-cells", type=int, default=None,
+                    help="--world glyphs: blocky glyphs drawn this many cells tall, then enlarged")
+    ap.add_argument("--glyph-background", choices=("demo", "black", "flat"), default="demo",
+                    help="--world glyphs: the demo's textured backgrounds, black, or one flat muted colour")
+    ap.add_argument("--glyph-ink", choices=("palette", "white", "pastel"), default="palette",
+                    help="--world glyphs: glyph colour: the palette's, white, or the palette's mixed with white")
+    ap.add_argument("--glyph-set", default="0123456789", help="--world glyphs: the glyphs (one class each)")
     ap.add_argument("--root", default=None, help="demo folder (default: the training cache's, by --num-train)")
     ap.add_argument("--num-train", type=int, default=20000)
     ap.add_argument("--steps", type=int, default=470)
@@ -169,12 +182,14 @@ def main() -> None:
     print("tower:", cfg)
     t0 = time.time()
     if args.world == "glyphs":
-        from siglip2.data.demo.glyphs import GLYPHS
-
+        if len(set(args.glyph_set)) != len(args.glyph_set) or len(args.glyph_set) < 2:
+            ap.error(f"--glyph-set needs at least two distinct glyphs, got {args.glyph_set!r}")
         args.attribute = "glyph"
-        VALUES["glyph"] = GLYPHS
+        VALUES["glyph"] = tuple(args.glyph_set)
         sizes = tuple(args.glyph_sizes.split(","))
-        kw = dict(sizes=sizes, max_aspect=args.glyph_aspect, num_fonts=args.glyph_fonts, centred=args.glyph_centred)
+        kw = dict(sizes=sizes, max_aspect=args.glyph_aspect, num_fonts=args.glyph_fonts, centred=args.glyph_centred,
+                  cells=args.glyph_cells, background=args.glyph_background,
+                  ink=args.glyph_ink, alphabet=args.glyph_set)
         x_train, y_train = glyph_split(min(args.num_train, args.steps * args.batch), cfg["size"], 0, single=False,
                                        max_glyphs=args.glyph_max, **kw)
         x_test, y_test = glyph_split(80 if args.quick else 800, cfg["size"], 1, single=True, **kw)

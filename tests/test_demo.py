@@ -425,3 +425,32 @@ def test_glyph_scenes_label_each_glyphs_ink_and_box_it_tightly():
             assert inside.any()
             own_y, own_x = ys[inside], xs[inside]
             assert (own_x.min(), own_y.min(), own_x.max() + 1, own_y.max() + 1) == g.box
+
+
+def test_glyph_scene_options_the_probe_compares():
+    """The options `benchmarks/demo_probe.py --world glyphs` compares (issue 28): another
+    alphabet labels each glyph by its place in that alphabet; a black background with pastel
+    ink keeps every ink pixel bright (each channel >= 0.6 * 255 by the 60:40 white mix) over a
+    black ground; white ink is white; blocky glyphs are made of whole `height / cells` blocks."""
+    import numpy as np
+
+    from siglip2.data.demo.glyphs import draw_glyph_scene
+
+    letters = "AEHKLOTVXZ"
+    for seed in range(4):
+        img, mask, glyphs = draw_glyph_scene(np.random.default_rng(seed), 96, 96, 2, None, ("large", "medium"),
+                                             background="black", ink="pastel", alphabet=letters)
+        a = np.asarray(img).astype(int)
+        assert glyphs and all(g.glyph in letters for g in glyphs)
+        assert set(np.unique(mask)) == {0} | {letters.index(g.glyph) + 1 for g in glyphs}
+        assert a[mask > 0].min() >= 153 and a[mask == 0].max() <= 12  # JPEG is not involved: exact
+    img, mask, _ = draw_glyph_scene(np.random.default_rng(0), 80, 80, 1, "7", ("large",), background="black",
+                                    ink="white", centred=True)
+    assert (np.asarray(img)[mask > 0] == 255).all()
+    _, mask, (g,) = draw_glyph_scene(np.random.default_rng(0), 96, 96, 1, "4", ("large",), cells=7,
+                                     background="flat")
+    x1, y1, x2, y2 = g.box
+    ink = mask[y1:y2, x1:x2] > 0
+    k = round(ink.shape[0] / 7)
+    assert ink.shape[0] % k == 0 and ink.shape[1] % k == 0
+    assert (ink == np.kron(ink[::k, ::k], np.ones((k, k), bool))).all()
