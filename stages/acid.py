@@ -119,6 +119,10 @@ class AcidStage(Stage):
             raise ValueError("stage.acid.teacher_cache holds the teacher's embeddings of each sample's one "
                              "deterministic view; data.random_resized_crop=true gives other views: run the teacher "
                              "(stage.acid.teacher) instead")
+        if self.teacher_cache is not None and float(getattr(dm, "caption_noise", 0.0) or 0.0) > 0.0:
+            raise ValueError("stage.acid.teacher_cache holds the teacher's embedding of each sample's own caption, "
+                             f"and data.caption_noise={dm.caption_noise} replaces captions with other samples' "
+                             "(a different one each epoch): run the teacher (stage.acid.teacher) instead")
         if self.teacher_cache is not None and bool(getattr(dm, "draft_decode", True)) != self.teacher_cache.draft_decode:
             raise ValueError(f"stage.acid.teacher_cache was built with draft decoding "
                              f"{'on' if self.teacher_cache.draft_decode else 'off'} and data.draft_decode is "
@@ -199,6 +203,8 @@ class AcidStage(Stage):
             self.log(key, value, batch_size=k)
         for lang, share in chosen_share(batch.get("lang"), idx.tolist()).items():
             self.log(f"acid/chosen_frac_{lang}", share, batch_size=k)
+        for group, share in noisy_share(batch.get("caption_noisy"), idx).items():
+            self.log(f"acid/chosen_frac_{group}", share, batch_size=k)
         batch["trained_batch_size"] = k  # what ThroughputMonitor counts (stages.base.batch_size)
         return super().training_step(chosen, batch_idx)
 
@@ -234,6 +240,23 @@ def chosen_share(langs: list[str] | None, rows: list[int], groups: tuple[str, ..
     name = [lang if lang in groups else ("non_en" if lang else "unknown") for lang in (str(x or "") for x in langs)]
     total, kept = Counter(name), Counter(name[i] for i in rows)
     return {g: kept[g] / total[g] for g in total}
+
+
+def noisy_share(noisy: torch.Tensor | None, idx: torch.Tensor) -> dict[str, float]:
+    """Share of the super-batch's `noisy` and `clean` examples that was chosen, from the
+    loader's (n,) bool `caption_noisy` (`data.caption_noise`); a group with no example in the
+    super-batch is left out, and nothing without the flag. Random subsampling keeps 1 - f of
+    each; a teacher that tells matched from mismatched pairs keeps fewer noisy ones."""
+    if not torch.is_tensor(noisy) or noisy.ndim != 1:
+        return {}
+    noisy = noisy.bool().cpu()
+    chosen = torch.zeros_like(noisy)
+    chosen[idx.cpu()] = True
+    out = {}
+    for name, members in (("noisy", noisy), ("clean", ~noisy)):
+        if members.any():
+            out[name] = float((chosen & members).sum()) / float(members.sum())
+    return out
 
 
 def _as_batch_of(pair_losses: torch.Tensor, neg_weight: float) -> torch.Tensor:

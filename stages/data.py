@@ -50,13 +50,16 @@ class ImageTextData(L.LightningDataModule):
         naflex: Mapping[str, Any] | None = None,
         patch_size: int | None = None,
         filter_ratio: float = 0.0,
+        caption_noise: float = 0.0,
     ):
         """`draft_decode`: let JPEGs much larger than the training size decode at 1/2, 1/4
         or 1/8 scale (never below it; see `siglip2.data.decode.decode_sample`). `naflex`:
         `siglip2.data.naflex.NaFlexConfig` keys (set by `stage=naflex`): native-aspect
         batches of patches at a planned sequence length per batch, `patch_size` pixels a side.
         `filter_ratio` f (set by `stage=acid`): the loader yields super-batches of
-        b / (1 - f) examples per rank, of which the stage trains `batch_size` = b."""
+        b / (1 - f) examples per rank, of which the stage trains `batch_size` = b.
+        `caption_noise` p: that share of training captions replaced by another sample's, to
+        mimic alt-text noise (`siglip2.data.samples.TrainSample`; 0 = off)."""
         super().__init__()
         self.demo = None
         if demo and demo.get("root"):  # `debug=fast` sets demo.num_train even on data=webdataset
@@ -89,6 +92,13 @@ class ImageTextData(L.LightningDataModule):
         self.max_pixels = int(max_pixels)
         self.locca_targets = dict(locca_targets) if locca_targets else None
         self.draft_decode = bool(draft_decode)
+        self.caption_noise = float(caption_noise or 0.0)
+        if not 0.0 <= self.caption_noise < 1.0:
+            raise ValueError(f"data.caption_noise is the share of training captions replaced by another "
+                             f"sample's, in [0, 1); got {caption_noise}")
+        if self.caption_noise > 0.0:
+            log.info("data.caption_noise=%g: about %.0f%% of training captions are replaced by another sample's "
+                     "(the same samples every epoch)", self.caption_noise, 100 * self.caption_noise)
         self.naflex = None
         if naflex:
             from siglip2.config import from_dict
@@ -118,7 +128,7 @@ class ImageTextData(L.LightningDataModule):
             transform = ImageTransform(self.image_size, random_resized_crop=self.random_resized_crop,
                                        scale=self.crop_scale, dtype="uint8")  # [-1, 1] on the device
         locca = LoccaFormat(**self.locca_targets) if self.locca_targets else None
-        sample_fn = TrainSample(self.tokenizer, transform, self.seed, epoch, locca)
+        sample_fn = TrainSample(self.tokenizer, transform, self.seed, epoch, locca, caption_noise=self.caption_noise)
         return build_train_loader(
             self.sources, sample_fn, batch_size=self.loader_batch_size, num_batches=self.batches_per_epoch,
             seed=self.seed * 1_000_003 + epoch, num_workers=self.num_workers,

@@ -166,6 +166,15 @@ def test_chosen_share_per_language():
     assert sub["image"].tolist() == [[7], [2]] and sub["key"] == ["7", "2"] and sub["lang"] == ["fr", "en"]
 
 
+def test_noisy_share_counts_the_chosen_noisy_and_clean_examples():
+    from stages.acid import noisy_share
+
+    noisy = torch.tensor([True, True, True, False, False, False, False, False])
+    assert noisy_share(noisy, torch.tensor([0, 3, 4, 5])) == {"noisy": 1 / 3, "clean": 3 / 5}
+    assert noisy_share(torch.zeros(4, dtype=torch.bool), torch.tensor([1])) == {"clean": 1 / 4}
+    assert noisy_share(None, torch.tensor([0])) == {}
+
+
 def _hf_teacher(tmp_path: Path, vocab: int, image_size: int, max_len: int, seed: int = 0) -> Path:
     """A random teacher of another resolution and text length, saved as a transformers folder."""
     from siglip2.export import save_hf
@@ -217,7 +226,8 @@ def test_teacher_with_another_vocabulary_is_refused_before_training(cache_dir, d
 def test_acid_trains_on_two_ddp_processes_with_a_teacher_of_another_size(cache_dir, debug_pretrain, tmp_path):
     """`stage=acid` as a user runs it: a pretraining checkpoint, a teacher of another
     resolution (96 px) and text length (48) from a transformers folder, two gloo ranks. Each
-    rank loads 32 (b / (1 - 0.5)) and trains 16; the clock and the logs count the trained ones."""
+    rank loads 32 (b / (1 - 0.5)) and trains 16; the clock and the logs count the trained ones.
+    With `data.caption_noise` the selection reports what share of noisy and clean it kept."""
     from test_train import cli
 
     vocab = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu",
@@ -225,10 +235,12 @@ def test_acid_trains_on_two_ddp_processes_with_a_teacher_of_another_size(cache_d
     teacher = _hf_teacher(tmp_path, vocab=vocab, image_size=96, max_len=48)
     proc = cli(["debug=fast", "stage=acid", "trainer=ddp_cpu", "trainer.max_steps=3",
                 f"init_from={debug_pretrain}/checkpoints/last.ckpt", f"stage.acid.teacher=hf:{teacher}",
-                "stage.acid.n_chunks=4"], cache_dir, tmp_path / "logs")
+                "stage.acid.n_chunks=4", "data.caption_noise=0.3"], cache_dir, tmp_path / "logs")
     metrics_path = Path(proc.stdout.strip().splitlines()[-1].split("metrics written to ")[-1])
     metrics = json.loads(metrics_path.read_text())
     assert metrics["global_step"] == 3
+    # data.caption_noise flags the replaced captions through both ranks' loaders and the selection
+    assert 0.0 <= metrics["acid/chosen_frac_noisy"] <= 1.0 and 0.0 < metrics["acid/chosen_frac_clean"] <= 1.0
     assert metrics["train/examples_seen"] == 3 * 2 * 16  # the final count: trained examples, not the super-batches
     for key in ("acid/learnability_chosen", "acid/learnability_all", "acid/learner_loss", "acid/teacher_loss",
                 "train/loss_sigmoid"):

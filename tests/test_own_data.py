@@ -266,3 +266,40 @@ def test_cli_errors_are_one_clear_line_without_a_traceback(cache_dir, tmp_path):
     proc = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "train.py: error: stage.recipe.lr must be 'recipe' (the paper's) or 'rewarm', got 'warm'" in proc.stderr
+
+
+def test_caption_noise_replaces_that_share_by_other_samples_captions(shard_tokenizer):
+    """`data.caption_noise` p (issue 28, for ACID): about p of the samples get another sample's
+    caption (one this worker delivered before, never their own), the same samples whatever the
+    order they arrive in (another worker, another epoch), the LocCa captioning target follows
+    the replaced caption, and the batch says which were replaced."""
+    from siglip2.data.tokenizer import build_tokenizer
+
+    _, summary = shard_tokenizer
+    tok = build_tokenizer(summary["path"], length=24)
+    fmt = LoccaFormat(max_len=24)
+    samples = [DecodedSample(key=f"k{i:05d}", image=Image.new("RGB", (8, 8)), caption=f"caption number {i}",
+                             meta={}, mask=None) for i in range(3000)]
+    fn = TrainSample(tok, ImageTransform(8, dtype="uint8"), seed=3, epoch=0, locca=fmt, caption_noise=0.3)
+    out = [fn(s) for s in samples]
+    noisy = [bool(o["caption_noisy"]) for o in out]
+    share = sum(noisy) / len(noisy)
+    assert abs(share - 0.3) < 4 * (0.3 * 0.7 / len(noisy)) ** 0.5, share  # binomial, 4 sigma
+    for i, (s, o) in enumerate(zip(samples, out)):
+        if noisy[i]:
+            j = int(o["caption"].split()[-1])
+            assert j != i and i - TrainSample.NOISE_POOL <= j < i, (i, j)  # a sample seen before, in the pool
+            assert o["locca"][0].target == o["caption"]  # Cap learns the caption training sees
+        else:
+            assert o["caption"] == s.caption
+    assert not noisy[0]  # the first sample has no other caption to take
+    # another worker sees them in another order, in another epoch: the same samples are noisy
+    other = TrainSample(tok, ImageTransform(8, dtype="uint8"), seed=3, epoch=5, caption_noise=0.3)
+    again = {s.key: bool(other(s)["caption_noisy"]) for s in reversed(samples)}
+    assert sum(a != b for a, b in zip(noisy[1:], [again[s.key] for s in samples[1:]])) <= 1  # its first stays clean
+    batch = fn.collate([fn(s) for s in samples[:8]])
+    assert batch["caption_noisy"].dtype == torch.bool and batch["caption_noisy"].shape == (8,)
+    plain = TrainSample(tok, ImageTransform(8, dtype="uint8"), seed=3, epoch=0)
+    assert "caption_noisy" not in plain(samples[1]) and plain(samples[1])["caption"] == samples[1].caption
+    with pytest.raises(ValueError, match="caption_noise"):
+        TrainSample(tok, ImageTransform(8, dtype="uint8"), seed=3, epoch=0, caption_noise=1.0)

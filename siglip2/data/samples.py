@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import deque
 from typing import Any
+
+import torch
 
 from siglip2.data.decode import DecodedSample
 from siglip2.data.locca_targets import LoccaFormat, encode_locca, locca_requests, region_boxes
@@ -56,14 +59,48 @@ class TrainSample:
     int64 caption ids (L = tokenizer length), ``caption``/``key``/``lang`` lists and, with
     ``locca``, ``locca_{t}_input``/``locca_{t}_target`` (B, max_len) and ``locca_{t}_valid``
     (B,) for t in cap, aref, gcap (see :mod:`siglip2.data.locca_targets`).
+
+    ``caption_noise`` p in [0, 1): alt-text noise for experiments (issue 28, for ACID): a
+    sample is *noisy* when a hash of (seed, key) falls under p, the same samples in every
+    epoch and whatever the worker count, and its caption is replaced by the caption of another
+    sample this worker delivered recently (one of the last ``NOISE_POOL``; the draw is seeded
+    per sample and epoch). The LocCa captioning target follows the replaced caption; region
+    captions stay (they describe the image). With p > 0 each example also carries
+    ``caption_noisy`` (a bool; the batch a (B,) bool tensor): whether its caption was replaced
+    (the first sample a worker sees has no other caption to take and stays clean).
+    Raises ``ValueError`` for p outside [0, 1).
     """
 
+    NOISE_POOL = 64
+
     def __init__(self, tokenizer: Tokenizer, transform: ImageTransform, seed: int, epoch: int,
-                 locca: LoccaFormat | None = None):
+                 locca: LoccaFormat | None = None, caption_noise: float = 0.0):
         self.tokenizer = tokenizer
         self.transform = transform
         self.seed, self.epoch = seed, epoch
         self.locca_format = locca
+        if not 0.0 <= float(caption_noise) < 1.0:
+            raise ValueError(f"caption_noise is the share of captions replaced, in [0, 1); got {caption_noise}")
+        self.caption_noise = float(caption_noise)
+        self._recent: deque[str] = deque(maxlen=self.NOISE_POOL)  # per worker: each has its own copy
+
+    def is_noisy(self, key: str) -> bool:
+        """Whether sample `key`'s caption is replaced (epoch-independent; see the class doc)."""
+        if self.caption_noise <= 0.0:
+            return False
+        digest = hashlib.blake2b(f"{self.seed}/caption_noise/{key}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") / 2.0 ** 64 < self.caption_noise
+
+    def _caption(self, sample: DecodedSample) -> tuple[str, bool]:
+        own = sample.caption
+        if self.caption_noise <= 0.0:
+            return own, False
+        pool = [c for c in self._recent if c != own]
+        self._recent.append(own)
+        if not pool or not self.is_noisy(sample.key):
+            return own, False
+        rng = random.Random(sample_seed(self.seed, self.epoch, sample.key) ^ 0x5EED)
+        return pool[rng.randrange(len(pool))], True
 
     def __call__(self, sample: DecodedSample) -> dict[str, Any] | None:
         regions = (sample.meta.get("regions") or []) if isinstance(sample.meta, dict) else []
@@ -74,11 +111,14 @@ class TrainSample:
             except (KeyError, TypeError, ValueError):
                 regions, boxes = [], None  # malformed regions: this sample trains Cap only
         image, boxes = self.transform(sample.image, boxes)
-        out: dict[str, Any] = {"image": image, "caption": sample.caption, "key": sample.key,
+        caption, noisy = self._caption(sample)
+        out: dict[str, Any] = {"image": image, "caption": caption, "key": sample.key,
                                "lang": _language(sample.meta)}
+        if self.caption_noise > 0.0:
+            out["caption_noisy"] = torch.tensor(noisy)
         if self.locca_format is not None:
             rng = random.Random(sample_seed(self.seed, self.epoch, sample.key))
-            out["locca"] = locca_requests(sample.caption, regions, rng, self.locca_format, boxes=boxes)
+            out["locca"] = locca_requests(caption, regions, rng, self.locca_format, boxes=boxes)
         return out
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
