@@ -48,9 +48,15 @@ LAYOUTS = {  # (glyphs per image, sizes, max aspect)
 PER_SHARD = 1000
 
 
-def caption(rng: np.random.Generator, glyphs) -> str:
-    """'a photo of a large red letter K and a medium blue letter S' (glyphs left to right)."""
-    parts = [f"a {g.size} {g.color} letter {g.glyph}" for g in sorted(glyphs, key=lambda g: g.box[0])]
+def caption(rng: np.random.Generator, glyphs, omit: float = 0.0) -> str:
+    """'a photo of a large red letter K and a medium blue letter S' (glyphs left to right);
+    `omit`: the chance, for each glyph and each of size and colour on its own, that the word is
+    left out ('a photo of a letter K and a blue letter S'), so the letter must tell captions apart."""
+    def phrase(g) -> str:
+        words = [w for w in (g.size, g.color) if not (omit and rng.random() < omit)]
+        return " ".join(["a", *words, "letter", g.glyph])
+
+    parts = [phrase(g) for g in sorted(glyphs, key=lambda g: g.box[0])]
     body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return PREFIXES[int(rng.integers(len(PREFIXES)))] + body
 
@@ -61,7 +67,7 @@ def write_shard(task: tuple) -> tuple[str, int]:
 
     from siglip2.data.demo.glyphs import draw_glyph_scene, glyph_scene_size
 
-    path, layout, sid, seed, shard, start, count, labelled = task
+    path, layout, sid, seed, shard, start, count, labelled, omit = task
     (lo, hi), sizes, aspect = LAYOUTS[layout]
     rng = np.random.default_rng([seed, sid, shard])
     with TarWriter(path, mtime=0) as tw:
@@ -79,16 +85,17 @@ def write_shard(task: tuple) -> tuple[str, int]:
                 meta["label"] = ALPHABET.index(force)
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=90, subsampling=0)  # as the demo's shards
-            tw.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": caption(rng, glyphs).encode(),
+            tw.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": caption(rng, glyphs, omit).encode(),
                       "json": json.dumps(meta).encode()})
     return path, count
 
 
-def plan(out: str, layout: str, sid: int, seed: int, n: int, labelled: bool) -> tuple[list[tuple], str]:
+def plan(out: str, layout: str, sid: int, seed: int, n: int, labelled: bool,
+         omit: float = 0.0) -> tuple[list[tuple], str]:
     os.makedirs(out, exist_ok=True)
     k = max(1, -(-n // PER_SHARD))
     tasks = [(os.path.join(out, f"{s:06d}.tar"), layout, sid, seed, s, s * PER_SHARD,
-              min(PER_SHARD, n - s * PER_SHARD), labelled) for s in range(k)]
+              min(PER_SHARD, n - s * PER_SHARD), labelled, omit) for s in range(k)]
     return tasks, f"{{000000..{k - 1:06d}}}.tar"
 
 
@@ -100,10 +107,13 @@ def main() -> None:
     ap.add_argument("--num-eval", type=int, default=800)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--omit", type=float, default=0.0,
+                    help="train captions: chance that each glyph's size, and its colour, is left out")
     args = ap.parse_args()
     out = os.path.abspath(args.out)
 
-    tasks, train_urls = plan(os.path.join(out, "train"), args.variant, 0, args.seed, args.num_train, False)
+    tasks, train_urls = plan(os.path.join(out, "train"), args.variant, 0, args.seed, args.num_train, False,
+                             args.omit)
     eval_layouts = ["single"] + (["multi"] if args.variant == "multi" else [])
     yamls = []
     for sid, layout in enumerate(eval_layouts, start=1):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Zero-shot glyph reading of the default contrastive job (see benchmarks/glyph_contrastive.py).
-#   benchmarks/glyph_contrastive.sh OUT single|multi [STEPS]
+#   benchmarks/glyph_contrastive.sh OUT single|multi [STEPS]     (OMIT=0.5: captions drop size/colour words)
 # writes OUT/{train,eval_*} shards, trains OUT/tok/tokenizer.model, then trains the default job
 # (tiny model, batch 32, STEPS=750 = 24k samples) into OUT/run_STEPS, which evaluates the zero-shot
 # sets when it ends (metrics.json). STEPS=1 gives the instrument's chance level (~0.10).
@@ -8,7 +8,7 @@
 set -euo pipefail
 OUT=$(realpath -m "$1"); VARIANT=$2; STEPS=${3:-750}
 if [ ! -f "$OUT/tok/tokenizer.model" ]; then
-  python benchmarks/glyph_contrastive.py --out "$OUT" --variant "$VARIANT" | tee "$OUT.cmds"
+  python benchmarks/glyph_contrastive.py --out "$OUT" --variant "$VARIANT" --omit "${OMIT:-0}" | tee "$OUT.cmds"
   python -m siglip2.data.tokenizer train --shards "$OUT/train/{000000..000023}.tar" --vocab 4000 --out "$OUT/tok"
 fi
 SETS="[$(ls "$OUT"/eval_*/eval_*.yaml | paste -sd,)]"
