@@ -4,15 +4,14 @@ The default job can only learn, contrastively, what its image tower can see with
 sample budget. This script measures that with the most direct signal there is: it trains the
 tiny ViT (`conf/model/tiny.yaml`: 64 px, patch 8, 4 x 128, MAP head) supervised, with a
 linear head and a multi-label BCE on which values of one attribute (`--attribute category |
-shape | color`) the objects of each train image carry, and reports top-1 on the demo's
-held-out single-object zero-shot set for that attribute (category: `eval/zeroshot`, shape:
-`eval/zeroshot_shape`, colour: the object of `eval/zeroshot`). Two reference rows train on the
+color`) the objects of each train image carry, and reports top-1 on the demo's held-out
+single-object zero-shot set (`eval/zeroshot`) for that attribute. Two reference rows train on the
 same batches with the same schedule: timm's ViT of the same shape (MAP pooling, no class
 token), and a 3-layer CNN (the locality a ViT lacks). It was used to choose the demo's
-category cue (a fill pattern, not the silhouette): see `benchmarks/RESULTS.md`.
+category cue: first a fill pattern (demo format 3), then the glyphs of format 4; see
+`benchmarks/RESULTS.md`. (The earlier rows' `--attribute shape` read format 3's shapes.)
 
     python benchmarks/demo_probe.py --attribute category              # 470 x 64 = 30k samples
-    python benchmarks/demo_probe.py --attribute shape --steps 1600    # 102k samples
     python benchmarks/demo_probe.py --quick                           # 40 steps on a 200-image demo
     python benchmarks/demo_probe.py --world glyphs --steps 235        # issue 28's candidate: 15k samples
 
@@ -49,11 +48,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from siglip2.data.demo import CATEGORIES, COLORS, SHAPES, ensure_demo  # noqa: E402
+from siglip2.data.demo import CATEGORIES, COLORS, ensure_demo  # noqa: E402
 from siglip2.model.vit import VisionConfig, VisionTransformer  # noqa: E402
 
-VALUES = {"category": CATEGORIES, "shape": SHAPES, "color": tuple(COLORS)}
-TEST_SET = {"category": "zeroshot", "shape": "zeroshot_shape", "color": "zeroshot"}
+VALUES = {"category": CATEGORIES, "color": tuple(COLORS)}
+TEST_SET = {"category": "zeroshot", "color": "zeroshot"}
 
 
 def glyph_split(n: int, size: int, seed: int, single: bool, max_glyphs: int = 3,

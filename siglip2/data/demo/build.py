@@ -22,28 +22,27 @@ import numpy as np
 
 from .corpus import _tokenizer_corpus
 from .splits import _brace, _shard_plan, _write_shard, _yaml_specs
-from .world import CATEGORIES
+from .glyphs import LETTERS
 
 # Bump when anything that changes the bytes of the output changes (in any module of this
 # package), so old caches rebuild.
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: glyph world (issue 28)
 
 
 @dataclass
 class DemoData:
     root: str
     train_urls: str  # brace pattern, absolute
-    zeroshot_yaml: str  # categories
-    zeroshot_shape_yaml: str
+    zeroshot_yaml: str  # letters
     retrieval_yaml: str
     refexp_yaml: str
     segmentation_yaml: str
     tokenizer_path: str
     num_train: int = 0
-    classnames: list[str] = field(default_factory=lambda: list(CATEGORIES))
+    classnames: list[str] = field(default_factory=lambda: list(LETTERS))
     built: bool = False  # True when this call generated the data (False: reused the cache)
 
 
@@ -144,14 +143,14 @@ def _data(root: str, marker: dict, built: bool) -> DemoData:
     ev = lambda s: os.path.join(root, "eval", s, f"{s}.yaml")  # noqa: E731
     return DemoData(
         root=root, train_urls=os.path.join(root, "train", _brace(marker["train_shards"])),
-        zeroshot_yaml=ev("zeroshot"), zeroshot_shape_yaml=ev("zeroshot_shape"), retrieval_yaml=ev("retrieval"), refexp_yaml=ev("refexp"),
+        zeroshot_yaml=ev("zeroshot"), retrieval_yaml=ev("retrieval"), refexp_yaml=ev("refexp"),
         segmentation_yaml=ev("segmentation"), tokenizer_path=os.path.join(root, "tokenizer", "demo_sp.model"),
         num_train=marker["counts"]["train"], built=built)
 
 
 def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *,
                 num_zeroshot: int = 800, num_retrieval: int = 500, num_refexp: int = 500,
-                num_segmentation: int = 500, num_zeroshot_shape: int | None = None) -> DemoData:
+                num_segmentation: int = 500) -> DemoData:
     """The demo data under ``root``, generated on first use and reused after.
 
     Crash- and race-safe because DDP ranks call this at once and a killed run must not leave a
@@ -162,9 +161,7 @@ def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *
     """
     root = os.path.abspath(os.fspath(root))
     params = {"num_train": int(num_train), "seed": int(seed),
-              "eval_sizes": {"zeroshot": int(num_zeroshot),
-                             "zeroshot_shape": int(num_zeroshot if num_zeroshot_shape is None else num_zeroshot_shape),
-                             "retrieval": int(num_retrieval), "refexp": int(num_refexp),
+              "eval_sizes": {"zeroshot": int(num_zeroshot), "retrieval": int(num_retrieval), "refexp": int(num_refexp),
                              "segmentation": int(num_segmentation)}}
     if min(params["eval_sizes"].values()) < 1 or num_train < 1:
         raise ValueError(f"every split needs at least one sample, got {params}")

@@ -11,8 +11,10 @@ import math
 
 import numpy as np
 
-from .languages import LANGS, SHAPE_TEMPLATES, ZEROSHOT_TEMPLATES
-from .world import CATEGORIES, COLORS, SHAPES, SIZES
+from .glyphs import LETTER_SIZES, LETTERS
+from .languages import LANGS, ZEROSHOT_TEMPLATES
+from .sample import SHAPE
+from .world import COLORS
 
 
 def _lexicon(lang: str, rng: np.random.Generator) -> list[str]:
@@ -22,8 +24,7 @@ def _lexicon(lang: str, rng: np.random.Generator) -> list[str]:
     instrumental, a Japanese prefix) would otherwise be split into characters or bytes.
     """
     L = LANGS[lang]
-    objs = [(s, c, z, CATEGORIES[(i + j) % len(CATEGORIES)])
-            for i, s in enumerate(SHAPES) for j, c in enumerate(COLORS) for z in SIZES]
+    objs = [(SHAPE, c, z, k) for k in LETTERS for c in COLORS for z in LETTER_SIZES]
     rels = [(r, t) for r, ts in L.rel.items() for t in ts]
     out = []
     for i, o in enumerate(objs):
@@ -47,12 +48,11 @@ def _tokenizer_corpus(texts: list[str], rng: np.random.Generator) -> list[str]:
     characters that make up 99.95% of the text, and the rest would fall to byte fallback."""
     out = [t.lower() for t in texts]
     out += [" ".join(str(v) for v in rng.integers(0, 1000, size=4)) for _ in range(2000)]
-    out += [t.format(c=c) for t in ZEROSHOT_TEMPLATES for c in CATEGORIES]
-    out += [t.format(c=c) for t in SHAPE_TEMPLATES for c in SHAPES]
+    out += [t.format(c=c) for t in ZEROSHOT_TEMPLATES for c in LETTERS]
     for lang in LANGS:
         out += _lexicon(lang, rng)
     alphabet = {c for lang in LANGS for t in _lexicon(lang, rng) for c in t} | set("0123456789")
-    alphabet |= {c for t in ZEROSHOT_TEMPLATES + SHAPE_TEMPLATES for c in t.replace("{c}", "")}
+    alphabet |= {c for t in ZEROSHOT_TEMPLATES for c in t.replace("{c}", "")}
     counts: dict[str, int] = {}
     for t in out:
         for c in t:

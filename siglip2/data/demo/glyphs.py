@@ -1,12 +1,12 @@
-"""A candidate demo world for issue 28: large glyphs (digits and letters) drawn from fonts.
+"""The demo's world (format 4, issue 28): large glyphs drawn from fonts.
 
 What a tiny ViT learns fast is layout *across* patches, not texture inside one
 (``benchmarks/RESULTS.md``, demo probe): a glyph whose strokes are about a patch wide at the
 training resolution (64 px, patch 8) is read from which patches its strokes cover. This module
-draws such scenes: 1-3 glyphs in distinct palette colours on the demo's muted backgrounds, each
-glyph's pixels labelled with its class (a per-pixel *glyph class* mask, so a dense probe needs
-learned features), tight boxes read off the mask. ``benchmarks/demo_probe.py --world glyphs``
-measures what the tiny tower learns of it, supervised, before the demo is rebuilt on it.
+draws such scenes: glyphs in distinct palette colours, each glyph's pixels labelled with its
+class (a per-pixel *glyph class* mask, so a dense probe needs learned features), tight boxes
+read off the mask. The demo draws ``LETTERS`` in ``DEMO_STYLE`` (:mod:`.sample`);
+``benchmarks/demo_probe.py --world glyphs`` measures what the tiny tower learns of any style.
 
 Options the probe compares (``draw_glyph_scene``): ``background`` (the demo's textured muted
 ones, ``"black"``, or one ``"flat"`` muted colour), ``ink`` (the palette colour, ``"white"``, or
@@ -33,6 +33,19 @@ from PIL import Image, ImageDraw, ImageFont
 from .world import _MIN_COLOR_DIST, _PALETTE, COLORS, SIZES, _background
 
 GLYPHS: tuple[str, ...] = tuple("0123456789")
+# The demo's categories: capitals whose coarse layouts differ at 64 px, patch 8 (the probe's
+# AEHKMOSVXZ read at 0.97 supervised; "A" is swapped for "T" because a lower-cased "a" is
+# also the article in every English caption). Drawn as in the probe's best row: pastel ink on
+# black, the first 3 (bold) fonts, "medium" and "large" only (a "small" glyph's strokes are
+# under half a patch at 64 px).
+LETTERS: tuple[str, ...] = tuple("EHKMOSTVXZ")
+LETTER_SIZES: tuple[str, ...] = ("medium", "large")
+# The demo's glyph heights (fraction of the short side): larger than GLYPH_SIZE_FRAC's, so a
+# "medium" glyph's strokes are still about 5 px at 64 px (the probe: 1-3 glyphs at medium and
+# large read at 0.66 supervised at 15k samples, 1-2 large ones at 0.84).
+DEMO_SIZE_FRAC = {"medium": (0.56, 0.66), "large": (0.74, 0.86)}
+DEMO_STYLE = dict(sizes=LETTER_SIZES, size_frac=DEMO_SIZE_FRAC, num_fonts=3, background="black", ink="pastel",
+                  alphabet=LETTERS)
 # Bold weights first: their strokes are the widest (about 0.15 of the glyph's height).
 FONT_FILES: tuple[str, ...] = ("DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono-Bold.ttf",
                                "DejaVuSans.ttf")
@@ -78,14 +91,15 @@ def _glyph_bitmap(ch: str, font: str, height: int) -> np.ndarray:
 
 def glyph_mask(ch: str, font: str, height: int, angle_deg: float, cells: int | None = None) -> np.ndarray:
     """Boolean bitmap of a glyph `height` px tall, rotated by `angle_deg` (expanded, cropped).
-    Heights are rounded to even pixels and angles to whole degrees, so bitmaps are reused.
+    Heights are rounded to 4 px and angles to 2 degrees, so that bitmaps are reused (a scene
+    tries up to 40 placements per glyph; rendering each anew dominated the demo build).
     `cells`: draw the glyph `cells` px tall, then enlarge it (nearest) to `height`: a blocky
     glyph whose cells are `height / cells` px wide (no rotation)."""
     if cells:
         a = _glyph_bitmap(ch, font, cells)
         k = max(1, round(height / cells))
         return np.kron(a, np.ones((k, k), bool))
-    return _rotated(ch, font, 2 * max(2, round(height / 2)), int(round(angle_deg)))
+    return _rotated(ch, font, 4 * max(1, round(height / 4)), 2 * int(round(angle_deg / 2)))
 
 
 @lru_cache(maxsize=16384)
@@ -111,7 +125,8 @@ class Glyph:
 def draw_glyph_scene(rng: np.random.Generator, w: int, h: int, n: int, force_glyph: str | None = None,
                      sizes: tuple[str, ...] = SIZES, num_fonts: int | None = None,
                      centred: bool = False, cells: int | None = None,
-                     background: str = "demo", ink: str = "palette", alphabet: str | tuple[str, ...] = GLYPHS) -> tuple[Image.Image, np.ndarray, list[Glyph]]:
+                     background: str = "demo", ink: str = "palette", alphabet: str | tuple[str, ...] = GLYPHS,
+                     size_frac: dict[str, tuple[float, float]] | None = None) -> tuple[Image.Image, np.ndarray, list[Glyph]]:
     """A `w` x `h` scene of up to `n` glyphs (fewer when they do not fit), in distinct colours,
     each of one of `sizes` (`GLYPH_SIZE_FRAC`; crowded scenes fall back to the smallest of them),
     in one of the first `num_fonts` of `FONT_FILES` (all by default); `centred`: each glyph at
@@ -119,7 +134,8 @@ def draw_glyph_scene(rng: np.random.Generator, w: int, h: int, n: int, force_gly
     `cells`: blocky glyphs (see `glyph_mask`; no rotation); `background`: ``"demo"`` (textured,
     muted), ``"black"`` or ``"flat"`` (the demo background's mean colour); `ink`: ``"palette"``,
     ``"white"`` or ``"pastel"`` (palette colour mixed 60:40 with white; the colour name stays);
-    `alphabet`: the glyphs to draw from (`GLYPHS` by default).
+    `alphabet`: the glyphs to draw from (`GLYPHS` by default); `size_frac`: glyph height range
+    per size word, as a fraction of the short side (`GLYPH_SIZE_FRAC` by default).
 
     Returns the RGB image, a uint8 mask (0 background, `alphabet.index(g) + 1` on each glyph's
     ink) and the glyphs with their tight boxes. Boxes stay >= 3 px apart."""
@@ -136,7 +152,7 @@ def draw_glyph_scene(rng: np.random.Generator, w: int, h: int, n: int, force_gly
         for attempt in range(40):
             ch = force_glyph or alphabet[rng.integers(len(alphabet))]
             size = sizes[int(rng.integers(len(sizes)))] if attempt < 15 else sizes[0]
-            height = max(10, int(rng.uniform(*GLYPH_SIZE_FRAC[size]) * short))
+            height = max(10, int(rng.uniform(*(size_frac or GLYPH_SIZE_FRAC)[size]) * short))
             fonts = _font_paths()[:num_fonts] if num_fonts else _font_paths()
             font = fonts[rng.integers(len(fonts))]
             m = glyph_mask(ch, font, height, rng.uniform(-_MAX_ROT_DEG, _MAX_ROT_DEG), cells)

@@ -3,7 +3,7 @@
 English plus de, es, fr, ru, zh, ja, ar, hi (Latin, Cyrillic, CJK, Arabic and Devanagari
 scripts), mixed 90/10 English / other as in WebLI [P §2.1]. Each language is a small word
 table with the few grammar rules it needs (gender, case, adjective order), so that a caption
-names an object's size, colour, category and shape correctly inflected. :func:`describe`
+names an object's size, colour and letter correctly inflected. :func:`describe`
 writes a scene's caption from its objects and boxes (spatial relations from the boxes);
 :func:`word_forms` lists every form a word takes, for tests.
 """
@@ -14,25 +14,26 @@ from typing import Sequence
 
 import numpy as np
 
-# Zero-shot prompts: categories are named with the noun "shape" (English train captions use it
-# when they leave the shape out); the shape set names the shape alone.
-ZEROSHOT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {c} shape.", "a drawing of a {c} shape.", "a picture of a {c} shape.",
-    "an image of a {c} shape.", "a {c} shape.",
-)
-SHAPE_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {c}.", "a drawing of a {c}.", "a picture of a {c}.", "an image of a {c}.", "a {c}.",
-)
+from .glyphs import LETTERS
 
-# An object is described by its (shape, color, size, category) names. Each language gives
-#   np(o, case)  an indefinite noun phrase ("a large red striped circle") in a grammatical case,
-#   region(o)    the bare phrase used as a region caption ("large red striped circle"),
+# Zero-shot prompts name the letter alone, in the caption frames English train captions use
+# ("a photo of a letter K" is a train caption with size and colour left out).
+ZEROSHOT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a letter {c}.", "a drawing of a letter {c}.", "a picture of a letter {c}.",
+    "an image of a letter {c}.", "a letter {c}.",
+)
+# The letters are their own names in every language (Latin capitals, as in real alt-text).
+_LETTER_NAMES = {c: c for c in LETTERS}
+
+# An object is described by its (shape, color, size, category) names: the shape is the noun
+# "letter" (the one kind of object), the category the letter itself. Each language gives
+#   np(o, case)  an indefinite noun phrase ("a large red letter K") in a grammatical case,
+#   region(o)    the bare phrase used as a region caption ("large red letter K"),
 #   rel[r]       templates "{a} ... {b}" for r in left/right/above/below, with rel_case[r]
 #                the case {b} takes, also / join templates to add a third/fourth object,
 #   prefixes     caption frames ("a photo of {}") so paraphrases exist for retrieval,
-#   cats         the category (fill pattern) words. Outside English, Chinese and Japanese
-#                they are phrases that do not inflect ("mit Streifen", "в полоску"), so
-#                no case or gender table needs a new column.
+#   cats         the category words: the letter, written as itself after the noun in every
+#                language, so it never inflects ("Buchstaben K", "буквой K").
 
 
 
@@ -65,8 +66,8 @@ class _En(_Lang):
     join = "{x}, and {y}"
     prefixes = ("{}", "a photo of {}", "an image of {}", "a drawing of {}", "a picture of {}")
 
-    def region(self, o):  # size, colour or category may be omitted; shape then reads "shape"
-        return " ".join(w for w in (o[2], o[1], o[3], o[0] or "shape") if w)
+    def region(self, o):  # size, colour or the letter may be omitted ("a letter K", "a red letter")
+        return " ".join(w for w in (o[2], o[1], o[0] or "letter", o[3]) if w)
 
     def np(self, o, case="nom"):
         phrase = self.region(o)
@@ -78,19 +79,15 @@ class _En(_Lang):
 
 class _De(_Lang):
     code = "de"
-    shapes = {"circle": ("Kreis", "m"), "square": ("Quadrat", "n"), "triangle": ("Dreieck", "n"),
-              "star": ("Stern", "m"), "hexagon": ("Sechseck", "n"), "cross": ("Kreuz", "n"),
-              "diamond": ("Raute", "f"), "heart": ("Herz", "n")}
-    dative = {"Herz": "Herzen"}  # the one irregular noun here
+    shapes = {"letter": ("Buchstabe", "m")}
+    dative = {"Buchstabe": "Buchstaben"}  # a weak noun
     adj = {"small": "klein", "medium": "mittelgroß", "large": "groß", "red": "rot", "green": "grün",
            "blue": "blau", "yellow": "gelb", "purple": "violett", "orange": "orangefarben",
            "white": "weiß", "black": "schwarz"}
     rel = {"left": ("{a} links von {b}",), "right": ("{a} rechts von {b}",),
            "above": ("{a} über {b}",), "below": ("{a} unter {b}",)}
     rel_case = dict.fromkeys(rel, "dat")
-    cats = {"striped": "mit Streifen", "dotted": "mit Punkten", "checkered": "mit Karos",
-            "wavy": "mit Wellen", "ringed": "mit Ringen", "speckled": "mit Sprenkeln",
-            "plain": "ohne Muster", "gradient": "mit Farbverlauf"}
+    cats = _LETTER_NAMES
     also = join = "{x} und {y}"
     prefixes = ("{}", "Bild: {}", "Foto: {}", "Zeichnung: {}")
 
@@ -119,9 +116,7 @@ class _De(_Lang):
 
 class _Es(_Lang):
     code = "es"
-    shapes = {"circle": ("círculo", "m"), "square": ("cuadrado", "m"), "triangle": ("triángulo", "m"),
-              "star": ("estrella", "f"), "hexagon": ("hexágono", "m"), "cross": ("cruz", "f"),
-              "diamond": ("rombo", "m"), "heart": ("corazón", "m")}
+    shapes = {"letter": ("letra", "f")}
     adj = {"small": ("pequeño", "pequeña"), "medium": ("mediano", "mediana"), "large": ("grande", "grande"),
            "red": ("rojo", "roja"), "green": ("verde", "verde"), "blue": ("azul", "azul"),
            "yellow": ("amarillo", "amarilla"), "purple": ("morado", "morada"),
@@ -129,15 +124,14 @@ class _Es(_Lang):
     rel = {"left": ("{a} a la izquierda de {b}",), "right": ("{a} a la derecha de {b}",),
            "above": ("{a} encima de {b}",), "below": ("{a} debajo de {b}",)}
     rel_case = dict.fromkeys(rel, "nom")
-    cats = {"striped": "con rayas", "dotted": "con puntos", "checkered": "con cuadros", "wavy": "con ondas",
-            "ringed": "con anillos", "speckled": "con motas", "plain": "sin dibujo", "gradient": "con degradado"}
+    cats = _LETTER_NAMES
     also = join = "{x} y {y}"
     prefixes = ("{}", "una foto de {}", "una imagen de {}", "un dibujo de {}")
 
     def region(self, o):
         noun, g = self.shapes[o[0]]
         i = int(g == "f")
-        return f"{noun} {self.adj[o[1]][i]} {self.adj[o[2]][i]} {self.cats[o[3]]}"
+        return f"{noun} {self.cats[o[3]]} {self.adj[o[1]][i]} {self.adj[o[2]][i]}"
 
     def np(self, o, case="nom"):
         return ("una " if self.shapes[o[0]][1] == "f" else "un ") + self.region(o)
@@ -150,9 +144,7 @@ class _Es(_Lang):
 
 class _Fr(_Lang):
     code = "fr"
-    shapes = {"circle": ("cercle", "m"), "square": ("carré", "m"), "triangle": ("triangle", "m"),
-              "star": ("étoile", "f"), "hexagon": ("hexagone", "m"), "cross": ("croix", "f"),
-              "diamond": ("losange", "m"), "heart": ("cœur", "m")}
+    shapes = {"letter": ("lettre", "f")}
     colors = {"red": ("rouge", "rouge"), "green": ("vert", "verte"), "blue": ("bleu", "bleue"),
               "yellow": ("jaune", "jaune"), "purple": ("violet", "violette"), "orange": ("orange", "orange"),
               "white": ("blanc", "blanche"), "black": ("noir", "noire")}
@@ -162,8 +154,7 @@ class _Fr(_Lang):
     rel = {"left": ("{a} à gauche d'{b}",), "right": ("{a} à droite d'{b}",),
            "above": ("{a} au-dessus d'{b}",), "below": ("{a} au-dessous d'{b}",)}
     rel_case = dict.fromkeys(rel, "nom")
-    cats = {"striped": "à rayures", "dotted": "à pois", "checkered": "à carreaux", "wavy": "à vagues",
-            "ringed": "à anneaux", "speckled": "à mouchetures", "plain": "sans motif", "gradient": "en dégradé"}
+    cats = _LETTER_NAMES
     also = join = "{x} et {y}"
     prefixes = ("{}", "une photo d'{}", "une image d'{}", "un dessin d'{}")
 
@@ -173,8 +164,8 @@ class _Fr(_Lang):
         m, f, before = self.sizes[o[2]]
         size = (m, f)[i]
         color = self.colors[o[1]][i]
-        pattern = self.cats[o[3]]
-        return f"{size} {noun} {color} {pattern}" if before else f"{noun} {color} {size} {pattern}"
+        letter = self.cats[o[3]]
+        return f"{size} {noun} {letter} {color}" if before else f"{noun} {letter} {color} {size}"
 
     def np(self, o, case="nom"):
         return ("une " if self.shapes[o[0]][1] == "f" else "un ") + self.region(o)
@@ -190,12 +181,7 @@ class _Fr(_Lang):
 class _Ru(_Lang):
     code = "ru"
     # nominative, genitive, instrumental, gender
-    shapes = {"circle": ("круг", "круга", "кругом", "m"), "square": ("квадрат", "квадрата", "квадратом", "m"),
-              "triangle": ("треугольник", "треугольника", "треугольником", "m"),
-              "star": ("звезда", "звезды", "звездой", "f"),
-              "hexagon": ("шестиугольник", "шестиугольника", "шестиугольником", "m"),
-              "cross": ("крест", "креста", "крестом", "m"), "diamond": ("ромб", "ромба", "ромбом", "m"),
-              "heart": ("сердце", "сердца", "сердцем", "n")}
+    shapes = {"letter": ("буква", "буквы", "буквой", "f")}
     # nom m, nom f, nom n, gen m/n, gen f, ins m/n, ins f
     adj = {
         "small": ("маленький", "маленькая", "маленькое", "маленького", "маленькой", "маленьким", "маленькой"),
@@ -214,8 +200,7 @@ class _Ru(_Lang):
     rel = {"left": ("{a} слева от {b}",), "right": ("{a} справа от {b}",),
            "above": ("{a} над {b}",), "below": ("{a} под {b}",)}
     rel_case = {"left": "gen", "right": "gen", "above": "ins", "below": "ins"}
-    cats = {"striped": "в полоску", "dotted": "в горошек", "checkered": "в клетку", "wavy": "с волнами",
-            "ringed": "с кольцами", "speckled": "в крапинку", "plain": "без узора", "gradient": "с градиентом"}
+    cats = _LETTER_NAMES
     also = join = "{x} и {y}"
     prefixes = ("{}", "на фото {}", "на картинке {}", "рисунок: {}")
 
@@ -240,13 +225,11 @@ class _Ru(_Lang):
 
 class _Zh(_Lang):
     code = "zh"
-    shapes = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "star": "星形", "hexagon": "六边形",
-              "cross": "十字形", "diamond": "菱形", "heart": "心形"}
+    shapes = {"letter": "字母"}
     colors = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色",
               "orange": "橙色", "white": "白色", "black": "黑色"}
     sizes = {"small": "小", "medium": "中等大小", "large": "大"}
-    cats = {"striped": "条纹", "dotted": "圆点", "checkered": "格子", "wavy": "波浪纹", "ringed": "环纹",
-            "speckled": "斑点", "plain": "纯色", "gradient": "渐变"}
+    cats = _LETTER_NAMES
     rel = {"left": ("{a}在{b}的左边", "{a}在{b}的左侧"), "right": ("{a}在{b}的右边", "{a}在{b}的右侧"),
            "above": ("{a}在{b}的上面", "{a}在{b}的上方"), "below": ("{a}在{b}的下面", "{a}在{b}的下方")}
     rel_case = dict.fromkeys(rel, "nom")
@@ -255,7 +238,7 @@ class _Zh(_Lang):
     prefixes = ("{}", "图中，{}", "照片里，{}", "一张图片：{}")
 
     def region(self, o):
-        return f"{self.sizes[o[2]]}的{self.colors[o[1]]}{self.cats[o[3]]}{self.shapes[o[0]]}"
+        return f"{self.sizes[o[2]]}的{self.colors[o[1]]}{self.shapes[o[0]]}{self.cats[o[3]]}"
 
     def np(self, o, case="nom"):
         return "一个" + self.region(o)
@@ -266,13 +249,11 @@ class _Zh(_Lang):
 
 class _Ja(_Lang):
     code = "ja"
-    shapes = {"circle": "円", "square": "正方形", "triangle": "三角形", "star": "星", "hexagon": "六角形",
-              "cross": "十字", "diamond": "ひし形", "heart": "ハート"}
+    shapes = {"letter": "文字"}
     colors = {"red": "赤い", "green": "緑の", "blue": "青い", "yellow": "黄色い", "purple": "紫の",
               "orange": "オレンジ色の", "white": "白い", "black": "黒い"}
     sizes = {"small": "小さい", "medium": "中くらいの", "large": "大きい"}
-    cats = {"striped": "縞模様の", "dotted": "水玉模様の", "checkered": "格子模様の", "wavy": "波模様の",
-            "ringed": "輪模様の", "speckled": "まだら模様の", "plain": "無地の", "gradient": "グラデーションの"}
+    cats = _LETTER_NAMES
     # "the A that is to the left of B": a noun phrase, like the English captions.
     rel = {"left": ("{b}の左にある{a}",), "right": ("{b}の右にある{a}",),
            "above": ("{b}の上にある{a}",), "below": ("{b}の下にある{a}",)}
@@ -281,7 +262,7 @@ class _Ja(_Lang):
     prefixes = ("{}", "{}の写真", "{}の絵", "{}の画像")
 
     def region(self, o):
-        return f"{self.sizes[o[2]]}{self.colors[o[1]]}{self.cats[o[3]]}{self.shapes[o[0]]}"
+        return f"{self.sizes[o[2]]}{self.colors[o[1]]}{self.shapes[o[0]]}{self.cats[o[3]]}"
 
     def np(self, o, case="nom"):
         return self.region(o)
@@ -292,9 +273,7 @@ class _Ja(_Lang):
 
 class _Ar(_Lang):
     code = "ar"
-    shapes = {"circle": ("دائرة", "f"), "square": ("مربع", "m"), "triangle": ("مثلث", "m"),
-              "star": ("نجمة", "f"), "hexagon": ("شكل سداسي", "m"), "cross": ("صليب", "m"),
-              "diamond": ("معين", "m"), "heart": ("قلب", "m")}
+    shapes = {"letter": ("حرف", "m")}
     adj = {"small": ("صغير", "صغيرة"), "medium": ("متوسط", "متوسطة"), "large": ("كبير", "كبيرة"),
            "red": ("أحمر", "حمراء"), "green": ("أخضر", "خضراء"), "blue": ("أزرق", "زرقاء"),
            "yellow": ("أصفر", "صفراء"), "purple": ("بنفسجي", "بنفسجية"), "orange": ("برتقالي", "برتقالية"),
@@ -302,15 +281,14 @@ class _Ar(_Lang):
     rel = {"left": ("{a} على يسار {b}",), "right": ("{a} على يمين {b}",),
            "above": ("{a} فوق {b}",), "below": ("{a} تحت {b}",)}
     rel_case = dict.fromkeys(rel, "nom")
-    cats = {"striped": "بخطوط", "dotted": "بنقاط", "checkered": "بمربعات", "wavy": "بأمواج",
-            "ringed": "بحلقات", "speckled": "ببقع", "plain": "بلا نقش", "gradient": "بتدرج لوني"}
+    cats = _LETTER_NAMES
     also = join = "{x} و{y}"  # "and" is written joined to the next word
     prefixes = ("{}", "صورة {}", "رسم {}", "صورة فيها {}")
 
     def region(self, o):
         noun, g = self.shapes[o[0]]
         i = int(g == "f")
-        return f"{noun} {self.adj[o[1]][i]} {self.adj[o[2]][i]} {self.cats[o[3]]}"
+        return f"{noun} {self.cats[o[3]]} {self.adj[o[1]][i]} {self.adj[o[2]][i]}"
 
     def np(self, o, case="nom"):
         return self.region(o)
@@ -324,17 +302,12 @@ class _Ar(_Lang):
 class _Hi(_Lang):
     code = "hi"
     # direct, oblique (all masculine here)
-    shapes = {"circle": ("वृत्त", "वृत्त"), "square": ("वर्ग", "वर्ग"), "triangle": ("त्रिभुज", "त्रिभुज"),
-              "star": ("तारा", "तारे"), "hexagon": ("षट्भुज", "षट्भुज"), "cross": ("क्रॉस", "क्रॉस"),
-              "diamond": ("समचतुर्भुज", "समचतुर्भुज"), "heart": ("दिल", "दिल")}
+    shapes = {"letter": ("अक्षर", "अक्षर")}
     adj = {"small": ("छोटा", "छोटे"), "medium": ("मध्यम", "मध्यम"), "large": ("बड़ा", "बड़े"),
            "red": ("लाल", "लाल"), "green": ("हरा", "हरे"), "blue": ("नीला", "नीले"), "yellow": ("पीला", "पीले"),
            "purple": ("बैंगनी", "बैंगनी"), "orange": ("नारंगी", "नारंगी"), "white": ("सफ़ेद", "सफ़ेद"),
            "black": ("काला", "काले")}
-    # "-दार" adjectives do not inflect; सादा does (direct, oblique)
-    cats = {"striped": ("धारीदार", "धारीदार"), "dotted": ("बिंदीदार", "बिंदीदार"), "checkered": ("चेकदार", "चेकदार"),
-            "wavy": ("लहरदार", "लहरदार"), "ringed": ("छल्लेदार", "छल्लेदार"), "speckled": ("चित्तीदार", "चित्तीदार"),
-            "plain": ("सादा", "सादे"), "gradient": ("ढालदार", "ढालदार")}
+    cats = {c: (c, c) for c in LETTERS}  # (direct, oblique): a letter does not inflect
     rel = {"left": ("{a} {b} के बाईं ओर है",), "right": ("{a} {b} के दाईं ओर है",),
            "above": ("{a} {b} के ऊपर है",), "below": ("{a} {b} के नीचे है",)}
     rel_case = dict.fromkeys(rel, "obl")
@@ -344,7 +317,7 @@ class _Hi(_Lang):
 
     def np(self, o, case="nom"):
         i = int(case == "obl")
-        return f"एक {self.adj[o[2]][i]} {self.adj[o[1]][i]} {self.cats[o[3]][i]} {self.shapes[o[0]][i]}"
+        return f"एक {self.adj[o[2]][i]} {self.adj[o[1]][i]} {self.shapes[o[0]][i]} {self.cats[o[3]][i]}"
 
     def region(self, o):
         return self.np(o)[len("एक "):]
@@ -359,7 +332,7 @@ _EN_FRACTION = 0.9  # WebLI's mix [P §2.1]
 
 
 def word_forms(lang: str, name: str) -> tuple[str, ...]:
-    """All forms in which ``lang`` writes a category, shape, colour or size name (e.g. ru: круг/круга/кругом)."""
+    """All forms in which ``lang`` writes a category, shape, colour or size name (e.g. ru: буква/буквы/буквой)."""
     return LANGS[lang].forms(name)
 
 
@@ -382,8 +355,8 @@ def describe(objects: Sequence[tuple[str, str, str, str]], boxes: Sequence[Seque
     Objects are ``(shape, color, size, category)`` tuples, described in a random order, so the
     same scene yields paraphrases (A left of B == B right of A); that is what gives retrieval
     several captions per image. ``omit`` flags, in ``OMITTABLE`` order (size, colour,
-    category, shape), leave those words out for every object (the shape noun becomes
-    "shape"); English only, since the other languages' inflection tables assume every word,
+    category, shape), leave those words out for every object (the noun stays "letter");
+    English only, since the other languages' inflection tables assume every word,
     as real alt-text often does.
     """
     L = LANGS[lang]

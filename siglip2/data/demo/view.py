@@ -12,17 +12,19 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .world import CATEGORIES
+from .glyphs import LETTERS
 
 
-_MASK_PALETTE = np.array([(0, 0, 0)] + [tuple(int(255 * v) for v in colorsys.hsv_to_rgb(i / 8, 0.8, 1.0))
-                                         for i in range(len(CATEGORIES))], dtype=np.uint8)
+_MASK_PALETTE = np.array([(0, 0, 0)] + [tuple(int(255 * v) for v in colorsys.hsv_to_rgb(i / len(LETTERS), 0.8, 1.0))
+                                         for i in range(len(LETTERS))], dtype=np.uint8)
 
 
 def _font(size: int):
     from PIL import ImageFont
 
-    for path in ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",):
+    from .glyphs import font_dir
+
+    for path in (str(font_dir() / "DejaVuSans.ttf"), "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
         if os.path.exists(path):
             return ImageFont.truetype(path, size)
     return ImageFont.load_default()
@@ -30,7 +32,7 @@ def _font(size: int):
 
 def render_grid(urls, out_png: str, n: int = 16, cols: int = 4, cell: int = 200) -> str:
     """Samples with their region boxes, masks and captions in one PNG, for a person to check
-    that boxes sit on the shapes and captions say what is drawn. Reads through webdataset,
+    that boxes sit on the glyphs and captions say what is drawn. Reads through webdataset,
     the way training does. (DejaVu has no CJK/Devanagari glyphs: those captions show boxes.)"""
     import textwrap
 
