@@ -447,3 +447,16 @@ def test_glyph_scene_options_the_probe_compares():
     k = round(ink.shape[0] / 7)
     assert ink.shape[0] % k == 0 and ink.shape[1] % k == 0
     assert (ink == np.kron(ink[::k, ::k], np.ones((k, k), bool))).all()
+
+
+def test_command_line_builds_and_lists_every_path(tmp_path, monkeypatch, capfd):
+    """`python -m siglip2.data.demo --out DIR --grid PNG` prints each path it built (the
+    default eval sizes are swapped for tiny ones to keep this fast)."""
+    from siglip2.data.demo import cli
+
+    monkeypatch.setattr(cli, "_ensure", lambda root, **kw: demo.ensure_demo(root, **{**kw, **TINY, "workers": 1}))
+    assert cli.main(["--out", str(tmp_path / "d"), "--num-train", "16", "--grid", str(tmp_path / "g.png")]) == 0
+    out = capfd.readouterr().out  # capfd: SentencePiece writes to the stderr file descriptor
+    for key in ("train_urls", "zeroshot_yaml", "retrieval_yaml", "refexp_yaml", "segmentation_yaml", "tokenizer_path"):
+        assert f"  {key}: " in out, out
+    assert (tmp_path / "g.png").is_file()
