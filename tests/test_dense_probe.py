@@ -145,7 +145,7 @@ def test_random_tiny_model_through_evaluate_all(demo):
     torch.manual_seed(0)
     model = build_model(cfg)
     es = load_eval_set(demo.segmentation_yaml)
-    assert es.task == "segmentation" and len(es.segmentation_classnames) == 9
+    assert es.task == "segmentation" and len(es.segmentation_classnames) == 11  # background + 10 letters
     res = evaluate_all([es], model=model, tokenizer=None, image_size=cfg["vision"]["image_size"],
                        batch_size=200)
     prefix = "segmentation/demo_segmentation"
