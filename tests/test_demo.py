@@ -460,3 +460,11 @@ def test_command_line_builds_and_lists_every_path(tmp_path, monkeypatch, capfd):
     for key in ("train_urls", "zeroshot_yaml", "retrieval_yaml", "refexp_yaml", "segmentation_yaml", "tokenizer_path"):
         assert f"  {key}: " in out, out
     assert (tmp_path / "g.png").is_file()
+
+
+def test_more_glyphs_than_fit_is_a_clear_error_not_a_hang():
+    """Three glyphs fit now and then (wide canvases); six never do: a ValueError, not a loop."""
+    rng = np.random.default_rng(0)
+    assert len(demo.generate_sample(rng, 3, lang="en")["meta"]["objects"]) == 3
+    with pytest.raises(ValueError, match="did not fit"):
+        demo.generate_sample(rng, 6, lang="en")

@@ -10,6 +10,7 @@ from .languages import _EN_FRACTION, _OTHER_LANGS, LANGS, OMITTABLE, describe
 
 SHAPE = "letter"  # the one kind of object; captions' noun
 _MAX_ASPECT = 2.0
+_MAX_CANVASES = 200  # 2 glyphs need ~1.2 canvases on average, 3 about 10; 4 rarely fit at all
 
 
 def generate_sample(rng: np.random.Generator, n_objects: int, force: dict[str, str] | None = None,
@@ -20,8 +21,9 @@ def generate_sample(rng: np.random.Generator, n_objects: int, force: dict[str, s
     canvas whose short side is 64-160 px at aspect 1:2 to 2:1. ``force``: ``{"category": "K"}``
     draws every glyph as that letter. ``omit_prob``: for English captions, the chance, drawn
     for size and for colour on its own, that those words are left out of a caption ("a photo of
-    a letter K", "a red letter K"); the letter is always named. Region captions keep every word, so that each
-    names exactly one glyph. Raises ``ValueError`` for a letter outside ``LETTERS``.
+    a letter K", "a red letter K"); the letter is always named. Region captions keep every
+    word, so that each names exactly one glyph. Raises ``ValueError`` for a letter outside
+    ``LETTERS``, and when ``n_objects`` glyphs do not fit on any of 200 canvases drawn.
     """
     force = dict(force or {})
     bad = {k: v for k, v in force.items() if k != "category" or v not in LETTERS}
@@ -29,11 +31,14 @@ def generate_sample(rng: np.random.Generator, n_objects: int, force: dict[str, s
         raise ValueError(f"force takes {{'category': one of {''.join(LETTERS)}}}, got {bad}")
     if lang is None:
         lang = "en" if rng.random() < _EN_FRACTION else _OTHER_LANGS[rng.integers(len(_OTHER_LANGS))]
-    while True:  # the canvas may be too small for n glyphs: draw a new one
+    for _ in range(_MAX_CANVASES):  # the canvas may be too small for n glyphs: draw a new one
         w, h = glyph_scene_size(rng, max_aspect=_MAX_ASPECT)
         img, mask, glyphs = draw_glyph_scene(rng, w, h, n_objects, force.get("category"), **DEMO_STYLE)
         if len(glyphs) == n_objects:
             break
+    else:
+        raise ValueError(f"{n_objects} glyphs did not fit on any of {_MAX_CANVASES} canvases (aspect up to "
+                         f"{_MAX_ASPECT:g}:1); the demo draws 1 or 2")
     L = LANGS[lang]
     triples = [(SHAPE, g.color, g.size, g.glyph) for g in glyphs]
     boxes = [g.box for g in glyphs]
