@@ -48,7 +48,7 @@ def render(out_png: str, n_images: int = 4, size: int = 64, patch: int = 8, loca
            seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     tf = ImageTransform(size)
-    images = torch.stack([tf(generate_sample(rng, int(rng.integers(1, 4)))["image"])[0] for _ in range(n_images)])
+    images = torch.stack([tf(generate_sample(rng, int(rng.integers(1, 3)))["image"])[0] for _ in range(n_images)])
     cfg = ViewConfig(local_size=local_size)
     views = make_views(images, torch.Generator().manual_seed(seed), cfg, patch_size=patch)
     n_local, grid = cfg.local_count, size // patch

@@ -10,7 +10,7 @@ from .languages import _EN_FRACTION, _OTHER_LANGS, LANGS, OMITTABLE, describe
 
 SHAPE = "letter"  # the one kind of object; captions' noun
 _MAX_ASPECT = 2.0
-_MAX_CANVASES = 200  # 2 glyphs need ~1.2 canvases on average, 3 about 10; 4 rarely fit at all
+_MAX_CANVASES = 200  # 2 glyphs need a few canvases; 3 at these sizes seldom fit, 4 never
 
 
 def generate_sample(rng: np.random.Generator, n_objects: int, force: dict[str, str] | None = None,
