@@ -33,8 +33,8 @@ def _words(text: str) -> list[str]:
 
 
 def caption_names_object(caption: str, name: str, color: str) -> bool:
-    """True when the caption contains the colour word and the name (a category such as
-    "striped", or a shape, or its plural) as whole words: "a red striped circle" names
+    """True when the caption contains the colour word and the name (a category such as the
+    demo's letter "K" or format 3's "striped", or a shape, or its plural) as whole words: "a red striped circle" names
     (striped, red) and (circle, red); "reddish circles" does not name red."""
     words = set(_words(caption))
     name, color = name.lower(), color.lower()

@@ -183,7 +183,7 @@ def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *
             os.makedirs(tmp)
             try:
                 log.info("building the demo data into %s (first use: %d training samples and the eval sets, "
-                         "about a minute per 10,000 on 2 cores; reused after)", root, params["num_train"])
+                         "about a minute per 20,000 on 2 cores; reused after)", root, params["num_train"])
                 started = time.monotonic()
                 _build(tmp, params, workers)
                 log.info("demo data built in %.0f s", time.monotonic() - started)

@@ -41,8 +41,9 @@ GLYPHS: tuple[str, ...] = tuple("0123456789")
 LETTERS: tuple[str, ...] = tuple("EHKMOSTVXZ")
 LETTER_SIZES: tuple[str, ...] = ("medium", "large")
 # The demo's glyph heights (fraction of the short side): larger than GLYPH_SIZE_FRAC's, so a
-# "medium" glyph's strokes are still about 5 px at 64 px (the probe: 1-3 glyphs at medium and
-# large read at 0.66 supervised at 15k samples, 1-2 large ones at 0.84).
+# "medium" glyph's strokes are still about 5 px at 64 px (the probe, supervised, 15k samples:
+# 1-3 glyphs at GLYPH_SIZE_FRAC's medium and large 0.66, 1-2 large ones 0.84, with other
+# letters and fonts between the two rows).
 DEMO_SIZE_FRAC = {"medium": (0.56, 0.66), "large": (0.74, 0.86)}
 DEMO_STYLE = dict(sizes=LETTER_SIZES, size_frac=DEMO_SIZE_FRAC, num_fonts=3, background="black", ink="pastel",
                   alphabet=LETTERS)
