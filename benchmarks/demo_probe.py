@@ -79,6 +79,29 @@ def glyph_split(n: int, size: int, seed: int, single: bool, max_glyphs: int = 3,
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.stack(targets))
 
 
+def word_split(n: int, size: int, seed: int, layouts: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 3, size, size) uint8 word images squashed to a square and (n, 10) one-hot word targets:
+    the words of ``glyphs.WORDS`` in turn, each in a layout of `layouts` drawn at random
+    (``glyphs.draw_word``: row/column aspect log-uniform in 2..4, short side 40-96 px, the
+    demo's first 3 fonts, pastel ink on black)."""
+    from siglip2.data.demo.glyphs import WORDS, _font_paths, draw_word
+    from siglip2.data.demo.world import COLORS as PALETTE
+
+    rng = np.random.default_rng(seed)
+    colors, fonts = list(PALETTE), _font_paths()[:3]
+    images, targets = [], []
+    for i in range(n):
+        word, layout = WORDS[i % len(WORDS)], layouts[int(rng.integers(len(layouts)))]
+        aspect = math.exp(rng.uniform(math.log(2.0), math.log(4.0)))
+        img, _, _ = draw_word(rng, word, layout, int(rng.integers(40, 97)), aspect,
+                              colors[int(rng.integers(len(colors)))], fonts[int(rng.integers(len(fonts)))])
+        target = np.zeros(len(WORDS), np.float32)
+        target[i % len(WORDS)] = 1.0
+        images.append(np.asarray(img.resize((size, size), Image.BILINEAR)))
+        targets.append(target)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.stack(targets))
+
+
 def load_split(pattern: str, size: int, attribute: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, size, size) uint8 images and (N, len(VALUES[attribute])) presence targets."""
     names = VALUES[attribute]
@@ -135,8 +158,11 @@ class SmallCNN(torch.nn.Module):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--attribute", choices=sorted(VALUES), default="category")
-    ap.add_argument("--world", choices=("demo", "glyphs"), default="demo",
-                    help="demo: the built demo's shards; glyphs: issue 28's glyph scenes, drawn in memory")
+    ap.add_argument("--world", choices=("demo", "glyphs", "words"), default="demo",
+                    help="demo: the built demo's shards; glyphs: issue 28's glyph scenes, drawn in memory; "
+                         "words: glyphs.WORDS in --word-layouts, drawn in memory")
+    ap.add_argument("--word-layouts", default="row,column",
+                    help="--world words: comma-separated layouts of glyphs.draw_word (row, column, grid)")
     ap.add_argument("--glyph-max", type=int, default=3, help="--world glyphs: at most this many glyphs per image")
     ap.add_argument("--glyph-sizes", default="small,medium,large", help="--world glyphs: the sizes drawn")
     ap.add_argument("--glyph-aspect", type=float, default=2.0, help="--world glyphs: images up to this aspect")
@@ -171,7 +197,7 @@ def main() -> None:
 
     if args.world == "demo" and not (Path(args.root) / "DONE.json").is_file():  # a finished demo is read as it is
         ensure_demo(args.root, num_train=args.num_train,
-                    **({"num_zeroshot": 40, "num_retrieval": 8, "num_refexp": 8, "num_segmentation": 8}
+                    **({"num_zeroshot": 40, "num_retrieval": 8, "num_refexp": 8, "num_segmentation": 8, "num_words": 8}
                        if args.quick else {}))
     import yaml
 
@@ -180,7 +206,15 @@ def main() -> None:
                width=tiny["width"], depth=tiny["depth"], heads=tiny["heads"], mlp=tiny["mlp_dim"])
     print("tower:", cfg)
     t0 = time.time()
-    if args.world == "glyphs":
+    if args.world == "words":
+        from siglip2.data.demo.glyphs import WORDS
+
+        args.attribute = "word"
+        VALUES["word"] = WORDS
+        layouts = tuple(args.word_layouts.split(","))
+        x_train, y_train = word_split(min(args.num_train, args.steps * args.batch), cfg["size"], 0, layouts)
+        x_test, y_test = word_split(80 if args.quick else 800, cfg["size"], 1, layouts)
+    elif args.world == "glyphs":
         if len(set(args.glyph_set)) != len(args.glyph_set) or len(args.glyph_set) < 2:
             ap.error(f"--glyph-set needs at least two distinct glyphs, got {args.glyph_set!r}")
         args.attribute = "glyph"

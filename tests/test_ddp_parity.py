@@ -257,7 +257,7 @@ def tiny_demo(tmp_path_factory):
     from siglip2.data.demo import ensure_demo
 
     return ensure_demo(tmp_path_factory.mktemp("ddp-demo") / "root", num_train=32, seed=0, workers=1,
-                       num_zeroshot=8, num_retrieval=8, num_refexp=8, num_segmentation=8)
+                       num_zeroshot=8, num_retrieval=8, num_refexp=8, num_segmentation=8, num_words=8)
 
 
 def _compose(demo, tmp_path: Path):

@@ -24,8 +24,8 @@ from PIL import Image
 
 from siglip2.data import demo
 
-SMALL = dict(num_train=200, num_zeroshot=50, num_retrieval=40, num_refexp=40, num_segmentation=24)
-TINY = dict(num_train=16, num_zeroshot=8, num_retrieval=8, num_refexp=8, num_segmentation=8)
+SMALL = dict(num_train=200, num_zeroshot=50, num_retrieval=40, num_refexp=40, num_segmentation=24, num_words=20)
+TINY = dict(num_train=16, num_zeroshot=8, num_retrieval=8, num_refexp=8, num_segmentation=8, num_words=8)
 
 # fraction of the tight box covered by the glyph's own ink, (min, max) over every letter, font
 # and angle: 0.31 .. 0.73 measured on 3,029 glyphs of 2,000 scenes (seed 5), with some margin
@@ -78,7 +78,7 @@ def train(built):
 @pytest.fixture(scope="module")
 def evalsets(built):
     return {name: read_samples(yaml_urls(getattr(built, f"{name}_yaml"))[1])
-            for name in ("zeroshot", "retrieval", "refexp", "segmentation")}
+            for name in ("zeroshot", "retrieval", "refexp", "segmentation", "words", "words_square")}
 
 
 def all_samples(train, evalsets):
@@ -91,13 +91,18 @@ def test_layout_counts_and_json_schema(built, train, evalsets):
     assert len(train) == SMALL["num_train"]
     assert len({s["key"] for s in train}) == len(train)
     for name, samples in evalsets.items():
-        assert len(samples) == SMALL[f"num_{name}"], name
+        assert len(samples) == SMALL[f"num_{name.removesuffix('_square')}"], name
     for s in all_samples(train, evalsets):
         m = s["meta"]
         assert list(m)[:5] == ["lang", "width", "height", "regions", "objects"]
         assert s["image"].size == (m["width"], m["height"]) and s["mask"].shape == (m["height"], m["width"])
         assert s["mask"].dtype == np.uint8
-        assert 1 <= len(m["objects"]) == len(m["regions"]) <= max(demo._SPLITS["train"]["n_objects"])
+        if "word" in m:  # a word image: its letters are the objects, one region each
+            assert len(m["objects"]) == len(m["regions"]) == len(m["word"]["text"]) == 4
+            assert "".join(o["category"] for o in m["objects"]) == m["word"]["text"] in demo.WORDS
+            assert all(o["color"] == m["word"]["color"] and o["size"] == "" for o in m["objects"])
+        else:
+            assert 1 <= len(m["objects"]) == len(m["regions"]) <= max(demo._SPLITS["train"]["n_objects"])
         for r, o in zip(m["regions"], m["objects"]):
             assert set(o) == {"category", "shape", "color", "size", "font", "class_id"}
             assert o["class_id"] == demo.CATEGORIES.index(o["category"]) and o["shape"] == "letter"
@@ -107,8 +112,12 @@ def test_layout_counts_and_json_schema(built, train, evalsets):
 
 
 def test_eval_yamls_parse_and_resolve(built):
-    for name in ("zeroshot", "retrieval", "refexp", "segmentation"):
+    for name in ("zeroshot", "retrieval", "refexp", "segmentation", "words", "words_square"):
         spec, urls = yaml_urls(getattr(built, f"{name}_yaml"))
+        if name.startswith("words"):
+            assert spec["task"] == "zeroshot" and spec["classnames"] == list(demo.WORDS)
+            assert all("{c}" in t and "word" in t for t in spec["templates"])
+            name = "zeroshot"
         assert spec["task"] == name.split("_")[0] and spec["name"] and not os.path.isabs(spec["urls"])
         files = list(braceexpand.braceexpand(urls))
         assert len(files) >= 4 and all(os.path.isfile(f) for f in files), files
@@ -212,16 +221,26 @@ def test_captions_name_every_object(train, evalsets):
     letter, the noun "letter", its colour and size. English train captions leave size and
     colour out at the split's rate; the letter is always named."""
     omitted = {"color": 0, "size": 0, "category": 0, "shape": 0}
-    n_en_train = 0
+    trials = {"color": 0, "size": 0}  # English train captions that could leave the word out
     train_keys = {id(s) for s in train}
     for s in all_samples(train, evalsets):
         m = s["meta"]
         lang = m["lang"]
         assert lang in demo.LANGS
         may_omit = id(s) in train_keys and lang == "en"
-        n_en_train += may_omit
         captions = m.get("captions", [s["txt"]])
-        for cap in captions:
+        if "word" in m:  # a word image's caption names the word, the noun "word" and its colour
+            wd = m["word"]
+            for cap in captions:
+                low = cap.lower()
+                assert wd["text"].lower() in low and any(f in low for f in demo.word_forms(lang, "word")), (lang, cap)
+                named = any(f.lower() in low for f in demo.word_forms(lang, wd["color"]))
+                assert named or may_omit, (lang, cap)
+                omitted["color"] += not named
+                trials["color"] += may_omit  # a word has no size to leave out
+        for cap in captions if "word" not in m else ():
+            trials["color"] += may_omit
+            trials["size"] += may_omit
             low = cap.lower()
             missing = set()
             for o in m["objects"]:
@@ -235,13 +254,14 @@ def test_captions_name_every_object(train, evalsets):
                 omitted[attr] += 1
         for r, o in zip(m["regions"], m["objects"]):
             for attr in ("category", "shape", "color", "size"):
-                assert any(_names(r["caption"].lower(), f.lower()) for f in demo.word_forms(lang, o[attr]))
+                if o[attr]:  # a word's letters have no size
+                    assert any(_names(r["caption"].lower(), f.lower()) for f in demo.word_forms(lang, o[attr]))
     p = demo._SPLITS["train"]["omit_prob"]
     for attr in ("color", "size"):  # binomial(n, p): well inside 5 standard deviations
-        k = omitted[attr]
-        sd = (n_en_train * p * (1 - p)) ** 0.5
-        assert abs(k - n_en_train * p) < 5 * sd + 2, (attr, k, n_en_train, p)
-    full = [s for s in train if s["meta"]["lang"] == "en"
+        k, n = omitted[attr], trials[attr]
+        sd = (n * p * (1 - p)) ** 0.5
+        assert abs(k - n * p) < 5 * sd + 2, (attr, k, n, p)
+    full = [s for s in train if s["meta"]["lang"] == "en" and "word" not in s["meta"]
             and all(f"{o['size']} {o['color']} letter {o['category']}" in s["txt"] for o in s["meta"]["objects"])]
     assert full, "many English train captions keep every word"
 
@@ -280,7 +300,9 @@ def test_language_mix_and_tokenizer_covers_every_script(built, train, evalsets):
     for lang in demo.LANGS:
         for _ in range(20):
             s = demo.generate_sample(rng, int(rng.integers(1, 3)), lang=lang)
-            for text in s["captions"] + [r["caption"] for r in s["meta"]["regions"]]:
+            w = demo.generate_word_sample(rng, ("row", "column", "grid")[int(rng.integers(3))], lang=lang)
+            for text in (s["captions"] + [r["caption"] for r in s["meta"]["regions"]] + w["captions"]
+                         + [w["meta"]["word"]["caption"]]):
                 ids = tok.encode(text, add_eos=False)
                 pieces = [tok.sp.id_to_piece(i) for i in ids]
                 assert not any(p.startswith("<0x") for p in pieces), (lang, text, pieces)  # no byte fallback
@@ -289,16 +311,30 @@ def test_language_mix_and_tokenizer_covers_every_script(built, train, evalsets):
 
 
 def test_aspect_ratios_and_sizes_span_the_range(train):
-    ar = [s["meta"]["width"] / s["meta"]["height"] for s in train]
+    scenes = [s for s in train if "word" not in s["meta"]]
+    words = [s for s in train if "word" in s["meta"]]
+    share = demo._SPLITS["train"]["word_share"]  # binomial(200, share): within 5 sd
+    assert abs(len(words) - len(train) * share) < 5 * (len(train) * share * (1 - share)) ** 0.5, len(words)
+    ar = [s["meta"]["width"] / s["meta"]["height"] for s in scenes]
     assert min(ar) >= 0.5 - 0.01 and max(ar) <= 2.0 + 0.01
     assert min(ar) < 0.6 and max(ar) > 1.7, (min(ar), max(ar))
-    short = [min(s["meta"]["width"], s["meta"]["height"]) for s in train]
+    short = [min(s["meta"]["width"], s["meta"]["height"]) for s in scenes]
     assert 64 <= min(short) < 80 and 145 < max(short) <= 160
-    assert set(o["size"] for s in train for o in s["meta"]["objects"]) == set(demo.SIZES)
+    for s in words:  # rows 2:1-4:1, columns 1:2-1:4 (read along the long side), grids square
+        m = s["meta"]
+        ar, layout = m["width"] / m["height"], m["word"]["layout"]
+        lo, hi = {"row": (2.0, 4.0), "column": (0.25, 0.5), "grid": (1.0, 1.0)}[layout]
+        assert lo - 0.02 <= ar <= hi + 0.02, (layout, ar)
+        boxes = [r["box"] for r in m["regions"]]
+        along = 0 if layout == "row" else 1  # letters in reading order along the long side
+        if layout != "grid":
+            assert all(a[along + 2] <= b[along] for a, b in zip(boxes, boxes[1:])), boxes
+    assert {s["meta"]["word"]["layout"] for s in words} == {"row", "column", "grid"}
+    assert set(o["size"] for s in scenes for o in s["meta"]["objects"]) == set(demo.SIZES)
     # black ink on the black ground is never drawn
     assert set(o["color"] for s in train for o in s["meta"]["objects"]) == set(demo.COLORS) - {"black"}
     assert set(o["category"] for s in train for o in s["meta"]["objects"]) == set(demo.CATEGORIES)
-    assert set(len(s["meta"]["objects"]) for s in train) == set(demo._SPLITS["train"]["n_objects"])
+    assert set(len(s["meta"]["objects"]) for s in scenes) == set(demo._SPLITS["train"]["n_objects"])
 
 
 def test_eval_sets_carry_their_task_fields(evalsets):
@@ -306,6 +342,17 @@ def test_eval_sets_carry_their_task_fields(evalsets):
     assert all(len(s["meta"]["objects"]) == 1 for s in zs)
     assert all(s["meta"]["label"] == s["meta"]["objects"][0]["class_id"] for s in zs)
     assert set(Counter(s["meta"]["label"] for s in zs).values()) == {len(zs) // len(demo.CATEGORIES)}  # balanced
+    words, square = evalsets["words"], evalsets["words_square"]
+    for a, b in zip(words, square):  # the same draws, laid out along the long side vs 2 x 2
+        wa, wb = a["meta"]["word"], b["meta"]["word"]
+        assert a["meta"]["label"] == b["meta"]["label"] == demo.WORDS.index(wa["text"])
+        assert (wa["text"], wa["color"], a["txt"]) == (wb["text"], wb["color"], b["txt"])
+        assert [o["font"] for o in a["meta"]["objects"]] == [o["font"] for o in b["meta"]["objects"]]
+        assert wa["layout"] in ("row", "column") and wb["layout"] == "grid"
+        assert max(a["meta"]["width"], a["meta"]["height"]) >= 2 * min(a["meta"]["width"], a["meta"]["height"]) - 1
+        assert b["meta"]["width"] == b["meta"]["height"]
+    assert len(words) == len(square) and {s["meta"]["word"]["layout"] for s in words} == {"row", "column"}
+    assert [s["meta"]["label"] for s in words] == [i % len(demo.WORDS) for i in range(len(words))]  # balanced
     for s in evalsets["retrieval"]:
         caps = s["meta"]["captions"]
         assert len(caps) == 3 and len(set(caps)) == 3 and s["txt"] == caps[0]
@@ -457,7 +504,8 @@ def test_command_line_builds_and_lists_every_path(tmp_path, monkeypatch, capfd):
     monkeypatch.setattr(cli, "_ensure", lambda root, **kw: demo.ensure_demo(root, **{**kw, **TINY, "workers": 1}))
     assert cli.main(["--out", str(tmp_path / "d"), "--num-train", "16", "--grid", str(tmp_path / "g.png")]) == 0
     out = capfd.readouterr().out  # capfd: SentencePiece writes to the stderr file descriptor
-    for key in ("train_urls", "zeroshot_yaml", "retrieval_yaml", "refexp_yaml", "segmentation_yaml", "tokenizer_path"):
+    for key in ("train_urls", "zeroshot_yaml", "retrieval_yaml", "refexp_yaml", "segmentation_yaml", "words_yaml",
+                "words_square_yaml", "tokenizer_path"):
         assert f"  {key}: " in out, out
     assert (tmp_path / "g.png").is_file()
 

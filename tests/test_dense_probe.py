@@ -131,7 +131,7 @@ def demo(tmp_path_factory):
 
     # tiny other splits; the segmentation split keeps the demo's default size (500)
     return ensure_demo(tmp_path_factory.mktemp("cache") / "demo", num_train=16, seed=0,
-                       num_zeroshot=8, num_retrieval=8, num_refexp=8)
+                       num_zeroshot=8, num_retrieval=8, num_refexp=8, num_words=8)
 
 
 def test_random_tiny_model_through_evaluate_all(demo):

@@ -21,15 +21,26 @@ leave out the size and the colour half the time each (never the letter), as alt-
 so prompts naming the letter alone ("a photo of a letter K.") are in distribution.
 Pastel "red" reads as pink and "orange" as peach; the colour words stay the palette's names.
 
+Words on elongated images (format 5, issue 28): 20% of train images are a *word* of 4
+letters (``WORDS``: five anagram pairs such as MOST / TOMS, so the order must be read) in one
+colour, one letter per cell, laid out as a row (aspect 2:1 to 4:1, read left to right), a
+column (1:2 to 1:4, top to bottom) or a 2 x 2 square grid. A square resize squashes a row's
+letters to a quarter of their width; NaFlex keeps them. Captions name the word and its
+colour ("a photo of a pink word MOST"), region captions each letter ("pink letter M").
+Two eval sets ask the word zero-shot ("a photo of a word {c}."): ``words`` (rows and
+columns) and ``words_square`` (the same draws, sample by sample, laid out 2 x 2), so that
+what the square resize costs a fixed-resolution model is the difference between the two.
+
 Layout (img2dataset keys: ``jpg`` image, ``txt`` caption, ``json`` metadata, ``seg.png``
 class mask; ``0`` background, ``class_id + 1`` on each glyph's ink, class = letter)::
 
     root/train/{000000..0000NN}.tar
-    root/eval/{zeroshot,retrieval,refexp,segmentation}/{000000..000003}.tar + <name>.yaml
+    root/eval/{zeroshot,retrieval,refexp,segmentation,words,words_square}/{000000..000003}.tar + <name>.yaml
     root/tokenizer/demo_sp.model
     root/DONE.json        written last; holds the generation parameters and file sizes
 
-``regions[i]`` and ``objects[i]`` describe the same drawn glyph; boxes are normalised pixel
+``regions[i]`` and ``objects[i]`` describe the same drawn glyph (a word image's letters;
+``meta["word"]`` holds the word, its layout, colour, region caption and box); boxes are normalised pixel
 edges ``[x1/W, y1/H, (x2+1)/W, (y2+1)/H]`` of the glyph's tight ink bounding box.
 
 Entry points: :func:`ensure_demo` (build once, atomically, under a file lock; reuse after)
@@ -49,15 +60,16 @@ from .build import FORMAT_VERSION, DemoData, ensure_demo
 from .cli import main  # noqa: F401  (was siglip2.data.demo.main)
 from .glyphs import LETTER_SIZES as SIZES
 from .glyphs import LETTERS as CATEGORIES
-from .languages import LANGS, ZEROSHOT_TEMPLATES, describe, word_forms
-from .sample import generate_sample
+from .glyphs import WORDS
+from .languages import LANGS, WORD_TEMPLATES, ZEROSHOT_TEMPLATES, describe, word_forms
+from .sample import generate_sample, generate_word_sample
 from .splits import _SPLITS  # noqa: F401  (tests read the train split's omit_prob)
 from .view import render_grid
 from .world import COLORS
 
 
 __all__ = [
-    "CATEGORIES", "COLORS", "SIZES", "LANGS", "ZEROSHOT_TEMPLATES",
+    "CATEGORIES", "COLORS", "SIZES", "LANGS", "WORDS", "WORD_TEMPLATES", "ZEROSHOT_TEMPLATES",
     "FORMAT_VERSION",
-    "DemoData", "ensure_demo", "generate_sample", "render_grid", "word_forms", "describe",
+    "DemoData", "ensure_demo", "generate_sample", "generate_word_sample", "render_grid", "word_forms", "describe",
 ]

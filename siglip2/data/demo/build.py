@@ -29,7 +29,7 @@ from .glyphs import LETTERS
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 4  # 4: glyph world (issue 28)
+FORMAT_VERSION = 5  # 4: glyph world (issue 28); 5: + words on elongated images
 
 
 @dataclass
@@ -40,6 +40,8 @@ class DemoData:
     retrieval_yaml: str
     refexp_yaml: str
     segmentation_yaml: str
+    words_yaml: str  # words on elongated images (zero-shot by word)
+    words_square_yaml: str  # the same words laid out square
     tokenizer_path: str
     num_train: int = 0
     classnames: list[str] = field(default_factory=lambda: list(LETTERS))
@@ -146,13 +148,14 @@ def _data(root: str, marker: dict, built: bool) -> DemoData:
     return DemoData(
         root=root, train_urls=os.path.join(root, "train", _brace(marker["train_shards"])),
         zeroshot_yaml=ev("zeroshot"), retrieval_yaml=ev("retrieval"), refexp_yaml=ev("refexp"),
-        segmentation_yaml=ev("segmentation"), tokenizer_path=os.path.join(root, "tokenizer", "demo_sp.model"),
+        segmentation_yaml=ev("segmentation"), words_yaml=ev("words"), words_square_yaml=ev("words_square"),
+        tokenizer_path=os.path.join(root, "tokenizer", "demo_sp.model"),
         num_train=marker["counts"]["train"], built=built)
 
 
 def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *,
                 num_zeroshot: int = 800, num_retrieval: int = 500, num_refexp: int = 500,
-                num_segmentation: int = 500) -> DemoData:
+                num_segmentation: int = 500, num_words: int = 500) -> DemoData:
     """The demo data under ``root``, generated on first use and reused after.
 
     Crash- and race-safe because DDP ranks call this at once and a killed run must not leave a
@@ -164,7 +167,8 @@ def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *
     root = os.path.abspath(os.fspath(root))
     params = {"num_train": int(num_train), "seed": int(seed),
               "eval_sizes": {"zeroshot": int(num_zeroshot), "retrieval": int(num_retrieval), "refexp": int(num_refexp),
-                             "segmentation": int(num_segmentation)}}
+                             "segmentation": int(num_segmentation), "words": int(num_words),
+                             "words_square": int(num_words)}}
     if min(params["eval_sizes"].values()) < 1 or num_train < 1:
         raise ValueError(f"every split needs at least one sample, got {params}")
     parent, base = os.path.split(root)

@@ -11,9 +11,9 @@ import math
 
 import numpy as np
 
-from .glyphs import LETTER_SIZES, LETTERS
-from .languages import LANGS, ZEROSHOT_TEMPLATES
-from .sample import SHAPE
+from .glyphs import LETTER_SIZES, LETTERS, WORDS
+from .languages import LANGS, WORD_TEMPLATES, ZEROSHOT_TEMPLATES
+from .sample import SHAPE, WORD
 from .world import COLORS
 
 
@@ -37,6 +37,9 @@ def _lexicon(lang: str, rng: np.random.Generator) -> list[str]:
             clause = L.join.format(x=clause, y=clause)
         out.append(L.prefixes[i % len(L.prefixes)].format(clause).lower())
         out.append(L.region(o).lower())
+    for i, (w, c) in enumerate((w, c) for w in WORDS for c in COLORS):  # words and their letters (no size)
+        out.append(L.prefixes[i % len(L.prefixes)].format(L.np((WORD, c, "", w))).lower())
+        out.append(L.region((SHAPE, c, "", w[i % len(w)])).lower())
     return out
 
 
@@ -49,10 +52,11 @@ def _tokenizer_corpus(texts: list[str], rng: np.random.Generator) -> list[str]:
     out = [t.lower() for t in texts]
     out += [" ".join(str(v) for v in rng.integers(0, 1000, size=4)) for _ in range(2000)]
     out += [t.format(c=c) for t in ZEROSHOT_TEMPLATES for c in LETTERS]
+    out += [t.format(c=c).lower() for t in WORD_TEMPLATES for c in WORDS]
     for lang in LANGS:
         out += _lexicon(lang, rng)
     alphabet = {c for lang in LANGS for t in _lexicon(lang, rng) for c in t} | set("0123456789")
-    alphabet |= {c for t in ZEROSHOT_TEMPLATES for c in t.replace("{c}", "")}
+    alphabet |= {c for t in (*ZEROSHOT_TEMPLATES, *WORD_TEMPLATES) for c in t.replace("{c}", "")}
     counts: dict[str, int] = {}
     for t in out:
         for c in t:

@@ -195,3 +195,79 @@ def glyph_scene_size(rng: np.random.Generator, max_aspect: float = 2.0, short=(6
     s = int(rng.integers(short[0], short[1] + 1))
     ar = math.exp(rng.uniform(-math.log(max_aspect), math.log(max_aspect)))
     return (int(round(s * ar)), s) if ar >= 1 else (s, int(round(s / ar)))
+
+
+# Elongated images (issue 28): a "word" of 4 letters read along the long side. Five anagram
+# pairs, so that telling a word from its pair needs the letters' order, not only which letters
+# are there. Every word is drawn from LETTERS.
+WORDS: tuple[str, ...] = ("MOST", "TOMS", "HOSE", "SHOE", "MESH", "HEMS", "VOTE", "VETO", "STEM", "METS")
+WORD_LAYOUTS: tuple[str, ...] = ("row", "column", "grid")
+# Glyph height as a fraction of its cell's side across the word (a row's height, a column's
+# width, a grid cell's side).
+WORD_GLYPH_FRAC = (0.55, 0.72)
+_WORD_MAX_ROT_DEG = 5.0
+
+
+def draw_word(rng: np.random.Generator, word: str, layout: str, short: int, aspect: float, color: str, font: str,
+              ink: str = "pastel") -> tuple[Image.Image, np.ndarray, list[Glyph]]:
+    """A `word`'s letters in one colour on black, one letter per cell, read in cell order.
+
+    `layout`: ``"row"`` (a `short` px tall, `aspect` x `short` wide strip, read left to
+    right), ``"column"`` (the same strip stood up, read top to bottom) or ``"grid"`` (a square
+    of side 2 x `short`, 2 x 2 cells read row by row: the same letters at the same share of
+    their cell, undistorted by a square model's resize). `aspect` (row and column) >= 2: each
+    of the 4 cells is `aspect / 4` x `short` long; a letter wider than 90% of its cell is drawn
+    smaller. `color`: a palette name (``world.COLORS``); `font`: a path from ``_font_paths()``;
+    `ink`: ``"pastel"`` (palette colour mixed 60:40 with white) or ``"palette"``.
+
+    Returns the RGB image, a uint8 mask (0 background, ``LETTERS.index(c) + 1`` on each letter's
+    ink) and one `Glyph` per letter with its tight box (size ``"word"``). Raises ``ValueError``
+    for a letter outside ``LETTERS``, an unknown layout or an aspect under 2.
+    """
+    if layout not in WORD_LAYOUTS:
+        raise ValueError(f"layout must be one of {WORD_LAYOUTS}, got {layout!r}")
+    bad = [c for c in word if c not in LETTERS]
+    if bad:
+        raise ValueError(f"word {word!r} has letters outside {''.join(LETTERS)}: {bad}")
+    if layout != "grid" and aspect < 2.0:
+        raise ValueError(f"a {layout} word needs aspect >= 2, got {aspect}")
+    k = len(word)
+    if layout == "grid":
+        side = 2 * short
+        w = h = side
+        cols = 2
+        cells = [((i % cols) * short, (i // cols) * short, short, short) for i in range(k)]
+    else:
+        long = int(round(aspect * short))
+        step = long / k
+        if layout == "row":
+            w, h = long, short
+            cells = [(int(round(i * step)), 0, int(round((i + 1) * step)) - int(round(i * step)), short)
+                     for i in range(k)]
+        else:
+            w, h = short, long
+            cells = [(0, int(round(i * step)), short, int(round((i + 1) * step)) - int(round(i * step)))
+                     for i in range(k)]
+    img = np.zeros((h, w, 3), np.float32)
+    mask = np.zeros((h, w), np.uint8)
+    fill = np.clip(np.array(COLORS[color]) + rng.integers(-12, 13, 3), 0, 255).astype(np.float32)
+    if ink == "pastel":
+        fill = 255.0 - 0.4 * (255.0 - fill)
+    placed: list[Glyph] = []
+    for ch, (cx, cy, cw, ch_) in zip(word, cells):
+        across = ch_ if layout != "column" else cw  # the cell's side across the word
+        height = max(8, int(rng.uniform(*WORD_GLYPH_FRAC) * across))
+        angle = rng.uniform(-_WORD_MAX_ROT_DEG, _WORD_MAX_ROT_DEG)
+        m = glyph_mask(ch, font, height, angle)
+        while (m.shape[1] > 0.9 * cw or m.shape[0] > 0.9 * ch_) and height > 8:
+            height = int(height * 0.85)
+            m = glyph_mask(ch, font, height, angle)
+        gh, gw = m.shape
+        x0 = cx + (cw - gw) // 2 + int(rng.integers(-(cw - gw) // 6, (cw - gw) // 6 + 1))
+        y0 = cy + (ch_ - gh) // 2 + int(rng.integers(-(ch_ - gh) // 6, (ch_ - gh) // 6 + 1))
+        img[y0:y0 + gh, x0:x0 + gw][m] = fill
+        mask[y0:y0 + gh, x0:x0 + gw][m] = LETTERS.index(ch) + 1
+        ys, xs = np.nonzero(m)
+        placed.append(Glyph(ch, color, "word", Path(font).stem,
+                            (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)))
+    return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8)), mask, placed

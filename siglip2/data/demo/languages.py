@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .glyphs import LETTERS
+from .glyphs import LETTERS, WORDS
 
 # Zero-shot prompts name the letter alone, in the caption frames English train captions use
 # ("a photo of a letter K" is a train caption with size and colour left out).
@@ -22,11 +22,18 @@ ZEROSHOT_TEMPLATES: tuple[str, ...] = (
     "a photo of a letter {c}.", "a drawing of a letter {c}.", "a picture of a letter {c}.",
     "an image of a letter {c}.", "a letter {c}.",
 )
-# The letters are their own names in every language (Latin capitals, as in real alt-text).
-_LETTER_NAMES = {c: c for c in LETTERS}
+# Zero-shot prompts for the words of the elongated images (glyphs.WORDS), in the same frames.
+WORD_TEMPLATES: tuple[str, ...] = (
+    "a photo of a word {c}.", "a drawing of a word {c}.", "a picture of a word {c}.",
+    "an image of a word {c}.", "a word {c}.",
+)
+# The letters and words are their own names in every language (Latin capitals, as in real alt-text).
+_LETTER_NAMES = {c: c for c in (*LETTERS, *WORDS)}
 
 # An object is described by its (shape, color, size, category) names: the shape is the noun
 # "letter" (the one kind of object), the category the letter itself. Each language gives
+# The shape is "word" for a word of an elongated image, the category the word; a word has no
+# size ("" in the tuple: that adjective is left out in every language).
 #   np(o, case)  an indefinite noun phrase ("a large red letter K") in a grammatical case,
 #   region(o)    the bare phrase used as a region caption ("large red letter K"),
 #   rel[r]       templates "{a} ... {b}" for r in left/right/above/below, with rel_case[r]
@@ -79,7 +86,7 @@ class _En(_Lang):
 
 class _De(_Lang):
     code = "de"
-    shapes = {"letter": ("Buchstabe", "m")}
+    shapes = {"letter": ("Buchstabe", "m"), "word": ("Wort", "n")}
     dative = {"Buchstabe": "Buchstaben"}  # a weak noun
     adj = {"small": "klein", "medium": "mittelgroß", "large": "groß", "red": "rot", "green": "grün",
            "blue": "blau", "yellow": "gelb", "purple": "violett", "orange": "orangefarben",
@@ -99,7 +106,7 @@ class _De(_Lang):
             art, end = ("eine" if g == "f" else "ein"), {"m": "er", "n": "es", "f": "e"}[g]
         if case == "dat":
             noun = self.dative.get(noun, noun)
-        words = f"{self.adj[o[2]]}{end} {self.adj[o[1]]}{end} {noun} {self.cats[o[3]]}"
+        words = " ".join([*(f"{self.adj[a]}{end}" for a in (o[2], o[1]) if a), noun, self.cats[o[3]]])
         return f"{art} {words}" if article else words
 
     def np(self, o, case="nom"):
@@ -116,7 +123,7 @@ class _De(_Lang):
 
 class _Es(_Lang):
     code = "es"
-    shapes = {"letter": ("letra", "f")}
+    shapes = {"letter": ("letra", "f"), "word": ("palabra", "f")}
     adj = {"small": ("pequeño", "pequeña"), "medium": ("mediano", "mediana"), "large": ("grande", "grande"),
            "red": ("rojo", "roja"), "green": ("verde", "verde"), "blue": ("azul", "azul"),
            "yellow": ("amarillo", "amarilla"), "purple": ("morado", "morada"),
@@ -131,7 +138,7 @@ class _Es(_Lang):
     def region(self, o):
         noun, g = self.shapes[o[0]]
         i = int(g == "f")
-        return f"{noun} {self.cats[o[3]]} {self.adj[o[1]][i]} {self.adj[o[2]][i]}"
+        return " ".join([noun, self.cats[o[3]], *(self.adj[a][i] for a in (o[1], o[2]) if a)])
 
     def np(self, o, case="nom"):
         return ("una " if self.shapes[o[0]][1] == "f" else "un ") + self.region(o)
@@ -144,7 +151,7 @@ class _Es(_Lang):
 
 class _Fr(_Lang):
     code = "fr"
-    shapes = {"letter": ("lettre", "f")}
+    shapes = {"letter": ("lettre", "f"), "word": ("mot", "m")}
     colors = {"red": ("rouge", "rouge"), "green": ("vert", "verte"), "blue": ("bleu", "bleue"),
               "yellow": ("jaune", "jaune"), "purple": ("violet", "violette"), "orange": ("orange", "orange"),
               "white": ("blanc", "blanche"), "black": ("noir", "noire")}
@@ -161,11 +168,11 @@ class _Fr(_Lang):
     def region(self, o):
         noun, g = self.shapes[o[0]]
         i = int(g == "f")
-        m, f, before = self.sizes[o[2]]
+        m, f, before = self.sizes[o[2]] if o[2] else ("", "", False)
         size = (m, f)[i]
         color = self.colors[o[1]][i]
         letter = self.cats[o[3]]
-        return f"{size} {noun} {letter} {color}" if before else f"{noun} {letter} {color} {size}"
+        return f"{size} {noun} {letter} {color}" if before else " ".join(w for w in (noun, letter, color, size) if w)
 
     def np(self, o, case="nom"):
         return ("une " if self.shapes[o[0]][1] == "f" else "un ") + self.region(o)
@@ -181,7 +188,7 @@ class _Fr(_Lang):
 class _Ru(_Lang):
     code = "ru"
     # nominative, genitive, instrumental, gender
-    shapes = {"letter": ("буква", "буквы", "буквой", "f")}
+    shapes = {"letter": ("буква", "буквы", "буквой", "f"), "word": ("слово", "слова", "словом", "n")}
     # nom m, nom f, nom n, gen m/n, gen f, ins m/n, ins f
     adj = {
         "small": ("маленький", "маленькая", "маленькое", "маленького", "маленькой", "маленьким", "маленькой"),
@@ -212,7 +219,7 @@ class _Ru(_Lang):
             k, noun = (6 if g == "f" else 5), ins
         else:
             k, noun = {"m": 0, "f": 1, "n": 2}[g], nom
-        return f"{self.adj[o[2]][k]} {self.adj[o[1]][k]} {noun} {self.cats[o[3]]}"
+        return " ".join([*(self.adj[a][k] for a in (o[2], o[1]) if a), noun, self.cats[o[3]]])
 
     def region(self, o):
         return self.np(o, "nom")
@@ -225,7 +232,7 @@ class _Ru(_Lang):
 
 class _Zh(_Lang):
     code = "zh"
-    shapes = {"letter": "字母"}
+    shapes = {"letter": "字母", "word": "单词"}
     colors = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色",
               "orange": "橙色", "white": "白色", "black": "黑色"}
     sizes = {"small": "小", "medium": "中等大小", "large": "大"}
@@ -238,7 +245,8 @@ class _Zh(_Lang):
     prefixes = ("{}", "图中，{}", "照片里，{}", "一张图片：{}")
 
     def region(self, o):
-        return f"{self.sizes[o[2]]}的{self.colors[o[1]]}{self.shapes[o[0]]}{self.cats[o[3]]}"
+        size = f"{self.sizes[o[2]]}的" if o[2] else ""
+        return f"{size}{self.colors[o[1]]}{self.shapes[o[0]]}{self.cats[o[3]]}"
 
     def np(self, o, case="nom"):
         return "一个" + self.region(o)
@@ -249,7 +257,7 @@ class _Zh(_Lang):
 
 class _Ja(_Lang):
     code = "ja"
-    shapes = {"letter": "文字"}
+    shapes = {"letter": "文字", "word": "単語"}
     colors = {"red": "赤い", "green": "緑の", "blue": "青い", "yellow": "黄色い", "purple": "紫の",
               "orange": "オレンジ色の", "white": "白い", "black": "黒い"}
     sizes = {"small": "小さい", "medium": "中くらいの", "large": "大きい"}
@@ -262,7 +270,7 @@ class _Ja(_Lang):
     prefixes = ("{}", "{}の写真", "{}の絵", "{}の画像")
 
     def region(self, o):
-        return f"{self.sizes[o[2]]}{self.colors[o[1]]}{self.shapes[o[0]]}{self.cats[o[3]]}"
+        return f"{self.sizes.get(o[2], '')}{self.colors[o[1]]}{self.shapes[o[0]]}{self.cats[o[3]]}"
 
     def np(self, o, case="nom"):
         return self.region(o)
@@ -273,7 +281,7 @@ class _Ja(_Lang):
 
 class _Ar(_Lang):
     code = "ar"
-    shapes = {"letter": ("حرف", "m")}
+    shapes = {"letter": ("حرف", "m"), "word": ("كلمة", "f")}
     adj = {"small": ("صغير", "صغيرة"), "medium": ("متوسط", "متوسطة"), "large": ("كبير", "كبيرة"),
            "red": ("أحمر", "حمراء"), "green": ("أخضر", "خضراء"), "blue": ("أزرق", "زرقاء"),
            "yellow": ("أصفر", "صفراء"), "purple": ("بنفسجي", "بنفسجية"), "orange": ("برتقالي", "برتقالية"),
@@ -288,7 +296,7 @@ class _Ar(_Lang):
     def region(self, o):
         noun, g = self.shapes[o[0]]
         i = int(g == "f")
-        return f"{noun} {self.cats[o[3]]} {self.adj[o[1]][i]} {self.adj[o[2]][i]}"
+        return " ".join([noun, self.cats[o[3]], *(self.adj[a][i] for a in (o[1], o[2]) if a)])
 
     def np(self, o, case="nom"):
         return self.region(o)
@@ -302,12 +310,12 @@ class _Ar(_Lang):
 class _Hi(_Lang):
     code = "hi"
     # direct, oblique (all masculine here)
-    shapes = {"letter": ("अक्षर", "अक्षर")}
+    shapes = {"letter": ("अक्षर", "अक्षर"), "word": ("शब्द", "शब्द")}
     adj = {"small": ("छोटा", "छोटे"), "medium": ("मध्यम", "मध्यम"), "large": ("बड़ा", "बड़े"),
            "red": ("लाल", "लाल"), "green": ("हरा", "हरे"), "blue": ("नीला", "नीले"), "yellow": ("पीला", "पीले"),
            "purple": ("बैंगनी", "बैंगनी"), "orange": ("नारंगी", "नारंगी"), "white": ("सफ़ेद", "सफ़ेद"),
            "black": ("काला", "काले")}
-    cats = {c: (c, c) for c in LETTERS}  # (direct, oblique): a letter does not inflect
+    cats = {c: (c, c) for c in _LETTER_NAMES}  # (direct, oblique): a letter or word does not inflect
     rel = {"left": ("{a} {b} के बाईं ओर है",), "right": ("{a} {b} के दाईं ओर है",),
            "above": ("{a} {b} के ऊपर है",), "below": ("{a} {b} के नीचे है",)}
     rel_case = dict.fromkeys(rel, "obl")
@@ -317,7 +325,7 @@ class _Hi(_Lang):
 
     def np(self, o, case="nom"):
         i = int(case == "obl")
-        return f"एक {self.adj[o[2]][i]} {self.adj[o[1]][i]} {self.shapes[o[0]][i]} {self.cats[o[3]][i]}"
+        return " ".join(["एक", *(self.adj[a][i] for a in (o[2], o[1]) if a), self.shapes[o[0]][i], self.cats[o[3]][i]])
 
     def region(self, o):
         return self.np(o)[len("एक "):]

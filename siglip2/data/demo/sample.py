@@ -3,12 +3,18 @@ region captions, boxes and per-pixel glyph-class mask, as :func:`generate_sample
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from .glyphs import DEMO_STYLE, LETTERS, draw_glyph_scene, glyph_scene_size
+from .glyphs import DEMO_STYLE, LETTERS, WORD_LAYOUTS, WORDS, _font_paths, draw_glyph_scene, draw_word, glyph_scene_size
+from .world import COLORS
 from .languages import _EN_FRACTION, _OTHER_LANGS, LANGS, OMITTABLE, describe
 
-SHAPE = "letter"  # the one kind of object; captions' noun
+SHAPE = "letter"  # the kind of object a glyph is; captions' noun
+WORD = "word"  # the noun of an elongated image's word
+WORD_ASPECT = (2.0, 4.0)  # row and column words: aspect log-uniform in this range
+WORD_SHORT = (40, 96)  # px: a word image's short side (a grid's cell)
 _MAX_ASPECT = 2.0
 _MAX_CANVASES = 200  # 2 glyphs need a few canvases; 3 at these sizes seldom fit, 4 never
 
@@ -60,5 +66,67 @@ def generate_sample(rng: np.random.Generator, n_objects: int, force: dict[str, s
                     for t, b in zip(triples, boxes)],
         "objects": [{"category": g.glyph, "shape": SHAPE, "color": g.color, "size": g.size, "font": g.font,
                      "class_id": LETTERS.index(g.glyph)} for g in glyphs],
+    }
+    return {"image": img, "mask": mask, "captions": captions, "meta": meta}
+
+
+def generate_word_sample(rng: np.random.Generator, layout: str, force: dict[str, str] | None = None,
+                         lang: str | None = None, n_captions: int = 1, omit_prob: float = 0.0) -> dict:
+    """One word image (issue 28's elongated images): a word of ``WORDS`` in one colour, as
+    :func:`generate_sample` returns a scene.
+
+    ``layout``: ``"row"`` (aspect 2:1 to 4:1, read left to right), ``"column"`` (1:2 to 1:4,
+    read top to bottom) or ``"grid"`` (square, 2 x 2 letters read row by row), see
+    ``glyphs.draw_word``; short side (a grid's cell) 40-96 px. The random draws do not depend
+    on the layout: the same generator state gives the same word, colour, font, size and
+    letter jitter in every layout (the eval sets ``words`` and ``words_square`` rely on it).
+    ``force``: ``{"word": "MOST"}``. ``omit_prob``: for English captions, the chance that the
+    colour is left out ("a photo of a word MOST"); the word is always named.
+
+    The caption names the word and its colour; ``meta["objects"]`` and ``meta["regions"]``
+    are the word's letters (one region caption per letter, no size word: "pink letter M"),
+    ``meta["word"]`` the word, its layout and its box. Raises ``ValueError`` for a word outside
+    ``WORDS`` or an unknown layout.
+    """
+    force = dict(force or {})
+    bad = {k: v for k, v in force.items() if k != "word" or v not in WORDS}
+    if bad:
+        raise ValueError(f"force takes {{'word': one of {WORDS}}}, got {bad}")
+    if layout not in WORD_LAYOUTS:
+        raise ValueError(f"layout must be one of {WORD_LAYOUTS}, got {layout!r}")
+    if lang is None:
+        lang = "en" if rng.random() < _EN_FRACTION else _OTHER_LANGS[rng.integers(len(_OTHER_LANGS))]
+    word = force.get("word") or WORDS[int(rng.integers(len(WORDS)))]
+    color = [c for c in COLORS if c != "black"][int(rng.integers(len(COLORS) - 1))]
+    fonts = _font_paths()[:DEMO_STYLE["num_fonts"]]
+    font = fonts[int(rng.integers(len(fonts)))]
+    short = int(rng.integers(WORD_SHORT[0], WORD_SHORT[1] + 1))
+    aspect = math.exp(rng.uniform(*np.log(WORD_ASPECT)))
+    img, mask, glyphs = draw_word(rng, word, layout, short, aspect, color, font, ink=DEMO_STYLE["ink"])
+    w, h = img.size
+    L = LANGS[lang]
+    box = (min(g.box[0] for g in glyphs), min(g.box[1] for g in glyphs),
+           max(g.box[2] for g in glyphs), max(g.box[3] for g in glyphs))
+    captions: list[str] = []
+    for _ in range(200):
+        omit = (False,) * len(OMITTABLE)
+        if omit_prob > 0 and lang == "en":
+            omit = (False, bool(rng.random() < omit_prob), False, False)
+        c = describe([(WORD, color, "", word)], [box], lang, rng, omit)
+        if c not in captions:
+            captions.append(c)
+        if len(captions) == n_captions:
+            break
+
+    def norm(b):
+        return [round(b[0] / w, 6), round(b[1] / h, 6), round(b[2] / w, 6), round(b[3] / h, 6)]
+
+    meta = {
+        "lang": lang, "width": w, "height": h,
+        "regions": [{"caption": L.region((SHAPE, color, "", g.glyph)), "box": norm(g.box)} for g in glyphs],
+        "objects": [{"category": g.glyph, "shape": SHAPE, "color": color, "size": "", "font": g.font,
+                     "class_id": LETTERS.index(g.glyph)} for g in glyphs],
+        "word": {"text": word, "layout": layout, "color": color, "caption": L.region((WORD, color, "", word)),
+                 "box": norm(box)},
     }
     return {"image": img, "mask": mask, "captions": captions, "meta": meta}

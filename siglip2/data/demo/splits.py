@@ -1,6 +1,8 @@
 """The demo's splits and their shards: what each split holds, and writing one shard.
 
-Train plus four eval sets (zeroshot by letter, retrieval, refexp, segmentation by glyph class), each from its own seed stream, cut into ~1000-sample img2dataset-style tar
+Train plus six eval sets (zeroshot by letter, retrieval, refexp, segmentation by glyph class,
+and zero-shot by word on elongated images, ``words``, and on the same words laid out square,
+``words_square``), each from its own seed stream (the two word sets share one), cut into ~1000-sample img2dataset-style tar
 shards (``jpg``, ``txt``, ``json``, ``seg.png``) with fixed tar times and JPEG settings, so the
 same seed gives the same bytes whatever the worker count; and the eval-set YAMLs that point
 the eval harness at them.
@@ -15,9 +17,9 @@ import math
 import numpy as np
 from PIL import Image
 
-from .glyphs import LETTERS
-from .languages import ZEROSHOT_TEMPLATES
-from .sample import generate_sample
+from .glyphs import LETTERS, WORD_LAYOUTS, WORDS
+from .languages import WORD_TEMPLATES, ZEROSHOT_TEMPLATES
+from .sample import generate_sample, generate_word_sample
 
 # sid: the split's seed stream, so eval sets never share random draws with train.
 _SPLITS = {
@@ -27,15 +29,21 @@ _SPLITS = {
     # size and colour out half the time each (there: 0.68 with omission vs 0.38 without), so
     # prompts naming the letter alone are in distribution and the letter, not the colour, must
     # tell captions apart. On this demo the default job reaches 0.31 (README "Results").
-    "train": dict(sid=0, n_objects=(1, 2), p=(0.6, 0.4), omit_prob=0.5),
+    # word_share: that share of train images is a word (issue 28's elongated images), in one
+    # of WORD_LAYOUTS at random (row 2:1-4:1, column 1:2-1:4, or the 2 x 2 square grid).
+    "train": dict(sid=0, n_objects=(1, 2), p=(0.6, 0.4), omit_prob=0.5, word_share=0.2),
     # single glyphs, balanced over the letters
     "zeroshot": dict(sid=1, n_objects=(1,), p=(1.0,), label="category"),
     "retrieval": dict(sid=2, n_objects=(1, 2), p=(0.5, 0.5), n_captions=3),
     "refexp": dict(sid=3, n_objects=(2,), p=(1.0,)),
     "segmentation": dict(sid=4, n_objects=(1, 2), p=(0.5, 0.5)),
+    # the words, balanced: elongated (row or column), and the same draws laid out square
+    # (one seed stream: sample i of both sets is the same word, colour, font and size)
+    "words": dict(sid=5, layouts=("row", "column"), label="word"),
+    "words_square": dict(sid=5, layouts=("grid",), label="word"),
 }
-_EVAL_SPLITS = ("zeroshot", "retrieval", "refexp", "segmentation")
-_LABELS = {"category": LETTERS}
+_EVAL_SPLITS = ("zeroshot", "retrieval", "refexp", "segmentation", "words", "words_square")
+_LABELS = {"category": LETTERS, "word": WORDS}
 _PER_SHARD = 1000
 _MIN_SHARDS = 4  # so 2 ranks x 2 loader workers each get a shard of a small split
 _JPEG_QUALITY = 90
@@ -77,13 +85,20 @@ def _write_shard(task: tuple) -> tuple[str, int, list[str]]:
     texts: list[str] = []
     with TarWriter(path, mtime=_TAR_MTIME) as tw:
         for i in range(start, start + count):
-            n = int(rng.choice(cfg["n_objects"], p=cfg["p"]))
             force = {}
             if "label" in cfg:  # balanced classes
                 names = _LABELS[cfg["label"]]
                 force = {cfg["label"]: names[i % len(names)]}
-            s = generate_sample(rng, n, force=force, n_captions=cfg.get("n_captions", 1),
-                                omit_prob=cfg.get("omit_prob", 0.0))
+            if "layouts" in cfg:  # a word set: the layout draw is made in every layout set alike
+                layout = cfg["layouts"][int(rng.random() * len(cfg["layouts"]))]
+                s = generate_word_sample(rng, layout, force=force)
+            elif rng.random() < cfg.get("word_share", 0.0):
+                s = generate_word_sample(rng, WORD_LAYOUTS[int(rng.integers(len(WORD_LAYOUTS)))],
+                                         omit_prob=cfg.get("omit_prob", 0.0))
+            else:
+                n = int(rng.choice(cfg["n_objects"], p=cfg["p"]))
+                s = generate_sample(rng, n, force=force, n_captions=cfg.get("n_captions", 1),
+                                    omit_prob=cfg.get("omit_prob", 0.0))
             if "label" in cfg:
                 s["meta"]["label"] = _LABELS[cfg["label"]].index(force[cfg["label"]])
             if split == "retrieval":
@@ -113,4 +128,7 @@ def _yaml_specs(counts: dict[str, int]) -> dict[str, dict]:
                          "urls": _brace(n["segmentation"]), "num_samples": counts["segmentation"],
                          "classnames": list(LETTERS), "mask_key": "seg.png", "background_id": 0,
                          "num_classes": len(LETTERS) + 1, "lang_key": "lang"},
+        **{s: {"name": f"demo_{s}", "task": "zeroshot", "urls": _brace(n[s]), "num_samples": counts[s],
+               "classnames": list(WORDS), "templates": list(WORD_TEMPLATES), "label_key": "label",
+               "lang_key": "lang"} for s in ("words", "words_square")},
     }
