@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Issue 28's instruments, each shown sensitive before a stage is compared with it:
-#   benchmarks/instruments.sh OUT [random|noise|refexp|all]
+#   benchmarks/instruments.sh OUT [random|noise|aspect|refexp|all]
 # - random: the default model after 1 step (lr still ~0: a random tower of the same shape),
 #   evaluated on every demo set, dense probe included; compare with a default run's metrics.json
 #   (bar: dense-probe mIoU >= 15 points apart).
 # - noise: the default job with data.caption_noise=0.3 (30% of train captions replaced by
 #   another sample's); compare with the clean default job (bar: >= 5 zero-shot points lost).
+# - aspect: a finished default run's words (elongated, squashed to 64 px) vs words_square
+#   (the same draws laid out 2 x 2) zero-shot top-1: pass the run dir as RUN=...; bar: the
+#   squashed words >= 10 points below (benchmarks/demo_probe.py --world words measures the same
+#   two layouts supervised).
 # - refexp: constant-box baselines on the demo's refexp set (benchmarks/refexp_baseline.py;
 #   bar: the default job's acc@0.5 >= 3x the baseline).
 # Each run writes OUT/<name>/metrics.json and prints its headline numbers. The demo is the
@@ -19,7 +23,8 @@ show() {
   python - "$1" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
-keys = ("zeroshot/demo_zeroshot/top1", "retrieval/demo_retrieval/image_to_text_R@5",
+keys = ("zeroshot/demo_zeroshot/top1", "zeroshot/demo_words/top1", "zeroshot/demo_words_square/top1",
+        "retrieval/demo_retrieval/image_to_text_R@5",
         "refexp/demo_refexp/acc@0.5", "segmentation/demo_segmentation/miou", "zeroshot/demo_zeroshot/caption_names_object")
 print(sys.argv[1], {k.split("/", 1)[1]: round(m[k], 4) for k in keys if k in m})
 PY
@@ -31,4 +36,5 @@ run() {  # name, overrides...
 }
 case $WHAT in random|all) run random trainer.max_steps=1 ;; esac
 case $WHAT in noise|all) run noise30 data.caption_noise=0.3 ;; esac
+case $WHAT in aspect|all) [ -n "${RUN:-}" ] && show "$RUN/metrics.json" || echo "aspect: set RUN=<default run dir>" ;; esac
 case $WHAT in refexp|all) python benchmarks/refexp_baseline.py --root "$CACHE/demo-n20000-s0" ;; esac

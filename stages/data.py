@@ -65,7 +65,8 @@ class ImageTextData(L.LightningDataModule):
         if demo and demo.get("root"):  # `debug=fast` sets demo.num_train even on data=webdataset
             from siglip2.data.demo import ensure_demo
 
-            self.demo = ensure_demo(demo["root"], num_train=int(demo["num_train"]), seed=int(demo["seed"]))
+            self.demo = ensure_demo(demo["root"], num_train=int(demo["num_train"]), seed=int(demo["seed"]),
+                                    **({"word_share": float(demo["word_share"])} if "word_share" in demo else {}))
         if sources:
             self.sources = [dict(s) for s in sources]
         elif train:

@@ -338,7 +338,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if _needs_demo(cfg, ckpt):  # built only when its sets or its tokenizer are used
         from siglip2.data.demo import ensure_demo
 
-        ensure_demo(cfg.data.demo.root, num_train=int(cfg.data.demo.num_train), seed=int(cfg.data.demo.seed))
+        ensure_demo(cfg.data.demo.root, num_train=int(cfg.data.demo.num_train), seed=int(cfg.data.demo.seed),
+                    **({"word_share": float(cfg.data.demo.word_share)} if "word_share" in cfg.data.demo else {}))
     if not cfg.eval.sets:
         raise ValueError("nothing to evaluate: eval.sets is empty; name your sets with "
                          "eval.sets='[/path/to/set.yaml]' (README \"Evaluation data layout\")")

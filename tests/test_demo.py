@@ -233,7 +233,7 @@ def test_captions_name_every_object(train, evalsets):
             wd = m["word"]
             for cap in captions:
                 low = cap.lower()
-                assert wd["text"].lower() in low and any(f in low for f in demo.word_forms(lang, "word")), (lang, cap)
+                assert wd["text"].lower() in low and any(f.lower() in low for f in demo.word_forms(lang, "word")), (lang, cap)
                 named = any(f.lower() in low for f in demo.word_forms(lang, wd["color"]))
                 assert named or may_omit, (lang, cap)
                 omitted["color"] += not named
@@ -313,7 +313,7 @@ def test_language_mix_and_tokenizer_covers_every_script(built, train, evalsets):
 def test_aspect_ratios_and_sizes_span_the_range(train):
     scenes = [s for s in train if "word" not in s["meta"]]
     words = [s for s in train if "word" in s["meta"]]
-    share = demo._SPLITS["train"]["word_share"]  # binomial(200, share): within 5 sd
+    share = 0.2  # ensure_demo's default word_share; binomial(200, share): within 5 sd
     assert abs(len(words) - len(train) * share) < 5 * (len(train) * share * (1 - share)) ** 0.5, len(words)
     ar = [s["meta"]["width"] / s["meta"]["height"] for s in scenes]
     assert min(ar) >= 0.5 - 0.01 and max(ar) <= 2.0 + 0.01
@@ -516,3 +516,53 @@ def test_more_glyphs_than_fit_is_a_clear_error_not_a_hang():
     assert len(demo.generate_sample(rng, 2, lang="en")["meta"]["objects"]) == 2
     with pytest.raises(ValueError, match="did not fit"):
         demo.generate_sample(rng, 6, lang="en")
+
+
+def test_word_layouts_draw_the_same_word_and_read_along_the_long_side():
+    """Issue 28's elongated images: from one generator state, every layout draws the same word,
+    colour, font and letter height; a row reads left to right and a column top to bottom, each
+    letter inside its quarter of the long side; the grid is 2 x 2, read row by row; each letter's
+    ink carries its class in the mask. Words and layouts outside the demo's are a ValueError."""
+    from siglip2.data.demo.glyphs import LETTERS
+
+    for seed in range(8):
+        drawn = {lay: demo.generate_word_sample(np.random.default_rng(seed), lay, lang="en")
+                 for lay in ("row", "column", "grid")}
+        words = {lay: (s["meta"]["word"]["text"], s["meta"]["word"]["color"], s["captions"][0],
+                       tuple(o["font"] for o in s["meta"]["objects"])) for lay, s in drawn.items()}
+        assert len(set(words.values())) == 1, words
+        for lay, s in drawn.items():
+            m, mask = s["meta"], s["mask"]
+            w, h = m["width"], m["height"]
+            boxes = [np.array(r["box"]) * [w, h, w, h] for r in m["regions"]]
+            centres = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes]
+            if lay == "grid":
+                assert w == h
+                cells = [(int(cx >= w / 2), int(cy >= h / 2)) for cx, cy in centres]
+                assert cells == [(0, 0), (1, 0), (0, 1), (1, 1)], cells
+            else:
+                long, along = (w, 0) if lay == "row" else (h, 1)
+                assert 2.0 - 0.02 <= long / min(w, h) <= 4.0 + 0.02
+                quarters = [int(c[along] // (long / 4)) for c in centres]
+                assert quarters == [0, 1, 2, 3], (lay, quarters)
+            for o, b in zip(m["objects"], boxes):
+                x1, y1, x2, y2 = np.round(b).astype(int)
+                assert (mask[y1:y2, x1:x2] == LETTERS.index(o["category"]) + 1).any()
+            assert set(np.unique(mask)) - {0} == {LETTERS.index(c) + 1 for c in m["word"]["text"]}
+    with pytest.raises(ValueError, match="force takes"):
+        demo.generate_word_sample(np.random.default_rng(0), "row", force={"word": "CAT"})
+    with pytest.raises(ValueError, match="layout"):
+        demo.generate_word_sample(np.random.default_rng(0), "diagonal")
+
+
+def test_word_share_chooses_the_train_mix_and_nothing_else(tmp_path):
+    """`data.demo.word_share` (ensure_demo's word_share): 1.0 makes every train image a word,
+    0.0 none; the eval sets are the same bytes either way; outside [0, 1] is a ValueError."""
+    only = demo.ensure_demo(tmp_path / "only", seed=0, workers=1, word_share=1.0, **TINY)
+    none = demo.ensure_demo(tmp_path / "none", seed=0, workers=1, word_share=0.0, **TINY)
+    assert all("word" in s["meta"] for s in read_samples(only.train_urls))
+    assert not any("word" in s["meta"] for s in read_samples(none.train_urls))
+    a, b = tree_digest(only.root), tree_digest(none.root)
+    assert {k: v for k, v in a.items() if k.startswith("eval/")} == {k: v for k, v in b.items() if k.startswith("eval/")}
+    with pytest.raises(ValueError, match="word_share"):
+        demo.ensure_demo(tmp_path / "bad", workers=1, word_share=1.5, **TINY)

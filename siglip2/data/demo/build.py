@@ -61,7 +61,7 @@ def _build(out: str, params: dict, workers: int) -> None:
         d = os.path.join(out, "train") if split == "train" else os.path.join(out, "eval", split)
         os.makedirs(d, exist_ok=True)
         for shard, (start, c) in enumerate(_shard_plan(n)):
-            tasks.append((os.path.join(d, f"{shard:06d}.tar"), split, seed, shard, start, c))
+            tasks.append((os.path.join(d, f"{shard:06d}.tar"), split, seed, shard, start, c, params["word_share"]))
     tasks.sort(key=lambda t: -t[5])  # largest first: the pool finishes together
     if workers and workers > 1 and not mp.current_process().daemon:  # daemons may not have children
         # spawn, not fork: DDP ranks and DataLoaders hold threads that fork would copy mid-lock
@@ -155,7 +155,7 @@ def _data(root: str, marker: dict, built: bool) -> DemoData:
 
 def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *,
                 num_zeroshot: int = 800, num_retrieval: int = 500, num_refexp: int = 500,
-                num_segmentation: int = 500, num_words: int = 500) -> DemoData:
+                num_segmentation: int = 500, num_words: int = 500, word_share: float = 0.2) -> DemoData:
     """The demo data under ``root``, generated on first use and reused after.
 
     Crash- and race-safe because DDP ranks call this at once and a killed run must not leave a
@@ -163,9 +163,13 @@ def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *
     only after ``DONE.json`` is written, and all of it happens under an exclusive ``fcntl`` lock
     on ``<root>.lock`` (local file systems; on NFS let rank 0 build first). A root whose marker
     is missing, names other parameters, or lists a file that is gone is rebuilt, never read.
+    ``word_share``: the share of train images that are a word (``generate_word_sample``); the
+    eval sets do not depend on it. Raises ``ValueError`` outside [0, 1].
     """
     root = os.path.abspath(os.fspath(root))
-    params = {"num_train": int(num_train), "seed": int(seed),
+    if not 0.0 <= float(word_share) <= 1.0:
+        raise ValueError(f"word_share is a share of the train images, in [0, 1]; got {word_share}")
+    params = {"num_train": int(num_train), "seed": int(seed), "word_share": float(word_share),
               "eval_sizes": {"zeroshot": int(num_zeroshot), "retrieval": int(num_retrieval), "refexp": int(num_refexp),
                              "segmentation": int(num_segmentation), "words": int(num_words),
                              "words_square": int(num_words)}}

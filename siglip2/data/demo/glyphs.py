@@ -216,8 +216,8 @@ def draw_word(rng: np.random.Generator, word: str, layout: str, short: int, aspe
     right), ``"column"`` (the same strip stood up, read top to bottom) or ``"grid"`` (a square
     of side 2 x `short`, 2 x 2 cells read row by row: the same letters at the same share of
     their cell, undistorted by a square model's resize). `aspect` (row and column) >= 2: each
-    of the 4 cells is `aspect / 4` x `short` long; a letter wider than 90% of its cell is drawn
-    smaller. `color`: a palette name (``world.COLORS``); `font`: a path from ``_font_paths()``;
+    of the 4 cells is `aspect / 4` x `short` long. The letters share one height (55-72% of the
+    cells' side across the word), lowered until each fits 90% of its cell. `color`: a palette name (``world.COLORS``); `font`: a path from ``_font_paths()``;
     `ink`: ``"pastel"`` (palette colour mixed 60:40 with white) or ``"palette"``.
 
     Returns the RGB image, a uint8 mask (0 background, ``LETTERS.index(c) + 1`` on each letter's
@@ -254,14 +254,21 @@ def draw_word(rng: np.random.Generator, word: str, layout: str, short: int, aspe
     if ink == "pastel":
         fill = 255.0 - 0.4 * (255.0 - fill)
     placed: list[Glyph] = []
-    for ch, (cx, cy, cw, ch_) in zip(word, cells):
-        across = ch_ if layout != "column" else cw  # the cell's side across the word
-        height = max(8, int(rng.uniform(*WORD_GLYPH_FRAC) * across))
-        angle = rng.uniform(-_WORD_MAX_ROT_DEG, _WORD_MAX_ROT_DEG)
+    # one letter height for the whole word (a share of the cells' side across the word), made
+    # smaller until every letter fits 90% of its cell
+    across = cells[0][3] if layout != "column" else cells[0][2]
+    height = max(8, int(rng.uniform(*WORD_GLYPH_FRAC) * across))
+    angles = [rng.uniform(-_WORD_MAX_ROT_DEG, _WORD_MAX_ROT_DEG) for _ in word]
+
+    def fits(hgt: int) -> bool:
+        return all(m.shape[1] <= 0.9 * cw and m.shape[0] <= 0.9 * ch_
+                   for m, (_, _, cw, ch_) in ((glyph_mask(c, font, hgt, a), cell)
+                                              for c, a, cell in zip(word, angles, cells)))
+
+    while height > 8 and not fits(height):
+        height = max(8, int(height * 0.9))
+    for ch, angle, (cx, cy, cw, ch_) in zip(word, angles, cells):
         m = glyph_mask(ch, font, height, angle)
-        while (m.shape[1] > 0.9 * cw or m.shape[0] > 0.9 * ch_) and height > 8:
-            height = int(height * 0.85)
-            m = glyph_mask(ch, font, height, angle)
         gh, gw = m.shape
         x0 = cx + (cw - gw) // 2 + int(rng.integers(-(cw - gw) // 6, (cw - gw) // 6 + 1))
         y0 = cy + (ch_ - gh) // 2 + int(rng.integers(-(ch_ - gh) // 6, (ch_ - gh) // 6 + 1))
