@@ -24,7 +24,8 @@ from PIL import Image
 
 from siglip2.data import demo
 
-SMALL = dict(num_train=200, num_zeroshot=50, num_retrieval=40, num_refexp=40, num_segmentation=24, num_words=20)
+SMALL = dict(num_train=200, num_zeroshot=50, num_retrieval=40, num_refexp=40, num_segmentation=24, num_words=20,
+             word_share=0.2)
 TINY = dict(num_train=16, num_zeroshot=8, num_retrieval=8, num_refexp=8, num_segmentation=8, num_words=8)
 
 # fraction of the tight box covered by the glyph's own ink, (min, max) over every letter, font
@@ -313,7 +314,7 @@ def test_language_mix_and_tokenizer_covers_every_script(built, train, evalsets):
 def test_aspect_ratios_and_sizes_span_the_range(train):
     scenes = [s for s in train if "word" not in s["meta"]]
     words = [s for s in train if "word" in s["meta"]]
-    share = 0.2  # ensure_demo's default word_share; binomial(200, share): within 5 sd
+    share = SMALL["word_share"]  # binomial(200, share): within 5 sd
     assert abs(len(words) - len(train) * share) < 5 * (len(train) * share * (1 - share)) ** 0.5, len(words)
     ar = [s["meta"]["width"] / s["meta"]["height"] for s in scenes]
     assert min(ar) >= 0.5 - 0.01 and max(ar) <= 2.0 + 0.01

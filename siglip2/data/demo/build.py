@@ -155,7 +155,7 @@ def _data(root: str, marker: dict, built: bool) -> DemoData:
 
 def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *,
                 num_zeroshot: int = 800, num_retrieval: int = 500, num_refexp: int = 500,
-                num_segmentation: int = 500, num_words: int = 500, word_share: float = 0.2) -> DemoData:
+                num_segmentation: int = 500, num_words: int = 500, word_share: float = 0.0) -> DemoData:
     """The demo data under ``root``, generated on first use and reused after.
 
     Crash- and race-safe because DDP ranks call this at once and a killed run must not leave a

@@ -29,8 +29,9 @@ _SPLITS = {
     # size and colour out half the time each (there: 0.68 with omission vs 0.38 without), so
     # prompts naming the letter alone are in distribution and the letter, not the colour, must
     # tell captions apart. On this demo the default job reaches 0.31 (README "Results").
-    # ensure_demo's word_share (0.2) of train images is a word (issue 28's elongated images),
-    # in one of WORD_LAYOUTS at random (row 2:1-4:1, column 1:2-1:4, or the 2 x 2 square grid).
+    # ensure_demo's word_share of train images (default 0) is a word (issue 28's elongated
+    # images), in one of WORD_LAYOUTS at random (row 2:1-4:1, column 1:2-1:4, or the 2 x 2
+    # square grid); with 0 the train split is drawn exactly as without words.
     "train": dict(sid=0, n_objects=(1, 2), p=(0.6, 0.4), omit_prob=0.5),
     # single glyphs, balanced over the letters
     "zeroshot": dict(sid=1, n_objects=(1,), p=(1.0,), label="category"),
@@ -92,7 +93,7 @@ def _write_shard(task: tuple) -> tuple[str, int, list[str]]:
             if "layouts" in cfg:  # a word set: the layout draw is made in every layout set alike
                 layout = cfg["layouts"][int(rng.random() * len(cfg["layouts"]))]
                 s = generate_word_sample(rng, layout, force=force)
-            elif split == "train" and rng.random() < word_share:
+            elif split == "train" and word_share > 0 and rng.random() < word_share:  # 0: no draw
                 s = generate_word_sample(rng, WORD_LAYOUTS[int(rng.integers(len(WORD_LAYOUTS)))],
                                          omit_prob=cfg.get("omit_prob", 0.0))
             else:
