@@ -298,8 +298,11 @@ def test_naflex_evaluation_keeps_each_images_aspect_within_the_length(cache_dir)
 
 def test_aspect_subset_is_counted_and_told_as_kept_n_of_m(cache_dir, caplog):
     """`eval.aspect_min` leaves out the squarer images on purpose: counted under
-    `filtered_aspect`, told as one info line "kept N of M", no per-sample skip warnings."""
+    `filtered_aspect`, told as one info line "kept N of M", no per-sample skip warnings; a set
+    left with no image reports its count and no rate."""
     import logging
+
+    import yaml
 
     from siglip2.eval.suite import evaluate_all
 
@@ -312,3 +315,9 @@ def test_aspect_subset_is_counted_and_told_as_kept_n_of_m(cache_dir, caplog):
     assert kept > 0 and left > 0 and kept + left == full, (kept, left, full)
     assert f"kept {int(kept)} of {int(full)} images" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "skipped" in r.getMessage()]
+    # a set with no image that elongated (the square words): its count, no 0% rates
+    square = evaluate_all([demo.words_square_yaml], aspect_min=1.6, **kw)
+    assert square["zeroshot/demo_words_square/num_images"] == 0
+    assert square["zeroshot/demo_words_square/skipped_filtered_aspect"] == yaml.safe_load(
+        open(demo.words_square_yaml))["num_samples"]
+    assert not any(k.endswith(("/top1", "/top5")) for k in square), sorted(square)

@@ -268,6 +268,9 @@ def _run_task(es, model, tokenizer, loader, device, max_batches, prefix, keep_ex
     else:
         out = _segmentation(es, model, loader, device, max_batches, prefix)
     delivered = next((v for k, v in out.items() if k.endswith("/num_images")), None)
+    if delivered == 0:  # a rate over no image is not a 0%: report the count alone
+        log.warning("%s: no image was scored (see the skip counts), so its rates are not reported", prefix)
+        out = {k: v for k, v in out.items() if k.endswith("/num_images")}
     return {**out, **_skip_metrics(loader.stats, prefix, delivered)}
 
 
