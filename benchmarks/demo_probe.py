@@ -88,10 +88,11 @@ def word_split(n: int, size: int, seed: int, layouts: tuple[str, ...]) -> tuple[
     from siglip2.data.demo.world import COLORS as PALETTE
 
     rng = np.random.default_rng(seed)
-    colors, fonts = list(PALETTE), _font_paths()[:3]
+    colors, fonts = [c for c in PALETTE if c != "black"], _font_paths()[:3]  # the demo's inks
     images, targets = [], []
     for i in range(n):
-        word, layout = WORDS[i % len(WORDS)], layouts[int(rng.integers(len(layouts)))]
+        # a float draw whatever the layouts, so one seed gives the same words, colours and sizes
+        word, layout = WORDS[i % len(WORDS)], layouts[int(rng.random() * len(layouts))]
         aspect = math.exp(rng.uniform(math.log(2.0), math.log(4.0)))
         img, _, _ = draw_word(rng, word, layout, int(rng.integers(40, 97)), aspect,
                               colors[int(rng.integers(len(colors)))], fonts[int(rng.integers(len(fonts)))])

@@ -36,5 +36,7 @@ run() {  # name, overrides...
 }
 case $WHAT in random|all) run random trainer.max_steps=1 ;; esac
 case $WHAT in noise|all) run noise30 data.caption_noise=0.3 ;; esac
-case $WHAT in aspect|all) [ -n "${RUN:-}" ] && show "$RUN/metrics.json" || echo "aspect: set RUN=<default run dir>" ;; esac
+case $WHAT in aspect|all)
+  if [ -n "${RUN:-}" ]; then show "$RUN/metrics.json"; else echo "aspect: set RUN=<run dir trained with data.demo.word_share > 0>"; fi ;;
+esac
 case $WHAT in refexp|all) python benchmarks/refexp_baseline.py --root "$CACHE/demo-n20000-s0" ;; esac

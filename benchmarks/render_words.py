@@ -8,8 +8,8 @@ One row per word (``siglip2.data.demo.generate_word_sample``: rows of the elonga
 layouts, alternating row and column): the image as drawn; the fixed model's input (squashed
 to ``--size`` px, antialiased bilinear as training does); NaFlex's input at ``--seq-len``
 patches (``siglip2.data.naflex.resize_for_max_patches``: own aspect ratio) with its patch
-grid; and the same draw laid out 2 x 2 (``words_square``) squashed to ``--size``. Pixels are
-shown enlarged (nearest), every input at the same scale per pixel.
+grid; and the same draw laid out 2 x 2 (``words_square``) squashed to ``--size``. The model
+inputs are shown enlarged (nearest) at one scale per pixel; the drawn image is shrunk to fit.
 """
 from __future__ import annotations
 

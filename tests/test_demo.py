@@ -521,7 +521,7 @@ def test_more_glyphs_than_fit_is_a_clear_error_not_a_hang():
 
 def test_word_layouts_draw_the_same_word_and_read_along_the_long_side():
     """Issue 28's elongated images: from one generator state, every layout draws the same word,
-    colour, font and letter height; a row reads left to right and a column top to bottom, each
+    colour, font and letters (each letter's ink the same size); a row reads left to right and a column top to bottom, each
     letter inside its quarter of the long side; the grid is 2 x 2, read row by row; each letter's
     ink carries its class in the mask. Words and layouts outside the demo's are a ValueError."""
     from siglip2.data.demo.glyphs import LETTERS
@@ -532,6 +532,11 @@ def test_word_layouts_draw_the_same_word_and_read_along_the_long_side():
         words = {lay: (s["meta"]["word"]["text"], s["meta"]["word"]["color"], s["captions"][0],
                        tuple(o["font"] for o in s["meta"]["objects"])) for lay, s in drawn.items()}
         assert len(set(words.values())) == 1, words
+        # the same letters, pixel for pixel: each letter's ink box has one size in every layout
+        sizes = {lay: [(round((r["box"][2] - r["box"][0]) * s["meta"]["width"]),
+                        round((r["box"][3] - r["box"][1]) * s["meta"]["height"])) for r in s["meta"]["regions"]]
+                 for lay, s in drawn.items()}
+        assert sizes["row"] == sizes["column"] == sizes["grid"], sizes
         for lay, s in drawn.items():
             m, mask = s["meta"], s["mask"]
             w, h = m["width"], m["height"]

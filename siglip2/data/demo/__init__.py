@@ -21,12 +21,14 @@ leave out the size and the colour half the time each (never the letter), as alt-
 so prompts naming the letter alone ("a photo of a letter K.") are in distribution.
 Pastel "red" reads as pink and "orange" as peach; the colour words stay the palette's names.
 
-Words on elongated images (format 5, issue 28): 20% of train images are a *word* of 4
-letters (``WORDS``: five anagram pairs such as MOST / TOMS, so the order must be read) in one
+Words on elongated images (format 5, issue 28): with ``word_share`` > 0 (``data.demo.word_share``,
+default 0: the default job did not read them, README "Results") that share of train images is
+a *word* of 4 letters (``WORDS``: five anagram pairs such as MOST / TOMS, so the order must be read) in one
 colour, one letter per cell, laid out as a row (aspect 2:1 to 4:1, read left to right), a
 column (1:2 to 1:4, top to bottom) or a 2 x 2 square grid. A square resize squashes a row's
-letters to a quarter of their width; NaFlex keeps them. Captions name the word and its
-colour ("a photo of a pink word MOST"), region captions each letter ("pink letter M").
+letters to a quarter of their width; NaFlex keeps them. The letters are the same, pixel for
+pixel, in every layout of one draw. Captions name the word and its
+colour ("a photo of a red word MOST"), region captions each letter ("red letter M").
 Two eval sets ask the word zero-shot ("a photo of a word {c}."): ``words`` (rows and
 columns) and ``words_square`` (the same draws, sample by sample, laid out 2 x 2), so that
 what the square resize costs a fixed-resolution model is the difference between the two.

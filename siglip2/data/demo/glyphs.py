@@ -214,10 +214,11 @@ def draw_word(rng: np.random.Generator, word: str, layout: str, short: int, aspe
 
     `layout`: ``"row"`` (a `short` px tall, `aspect` x `short` wide strip, read left to
     right), ``"column"`` (the same strip stood up, read top to bottom) or ``"grid"`` (a square
-    of side 2 x `short`, 2 x 2 cells read row by row: the same letters at the same share of
-    their cell, undistorted by a square model's resize). `aspect` (row and column) >= 2: each
-    of the 4 cells is `aspect / 4` x `short` long. The letters share one height (55-72% of the
-    cells' side across the word), lowered until each fits 90% of its cell. `color`: a palette name (``world.COLORS``); `font`: a path from ``_font_paths()``;
+    of side 2 x `short`, 2 x 2 cells read row by row: the same letters, pixel for pixel, as
+    a row or column of the same draw, undistorted by a square model's resize). `aspect` (row and column) >= 2: each
+    of the 4 cells is `aspect / 4` x `short` long. The letters share one height (55-72% of
+    `short`), lowered until each fits 90% of its cell in every layout at this `aspect` (pass the
+    same `aspect` for a grid to get the same letters as the row and column of that draw). `color`: a palette name (``world.COLORS``); `font`: a path from ``_font_paths()``;
     `ink`: ``"pastel"`` (palette colour mixed 60:40 with white) or ``"palette"``.
 
     Returns the RGB image, a uint8 mask (0 background, ``LETTERS.index(c) + 1`` on each letter's
@@ -254,24 +255,31 @@ def draw_word(rng: np.random.Generator, word: str, layout: str, short: int, aspe
     if ink == "pastel":
         fill = 255.0 - 0.4 * (255.0 - fill)
     placed: list[Glyph] = []
-    # one letter height for the whole word (a share of the cells' side across the word), made
-    # smaller until every letter fits 90% of its cell
-    across = cells[0][3] if layout != "column" else cells[0][2]
-    height = max(8, int(rng.uniform(*WORD_GLYPH_FRAC) * across))
+    # One letter height for the whole word, a share of `short` (every layout's cell side across
+    # the word), made smaller until every letter fits 90% of its cell in *every* layout at this
+    # aspect (a row's narrow cell, a column's short one, a grid's square), so that the same draw
+    # gives the same letters, pixel for pixel, whatever the layout.
+    height = max(8, int(rng.uniform(*WORD_GLYPH_FRAC) * short))
     angles = [rng.uniform(-_WORD_MAX_ROT_DEG, _WORD_MAX_ROT_DEG) for _ in word]
+    limits = {(c[2], c[3]) for c in cells}
+    if aspect >= 2.0:
+        step = int(aspect * short / k)  # the narrowest of a row's (or column's) rounded cells
+        limits |= {(step, short), (short, step), (short, short)}
 
     def fits(hgt: int) -> bool:
         return all(m.shape[1] <= 0.9 * cw and m.shape[0] <= 0.9 * ch_
-                   for m, (_, _, cw, ch_) in ((glyph_mask(c, font, hgt, a), cell)
-                                              for c, a, cell in zip(word, angles, cells)))
+                   for m in (glyph_mask(c, font, hgt, a) for c, a in zip(word, angles)) for cw, ch_ in limits)
 
     while height > 8 and not fits(height):
         height = max(8, int(height * 0.9))
     for ch, angle, (cx, cy, cw, ch_) in zip(word, angles, cells):
         m = glyph_mask(ch, font, height, angle)
         gh, gw = m.shape
-        x0 = cx + (cw - gw) // 2 + int(rng.integers(-(cw - gw) // 6, (cw - gw) // 6 + 1))
-        y0 = cy + (ch_ - gh) // 2 + int(rng.integers(-(ch_ - gh) // 6, (ch_ - gh) // 6 + 1))
+        # jitter, up to a sixth of the slack each way; drawn as floats, so that every layout
+        # makes the same draws (an integer draw from a range of one value makes none)
+        ux, uy = rng.random(2) * 2 - 1
+        x0 = cx + (cw - gw) // 2 + int(round(ux * ((cw - gw) // 6)))
+        y0 = cy + (ch_ - gh) // 2 + int(round(uy * ((ch_ - gh) // 6)))
         img[y0:y0 + gh, x0:x0 + gw][m] = fill
         mask[y0:y0 + gh, x0:x0 + gw][m] = LETTERS.index(ch) + 1
         ys, xs = np.nonzero(m)

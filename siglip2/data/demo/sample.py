@@ -84,7 +84,7 @@ def generate_word_sample(rng: np.random.Generator, layout: str, force: dict[str,
     colour is left out ("a photo of a word MOST"); the word is always named.
 
     The caption names the word and its colour; ``meta["objects"]`` and ``meta["regions"]``
-    are the word's letters (one region caption per letter, no size word: "pink letter M"),
+    are the word's letters (one region caption per letter, no size word: "red letter M"),
     ``meta["word"]`` the word, its layout and its box. Raises ``ValueError`` for a word outside
     ``WORDS`` or an unknown layout.
     """
