@@ -71,8 +71,9 @@ def _build(out: str, params: dict, workers: int) -> None:
         results = [_write_shard(t) for t in tasks]
     texts = [t for split, shard, ts in sorted(results, key=lambda r: (r[0], r[1])) for t in ts]
     corpus = _tokenizer_corpus(texts, np.random.default_rng([seed, 99]))
-    # 4000 is a ceiling, not a size: format 4's captions give SentencePiece ~2,100 pieces (2104
-    # for seed 0, 2100 for seed 1), and the model sizes its embedding from the tokenizer.
+    # 4000 is a ceiling, not a size: format 4's captions gave SentencePiece ~2,100 pieces, format
+    # 5's corpus (plus the words) ~2,400 (2407 for seed 0), and the model sizes its embedding
+    # from the tokenizer.
     tok = train_sentencepiece(corpus, os.path.join(out, "tokenizer", "demo_sp"), vocab_size=4000)
     if os.path.exists(tok[:-len(".model")] + ".vocab"):
         os.remove(tok[:-len(".model")] + ".vocab")  # a human-readable copy of the model; unused

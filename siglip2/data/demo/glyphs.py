@@ -202,8 +202,8 @@ def glyph_scene_size(rng: np.random.Generator, max_aspect: float = 2.0, short=(6
 # are there. Every word is drawn from LETTERS.
 WORDS: tuple[str, ...] = ("MOST", "TOMS", "HOSE", "SHOE", "MESH", "HEMS", "VOTE", "VETO", "STEM", "METS")
 WORD_LAYOUTS: tuple[str, ...] = ("row", "column", "grid")
-# Glyph height as a fraction of its cell's side across the word (a row's height, a column's
-# width, a grid cell's side).
+# Letter height as a fraction of `short`, every layout's cell side across the word (a row's
+# height, a column's width, a grid cell's side), before it is lowered to fit the cells.
 WORD_GLYPH_FRAC = (0.55, 0.72)
 _WORD_MAX_ROT_DEG = 5.0
 
@@ -214,12 +214,14 @@ def draw_word(rng: np.random.Generator, word: str, layout: str, short: int, aspe
 
     `layout`: ``"row"`` (a `short` px tall, `aspect` x `short` wide strip, read left to
     right), ``"column"`` (the same strip stood up, read top to bottom) or ``"grid"`` (a square
-    of side 2 x `short`, 2 x 2 cells read row by row: the same letters, pixel for pixel, as
-    a row or column of the same draw, undistorted by a square model's resize). `aspect` (row and column) >= 2: each
-    of the 4 cells is `aspect / 4` x `short` long. The letters share one height (55-72% of
-    `short`), lowered until each fits 90% of its cell in every layout at this `aspect` (pass the
-    same `aspect` for a grid to get the same letters as the row and column of that draw). `color`: a palette name (``world.COLORS``); `font`: a path from ``_font_paths()``;
-    `ink`: ``"pastel"`` (palette colour mixed 60:40 with white) or ``"palette"``.
+    of side 2 x `short`, 2 x 2 cells read row by row: the same letters, pixel for pixel, as a
+    row or column of the same draw, undistorted by a square model's resize). `aspect` (row and
+    column) >= 2: each of the 4 cells is `aspect / 4` x `short` long. The letters share one
+    height (55-72% of `short`), lowered until each fits 90% of its cell in every layout at this
+    `aspect` (pass the same `aspect` for a grid to get the letters of that draw's row and
+    column). `color`: a palette name (``world.COLORS``); `font`: a path from
+    ``_font_paths()``; `ink`: ``"pastel"`` (palette colour mixed 60:40 with white) or
+    ``"palette"``.
 
     Returns the RGB image, a uint8 mask (0 background, ``LETTERS.index(c) + 1`` on each letter's
     ink) and one `Glyph` per letter with its tight box (size ``"word"``). Raises ``ValueError``

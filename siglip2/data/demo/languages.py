@@ -31,9 +31,9 @@ WORD_TEMPLATES: tuple[str, ...] = (
 _LETTER_NAMES = {c: c for c in (*LETTERS, *WORDS)}
 
 # An object is described by its (shape, color, size, category) names: the shape is the noun
-# "letter" (the one kind of object), the category the letter itself. Each language gives
-# The shape is "word" for a word of an elongated image, the category the word; a word has no
-# size ("" in the tuple: that adjective is left out in every language).
+# "letter", the category the letter itself; or, for a word of an elongated image, the noun
+# "word" and the word, with no size ("" in the tuple: that adjective is left out in every
+# language). Each language gives
 #   np(o, case)  an indefinite noun phrase ("a large red letter K") in a grammatical case,
 #   region(o)    the bare phrase used as a region caption ("large red letter K"),
 #   rel[r]       templates "{a} ... {b}" for r in left/right/above/below, with rel_case[r]
