@@ -26,7 +26,8 @@ class ResAdaptStage(PretrainStage):
 
     def __init__(self, model: Mapping[str, Any], *args, posemb_grid: int | str = "auto", **kwargs):
         """`posemb_grid`: side of the learned position table of the adapted model; "auto" =
-        image_size // patch_size (the target grid, as the released 384 px models: 24x24 at /16)."""
+        image_size // patch_size (the target grid, as the released 384 px models: 24x24 at /16,
+        27x27 at /14, whose last 6 px the patch conv does not see)."""
         model = _with_grid(model, posemb_grid)
         super().__init__(model, *args, **kwargs)
         self.hparams["posemb_grid"] = posemb_grid
@@ -38,8 +39,8 @@ def _with_grid(model: Mapping[str, Any], posemb_grid: int | str) -> dict[str, An
     cfg = _to_dict(model)
     vision = dict(cfg["vision"])
     size, patch = int(vision["image_size"]), int(vision["patch_size"])
-    if size % patch:
-        raise ValueError(f"model.vision.image_size {size} is not a multiple of patch_size {patch}")
+    if size < patch:
+        raise ValueError(f"model.vision.image_size {size} is smaller than one patch ({patch} px)")
     grid = size // patch if posemb_grid == "auto" else int(posemb_grid)
     if grid != vision.get("posemb_grid"):
         log.info("resadapt: position table %s -> %dx%d (image %d px / patch %d)", vision.get("posemb_grid"), grid,

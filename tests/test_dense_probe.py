@@ -71,6 +71,7 @@ def test_labels_from_mask_background_and_ignore_rules():
 def test_token_grid_and_split_rule():
     assert dp.token_grid(64, 64, 64) == (8, 8)
     assert dp.token_grid(8 * 12, 128, 192) == (8, 12)
+    assert dp.token_grid(27 * 27, 384, 384) == (27, 27)  # So400m/14 at 384 px: the last 6 px unseen
     with pytest.raises(ValueError):
         dp.token_grid(63, 64, 64)
     keys = [f"{i:09d}" for i in range(2000)]

@@ -185,3 +185,57 @@ def test_export_cli_writes_the_checkpoints_tokenizer_as_it_was_trained(tmp_path,
         ids = AutoProcessor.from_pretrained(folder)(text=texts, return_tensors="pt")["input_ids"]
         assert torch.equal(ids, tok(texts)), lowercase
         assert torch.equal(ids[0], ids[1]) == lowercase
+
+
+@torch.no_grad()
+def test_an_image_size_that_is_not_a_multiple_of_the_patch_is_kept_as_released(tmp_path):
+    """google/siglip2-so400m-patch14-384 in miniature: a `SiglipModel` at 18 px with 4-px
+    patches (the released 384 / 14) sees a 4 x 4 grid, its last 2 px unseen (a VALID conv).
+    The import keeps 18 px (not 16), gives transformers' embeddings on 18 px inputs, resolution
+    adaptation to such a size keeps that grid, and the fixed export writes 18 px back."""
+    from transformers import AutoImageProcessor, SiglipConfig, SiglipModel
+
+    from siglip2.data.transforms import ImageTransform
+    from siglip2.export.hf import to_hf_fixed
+    from stages.resadapt import _with_grid
+
+    torch.manual_seed(0)
+    t, v = SIZES["text"], SIZES["vision"]
+    cfg = SiglipConfig(
+        text_config=dict(vocab_size=t["vocab_size"], hidden_size=t["width"], intermediate_size=t["mlp_dim"],
+                         num_hidden_layers=t["depth"], num_attention_heads=t["heads"],
+                         max_position_embeddings=t["max_len"], projection_size=32),
+        vision_config=dict(hidden_size=v["width"], intermediate_size=v["mlp_dim"], num_hidden_layers=v["depth"],
+                           num_attention_heads=v["heads"], patch_size=4, image_size=18))
+    hf = SiglipModel(cfg).eval()
+    hf.save_pretrained(tmp_path / "released")
+    ours = from_hf(tmp_path / "released")
+    assert ours.config.vision.image_size == 18 and ours.config.vision.posemb_grid == 4
+    image, text = torch.randn(3, 3, 18, 18), torch.randint(0, 50, (3, 10))
+    theirs = _image_features(hf, pixel_values=image)
+    out = ours.encode_image(image=image)
+    assert out.tokens.shape[1] == 16
+    torch.testing.assert_close(out.pooled, theirs, rtol=1e-5, atol=1e-5)
+    ref = hf(input_ids=text, pixel_values=image)
+    o = ours(image, text)
+    torch.testing.assert_close(o["image_emb"] @ o["text_emb"].t() * o["logit_scale"] + o["logit_bias"],
+                               ref.logits_per_image, rtol=1e-5, atol=1e-5)
+    # the unseen rows and columns change nothing
+    shifted = image.clone()
+    shifted[..., 16:, :] = 5.0
+    shifted[..., :, 16:] = -5.0
+    torch.testing.assert_close(ours.encode_image(image=shifted).pooled, out.pooled)
+    # resolution adaptation to a size that is not a multiple: the grid is size // patch
+    assert _with_grid({"vision": {"image_size": 18, "patch_size": 4, "posemb_grid": 2}}, "auto")["vision"][
+        "posemb_grid"] == 4
+    # and back: a SiglipModel at 18 px whose processor squashes to 18 px, the same numbers
+    back = to_hf_fixed(ours)
+    assert back.config.vision_config.image_size == 18
+    torch.testing.assert_close(_image_features(back, pixel_values=image), theirs, rtol=1e-5, atol=1e-5)
+    out_dir = save_hf(ours, tmp_path / "export", preprocessing="fixed")
+    proc = AutoImageProcessor.from_pretrained(out_dir)
+    pics = _pictures()
+    pv = proc(images=pics, return_tensors="pt")["pixel_values"]
+    assert pv.shape == (4, 3, 18, 18)
+    mine = ours.encode_image(image=torch.stack([ImageTransform(18)(p, None)[0] for p in pics])).embeds
+    assert float(_cos(mine, torch.nn.functional.normalize(_image_features(back, pixel_values=pv), dim=-1)).min()) > 0.999

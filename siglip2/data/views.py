@@ -452,10 +452,10 @@ def make_views(images: torch.Tensor, generator: torch.Generator | None, config: 
     Draws the global view, then the local views, then the mask."""
     cfg = config or ViewConfig()
     gsize = _hw(images.shape[-2:] if cfg.global_size is None else cfg.global_size)
-    if gsize[0] % patch_size or gsize[1] % patch_size:
-        raise ValueError(f"global view {gsize} is not a whole number of {patch_size}-px patches")
+    if gsize[0] < patch_size or gsize[1] < patch_size:
+        raise ValueError(f"global view {gsize} is smaller than one {patch_size}-px patch")
     g, gboxes, gflip = _views(images, generator, 1, gsize, cfg.global_scale, cfg)
     loc, lboxes, lflip = _views(images, generator, cfg.local_count, cfg.local_size, cfg.local_scale, cfg)
-    n_patches = (gsize[0] // patch_size) * (gsize[1] // patch_size)
+    n_patches = (gsize[0] // patch_size) * (gsize[1] // patch_size)  # the tower's grid (vit.patchify)
     mask = random_patch_mask(images.shape[0], n_patches, cfg.mask_ratio, generator=generator, device=images.device)
     return DistillViews(g, loc, mask, gboxes, lboxes, gflip, lflip)

@@ -150,11 +150,18 @@ def resize_labels(labels: np.ndarray | torch.Tensor, size: Sequence[int]) -> tor
 
 def token_grid(num_tokens: int, height: int, width: int) -> tuple[int, int]:
     """(h, w) token grid of a square-patch ViT on a ``height`` x ``width`` pixel input with
-    ``num_tokens`` tokens (patch = sqrt(H W / N)). Raises ValueError when no such grid exists."""
-    p = math.isqrt(height * width // max(num_tokens, 1)) if num_tokens > 0 else 0
-    if p < 1 or height % p or width % p or (height // p) * (width // p) != num_tokens:
-        raise ValueError(f"{num_tokens} tokens are not a square-patch grid of a {height}x{width} image")
-    return height // p, width // p
+    ``num_tokens`` tokens: (H // p, W // p) for the patch p that gives that many, a size that is
+    not a multiple of the patch included (the released So400m/14 at 384 px: 27 x 27, its last
+    6 px unseen; the probe's logits are stretched over the whole input, 1.6% there). The grid is
+    unique: both sides only shrink as p grows. Raises ValueError when no patch gives it."""
+    if num_tokens > 0:
+        for p in range(1, min(height, width) + 1):
+            h, w = height // p, width // p
+            if h * w == num_tokens:
+                return h, w
+            if h * w < num_tokens:
+                break
+    raise ValueError(f"{num_tokens} tokens are not a square-patch grid of a {height}x{width} image")
 
 
 def interpolation_matrix(n_out: int, n_in: int, device=None, dtype=torch.float32) -> torch.Tensor:

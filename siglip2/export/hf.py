@@ -99,9 +99,7 @@ def to_hf_fixed(model: SigLIP2, special_ids: dict | None = None):
     from ..model.posemb import resize_posemb
 
     v = model.config.vision
-    if v.image_size % v.patch_size:
-        raise ValueError(f"image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
-    grid = v.image_size // v.patch_size
+    grid = v.image_size // v.patch_size  # a size that is not a multiple: HF's conv drops the rest, as ours
     state = dict(model.state_dict())
     key = "vision_model.embeddings."
     w = state[key + "patch_embedding.weight"]  # (D, p*p*C), patches flattened (row, column, channel)
@@ -149,7 +147,8 @@ def from_hf(hf_model_or_dir, image_size: int | None = None) -> SigLIP2:
 
 def _from_siglip(hf, p) -> SigLIP2:
     """A fixed-resolution `SiglipModel` -> ours: Conv2d patch embedding as the Linear, the
-    position table of its image grid."""
+    position table of its image grid, and its own image size, a multiple of the patch or not
+    (So400m/14 at 384 px: a 27 x 27 grid, the last 6 px unseen, in both)."""
     v = hf.config.vision_config
     nested = hf.config.to_dict()
     patch = int(v.patch_size)
@@ -157,7 +156,7 @@ def _from_siglip(hf, p) -> SigLIP2:
     vision = dict(nested["vision_config"], num_patches=grid * grid)
     from transformers import Siglip2Config
 
-    cfg = our_config(Siglip2Config(text_config=nested["text_config"], vision_config=vision), grid * patch)
+    cfg = our_config(Siglip2Config(text_config=nested["text_config"], vision_config=vision), int(v.image_size))
     state = {k: t for k, t in hf.state_dict().items() if not k.endswith("position_ids")}
     key = "vision_model.embeddings.patch_embedding.weight"
     w = state[key]  # (D, C, p, p)

@@ -27,7 +27,10 @@ class VisionConfig:
     heads: int
     patch_size: int
     posemb_grid: int  # side of the learned position table (16 in the released models)
-    image_size: int  # default input side for fixed-resolution data; the model takes any multiple of patch_size
+    # default input side for fixed-resolution data. Any size is taken: the patch grid is
+    # size // patch_size and the last size % patch_size rows and columns are not seen (a VALID
+    # patch conv: google/siglip2-so400m-patch14-384 sees 27 x 27 patches of its 384 px input)
+    image_size: int
     channels: int = 3
 
 
@@ -45,11 +48,17 @@ class ImageOutput:
 
 
 def patchify(image: torch.Tensor, patch: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(B, C, H, W) -> (B, h*w, p*p*C) row-major patches, each flattened (ph, pw, C) as HF does."""
+    """(B, C, H, W) -> (B, h*w, p*p*C) row-major patches, each flattened (ph, pw, C) as HF does,
+    with (h, w) = (H // p, W // p): a size that is not a multiple of the patch drops its last
+    H % p rows and W % p columns, as the released models' VALID stride-p conv does
+    (transformers `SiglipVisionEmbeddings`, big_vision `vit.py`). Raises ValueError for an
+    image smaller than one patch."""
     b, c, hh, ww = image.shape
-    if hh % patch or ww % patch:
-        raise ValueError(f"image {hh}x{ww} is not a multiple of the patch size {patch}")
     h, w = hh // patch, ww // patch
+    if h == 0 or w == 0:
+        raise ValueError(f"image {hh}x{ww} is smaller than one {patch}-px patch")
+    if hh % patch or ww % patch:
+        image = image[:, :, : h * patch, : w * patch]
     x = image.reshape(b, c, h, patch, w, patch).permute(0, 2, 4, 3, 5, 1)
     return x.reshape(b, h * w, patch * patch * c), (h, w)
 
