@@ -430,3 +430,34 @@ def test_box_text_through_a_real_sentencepiece_model():
     tgt = out["locca_aref_target"]
     assert parse_box(tok.decode(tgt[tgt != IGNORE].tolist())) == dequantize_box([61, 228, 394, 499])
     assert tok.decode(prompt_ids(tok, prompt_text("aref", caption="red circle"))) == "aref: red circle box:"
+
+
+@torch.no_grad()
+def test_decoder_initialisation_is_cappas():
+    """big_vision `models/proj/cappa/cappa.py`: attention kernels lecun-normal (flax's default,
+    sd 1/sqrt(fan_in), cut at 2 sd; no biases there, zero here), MLP kernels xavier-uniform
+    with ~1e-6 biases, unit-sd target embeddings, positions sd 1/sqrt(width), zero logits."""
+    torch.manual_seed(0)
+    width, mlp, image_width = 256, 1024, 128
+    dec = LoccaDecoder(width=width, depth=2, heads=4, mlp_dim=mlp, vocab_size=5000, max_len=16,
+                       image_width=image_width)
+    assert abs(float(dec.token_embedding.weight.std()) - 1.0) < 0.01
+    assert abs(float(dec.position_embedding.std()) * width ** 0.5 - 1.0) < 0.1
+    assert not dec.head.weight.any() and not dec.head.bias.any()
+    for layer in dec.layers:
+        for attn in (layer.self_attn, layer.cross_attn):
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+                sd = lin.in_features ** -0.5
+                assert abs(float(lin.weight.std()) / sd - 1.0) < 0.05, (lin, float(lin.weight.std()), sd)
+                assert float(lin.weight.abs().max()) <= 2 * sd / 0.87962566103423978 + 1e-6  # cut at 2 sd
+                assert not lin.bias.any()
+        assert layer.cross_attn.k_proj.in_features == image_width
+        for lin in (layer.mlp.fc1, layer.mlp.fc2):
+            bound = (6 / (lin.in_features + lin.out_features)) ** 0.5
+            w = lin.weight
+            assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.99 * bound
+            assert abs(float(w.std()) - bound / 3 ** 0.5) < 0.02 * bound  # uniform(-b, b): sd b / sqrt(3)
+            assert 0 < float(lin.bias.abs().max()) < 1e-5
+    # the first loss is exactly log(V): zero logits
+    hidden = dec(torch.randint(0, 5000, (2, 16)), torch.randn(2, 9, image_width))
+    assert torch.equal(dec.logits(hidden), torch.zeros(2, 16, 5000))

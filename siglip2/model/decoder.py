@@ -10,6 +10,11 @@ Parallel prediction (CapPa, [BV] ``models/proj/cappa/cappa.py``): for rows flagg
 has ``vocab_size + 1`` rows) and self-attention is bidirectional, so the row must predict all
 of its tokens from the image alone.
 
+Initialisation follows [BV] CapPa's decoder: attention kernels lecun-normal (flax's default;
+the reference has no attention biases, ours start at 0), MLP kernels xavier-uniform with biases
+~N(0, 1e-6), target-token embeddings N(0, 1), learned positions N(0, 1/width), and a zero
+vocabulary projection (`init_decoder_weights`).
+
 ``forward`` returns hidden states, not logits: the loss applies ``head`` in chunks
 (``siglip2.losses.locca``) so that (tokens x vocab) logits never exist at once for a 256k vocab.
 """
@@ -19,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from siglip2.model.layers import LN_EPS, MLP, Attention
+from siglip2.model.layers import LN_EPS, MLP, Attention, lecun_normal_
 
 
 def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
@@ -89,6 +94,30 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+@torch.no_grad()
+def init_decoder_weights(decoder: "LoccaDecoder") -> None:
+    """[BV] `models/proj/cappa/cappa.py`'s initialisation, in place: self- and cross-attention
+    q/k/v/out kernels lecun-normal (N(0, 1/fan_in) cut at 2 sd: flax attention's default) with
+    zero biases; MLP kernels xavier-uniform, biases N(0, 1e-6); the target-token embedding
+    N(0, 1) (mask row included); learned positions N(0, 1/width); LayerNorms ones/zeros; the
+    vocabulary projection zero, so the first loss is exactly log(V)."""
+    for layer in decoder.layers:
+        for attn in (layer.self_attn, layer.cross_attn):
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+                lecun_normal_(lin.weight)
+                nn.init.zeros_(lin.bias)
+        for lin in (layer.mlp.fc1, layer.mlp.fc2):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.normal_(lin.bias, std=1e-6)
+        for norm in (layer.layer_norm1, layer.cross_attn_layer_norm, layer.layer_norm2):
+            nn.init.ones_(norm.weight)
+            nn.init.zeros_(norm.bias)
+    nn.init.normal_(decoder.token_embedding.weight, std=1.0)
+    nn.init.normal_(decoder.position_embedding, std=decoder.position_embedding.shape[1] ** -0.5)
+    nn.init.zeros_(decoder.head.weight)
+    nn.init.zeros_(decoder.head.bias)
+
+
 class LoccaDecoder(nn.Module):
     """Token embedding (+1 mask row) + learned positions, ``depth`` DecoderLayers, final
     LayerNorm, and ``head`` (width -> vocab_size), which the caller or loss applies."""
@@ -105,11 +134,7 @@ class LoccaDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(width, heads, mlp_dim, image_width or width) for _ in range(depth))
         self.final_layer_norm = nn.LayerNorm(width, eps=LN_EPS)
         self.head = nn.Linear(width, vocab_size)
-        nn.init.normal_(self.token_embedding.weight, std=width ** -0.5)
-        nn.init.normal_(self.position_embedding, std=width ** -0.5)
-        # CapPa zero-initialises the vocabulary projection: the first loss is exactly log(V).
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        init_decoder_weights(self)
 
     def rebuild(self) -> "LoccaDecoder":
         """A new decoder of the same shape (fresh initialisation), e.g. an unwrapped copy of an

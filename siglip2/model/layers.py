@@ -98,7 +98,7 @@ class Encoder(nn.Module):
         return x
 
 
-def _lecun_normal_(weight: torch.Tensor) -> None:
+def lecun_normal_(weight: torch.Tensor) -> None:
     """jax `lecun_normal`: N(0, 1/fan_in) truncated at 2 sd, by redrawing the tails
     (torch's `trunc_normal_` goes through erfinv and is ~100x slower on CPU)."""
     if weight.is_meta:
@@ -134,7 +134,7 @@ def init_weights(root: nn.Module) -> None:
             nn.init.xavier_uniform_(m.in_proj_weight)
             nn.init.zeros_(m.in_proj_bias)
         elif isinstance(m, nn.Linear) and id(m) not in claimed:
-            _lecun_normal_(m.weight)
+            lecun_normal_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
