@@ -230,11 +230,26 @@ def test_shapes_range_and_view_major_order():
     assert v.global_boxes.shape == (4, 4) and v.local_boxes.shape == (32, 4) and v.local_flip.shape == (32,)
     for t in (v.global_view, v.local_views):
         assert t.min() >= -1 and t.max() <= 1 and torch.isfinite(t).all()
-    _check_boxes(v.global_boxes, 64, 64, (0.4, 1.0), (3 / 4, 4 / 3))
+    assert torch.equal(v.global_boxes, torch.tensor([[0.0, 0.0, 64.0, 64.0]]).expand(4, 4))  # the full image
     _check_boxes(v.local_boxes, 64, 64, (0.05, 0.4), (3 / 4, 4 / 3))
+    crops = make_views(imgs, gen(), ViewConfig(local_size=32, global_scale=(0.4, 1.0)), patch_size=8)
+    _check_boxes(crops.global_boxes, 64, 64, (0.4, 1.0), (3 / 4, 4 / 3))  # DINO's crop, as an option
     assert global_view(imgs, gen(), size=48).shape == (4, 3, 48, 48)
+    # a view that is not a multiple of the patch: the tower's grid is size // patch (vit.patchify)
+    assert make_views(imgs, gen(), ViewConfig(global_size=60), patch_size=16).mask.shape == (4, 9)
     with pytest.raises(ValueError):
-        make_views(imgs, gen(), ViewConfig(global_size=60), patch_size=16)
+        make_views(imgs, gen(), ViewConfig(global_size=12), patch_size=16)
+
+
+def test_the_default_global_view_is_the_whole_image():
+    """The paper [P §2.3]: the teacher's representation is "derived from the full image", and
+    the masked student sees the same view: without colour and flip the default global view is
+    the batch's image itself, pixel for pixel; with them, only flipped and jittered."""
+    imgs = smooth_images(4, 64, 64)
+    plain = make_views(imgs, gen(), ViewConfig(local_size=32, flip_p=0.0, **NO_COLOUR), patch_size=8)
+    torch.testing.assert_close(plain.global_view, imgs, rtol=0, atol=1e-6)
+    flipped = make_views(imgs, gen(), ViewConfig(local_size=32, flip_p=1.0, **NO_COLOUR), patch_size=8)
+    torch.testing.assert_close(flipped.global_view, imgs.flip(-1), rtol=0, atol=1e-6)
 
 
 def test_same_generator_state_same_views():
@@ -288,7 +303,7 @@ def test_mask_positions_are_uniform():
 
 def test_view_config_defaults_and_yaml():
     c = ViewConfig()
-    assert (c.global_scale, c.local_scale, c.local_count, c.local_size) == ((0.4, 1.0), (0.05, 0.4), 8, 96)
+    assert (c.global_scale, c.local_scale, c.local_count, c.local_size) == (None, (0.05, 0.4), 8, 96)
     assert (c.brightness, c.contrast, c.saturation, c.hue, c.jitter_p, c.grayscale_p) == (0.4, 0.4, 0.2, 0.1, 0.8, 0.2)
     assert (c.flip_p, c.mask_ratio, c.global_size) == (0.5, 0.5, None)
     d = from_dict(ViewConfig, {"local_size": 32, "local_scale": [0.1, 0.3]})

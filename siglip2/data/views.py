@@ -3,16 +3,23 @@
 SigLIP 2 (arXiv 2502.14786 §2.3) adds, at 80% of training, a local-to-global loss (SILC: the
 EMA teacher sees 1 global view, the student 8 local views) and a masked-prediction loss
 (TIPS: the student sees the same global view with 50% of its patch embeddings replaced by a
-mask token). The sigmoid and LocCa losses keep the original image. No code for the views was
-published; the defaults follow DINO's ``DataAugmentationDINO`` (facebookresearch/dino
-``main_dino.py``) as RECIPE.md says:
+mask token). The sigmoid and LocCa losses keep the original image. The paper: the local views are
+"trained to match the teacher's representation, derived from the full image", and the masked
+student sees the teacher's image, so the global view is by default the whole training image
+(``global_scale=None``; flipped and colour-jittered as DINO's global views), not DINO's
+(0.4, 1) crop (RECIPE.md's researched default, kept as an option). Local views are cut from
+the batch's image, the only copy the loader delivers: at the training resolution (64 px on the
+demo, 256 px for B/16 at 256), so a (0.05, 0.4) local crop is upsampled to ``local_size``.
+No code for the views was published; the rest follows DINO's ``DataAugmentationDINO``
+(facebookresearch/dino ``main_dino.py``) as RECIPE.md says:
 
 =====================  ==============================================  =====================
                         DINO                                            here
 =====================  ==============================================  =====================
-global crop            RandomResizedCrop(224, (0.4, 1), bicubic)       (0.4, 1) at the
-                                                                       training resolution,
-                                                                       bilinear
+global crop            RandomResizedCrop(224, (0.4, 1), bicubic)       **none**: the full
+                                                                       training image (the
+                                                                       paper; (0.4, 1) an
+                                                                       option), bilinear
 local crops            8 x RandomResizedCrop(96, (0.05, 0.4))          same (96 px for /16)
 flip                   RandomHorizontalFlip(0.5)                       same, per sample
 colour                 RandomApply(ColorJitter(.4, .4, .2, .1), .8),   same, per sample,
@@ -81,8 +88,10 @@ class ViewConfig:
     """Settings of the distillation views; defaults are RECIPE.md's (DINO's crops and colour).
 
     ``global_size``: side of the global view in pixels; ``None`` = the batch's image size
-    (the training resolution, as SigLIP 2). ``global_scale`` / ``local_scale``: the crop's area
-    as a fraction of the image, drawn uniformly. ``ratio``: crop aspect (w/h) range, drawn
+    (the training resolution, as SigLIP 2). ``global_scale``: ``None`` = the full image (the
+    paper: the teacher's representation is "derived from the full image"), or (low, high) for
+    DINO's random-resized crop of that area fraction, e.g. (0.4, 1.0). ``local_scale``: the
+    local crops' area as a fraction of the image, drawn uniformly. ``ratio``: crop aspect (w/h) range, drawn
     log-uniformly. ``local_size``: 96 px gives 6x6 tokens for patch 16 (84 px for /14); the
     tiny demo model (64 px, patch 8) uses 24 px local views (3x3 tokens): its model
     config sets that (``distill.local_grid``). ``brightness``, ``contrast``, ``saturation``,
@@ -94,7 +103,7 @@ class ViewConfig:
     """
 
     global_size: int | None = None
-    global_scale: tuple[float, float] = (0.4, 1.0)
+    global_scale: tuple[float, float] | None = None
     local_scale: tuple[float, float] = (0.05, 0.4)
     local_count: int = 8
     local_size: int = 96
@@ -112,11 +121,13 @@ class ViewConfig:
     def __post_init__(self):
         # yaml gives lists; keep tuples so configs compare and hash the same
         for name in ("global_scale", "local_scale", "ratio"):
+            if name == "global_scale" and self.global_scale is None:
+                continue
             value = tuple(float(v) for v in getattr(self, name))
             if len(value) != 2 or not 0 < value[0] <= value[1]:
                 raise ValueError(f"ViewConfig.{name} must be (low, high) with 0 < low <= high, got {value}")
             setattr(self, name, value)
-        if self.global_scale[1] > 1 or self.local_scale[1] > 1:
+        if (self.global_scale is not None and self.global_scale[1] > 1) or self.local_scale[1] > 1:
             raise ValueError("crop scales are area fractions of the image: at most 1")
         for name in ("flip_p", "jitter_p", "grayscale_p", "mask_ratio"):
             if not 0 <= getattr(self, name) <= 1:
@@ -388,13 +399,18 @@ def color_jitter(images: torch.Tensor, *, generator: torch.Generator | None = No
 
 
 def _views(images: torch.Tensor, generator: torch.Generator | None, count: int, size: int | Sequence[int],
-           scale: Sequence[float], cfg: ViewConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``count`` views of every image, view-major: (views, boxes, flips). Draws boxes, flips,
-    then colour, in that order."""
+           scale: Sequence[float] | None, cfg: ViewConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``count`` views of every image, view-major: (views, boxes, flips). Draws boxes (none for
+    ``scale=None``: the whole image), flips, then colour, in that order."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
     b, _, height, width = images.shape
-    boxes = random_resized_crop_boxes(count * b, height, width, scale, cfg.ratio, generator=generator)
+    if scale is None:
+        boxes = torch.tensor([[0.0, 0.0, float(width), float(height)]]).expand(count * b, 4)
+        if generator is not None:
+            boxes = boxes.to(generator.device)
+    else:
+        boxes = random_resized_crop_boxes(count * b, height, width, scale, cfg.ratio, generator=generator)
     index = torch.arange(b, dtype=boxes.dtype, device=boxes.device).repeat(count)  # view-major
     x = crop_resize(images.float(), torch.cat([index[:, None], boxes], dim=1), size, cfg.sampling_ratio)
     x, flip = random_hflip(x, cfg.flip_p, generator=generator)
@@ -404,9 +420,9 @@ def _views(images: torch.Tensor, generator: torch.Generator | None, count: int, 
 
 
 def global_view(images: torch.Tensor, generator: torch.Generator | None, size: int | Sequence[int] | None = None,
-                scale: Sequence[float] = (0.4, 1.0), *, config: ViewConfig | None = None) -> torch.Tensor:
-    """(B, 3, size, size) float32 in [-1, 1]: one random-resized crop of each image (area
-    fraction in ``scale``), flipped and colour-jittered. ``size`` None = the images' (H, W).
+                scale: Sequence[float] | None = None, *, config: ViewConfig | None = None) -> torch.Tensor:
+    """(B, 3, size, size) float32 in [-1, 1]: each whole image (``scale=None``, the paper's) or
+    one random-resized crop of it (area fraction in ``scale``), flipped and colour-jittered. ``size`` None = the images' (H, W).
     ``config`` supplies the aspect range, flip and colour settings (its scales and sizes are
     not used here: see :func:`make_views`)."""
     cfg = config or ViewConfig()
