@@ -9,9 +9,13 @@ frozen teacher score every image-text pair of it, and the b examples of highest 
 the rank's own super-batch, with a generator seeded by (seed, step, rank), so a resumed run
 chooses what an uninterrupted one would have.
 
-The teacher may be any size, resolution and text length: the super-batch's images are
-resized to its resolution on the device (bilinear, antialiased) and its token ids are cut or
-padded to its length (EOS kept, as the tokenizer does). It must share the learner's
+The teacher may be any size, resolution and text length. Its images: with
+`stage.acid.teacher_pixels=source` (the default) the loader squashes each source image a second
+time, to the teacher's resolution (`teacher_image`, as the cache builder does), so a 384 px
+teacher of a 256 px learner scores pixels as it was trained on, not the learner's upsampled
+again; `batch` resizes the learner's batch on the device instead (bilinear, antialiased: no
+extra loader work, a blurrier view for a bigger teacher, which biases its losses and so the
+ranking). Its token ids are cut or padded to its length (EOS kept, as the tokenizer does). It must share the learner's
 tokenizer: another vocabulary size is an error before anything runs. It is kept outside the
 module tree: not in the checkpoint (the checkpoint records its path), not in the optimiser,
 not wrapped by DDP/FSDP.
@@ -47,10 +51,18 @@ class AcidConfig(CurationConfig):
     `transformers.Siglip2Model`); null only with `method=random` or `filter_ratio=0`, or
     with `teacher_cache`: a file of the teacher's embeddings of every training sample
     (`python -m siglip2.data.curation cache`), read instead of running the teacher.
-    `score_chunk_size`: rows of the pair-loss matrix formed at a time."""
+    `score_chunk_size`: rows of the pair-loss matrix formed at a time. `teacher_pixels`: what a
+    live teacher of another resolution sees, `source` (each image squashed from the source to its
+    size by the loader) or `batch` (the learner's pixels resized on the device)."""
     teacher: str | None = None
     teacher_cache: str | None = None
     score_chunk_size: int = 1024
+    teacher_pixels: str = "source"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.teacher_pixels not in ("source", "batch"):
+            raise ValueError(f"stage.acid.teacher_pixels must be source or batch, got {self.teacher_pixels!r}")
 
 
 class AcidStage(Stage):
@@ -70,11 +82,10 @@ class AcidStage(Stage):
             self.teacher_cache = TeacherCache(self.acid.teacher_cache)
             self.teacher_record = {**self.teacher_cache.teacher, "cache": self.acid.teacher_cache}
             theirs = self.teacher_cache.teacher["model"]["text"]["vocab_size"]
-            v, t = self.model.config.vision, self.model.config.text
-            if (self.teacher_cache.image_size, self.teacher_cache.text_length) != (v.image_size, t.max_len):
+            t = self.model.config.text
+            if self.teacher_cache.text_length != t.max_len:
                 raise ValueError(f"stage.acid.teacher_cache={self.acid.teacher_cache} was built for a learner of "
-                                 f"{self.teacher_cache.image_size} px and {self.teacher_cache.text_length} tokens; "
-                                 f"this one has {v.image_size} px and {t.max_len}")
+                                 f"{self.teacher_cache.text_length} tokens; this one has {t.max_len}")
         elif scores:
             if not self.acid.teacher:
                 raise ValueError(f"stage=acid with method={self.acid.method!r} needs a teacher: "
@@ -105,6 +116,28 @@ class AcidStage(Stage):
         self.init_meta.pop("recipe", None)
 
     # ---- curation ------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """A live teacher of another resolution with `teacher_pixels=source`: ask the loader for
+        `teacher_image` at its size (before the loaders are built)."""
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.teacher_model is None or dm is None:
+            return
+        size, own = int(self.teacher_model.config.vision.image_size), int(self.model.config.vision.image_size)
+        if size == own:
+            return
+        if self.acid.teacher_pixels == "batch":
+            log.info("ACID teacher at %d px scores the learner's %d px batch resized on the device "
+                     "(stage.acid.teacher_pixels=batch)", size, own)
+            return
+        if getattr(dm, "random_resized_crop", False) or getattr(dm, "naflex", None) is not None:
+            raise ValueError("stage.acid.teacher_pixels=source squashes each source image to the teacher's size, "
+                             "but the learner's images are random crops or NaFlex sequences: the teacher would see "
+                             "other pixels. Set stage.acid.teacher_pixels=batch")
+        dm.teacher_image_size = size
+        log.info("ACID teacher at %d px scores each image squashed from the source to %d px (the learner's: %d px)",
+                 size, size, own)
+
     def on_fit_start(self) -> None:
         if self.teacher_model is not None:
             self.teacher_model.to(self.device)
@@ -145,7 +178,8 @@ class AcidStage(Stage):
         if self.teacher_cache is not None:
             return self.teacher_cache.lookup(list(batch["key"]), self.device)
         tok = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None) if self._trainer else None
-        image, text = teacher_inputs(self.teacher_model.config, batch["image"], batch["text"],
+        image = batch.get("teacher_image", batch["image"])  # teacher_pixels=source: at its own size
+        image, text = teacher_inputs(self.teacher_model.config, image, batch["text"],
                                      getattr(tok, "pad_id", None), getattr(tok, "eos_id", None))
         return self.teacher_model.encode_image(image=image).embeds, self.teacher_model.embed_text(text)
 

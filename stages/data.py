@@ -117,9 +117,15 @@ class ImageTextData(L.LightningDataModule):
                      and self.sources and isinstance(self.sources[0], dict) else [self.sources]):
             expand_urls(urls)
 
+    # ACID's teacher at its own resolution (`stage.acid.teacher_pixels=source`): the stage sets
+    # the teacher's image size here before the loaders are built; each training sample then
+    # also carries `teacher_image`, the source image squashed to it (uint8, like `image`).
+    teacher_image_size: int | None = None
+
     def train_dataloader(self):
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         batcher = None
+        extra = {}
         if self.naflex is not None:  # native aspect, planned length per batch (NaFlexBatches)
             from siglip2.data.naflex import NaFlexBatches, NativeImage
 
@@ -128,13 +134,18 @@ class ImageTextData(L.LightningDataModule):
         else:
             transform = ImageTransform(self.image_size, random_resized_crop=self.random_resized_crop,
                                        scale=self.crop_scale, dtype="uint8")  # [-1, 1] on the device
+            if self.teacher_image_size:
+                extra["teacher_image"] = ImageTransform(int(self.teacher_image_size), dtype="uint8")
+        decode = [transform.min_source_size()] + [t.min_source_size() for t in extra.values()]
         locca = LoccaFormat(**self.locca_targets) if self.locca_targets else None
-        sample_fn = TrainSample(self.tokenizer, transform, self.seed, epoch, locca, caption_noise=self.caption_noise)
+        sample_fn = TrainSample(self.tokenizer, transform, self.seed, epoch, locca, caption_noise=self.caption_noise,
+                                extra_images=extra)
         return build_train_loader(
             self.sources, sample_fn, batch_size=self.loader_batch_size, num_batches=self.batches_per_epoch,
             seed=self.seed * 1_000_003 + epoch, num_workers=self.num_workers,
             shuffle_buffer=self.shuffle_buffer, max_pixels=self.max_pixels, reseed_each_iter=False,
-            decode_size=transform.min_source_size() if self.draft_decode else None, batcher=batcher,
+            decode_size=(max(w for w, _ in decode), max(h for _, h in decode)) if self.draft_decode else None,
+            batcher=batcher,
         )
 
     @property

@@ -250,6 +250,8 @@ def test_acid_trains_on_two_ddp_processes_with_a_teacher_of_another_size(cache_d
                       weights_only=True)["siglip2"]
     assert meta["stage"] == "acid" and meta["acid"]["teacher"]["path"] == f"hf:{teacher}"
     assert meta["acid"]["teacher"]["model"]["vision"]["image_size"] == 96
+    # the teacher scored source pixels at its own 96 px (stage.acid.teacher_pixels=source)
+    assert "scores each image squashed from the source to 96 px" in (metrics_path.parent / "train.log").read_text()
     assert meta["examples_seen"] == 3 * 2 * 16  # each rank loads 32 and trains 16
     assert meta["init_from"]["stage"] == "pretrain" and meta["recipe"]["examples"] == 3 * 2 * 16
 
@@ -273,7 +275,7 @@ def test_teacher_cache_gives_the_live_teachers_scores_on_training_batches(cache_
     data = instantiate(cfg.data, _recursive_=False, _convert_="all")
     out = tmp_path / "teacher_cache.pt"
     proc = subprocess.run([sys.executable, "-m", "siglip2.data.curation", "cache", "--teacher", str(ckpt),
-                           "--shards", data.sources, "--tokenizer", str(cfg.tokenizer.path), "--image-size", "64",
+                           "--shards", data.sources, "--tokenizer", str(cfg.tokenizer.path),
                            "--text-length", "40", "--out", str(out), "--batch-size", "50"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": "."},
                           cwd=Path(__file__).resolve().parents[1])
@@ -294,3 +296,57 @@ def test_teacher_cache_gives_the_live_teachers_scores_on_training_batches(cache_
     torch.testing.assert_close(a["learnability"], b["learnability"], atol=1e-4, rtol=1e-4)
     with pytest.raises(KeyError, match="1 of 2 samples are not in the teacher cache"):
         cached.score({**batch, "image": batch["image"][:2], "text": batch["text"][:2], "key": [batch["key"][0], "x"]})
+
+
+@pytest.mark.e2e
+def test_a_teacher_of_another_resolution_scores_source_pixels_live_and_cached(cache_dir, debug_pretrain, tmp_path):
+    """A 96 px teacher of a 64 px learner: with `teacher_pixels=source` (the default) the stage
+    asks the loader for `teacher_image`, each source image squashed to 96 px, and the cache
+    builder decodes at the teacher's size by itself: both give the same teacher losses. The
+    learner's 64 px batch upsampled to 96 px (`teacher_pixels=batch`, the only path before
+    issue 29) gives other losses: the bias this removes."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    from siglip2.data.curation import TeacherCache
+    from stages.runner import build_stage
+    from test_train import compose_cfg
+
+    vocab = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=True)["siglip2"]["model"]["text"]["vocab_size"]
+    teacher = _hf_teacher(tmp_path, vocab=vocab, image_size=96, max_len=40)
+    cfg = compose_cfg(["stage=acid", f"stage.acid.teacher=hf:{teacher}"], cache_dir, tmp_path)
+    data = instantiate(cfg.data, _recursive_=False, _convert_="all")
+    live = build_stage(cfg, vocab_size=data.tokenizer.vocab_size)
+    live._trainer = SimpleNamespace(datamodule=data)
+    live.setup("fit")
+    assert data.teacher_image_size == 96
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image"].shape[-2:] == (64, 64) and batch["teacher_image"].shape[-2:] == (96, 96)
+    assert batch["teacher_image"].dtype == torch.uint8  # made float on the device, as `image`
+    out = tmp_path / "teacher_cache.pt"
+    proc = subprocess.run([sys.executable, "-m", "siglip2.data.curation", "cache", "--teacher", f"hf:{teacher}",
+                           "--shards", data.sources, "--tokenizer", str(cfg.tokenizer.path),
+                           "--text-length", "40", "--out", str(out), "--batch-size", "50"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": "."},
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert TeacherCache(out).image_size == 96
+    cached = build_stage(compose_cfg(["stage=acid", f"stage.acid.teacher_cache={out}"], cache_dir, tmp_path),
+                         vocab_size=data.tokenizer.vocab_size)
+    cached.load_state_dict(live.state_dict())
+    source, from_cache = live.score(batch), cached.score(batch)
+    torch.testing.assert_close(source["teacher"], from_cache["teacher"], atol=1e-4, rtol=1e-4)
+    upsampled = live.score({k: v for k, v in batch.items() if k != "teacher_image"})
+    assert float((upsampled["teacher"] - source["teacher"]).abs().max()) > 1e-3
+    # teacher_pixels=batch: the loader is not asked for a second image
+    data2 = instantiate(cfg.data, _recursive_=False, _convert_="all")
+    batch_mode = build_stage(compose_cfg(["stage=acid", f"stage.acid.teacher=hf:{teacher}",
+                                          "stage.acid.teacher_pixels=batch"], cache_dir, tmp_path),
+                             vocab_size=data.tokenizer.vocab_size)
+    batch_mode._trainer = SimpleNamespace(datamodule=data2)
+    batch_mode.setup("fit")
+    assert data2.teacher_image_size is None and "teacher_image" not in next(iter(data2.train_dataloader()))

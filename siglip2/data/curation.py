@@ -198,8 +198,10 @@ def teacher_inputs(teacher_config, image: torch.Tensor, text: torch.Tensor, pad_
 class TeacherCache:
     """The frozen teacher's embeddings of every training sample, by sample key (a file
     written by `python -m siglip2.data.curation cache`). Exact: the teacher is frozen and the
-    cached inputs are the ones training builds (same resize to the learner's resolution,
-    same ids), which requires a deterministic image transform (no random resized crop).
+    cached inputs are what training would give a live teacher with `teacher_pixels=source` (each
+    source image squashed to the teacher's resolution, the learner's ids), which requires a
+    deterministic image transform (no random resized crop). `image_size`: the pixels the
+    teacher saw.
 
     `lookup(keys)` -> (image_emb, text_emb) rows, (N, D) float32; a key the cache lacks is a
     `KeyError` naming how many and which (a cache built from other shards)."""
@@ -231,11 +233,13 @@ class TeacherCache:
 
 
 @torch.no_grad()
-def build_teacher_cache(teacher_spec: str, urls, tokenizer_path: str, image_size: int, text_length: int,
+def build_teacher_cache(teacher_spec: str, urls, tokenizer_path: str, image_size: int | None, text_length: int,
                         out: str | Path, batch_size: int = 64, num_workers: int = 1, device: str = "cpu",
                         lowercase: bool = True, draft_decode: bool = True) -> Path:
-    """Encode every sample of `urls` once with the teacher, from the inputs training builds
-    for a learner of `image_size` px and `text_length` tokens; write a `TeacherCache` file.
+    """Encode every sample of `urls` once with the teacher: each image decoded and squashed to
+    `image_size` px (None: the teacher's own resolution, as it was trained; not the learner's
+    pixels resized again), the caption as the learner's `text_length` ids; write a
+    `TeacherCache` file.
     `draft_decode` must match the run's `data.draft_decode` (JPEG decoding at a reduced
     scale changes the pixels). Duplicate sample keys are an error (the cache is looked up by key)."""
     from siglip2.data.samples import TrainSample
@@ -250,7 +254,8 @@ def build_teacher_cache(teacher_spec: str, urls, tokenizer_path: str, image_size
     if tok.vocab_size != teacher.config.text.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_path} has {tok.vocab_size} tokens, the teacher {teacher_spec} "
                          f"{teacher.config.text.vocab_size}")
-    transform = ImageTransform(int(image_size))
+    image_size = int(image_size or teacher.config.vision.image_size)
+    transform = ImageTransform(image_size)
     sample_fn = TrainSample(tok, transform, seed=0, epoch=0, locca=None)
     loader = build_eval_loader(urls, sample_fn, batch_size=batch_size, num_workers=num_workers,
                                decode_size=transform.min_source_size() if draft_decode else None)
@@ -287,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--teacher", required=True, help="our checkpoint or hf:<Siglip2Model folder>")
     c.add_argument("--shards", required=True, help="the training shard pattern (data.train)")
     c.add_argument("--tokenizer", required=True, help="the run's tokenizer (.model file or folder)")
-    c.add_argument("--image-size", type=int, required=True, help="the learner's image size (model.vision.image_size)")
+    c.add_argument("--image-size", type=int, default=None,
+                   help="the size the teacher sees each image at (default: its own model.vision.image_size)")
     c.add_argument("--text-length", type=int, required=True, help="the learner's text length (model.text.max_len)")
     c.add_argument("--out", required=True)
     c.add_argument("--batch-size", type=int, default=64)

@@ -69,14 +69,20 @@ class TrainSample:
     ``caption_noisy`` (a bool; the batch a (B,) bool tensor): whether its caption was replaced
     (the first sample a worker sees has no other caption to take and stays clean).
     Raises ``ValueError`` for p outside [0, 1).
+
+    ``extra_images``: more views of the same decoded image, by batch key, each from its own
+    deterministic transform (no boxes), e.g. ``{"teacher_image": ImageTransform(384)}``: ACID's
+    teacher at its own resolution from the source pixels, not the learner's resized again.
     """
 
     NOISE_POOL = 64
 
     def __init__(self, tokenizer: Tokenizer, transform: ImageTransform, seed: int, epoch: int,
-                 locca: LoccaFormat | None = None, caption_noise: float = 0.0):
+                 locca: LoccaFormat | None = None, caption_noise: float = 0.0,
+                 extra_images: dict[str, ImageTransform] | None = None):
         self.tokenizer = tokenizer
         self.transform = transform
+        self.extra_images = dict(extra_images or {})
         self.seed, self.epoch = seed, epoch
         self.locca_format = locca
         if not 0.0 <= float(caption_noise) < 1.0:
@@ -114,6 +120,8 @@ class TrainSample:
         caption, noisy = self._caption(sample)
         out: dict[str, Any] = {"image": image, "caption": caption, "key": sample.key,
                                "lang": _language(sample.meta)}
+        for name, transform in self.extra_images.items():
+            out[name] = transform(sample.image, None)[0]
         if self.caption_noise > 0.0:
             out["caption_noisy"] = torch.tensor(noisy)
         if self.locca_format is not None:

@@ -31,11 +31,12 @@ def to_unit_range(img_uint8: torch.Tensor) -> torch.Tensor:
     return img_uint8.to(torch.float32).div_(127.5).sub_(1.0)
 
 
-PIXEL_KEYS = ("image", "patches")
+PIXEL_KEYS = ("image", "patches", "teacher_image")  # teacher_image: ACID's teacher at its own size
 
 
 def normalize_pixels(batch: dict) -> dict:
-    """A training batch's uint8 pixels (`image` (B, 3, H, W), NaFlex `patches` (B, L, p*p*3))
+    """A training batch's uint8 pixels (`image` (B, 3, H, W), NaFlex `patches` (B, L, p*p*3),
+    ACID's `teacher_image` (B, 3, S, S))
     -> float32 in [-1, 1], on whatever device they are; float pixels and other keys pass
     unchanged. The stage calls this after the batch reached its device (the loader's workers
     never produce float32 pixels: 4x less to collate, pin and copy)."""
