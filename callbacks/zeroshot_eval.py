@@ -21,8 +21,10 @@ log = logging.getLogger(__name__)
 
 class ZeroShotEval(L.Callback):
     def __init__(self, sets: list[str], every_n_steps: int = 0, batch_size: int = 128, num_workers: int = 0,
-                 max_batches: int | None = None, num_examples: int = 8, naflex_seq_len: int | None = None):
-        """`naflex_seq_len`: evaluate NaFlex-style (own aspect ratio, at most that many patches)."""
+                 max_batches: int | None = None, num_examples: int = 8, naflex_seq_len: int | None = None,
+                 refexp_probe: dict | None = None):
+        """`naflex_seq_len`: evaluate NaFlex-style (own aspect ratio, at most that many patches).
+        `refexp_probe`: train a fresh decoder on the frozen tower for refexp sets (`eval.refexp_probe`)."""
         sets = [sets] if isinstance(sets, str) else sets  # eval.sets=/a.yaml without brackets
         self.sets = [load_eval_set(s) for s in (sets or [])]
         self.every_n_steps = int(every_n_steps or 0)
@@ -30,6 +32,7 @@ class ZeroShotEval(L.Callback):
         self.max_batches = max_batches
         self.num_examples = num_examples
         self.naflex_seq_len = int(naflex_seq_len) if naflex_seq_len else None
+        self.refexp_probe = None if refexp_probe is None else dict(refexp_probe)
         self.final_metrics: dict[str, float] = {}
         self._last_step = -1
 
@@ -45,6 +48,7 @@ class ZeroShotEval(L.Callback):
             device=pl_module.device, batch_size=self.batch_size, num_workers=self.num_workers,
             max_batches=self.max_batches, decoder=decoder,
             keep_examples=self.num_examples if trainer.is_global_zero else 0, naflex_seq_len=self.naflex_seq_len,
+            refexp_probe=self.refexp_probe,
         )
         tables, examples = results.pop("_tables", {}), results.pop("_examples", {})
         numbers = {k: float(v) for k, v in results.items()}

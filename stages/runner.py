@@ -323,6 +323,13 @@ def _match_checkpoint_data(cfg: DictConfig, ckpt) -> None:
                              "eval.sets='[/path/to/set.yaml]' (or eval=demo to evaluate it on the demo anyway)")
 
 
+def _plain(value):
+    """A DictConfig (or None) as plain Python containers."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     from stages.quiet import quiet_known_noise
 
@@ -356,7 +363,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         list(cfg.eval.sets), model=model, tokenizer=tokenizer, image_size=ckpt.image_size, device=cfg.device,
         batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers),
         max_batches=cfg.eval.get("max_batches"), decoder=decoder, naflex_seq_len=cfg.eval.get("naflex_seq_len"),
-        aspect_min=cfg.eval.get("aspect_min"),
+        aspect_min=cfg.eval.get("aspect_min"), refexp_probe=_plain(cfg.eval.get("refexp_probe")),
     )
     results.pop("_tables", None)
     results.pop("_examples", None)

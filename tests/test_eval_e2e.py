@@ -129,3 +129,40 @@ def test_export_cli_gives_a_folder_transformers_loads(trained, tmp_path):
         # HF's text pooler output is head(last token): the text embedding before normalisation.
         torch.testing.assert_close(hf.text_model(input_ids=text).pooler_output, ours.encode_text(text),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_refexp_probe_trains_a_fresh_decoder_beside_the_models_own(trained, tmp_path):
+    """`eval.refexp_probe` (the paper's Table 5 protocol): eval.py trains a fresh decoder on the
+    frozen tower with the set's training keys and scores the held-out ones, beside the model's
+    own LocCa decoder on the same regions; a model without a decoder is scored by the probe
+    alone (before, its refexp sets were skipped)."""
+    from siglip2.data.demo import ensure_demo
+    from siglip2.data.tokenizer import build_tokenizer
+    from siglip2.eval.suite import evaluate_all
+    from siglip2.checkpoint import read_checkpoint
+
+    cache, ckpt = trained
+    env = dict(os.environ, WANDB_MODE="disabled")
+    proc = subprocess.run(
+        [sys.executable, "eval.py", f"ckpt_path={ckpt}", "data.demo.num_train=400", f"paths.cache_dir={cache}",
+         f"paths.log_dir={tmp_path}", "eval.sets=[${data.demo.root}/eval/refexp/refexp.yaml]",
+         "eval.refexp_probe={steps: 3, batch_size: 8}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads(next(tmp_path.glob("eval/runs/*/metrics.json")).read_text())
+    p = "refexp/demo_refexp/"
+    total = metrics[p + "num_regions"]
+    assert metrics[p + "probe_num_train_regions"] + metrics[p + "probe_num_test_regions"] == total
+    assert 0.3 * total < metrics[p + "probe_num_train_regions"] < 0.7 * total  # half the keys, by hash
+    for key in ("acc@0.5", "probe_acc@0.5", "probe_own_decoder_acc@0.5"):
+        assert 0.0 <= metrics[p + key] <= 1.0 and p + key in proc.stdout, key
+    # a model without a LocCa decoder: only the probe scores it
+    demo = ensure_demo(cache / "demo-n400-s0", num_train=400, seed=0)
+    model = read_checkpoint(str(ckpt)).model("student")
+    tok = build_tokenizer(demo.tokenizer_path, length=model.config.text.max_len)
+    res = evaluate_all([demo.refexp_yaml], model=model, tokenizer=tok, image_size=model.config.vision.image_size,
+                       batch_size=200, decoder=None, refexp_probe={"steps": 2, "batch_size": 8})
+    assert p + "acc@0.5" not in res and p + "probe_own_decoder_acc@0.5" not in res
+    assert res[p + "probe_num_test_regions"] > 0 and 0.0 <= res[p + "probe_acc@0.5"] <= 1.0
+    assert evaluate_all([demo.refexp_yaml], model=model, tokenizer=tok, image_size=64, batch_size=200) == {
+        "_tables": {}, "_examples": {}}  # without the probe a decoder-less model is skipped, as before

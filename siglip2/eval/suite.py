@@ -233,13 +233,17 @@ def evaluate_set(
     keep_examples: int = 0,
     naflex_seq_len: int | None = None,
     aspect_min: float | None = None,
+    refexp_probe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Metrics of one set, keyed `<task>/<set name>/<metric>`, plus `_examples`/`_tables` extras.
 
     `naflex_seq_len`: zero-shot, retrieval and refexp see each image at its own aspect ratio
     with at most that many patches (a NaFlex model, `eval.naflex_seq_len=256`); the dense
     probe, which needs a fixed grid, keeps the square `image_size` view. `aspect_min`: only
-    images at least that elongated (see `EvalSample`)."""
+    images at least that elongated (see `EvalSample`). `refexp_probe`: `RefexpProbeConfig`
+    keys (None = off): refexp sets also train a fresh decoder on the frozen tower and report
+    `probe_acc@0.5` (:mod:`siglip2.eval.refexp_probe`, the paper's Table 5 protocol), which
+    also scores a model without a LocCa decoder."""
     sample_fn = EvalSample(es, image_size, naflex_seq_len, getattr(getattr(model, "config", None), "vision", None)
                            and model.config.vision.patch_size, aspect_min)
     loader = _CountedLoader(build_eval_loader(es.urls, sample_fn, batch_size=batch_size, num_workers=num_workers,
@@ -250,21 +254,24 @@ def evaluate_set(
     try:
         # CUDA: towers in bf16 autocast, other float32 matmuls in TF32; CPU: fp32 (eval.precision)
         with eval_precision(device):
-            return _run_task(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder)
+            return _run_task(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder,
+                             refexp_probe)
     finally:
         model.train(was_training)
 
 
-def _run_task(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder) -> dict[str, Any]:
+def _run_task(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder,
+              refexp_probe=None) -> dict[str, Any]:
     if es.task == "zeroshot":
         out = _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder)
     elif es.task == "retrieval":
         out = _retrieval(model, tokenizer, loader, device, max_batches, prefix)
     elif es.task == "refexp":
-        if decoder is None:
-            log.info("skipping %s: this stage has no LocCa decoder", prefix)
+        if decoder is None and refexp_probe is None:
+            log.info("skipping %s: this stage has no LocCa decoder (eval.refexp_probe trains one on the frozen "
+                     "tower)", prefix)
             return {}
-        out = _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder)
+        out = _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder, refexp_probe)
     else:
         out = _segmentation(es, model, loader, device, max_batches, prefix)
     delivered = next((v for k, v in out.items() if k.endswith("/num_images")), None)
@@ -400,21 +407,38 @@ def _retrieval(model, tokenizer, loader, device, max_batches, prefix):
 
 
 
-def _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder):
-    """Every region of every image is one query: its caption in, a box out, hit at IoU >= 0.5."""
+def _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder, refexp_probe=None):
+    """Every region of every image is one query: its caption in, a box out, hit at IoU >= 0.5,
+    by the model's own LocCa decoder (`acc@0.5`, whole set) and/or, with `refexp_probe`, by a
+    fresh decoder trained on the set's training keys (`probe_acc@0.5`, held-out keys)."""
     hits, total = torch.zeros((), device=device), torch.zeros((), device=device)
+    rows = []  # the probe's per-image tokens, kept only when it runs
     for batch in _batches(loader, max_batches):
         img = _encode(model, batch, device)
-        rows = [(i, r) for i, regions in enumerate(batch["regions"]) for r in regions]
-        index = torch.tensor([i for i, _ in rows], device=device)
+        if refexp_probe is not None:
+            for i, regions in enumerate(batch["regions"]):
+                rows.append({"key": batch["key"][i], "regions": regions, "tokens": img.tokens[i].float(),
+                             "token_mask": None if img.token_mask is None else img.token_mask[i]})
+        if decoder is None:
+            continue
+        queries = [(i, r) for i, regions in enumerate(batch["regions"]) for r in regions]
+        index = torch.tensor([i for i, _ in queries], device=device)
         tokens = img.tokens[index]
         mask = img.token_mask[index] if img.token_mask is not None else None
         with tower_autocast(device):
-            predicted = predict_boxes(decoder, tokens, mask, tokenizer, [r["caption"] for _, r in rows])
-        hits += refexp_accuracy(predicted, [r["box"] for _, r in rows]) * len(rows)
-        total += len(rows)
-    hits, total = dist_utils.all_reduce_sum(hits), dist_utils.all_reduce_sum(total)
-    return {f"{prefix}/acc@0.5": float(hits / total.clamp_min(1)), f"{prefix}/num_regions": float(total)}
+            predicted = predict_boxes(decoder, tokens, mask, tokenizer, [r["caption"] for _, r in queries])
+        hits += refexp_accuracy(predicted, [r["box"] for _, r in queries]) * len(queries)
+        total += len(queries)
+    out: dict[str, Any] = {}
+    if decoder is not None:
+        hits, total = dist_utils.all_reduce_sum(hits), dist_utils.all_reduce_sum(total)
+        out = {f"{prefix}/acc@0.5": float(hits / total.clamp_min(1)), f"{prefix}/num_regions": float(total)}
+    if refexp_probe is not None:
+        from siglip2.eval.refexp_probe import RefexpProbeConfig, run_refexp_probe
+
+        res = run_refexp_probe(model, rows, tokenizer, device, RefexpProbeConfig.from_dict(refexp_probe), decoder)
+        out.update({f"{prefix}/{k}": v for k, v in res.items()})
+    return out
 
 
 def evaluate_all(sets: list[str | EvalSet], **kwargs: Any) -> dict[str, Any]:
