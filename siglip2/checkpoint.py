@@ -121,12 +121,29 @@ class Checkpoint:
         return int(self.model_config.vision.image_size)
 
 
+def read_hf_folder(folder: str) -> Checkpoint:
+    """A transformers folder (`SiglipModel` or `Siglip2Model`: a released `google/siglip2-*`
+    download or our export) as a `Checkpoint` of stage "hf": the two towers, logit scale and
+    bias (`siglip2.export.hf.from_hf`: a fixed-resolution model keeps its own image size, a
+    multiple of the patch or not); no loss modules, no recorded tokenizer (the folder's own is
+    used by eval.py). Raises `ValueError` for another kind of model."""
+    from siglip2.export.hf import from_hf
+
+    model = from_hf(folder)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    return Checkpoint(path=f"hf:{folder}", stage="hf", model_config=model.config, loss_configs={}, state_dict=state,
+                      meta={"stage": "hf"})
+
+
 def read_checkpoint(path: str) -> Checkpoint:
-    """Read a checkpoint written by any stage (formats 1 and 2) on the CPU.
+    """Read a checkpoint written by any stage (formats 1 and 2) on the CPU; `hf:<folder>`
+    reads a transformers folder (`read_hf_folder`).
 
     Raises `ValueError` if the file is not a siglip2 stage checkpoint, or if it holds more
     than tensors and plain values (`load_plain`: reading it never runs pickled code).
     """
+    if str(path).startswith("hf:"):
+        return read_hf_folder(str(path)[3:])
     if Path(path).is_dir():  # DeepSpeed's checkpoint directories: fp32 masters from the ZeRO shards
         from siglip2.checkpoint_zero import is_zero_checkpoint, read_zero_checkpoint
 

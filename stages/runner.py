@@ -323,6 +323,16 @@ def _match_checkpoint_data(cfg: DictConfig, ckpt) -> None:
                              "eval.sets='[/path/to/set.yaml]' (or eval=demo to evaluate it on the demo anyway)")
 
 
+def _hf_folder_tokenizer(folder: str) -> str:
+    """The tokenizer of a transformers folder (`ckpt_path=hf:<folder>`): the folder itself when it
+    holds one (a released download's Gemma tokenizer, our export's), else a clear error."""
+    if any((Path(folder) / name).exists() for name in ("tokenizer.json", "tokenizer.model", "spiece.model",
+                                                       "tokenizer_config.json")):
+        return folder
+    raise ValueError(f"ckpt_path=hf:{folder}: the folder holds no tokenizer; name the one the model was trained "
+                     "with: tokenizer.path=<.model file or folder>")
+
+
 def _plain(value):
     """A DictConfig (or None) as plain Python containers."""
     from omegaconf import DictConfig, OmegaConf
@@ -354,8 +364,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     decoder = ckpt.locca_decoder()
     decoder = decoder.to(cfg.device) if decoder is not None else None
     configured = _select(cfg, "tokenizer.path")
-    path = resolve_checkpoint_tokenizer(ckpt.meta.get("tokenizer"), str(configured) if configured else None,
-                                        explicit=_overridden("tokenizer"), what=f"checkpoint {cfg.ckpt_path}")
+    if ckpt.stage == "hf" and not _overridden("tokenizer"):  # a transformers folder: its own tokenizer
+        path = _hf_folder_tokenizer(str(cfg.ckpt_path)[3:])
+    else:
+        path = resolve_checkpoint_tokenizer(ckpt.meta.get("tokenizer"), str(configured) if configured else None,
+                                            explicit=_overridden("tokenizer"), what=f"checkpoint {cfg.ckpt_path}")
     log.info("tokenizer: %s", path)
     tokenizer = build_tokenizer(path, length=int(ckpt.model_config.text.max_len),
                                 lowercase=bool((ckpt.meta.get("tokenizer") or {}).get("lowercase", cfg.tokenizer.lowercase)))

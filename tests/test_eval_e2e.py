@@ -166,3 +166,39 @@ def test_refexp_probe_trains_a_fresh_decoder_beside_the_models_own(trained, tmp_
     assert res[p + "probe_num_test_regions"] > 0 and 0.0 <= res[p + "probe_acc@0.5"] <= 1.0
     assert evaluate_all([demo.refexp_yaml], model=model, tokenizer=tok, image_size=64, batch_size=200) == {
         "_tables": {}, "_examples": {}}  # without the probe a decoder-less model is skipped, as before
+
+
+def test_eval_py_reads_a_transformers_folder_as_it_reads_the_checkpoint(trained, tmp_path):
+    """`eval.py ckpt_path=hf:<folder>`: a transformers folder (a released download's layout; here
+    the checkpoint's export, fixed-resolution `SiglipModel` and NaFlex `Siglip2Model`) is
+    evaluated with the folder's own tokenizer, to the same numbers as the checkpoint itself."""
+    from siglip2.export.__main__ import main
+
+    cache, ckpt = trained
+    env = dict(os.environ, WANDB_MODE="disabled")
+    sets = "eval.sets=[${data.demo.root}/eval/zeroshot/zeroshot.yaml,${data.demo.root}/eval/retrieval/retrieval.yaml]"
+
+    def run(path, out, *extra):
+        proc = subprocess.run(
+            [sys.executable, "eval.py", f"ckpt_path={path}", "data.demo.num_train=400", f"paths.cache_dir={cache}",
+             f"paths.log_dir={out}", sets, "eval.max_batches=1", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(next(out.glob("eval/runs/*/metrics.json")).read_text()), proc.stdout + proc.stderr
+
+    fixed = main([f"ckpt_path={ckpt}", "format=hf", f"out={tmp_path / 'fixed'}"])
+    naflex = main([f"ckpt_path={ckpt}", "format=siglip2", f"out={tmp_path / 'naflex'}"])
+    own, _ = run(ckpt, tmp_path / "own")
+    for folder in (fixed, naflex):
+        theirs, log_text = run(f"hf:{folder}", tmp_path / f"hf_{folder.name}")
+        assert f"tokenizer: {folder}" in log_text
+        for key in ("zeroshot/demo_zeroshot/top1", "zeroshot/demo_zeroshot/top5",
+                    "retrieval/demo_retrieval/image_to_text_R@5", "retrieval/demo_retrieval/text_to_image_R@5"):
+            assert theirs[key] == pytest.approx(own[key], abs=1e-6), (folder.name, key)
+    empty = tmp_path / "no_tokenizer"
+    empty.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (empty / name).write_bytes((fixed / name).read_bytes())
+    proc = subprocess.run([sys.executable, "eval.py", f"ckpt_path=hf:{empty}", f"paths.cache_dir={cache}",
+                           "data.demo.num_train=400", f"paths.log_dir={tmp_path}", sets], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "holds no tokenizer" in proc.stderr, proc.stderr[-2000:]

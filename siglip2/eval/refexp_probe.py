@@ -53,7 +53,7 @@ class RefexpProbeConfig:
     its depth, at least 1). ``bins``: box quantisation (pretraining's
     ``stage.losses.locca.targets.bins``, 500)."""
 
-    steps: int = 300
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
