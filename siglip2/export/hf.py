@@ -31,6 +31,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from ..model import SigLIP2, SigLIP2Config, TextConfig, VisionConfig
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,8 @@ def to_hf_fixed(model: SigLIP2, special_ids: dict | None = None):
         state[key + "position_embedding.weight"] = resize_posemb(
             state[key + "position_embedding.weight"], (grid, grid), "hf").reshape(grid * grid, -1)
     p = next(model.parameters())
-    hf = SiglipModel(siglip_config(model.config, special_ids)).to(device=p.device, dtype=p.dtype)
+    with torch.device(p.device):  # built where the weights are (meta: no allocation, no init pass)
+        hf = SiglipModel(siglip_config(model.config, special_ids)).to(dtype=p.dtype)
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.endswith("position_ids")]:
         raise RuntimeError(f"SiglipModel layout mismatch: missing {missing}, unexpected {unexpected}")
@@ -121,7 +124,8 @@ def to_hf(model: SigLIP2, special_ids: dict | None = None):
     from transformers import Siglip2Model
 
     p = next(model.parameters())
-    hf = Siglip2Model(hf_config(model.config, special_ids)).to(device=p.device, dtype=p.dtype)
+    with torch.device(p.device):
+        hf = Siglip2Model(hf_config(model.config, special_ids)).to(dtype=p.dtype)
     hf.load_state_dict(model.state_dict(), strict=True)
     return hf.train(model.training)
 
@@ -140,7 +144,8 @@ def from_hf(hf_model_or_dir, image_size: int | None = None) -> SigLIP2:
     p = next(hf.parameters())
     if hf.config.model_type == "siglip":
         return _from_siglip(hf, p)
-    model = SigLIP2(our_config(hf.config, image_size)).to(device=p.device, dtype=p.dtype)
+    with torch.device(p.device):  # built where the weights are (meta: no allocation, no init pass)
+        model = SigLIP2(our_config(hf.config, image_size)).to(dtype=p.dtype)
     model.load_state_dict(hf.state_dict(), strict=True)
     return model.train(hf.training)
 
@@ -161,7 +166,8 @@ def _from_siglip(hf, p) -> SigLIP2:
     key = "vision_model.embeddings.patch_embedding.weight"
     w = state[key]  # (D, C, p, p)
     state[key] = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
-    model = SigLIP2(cfg).to(device=p.device, dtype=p.dtype)
+    with torch.device(p.device):
+        model = SigLIP2(cfg).to(dtype=p.dtype)
     model.load_state_dict(state, strict=True)
     return model.train(hf.training)
 
