@@ -3,7 +3,9 @@
 Turns a training checkpoint (any stage) into a folder transformers loads, with the image
 processor of the transform that stage trained with (`format=hf`, the default): a NaFlex
 checkpoint as `Siglip2Model` + `Siglip2ImageProcessor` (aspect kept), any other stage's as
-`SiglipModel` + `SiglipImageProcessor` (square resize), as Google released SigLIP 2.
+`SiglipModel` + `SiglipImageProcessor` (square resize), as Google released SigLIP 2; a
+checkpoint that started from a transformers folder (`init_from=hf:`, `experiment=finetune`)
+in that folder's layout.
 `format=siglip2` / `format=siglip` force one layout (a fixed-resolution model as a
 `Siglip2Model` embeds non-square images differently from training: the log says so).
 The tokenizer the checkpoint recorded (and its lower-casing) is written so that transformers'
@@ -25,6 +27,20 @@ def load_checkpoint_model(path: str, which: str = "student"):
     from siglip2.checkpoint import read_checkpoint
 
     return read_checkpoint(path).model(which)
+
+
+def _released_layout(ckpt) -> str | None:
+    """"naflex" / "fixed" when the checkpoint's weights came from a transformers folder
+    (`init_from=hf:<folder>`, e.g. `experiment=finetune`) that is still there: a `Siglip2Model`
+    or a `SiglipModel` folder; None otherwise."""
+    import json
+
+    path = str((ckpt.meta.get("init_from") or {}).get("path") or "")
+    config = Path(path[3:]) / "config.json" if path.startswith("hf:") else None
+    if config is None or not config.is_file():
+        return None
+    kind = json.loads(config.read_text()).get("model_type")
+    return {"siglip2": "naflex", "siglip": "fixed"}.get(kind)
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
@@ -62,6 +78,13 @@ def main(argv: list[str]) -> Path:
     out = Path(args.get("out") or Path(args["ckpt_path"]).with_suffix("").as_posix() + "_hf")
     ckpt = read_checkpoint(args["ckpt_path"])
     trained = "naflex" if ckpt.stage == "naflex" else "fixed"
+    released = _released_layout(ckpt)
+    if fmt == "hf" and released and released != trained:  # a fine-tuned release: its own layout back
+        print(f"the checkpoint started from {ckpt.meta['init_from']['path']}, a "
+              f"{'Siglip2Model' if released == 'naflex' else 'SiglipModel'}: exporting that layout"
+              + (" (trained on square images: non-square ones embed differently from training)"
+                 if released == "naflex" else ""), file=sys.stderr)
+        trained = released
     preprocessing = {"hf": trained, "siglip2": "naflex", "siglip": "fixed"}[fmt]
     if preprocessing != trained:
         print(f"warning: stage {ckpt.stage!r} trained with the {trained} transform; this export's processor applies "

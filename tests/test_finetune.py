@@ -1,0 +1,63 @@
+"""`experiment=finetune` as a user runs it (issue 29): a transformers folder in a released
+layout (a tiny random `SiglipModel` / `Siglip2Model` standing in for google/siglip2-*),
+fine-tuned on the demo with README's command, exported back to the folder's own layout, which
+transformers loads with `from_pretrained` and `AutoProcessor`; every tensor keeps its name,
+shape and dtype."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import cli
+
+pytestmark = pytest.mark.e2e
+
+
+def _released_folder(kind: str, vocab: int, out: Path) -> Path:
+    """A tiny random folder with the demo model's shapes (conf/model/tiny.yaml) and vocabulary."""
+    from transformers import Siglip2Config, Siglip2Model, SiglipConfig, SiglipModel
+
+    vision = dict(hidden_size=128, num_hidden_layers=4, intermediate_size=512, num_attention_heads=4, patch_size=8)
+    text = dict(hidden_size=128, num_hidden_layers=4, intermediate_size=512, num_attention_heads=4,
+                vocab_size=vocab, max_position_embeddings=40, projection_size=128)
+    torch.manual_seed(0)
+    if kind == "fixed":
+        model = SiglipModel(SiglipConfig(vision_config=dict(vision, image_size=64), text_config=text))
+    else:
+        model = Siglip2Model(Siglip2Config(vision_config=dict(vision, num_patches=64), text_config=text))
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["fixed", "naflex"])
+def test_finetune_a_released_folder_and_export_its_layout_back(kind, cache_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoProcessor
+
+    from siglip2.data.demo import ensure_demo
+    from siglip2.data.tokenizer import build_tokenizer
+    from siglip2.export.__main__ import main as export
+
+    demo = ensure_demo(str(cache_dir / "demo-n400-s0"), num_train=400, seed=0)
+    vocab = build_tokenizer(str(demo.tokenizer_path), length=40).vocab_size
+    folder = _released_folder(kind, vocab, tmp_path / "released")
+    proc = cli(["debug=fast", "experiment=finetune", f"init_from=hf:{folder}", "trainer.max_steps=3"], cache_dir,
+               tmp_path / "logs")
+    out = proc.stdout + proc.stderr
+    assert "starting fresh (never released): nothing" in out, out[-3000:]  # the sigmoid loss alone
+    ckpt = next((tmp_path / "logs").glob("debug/runs/*/checkpoints/last.ckpt"))
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    meta = raw["siglip2"]
+    assert meta["init_from"]["path"] == f"hf:{folder}" and raw["global_step"] == 3
+    assert set(meta["losses"]) == {"sigmoid"}
+    exported = export([f"ckpt_path={ckpt}", f"out={tmp_path / 'export'}"])
+    hf = AutoModel.from_pretrained(exported)
+    assert type(hf).__name__ == ("SiglipModel" if kind == "fixed" else "Siglip2Model")  # the folder's layout
+    AutoProcessor.from_pretrained(exported)  # tokenizer and image processor written with it
+    before, after = load_file(folder / "model.safetensors"), load_file(exported / "model.safetensors")
+    assert {k: (v.shape, v.dtype) for k, v in before.items()} == {k: (v.shape, v.dtype) for k, v in after.items()}
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "vision_model.embeddings.patch_embedding.weight" in moved and "logit_scale" in moved  # it trained
