@@ -61,3 +61,64 @@ def test_finetune_a_released_folder_and_export_its_layout_back(kind, cache_dir, 
     assert {k: (v.shape, v.dtype) for k, v in before.items()} == {k: (v.shape, v.dtype) for k, v in after.items()}
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert "vision_model.embeddings.patch_embedding.weight" in moved and "logit_scale" in moved  # it trained
+
+
+@torch.no_grad()
+def test_real_photos_through_eval_py_and_transformers_give_the_same_zero_shot_probabilities(cache_dir, tmp_path):
+    """scikit-image's bundled photos (`python -m siglip2.data.photos`) as a zero-shot set: a
+    released-layout folder (tiny, random) fine-tuned and exported, then `eval.py
+    ckpt_path=hf:<export>` scores all 8, and our import with our eval transform gives the
+    zero-shot probabilities of transformers' own `AutoProcessor` + `AutoModel` on the photos."""
+    import json
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    from siglip2.data.demo import ensure_demo
+    from siglip2.data.photos import PHOTOS, write_photo_set
+    from siglip2.data.shards import build_eval_loader
+    from siglip2.data.tokenizer import build_tokenizer
+    from siglip2.eval.suite import EvalSample, load_eval_set
+    from siglip2.export.__main__ import main as export
+    from siglip2.export.hf import from_hf
+    from test_train import ROOT
+
+    demo = ensure_demo(str(cache_dir / "demo-n400-s0"), num_train=400, seed=0)
+    vocab = build_tokenizer(str(demo.tokenizer_path), length=40).vocab_size
+    folder = _released_folder("fixed", vocab, tmp_path / "released")
+    cli(["debug=fast", "experiment=finetune", f"init_from=hf:{folder}", "trainer.max_steps=2"], cache_dir,
+        tmp_path / "logs")
+    ckpt = next((tmp_path / "logs").glob("debug/runs/*/checkpoints/last.ckpt"))
+    exported = export([f"ckpt_path={ckpt}", f"out={tmp_path / 'export'}"])
+    photos = write_photo_set(tmp_path / "photos")
+    proc = subprocess.run([sys.executable, "eval.py", f"ckpt_path=hf:{exported}", f"eval.sets=[{photos}]",
+                           f"paths.log_dir={tmp_path / 'eval'}", f"paths.cache_dir={cache_dir}"], cwd=ROOT,
+                          env=dict(os.environ, WANDB_MODE="disabled"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(next((tmp_path / "eval").glob("eval/runs/*/metrics.json")).read_text())
+    assert metrics["zeroshot/photos/num_images"] == len(PHOTOS) and 0 <= metrics["zeroshot/photos/top1"] <= 1
+
+    es = load_eval_set(photos)
+    prompts = [es.templates[0].format(c=c) for c in es.classnames]
+    ours = from_hf(exported).eval()
+    tok = build_tokenizer(str(exported), length=ours.config.text.max_len)
+    batch = next(iter(build_eval_loader(es.urls, EvalSample(es, ours.config.vision.image_size), batch_size=8)))
+    image = batch["image"].float().div(127.5).sub(1) if batch["image"].dtype == torch.uint8 else batch["image"]
+    o = ours(image, tok(prompts))
+    mine = torch.sigmoid(o["image_emb"] @ o["text_emb"].t() * o["logit_scale"] + o["logit_bias"])
+    hf, processor = AutoModel.from_pretrained(exported).eval(), AutoProcessor.from_pretrained(exported)
+    pics = [Image.open(io) for io in _photo_files(es)]
+    inputs = processor(text=prompts, images=pics, padding="max_length", max_length=40, return_tensors="pt")
+    theirs = torch.sigmoid(hf(**inputs).logits_per_image)
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
+def _photo_files(es):
+    """The set's JPEG bytes in shard order, as file objects."""
+    import io
+    import tarfile
+
+    with tarfile.open(str(es.urls[0]) if isinstance(es.urls, list) else es.urls) as tar:
+        return [io.BytesIO(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".jpg")]
