@@ -136,7 +136,10 @@ class ImageTextData(L.LightningDataModule):
                                        scale=self.crop_scale, dtype="uint8")  # [-1, 1] on the device
             if self.teacher_image_size:
                 extra["teacher_image"] = ImageTransform(int(self.teacher_image_size), dtype="uint8")
+        # draft decoding may shrink a JPEG to the largest size any transform needs (NaFlex: None, no draft)
         decode = [transform.min_source_size()] + [t.min_source_size() for t in extra.values()]
+        decode_size = None if not self.draft_decode or None in decode else (
+            max(w for w, _ in decode), max(h for _, h in decode))
         locca = LoccaFormat(**self.locca_targets) if self.locca_targets else None
         sample_fn = TrainSample(self.tokenizer, transform, self.seed, epoch, locca, caption_noise=self.caption_noise,
                                 extra_images=extra)
@@ -144,8 +147,7 @@ class ImageTextData(L.LightningDataModule):
             self.sources, sample_fn, batch_size=self.loader_batch_size, num_batches=self.batches_per_epoch,
             seed=self.seed * 1_000_003 + epoch, num_workers=self.num_workers,
             shuffle_buffer=self.shuffle_buffer, max_pixels=self.max_pixels, reseed_each_iter=False,
-            decode_size=(max(w for w, _ in decode), max(h for _, h in decode)) if self.draft_decode else None,
-            batcher=batcher,
+            decode_size=decode_size, batcher=batcher,
         )
 
     @property
