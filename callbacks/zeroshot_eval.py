@@ -24,7 +24,8 @@ class ZeroShotEval(L.Callback):
                  max_batches: int | None = None, num_examples: int = 8, naflex_seq_len: int | None = None,
                  refexp_probe: dict | None = None):
         """`naflex_seq_len`: evaluate NaFlex-style (own aspect ratio, at most that many patches).
-        `refexp_probe`: train a fresh decoder on the frozen tower for refexp sets (`eval.refexp_probe`)."""
+        `refexp_probe`: train a fresh decoder on the frozen tower for refexp sets (`eval.refexp_probe`),
+        in the evaluation when training ends only."""
         sets = [sets] if isinstance(sets, str) else sets  # eval.sets=/a.yaml without brackets
         self.sets = [load_eval_set(s) for s in (sets or [])]
         self.every_n_steps = int(every_n_steps or 0)
@@ -34,12 +35,15 @@ class ZeroShotEval(L.Callback):
         self.naflex_seq_len = int(naflex_seq_len) if naflex_seq_len else None
         self.refexp_probe = None if refexp_probe is None else dict(refexp_probe)
         self.final_metrics: dict[str, float] = {}
-        self._last_step = -1
+        self._last_step, self._probed = -1, False
 
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        if not self.sets or trainer.global_step == self._last_step:
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool = False) -> dict[str, float]:
+        """`final`: the evaluation when training ends, the only one that runs the refexp probe
+        (it trains a decoder: too costly for every `every_n_steps`)."""
+        probe = self.refexp_probe if final else None
+        if not self.sets or (trainer.global_step == self._last_step and (probe is None or self._probed)):
             return self.final_metrics
-        self._last_step = trainer.global_step
+        self._last_step, self._probed = trainer.global_step, probe is not None
         datamodule = trainer.datamodule
         # the towers run outside the training forward: under a sharded strategy an unsharded copy
         model, decoder = plain_model(pl_module)
@@ -48,7 +52,7 @@ class ZeroShotEval(L.Callback):
             device=pl_module.device, batch_size=self.batch_size, num_workers=self.num_workers,
             max_batches=self.max_batches, decoder=decoder,
             keep_examples=self.num_examples if trainer.is_global_zero else 0, naflex_seq_len=self.naflex_seq_len,
-            refexp_probe=self.refexp_probe,
+            refexp_probe=probe,
         )
         tables, examples = results.pop("_tables", {}), results.pop("_examples", {})
         numbers = {k: float(v) for k, v in results.items()}
@@ -67,7 +71,7 @@ class ZeroShotEval(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.evaluate(trainer, pl_module)
+        self.evaluate(trainer, pl_module, final=True)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_device = pl_module.device
@@ -84,7 +88,7 @@ class ZeroShotEval(L.Callback):
             device = pl_module.device
             pl_module.to(getattr(self, "_fit_device", device))
             try:
-                self.evaluate(trainer, pl_module)
+                self.evaluate(trainer, pl_module, final=True)
             finally:
                 pl_module.to(device)
 

@@ -262,13 +262,15 @@ def write_metrics(metrics: dict[str, float], path: Path) -> None:
     print(f"metrics written to {path}")
 
 
-def _overridden(group: str) -> bool:
-    """Whether the command line names `group` (`tokenizer=...` or `tokenizer.path=...`)."""
+def _overridden(group: str, exact: tuple[str, ...] | None = None) -> bool:
+    """Whether the command line names `group` (`tokenizer=...` or `tokenizer.path=...`); with
+    `exact`, only those keys count (`tokenizer.lowercase=false` does not name a tokenizer)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return False
-    return any(o.lstrip("+~").split("=")[0].split(".")[0] == group for o in HydraConfig.get().overrides.task)
+    keys = [o.lstrip("+~").split("=")[0] for o in HydraConfig.get().overrides.task]
+    return any(k in exact if exact else k.split(".")[0] == group for k in keys)
 
 
 def _select(cfg: DictConfig, key: str) -> Any:
@@ -333,6 +335,29 @@ def _hf_folder_tokenizer(folder: str) -> str:
                      "with: tokenizer.path=<.model file or folder>")
 
 
+def _folder_lowercases(folder: str) -> bool:
+    """Whether a transformers folder's tokenizer lower-cases (a Lowercase normalizer in its
+    tokenizer.json, as our export writes for a lower-cased run); a released Gemma tokenizer does
+    not, and transformers' processor then sends prompts as written: so does eval.py."""
+    import json
+
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return False
+    return '"Lowercase"' in json.dumps(json.loads(path.read_text()).get("normalizer"))
+
+
+def _folder_max_patches(folder: str) -> int | None:
+    """`max_num_patches` of a NaFlex folder's `Siglip2ImageProcessor` config, else None."""
+    import json
+
+    path = Path(folder) / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("max_num_patches")
+    return int(value) if value else None
+
+
 def _plain(value):
     """A DictConfig (or None) as plain Python containers."""
     from omegaconf import DictConfig, OmegaConf
@@ -364,14 +389,26 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     decoder = ckpt.locca_decoder()
     decoder = decoder.to(cfg.device) if decoder is not None else None
     configured = _select(cfg, "tokenizer.path")
-    if ckpt.stage == "hf" and not _overridden("tokenizer"):  # a transformers folder: its own tokenizer
+    lowercase = bool((ckpt.meta.get("tokenizer") or {}).get("lowercase", cfg.tokenizer.lowercase))
+    named = _overridden("tokenizer", exact=("tokenizer", "tokenizer.path"))  # not tokenizer.lowercase alone
+    if ckpt.stage == "hf" and not named:  # a transformers folder: its own tokenizer, cased as it is
         path = _hf_folder_tokenizer(str(cfg.ckpt_path)[3:])
+        if not _overridden("tokenizer"):
+            lowercase = _folder_lowercases(path)
     else:
         path = resolve_checkpoint_tokenizer(ckpt.meta.get("tokenizer"), str(configured) if configured else None,
-                                            explicit=_overridden("tokenizer"), what=f"checkpoint {cfg.ckpt_path}")
-    log.info("tokenizer: %s", path)
-    tokenizer = build_tokenizer(path, length=int(ckpt.model_config.text.max_len),
-                                lowercase=bool((ckpt.meta.get("tokenizer") or {}).get("lowercase", cfg.tokenizer.lowercase)))
+                                            explicit=named, what=f"checkpoint {cfg.ckpt_path}")
+    log.info("tokenizer: %s (lower-casing %s)", path, "on" if lowercase else "off")
+    tokenizer = build_tokenizer(path, length=int(ckpt.model_config.text.max_len), lowercase=lowercase)
+    if ckpt.stage == "hf" and cfg.eval.get("naflex_seq_len") is None:
+        seq_len = _folder_max_patches(str(cfg.ckpt_path)[3:])
+        if seq_len:  # a NaFlex folder: evaluated as its processor sees images, not as squares
+            from omegaconf import open_dict
+
+            log.info("ckpt_path=%s: a NaFlex folder, evaluated at its processor's max_num_patches=%d "
+                     "(eval.naflex_seq_len=... for another length)", cfg.ckpt_path, seq_len)
+            with open_dict(cfg):
+                cfg.eval.naflex_seq_len = seq_len
     results = evaluate_all(
         list(cfg.eval.sets), model=model, tokenizer=tokenizer, image_size=ckpt.image_size, device=cfg.device,
         batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers),

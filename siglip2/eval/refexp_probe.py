@@ -107,10 +107,12 @@ def _decoder_shape(model, cfg: RefexpProbeConfig, vocab_size: int, max_len: int)
 
 
 def train_refexp_decoder(shape: dict[str, int], tokens: torch.Tensor, token_mask: torch.Tensor | None,
-                         inputs: torch.Tensor, targets: torch.Tensor, cfg: RefexpProbeConfig) -> LoccaDecoder:
-    """A fresh decoder of ``shape`` (:class:`LoccaDecoder` arguments) trained on (m, N, W) image
-    tokens (one row per example; ``token_mask`` (m, N) bool or None) and (m, L) ARef rows, on
-    ``tokens.device``; returned in eval mode. Raises ValueError without an example."""
+                         image_index: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+                         cfg: RefexpProbeConfig) -> LoccaDecoder:
+    """A fresh decoder of ``shape`` (:class:`LoccaDecoder` arguments) trained on ARef rows
+    ``inputs`` / ``targets`` (m, L), example i reading image ``image_index[i]`` of ``tokens``
+    (n, N, W) (``token_mask`` (n, N) bool or None), on ``tokens.device``; returned in eval mode.
+    Raises ValueError without an example."""
     m = inputs.shape[0]
     if m == 0:
         raise ValueError("the refexp probe has no training region")
@@ -131,14 +133,15 @@ def train_refexp_decoder(shape: dict[str, int], tokens: torch.Tensor, token_mask
     gen = torch.Generator().manual_seed(int(cfg.seed))
     bs = min(cfg.batch_size, m)
     order, pos = torch.randperm(m, generator=gen), 0
-    inputs, targets = inputs.to(device), targets.to(device)
+    inputs, targets, image_index = inputs.to(device), targets.to(device), image_index.to(device)
     with torch.enable_grad():
         for _ in range(cfg.steps):
             if pos + bs > m:
                 order, pos = torch.randperm(m, generator=gen), 0
             idx = order[pos:pos + bs].to(device)
             pos += bs
-            hidden = decoder(inputs[idx], tokens[idx], None if token_mask is None else token_mask[idx])
+            img = image_index[idx]
+            hidden = decoder(inputs[idx], tokens[img].float(), None if token_mask is None else token_mask[img])
             tgt = targets[idx]
             sel = tgt != IGNORE
             loss = F.cross_entropy(decoder.logits(hidden[sel]).float(), tgt[sel])
@@ -150,15 +153,16 @@ def train_refexp_decoder(shape: dict[str, int], tokens: torch.Tensor, token_mask
 
 
 @torch.no_grad()
-def score_refexp(decoder, tokens: torch.Tensor, token_mask: torch.Tensor | None, tokenizer, captions: list[str],
-                 boxes: list, fmt: LoccaFormat, chunk: int = 256) -> tuple[float, int]:
-    """(hits, regions) of greedy ARef decoding at IoU >= 0.5, one row of ``tokens`` per region."""
+def score_refexp(decoder, tokens: torch.Tensor, token_mask: torch.Tensor | None, image_index: torch.Tensor,
+                 tokenizer, captions: list[str], boxes: list, fmt: LoccaFormat, chunk: int = 256) -> tuple[float, int]:
+    """(hits, regions) of greedy ARef decoding at IoU >= 0.5; region i reads image
+    ``image_index[i]`` of ``tokens`` (n, N, W)."""
     hits = 0.0
     for start in range(0, len(captions), chunk):
-        sl = slice(start, start + chunk)
-        mask = None if token_mask is None else token_mask[sl]
-        pred = predict_boxes(decoder, tokens[sl], mask, tokenizer, captions[sl], fmt)
-        hits += refexp_accuracy(pred, boxes[sl]) * len(pred)
+        img = image_index[start:start + chunk].to(tokens.device)
+        mask = None if token_mask is None else token_mask[img]
+        pred = predict_boxes(decoder, tokens[img].float(), mask, tokenizer, captions[start:start + chunk], fmt)
+        hits += refexp_accuracy(pred, boxes[start:start + chunk]) * len(pred)
     return hits, len(captions)
 
 
@@ -173,42 +177,61 @@ def run_refexp_probe(model, rows: list[dict[str, Any]], tokenizer, device, cfg: 
 
     start = time.perf_counter()
     fmt = LoccaFormat(max_len=int(model.config.text.max_len), bins=int(cfg.bins))
-    sides: dict[bool, dict[str, list]] = {True: {"tok": [], "mask": [], "cap": [], "box": []},
-                                          False: {"tok": [], "mask": [], "cap": [], "box": []}}
+    width = int(model.config.vision.width)
+    # one token grid per image (regions point at it), the same length and a mask on every rank:
+    # a rank with no image (a set of fewer shards than ranks) still joins every collective
+    shapes = dist_utils.all_gather_object((max((int(r["tokens"].shape[0]) for r in rows), default=0),
+                                           any(r["token_mask"] is not None for r in rows)))
+    n_tok = max(n for n, _ in shapes)
+    masked = any(m for _, m in shapes) or len({n for n, _ in shapes if n}) > 1
+    sides = {side: {"tok": [], "mask": [], "img": [], "cap": [], "box": []} for side in (True, False)}
     for row in rows:
         side = sides[is_train_key(row["key"], cfg.train_fraction)]
+        t = row["tokens"]
+        m = row["token_mask"] if row["token_mask"] is not None else torch.ones(t.shape[0], dtype=torch.bool,
+                                                                               device=t.device)
+        if t.shape[0] < n_tok:  # pad to the common length, padding masked out
+            t = torch.cat([t, t.new_zeros(n_tok - t.shape[0], t.shape[1])])
+            m = torch.cat([m, m.new_zeros(n_tok - m.shape[0])])
+        side["tok"].append(t)
+        side["mask"].append(m.bool())
         for region in row["regions"]:
-            side["tok"].append(row["tokens"])
-            side["mask"].append(row["token_mask"])
+            side["img"].append(len(side["tok"]) - 1)
             side["cap"].append(str(region["caption"]))
             side["box"].append(list(region["box"]))
+
+    def stacked(side):
+        tok = torch.stack(side["tok"]).to(device) if side["tok"] else torch.zeros(0, n_tok, width, device=device)
+        msk = (torch.stack(side["mask"]).to(device) if side["tok"] else torch.zeros(0, n_tok, dtype=torch.bool,
+                                                                                   device=device))
+        return tok, msk
+
     train, test = sides[True], sides[False]
     inputs, targets, kept = aref_examples(tokenizer, train["cap"], train["box"], fmt)
-    width = int(model.config.vision.width)
-    tok = (torch.stack([t for t, k in zip(train["tok"], kept.tolist()) if k]) if int(kept.sum())
-           else torch.zeros(0, 1, width, device=device))
-    masked = any(m is not None for m in train["mask"] + test["mask"])
-    msk = (torch.stack([m for m, k in zip(train["mask"], kept.tolist()) if k]) if masked and int(kept.sum())
-           else None)
-    counts = dist_utils.all_reduce_sum(torch.tensor([float(tok.shape[0]), float(len(test["cap"]))], device=device))
+    index = torch.tensor([i for i, k in zip(train["img"], kept.tolist()) if k], dtype=torch.long, device=device)
+    tok, msk = stacked(train)
+    counts = dist_utils.all_reduce_sum(torch.tensor([float(index.numel()), float(len(test["cap"]))], device=device))
     if counts[0] == 0 or counts[1] == 0:
         log.warning("refexp probe skipped: %d training and %d held-out regions", int(counts[0]), int(counts[1]))
         return {}
-    tok, inputs, targets = (dist_utils.all_gather_variable(x.to(device)) for x in (tok, inputs, targets))
-    if msk is not None:
-        msk = dist_utils.all_gather_variable(msk.to(device))
-    decoder = train_refexp_decoder(_decoder_shape(model, cfg, tokenizer.vocab_size, fmt.max_len), tok.float(), msk,
-                                   inputs, targets, cfg)
+    offset = sum(dist_utils.all_gather_object(int(tok.shape[0]))[:dist_utils.get_rank()])
+    tok, msk = dist_utils.all_gather_variable(tok), dist_utils.all_gather_variable(msk.to(torch.uint8)).bool()
+    index = dist_utils.all_gather_variable(index + offset)
+    inputs, targets = dist_utils.all_gather_variable(inputs.to(device)), dist_utils.all_gather_variable(targets.to(device))
+    decoder = train_refexp_decoder(_decoder_shape(model, cfg, tokenizer.vocab_size, fmt.max_len), tok,
+                                   msk if masked else None, index, inputs, targets, cfg)
+    del tok, msk
     if dist_utils.is_distributed():
         for t in decoder.state_dict().values():
             torch.distributed.broadcast(t, src=0)
-    test_tok = torch.stack(test["tok"]).float() if test["cap"] else torch.zeros(0, 1, width, device=device)
-    test_msk = torch.stack(test["mask"]) if masked and test["cap"] else None
+    test_tok, test_msk = stacked(test)
+    test_index = torch.tensor(test["img"], dtype=torch.long, device=device)
     out = torch.zeros(3, device=device)
     if test["cap"]:
-        out[0], out[1] = score_refexp(decoder, test_tok, test_msk, tokenizer, test["cap"], test["box"], fmt)
+        mask = test_msk if masked else None
+        out[0], out[1] = score_refexp(decoder, test_tok, mask, test_index, tokenizer, test["cap"], test["box"], fmt)
         if own_decoder is not None:
-            out[2] = score_refexp(own_decoder, test_tok, test_msk, tokenizer, test["cap"], test["box"],
+            out[2] = score_refexp(own_decoder, test_tok, mask, test_index, tokenizer, test["cap"], test["box"],
                                   LoccaFormat(max_len=own_decoder.max_len))[0]
     out = dist_utils.all_reduce_sum(out)
     res = {"probe_acc@0.5": float(out[0] / out[1].clamp_min(1)), "probe_num_train_regions": float(counts[0]),

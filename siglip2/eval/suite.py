@@ -417,7 +417,7 @@ def _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder, refe
         img = _encode(model, batch, device)
         if refexp_probe is not None:
             for i, regions in enumerate(batch["regions"]):
-                rows.append({"key": batch["key"][i], "regions": regions, "tokens": img.tokens[i].float(),
+                rows.append({"key": batch["key"][i], "regions": regions, "tokens": img.tokens[i],
                              "token_mask": None if img.token_mask is None else img.token_mask[i]})
         if decoder is None:
             continue
