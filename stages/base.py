@@ -629,7 +629,14 @@ class Stage(L.LightningModule):
                  folder, len(state), ", ".join(fresh) or "nothing")
         for note in notes:
             log.info("init_from: adapted %s", note)
-        self.init_meta = {"init_from_record": {"path": f"hf:{folder}", "stage": "hf", "adapted": notes,
+        import json
+        import os
+        from pathlib import Path
+
+        config = Path(folder) / "config.json"  # its layout, for the export back (siglip2.export)
+        kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        self.init_meta = {"init_from_record": {"path": f"hf:{os.path.abspath(folder)}", "stage": "hf",
+                                               "model_type": kind, "adapted": notes,
                                                "not_in_checkpoint": sorted(missing), "ignored": []}}
         self.on_weights_loaded(set(state))
 

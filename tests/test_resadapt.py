@@ -209,7 +209,7 @@ def test_init_from_hf_folder_loads_towers_and_starts_the_rest_fresh(tmp_path, ca
     teacher = stage.teacher.vision.state_dict()  # the teacher starts as the loaded student
     for k, v in stage.model.vision_model.state_dict().items():
         assert torch.equal(teacher[k], v), k
-    assert stage.checkpoint_meta()["init_from"]["path"] == f"hf:{folder}"
+    assert stage.checkpoint_meta()["init_from"]["path"] == f"hf:{os.path.abspath(folder)}"
 
 
 @torch.no_grad()

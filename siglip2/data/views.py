@@ -85,7 +85,8 @@ _LUMA = (0.2989, 0.587, 0.114)
 
 @dataclasses.dataclass
 class ViewConfig:
-    """Settings of the distillation views; defaults are RECIPE.md's (DINO's crops and colour).
+    """Settings of the distillation views: the paper's full-image global view, and DINO's local
+    crops and colour (RECIPE.md, ../shared beside the repository).
 
     ``global_size``: side of the global view in pixels; ``None`` = the batch's image size
     (the training resolution, as SigLIP 2). ``global_scale``: ``None`` = the full image (the

@@ -31,15 +31,23 @@ def load_checkpoint_model(path: str, which: str = "student"):
 
 def _released_layout(ckpt) -> str | None:
     """"naflex" / "fixed" when the checkpoint's weights came from a transformers folder
-    (`init_from=hf:<folder>`, e.g. `experiment=finetune`) that is still there: a `Siglip2Model`
-    or a `SiglipModel` folder; None otherwise."""
+    (`init_from=hf:<folder>`, e.g. `experiment=finetune`): a `Siglip2Model` or a `SiglipModel`,
+    as recorded when it was loaded (older checkpoints: read from the folder if it is still
+    there, with a warning if not); None for any other origin."""
     import json
 
-    path = str((ckpt.meta.get("init_from") or {}).get("path") or "")
-    config = Path(path[3:]) / "config.json" if path.startswith("hf:") else None
-    if config is None or not config.is_file():
+    record = ckpt.meta.get("init_from") or {}
+    path = str(record.get("path") or "")
+    if not path.startswith("hf:"):
         return None
-    kind = json.loads(config.read_text()).get("model_type")
+    kind = record.get("model_type")
+    if kind is None:
+        config = Path(path[3:]) / "config.json"
+        if not config.is_file():
+            print(f"warning: the checkpoint started from {path}, which is not there any more: its layout is "
+                  "unknown, so the export follows the stage (format=siglip2 or siglip to choose)", file=sys.stderr)
+            return None
+        kind = json.loads(config.read_text()).get("model_type")
     return {"siglip2": "naflex", "siglip": "fixed"}.get(kind)
 
 
