@@ -40,7 +40,7 @@ class ZeroShotEval(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool = False) -> dict[str, float]:
         """`final`: the evaluation when training ends, the only one that runs the refexp probe
         (it trains a decoder: too costly for every `every_n_steps`)."""
-        probe = self.refexp_probe if final else None
+        probe = self.refexp_probe if final and any(s.task == "refexp" for s in self.sets) else None
         if not self.sets or (trainer.global_step == self._last_step and (probe is None or self._probed)):
             return self.final_metrics
         self._last_step, self._probed = trainer.global_step, probe is not None

@@ -635,7 +635,8 @@ class Stage(L.LightningModule):
 
         config = Path(folder) / "config.json"  # its layout, for the export back (siglip2.export)
         kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
-        self.init_meta = {"init_from_record": {"path": f"hf:{os.path.abspath(folder)}", "stage": "hf",
+        where = os.path.abspath(folder) if os.path.isdir(folder) else folder
+        self.init_meta = {"init_from_record": {"path": f"hf:{where}", "stage": "hf",
                                                "model_type": kind, "adapted": notes,
                                                "not_in_checkpoint": sorted(missing), "ignored": []}}
         self.on_weights_loaded(set(state))

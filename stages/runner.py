@@ -337,14 +337,17 @@ def _hf_folder_tokenizer(folder: str) -> str:
 
 def _folder_lowercases(folder: str) -> bool:
     """Whether a transformers folder's tokenizer lower-cases (a Lowercase normalizer in its
-    tokenizer.json, as our export writes for a lower-cased run); a released Gemma tokenizer does
-    not, and transformers' processor then sends prompts as written: so does eval.py."""
+    tokenizer.json, as our export writes for a lower-cased run; without one, tokenizer_config's
+    `do_lower_case`, SigLIP v1's `SiglipTokenizer` lower-casing by default); a released Gemma
+    tokenizer does not, and transformers' processor then sends prompts as written: so does eval.py."""
     import json
 
     path = Path(folder) / "tokenizer.json"
-    if not path.is_file():
-        return False
-    return '"Lowercase"' in json.dumps(json.loads(path.read_text()).get("normalizer"))
+    if path.is_file():
+        return '"Lowercase"' in json.dumps(json.loads(path.read_text()).get("normalizer"))
+    config = Path(folder) / "tokenizer_config.json"  # a slow tokenizer only (SigLIP v1's SiglipTokenizer)
+    spec = json.loads(config.read_text()) if config.is_file() else {}
+    return bool(spec.get("do_lower_case", spec.get("tokenizer_class") == "SiglipTokenizer"))
 
 
 def _folder_max_patches(folder: str) -> int | None:
@@ -393,7 +396,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     named = _overridden("tokenizer", exact=("tokenizer", "tokenizer.path"))  # not tokenizer.lowercase alone
     if ckpt.stage == "hf" and not named:  # a transformers folder: its own tokenizer, cased as it is
         path = _hf_folder_tokenizer(str(cfg.ckpt_path)[3:])
-        if not _overridden("tokenizer"):
+        if not _overridden("tokenizer", exact=("tokenizer", "tokenizer.lowercase")):
             lowercase = _folder_lowercases(path)
     else:
         path = resolve_checkpoint_tokenizer(ckpt.meta.get("tokenizer"), str(configured) if configured else None,

@@ -37,6 +37,7 @@ def _probe(rows, tokenizer_path):
     from siglip2.data.tokenizer import build_tokenizer
     from siglip2.eval.refexp_probe import run_refexp_probe
 
+    torch.set_num_threads(1)  # as the spawned ranks: the same float sums
     tok = build_tokenizer(tokenizer_path, length=40)
     return run_refexp_probe(_model(), rows, tok, "cpu", RefexpProbeConfig(**CFG))
 

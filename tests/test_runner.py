@@ -164,3 +164,20 @@ def test_accumulation_that_does_not_divide_the_epoch_is_refused_naming_both_keys
                                   "trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=100"],
                                  cache_dir, tmp_path), [Count()])
     assert trainer.global_step == 3 and Count.micro == 6
+
+
+def test_a_transformers_folder_lower_cases_as_its_own_tokenizer_does(tmp_path):
+    """eval.py ckpt_path=hf:<folder> follows the folder: a Lowercase normalizer (our export of a
+    lower-cased run) or SigLIP v1's SiglipTokenizer lower-case; a released Gemma tokenizer does not."""
+    import json
+
+    from stages.runner import _folder_lowercases
+
+    cases = {"export": ("tokenizer.json", {"normalizer": {"type": "Sequence", "normalizers": [{"type": "Lowercase"}]}}),
+             "gemma_fast": ("tokenizer.json", {"normalizer": {"type": "Replace"}}),
+             "siglip_v1": ("tokenizer_config.json", {"tokenizer_class": "SiglipTokenizer"}),
+             "gemma_slow": ("tokenizer_config.json", {"tokenizer_class": "GemmaTokenizer"})}
+    for name, (file, spec) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / file).write_text(json.dumps(spec))
+    assert [_folder_lowercases(str(tmp_path / n)) for n in cases] == [True, False, True, False]

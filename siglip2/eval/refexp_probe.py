@@ -201,7 +201,9 @@ def run_refexp_probe(model, rows: list[dict[str, Any]], tokenizer, device, cfg: 
             side["box"].append(list(region["box"]))
 
     def stacked(side):
-        tok = torch.stack(side["tok"]).to(device) if side["tok"] else torch.zeros(0, n_tok, width, device=device)
+        # float32 on every rank: a rank with no image must send what the others send
+        tok = (torch.stack(side["tok"]).float().to(device) if side["tok"]
+               else torch.zeros(0, n_tok, width, device=device))
         msk = (torch.stack(side["mask"]).to(device) if side["tok"] else torch.zeros(0, n_tok, dtype=torch.bool,
                                                                                    device=device))
         return tok, msk
