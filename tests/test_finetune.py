@@ -66,11 +66,15 @@ def test_finetune_a_released_folder_and_export_its_layout_back(kind, cache_dir, 
 
 
 @torch.no_grad()
-def test_real_photos_through_eval_py_and_transformers_give_the_same_zero_shot_probabilities(cache_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["fixed", "naflex"])
+def test_real_photos_through_eval_py_and_transformers_give_the_same_zero_shot_probabilities(kind, cache_dir,
+                                                                                             tmp_path):
     """scikit-image's bundled photos (`python -m siglip2.data.photos`) as a zero-shot set: a
-    released-layout folder (tiny, random) fine-tuned and exported, then `eval.py
-    ckpt_path=hf:<export>` scores all 8, and our import with our eval transform gives the
-    zero-shot probabilities of transformers' own `AutoProcessor` + `AutoModel` on the photos."""
+    released-layout folder (tiny, random; `SiglipModel` or NaFlex `Siglip2Model`) fine-tuned and
+    exported, then `eval.py ckpt_path=hf:<export>` scores all 8, and our import with eval's own
+    sample transform and image encoding (NaFlex: each photo at its aspect ratio, at most the
+    processor's `max_num_patches`) gives the zero-shot probabilities of transformers' own
+    `AutoProcessor` + `AutoModel` on the photos."""
     import json
     import subprocess
     import sys
@@ -82,14 +86,14 @@ def test_real_photos_through_eval_py_and_transformers_give_the_same_zero_shot_pr
     from siglip2.data.photos import PHOTOS, write_photo_set
     from siglip2.data.shards import build_eval_loader
     from siglip2.data.tokenizer import build_tokenizer
-    from siglip2.eval.suite import EvalSample, load_eval_set
+    from siglip2.eval.suite import EvalSample, _encode, load_eval_set
     from siglip2.export.__main__ import main as export
     from siglip2.export.hf import from_hf
     from test_train import ROOT
 
     demo = ensure_demo(str(cache_dir / "demo-n400-s0"), num_train=400, seed=0)
     vocab = build_tokenizer(str(demo.tokenizer_path), length=40).vocab_size
-    folder = _released_folder("fixed", vocab, tmp_path / "released")
+    folder = _released_folder(kind, vocab, tmp_path / "released")
     cli(["debug=fast", "experiment=finetune", f"init_from=hf:{folder}", "trainer.max_steps=2"], cache_dir,
         tmp_path / "logs")
     ckpt = next((tmp_path / "logs").glob("debug/runs/*/checkpoints/last.ckpt"))
@@ -106,14 +110,20 @@ def test_real_photos_through_eval_py_and_transformers_give_the_same_zero_shot_pr
     prompts = [es.templates[0].format(c=c) for c in es.classnames]
     ours = from_hf(exported).eval()
     tok = build_tokenizer(str(exported), length=ours.config.text.max_len)
-    batch = next(iter(build_eval_loader(es.urls, EvalSample(es, ours.config.vision.image_size), batch_size=8)))
-    image = batch["image"].float().div(127.5).sub(1) if batch["image"].dtype == torch.uint8 else batch["image"]
-    o = ours(image, tok(prompts))
-    mine = torch.sigmoid(o["image_emb"] @ o["text_emb"].t() * o["logit_scale"] + o["logit_bias"])
     hf, processor = AutoModel.from_pretrained(exported).eval(), AutoProcessor.from_pretrained(exported)
+    v = ours.config.vision
+    seq_len = processor.image_processor.max_num_patches if kind == "naflex" else None
+    sample = EvalSample(es, v.image_size, naflex_seq_len=seq_len, patch_size=v.patch_size)
+    batch = next(iter(build_eval_loader(es.urls, sample, batch_size=8)))
+    if kind == "naflex":  # the photos are not square: each keeps its own grid, padded to the budget
+        assert seq_len == 64 and len({tuple(s) for s in batch["spatial_shapes"].tolist()}) > 1
+    image_emb = _encode(ours, batch, "cpu").embeds
+    text_emb = ours.embed_text(tok(prompts))
+    mine = torch.sigmoid(image_emb @ text_emb.t() * ours.logit_scale.exp() + ours.logit_bias)
     pics = [Image.open(io) for io in _photo_files(es)]
     inputs = processor(text=prompts, images=pics, padding="max_length", max_length=40, return_tensors="pt")
     theirs = torch.sigmoid(hf(**inputs).logits_per_image)
+    assert float(mine.std()) > 1e-3  # the images score differently: a difference would show
     torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
 
 
