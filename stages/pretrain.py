@@ -41,9 +41,21 @@ log = logging.getLogger(__name__)
 @dataclass
 class EMAConfig:
     """`stage.ema`: teacher momentum, fixed (SILC; RECIPE.md) unless `final_momentum` is set
-    (DINO's cosine from `momentum` to it over the distillation phase)."""
+    (DINO's cosine from `momentum` to it over the distillation phase).
+
+    `tower`: "ema" (the paper's teacher: the image tower follows the student) or "frozen": the
+    teacher's image tower stays what the student was when distillation switched on (in a
+    fine-tune from step 0: the released model), an EMA-free anchor that the student's local
+    views keep matching, to limit forgetting (not in the paper; `experiment=finetune_anchored`).
+    The teacher's heads follow the student's heads by EMA either way (DINO): a fixed random
+    head would score the frozen features against prototypes nothing learns."""
     momentum: float = 0.996
     final_momentum: float | None = None
+    tower: str = "ema"
+
+    def __post_init__(self):
+        if self.tower not in ("ema", "frozen"):
+            raise ValueError(f"stage.ema.tower must be 'ema' or 'frozen', got {self.tower!r}")
 
 
 class PretrainContext(StepContext):
@@ -163,7 +175,7 @@ class PretrainStage(Stage):
         if self.teacher is not None and any(self.loss_enabled[n] for n in DISTILL if n in self.losses):
             start = min(self.loss_configs[n].start_frac for n in DISTILL if n in self.losses)
             m = ema_momentum(self.recipe_progress, self.ema.momentum, self.ema.final_momentum, start=start)
-            self.teacher.update(self.model.vision_model, self.distill_heads(), m)
+            self.teacher.update(self.model.vision_model, self.distill_heads(), m, tower=self.ema.tower == "ema")
             # only on logging steps: a Python number becomes a device tensor (a copy that waits) when logged
             if self.global_step % max(1, int(self.trainer.log_every_n_steps)) == 0:
                 self.log("distill/ema_momentum", m)

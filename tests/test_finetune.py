@@ -134,3 +134,37 @@ def _photo_files(es):
 
     with tarfile.open(str(es.urls[0]) if isinstance(es.urls, list) else es.urls) as tar:
         return [io.BytesIO(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".jpg")]
+
+
+@pytest.mark.parametrize("tower", ["frozen", "ema"])
+def test_finetune_anchored_keeps_the_released_tower_as_its_teacher(tower, cache_dir, tmp_path):
+    """`experiment=finetune_anchored`: the local-to-global loss runs from step 0 and its
+    teacher's image tower is the released folder's, tensor for tensor, after training
+    (`stage.ema.tower=frozen`), while the student moved; with the paper's EMA tower the same run
+    leaves a teacher that moved off the folder (what the frozen one must not do)."""
+    from siglip2.data.demo import ensure_demo
+    from siglip2.data.tokenizer import build_tokenizer
+    from siglip2.export.hf import from_hf
+
+    demo = ensure_demo(str(cache_dir / "demo-n400-s0"), num_train=400, seed=0)
+    vocab = build_tokenizer(str(demo.tokenizer_path), length=40).vocab_size
+    folder = _released_folder("fixed", vocab, tmp_path / "released")
+    proc = cli(["debug=fast", "experiment=finetune_anchored", f"init_from=hf:{folder}", "trainer.max_steps=3",
+                f"stage.ema.tower={tower}", "stage.ema.momentum=0.5"], cache_dir, tmp_path / "logs")
+    ckpt = next((tmp_path / "logs").glob("debug/runs/*/checkpoints/last.ckpt"))
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert set(raw["siglip2"]["losses"]) == {"sigmoid", "local_to_global"}, proc.stdout[-2000:]
+    state = raw["state_dict"]
+    original = from_hf(folder).vision_model.state_dict()
+    teacher = {k[len("teacher.vision."):]: v for k, v in state.items() if k.startswith("teacher.vision.")}
+    student = {k[len("model.vision_model."):]: v for k, v in state.items() if k.startswith("model.vision_model.")}
+    assert teacher.keys() == original.keys() == student.keys()
+    assert any(not torch.equal(student[k], original[k]) for k in original)  # the student trained
+    kept = [k for k in original if torch.equal(teacher[k], original[k])]
+    if tower == "frozen":
+        assert len(kept) == len(original)
+    else:
+        assert len(kept) < len(original)
+    heads = [k for k in state if k.startswith("teacher.heads.local_to_global.")]
+    assert heads and all(k.replace("teacher.heads.", "losses.").replace("local_to_global.", "local_to_global.head.")
+                         in state for k in heads)

@@ -66,10 +66,14 @@ class EMATeacher(nn.Module):
         torch._foreach_copy_(teacher, [s.detach().to(t.dtype) for t, s in zip(teacher, student)])
 
     @torch.no_grad()
-    def update(self, vision: nn.Module, heads: Mapping[str, nn.Module], momentum: float) -> None:
-        """teacher = momentum * teacher + (1 - momentum) * student, with `_foreach` ops."""
+    def update(self, vision: nn.Module, heads: Mapping[str, nn.Module], momentum: float, tower: bool = True) -> None:
+        """teacher = momentum * teacher + (1 - momentum) * student, with `_foreach` ops.
+        `tower=False`: the heads only; the image tower stays as it is (a frozen teacher tower)."""
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"EMA momentum must lie in [0, 1], got {momentum}")
-        teacher, student = self._pairs(vision, heads)
+        teacher, student = self._pairs(vision if tower else self.vision, heads)
+        if not tower:  # the tower's pairs come first (`_pairs`); they are left out
+            n = sum(1 for _ in self.vision.parameters())
+            teacher, student = teacher[n:], student[n:]
         torch._foreach_mul_(teacher, momentum)
         torch._foreach_add_(teacher, [s.detach().to(t.dtype) for t, s in zip(teacher, student)], alpha=1.0 - momentum)
