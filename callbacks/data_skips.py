@@ -1,7 +1,9 @@
 """Reports the data pipeline's skipped samples by reason (corrupt image, empty caption, ...).
 
 Workers count skips; the counts ride along with each batch and are folded here, so a
-run with bad shards shows how much it lost instead of crashing or hiding it.
+run with bad shards shows how much it lost instead of crashing or hiding it. Samples left out
+on purpose (``filtered_*`` reasons, e.g. a balance table's drops) are logged as
+``data/<reason>`` beside ``data/skipped_<reason>`` for bad data, and are not warned about.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 
 import lightning as L
 
-from siglip2.data.shards import SkipStats
+from siglip2.data.shards import SkipStats, is_filter_reason
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +30,17 @@ class DataSkipLogging(L.Callback):
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
             totals = self.stats.totals()
             for reason, count in totals.items():
-                pl_module.log(f"data/skipped_{reason}", float(count), reduce_fx="sum")
-            n = sum(totals.values())
+                pl_module.log(_metric(reason), float(count), reduce_fx="sum")
+            bad = {k: v for k, v in totals.items() if not is_filter_reason(k)}
+            n = sum(bad.values())
             if n > self._reported:
-                log.warning("data: %d samples skipped so far on this rank: %s", n, totals)
+                log.warning("data: %d samples skipped so far on this rank: %s", n, bad)
                 self._reported = n
 
     @property
     def final_metrics(self) -> dict[str, float]:
-        return {f"data/skipped_{k}": float(v) for k, v in self.stats.totals().items()}
+        return {_metric(k): float(v) for k, v in self.stats.totals().items()}
+
+
+def _metric(reason: str) -> str:
+    return f"data/{reason}" if is_filter_reason(reason) else f"data/skipped_{reason}"

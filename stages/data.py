@@ -51,6 +51,7 @@ class ImageTextData(L.LightningDataModule):
         patch_size: int | None = None,
         filter_ratio: float = 0.0,
         caption_noise: float = 0.0,
+        balance_table: str | None = None,
     ):
         """`draft_decode`: let JPEGs much larger than the training size decode at 1/2, 1/4
         or 1/8 scale (never below it; see `siglip2.data.decode.decode_sample`). `naflex`:
@@ -59,7 +60,9 @@ class ImageTextData(L.LightningDataModule):
         `filter_ratio` f (set by `stage=acid`): the loader yields super-batches of
         b / (1 - f) examples per rank, of which the stage trains `batch_size` = b.
         `caption_noise` p: that share of training captions replaced by another sample's, to
-        mimic alt-text noise (`siglip2.data.samples.TrainSample`; 0 = off)."""
+        mimic alt-text noise (`siglip2.data.samples.TrainSample`; 0 = off). `balance_table`: an M4
+        keep table (`python -m siglip2.data.balance`); the samples it drops are skipped before
+        decoding and counted as `data/filtered_balance`."""
         super().__init__()
         self.demo = None
         if demo and demo.get("root"):  # `debug=fast` sets demo.num_train even on data=webdataset
@@ -100,6 +103,14 @@ class ImageTextData(L.LightningDataModule):
         if self.caption_noise > 0.0:
             log.info("data.caption_noise=%g: about %.0f%% of training captions are replaced by another sample's "
                      "(the same samples every epoch)", self.caption_noise, 100 * self.caption_noise)
+        self.drop = None
+        if balance_table:
+            from siglip2.data.balance import FILTER_REASON, load_dropped
+            from siglip2.data.shards import KeyFilter
+
+            self.drop = KeyFilter(load_dropped(balance_table), FILTER_REASON)
+            log.info("data.balance_table=%s: %d samples are left out (counted as data/%s)", balance_table,
+                     len(self.drop.keys), FILTER_REASON)
         self.naflex = None
         if naflex:
             from siglip2.config import from_dict
@@ -147,7 +158,7 @@ class ImageTextData(L.LightningDataModule):
             self.sources, sample_fn, batch_size=self.loader_batch_size, num_batches=self.batches_per_epoch,
             seed=self.seed * 1_000_003 + epoch, num_workers=self.num_workers,
             shuffle_buffer=self.shuffle_buffer, max_pixels=self.max_pixels, reseed_each_iter=False,
-            decode_size=decode_size, batcher=batcher,
+            decode_size=decode_size, batcher=batcher, drop=self.drop,
         )
 
     @property

@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DecodedSample", "BadSample", "SkipStats", "SKIP_REASONS", "DEFAULT_MAX_PIXELS", "IMAGE_KEYS",
     "build_train_loader", "build_eval_loader", "expand_urls", "decode_sample", "to_rgb",
-    "collate", "get_rank_world", "read_shards",
+    "collate", "get_rank_world", "read_shards", "KeyFilter",
 ]
 
 # Only members with one of these keys are read out of the tar (see split_member).
@@ -390,12 +390,29 @@ def read_shards(shards: Iterable[dict], stats: _WorkerStats | None = None,
                                f"skip counts so far: {dict(stats.counts)}")
 
 
+class KeyFilter:
+    """Samples left out on purpose by key, counted under `reason` (a ``filtered_*`` name):
+    `keys` holds ``"<shard file name>/<key>"`` strings (`siglip2.data.balance.table_key`)."""
+
+    def __init__(self, keys: frozenset[str], reason: str):
+        if not is_filter_reason(reason):
+            raise ValueError(f"a key filter's reason must start with {FILTER_PREFIX!r}, got {reason!r}")
+        self.keys, self.reason = frozenset(keys), reason
+
+    def drops(self, url: str, key: str) -> bool:
+        return f"{url.rsplit('/', 1)[-1]}/{key}" in self.keys
+
+
 def _decode_stage(samples: Iterable[dict], stats: _WorkerStats, sample_fn: Callable,
                   max_pixels: int, decode_mask: bool,
-                  max_skips: int | None = None, decode_size: tuple[int, int] | None = None) -> Iterator[dict]:
+                  max_skips: int | None = None, decode_size: tuple[int, int] | None = None,
+                  drop: KeyFilter | None = None) -> Iterator[dict]:
     run = 0
     for raw in samples:
         key, url = raw.get("__key__", ""), raw.get("__url__", "")
+        if drop is not None and drop.drops(url, key):  # before decoding: a dropped image costs no decode
+            stats.skip(drop.reason, key, url, "")
+            continue
         try:
             decoded = decode_sample(raw, max_pixels=max_pixels, decode_mask=decode_mask, decode_size=decode_size)
             out = sample_fn(decoded)  # exceptions here are bugs: let them surface
@@ -529,8 +546,10 @@ class _TrainStream(IterableDataset):
     """Infinite resampled mix, cut to this worker's share of ``num_batches``."""
 
     def __init__(self, sources, sample_fn, batch_size, num_batches, seed, rank, world,
-                 shuffle_buffer, max_pixels, decode_mask, reseed_each_iter=True, decode_size=None, batcher=None):
+                 shuffle_buffer, max_pixels, decode_mask, reseed_each_iter=True, decode_size=None, batcher=None,
+                 drop=None):
         super().__init__()
+        self.drop = drop
         self.batcher = batcher
         self.reseed_each_iter = reseed_each_iter
         self.decode_size = decode_size
@@ -579,7 +598,7 @@ class _TrainStream(IterableDataset):
         mixed = _weighted_mix(streams, weights,
                               random.Random(make_seed(self.seed, -1, g, it)))
         decoded = _decode_stage(mixed, stats, self.sample_fn, self.max_pixels, self.decode_mask,
-                                max_skips=MAX_CONSECUTIVE_SKIPS, decode_size=self.decode_size)
+                                max_skips=MAX_CONSECUTIVE_SKIPS, decode_size=self.decode_size, drop=self.drop)
         if self.batcher is not None:  # e.g. NaFlex: a planned length and size per batch
             batches = self.batcher(decoded, worker, nworkers, sample_collate(self.sample_fn),
                                    partial(_stamp, stats=stats, worker_id=worker))
@@ -638,7 +657,8 @@ def build_train_loader(sources, sample_fn: Callable[[DecodedSample], dict | None
                        batch_size: int, num_batches: int, seed: int = 0, num_workers: int = 2,
                        shuffle_buffer: int = 1000, max_pixels: int = DEFAULT_MAX_PIXELS,
                        decode_mask: bool = False, reseed_each_iter: bool = True,
-                       decode_size: tuple[int, int] | None = None, batcher: Callable | None = None) -> DataLoader:
+                       decode_size: tuple[int, int] | None = None, batcher: Callable | None = None,
+                       drop: KeyFilter | None = None) -> DataLoader:
     """Resampled training loader giving exactly ``num_batches`` batches per epoch per rank.
 
     ``sources``: a pattern, a list of patterns, or ``[{"urls": ..., "weight": w}, ...]``
@@ -649,6 +669,8 @@ def build_train_loader(sources, sample_fn: Callable[[DecodedSample], dict | None
     :func:`decode_sample`); pass the transform's ``min_source_size()``.
     ``batcher(samples, worker, nworkers, collate, finish)``: makes this worker's batches from
     its sample stream instead of fixed-size batching (NaFlex: `siglip2.data.naflex.NaFlexBatches`).
+    ``drop``: a `KeyFilter` (e.g. a balance table's dropped keys): those samples are skipped
+    before decoding and counted under its reason.
     """
     if batch_size < 1 or num_batches < 1:
         raise ValueError(f"batch_size and num_batches must be >= 1, got {batch_size}, {num_batches}")
@@ -661,7 +683,7 @@ def build_train_loader(sources, sample_fn: Callable[[DecodedSample], dict | None
                            "all of them (with its own seed) instead of a disjoint subset",
                            len(urls), world, nworkers)
     ds = _TrainStream(srcs, sample_fn, batch_size, num_batches, seed, rank, world,
-                      shuffle_buffer, max_pixels, decode_mask, reseed_each_iter, decode_size, batcher)
+                      shuffle_buffer, max_pixels, decode_mask, reseed_each_iter, decode_size, batcher, drop)
     gen = torch.Generator().manual_seed(make_seed(seed, rank, 7))
     return _loader(ds, num_workers, gen)
 
