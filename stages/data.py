@@ -69,7 +69,8 @@ class ImageTextData(L.LightningDataModule):
             from siglip2.data.demo import ensure_demo
 
             self.demo = ensure_demo(demo["root"], num_train=int(demo["num_train"]), seed=int(demo["seed"]),
-                                    **({"word_share": float(demo["word_share"])} if "word_share" in demo else {}))
+                                    **{k: float(demo[k]) for k in ("word_share", "bias_strength", "bias_share")
+                                       if k in demo})
         if sources:
             self.sources = [dict(s) for s in sources]
         elif train:

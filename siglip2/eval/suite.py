@@ -1,11 +1,15 @@
 """Evaluation sets described by a yaml beside their shards, and one function that runs any of them.
 
-A set's yaml names its task (`zeroshot`, `retrieval`, `refexp`, `segmentation`), its shards
-(a pattern relative to the yaml's folder, or absolute), and the keys that hold labels,
-captions, language and masks. Segmentation sets are scored by a linear probe on frozen
-patch tokens (:mod:`siglip2.eval.dense_probe`, SigLIP 2 Table 2). The same code serves the
-training callback and `eval.py`, single process or DDP (each rank reads its own shards;
-results are gathered or synced before they are computed).
+A set's yaml names its task (`zeroshot`, `retrieval`, `refexp`, `segmentation`, `fewshot`,
+`representation_bias`, `association_bias`), its shards (a pattern relative to the yaml's
+folder, or absolute), and the keys that hold labels, captions, language, masks and
+attributes. Segmentation sets are scored by a linear probe on frozen patch tokens
+(:mod:`siglip2.eval.dense_probe`, SigLIP 2 Table 2); few-shot sets by big_vision's closed-form
+least-squares probe on frozen image embeddings (:mod:`siglip2.eval.fewshot`); the two bias
+tasks by zero-shot predictions (:mod:`siglip2.eval.bias`, SigLIP 2's fairness section;
+docs/fairness_evals.md). The same code serves the training callback and `eval.py`, single
+process or DDP (each rank reads its own shards; results are gathered or synced before they
+are computed).
 """
 from __future__ import annotations
 
@@ -24,7 +28,9 @@ from siglip2.data.decode import MASK_KEY
 from siglip2.data.shards import BadSample, DecodedSample, build_eval_loader, is_filter_reason
 from siglip2.data.transforms import ImageTransform
 from siglip2.eval.captioning import caption_names_object, generate_captions, object_name
+from siglip2.eval.bias import association_bias, prediction_counts, representation_bias
 from siglip2.eval.dense_probe import DenseProbeConfig, labels_from_mask, resize_labels, run_dense_probe
+from siglip2.eval.fewshot import DEFAULT_L2_REG, DEFAULT_SEEDS, DEFAULT_SHOTS, run_fewshot
 from siglip2.eval.precision import eval_precision, tower_autocast
 from siglip2.eval.refexp import predict_boxes, refexp_accuracy
 from siglip2.eval.retrieval import retrieval_recall
@@ -32,7 +38,7 @@ from siglip2.eval.zeroshot import ZeroShotMetrics, build_classifier, zeroshot_lo
 
 log = logging.getLogger(__name__)
 
-TASKS = ("zeroshot", "retrieval", "refexp", "segmentation")
+TASKS = ("zeroshot", "retrieval", "refexp", "segmentation", "fewshot", "representation_bias", "association_bias")
 
 
 @dataclass
@@ -53,6 +59,14 @@ class EvalSet:
     num_classes: int | None = None  # optional check: len(classnames) (+1 with background)
     probe: dict = field(default_factory=dict)  # DenseProbeConfig overrides
     num_samples: int | None = None  # informational: how many samples the shards hold
+    # fewshot (siglip2.eval.fewshot): shot counts per class, seeds 0..seeds-1, ridge l2 (big_vision's 2**10)
+    shots: list[int] = field(default_factory=lambda: list(DEFAULT_SHOTS))
+    seeds: int = DEFAULT_SEEDS
+    l2_reg: float = DEFAULT_L2_REG
+    # association_bias (siglip2.eval.bias): the json key of each image's attribute value, and the
+    # values scored (an image whose value is not listed is skipped as `filtered_attribute`)
+    attribute_key: str = "attribute"
+    attributes: list[str] = field(default_factory=list)
 
     @property
     def segmentation_classnames(self) -> list[str]:
@@ -90,11 +104,56 @@ def load_eval_set(path: str | os.PathLike) -> EvalSet:
     urls = str(spec["urls"])
     if "://" not in urls and not urls.startswith("pipe:") and not os.path.isabs(urls):
         urls = str(path.parent / urls)
-    if spec["task"] in ("zeroshot", "segmentation") and not spec.get("classnames"):
+    if spec["task"] in ("zeroshot", "segmentation", "fewshot") and not spec.get("classnames"):
         raise ValueError(f"{path}: a {spec['task']} set needs classnames")
     if spec["task"] == "segmentation":
         _check_segmentation(path, spec)
+    if spec["task"] == "fewshot":
+        spec = _check_fewshot(path, spec)
+    if spec["task"] in ("representation_bias", "association_bias"):
+        spec = _check_bias(path, spec)
     return EvalSet(**spec | {"urls": urls})
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_fewshot(path: Path, spec: dict) -> dict:
+    shots = spec.get("shots", list(DEFAULT_SHOTS))
+    if (not isinstance(shots, list) or not shots or not all(_is_int(k) and k >= 1 for k in shots)
+            or len(set(shots)) != len(shots)):
+        raise ValueError(f"{path}: shots must be a non-empty list of distinct integers >= 1, got {shots!r}")
+    seeds = spec.get("seeds", DEFAULT_SEEDS)
+    if not _is_int(seeds) or seeds < 1:
+        raise ValueError(f"{path}: seeds (how many draws of the shots) must be an integer >= 1, got {seeds!r}")
+    l2 = spec.get("l2_reg", DEFAULT_L2_REG)
+    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0:
+        raise ValueError(f"{path}: l2_reg must be a number > 0, got {l2!r}")
+    return spec | {"l2_reg": float(l2)}
+
+
+def _check_bias(path: Path, spec: dict) -> dict:
+    task, names = spec["task"], spec.get("classnames") or []
+    what = "attribute values" if task == "representation_bias" else "concepts"
+    if not isinstance(names, list) or len(names) < 2:
+        raise ValueError(f"{path}: a {task} set needs classnames: at least 2 {what}, got {names!r}")
+    names = [str(c) for c in names]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: classnames repeat a name: {names}")
+    if not spec.get("templates", ["{c}"]):
+        raise ValueError(f"{path}: templates must name at least one prompt")
+    out = spec | {"classnames": names}
+    if task == "association_bias":
+        attributes = spec.get("attributes") or []
+        if not isinstance(attributes, list) or len(attributes) < 2:
+            raise ValueError(f"{path}: an association_bias set needs attributes: at least 2 values of the json key "
+                             f"{spec.get('attribute_key', 'attribute')!r}, got {attributes!r}")
+        attributes = [str(a) for a in attributes]
+        if len(set(attributes)) != len(attributes):
+            raise ValueError(f"{path}: attributes repeat a value: {attributes}")
+        out["attributes"] = attributes
+    return out
 
 
 def _check_segmentation(path: Path, spec: dict) -> None:
@@ -159,6 +218,27 @@ class EvalSample:
                 raise BadSample("missing_label", f"no {self.es.label_key!r} in the json")
             out["label"] = torch.tensor(int(meta[self.es.label_key]))
             out["objects"] = list(meta.get("objects") or [])
+        elif self.es.task == "fewshot":
+            if self.es.label_key not in meta:
+                raise BadSample("missing_label", f"no {self.es.label_key!r} in the json")
+            label, index = meta[self.es.label_key], None
+            if not isinstance(label, (bool, float)) or (isinstance(label, float) and label.is_integer()):
+                try:  # an int, an integral float or a numeric string, as zero-shot reads it
+                    index = int(label)
+                except (TypeError, ValueError):
+                    pass
+            if index is None or not 0 <= index < len(self.es.classnames):
+                raise BadSample("bad_label", f"{self.es.label_key}={label!r} is not a class index in "
+                                             f"[0, {len(self.es.classnames)})")
+            out["label"] = torch.tensor(index)
+        elif self.es.task == "association_bias":
+            if self.es.attribute_key not in meta:
+                raise BadSample("missing_attribute", f"no {self.es.attribute_key!r} in the json")
+            value = str(meta[self.es.attribute_key])
+            if value not in self.es.attributes:
+                raise BadSample("filtered_attribute", f"{self.es.attribute_key}={value!r} is not one of "
+                                                      f"{self.es.attributes}")
+            out["attribute"] = torch.tensor(self.es.attributes.index(value))
         elif self.es.task == "retrieval":
             captions = meta.get(self.es.captions_key) or [sample.caption]
             out["captions"] = [c for c in captions if isinstance(c, str) and c.strip()]
@@ -272,8 +352,16 @@ def _run_task(es, model, tokenizer, loader, device, max_batches, prefix, keep_ex
                      "tower)", prefix)
             return {}
         out = _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder, refexp_probe)
-    else:
+    elif es.task == "segmentation":
         out = _segmentation(es, model, loader, device, max_batches, prefix)
+    elif es.task == "fewshot":
+        out = _fewshot(es, model, loader, device, max_batches, prefix)
+    elif es.task == "representation_bias":
+        out = _representation_bias(es, model, tokenizer, loader, device, max_batches, prefix)
+    elif es.task == "association_bias":
+        out = _association_bias(es, model, tokenizer, loader, device, max_batches, prefix)
+    else:
+        raise ValueError(f"{prefix}: unknown task {es.task!r}; tasks are {TASKS}")
     delivered = next((v for k, v in out.items() if k.endswith("/num_images")), None)
     if delivered == 0:  # a rate over no image is not a 0%: report the count alone
         log.warning("%s: no image was scored (see the skip counts), so its rates are not reported", prefix)
@@ -405,6 +493,85 @@ def _retrieval(model, tokenizer, loader, device, max_batches, prefix):
     out[f"{prefix}/num_images"] = float(image_emb.shape[0])
     return out
 
+
+
+def _fewshot(es, model, loader, device, max_batches, prefix):
+    """big_vision's few-shot linear probe (siglip2.eval.fewshot) on the gathered embeddings:
+    every rank gathers every image's embedding, label and key, then solves the same probes."""
+    embs, labels, keys = [], [], []
+    for batch in _batches(loader, max_batches):
+        embs.append(_encode(model, batch, device).embeds.float())
+        labels.append(batch["label"].long())
+        keys.extend(batch["key"])
+    # a rank with no images of this set (more ranks than shards) still joins the gathers, as (0, D)
+    emb = torch.cat(embs) if embs else torch.zeros(0, int(model.config.embed_dim), device=device)
+    label = torch.cat(labels).to(emb.device) if labels else torch.zeros(0, dtype=torch.long, device=emb.device)
+    emb, label = dist_utils.all_gather_variable(emb), dist_utils.all_gather_variable(label)
+    keys = [k for part in dist_utils.all_gather_object(keys) for k in part]
+    started = time.monotonic()
+    res = run_fewshot(emb.cpu(), label.cpu(), keys, len(es.classnames), es.shots, es.seeds, es.l2_reg)
+    log.info("%s: few-shot probes (%d shot counts x %d seeds) took %.1f s", prefix, len(es.shots), es.seeds,
+             time.monotonic() - started)
+    return {f"{prefix}/{k}": float(v) for k, v in res.items()}
+
+
+def _zeroshot_predictions(es, model, tokenizer, loader, device, max_batches, extra: str | None = None):
+    """Top-1 zero-shot class of every image this rank reads ((n,) int64 on `device`), as
+    `_zeroshot` scores them (template-averaged classifier, cosine), and the batches' `extra`
+    values ((n,) int64) when named."""
+    classifier = build_classifier(_under(tower_autocast, device, model.encode_text), tokenizer, es.classnames,
+                                  es.templates, device=device)
+    preds, extras = [], []
+    for batch in _batches(loader, max_batches):
+        preds.append(zeroshot_logits(_encode(model, batch, device).embeds, classifier).argmax(dim=-1))
+        if extra is not None:
+            extras.append(batch[extra].long().to(device))
+    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=device)
+    if extra is None:
+        return pred, None
+    return pred, torch.cat(extras) if extras else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _representation_bias(es, model, tokenizer, loader, device, max_batches, prefix):
+    """First-order bias (siglip2.eval.bias): which attribute value's prompts each image prefers;
+    the per-value counts are summed over ranks before the shares are computed."""
+    pred, _ = _zeroshot_predictions(es, model, tokenizer, loader, device, max_batches)
+    counts = dist_utils.all_reduce_sum(prediction_counts(pred, len(es.classnames))).cpu()
+    total = float(counts.sum())
+    if total == 0:
+        return {f"{prefix}/num_images": 0.0}
+    res = representation_bias(counts)
+    out: dict[str, Any] = {f"{prefix}/share/{c}": float(s) for c, s in zip(es.classnames, res["share"].tolist())}
+    out[f"{prefix}/bias"] = res["bias"]
+    out[f"{prefix}/num_images"] = total
+    out["_tables"] = {prefix: [[c, float(s)] for c, s in zip(es.classnames, res["share"].tolist())]}
+    return out
+
+
+def _association_bias(es, model, tokenizer, loader, device, max_batches, prefix):
+    """Second-order bias (siglip2.eval.bias): the (attribute value x predicted concept) counts,
+    summed over ranks, then P_a(c) and the mean over concepts of max_a P_a(c) - min_a P_a(c).
+    `_tables[prefix]`: [concept, gap] rows; `_tables[prefix + "/by_attribute"]`:
+    ["concept | value", P_value(concept)] rows."""
+    pred, attribute = _zeroshot_predictions(es, model, tokenizer, loader, device, max_batches, extra="attribute")
+    counts = prediction_counts(pred, len(es.classnames), attribute, len(es.attributes))
+    counts = dist_utils.all_reduce_sum(counts).cpu()
+    per_value = counts.sum(dim=1)
+    out: dict[str, Any] = {f"{prefix}/count/{a}": float(n) for a, n in zip(es.attributes, per_value.tolist())}
+    out[f"{prefix}/num_images"] = float(per_value.sum())
+    if int((per_value > 0).sum()) < 2:
+        if per_value.sum() > 0:
+            log.warning("%s: images of fewer than 2 attribute values (%s), so no association bias is reported",
+                        prefix, ", ".join(f"{a}: {int(n)}" for a, n in zip(es.attributes, per_value.tolist())))
+        return out
+    res = association_bias(counts)
+    out[f"{prefix}/bias"] = res["bias"]
+    out["_tables"] = {
+        prefix: [[c, float(g)] for c, g in zip(es.classnames, res["gap"].tolist())],
+        f"{prefix}/by_attribute": [[f"{c} | {a}", float(res["p"][i, j])]
+                                   for j, c in enumerate(es.classnames) for i, a in enumerate(es.attributes)],
+    }
+    return out
 
 
 def _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder, refexp_probe=None):

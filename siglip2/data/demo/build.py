@@ -29,7 +29,7 @@ from .glyphs import LETTERS
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 5  # 4: glyph world (issue 28); 5: + words on elongated images
+FORMAT_VERSION = 6  # 4: glyph world (issue 28); 5: + words on elongated images; 6: + fairness sets
 
 
 @dataclass
@@ -42,6 +42,9 @@ class DemoData:
     segmentation_yaml: str
     words_yaml: str  # words on elongated images (zero-shot by word)
     words_square_yaml: str  # the same words laid out square
+    bias_neutral_yaml: str  # representation bias: glyphs in no attribute colour
+    bias_attributed_yaml: str  # association bias: glyphs in red or blue
+    fewshot_yaml: str  # the few-shot linear probe on the zero-shot set's images
     tokenizer_path: str
     num_train: int = 0
     classnames: list[str] = field(default_factory=lambda: list(LETTERS))
@@ -61,7 +64,8 @@ def _build(out: str, params: dict, workers: int) -> None:
         d = os.path.join(out, "train") if split == "train" else os.path.join(out, "eval", split)
         os.makedirs(d, exist_ok=True)
         for shard, (start, c) in enumerate(_shard_plan(n)):
-            tasks.append((os.path.join(d, f"{shard:06d}.tar"), split, seed, shard, start, c, params["word_share"]))
+            tasks.append((os.path.join(d, f"{shard:06d}.tar"), split, seed, shard, start, c, params["word_share"],
+                          (params["bias_strength"], params["bias_share"])))
     tasks.sort(key=lambda t: -t[5])  # largest first: the pool finishes together
     if workers and workers > 1 and not mp.current_process().daemon:  # daemons may not have children
         # spawn, not fork: DDP ranks and DataLoaders hold threads that fork would copy mid-lock
@@ -79,6 +83,7 @@ def _build(out: str, params: dict, workers: int) -> None:
         os.remove(tok[:-len(".model")] + ".vocab")  # a human-readable copy of the model; unused
     _strip_build_path(tok)
     for split, spec in _yaml_specs(counts).items():
+        os.makedirs(os.path.join(out, "eval", split), exist_ok=True)  # fewshot: a yaml over zeroshot's shards
         with open(os.path.join(out, "eval", split, f"{split}.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(spec, f, allow_unicode=True, sort_keys=False)
     files = {}
@@ -150,13 +155,15 @@ def _data(root: str, marker: dict, built: bool) -> DemoData:
         root=root, train_urls=os.path.join(root, "train", _brace(marker["train_shards"])),
         zeroshot_yaml=ev("zeroshot"), retrieval_yaml=ev("retrieval"), refexp_yaml=ev("refexp"),
         segmentation_yaml=ev("segmentation"), words_yaml=ev("words"), words_square_yaml=ev("words_square"),
+        bias_neutral_yaml=ev("bias_neutral"), bias_attributed_yaml=ev("bias_attributed"), fewshot_yaml=ev("fewshot"),
         tokenizer_path=os.path.join(root, "tokenizer", "demo_sp.model"),
         num_train=marker["counts"]["train"], built=built)
 
 
 def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *,
                 num_zeroshot: int = 800, num_retrieval: int = 500, num_refexp: int = 500,
-                num_segmentation: int = 500, num_words: int = 500, word_share: float = 0.0) -> DemoData:
+                num_segmentation: int = 500, num_words: int = 500, word_share: float = 0.0,
+                bias_strength: float = 0.0, bias_share: float = 0.5, num_bias: int = 500) -> DemoData:
     """The demo data under ``root``, generated on first use and reused after.
 
     Crash- and race-safe because DDP ranks call this at once and a killed run must not leave a
@@ -166,14 +173,24 @@ def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *
     is missing, names other parameters, or lists a file that is gone is rebuilt, never read.
     ``word_share``: the share of train images that are a word (``generate_word_sample``); the
     eval sets do not depend on it. Raises ``ValueError`` outside [0, 1].
+    ``bias_strength`` s in [0, 1) and ``bias_share`` r in (0, 1): a planted bias on the glyph
+    colours red and blue (issue 30's miniature, `splits.bias_accept`): red is r of the
+    attribute-coloured glyphs, and within each half of the alphabet one colour is (1+s)/(1-s)
+    times the other; 0 and 0.5 (the defaults) draw train exactly as before. ``num_bias``: the
+    size of each fairness eval set.
     """
     root = os.path.abspath(os.fspath(root))
     if not 0.0 <= float(word_share) <= 1.0:
         raise ValueError(f"word_share is a share of the train images, in [0, 1]; got {word_share}")
+    if not (0.0 <= float(bias_strength) < 1.0 and 0.0 < float(bias_share) < 1.0):
+        raise ValueError(f"bias_strength must lie in [0, 1) and bias_share in (0, 1); got {bias_strength}, "
+                         f"{bias_share}")
     params = {"num_train": int(num_train), "seed": int(seed), "word_share": float(word_share),
+              "bias_strength": float(bias_strength), "bias_share": float(bias_share),
               "eval_sizes": {"zeroshot": int(num_zeroshot), "retrieval": int(num_retrieval), "refexp": int(num_refexp),
                              "segmentation": int(num_segmentation), "words": int(num_words),
-                             "words_square": int(num_words)}}
+                             "words_square": int(num_words), "bias_neutral": int(num_bias),
+                             "bias_attributed": int(num_bias)}}
     if min(params["eval_sizes"].values()) < 1 or num_train < 1:
         raise ValueError(f"every split needs at least one sample, got {params}")
     parent, base = os.path.split(root)

@@ -127,7 +127,8 @@ def draw_glyph_scene(rng: np.random.Generator, w: int, h: int, n: int, force_gly
                      sizes: tuple[str, ...] = SIZES, num_fonts: int | None = None,
                      centred: bool = False, cells: int | None = None,
                      background: str = "demo", ink: str = "palette", alphabet: str | tuple[str, ...] = GLYPHS,
-                     size_frac: dict[str, tuple[float, float]] | None = None) -> tuple[Image.Image, np.ndarray, list[Glyph]]:
+                     size_frac: dict[str, tuple[float, float]] | None = None,
+                     colors: tuple[str, ...] | None = None) -> tuple[Image.Image, np.ndarray, list[Glyph]]:
     """A `w` x `h` scene of up to `n` glyphs (fewer when they do not fit), in distinct colours,
     each of one of `sizes` (`GLYPH_SIZE_FRAC`; crowded scenes fall back to the smallest of them),
     in one of the first `num_fonts` of `FONT_FILES` (all by default); `centred`: each glyph at
@@ -136,7 +137,8 @@ def draw_glyph_scene(rng: np.random.Generator, w: int, h: int, n: int, force_gly
     muted), ``"black"`` or ``"flat"`` (the demo background's mean colour); `ink`: ``"palette"``,
     ``"white"`` or ``"pastel"`` (palette colour mixed 60:40 with white; the colour name stays);
     `alphabet`: the glyphs to draw from (`GLYPHS` by default); `size_frac`: glyph height range
-    per size word, as a fraction of the short side (`GLYPH_SIZE_FRAC` by default).
+    per size word, as a fraction of the short side (`GLYPH_SIZE_FRAC` by default); `colors`:
+    the palette colours a glyph may take (None: all; the draws are the same when it is None).
 
     Returns the RGB image, a uint8 mask (0 background, `alphabet.index(g) + 1` on each glyph's
     ink) and the glyphs with their tight boxes. Boxes stay >= 3 px apart."""
@@ -170,7 +172,8 @@ def draw_glyph_scene(rng: np.random.Generator, w: int, h: int, n: int, force_gly
                 continue
             under = bg[y0:y0 + gh, x0:x0 + gw][m].reshape(-1, 3).mean(0)
             far = np.sqrt(((_PALETTE - under) ** 2).sum(1)) >= _MIN_COLOR_DIST
-            ok = [c for c, f in zip(COLORS, far) if f and c not in {g.color for g in placed}]
+            ok = [c for c, f in zip(COLORS, far) if f and c not in {g.color for g in placed}
+                  and (colors is None or c in colors)]
             if not ok:
                 continue
             color = ok[rng.integers(len(ok))]

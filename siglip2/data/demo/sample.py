@@ -20,7 +20,8 @@ _MAX_CANVASES = 200  # 2 glyphs need a few canvases; 3 at these sizes seldom fit
 
 
 def generate_sample(rng: np.random.Generator, n_objects: int, force: dict[str, str] | None = None,
-                    lang: str | None = None, n_captions: int = 1, omit_prob: float = 0.0) -> dict:
+                    lang: str | None = None, n_captions: int = 1, omit_prob: float = 0.0,
+                    colors: tuple[str, ...] | None = None) -> dict:
     """One scene: ``{"image": PIL, "mask": uint8 array, "captions": [...], "meta": json dict}``.
 
     ``n_objects`` glyphs (letters of ``LETTERS``) in distinct colours, pastel on black, on a
@@ -28,7 +29,8 @@ def generate_sample(rng: np.random.Generator, n_objects: int, force: dict[str, s
     draws every glyph as that letter. ``omit_prob``: for English captions, the chance, drawn
     for size and for colour on its own, that those words are left out of a caption ("a photo of
     a letter K", "a red letter K"); the letter is always named. Region captions keep every
-    word, so that each names exactly one glyph. Raises ``ValueError`` for a letter outside
+    word, so that each names exactly one glyph. ``colors``: the palette colours the glyphs may
+    take (None: any; the fairness sets draw attribute colours or the others). Raises ``ValueError`` for a letter outside
     ``LETTERS``, and when ``n_objects`` glyphs do not fit on any of 200 canvases drawn.
     """
     force = dict(force or {})
@@ -39,7 +41,8 @@ def generate_sample(rng: np.random.Generator, n_objects: int, force: dict[str, s
         lang = "en" if rng.random() < _EN_FRACTION else _OTHER_LANGS[rng.integers(len(_OTHER_LANGS))]
     for _ in range(_MAX_CANVASES):  # the canvas may be too small for n glyphs: draw a new one
         w, h = glyph_scene_size(rng, max_aspect=_MAX_ASPECT)
-        img, mask, glyphs = draw_glyph_scene(rng, w, h, n_objects, force.get("category"), **DEMO_STYLE)
+        img, mask, glyphs = draw_glyph_scene(rng, w, h, n_objects, force.get("category"), colors=colors,
+                                             **DEMO_STYLE)
         if len(glyphs) == n_objects:
             break
     else:

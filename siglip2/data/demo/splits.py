@@ -20,6 +20,7 @@ from PIL import Image
 from .glyphs import LETTERS, WORD_LAYOUTS, WORDS
 from .languages import WORD_TEMPLATES, ZEROSHOT_TEMPLATES
 from .sample import generate_sample, generate_word_sample
+from .world import COLORS
 
 # sid: the split's seed stream, so eval sets never share random draws with train.
 _SPLITS = {
@@ -42,8 +43,38 @@ _SPLITS = {
     # (one seed stream: sample i of both sets is the same word, colour, font and size)
     "words": dict(sid=5, layouts=("row", "column"), label="word"),
     "words_square": dict(sid=5, layouts=("grid",), label="word"),
+    # Fairness sets (issue 30), single glyphs balanced over the letters: none in an attribute
+    # colour (representation bias: does the model prefer "red" or "blue" for them?), and each
+    # in one attribute colour, alternating (association bias: does the colour move the letter
+    # the model reads?). BIAS_ATTRIBUTES stand in for a sensitive attribute such as perceived
+    # gender; ensure_demo's bias_strength / bias_share plant a bias on them in train.
+    "bias_neutral": dict(sid=6, n_objects=(1,), p=(1.0,), label="category", colors="neutral"),
+    "bias_attributed": dict(sid=7, n_objects=(1,), p=(1.0,), label="category", colors="attribute"),
 }
-_EVAL_SPLITS = ("zeroshot", "retrieval", "refexp", "segmentation", "words", "words_square")
+_EVAL_SPLITS = ("zeroshot", "retrieval", "refexp", "segmentation", "words", "words_square", "bias_neutral",
+                "bias_attributed")
+BIAS_ATTRIBUTES = ("red", "blue")
+# The planted bias's halves of the alphabet: with bias_strength s the first half is drawn red
+# (1 + s) / (1 - s) times as often as blue, the second half the other way round.
+BIAS_GROUPS = (LETTERS[:len(LETTERS) // 2], LETTERS[len(LETTERS) // 2:])
+
+
+def bias_accept(glyphs: list[dict], strength: float, share: float) -> float:
+    """The chance to keep a train scene under the planted bias (rejection sampling): per glyph
+    in an attribute colour, w(colour, letter) / max w with w(red, first half) = share (1 + s),
+    w(blue, first half) = (1 - share)(1 - s) and the halves swapped for the second half; 1 for
+    other colours. Kept scenes then have red at `share` of attribute glyphs (first-order bias)
+    and red / blue at (1 + s) : (1 - s) within a half (second order)."""
+    top = max(share, 1 - share) * (1 + strength)
+    p = 1.0
+    for g in glyphs:
+        if g["color"] not in BIAS_ATTRIBUTES:
+            continue
+        red = g["color"] == BIAS_ATTRIBUTES[0]
+        first = g["category"] in BIAS_GROUPS[0]
+        w = (share if red else 1 - share) * (1 + strength if red == first else 1 - strength)
+        p *= w / top
+    return p
 _LABELS = {"category": LETTERS, "word": WORDS}
 _PER_SHARD = 1000
 _MIN_SHARDS = 4  # so 2 ranks x 2 loader workers each get a shard of a small split
@@ -80,8 +111,10 @@ def _write_shard(task: tuple) -> tuple[str, int, list[str]]:
     """
     from webdataset import TarWriter
 
-    path, split, seed, shard, start, count, word_share = task
+    path, split, seed, shard, start, count, word_share, bias = task
     cfg = _SPLITS[split]
+    strength, share = bias
+    planted = split == "train" and (strength > 0 or share != 0.5)  # else no draw: the default's bytes
     rng = np.random.default_rng([seed, cfg["sid"], shard])
     texts: list[str] = []
     with TarWriter(path, mtime=_TAR_MTIME) as tw:
@@ -96,10 +129,19 @@ def _write_shard(task: tuple) -> tuple[str, int, list[str]]:
             elif split == "train" and word_share > 0 and rng.random() < word_share:  # 0: no draw
                 s = generate_word_sample(rng, WORD_LAYOUTS[int(rng.integers(len(WORD_LAYOUTS)))],
                                          omit_prob=cfg.get("omit_prob", 0.0))
+            elif "colors" in cfg:  # a fairness set
+                colors = ((BIAS_ATTRIBUTES[i % 2],) if cfg["colors"] == "attribute" else
+                          tuple(c for c in COLORS if c not in BIAS_ATTRIBUTES))
+                s = generate_sample(rng, 1, force=force, colors=colors)
+                s["meta"]["attribute"] = colors[0] if cfg["colors"] == "attribute" else None
             else:
                 n = int(rng.choice(cfg["n_objects"], p=cfg["p"]))
                 s = generate_sample(rng, n, force=force, n_captions=cfg.get("n_captions", 1),
                                     omit_prob=cfg.get("omit_prob", 0.0))
+                # the planted bias (0: no draw): scenes against it are drawn again
+                while planted and rng.random() >= bias_accept(s["meta"]["objects"], strength, share):
+                    s = generate_sample(rng, n, force=force, n_captions=cfg.get("n_captions", 1),
+                                        omit_prob=cfg.get("omit_prob", 0.0))
             if "label" in cfg:
                 s["meta"]["label"] = _LABELS[cfg["label"]].index(force[cfg["label"]])
             if split == "retrieval":
@@ -132,4 +174,15 @@ def _yaml_specs(counts: dict[str, int]) -> dict[str, dict]:
         **{s: {"name": f"demo_{s}", "task": "zeroshot", "urls": _brace(n[s]), "num_samples": counts[s],
                "classnames": list(WORDS), "templates": list(WORD_TEMPLATES), "label_key": "label",
                "lang_key": "lang"} for s in ("words", "words_square")},
+        "bias_neutral": {"name": "demo_bias_neutral", "task": "representation_bias", "urls": _brace(n["bias_neutral"]),
+                         "num_samples": counts["bias_neutral"], "classnames": list(BIAS_ATTRIBUTES),
+                         "templates": ["a photo of a {c} letter."]},
+        "bias_attributed": {"name": "demo_bias_attributed", "task": "association_bias",
+                            "urls": _brace(n["bias_attributed"]), "num_samples": counts["bias_attributed"],
+                            "classnames": list(LETTERS), "templates": list(ZEROSHOT_TEMPLATES),
+                            "attributes": list(BIAS_ATTRIBUTES), "attribute_key": "attribute",
+                            "label_key": "label"},
+        # the few-shot linear probe on the zero-shot set's images (big_vision's fewshot evaluator)
+        "fewshot": {"name": "demo_fewshot", "task": "fewshot", "urls": "../zeroshot/" + _brace(n["zeroshot"]),
+                    "num_samples": counts["zeroshot"], "classnames": list(LETTERS), "label_key": "label"},
     }
