@@ -213,7 +213,8 @@ def test_real_run_recipes_compose_every_stage_with_the_papers_settings(experimen
 
     from stages.recipe import stage_overrides
 
-    user = ['data.train="/shards/{0000..0009}.tar"', "tokenizer.path=/models/tokenizer.model"]
+    user = ['data.train="/shards/{0000..0009}.tar"', "tokenizer.path=/models/tokenizer.model",
+            "data.balance_table=/tables/keep.tsv"]  # an M4 table (issue 30) reaches every stage
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         recipe = compose("train", overrides=[f"experiment={experiment}", f"paths.root_dir={tmp_path}",
                                              "recipe.stages.acid.set.stage.acid.teacher=hf:/models/so400m"]
@@ -229,6 +230,7 @@ def test_real_run_recipes_compose_every_stage_with_the_papers_settings(experimen
             nodes = {"recipe_b16": 32, "recipe_so400m16": 64}[experiment]
             assert cfg.data.batch_size * 8 * nodes == 32768
             assert cfg.tokenizer.path == "/models/tokenizer.model" and cfg.trainer.accelerator == "gpu"
+            assert cfg.data.balance_table == "/tables/keep.tsv"
             if stage.name == "pretrain":
                 assert cfg.trainer.max_steps * 32768 == pytest.approx(40e9, rel=1e-4)
                 assert cfg.optim.lr == 1e-3 and cfg.optim.warmup_steps == 20000
