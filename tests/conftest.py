@@ -45,7 +45,7 @@ def cache_dir(tmp_path_factory) -> Path:
 def debug_pretrain(cache_dir, tmp_path_factory) -> Path:
     """The run folder of one `debug=fast` pretraining run (6 steps, self-distillation from
     step 5), whose hand-off checkpoints the later stages start from. Treat as read-only."""
-    from test_train import compose_cfg, fit
+    from helpers import compose_cfg, fit
 
     out = tmp_path_factory.mktemp("debug-pretrain")
     _, stage = fit(compose_cfg([], cache_dir, out))
@@ -68,7 +68,7 @@ def ddp_reference(cache_dir, tmp_path_factory) -> Path:
     """The run folder of `STRATEGY_RUN` under `trainer=ddp_cpu`: the reference every sharded
     strategy's weights are compared with (DDP itself equals one process on the concatenated
     batch: tests/test_ddp_parity.py). Treat as read-only."""
-    from test_train import cli
+    from helpers import cli
 
     return run_dir(cli([*STRATEGY_RUN, "trainer=ddp_cpu"], cache_dir, tmp_path_factory.mktemp("ddp-reference")))
 

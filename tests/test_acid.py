@@ -192,7 +192,7 @@ def _hf_teacher(tmp_path: Path, vocab: int, image_size: int, max_len: int, seed:
 def test_teacher_equal_to_learner_gives_zero_learnability(cache_dir, debug_pretrain):
     from siglip2.data.demo import ensure_demo
     from siglip2.data.tokenizer import build_tokenizer
-    from test_train import compose_cfg
+    from helpers import compose_cfg
     from stages.runner import build_stage
 
     ckpt = debug_pretrain / "checkpoints" / "last.ckpt"
@@ -212,7 +212,7 @@ def test_teacher_equal_to_learner_gives_zero_learnability(cache_dir, debug_pretr
 
 @pytest.mark.e2e
 def test_teacher_with_another_vocabulary_is_refused_before_training(cache_dir, debug_pretrain, tmp_path):
-    from test_train import compose_cfg
+    from helpers import compose_cfg
     from stages.runner import build
 
     teacher = _hf_teacher(tmp_path, vocab=123, image_size=64, max_len=40)
@@ -228,7 +228,7 @@ def test_acid_trains_on_two_ddp_processes_with_a_teacher_of_another_size(cache_d
     resolution (96 px) and text length (48) from a transformers folder, two gloo ranks. Each
     rank loads 32 (b / (1 - 0.5)) and trains 16; the clock and the logs count the trained ones.
     With `data.caption_noise` the selection reports what share of noisy and clean it kept."""
-    from test_train import cli
+    from helpers import cli
 
     vocab = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu",
                        weights_only=True)["siglip2"]["model"]["text"]["vocab_size"]
@@ -268,7 +268,7 @@ def test_teacher_cache_gives_the_live_teachers_scores_on_training_batches(cache_
 
     from siglip2.data.curation import TeacherCache
     from stages.runner import build_stage
-    from test_train import compose_cfg
+    from helpers import compose_cfg
 
     ckpt = debug_pretrain / "checkpoints" / "last.ckpt"
     cfg = compose_cfg(["stage=acid", f"stage.acid.teacher={ckpt}"], cache_dir, tmp_path)
@@ -313,7 +313,7 @@ def test_a_teacher_of_another_resolution_scores_source_pixels_live_and_cached(ca
 
     from siglip2.data.curation import TeacherCache
     from stages.runner import build_stage
-    from test_train import compose_cfg
+    from helpers import compose_cfg
 
     vocab = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu",
                        weights_only=True)["siglip2"]["model"]["text"]["vocab_size"]

@@ -191,7 +191,7 @@ def test_cli_on_the_demo_and_a_run_that_reads_the_table(cache_dir, tmp_path):
     training run, whose metrics count the dropped samples it met."""
     from siglip2.data.balance import main
     from siglip2.data.demo import ensure_demo
-    from test_train import cli
+    from helpers import cli
 
     demo = ensure_demo(str(cache_dir / "demo-n400-s0"), num_train=400, seed=0)
     config = tmp_path / "balance.yaml"

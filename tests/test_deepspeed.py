@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import ROOT, cli, compose_cfg
+from helpers import ROOT, cli, compose_cfg
 
 pytestmark = pytest.mark.e2e
 pytest.importorskip("deepspeed")

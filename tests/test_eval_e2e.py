@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import ROOT, compose_cfg, fit
+from helpers import ROOT, compose_cfg, fit
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import cli
+from helpers import cli
 
 pytestmark = pytest.mark.e2e
 
@@ -89,7 +89,7 @@ def test_real_photos_through_eval_py_and_transformers_give_the_same_zero_shot_pr
     from siglip2.eval.suite import EvalSample, _encode, load_eval_set
     from siglip2.export.__main__ import main as export
     from siglip2.export.hf import from_hf
-    from test_train import ROOT
+    from helpers import ROOT
 
     demo = ensure_demo(str(cache_dir / "demo-n400-s0"), num_train=400, seed=0)
     vocab = build_tokenizer(str(demo.tokenizer_path), length=40).vocab_size

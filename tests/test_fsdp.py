@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import STRATEGY_RUN, attention_key_bias, run_dir
-from test_train import cli
+from helpers import cli
 
 pytestmark = pytest.mark.e2e
 ATOL, RTOL = 1e-5, 1e-4

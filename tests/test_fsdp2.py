@@ -41,7 +41,7 @@ import pytest
 import torch
 
 from conftest import STRATEGY_RUN, attention_key_bias, run_dir
-from test_train import cli, compose_cfg
+from helpers import cli, compose_cfg
 
 pytestmark = pytest.mark.e2e
 

@@ -186,7 +186,7 @@ def test_two_ranks_with_two_workers_each_draw_the_same_lengths(cache_dir, monkey
     of 2: batch k has the plan's length and size on both ranks, whichever worker made it."""
     from hydra.utils import instantiate
 
-    from test_train import compose_cfg
+    from helpers import compose_cfg
 
     cfg = compose_cfg(["stage=naflex", "data.num_workers=2", "data.batches_per_epoch=6"], cache_dir, cache_dir)
     seen = {}
@@ -206,7 +206,7 @@ def test_two_ranks_with_two_workers_each_draw_the_same_lengths(cache_dir, monkey
 def test_naflex_stage_trains_from_the_90pct_checkpoint(cache_dir, debug_pretrain, tmp_path):
     import lightning as L
 
-    from test_train import compose_cfg, fit
+    from helpers import compose_cfg, fit
 
     class Record(L.Callback):
         def __init__(self):
@@ -259,7 +259,7 @@ def _demo_and_random_tiny_model(cache_dir):
     from siglip2.data.demo import ensure_demo
     from siglip2.data.tokenizer import build_tokenizer
     from siglip2.model import build_model
-    from test_train import ROOT
+    from helpers import ROOT
 
     demo = ensure_demo(cache_dir / "demo-n400-s0", num_train=400, seed=0)
     cfg = yaml.safe_load((ROOT / "conf" / "model" / "tiny.yaml").read_text())

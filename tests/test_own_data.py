@@ -173,7 +173,7 @@ def test_init_from_weights_of_another_vocabulary_size_names_both(shard_tokenizer
     """A checkpoint that records no tokenizer (older, or converted) with another vocabulary
     size than this run's tokenizer: a clear error at init_from, not a shape mismatch inside."""
     from stages.runner import build
-    from test_train import compose_cfg
+    from helpers import compose_cfg
 
     _, summary = shard_tokenizer
     raw = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -83,7 +83,7 @@ def test_checkpoints_carry_their_tokenizer_and_other_ids_are_refused(cache_dir, 
     from siglip2.checkpoint import read_checkpoint
     from siglip2.data.tokenizer import resolve_checkpoint_tokenizer, tokenizer_fingerprint
     from stages.runner import build
-    from test_train import compose_cfg
+    from helpers import compose_cfg
 
     ckpt = read_checkpoint(str(debug_pretrain / "checkpoints" / "last.ckpt"))
     record = ckpt.meta["tokenizer"]
@@ -130,7 +130,7 @@ def test_final_evaluation_with_more_ranks_than_an_eval_sets_shards(cache_dir, de
 
     import yaml
 
-    from test_train import cli
+    from helpers import cli
 
     demo = cache_dir / "demo-n400-s0" / "eval"  # built by the debug_pretrain fixture
     sets = []
@@ -266,7 +266,7 @@ def test_training_and_evaluation_run_to_the_end_on_the_fuzzed_corpus(cache_dir, 
 
     import yaml
 
-    from test_train import cli
+    from helpers import cli
 
     pattern, good_keys, skips = _fuzz_corpus(tmp_path / "fuzz")
     spec = {"name": "fuzz", "task": "retrieval", "urls": pattern, "captions_key": "captions"}
@@ -286,7 +286,7 @@ def test_a_tokenizer_of_another_size_than_the_model_stops_before_compute(cache_d
     """`model=b16` (256,000 tokens) with the demo's ~2,100-token tokenizer used to build and
     train until an id or a shape failed deep inside; now the run stops at start, naming both."""
     from stages.runner import build
-    from test_train import compose_cfg
+    from helpers import compose_cfg
 
     from siglip2.data.tokenizer import build_tokenizer
 
@@ -334,7 +334,7 @@ def test_init_from_a_checkpoint_missing_tower_tensors_is_refused(cache_dir, debu
     the LocCa decoder, the EMA teacher), never in the towers: such a checkpoint used to load
     with the missing tensors left random and one INFO line."""
     from stages.runner import build
-    from test_train import compose_cfg
+    from helpers import compose_cfg
 
     raw = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     del raw["state_dict"]["model.text_model.final_layer_norm.weight"]

@@ -249,7 +249,7 @@ def test_init_from_hf_adapts_to_this_runs_resolution_and_refuses_other_sizes(tmp
 # ---------------------------------------------------------------- the stage, end to end
 @pytest.mark.e2e
 def test_resadapt_from_the_95pct_checkpoint_64_to_96px_with_all_losses(cache_dir, debug_pretrain, tmp_path):
-    from test_train import compose_cfg, fit
+    from helpers import compose_cfg, fit
 
     ckpt = debug_pretrain / "checkpoints" / "frac_0.95.ckpt"  # distillation on from 80% of 6 steps
     source = torch.load(ckpt, map_location="cpu", weights_only=True)

@@ -77,7 +77,7 @@ def test_global_batch_from_the_trainers_world_size_cpu(group, overrides, world):
 def test_fit_window_steps_with_devices_minus_one(cache_dir, tmp_path):
     """A `fit_window` stage (resadapt) under `trainer=gpu_ddp` (devices: -1) on an 8-GPU node
     trains the steps of its window at 8 x the per-rank batch, as `devices=8` does."""
-    from test_train import compose_cfg
+    from helpers import compose_cfg
 
     from stages.runner import build
 
@@ -102,7 +102,7 @@ def test_debug_fast_without_a_logger(cache_dir, tmp_path):
     import json
 
     from lightning.pytorch.callbacks import LearningRateMonitor
-    from test_train import compose_cfg
+    from helpers import compose_cfg
 
     from stages import runner
 
@@ -142,7 +142,7 @@ def test_accumulation_that_does_not_divide_the_epoch_is_refused_naming_both_keys
     debug=fast's 3 batches per epoch with accumulation 2 made 6 steps from 10 micro-batches.
     Refused before anything runs; an aligned epoch trains every step on 2 micro-batches."""
     import lightning as L
-    from test_train import compose_cfg, fit
+    from helpers import compose_cfg, fit
 
     from stages.runner import build
 

@@ -91,7 +91,7 @@ def test_recipe_summary_refuses_pickled_code(tmp_path):
 def test_resume_refuses_pickled_code(cache_dir, tmp_path):
     """`ckpt_path=` is checked before any strategy reads it (FSDP's full-state reader and
     DeepSpeed's engine unpickle without limits); a directory checkpoint file by file."""
-    from test_train import compose_cfg
+    from helpers import compose_cfg
 
     from stages.runner import build
 
@@ -127,7 +127,7 @@ def test_our_checkpoints_are_plain_and_resume_weights_only(cache_dir, debug_pret
     """Every file a debug run writes loads with weights_only=True, and a resume through the
     runner (`python train.py ... ckpt_path=.../last.ckpt`) loads only that way."""
     from siglip2.checkpoint import load_plain, read_checkpoint
-    from test_train import compose_cfg
+    from helpers import compose_cfg
 
     from stages import runner
 
