@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # De-biasing in miniature (issue 30): the default job, same seed and budget, on the demo with a
-# planted bias (glyph colours red / blue stand in for a sensitive attribute: red is 70% of
-# them, and within each half of the alphabet one colour is 9x the other), trained on that
+# planted bias (glyph colours red / blue stand in for a sensitive attribute: red is ~70% of
+# them; red : blue is 21 in the first half of the alphabet and 0.26 in the second), trained on that
 # stream as is ("biased") and through an M4 keep table ("balanced": target 50/50, both
 # bounds 0.01, attributes and concepts read from the samples' json), then both evaluated on
 # the default eval sets, which include the representation- and association-bias sets and the

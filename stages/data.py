@@ -110,6 +110,7 @@ class ImageTextData(L.LightningDataModule):
             from siglip2.data.shards import KeyFilter
 
             self.drop = KeyFilter(load_dropped(balance_table), FILTER_REASON)
+            self._check_table_shards(balance_table)
             log.info("data.balance_table=%s: %d samples are left out (counted as data/%s)", balance_table,
                      len(self.drop.keys), FILTER_REASON)
         self.naflex = None
@@ -128,6 +129,22 @@ class ImageTextData(L.LightningDataModule):
         for urls in ([s["urls"] for s in self.sources] if isinstance(self.sources, list)
                      and self.sources and isinstance(self.sources[0], dict) else [self.sources]):
             expand_urls(urls)
+
+    def _check_table_shards(self, table: str) -> None:
+        """A balance table names its shards by folder and file (`shard_name`): one whose shards
+        this run does not read would drop nothing, silently. Refused, naming both."""
+        from siglip2.data.shards import expand_urls, shard_name
+
+        srcs = self.sources if isinstance(self.sources, list) else [self.sources]
+        urls = [u for s in srcs for u in expand_urls(s["urls"] if isinstance(s, dict) else s)]
+        ours, theirs = {shard_name(u) for u in urls}, self.drop.shards()
+        if theirs and not ours & theirs:
+            raise ValueError(f"data.balance_table={table} drops samples of shards {sorted(theirs)[:3]}..., none of "
+                             f"which this run reads ({sorted(ours)[:3]}...): build the table on these shards "
+                             "(python -m siglip2.data.balance --shards ...)")
+        if theirs - ours:
+            log.warning("data.balance_table: %d of the %d shards it drops samples from are not in this run",
+                        len(theirs - ours), len(theirs))
 
     # ACID's teacher at its own resolution (`stage.acid.teacher_pixels=source`): the stage sets
     # the teacher's image size here before the loaders are built; each training sample then

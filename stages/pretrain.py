@@ -45,7 +45,8 @@ class EMAConfig:
 
     `tower`: "ema" (the paper's teacher: the image tower follows the student) or "frozen": the
     teacher's image tower stays what the student was when distillation switched on (in a
-    fine-tune from step 0: the released model), an EMA-free anchor that the student's local
+    fine-tune: the loaded model, whatever teacher the source held; without init_from: the
+    student at the switch), an EMA-free anchor that the student's local
     views keep matching, to limit forgetting (not in the paper; `experiment=finetune_anchored`).
     The teacher's heads follow the student's heads by EMA either way (DINO): a fixed random
     head would score the frozen features against prototypes nothing learns."""
@@ -165,8 +166,14 @@ class PretrainStage(Stage):
 
     def on_weights_loaded(self, loaded: set[str]) -> None:
         # A source without a teacher (released weights, a checkpoint from before 80%): the
-        # teacher starts as the loaded student, as at the switch.
-        if self.teacher is not None and not any(k.startswith("teacher.") for k in loaded):
+        # teacher starts as the loaded student, as at the switch. A frozen tower is the loaded
+        # model whatever teacher the source holds (ours before 80% holds its random init's copy).
+        if self.teacher is None:
+            return
+        if self.ema.tower == "frozen":
+            self.teacher.copy_from(self.model.vision_model, self.distill_heads())
+            log.info("init_from: stage.ema.tower=frozen: the teacher's image tower is the loaded model and stays it")
+        elif not any(k.startswith("teacher.") for k in loaded):
             self.teacher.copy_from(self.model.vision_model, self.distill_heads())
             log.info("init_from: no EMA teacher in the source; the teacher starts as the loaded student")
 

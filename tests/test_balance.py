@@ -128,7 +128,8 @@ def test_indicators_words_scripts_and_json():
     assert ind("一个男人", None)[0] == (1, 0)  # no word boundaries in CJK: substring
     # the json path wins when present (here: nobody in the json, whatever the caption says)
     assert ind("a man", {"objects": [{"gender": "woman"}]})[0] == (0, 1)
-    assert ind("a man", {"objects": []})[0] == (1, 0)  # path absent from this json: the caption
+    assert ind("a man", {"objects": []})[0] == (0, 0)  # the path is there and holds nobody: still the json
+    assert ind("a man", {"people": []})[0] == (1, 0)  # the path is absent from this json: the caption
 
 
 def test_clear_errors():
@@ -166,6 +167,8 @@ def test_the_loader_skips_and_counts_every_dropped_sample(tmp_path):
     rows = [(table_key(u, f"{i:04d}"), table_key(u, f"{i:04d}") not in dropped) for u in urls for i in range(10)]
     table.write_text("key\tkeep_prob\tkept\n" + "".join(f"{k}\t0.5\t{int(v)}\n" for k, v in rows))
     assert load_dropped(table) == dropped
+    assert table_key(urls[0], "0003") == f"{tmp_path.name}/00000.tar/0003"  # folder/file/key
+    assert table_key(f"pipe:cat {urls[0]}", "0003") == table_key(f"file:{urls[0]}", "0003") == table_key(urls[0], "0003")
     stats = _WorkerStats()
     seen = []
     out = list(_decode_stage(read_shards([{"url": u} for u in urls], stats), stats,
@@ -207,7 +210,37 @@ def test_cli_on_the_demo_and_a_run_that_reads_the_table(cache_dir, tmp_path):
     assert s["before"]["max_association_gap"] > 0.01 >= s["after"]["max_association_gap"] - 1e-12
     dropped = load_dropped(out)
     assert len(dropped) == 400 - s["kept"] == int((~table.kept).sum())
+    # a table of other shards would drop nothing: refused before training, naming both
+    from stages.data import ImageTextData
+
+    other = tmp_path / "other.tsv"
+    other.write_text("key\tkeep_prob\tkept\nelsewhere/000000.tar/000000001\t0.0\t0\n")
+    with pytest.raises(ValueError, match="none of which this run reads"):
+        ImageTextData(tokenizer={"path": demo.tokenizer_path}, image_size=64, batch_size=4, batches_per_epoch=1,
+                      train=demo.train_urls, balance_table=str(other))
     proc = cli(["debug=fast", f"data.balance_table={out}", "trainer.max_steps=4"], cache_dir, tmp_path / "logs")
     metrics_path = Path(proc.stdout.strip().splitlines()[-1].split("metrics written to ")[-1])
     metrics = json.loads(metrics_path.read_text())
     assert metrics.get("data/filtered_balance", 0) > 0, {k: v for k, v in metrics.items() if k.startswith("data/")}
+
+
+def test_rounding_keeps_what_the_solution_says_when_patterns_are_tiny():
+    """Many concepts per caption make most indicator patterns one or two examples: whole-example
+    rounding must still keep about n q in total and the keep rate where no bound binds (a
+    per-pattern round would keep every one-example pattern at q > 0.5)."""
+    rng = np.random.default_rng(1)
+    words = [f"c{i}" for i in range(12)]
+    ex = []
+    for i in range(3000):
+        g = rng.choice(["man", "woman", ""], p=[0.45, 0.25, 0.3])
+        tags = [w for w in words if rng.random() < 0.3]
+        ex.append((f"s/{i}", " ".join([g, *tags]).strip(), None))
+    cfg = BalanceConfig(attributes=GENDER, concepts={w: [w] for w in words}, keep_rate=0.6,
+                        association_tolerance=0.02)
+    table = balance(ex, cfg, seed=0)
+    assert table.summary["patterns"] > 1000  # mostly patterns of one example
+    plain = np.array(["man" not in c for _, c, _ in ex])  # no attribute word: q = keep_rate exactly
+    assert abs(table.kept[plain].mean() - 0.6) < 0.03
+    assert abs(table.kept.sum() - table.keep_prob.sum()) <= 0.01 * len(ex)  # repair drops a handful at most
+    after = table.summary["after"]
+    assert after["max_representation_gap"] <= 0.01 + 1e-12 and after["max_association_gap"] <= 0.02 + 1e-12

@@ -122,22 +122,27 @@ def _keyword_pattern(words: Iterable[str]) -> re.Pattern:
 
 def _json_values(meta: Any, path: str) -> set[str] | None:
     """Values at a dotted path with ``[]`` for lists (``objects[].color``), lower-cased; None
-    when the path is absent from this json."""
+    when the path is absent from this json. A path that is there but holds nothing (an empty
+    ``objects`` list: nobody in the picture) gives an empty set: the json still wins."""
     nodes = [meta]
     for part in path.split("."):
         many = part.endswith("[]")
         name = part[:-2] if many else part
         nxt = []
+        found = False
         for node in nodes:
             if not isinstance(node, Mapping) or name not in node:
                 continue
+            found = True
             v = node[name]
             if many:
                 nxt.extend(v if isinstance(v, list) else [v])
             else:
                 nxt.append(v)
-        if not nxt:
+        if not found:
             return None
+        if not nxt:
+            return set()
         nodes = nxt
     out: set[str] = set()
     for v in nodes:
@@ -205,7 +210,7 @@ def solve(patterns: np.ndarray, counts: np.ndarray, cfg: BalanceConfig, tol: flo
     B = constraint_features(patterns, cfg)
     eta = cfg.keep_rate
     z_mass = float(w @ (patterns[:, :len(cfg.attributes)].sum(1) > 0)) or 1.0
-    L = float(np.linalg.eigvalsh((B * w[:, None]).T @ B).max()) if B.size else 0.0
+    L = _largest_eigenvalue(B, w) if B.size else 0.0
     if L <= 0:
         return Solution(np.full(len(w), eta), np.zeros(B.shape[1]), 0, 0.0)
     step = 1.0 / L
@@ -220,14 +225,18 @@ def solve(patterns: np.ndarray, counts: np.ndarray, cfg: BalanceConfig, tol: flo
     mom, t = lam.copy(), 1.0
     prev = -np.inf
     it = 0
+    restarted = False
     for it in range(1, cfg.max_iter + 1):
         grad = B.T @ (w * q_of(mom))
         new = np.maximum(mom + step * grad, 0.0)
         q = q_of(new)
         value = dual_value(new, q)
-        if value < prev:  # restart the momentum (O'Donoghue & Candes)
-            mom, t = lam.copy(), 1.0
+        # restart the momentum when the dual falls (O'Donoghue & Candes); the plain step right
+        # after a restart is always taken, so rounding at the optimum cannot stall the loop
+        if value < prev - 1e-15 * max(1.0, abs(prev)) and not restarted:
+            mom, t, restarted = lam.copy(), 1.0, True
             continue
+        restarted = False
         t_next = (1 + np.sqrt(1 + 4 * t * t)) / 2
         mom = new + (t - 1) / t_next * (new - lam)
         lam, t, prev = new, t_next, value
@@ -239,6 +248,26 @@ def solve(patterns: np.ndarray, counts: np.ndarray, cfg: BalanceConfig, tol: flo
                     "mass); raise max_iter", cfg.max_iter, float((B.T @ (w * q_of(lam))).max() / z_mass))
     q = q_of(lam)
     return Solution(q, lam, it, float((B.T @ (w * q)).max() / z_mass))
+
+
+def _largest_eigenvalue(B: np.ndarray, w: np.ndarray, iters: int = 200) -> float:
+    """||B^T W B||_2, the dual gradient's Lipschitz constant: exact for up to 2048 bounds, else
+    by power iteration (+1% margin) without forming the J x J matrix (J = 2m(1 + c): 10^4
+    concepts would make it ~13 GB)."""
+    if B.shape[1] <= 2048:  # small enough to form: exact
+        return float(np.linalg.eigvalsh((B * w[:, None]).T @ B).max())
+    v = np.random.default_rng(0).standard_normal(B.shape[1])
+    value = 0.0
+    for _ in range(iters):
+        u = B.T @ (w * (B @ v))
+        norm = float(np.linalg.norm(u))
+        if norm == 0.0:
+            return 0.0
+        converged = abs(norm - value) <= 1e-9 * norm
+        v, value = u / norm, norm
+        if converged:
+            break
+    return 1.01 * value
 
 
 def moments(patterns: np.ndarray, counts: np.ndarray, cfg: BalanceConfig) -> dict[str, Any]:
@@ -294,6 +323,23 @@ def repair(keep_counts: np.ndarray, B: np.ndarray) -> np.ndarray:
     return k
 
 
+def _round(pid: np.ndarray, attrs: np.ndarray, keep: np.ndarray, ranks: list[int], seed: int) -> np.ndarray:
+    """Whole examples from keep probabilities, by systematic sampling: examples ordered by
+    their attribute pattern, then pattern, then seeded key hash; an example is kept when the
+    running sum of keep probabilities (from a seeded offset in [0, 1)) crosses an integer. Each
+    pattern keeps floor or ceil of n_g q_g, the whole set round(sum q), and the rounding error
+    carries within an attribute pattern instead of piling up per pattern (a pattern of one
+    example at q = 0.6 is kept in 60% of such patterns, not in all)."""
+    order = np.lexsort((np.array(ranks, dtype=np.uint64), pid,
+                        np.array([int("".join(map(str, a)), 2) if len(a) else 0 for a in attrs])[pid]))
+    q = keep[pid][order]
+    cum = np.random.default_rng(seed).random() + np.cumsum(q)
+    crossed = np.floor(cum) > np.floor(cum - q)
+    kept = np.zeros(len(pid), dtype=bool)
+    kept[order[crossed]] = True
+    return kept
+
+
 def _rank(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
 
@@ -343,12 +389,14 @@ def balance(examples: Iterable[tuple[str, str, Mapping | None]], cfg: BalanceCon
         raise ValueError(f"balance: no example carries {missing}, whose target share is > 0: no kept set can "
                          f"meet the representation bound (check the keywords / json path, or the target)")
     sol = solve(patterns, counts, cfg)
-    keep_counts = repair(np.rint(counts * sol.keep).astype(np.int64), constraint_features(patterns, cfg))
-    kept = np.zeros(len(keys), dtype=bool)
-    for g in range(len(index)):
-        members = np.flatnonzero(pid == g)
+    kept = _round(pid, patterns[:, :len(cfg.attributes)], sol.keep, [_rank(seed, k) for k in keys], seed)
+    B = constraint_features(patterns, cfg)
+    rounded = np.bincount(pid[kept], minlength=len(index))
+    keep_counts = repair(rounded, B)
+    for g in np.flatnonzero(keep_counts < rounded):  # repair's drops: the last kept of the pattern by rank
+        members = np.flatnonzero((pid == g) & kept)
         order = sorted(members, key=lambda i: _rank(seed, keys[i]))
-        kept[order[:keep_counts[g]]] = True
+        kept[order[keep_counts[g]:]] = False
     before, after = moments(patterns, counts, cfg), moments(patterns, keep_counts, cfg)
     summary = {
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "seed": seed,
@@ -378,9 +426,13 @@ def max_keep_bound(patterns: np.ndarray, counts: np.ndarray, cfg: BalanceConfig)
 # ---- the table in the loader ---------------------------------------------------------------
 
 def table_key(url: str, key: str) -> str:
-    """A sample's key in the table: its shard's file name and its key (keys of different shards
-    may repeat; the file name survives a move of the folder)."""
-    return f"{url.rsplit('/', 1)[-1]}/{key}"
+    """A sample's key in the table: its shard's folder and file name and its key
+    (`siglip2.data.shards.shard_name`: keys of different shards may repeat, sources mixed by
+    weight often share file names, and the two names survive a move of the data, e.g. from a
+    local copy to ``s3://`` or ``pipe:``)."""
+    from siglip2.data.shards import shard_name
+
+    return f"{shard_name(url)}/{key}"
 
 
 def load_dropped(path: str | Path) -> frozenset[str]:

@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DecodedSample", "BadSample", "SkipStats", "SKIP_REASONS", "DEFAULT_MAX_PIXELS", "IMAGE_KEYS",
     "build_train_loader", "build_eval_loader", "expand_urls", "decode_sample", "to_rgb",
-    "collate", "get_rank_world", "read_shards", "KeyFilter",
+    "collate", "get_rank_world", "read_shards", "KeyFilter", "shard_name",
 ]
 
 # Only members with one of these keys are read out of the tar (see split_member).
@@ -390,9 +390,22 @@ def read_shards(shards: Iterable[dict], stats: _WorkerStats | None = None,
                                f"skip counts so far: {dict(stats.counts)}")
 
 
+def shard_name(url: str) -> str:
+    """A shard's name that survives moving the data: its folder and file name
+    (``/data/en/00012.tar``, ``s3://bucket/en/00012.tar`` and ``pipe:aws s3 cp
+    s3://bucket/en/00012.tar -`` are all ``en/00012.tar``); for ``pipe:`` the last word that
+    holds ``.tar``."""
+    if url.startswith("pipe:"):
+        words = [w for w in url[5:].split() if ".tar" in w]
+        url = words[-1] if words else url[5:]
+    path = urlparse(url).path if "://" in url or url.startswith("file:") else url
+    parts = [p for p in path.replace("\\", "/").split("/") if p]
+    return "/".join(parts[-2:])
+
+
 class KeyFilter:
     """Samples left out on purpose by key, counted under `reason` (a ``filtered_*`` name):
-    `keys` holds ``"<shard file name>/<key>"`` strings (`siglip2.data.balance.table_key`)."""
+    `keys` holds ``"<shard_name(url)>/<key>"`` strings (`siglip2.data.balance.table_key`)."""
 
     def __init__(self, keys: frozenset[str], reason: str):
         if not is_filter_reason(reason):
@@ -400,7 +413,11 @@ class KeyFilter:
         self.keys, self.reason = frozenset(keys), reason
 
     def drops(self, url: str, key: str) -> bool:
-        return f"{url.rsplit('/', 1)[-1]}/{key}" in self.keys
+        return f"{shard_name(url)}/{key}" in self.keys
+
+    def shards(self) -> set[str]:
+        """The shard names the filter's keys come from."""
+        return {k.rsplit("/", 1)[0] for k in self.keys}
 
 
 def _decode_stage(samples: Iterable[dict], stats: _WorkerStats, sample_fn: Callable,
@@ -412,6 +429,10 @@ def _decode_stage(samples: Iterable[dict], stats: _WorkerStats, sample_fn: Calla
         key, url = raw.get("__key__", ""), raw.get("__url__", "")
         if drop is not None and drop.drops(url, key):  # before decoding: a dropped image costs no decode
             stats.skip(drop.reason, key, url, "")
+            run += 1  # a source the filter drops entirely must stop, not spin
+            if max_skips is not None and run >= max_skips:
+                raise RuntimeError(f"{run} samples in a row were skipped or filtered; skip counts: "
+                                   f"{dict(stats.counts)}")
             continue
         try:
             decoded = decode_sample(raw, max_pixels=max_pixels, decode_mask=decode_mask, decode_size=decode_size)

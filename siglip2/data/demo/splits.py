@@ -54,17 +54,20 @@ _SPLITS = {
 _EVAL_SPLITS = ("zeroshot", "retrieval", "refexp", "segmentation", "words", "words_square", "bias_neutral",
                 "bias_attributed")
 BIAS_ATTRIBUTES = ("red", "blue")
-# The planted bias's halves of the alphabet: with bias_strength s the first half is drawn red
-# (1 + s) / (1 - s) times as often as blue, the second half the other way round.
+# The planted bias's halves of the alphabet: with bias_strength s (and bias_share 1/2) the first
+# half is drawn red (1 + s) / (1 - s) times as often as blue, the second half the other way round.
 BIAS_GROUPS = (LETTERS[:len(LETTERS) // 2], LETTERS[len(LETTERS) // 2:])
 
 
 def bias_accept(glyphs: list[dict], strength: float, share: float) -> float:
     """The chance to keep a train scene under the planted bias (rejection sampling): per glyph
     in an attribute colour, w(colour, letter) / max w with w(red, first half) = share (1 + s),
-    w(blue, first half) = (1 - share)(1 - s) and the halves swapped for the second half; 1 for
-    other colours. Kept scenes then have red at `share` of attribute glyphs (first-order bias)
-    and red / blue at (1 + s) : (1 - s) within a half (second order)."""
+    w(blue, first half) = (1 - share)(1 - s), w(red, second half) = share (1 - s),
+    w(blue, second half) = (1 - share)(1 + s); 1 for other colours. Among one-glyph scenes red
+    is then `share` of the attribute glyphs (first order; scenes with a red and a blue glyph pull
+    it a little towards 1/2) and red : blue is share / (1 - share) x (1 + s) / (1 - s) in the
+    first half, share / (1 - share) x (1 - s) / (1 + s) in the second (second order: 21 and 0.26
+    at s = 0.8, share = 0.7; 9 and 1/9 at share = 0.5)."""
     top = max(share, 1 - share) * (1 + strength)
     p = 1.0
     for g in glyphs:
@@ -130,7 +133,9 @@ def _write_shard(task: tuple) -> tuple[str, int, list[str]]:
                 s = generate_word_sample(rng, WORD_LAYOUTS[int(rng.integers(len(WORD_LAYOUTS)))],
                                          omit_prob=cfg.get("omit_prob", 0.0))
             elif "colors" in cfg:  # a fairness set
-                colors = ((BIAS_ATTRIBUTES[i % 2],) if cfg["colors"] == "attribute" else
+                # red for the first 10 samples (one of each letter), blue for the next 10, ...: every
+                # (letter, colour) pair equally often (i % 2 would tie each letter to one colour)
+                colors = ((BIAS_ATTRIBUTES[(i // len(LETTERS)) % 2],) if cfg["colors"] == "attribute" else
                           tuple(c for c in COLORS if c not in BIAS_ATTRIBUTES))
                 s = generate_sample(rng, 1, force=force, colors=colors)
                 s["meta"]["attribute"] = colors[0] if cfg["colors"] == "attribute" else None
