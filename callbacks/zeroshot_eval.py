@@ -99,7 +99,8 @@ class ZeroShotEval(L.Callback):
             return
         wb = wandb_loggers[0]
         for name, rows in tables.items():
-            wb.log_table(key=f"{name}/per_class", columns=["class", "accuracy"], data=rows, step=trainer.global_step)
+            wb.log_table(key=f"{name}/per_class", columns=_TABLE_COLUMNS.get(name.split("/")[0], ["class", "value"]),
+                         data=rows, step=trainer.global_step)
         for name, items in examples.items():
             if items:
                 items = [it for it in items if "image" in it]  # NaFlex evaluation keeps no square view
@@ -113,3 +114,12 @@ class ZeroShotEval(L.Callback):
         if rows:
             wb.log_text(key="locca/captions", columns=["set", "label", "generated caption"], data=rows,
                         step=trainer.global_step)
+
+
+# What each task's `_tables` rows hold (siglip2.eval.suite), as W&B column names.
+_TABLE_COLUMNS = {
+    "zeroshot": ["class", "accuracy"],
+    "segmentation": ["class", "IoU"],
+    "representation_bias": ["attribute value", "share of images"],
+    "association_bias": ["concept (| attribute value)", "gap (or P)"],
+}
