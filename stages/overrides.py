@@ -152,7 +152,27 @@ def check_overrides(config_name: str, argv: Sequence[str]) -> list[str]:
     for key in _missing(OmegaConf.to_container(cfg, resolve=False)):
         if key not in given:
             problems.append(f"'{key}' has no default and is required: add {key}=...")
+    problem = _demo_tokenizer_without_demo(cfg)
+    if problem:
+        problems.append(problem)
     return problems
+
+
+def _demo_tokenizer_without_demo(cfg) -> str | None:
+    """tokenizer=demo (the default) reads the demo's SentencePiece model, which a data config
+    without a demo (data=webdataset) does not build: said plainly, not as an interpolation error."""
+    tok, data = cfg.get("tokenizer"), cfg.get("data")
+    if tok is None or data is None or "demo" not in data:
+        return None
+    demo = data.get("demo")
+    if demo is not None and "root" in demo:  # (debug=fast sets demo.num_train even without a demo)
+        return None
+    path = OmegaConf.to_container(tok, resolve=False).get("path") if OmegaConf.is_dict(tok) else None
+    if isinstance(path, str) and "data.demo" in path:
+        return ("the default tokenizer (tokenizer=demo) is the demo's, and this data config builds no demo: name "
+                "yours, e.g. tokenizer=sentencepiece tokenizer.path=<.model file> (python -m siglip2.data.tokenizer "
+                "train writes one) or tokenizer=hf tokenizer.path=<folder>")
+    return None
 
 
 def _grammar_problem(arg: str) -> str | None:

@@ -1,6 +1,6 @@
 """Command-line overrides are checked before anything runs (issue 27 item 5): an unknown key
 names the closest one, a typo added with `+` is caught, a value of the wrong type names the
-key and the type; what is valid passes (README commands: tests/test_readme.py)."""
+key and the type; what is valid passes (README and docs/ commands: tests/test_readme.py)."""
 from __future__ import annotations
 
 import os
@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
     (["data.batch_size=[1,"], "\"data.batch_size='[1,'\""),
     (["model=tinyy"], "conf/model/ has no 'tinyy' (did you mean 'model=tiny'?)"),
     (["data=webdatset"], "did you mean 'data=webdataset'?"),
+    # your own shards with the default (the demo's) tokenizer: said before Hydra's interpolation error
+    (["data=webdataset", 'data.train="/d/{000..009}.tar"'], "this data config builds no demo: name yours"),
+    (["debug=fast", "data=webdataset", 'data.train="/d/{000..009}.tar"'], "tokenizer=sentencepiece tokenizer.path="),
 ])
 def test_typos_and_bad_values_are_named(argv, message):
     problems = check_overrides("train", argv)
@@ -40,9 +43,10 @@ def test_typos_and_bad_values_are_named(argv, message):
 @pytest.mark.parametrize("argv", [
     ["optim.lr=1e-3"], ["optim.lr=1e-3,3e-4"], ["trainer.devices=auto"], ["trainer.devices=[0,3]"],
     ["+trainer.profiler=simple"], ["+stage.losses.probe.start_frac=0.5"], ["stage.losses.locca=null"],
-    ["data=webdataset", 'data.train="/data/{00000..00999}.tar"'], ["seed=3"], ["init_from=/x.ckpt"],
+    ["data=webdataset", 'data.train="/data/{00000..00999}.tar"', "tokenizer=sentencepiece", "tokenizer.path=/t.model"],
+    ["seed=3"], ["init_from=/x.ckpt"],
     ["stage=naflex", "stage.naflex.seq_lens=[64]", "stage.recipe.lr=rewarm"], ["~callbacks.lr_monitor"],
-    ["data=webdataset", "data.train='/d/{000..009}.tar'"], ["model=b16,tiny"],
+    ["data=webdataset", "data.train='/d/{000..009}.tar'", "tokenizer=hf", "tokenizer.path=/folder"], ["model=b16,tiny"],
 ])
 def test_valid_overrides_pass(argv):
     assert check_overrides("train", argv) == []
@@ -51,7 +55,8 @@ def test_valid_overrides_pass(argv):
 def test_a_repeated_key_and_a_required_value_are_named():
     """The shell expands an unquoted `data.train=/x/{0..2}.tar` into three overrides of which
     Hydra keeps the last (one shard trained, silently); eval.py without ckpt_path."""
-    problems = check_overrides("train", ["data=webdataset", "data.train=/x/0.tar", "data.train=/x/1.tar"])
+    problems = check_overrides("train", ["data=webdataset", "data.train=/x/0.tar", "data.train=/x/1.tar",
+                                         "tokenizer=sentencepiece", "tokenizer.path=/t.model"])
     assert len(problems) == 1 and "'data.train' is given 2 times" in problems[0] and "Quote it" in problems[0]
     # a key given again with another value is how the recipe driver lets a stage's own value win
     assert check_overrides("train", ["trainer.max_steps=9", "trainer.max_steps=1500"]) == []

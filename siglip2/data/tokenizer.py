@@ -168,6 +168,12 @@ class HFTokenizer(Tokenizer):
     def __init__(self, path: str, length: int = 64, lowercase: bool = True):
         from transformers import AutoTokenizer
 
+        names = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "tokenizer_config.json")
+        if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, n)) for n in names):
+            raise ValueError(f"could not load a Hugging Face tokenizer from folder {path}: it holds no tokenizer file "
+                             f"({', '.join(names)}); a model saved with save_pretrained alone has none. Name the one "
+                             "the weights were trained with: tokenizer=hf tokenizer.path=<a folder with it> or "
+                             "tokenizer=sentencepiece tokenizer.path=<.model file>")
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as e:
