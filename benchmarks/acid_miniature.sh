@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ACID in miniature (README "ACID in miniature"): the demo job's student, a bigger demo teacher,
+# ACID in miniature (docs/results.md "ACID in miniature"): the demo job's student, a bigger demo teacher,
 # then three continuations of the same steps, lr and seed: ACID (JEST joint selection from a
 # super-batch of 2b), random subsampling of the same super-batches, and plain continued training.
 #   bash benchmarks/acid_miniature.sh [OUT]      # ~45 min on 2 cores when nothing is cached
@@ -8,7 +8,7 @@ set -euo pipefail
 OUT=${1:-$HOME/.cache/siglip2/acid-miniature}
 STEPS=${STEPS:-300}
 LR=${LR:-1e-4}
-TEACHER_STEPS=${TEACHER_STEPS:-1500}   # README: 1500 (first teacher) and 3000 (second)
+TEACHER_STEPS=${TEACHER_STEPS:-1500}   # docs/results.md: 1500 (first teacher) and 3000 (second)
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 if [ ! -f "$OUT/student/checkpoints/last.ckpt" ]; then   # the default demo job (750 steps)

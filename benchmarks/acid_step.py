@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_step as ts  # noqa: E402  (compose, build_ours, make_batch)
 
-TEACHER = dict(width=192, depth=6, mlp_dim=768, heads=4)  # the demo teacher's size (README "ACID")
+TEACHER = dict(width=192, depth=6, mlp_dim=768, heads=4)  # the demo teacher's size (docs/results.md)
 
 
 def tiny(steps: int, batch: int, filter_ratio: float, threads: int) -> dict:

@@ -19,7 +19,7 @@ BIAS=("data.demo.bias_strength=$STRENGTH" "data.demo.bias_share=$SHARE")
 TRAIN=$(python -c "from siglip2.data.demo import ensure_demo; \
 print(ensure_demo('$CACHE/demo-n20000-s0', num_train=20000, seed=0, bias_strength=$STRENGTH, bias_share=$SHARE).train_urls)")
 cat > "$OUT/balance.yaml" <<YAML
-# M4 on the demo's planted attribute (README "De-biasing your data")
+# M4 on the demo's planted attribute (docs/own_data.md "De-biasing your data")
 attributes: {red: [red], blue: [blue]}
 json_attributes: "objects[].color"
 concepts: {E: [E], H: [H], K: [K], M: [M], O: [O], S: [S], T: [T], V: [V], X: [X], Z: [Z]}

@@ -13,12 +13,12 @@
 # - resadapt: the base's 95% checkpoint continued to the end at 96 px vs at 64 px (all losses).
 # - naflex: the base's 90% checkpoint, the last 10% x3.75 (sigmoid + LocCa), NaFlex vs the fixed
 #   64 px continuation of the same examples, both with stage.recipe.lr=rewarm (at the paper's lr
-#   neither moves a 750-step model: README "NaFlex: mixed lengths and the continuation's lr");
+#   neither moves a 750-step model: docs/results.md "NaFlex: mixed lengths and the continuation's lr");
 #   evaluated on the elongated images (eval.aspect_min=1.6) at 32 / 64 / 144 tokens, the fixed
 #   model also square at 64 px.
 # - acid: captions 30% noisy (data.caption_noise=0.3): the default job on them is the student;
 #   the base (clean captions) is the teacher; 300 steps of ACID vs random subsampling vs plain
-#   continued training on the noisy stream, lr 1e-4 (README "ACID in miniature" says why).
+#   continued training on the noisy stream, lr 1e-4 (docs/results.md "ACID in miniature" says why).
 set -euo pipefail
 OUT=$(realpath -m "$1"); PAIRS=${2:-base,locca,distill,resadapt,naflex,acid}
 CACHE=${CACHE:-${SIGLIP2_CACHE:-$HOME/.cache/siglip2}}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# NaFlex in miniature, issue 26 (README "NaFlex: mixed lengths and the continuation's lr").
+# NaFlex in miniature, issue 26 (docs/results.md "NaFlex: mixed lengths and the continuation's lr").
 # Part A, from scratch on the demo (sigmoid only, 300 steps x 32, lr 3.5e-4, seed 0; evaluated
 # at 64 tokens, each image at its own aspect ratio): one length vs the default mixed lengths
 # {32, 64, 144, 196, 256} with the paper's halving at 256, the plain per-batch loss vs each

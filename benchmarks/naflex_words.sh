@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# NaFlex's direction on the demo's words (issue 28; README "Results on the embedded demo"):
+# NaFlex's direction on the demo's words (issue 28; docs/results.md "Results on the embedded demo"):
 # continuations of the default job's 90% checkpoint (the last 10% x3.75, sigmoid + LocCa,
 # stage.recipe.lr=rewarm as in benchmarks/naflex_batches.sh B), same seed and examples:
 #   fixed: stage=resadapt at 64 px (every image squashed to the square),

@@ -77,8 +77,8 @@ class ZeroShotEval(L.Callback):
         self._fit_device = pl_module.device
         if not self.sets and trainer.is_global_zero:
             log.info("no evaluation sets (eval=none, or your own data without eval.sets): training ends without "
-                     "evaluation numbers; name sets with eval.sets='[/path/to/set.yaml]' (README \"Evaluation data "
-                     "layout\"), or evaluate the checkpoint later with eval.py")
+                     "evaluation numbers; name sets with eval.sets='[/path/to/set.yaml]' (docs/eval_data.md), "
+                     "or evaluate the checkpoint later with eval.py")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run resumed from its final checkpoint (e.g. a recipe stage killed during its final

@@ -2,7 +2,7 @@
 
 `OptimConfig` is the `optim:` block of `conf/train.yaml`, typed; its defaults are the
 yaml's (a test keeps them equal). Peak lr and warmup are not published for SigLIP 2
-(RECIPE.md); the demo's values and how they were chosen are in the README.
+(RECIPE.md); the demo's values and how they were chosen are in docs/results.md.
 """
 from __future__ import annotations
 

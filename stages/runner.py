@@ -387,7 +387,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                     **({"word_share": float(cfg.data.demo.word_share)} if "word_share" in cfg.data.demo else {}))
     if not cfg.eval.sets:
         raise ValueError("nothing to evaluate: eval.sets is empty; name your sets with "
-                         "eval.sets='[/path/to/set.yaml]' (README \"Evaluation data layout\")")
+                         "eval.sets='[/path/to/set.yaml]' (docs/eval_data.md)")
     model = ckpt.model(str(cfg.get("which", "student"))).to(cfg.device)
     decoder = ckpt.locca_decoder()
     decoder = decoder.to(cfg.device) if decoder is not None else None

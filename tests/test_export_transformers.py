@@ -290,11 +290,11 @@ def test_a_text_length_other_than_the_pipelines_64(tokenizers, tmp_path, caplog)
 
 
 def test_the_readme_snippet_runs_as_written(tokenizers, tmp_path):
-    """README's "Use the exported model with transformers" block, with its folder and picture
+    """docs/finetune.md's "Use the exported model with transformers" block, with its folder and picture
     filled in, gives our probabilities (AutoProcessor + AutoModel and the pipeline)."""
     import re
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()
     section = readme.split("### Use the exported model with transformers", 1)[1].split("\n### ", 1)[0]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     tok = build_tokenizer(tokenizers["demo"])

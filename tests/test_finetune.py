@@ -1,6 +1,6 @@
 """`experiment=finetune` as a user runs it (issue 29): a transformers folder in a released
 layout (a tiny random `SiglipModel` / `Siglip2Model` standing in for google/siglip2-*),
-fine-tuned on the demo with README's command, exported back to the folder's own layout, which
+fine-tuned on the demo with docs/finetune.md's command, exported back to the folder's own layout, which
 transformers loads with `from_pretrained` and `AutoProcessor`; every tensor keeps its name,
 shape and dtype."""
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The README's main job, exactly as a user runs it (`python train.py`), must learn.
 
 The bars sit below the lower of two runs of the default job on the 2-core development
-machine (README "Results", 2026-12-06: format 4, letter zero-shot top-1 31.2% of 10 classes,
+machine (docs/results.md, 2026-12-06: format 4, letter zero-shot top-1 31.2% of 10 classes,
 image->text R@5 40.2%, text->image R@5 51.3%; format 5, the same train images with another
 tokenizer, 40.9% / 44.0% / 52.1%; chance: 10% zero-shot, about 1% R@5), so a regression fails
 CI; the two runs differ by 10 zero-shot points through the random stream alone. The issue's targets (80% zero-shot, 60% image->text
-R@5, 40% refexp, 50% captions) are not met in this budget: the README says so and why.
+R@5, 40% refexp, 50% captions) are not met in this budget: docs/results.md says so and why.
 Refexp accuracy (6.5%, at the constant-box baseline) and generated captions (0%: the decoder
 writes "a photo of a letter s" for every image) are reported, without a bar.
 """

@@ -187,8 +187,8 @@ def test_init_from_weights_of_another_vocabulary_size_names_both(shard_tokenizer
 
 
 def _readme_own_data_commands() -> list[str]:
-    """The two commands of README "Your own data" (train a tokenizer, train on the shards)."""
-    text = (ROOT / "README.md").read_text()
+    """The two commands of docs/own_data.md "Your own data" (train a tokenizer, train on the shards)."""
+    text = (ROOT / "docs" / "own_data.md").read_text()
     section = text[text.index("### Your own data"):]
     section = section[:section.index("\n### ", 10)]
     lines = [ln.strip() for ln in section.splitlines() if ln.strip().startswith("python ")]
@@ -199,7 +199,7 @@ def _readme_own_data_commands() -> list[str]:
 
 @pytest.mark.e2e
 def test_readme_own_data_commands_run_as_written_then_eval_builds_no_demo(tmp_path):
-    """README "Your own data" run as written on tiny shards (only the shard folder, the run's
+    """docs/own_data.md "Your own data" run as written on tiny shards (only the shard folder, the run's
     size and the cache moved): the tokenizer CLI, then training with `data=webdataset`, whose
     evaluation defaults must not reach for the demo's sets (issue 27: an interpolation error
     before anything ran). Then `eval.py` on the user's own eval set, which must not build the

@@ -1,4 +1,6 @@
-"""The README's first two commands are what a new user runs and what CI runs (.ci/run)."""
+"""The README's first two commands are what a new user runs and what CI runs (.ci/run); every
+train.py / eval.py command in README.md and docs/*.md composes; every relative link in them
+resolves."""
 import re
 import subprocess
 from pathlib import Path
@@ -28,7 +30,7 @@ def test_ci_extracts_exactly_the_readme_test_command():
     assert out.strip() == bash_blocks((ROOT / "README.md").read_text())[1]
 
 
-# --- Every train.py / eval.py command in the README's bash blocks composes -------------------
+# --- Every train.py / eval.py command in the bash blocks of README.md and docs/*.md composes ---
 # Each command runs with `--cfg job` appended: Hydra parses the overrides and composes the
 # config, prints it and exits; nothing is trained, built or loaded, so commands naming files
 # that do not exist here (shards, checkpoints, tokenizers) compose as well. Hydra refuses
@@ -97,7 +99,11 @@ def compose_runs(command: str) -> list[list[str]]:
     return [[script, *args, "--cfg", "job"]]
 
 
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_COMMANDS = readme_hydra_commands((ROOT / "README.md").read_text())
+# (page, command) for every page: the README is the front door, docs/ holds the rest.
+DOC_COMMANDS = [(doc.relative_to(ROOT).as_posix(), command)
+                for doc in DOCS for command in readme_hydra_commands(doc.read_text())]
 
 
 def test_readme_usage_commands_are_collected():
@@ -112,8 +118,19 @@ def test_readme_usage_commands_are_collected():
     ]
 
 
-@pytest.mark.parametrize("command", README_COMMANDS)
-def test_readme_command_composes(command):
+def test_docs_commands_are_collected():
+    """Guard against a vacuous pass over docs/: the pages that hold commands give them up."""
+    pages = {page for page, _ in DOC_COMMANDS}
+    for page in ("docs/recipe.md", "docs/finetune.md", "docs/own_data.md", "docs/results.md"):
+        assert page in pages, (page, sorted(pages))
+    recipe = [c for page, c in DOC_COMMANDS if page == "docs/recipe.md"]
+    for stage in ("stage=resadapt", "stage=naflex", "stage=acid", "experiment=recipe_b16"):
+        assert any(stage in c for c in recipe), (stage, recipe)
+
+
+@pytest.mark.parametrize("page,command", [pytest.param(page, command, id=f"{page}: {command}")
+                                          for page, command in DOC_COMMANDS])
+def test_readme_command_composes(page, command):
     """Composed in this process with the entry point's own config (what `--cfg job` does
     before printing; a subprocess per command costs ~15 s of imports on 2 cores)."""
     from hydra import compose, initialize_config_dir
@@ -121,7 +138,7 @@ def test_readme_command_composes(command):
     try:
         runs = compose_runs(command)
     except Exception as e:  # a sweep whose overrides Hydra cannot parse
-        pytest.fail(f"README command does not parse as Hydra overrides:\n  {command}\n{e}")
+        pytest.fail(f"{page} command does not parse as Hydra overrides:\n  {command}\n{e}")
     for argv in runs:
         script, overrides = argv[0], argv[1:-2]  # drop "--cfg job"
         config_name = {"train.py": "train", "eval.py": "eval"}[script]
@@ -129,10 +146,10 @@ def test_readme_command_composes(command):
             with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
                 compose(config_name, overrides=overrides)
         except Exception as e:
-            pytest.fail(f"README command fails to compose:\n  {command}\nas: {config_name} {overrides}\n{e}")
+            pytest.fail(f"{page} command fails to compose:\n  {command}\nas: {config_name} {overrides}\n{e}")
         from stages.overrides import check_overrides  # what train.py / eval.py check before Hydra
 
-        assert check_overrides(config_name, overrides) == [], command
+        assert check_overrides(config_name, overrides) == [], (page, command)
 
 
 def test_the_cli_composes_like_the_test_does():
@@ -145,3 +162,32 @@ def test_the_cli_composes_like_the_test_does():
     bad = subprocess.run([sys.executable, "train.py", "data.train=/shards/{00000..00009}.tar", "--cfg", "job"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "mismatched input" in bad.stderr
+
+
+# --- Every relative link of README.md and docs/*.md resolves ---------------------------------
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors of a page's headings: lower-cased, punctuation dropped, spaces to '-'."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.relative_to(ROOT).as_posix())
+def test_doc_links_resolve(doc):
+    """A page moved into docs/ keeps working links: every relative target exists, and an
+    anchor into a markdown page names one of its headings."""
+    text = doc.read_text()
+    bad = []
+    for target in LINK.findall(re.sub(r"```.*?```", "", text, flags=re.S)):
+        if re.match(r"[a-z]+:", target):  # http(s), mailto: not checked here
+            continue
+        path, _, anchor = target.partition("#")
+        file = (doc.parent / path).resolve() if path else doc
+        if not file.exists():
+            bad.append(target)
+        elif anchor and file.suffix == ".md" and anchor not in heading_anchors(file.read_text()):
+            bad.append(target)
+    assert not bad, bad

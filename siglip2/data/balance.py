@@ -50,7 +50,7 @@ FILTER_REASON = "filtered_balance"  # the loader's skip reason for a sample the 
 
 @dataclass
 class BalanceConfig:
-    """The balancing problem (a yaml, README "De-biasing your data").
+    """The balancing problem (a yaml, docs/own_data.md "De-biasing your data").
 
     `attributes`: value -> keywords (e.g. ``{"man": ["man", "men", "homme"], "woman": [...]}``);
     at least two values. `concepts`: concept -> keywords (may be empty: first order only).

@@ -1,7 +1,7 @@
 """A real-photo zero-shot set that needs no download: scikit-image's bundled pictures.
 
 `python -m siglip2.data.photos --out DIR` writes ``DIR/photos.yaml`` beside one shard
-(``000000.tar``) in the eval-set layout (README "Evaluation data layout"): one sample per
+(``000000.tar``) in the eval-set layout (docs/eval_data.md "Evaluation data layout"): one sample per
 photo, ``jpg`` + ``txt`` (its caption) + ``json`` (``label``), classes named as a user would
 prompt them. Eight photos of eight classes: far too few to measure a model, enough to check
 that a run, ``eval.py`` and an export handle real RGB photos of several sizes and aspect ratios

@@ -33,7 +33,7 @@ class SigLIP2Config:
     # Initial temperature t and bias b of the logits t * <x, y> + b. SigLIP's t = 10, b = -10
     # were tuned for batches of ~32k; b near -log(batch) balances one positive against
     # batch - 1 negatives at init. Not published for small batches, so configurable; on the demo
-    # (batch 128, lr 5e-4) b = -5 and b = -10 learned equally fast (README). Init-only: not
+    # (batch 128, lr 5e-4) b = -5 and b = -10 learned equally fast (docs/results.md). Init-only: not
     # part of the released weights' config.
     logit_scale_init: float = 10.0
     logit_bias_init: float = -10.0

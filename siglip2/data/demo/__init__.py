@@ -22,7 +22,7 @@ so prompts naming the letter alone ("a photo of a letter K.") are in distributio
 Pastel "red" reads as pink and "orange" as peach; the colour words stay the palette's names.
 
 Words on elongated images (format 5, issue 28): with ``word_share`` > 0 (``data.demo.word_share``,
-default 0: the default job did not read them, README "Results") that share of train images is
+default 0: the default job did not read them, docs/results.md) that share of train images is
 a *word* of 4 letters (``WORDS``: five anagram pairs such as MOST / TOMS, so the order must be read) in one
 colour, one letter per cell, laid out as a row (aspect 2:1 to 4:1, read left to right), a
 column (1:2 to 1:4, top to bottom) or a 2 x 2 square grid. A square resize squashes a row's

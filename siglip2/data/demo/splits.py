@@ -29,7 +29,7 @@ _SPLITS = {
     # one large glyph per square image and 0.26 from 1-3 glyphs. English train captions leave
     # size and colour out half the time each (there: 0.68 with omission vs 0.38 without), so
     # prompts naming the letter alone are in distribution and the letter, not the colour, must
-    # tell captions apart. On this demo the default job reaches 0.31-0.41 (README "Results").
+    # tell captions apart. On this demo the default job reaches 0.31-0.41 (docs/results.md).
     # ensure_demo's word_share of train images (default 0) is a word (issue 28's elongated
     # images), in one of WORD_LAYOUTS at random (row 2:1-4:1, column 1:2-1:4, or the 2 x 2
     # square grid); with 0 the train split is drawn exactly as without words.
