@@ -126,6 +126,8 @@ def test_indicators_words_scripts_and_json():
     assert ind("A Man and a manager", None) == ((1, 0), (0, 0, 0))  # whole words, any case
     assert ind("une femme médecin", None) == ((0, 1), (1, 0, 0))  # the config's other languages
     assert ind("一个男人", None)[0] == (1, 0)  # no word boundaries in CJK: substring
+    thai = Indicators(BalanceConfig(attributes={"man": ["ผู้ชาย"], "woman": ["ผู้หญิง"]}))
+    assert thai("รูปผู้ชายคนหนึ่ง", None)[0] == (1, 0)  # nor in Thai
     # the json path wins when present (here: nobody in the json, whatever the caption says)
     assert ind("a man", {"objects": [{"gender": "woman"}]})[0] == (0, 1)
     assert ind("a man", {"objects": []})[0] == (0, 0)  # the path is there and holds nobody: still the json

@@ -104,16 +104,22 @@ class BalanceConfig:
 
 # ---- indicators ------------------------------------------------------------------------
 
+# Scripts written without spaces between words: Thai, Lao, Myanmar, Khmer, kana, CJK, hangul,
+# half-width katakana. A keyword in one of them matches as a substring.
+_NO_SPACES = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u9fff"
+                        "\uac00-\ud7af\uff66-\uff9f]")
+
+
 def _keyword_pattern(words: Iterable[str]) -> re.Pattern:
     """One case-insensitive regex for a keyword list: whole words for scripts with word
-    boundaries; a keyword that contains a CJK / kana / hangul character matches as a substring
-    (those scripts put no spaces between words)."""
+    boundaries; a keyword that contains a character of a script written without spaces (Thai,
+    Lao, Myanmar, Khmer, kana, CJK, hangul) matches as a substring."""
     parts = []
     for w in words:
         w = w.strip()
         if not w:
             continue
-        if re.search(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]", w):
+        if re.search(_NO_SPACES, w):
             parts.append(re.escape(w))
         else:
             parts.append(r"(?<!\w)" + re.escape(w) + r"(?!\w)")
