@@ -12,7 +12,7 @@ times out is a FAIL row with its last error line, and the script goes on):
    GPU. train.py runs unchanged (runpy) inside a wrapper that adds two callbacks to the Trainer
    and counts host syncs per step: on a GPU, the warnings of
    `torch.cuda.set_sync_debug_mode("warn")` (each is a real device sync); on CPU, the calls that
-   would sync on a GPU (tests/test_host_syncs.py's `SyncCensus`, which names the innermost
+   would sync on a GPU (tests/unit/test_host_syncs.py's `SyncCensus`, which names the innermost
    frame in this repository: for a sync inside Lightning, FSDP or DeepSpeed, the line of ours
    that called into it; the GPU warnings name the innermost Python frame). "step" = after LossSchedule's
    `on_train_batch_start` up to the first `on_train_batch_end` (training_step, backward,
@@ -188,7 +188,7 @@ class SyncProbe:
             torch.cuda.set_sync_debug_mode("warn")
         else:
             try:
-                sys.path.insert(0, str(ROOT / "tests"))
+                sys.path.insert(0, str(ROOT / "tests" / "unit"))
                 from test_host_syncs import SyncCensus
             except Exception as exc:  # the census is the test's; without it, say so
                 self.method = f"n/a ({type(exc).__name__}: {exc})"

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Unit test modules (tests/unit/) lend a few helpers to the slower modules here (pictures, JPEG
+# bytes): importable by name whichever file pytest collects first.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "unit"))
 
 
 @pytest.fixture(scope="module")

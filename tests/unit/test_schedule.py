@@ -17,7 +17,7 @@ from siglip2.optim import OptimConfig
 from siglip2.schedule import LossTiming, RecipeClock, ema_momentum, warmup_cosine
 from stages.pretrain import EMAConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_constant_batch_clock_gives_the_step_schedule_bit_for_bit():

@@ -26,7 +26,7 @@ def _model(**text):
 @torch.no_grad()
 def test_save_hf_loads_in_transformers(tmp_path):
     m = _model()
-    out = save_hf(m, tmp_path / "hf")  # the tokenizer's part: tests/test_export_transformers.py
+    out = save_hf(m, tmp_path / "hf")  # the tokenizer's part: tests/unit/test_export_transformers.py
     assert (out / "model.safetensors").is_file() and not (out / "tokenizer.json").exists()
     junk = tmp_path / "tok"
     junk.mkdir()

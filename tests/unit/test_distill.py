@@ -167,7 +167,7 @@ def _compose(overrides: list[str]):
 
     from hydra import compose, initialize_config_dir
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
         return compose("train", overrides=overrides)
 

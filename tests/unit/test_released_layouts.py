@@ -19,7 +19,7 @@ from transformers import Siglip2Config, Siglip2Model, SiglipConfig, SiglipModel
 
 from siglip2.export.hf import from_hf, to_hf, to_hf_fixed
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 FIXED = [("b16", s) for s in (224, 256, 384, 512)] + [("l16", s) for s in (256, 384, 512)] + \
     [("so400m14", s) for s in (224, 384)] + [("so400m16", s) for s in (256, 384, 512)] + [("g16", s) for s in (256, 384)]
 

@@ -32,7 +32,7 @@ from test_locca import CharTokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # no Trainer here
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Calls that wait for the device (by their torch function name).
 SYNC_CALLS = {"item", "__bool__", "tolist", "nonzero", "argwhere", "__int__", "__float__", "__index__", "cpu",

@@ -15,7 +15,7 @@ from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
 
 from siglip2.model import build_model, posemb_for_batch, resample_patch_embed
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 

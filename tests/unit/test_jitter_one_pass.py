@@ -5,7 +5,7 @@ whole batch, each with a brightness/contrast/saturation blend *and* a hue rotati
 round trip), keeping per sample the op its order names: four hue passes per call. It is kept
 here, verbatim but for names, as the reference: on the same generator state the one-pass
 version gives bit-identical images (same draws, same ops in the same per-sample order), so
-the distribution is unchanged. `tests/test_views.py` checks both against torchvision's
+the distribution is unchanged. `tests/unit/test_views.py` checks both against torchvision's
 functional ops per image.
 """
 from __future__ import annotations

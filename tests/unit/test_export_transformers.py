@@ -294,7 +294,7 @@ def test_the_readme_snippet_runs_as_written(tokenizers, tmp_path):
     filled in, gives our probabilities (AutoProcessor + AutoModel and the pipeline)."""
     import re
 
-    readme = (Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "finetune.md").read_text()
     section = readme.split("### Use the exported model with transformers", 1)[1].split("\n### ", 1)[0]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     tok = build_tokenizer(tokenizers["demo"])
