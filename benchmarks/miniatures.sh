@@ -12,7 +12,7 @@
 #   checkpoint (eval.py) and on the final one.
 # - resadapt: the base's 95% checkpoint continued to the end at 96 px vs at 64 px (all losses).
 # - naflex: the base's 90% checkpoint, the last 10% x3.75 (sigmoid + LocCa), NaFlex vs the fixed
-#   64 px continuation of the same examples, both with stage.recipe.lr=rewarm (at the paper's lr
+#   64 px continuation of the same examples, both with stage.clock.lr=rewarm (at the paper's lr
 #   neither moves a 750-step model: docs/results.md "NaFlex: mixed lengths and the continuation's lr");
 #   evaluated on the elongated images (eval.aspect_min=1.6) at 32 / 64 / 144 tokens, the fixed
 #   model also square at 64 px.
@@ -52,9 +52,9 @@ if has resadapt; then
   train resadapt_64 stage=resadapt init_from="$BASE/frac_0.95.ckpt"
 fi
 if has naflex; then
-  INIT=(init_from="$BASE/frac_0.90.ckpt" eval=none stage.recipe.lr=rewarm)
+  INIT=(init_from="$BASE/frac_0.90.ckpt" eval=none stage.clock.lr=rewarm)
   train naflex stage=naflex "${INIT[@]}"
-  train fixed stage=resadapt "${INIT[@]}" 'stage.recipe.window=[0.9,1.0]' stage.recipe.stretch=3.75 \
+  train fixed stage=resadapt "${INIT[@]}" 'stage.clock.window=[0.9,1.0]' stage.clock.stretch=3.75 \
     stage.losses.local_to_global=null stage.losses.masked=null
   for len in 32 64 144; do
     evaluate "naflex_$len" "$OUT/naflex/checkpoints/last.ckpt" eval.naflex_seq_len=$len eval.aspect_min=1.6 "$ZR"

@@ -7,7 +7,7 @@
 # and timm/open_clip's token-budget batches.
 # Part B, continuations of the default job's 90% checkpoint (the last 10% x3.75, sigmoid +
 # LocCa): fixed 64 px vs NaFlex, each with the paper's lr (the recipe cosine's tail) and with
-# stage.recipe.lr=rewarm; evaluated on the demo's elongated images (eval.aspect_min=1.6) at
+# stage.clock.lr=rewarm; evaluated on the demo's elongated images (eval.aspect_min=1.6) at
 # 32 / 64 / 144 tokens (the fixed model: square 64 px).
 #   bash benchmarks/naflex_batches.sh [OUT] [A|B|AB]     # A ~60 min, B ~45 min on 2 cores
 set -euo pipefail
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 SETS='eval.sets=[${data.demo.root}/eval/zeroshot/zeroshot.yaml,${data.demo.root}/eval/retrieval/retrieval.yaml]'
 
 if [[ $PARTS == *A* ]]; then
-  SCRATCH=(stage=naflex 'stage.recipe.window=[0.0,1.0]' stage.recipe.stretch=1.0 stage.recipe.fit_window=false
+  SCRATCH=(stage=naflex 'stage.clock.window=[0.0,1.0]' stage.clock.stretch=1.0 stage.clock.fit_window=false
            stage.losses.locca=null trainer.max_steps="$STEPS" stage.naflex.eval_seq_len=64 logger=csv "$SETS")
   run() { local name=$1; shift
     [ -f "$OUT/A_$name/metrics.json" ] || python train.py "${SCRATCH[@]}" hydra.run.dir="$OUT/A_$name" "$@"; }
@@ -41,13 +41,13 @@ if [[ $PARTS == *B* ]]; then
   PRE=$OUT/B_pretrain
   [ -f "$PRE/checkpoints/frac_0.90.ckpt" ] || python train.py logger=csv eval=none hydra.run.dir="$PRE"
   INIT=(init_from="$PRE/checkpoints/frac_0.90.ckpt" eval=none logger=csv)
-  FIXED=(stage=resadapt 'stage.recipe.window=[0.9,1.0]' stage.recipe.stretch=3.75
+  FIXED=(stage=resadapt 'stage.clock.window=[0.9,1.0]' stage.clock.stretch=3.75
          stage.losses.local_to_global=null stage.losses.masked=null)
   for lr in recipe rewarm; do
     [ -f "$OUT/B_fixed_$lr/checkpoints/last.ckpt" ] || \
-      python train.py "${FIXED[@]}" "${INIT[@]}" stage.recipe.lr=$lr hydra.run.dir="$OUT/B_fixed_$lr"
+      python train.py "${FIXED[@]}" "${INIT[@]}" stage.clock.lr=$lr hydra.run.dir="$OUT/B_fixed_$lr"
     [ -f "$OUT/B_naflex_$lr/checkpoints/last.ckpt" ] || \
-      python train.py stage=naflex "${INIT[@]}" stage.recipe.lr=$lr hydra.run.dir="$OUT/B_naflex_$lr"
+      python train.py stage=naflex "${INIT[@]}" stage.clock.lr=$lr hydra.run.dir="$OUT/B_naflex_$lr"
     for len in 32 64 144; do
       [ -f "$OUT/E_naflex_${lr}_$len/metrics.json" ] || python eval.py ckpt_path="$OUT/B_naflex_$lr/checkpoints/last.ckpt" \
         eval.naflex_seq_len=$len eval.aspect_min=1.6 "$SETS" hydra.run.dir="$OUT/E_naflex_${lr}_$len"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # NaFlex's direction on the demo's words (issue 28; docs/results.md "Results on the embedded demo"):
 # continuations of the default job's 90% checkpoint (the last 10% x3.75, sigmoid + LocCa,
-# stage.recipe.lr=rewarm as in benchmarks/naflex_batches.sh B), same seed and examples:
+# stage.clock.lr=rewarm as in benchmarks/naflex_batches.sh B), same seed and examples:
 #   fixed: stage=resadapt at 64 px (every image squashed to the square),
 #   naflex: stage=naflex (native aspect, lengths {32, 64, 144, 196, 256}).
 # Both evaluated zero-shot by word on the elongated words set (rows 2:1-4:1, columns 1:2-1:4)
@@ -25,9 +25,9 @@ fi
 PRE=$(realpath "$PRE")
 WORDS='eval.sets=[${data.demo.root}/eval/words/words.yaml]'
 BOTH='eval.sets=[${data.demo.root}/eval/words/words.yaml,${data.demo.root}/eval/words_square/words_square.yaml]'
-INIT=(init_from="$PRE/checkpoints/frac_0.90.ckpt" eval=none logger=csv stage.recipe.lr=rewarm "${DEMO[@]}")
-[ -f "$OUT/fixed/checkpoints/last.ckpt" ] || python train.py stage=resadapt 'stage.recipe.window=[0.9,1.0]' \
-  stage.recipe.stretch=3.75 stage.losses.local_to_global=null stage.losses.masked=null "${INIT[@]}" \
+INIT=(init_from="$PRE/checkpoints/frac_0.90.ckpt" eval=none logger=csv stage.clock.lr=rewarm "${DEMO[@]}")
+[ -f "$OUT/fixed/checkpoints/last.ckpt" ] || python train.py stage=resadapt 'stage.clock.window=[0.9,1.0]' \
+  stage.clock.stretch=3.75 stage.losses.local_to_global=null stage.losses.masked=null "${INIT[@]}" \
   hydra.run.dir="$OUT/fixed"
 [ -f "$OUT/naflex/checkpoints/last.ckpt" ] || python train.py stage=naflex "${INIT[@]}" hydra.run.dir="$OUT/naflex"
 for run in fixed naflex; do

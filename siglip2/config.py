@@ -15,11 +15,24 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-# Keys that moved: the error for the old path names the new one.
+# Keys that moved: the error for the old path names the new one. A block that moved whole
+# (`stage.recipe` -> `stage.clock`) moves every key under it (`moved_to`).
 MOVED = {
     "stage.losses.masked.mask_ratio": "stage.views.mask_ratio",
     "stage.losses.local_to_global.local_views": "stage.views.local_count",
+    "stage.recipe": "stage.clock",
+    "callbacks.zeroshot_eval": "callbacks.eval_suite",
 }
+
+
+def moved_to(key: str) -> str | None:
+    """Where the dotted config key `key` lives now, if it moved (`MOVED`), else None."""
+    if key in MOVED:
+        return MOVED[key]
+    for old, new in MOVED.items():
+        if key.startswith(old + "."):
+            return new + key[len(old):]
+    return None
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, where: str = "") -> T:
@@ -37,7 +50,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, where: str = "")
         lines = []
         for key in unknown:
             close = difflib.get_close_matches(key, list(fields), n=1)
-            moved = MOVED.get(_path(where, key))
+            moved = moved_to(_path(where, key))
             hint = (f" (moved to '{moved}')" if moved else
                     f" (did you mean '{_path(where, close[0])}'?)" if close else "")
             lines.append(f"'{_path(where, key)}'{hint}")

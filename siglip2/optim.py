@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
+
+
+IMPLS = ("auto", "fused", "foreach", "loop")
 
 
 @dataclass
@@ -32,7 +36,7 @@ class OptimConfig:
         self.betas = tuple(float(b) for b in self.betas)
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas needs two values, got {self.betas}")
-        if self.impl not in ("auto", "fused", "foreach", "loop"):
+        if self.impl not in IMPLS:
             raise ValueError(f"optim.impl must be auto, fused, foreach or loop, got {self.impl!r}")
         if self.lr < 0 or self.weight_decay < 0:
             raise ValueError(f"optim.lr and optim.weight_decay must be >= 0, got {self.lr}, {self.weight_decay}")
@@ -41,6 +45,28 @@ class OptimConfig:
     def torch_weight_decay(self) -> float:
         """torch AdamW multiplies its decay by lr; the recipe's decay is decoupled from it."""
         return float(self.weight_decay) / float(self.lr) if self.lr > 0 else 0.0
+
+
+def adamw_impl(impl: str, trainer: Any = None) -> str:
+    """`optim.impl`: "fused", "foreach" or "loop", or "auto" = fused where Lightning can clip
+    the gradients of a fused optimiser, else foreach. `trainer`: anything with the Trainer's
+    `precision` and `strategy` (read by name; no Lightning import here).
+
+    Fused AdamW updates each tensor in one pass; on CPU it is several times faster than
+    foreach, which falls back to one kernel per tensor per operation (benchmarks/RESULTS.md).
+    Lightning refuses gradient clipping for fused optimisers under mixed precision (they may
+    unscale inside `step`), and DeepSpeed and FSDP own the optimiser step and the clipping, so
+    those runs keep foreach.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"optim.impl must be auto, fused, foreach or loop, got {impl!r}")
+    if impl != "auto":
+        return impl
+    precision = str(getattr(trainer, "precision", "32-true"))
+    strategy = type(getattr(trainer, "strategy", None)).__name__.lower()
+    if "mixed" in precision or "deepspeed" in strategy or "fsdp" in strategy:
+        return "foreach"
+    return "fused"
 
 
 def no_decay(name: str, param: nn.Parameter, ndim: int | None = None) -> bool:

@@ -43,6 +43,53 @@ class LossTiming:
         return float(self.weight)
 
 
+@dataclass
+class ClockWindow:
+    """A stage's place on the recipe's clock (`stage.clock`; was `stage.clock`): `window` in
+    recipe progress, `stretch` = stage examples per recipe example, `examples` = the recipe's
+    length in examples (None: from the checkpoint `init_from` names, else from this stage's
+    max_steps). `fit_window`: the stage trains exactly the steps its window holds
+    (`trainer.max_steps` is replaced by ceil(window examples x stretch / global batch)) when the
+    recipe's length is known (from `examples` or the `init_from` checkpoint). `lr`,
+    `rewarm_warmup`, `rewarm_peak`: the stage's lr over its window (`RecipeClock`: "recipe", the
+    paper's, or "rewarm", a fresh warmup + cosine over the stage, not the paper's)."""
+    window: tuple[float, float] = (0.0, 1.0)
+    stretch: float = 1.0
+    examples: int | None = None
+    fit_window: bool = False
+    lr: str = "recipe"
+    rewarm_warmup: float = 0.1
+    rewarm_peak: float = 1.0
+
+    def __post_init__(self):
+        """Every value checked when the stage is built, each error naming its `stage.clock.*` key."""
+        window = tuple(self.window) if isinstance(self.window, (list, tuple)) else None
+        if (window is None or len(window) != 2 or not all(isinstance(v, (int, float)) for v in window)
+                or not 0.0 <= window[0] < window[1] <= 1.0):
+            raise ValueError(f"stage.clock.window must be [start, end] in recipe progress with "
+                             f"0 <= start < end <= 1, got {self.window!r}")
+        self.window = (float(window[0]), float(window[1]))
+        if not self.stretch > 0:
+            raise ValueError(f"stage.clock.stretch must be > 0, got {self.stretch!r}")
+        if self.examples is not None and not int(self.examples) > 0:
+            raise ValueError(f"stage.clock.examples must be > 0 (or null), got {self.examples!r}")
+        if self.lr not in ("recipe", "rewarm"):
+            raise ValueError(f"stage.clock.lr must be 'recipe' (the paper's) or 'rewarm', got {self.lr!r}")
+        if not 0.0 <= self.rewarm_warmup < 1.0:
+            raise ValueError(f"stage.clock.rewarm_warmup must lie in [0, 1), got {self.rewarm_warmup!r}")
+        if not self.rewarm_peak > 0:
+            raise ValueError(f"stage.clock.rewarm_peak must be > 0, got {self.rewarm_peak!r}")
+
+    def steps(self, total_examples: int | None, global_batch: int) -> int | None:
+        """Optimiser steps of `global_batch` examples that cover the window (the last one may
+        overrun the window's end, where the clock stops), or None while the recipe's length
+        `total_examples` is unknown."""
+        if not total_examples:
+            return None
+        start, end = self.window
+        return max(1, math.ceil((end - start) * int(total_examples) * self.stretch / int(global_batch)))
+
+
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Linear warmup to 1 over `warmup` steps (step s uses (s + 1) / warmup), then cosine
     decay to `min_ratio` at `total` steps. The step-based closed form of `RecipeClock.lr_factor`."""

@@ -37,6 +37,7 @@ import torch
 
 from siglip2.config import from_dict
 from siglip2.data.curation import CurationConfig, TeacherCache, load_teacher, select, teacher_inputs
+from siglip2.data.tokenizer import check_vocab_size
 from siglip2.data.transforms import normalize_pixels
 from siglip2.losses.sigmoid import SigmoidLoss, SigmoidLossConfig, negative_weight, sigmoid_pair_losses
 from stages.base import Stage, StepContext
@@ -93,10 +94,10 @@ class AcidStage(Stage):
                                  "(method=random needs none)")
             teacher, self.teacher_record = load_teacher(self.acid.teacher)
             theirs = teacher.config.text.vocab_size
-        if scores and self.model.config.text.vocab_size != theirs:
-            raise ValueError(f"stage.acid.teacher={self.acid.teacher_cache or self.acid.teacher}: its vocabulary has "
-                             f"{theirs} tokens, the learner's {self.model.config.text.vocab_size}: teacher and "
-                             "learner must share one tokenizer")
+        if scores:
+            check_vocab_size(theirs, self.model.config.text.vocab_size,
+                             f"stage.acid.teacher={self.acid.teacher_cache or self.acid.teacher}", "the learner",
+                             hint="teacher and learner must share one tokenizer")
         # Not a submodule: no checkpoint bytes, no optimiser, no DDP/FSDP wrapping.
         self.__dict__["teacher_model"] = teacher
 
@@ -112,8 +113,9 @@ class AcidStage(Stage):
     def load_weights(self, path: str) -> None:
         super().load_weights(path)
         # ACID is a run of its own after the main one: its clock is its own steps (or
-        # stage.recipe.examples), not the source recipe's length.
-        self.init_meta.pop("recipe", None)
+        # stage.clock.examples), not the source recipe's length.
+        if self.init_source is not None:
+            self.init_source.recipe = {}
 
     # ---- curation ------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -141,10 +143,11 @@ class AcidStage(Stage):
     def on_fit_start(self) -> None:
         if self.teacher_model is not None:
             self.teacher_model.to(self.device)
-        if self.teacher_record and self.teacher_record.get("tokenizer"):  # same size is not enough: same ids
-            self.check_tokenizer(self.teacher_record["tokenizer"], f"stage.acid.teacher={self.acid.teacher}")
-        if self.teacher_cache is not None and self.teacher_cache.tokenizer:  # the ids the cache was encoded from
-            self.check_tokenizer(self.teacher_cache.tokenizer, f"stage.acid.teacher_cache={self.acid.teacher_cache}")
+        mine = self.tokenizer_record
+        if mine is not None and self.teacher_record:  # same size is not enough: same ids
+            mine.check(self.teacher_record.get("tokenizer"), f"stage.acid.teacher={self.acid.teacher}")
+        if mine is not None and self.teacher_cache is not None:  # the ids the cache was encoded from
+            mine.check(self.teacher_cache.tokenizer, f"stage.acid.teacher_cache={self.acid.teacher_cache}")
         if self.teacher_record:
             log.info("ACID teacher: %s", self.teacher_record.get("cache") or self.teacher_record.get("path"))
         dm = getattr(self.trainer, "datamodule", None)

@@ -13,11 +13,8 @@ cleared.
 from __future__ import annotations
 
 import logging
-import math
 import zlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from functools import cached_property
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -25,129 +22,26 @@ from lightning.pytorch.strategies import ParallelStrategy
 import torch
 from torch import nn
 
+from siglip2.checkpoint import CHECKPOINT_FORMAT, CheckpointMeta, upgrade_state_dict
 from siglip2.config import from_dict, to_dict
+from siglip2.data.tokenizer import TokenizerRecord
 from siglip2.data.transforms import normalize_pixels
 from siglip2.model import build_model
-from siglip2.model.adapt import adapt_vision_weights, architecture_differences
+from siglip2.model.adapt import architecture_differences
 from siglip2.model.posemb import POSEMB_RESIZE
-from siglip2.model.layers import EncoderLayer
 from siglip2.model.two_tower import SigLIP2Config
-from siglip2.optim import OptimConfig, param_groups
-from siglip2.schedule import LossTiming, RecipeClock
+from siglip2.optim import OptimConfig, adamw_impl, param_groups
+from siglip2.schedule import ClockWindow, LossTiming, RecipeClock
+from siglip2.weights import check_shapes, init_from
 from stages import sharding
+from stages.context import StepContext
+
+__all__ = ["Stage", "StepContext", "batch_size", "plain_config"]
 
 log = logging.getLogger(__name__)
 
-# 3: the optimiser's parameter groups also split by lr gate (dormant losses, frozen prototypes),
-# so the optimiser state of formats 1-2 does not fit: such checkpoints load weights (init_from,
-# eval, export) but cannot resume.
-CHECKPOINT_FORMAT = 3
 # Metric prefixes logged as they are (their own W&B section), not under `train/`.
 OWN_SECTION = ("distill/",)
-
-
-def fsdp_wrap_classes() -> set[type[nn.Module]]:
-    """The FSDP units (conf/trainer/fsdp.yaml): each transformer block, and each image tower and
-    distillation head as a whole. The last two make the EMA teacher's units the same shape as
-    the student's (a `VisionTransformer` and a `DINOHead` each), so that every teacher shard
-    holds the same elements as its student shard and the EMA update runs shard by shard."""
-    from siglip2.losses.distill import DINOHead
-    from siglip2.model.decoder import DecoderLayer
-    from siglip2.model.vit import VisionTransformer
-
-    return {EncoderLayer, DecoderLayer, VisionTransformer, DINOHead}
-
-
-def adamw_impl(impl: str, trainer: Any = None) -> str:
-    """`optim.impl`: "fused", "foreach" or "loop", or "auto" = fused where Lightning can clip
-    the gradients of a fused optimiser, else foreach.
-
-    Fused AdamW updates each tensor in one pass; on CPU it is several times faster than
-    foreach, which falls back to one kernel per tensor per operation (benchmarks/RESULTS.md).
-    Lightning refuses gradient clipping for fused optimisers under mixed precision (they may
-    unscale inside `step`), and DeepSpeed and FSDP own the optimiser step and the clipping, so
-    those runs keep foreach.
-    """
-    if impl not in ("auto", "fused", "foreach", "loop"):
-        raise ValueError(f"optim.impl must be auto, fused, foreach or loop, got {impl!r}")
-    if impl != "auto":
-        return impl
-    precision = str(getattr(trainer, "precision", "32-true"))
-    strategy = type(getattr(trainer, "strategy", None)).__name__.lower()
-    if "mixed" in precision or "deepspeed" in strategy or "fsdp" in strategy:
-        return "foreach"
-    return "fused"
-
-
-@dataclass
-class RecipeWindow:
-    """A stage's place in the recipe (see `siglip2.schedule`): `window` in recipe progress,
-    `stretch` = stage examples per recipe example, `examples` = the recipe's length in
-    examples (None: from the checkpoint `init_from` names, else from this stage's max_steps).
-    `fit_window`: the stage trains exactly the steps its window holds (`trainer.max_steps` is
-    replaced by ceil(window examples x stretch / global batch)) when the recipe's length is
-    known (from `examples` or the `init_from` checkpoint). `lr`, `rewarm_warmup`,
-    `rewarm_peak`: the stage's lr over its window (`siglip2.schedule.RecipeClock`: "recipe",
-    the paper's, or "rewarm", a fresh warmup + cosine over the stage, not the paper's)."""
-    window: tuple[float, float] = (0.0, 1.0)
-    stretch: float = 1.0
-    examples: int | None = None
-    fit_window: bool = False
-    lr: str = "recipe"
-    rewarm_warmup: float = 0.1
-    rewarm_peak: float = 1.0
-
-    def __post_init__(self):
-        """Every value checked when the stage is built, each error naming its `stage.recipe.*` key."""
-        window = tuple(self.window) if isinstance(self.window, (list, tuple)) else None
-        if (window is None or len(window) != 2 or not all(isinstance(v, (int, float)) for v in window)
-                or not 0.0 <= window[0] < window[1] <= 1.0):
-            raise ValueError(f"stage.recipe.window must be [start, end] in recipe progress with "
-                             f"0 <= start < end <= 1, got {self.window!r}")
-        self.window = (float(window[0]), float(window[1]))
-        if not self.stretch > 0:
-            raise ValueError(f"stage.recipe.stretch must be > 0, got {self.stretch!r}")
-        if self.examples is not None and not int(self.examples) > 0:
-            raise ValueError(f"stage.recipe.examples must be > 0 (or null), got {self.examples!r}")
-        if self.lr not in ("recipe", "rewarm"):
-            raise ValueError(f"stage.recipe.lr must be 'recipe' (the paper's) or 'rewarm', got {self.lr!r}")
-        if not 0.0 <= self.rewarm_warmup < 1.0:
-            raise ValueError(f"stage.recipe.rewarm_warmup must lie in [0, 1), got {self.rewarm_warmup!r}")
-        if not self.rewarm_peak > 0:
-            raise ValueError(f"stage.recipe.rewarm_peak must be > 0, got {self.rewarm_peak!r}")
-
-
-class StepContext:
-    """One training step's shared forward passes, each computed once, on first use.
-
-    Losses never run towers themselves: the stage hands each loss what it needs from here
-    (`Stage.loss_inputs`), so a pass no enabled loss asks for is never computed.
-    """
-
-    def __init__(self, stage: "Stage", batch: Mapping[str, Any]):
-        self.stage, self.batch = stage, batch
-
-    @cached_property
-    def image(self):
-        """`ImageOutput` of the student on the batch's images (`.embeds`, `.tokens`, `.token_mask`)."""
-        b = self.batch
-        if "patches" in b:
-            patches = b["patches"]
-            if patches.dtype == torch.uint8:  # NaFlex batches carry pixels; [-1, 1] on the device
-                patches = patches.float().div_(127.5).sub_(1.0)
-            return self.stage.model.encode_image(patches=patches, patch_coord=b.get("patch_coord"),
-                                                 patch_valid=b.get("patch_valid"),
-                                                 spatial_shapes=b.get("spatial_shapes"))
-        return self.stage.model.encode_image(image=b["image"])
-
-    @cached_property
-    def text_emb(self) -> torch.Tensor:
-        """(B, D) normalised text embeddings of the batch's captions."""
-        return self.stage.model.embed_text(self.batch["text"])
-
-    @cached_property
-    def generator(self) -> torch.Generator:
-        return self.stage.step_generator()
 
 
 class Stage(L.LightningModule):
@@ -168,7 +62,7 @@ class Stage(L.LightningModule):
         losses: Mapping[str, Mapping[str, Any]],
         name: str | None = None,
         handoff_fractions: list[float] | None = None,
-        recipe: Mapping[str, Any] | None = None,
+        clock: Mapping[str, Any] | None = None,
         compile: bool | None = None,
         vocab_size: int | None = None,
         seed: int = 0,
@@ -178,34 +72,34 @@ class Stage(L.LightningModule):
         """`model`: the model yaml as a dict; its `compile` key (`model.compile=true`)
         torch.compiles the towers (`compile` here is the old `stage.compile` flag, kept so that
         checkpoints saved with it still load). `optim`: `OptimConfig` keys. `losses`: loss name
-        -> its config keys (`LOSSES`). `recipe`: `RecipeWindow` keys. `posemb_resize`: how
+        -> its config keys (`LOSSES`). `clock`: `siglip2.schedule.ClockWindow` keys (`stage.clock`). `posemb_resize`: how
         `init_from` resizes a checkpoint's position table to this model's grid ("hf" or
         "bv_zoom", `siglip2.model.posemb.resize_posemb`). `optim_overrides`: the stage's own
         optimiser keys over `optim` (ACID: lr 1e-5, no weight decay). Unknown names or keys raise
         `ValueError` naming them, before anything is built."""
         super().__init__()
         name = name or self.NAME
-        model_cfg = _to_dict(model)
+        model_cfg = plain_config(model)
         model_cfg["compile"] = bool(model_cfg.get("compile", False) or compile)
         if model_cfg.get("text", {}).get("vocab_size") is None:
             if vocab_size is None:
                 raise ValueError("model.text.vocab_size is null and no tokenizer vocab size was given")
             model_cfg["text"]["vocab_size"] = int(vocab_size)
-        overrides = _to_dict(optim_overrides or {})
+        overrides = plain_config(optim_overrides or {})
         if overrides:
             log.info("stage %s sets its own optimiser keys over optim: %s", name, overrides)
-        optim = {**_to_dict(optim), **overrides}
+        optim = {**plain_config(optim), **overrides}
         self.optim_config = from_dict(OptimConfig, optim, "optim")
-        self.recipe = from_dict(RecipeWindow, _to_dict(recipe or {}), "stage.recipe")
+        self.clock_window = from_dict(ClockWindow, plain_config(clock or {}), "stage.clock")
         if posemb_resize not in POSEMB_RESIZE:
             raise ValueError(f"stage.posemb_resize must be one of {POSEMB_RESIZE}, got {posemb_resize!r}")
         self.posemb_resize = posemb_resize
         # a loss set to null (`losses: {masked: null}`, `stage.losses.masked=null`) is not built
-        self.loss_configs = self.parse_losses({k: v for k, v in _to_dict(losses).items() if v is not None})
+        self.loss_configs = self.parse_losses({k: v for k, v in plain_config(losses).items() if v is not None})
         SigLIP2Config.from_dict(model_cfg)  # unknown model keys fail here, before any compute
         self.save_hyperparameters(
-            {"model": model_cfg, "optim": _to_dict(optim), "losses": _to_dict(losses), "name": name,
-             "handoff_fractions": list(handoff_fractions or []), "recipe": _to_dict(recipe or {}),
+            {"model": model_cfg, "optim": plain_config(optim), "losses": plain_config(losses), "name": name,
+             "handoff_fractions": list(handoff_fractions or []), "clock": plain_config(clock or {}),
              "seed": int(seed), "posemb_resize": posemb_resize}
         )
         self.stage_name = name
@@ -216,15 +110,17 @@ class Stage(L.LightningModule):
         self._param_ndims = {n: p.ndim for n, p in self.named_parameters()}
         self._gates_open: dict[str, bool] = {}
         # Which losses are on; LossSchedule flips these and the checkpoint keeps them.
-        self.loss_enabled: dict[str, bool] = {n: RecipeClock.loss_on(c, self.recipe.window[0])
+        self.loss_enabled: dict[str, bool] = {n: RecipeClock.loss_on(c, self.clock_window.window[0])
                                               for n, c in self.loss_configs.items()}
         self.compile_towers = model_cfg["compile"]
         self.flops_per_batch: int | None = None
         self.examples_seen = 0  # this stage's training examples, all ranks (the recipe's clock)
-        self.init_meta: dict[str, Any] = {}  # the `siglip2` entry of the init_from checkpoint
-        # the run's tokenizer (path, sha256, vocab size; set by stages.runner.build): recorded in
-        # every checkpoint so that eval, export and later stages use the same ids
-        self.tokenizer_record: dict[str, Any] | None = None
+        # the `init_from` source's `CheckpointMeta` (its recipe's length) and what was loaded
+        self.init_source: CheckpointMeta | None = None
+        self.init_record: dict[str, Any] | None = None
+        # the run's tokenizer (set by stages.runner.build): recorded in every checkpoint so that
+        # eval, export and later stages use the same ids
+        self.tokenizer_record: TokenizerRecord | None = None
         self._clock: RecipeClock | None = None
         self._first_batch = 0  # per-rank batch size of the first batch, if the data module gives none
 
@@ -276,13 +172,13 @@ class Stage(L.LightningModule):
             raise ValueError("the recipe's clock needs the per-rank batch size: give the data module a "
                              "`batch_size`, or build the clock after the first batch")
         step_examples = per_rank * int(trainer.world_size) * int(trainer.accumulate_grad_batches)
-        total = self.recipe.examples or self.init_meta.get("recipe", {}).get("examples")
+        total = self.recipe_examples
         opt = self.optim_config
         clock = RecipeClock.for_stage(
             stage_steps=int(trainer.estimated_stepping_batches), step_examples=step_examples,
-            warmup=opt.warmup_steps, window=tuple(self.recipe.window), stretch=self.recipe.stretch,
-            min_lr_ratio=opt.min_lr_ratio, total_examples=int(total) if total else None, lr=self.recipe.lr,
-            rewarm_warmup=self.recipe.rewarm_warmup, rewarm_peak=self.recipe.rewarm_peak)
+            warmup=opt.warmup_steps, window=tuple(self.clock_window.window), stretch=self.clock_window.stretch,
+            min_lr_ratio=opt.min_lr_ratio, total_examples=int(total) if total else None, lr=self.clock_window.lr,
+            rewarm_warmup=self.clock_window.rewarm_warmup, rewarm_peak=self.clock_window.rewarm_peak)
         mean = float(getattr(trainer.datamodule, "mean_batch_size", 0) or per_rank)  # NaFlex: some batches halved
         planned = int(trainer.estimated_stepping_batches) * step_examples * mean / per_rank
         if abs(planned - clock.stage_examples) > step_examples:
@@ -291,15 +187,16 @@ class Stage(L.LightningModule):
                         "stop at the window's end early" if planned > clock.stage_examples else "end unfinished")
         return clock
 
+    @property
+    def recipe_examples(self) -> int | None:
+        """The recipe's length in examples: `stage.clock.examples`, else the `init_from`
+        checkpoint's, else None (then the clock counts this stage's own steps)."""
+        return self.clock_window.examples or (self.init_source.recipe_examples if self.init_source else None)
+
     def window_steps(self, global_batch: int) -> int | None:
-        """Optimiser steps of `global_batch` examples that cover this stage's window (the last
-        one may overrun the window's end, where the clock stops), or None while the recipe's
-        length is unknown (no `recipe.examples`, no `init_from` checkpoint recording it)."""
-        total = self.recipe.examples or self.init_meta.get("recipe", {}).get("examples")
-        if not total:
-            return None
-        start, end = self.recipe.window
-        return max(1, math.ceil((end - start) * int(total) * self.recipe.stretch / int(global_batch)))
+        """Optimiser steps of `global_batch` examples that cover this stage's window
+        (`ClockWindow.steps`), or None while the recipe's length is unknown."""
+        return self.clock_window.steps(self.recipe_examples, global_batch)
 
     def _lr_factor(self) -> float:
         if self._clock is None and not self._first_batch and not getattr(self.trainer.datamodule, "batch_size", 0):
@@ -326,7 +223,7 @@ class Stage(L.LightningModule):
     def recipe_progress(self) -> float:
         """Recipe progress in [0, 1] after the examples seen so far (the progress bar shows it)."""
         if self.examples_seen == 0 and self._clock is None:
-            return float(self.recipe.window[0])
+            return float(self.clock_window.window[0])
         return self.clock.progress(self.examples_seen)
 
     def enable_loss(self, name: str) -> None:
@@ -489,60 +386,51 @@ class Stage(L.LightningModule):
 
     # ---- checkpoints -------------------------------------------------------------------
     def checkpoint_meta(self) -> dict[str, Any]:
-        """What a checkpoint carries to be used without the run's config (`siglip2.checkpoint`):
+        """What a checkpoint carries to be used without the run's config (`CheckpointMeta`):
         the configuration of the weights it holds (after any adaptation), the losses' configs,
-        the loss phase and the recipe's clock."""
+        the loss phase, the recipe's clock, what `init_from` loaded and the tokenizer."""
         clock = self._clock
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "stage": self.stage_name,
-            "model": self.model.config.to_dict(),
-            "losses": {n: to_dict(c) for n, c in self.loss_configs.items()},
-            "loss_enabled": dict(self.loss_enabled),
-            "examples_seen": int(self.examples_seen),
-            "recipe": {"examples": clock.total_examples if clock else self.recipe.examples,
-                       "window": list(self.recipe.window), "stretch": self.recipe.stretch,
-                       "progress": clock.progress(self.examples_seen) if clock else None},
-            "init_from": self.init_meta.get("init_from_record"),
-            "tokenizer": self.tokenizer_record,
-        }
+        return CheckpointMeta(
+            format=CHECKPOINT_FORMAT, stage=self.stage_name, model=self.model.config.to_dict(),
+            losses={n: to_dict(c) for n, c in self.loss_configs.items()}, loss_enabled=dict(self.loss_enabled),
+            examples_seen=int(self.examples_seen),
+            recipe={"examples": clock.total_examples if clock else self.clock_window.examples,
+                    "window": list(self.clock_window.window), "stretch": self.clock_window.stretch,
+                    "progress": clock.progress(self.examples_seen) if clock else None},
+            init_from=self.init_record,
+            tokenizer=self.tokenizer_record.to_dict() if self.tokenizer_record else None,
+        ).to_dict()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["siglip2"] = self.checkpoint_meta()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from siglip2.checkpoint import upgrade_state_dict
-
-        meta = checkpoint.get("siglip2", {})
-        if meta.get("stage") not in (None, self.stage_name):
+        meta = CheckpointMeta.read(checkpoint)
+        if meta.stage not in (None, self.stage_name):
             raise ValueError(
-                f"ckpt_path resumes the same stage, but this checkpoint is from stage '{meta['stage']}' "
+                f"ckpt_path resumes the same stage, but this checkpoint is from stage '{meta.stage}' "
                 f"and this run is stage '{self.stage_name}'. Use init_from=... to start a new stage from it."
             )
-        if "model" in meta:  # another resolution, patch size or architecture: name what differs
-            diff = architecture_differences(SigLIP2Config.from_dict(meta["model"]), self.model.config)
+        if meta.model is not None:  # another resolution, patch size or architecture: name what differs
+            diff = architecture_differences(meta.model_config, self.model.config)
             if diff:
                 raise ValueError(
                     "ckpt_path resumes the same run, but the checkpoint's model differs from this run's in "
                     + ", ".join(f"{k} ({a} in the checkpoint, {b} here)" for k, (a, b) in diff.items())
                     + ". To continue these weights at another resolution, start a stage from them with init_from=...")
-        self.check_tokenizer(meta.get("tokenizer"), "ckpt_path")
-        if int(meta.get("format", 1)) < 3 and checkpoint.get("optimizer_states"):
-            raise ValueError(
-                f"ckpt_path: this checkpoint is format {meta.get('format', 1)}, written before the optimiser's parameter "
-                "groups were split by lr gate (format 3), so its optimiser state does not fit this version and the run "
-                "cannot resume exactly. Continue its weights with init_from=<ckpt> and stage.recipe.examples / the same "
-                "stage window instead (a new optimiser, the clock from the checkpoint).")
+        if self.tokenizer_record is not None:
+            self.tokenizer_record.check(meta.tokenizer, "ckpt_path")
+        meta.check_resumable(bool(checkpoint.get("optimizer_states")))
         # FSDP and DeepSpeed load the weights themselves and take `state_dict` out first
         has_state = "state_dict" in checkpoint
         if has_state:
             checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
         # Resume keeps the phase: modules exist from step 0, so no hook fires here.
-        for name, enabled in meta.get("loss_enabled", {}).items():
+        for name, enabled in meta.loss_enabled.items():
             if name in self.loss_enabled:
                 self.loss_enabled[name] = bool(enabled)
-        if "examples_seen" in meta:
-            self.examples_seen = int(meta["examples_seen"])
+        if meta.examples_seen is not None:
+            self.examples_seen = int(meta.examples_seen)
         elif self._trainer is not None:  # format 1: constant batch, progress was global_step / max_steps
             trainer = self._trainer
             self.examples_seen = int(checkpoint.get("global_step", 0)) * int(
@@ -551,10 +439,10 @@ class Stage(L.LightningModule):
             check_shapes(self.state_dict(), checkpoint["state_dict"], source="ckpt_path")
         self._warn_if_retimed(meta)
 
-    def _warn_if_retimed(self, meta: Mapping[str, Any]) -> None:
+    def _warn_if_retimed(self, meta: CheckpointMeta) -> None:
         """Resuming with another trainer.max_steps (or batch, or world size) changes the recipe's
         length: progress, the loss switches, the hand-offs and the lr cosine follow the new one."""
-        recorded = (meta.get("recipe") or {}).get("examples")
+        recorded = meta.recipe_examples
         if not recorded or self._trainer is None:
             return
         try:
@@ -562,7 +450,7 @@ class Stage(L.LightningModule):
         except Exception:  # no batch size known yet: nothing to compare
             return
         if int(now) != int(recorded):
-            seen = int(meta.get("examples_seen", self.examples_seen))
+            seen = int(meta.examples_seen if meta.examples_seen is not None else self.examples_seen)
             log.warning("ckpt_path: the checkpoint's recipe is %d examples long and this run's is %d (trainer.max_steps, "
                         "batch or world size changed): recipe progress goes from %.1f%% to %.1f%%, and the loss "
                         "switches, hand-off checkpoints and lr schedule follow the new length", int(recorded),
@@ -570,116 +458,18 @@ class Stage(L.LightningModule):
 
     def load_weights(self, path: str) -> None:
         """`init_from`: weights only, a new optimiser, and the clock of this stage's window of
-        the recipe the checkpoint belongs to. `path` is one of our checkpoints (any stage) or
-        `hf:<folder>`, a `transformers.Siglip2Model` folder (`load_hf_weights`).
-
-        The image towers (student and EMA teacher) are fitted to this run's resolution and
-        patch size (`siglip2.model.adapt`); any other difference of the model (depth, width,
-        vocabulary, text length) is a `ValueError` naming the fields. The record of what was
-        loaded and adapted goes into this stage's checkpoints (`siglip2.init_from`)."""
-        if str(path).startswith("hf:"):
-            self.load_hf_weights(str(path)[3:])
-            return
-        from siglip2.checkpoint import read_checkpoint
-
-        ckpt = read_checkpoint(path)
-        self.check_tokenizer(ckpt.meta.get("tokenizer"), f"init_from={path}")
-        self.check_vocab_size(int(ckpt.model_config.text.vocab_size), f"init_from={path}")
-        state, notes = adapt_vision_weights(ckpt.state_dict, ckpt.model_config, self.model.config,
-                                            posemb_resize=self.posemb_resize, what=f"init_from={path}")
-        own = self.state_dict()
-        check_shapes(own, state, source=f"init_from={path}", allow_missing=True)
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if len(own) == len(missing):
-            raise ValueError(f"init_from={path}: no tensor of this stage's model is in the checkpoint")
-        towers = [k for k in missing if k.startswith("model.")]
-        if towers:  # only the losses' modules and the EMA teacher may start fresh, never the towers
-            raise ValueError(f"init_from={path}: the checkpoint lacks {len(towers)} tensors of the model itself "
-                             f"({', '.join(towers[:5])}{', ...' if len(towers) > 5 else ''}); only loss modules "
-                             "(LocCa decoder, distillation heads) and the EMA teacher may start fresh")
-        log.info("init_from %s (stage %s): %d tensors loaded, %d not in checkpoint, %d ignored%s",
-                 path, ckpt.stage, len(own) - len(missing), len(missing), len(unexpected),
-                 f" (modules this stage does not have: {', '.join(_module_prefixes(unexpected))})" if unexpected else "")
-        for note in notes:
-            log.info("init_from: adapted %s", note)
-        self.init_meta = dict(ckpt.meta)
-        self.init_meta["init_from_record"] = {"path": str(path), "stage": ckpt.stage, "adapted": notes,
-                                              "not_in_checkpoint": sorted(missing), "ignored": sorted(unexpected)}
-        self.on_weights_loaded(set(own) - set(missing))
-
-    def load_hf_weights(self, folder: str) -> None:
-        """`init_from=hf:<folder>`: a `transformers.Siglip2Model` folder (safetensors + config,
-        e.g. a downloaded `google/siglip2-*-naflex` or our own export) into the towers, logit
-        scale and bias, adapted to this run's resolution like a checkpoint. Everything else
-        (LocCa decoder, distillation heads) was never released and starts as built; the log
-        says so. The recipe's length is not in the folder: the clock comes from this stage's
-        own steps unless `stage.recipe.examples` is set."""
-        from siglip2.export.hf import from_hf
-
-        hf = from_hf(folder)
-        self.check_vocab_size(int(hf.config.text.vocab_size), f"init_from=hf:{folder}")
-        state = {f"model.{k}": v for k, v in hf.state_dict().items()}
-        state, notes = adapt_vision_weights(state, hf.config, self.model.config, posemb_resize=self.posemb_resize,
-                                            prefixes=("model.vision_model.",), what=f"HF model {folder}")
-        own = self.state_dict()
-        check_shapes(own, state, source=f"init_from=hf:{folder}", allow_missing=True)
-        missing, _ = self.load_state_dict(state, strict=False)
-        fresh = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in missing if not k.startswith("teacher.")})
-        log.info("init_from hf:%s: %d tensors of the two towers loaded; starting fresh (never released): %s",
-                 folder, len(state), ", ".join(fresh) or "nothing")
-        for note in notes:
-            log.info("init_from: adapted %s", note)
-        import json
-        import os
-        from pathlib import Path
-
-        config = Path(folder) / "config.json"  # its layout, for the export back (siglip2.export)
-        kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
-        where = os.path.abspath(folder) if os.path.isdir(folder) else folder
-        self.init_meta = {"init_from_record": {"path": f"hf:{where}", "stage": "hf",
-                                               "model_type": kind, "adapted": notes,
-                                               "not_in_checkpoint": sorted(missing), "ignored": []}}
-        self.on_weights_loaded(set(state))
-
-    def check_tokenizer(self, record: Mapping[str, Any] | None, source: str) -> None:
-        """A checkpoint trained with other token ids (same vocabulary size or not) is refused,
-        naming both tokenizers; checkpoints that record none are accepted."""
-        mine = self.tokenizer_record
-        if not record or not mine or record.get("sha256") == mine.get("sha256"):
-            return
-        raise ValueError(f"{source} was trained with the tokenizer {record.get('path')} (sha256 "
-                         f"{str(record.get('sha256'))[:12]}, {record.get('vocab_size')} tokens); this run's is "
-                         f"{mine.get('path')} (sha256 {str(mine.get('sha256'))[:12]}, {mine.get('vocab_size')} tokens): "
-                         "its token ids would mean other words. Use the same tokenizer (tokenizer.path=...)")
-
-    def check_vocab_size(self, theirs: int, source: str) -> None:
-        """Weights with another vocabulary size than this run's tokenizer are a `ValueError`
-        naming both, before any tensor is compared."""
-        mine = int(self.model.config.text.vocab_size)
-        if theirs != mine:
-            path = (self.tokenizer_record or {}).get("path", "tokenizer.path")
-            raise ValueError(f"{source} has a vocabulary of {theirs} tokens but this run's tokenizer ({path}) has "
-                             f"{mine}: use the tokenizer those weights were trained with (tokenizer.path=...)")
+        the recipe the checkpoint belongs to (`siglip2.weights.init_from`: one of our checkpoints
+        of any stage, or `hf:<folder>`, whose recipe length is unknown: then the clock comes
+        from this stage's own steps unless `stage.clock.examples` is set). The record of what
+        was loaded and adapted goes into this stage's checkpoints (`siglip2.init_from`)."""
+        result = init_from(self, path, self.model.config, posemb_resize=self.posemb_resize,
+                           tokenizer=self.tokenizer_record)
+        self.init_source, self.init_record = result.source, result.record
+        self.on_weights_loaded(result.loaded)
 
     def on_weights_loaded(self, loaded: set[str]) -> None:
         """After `init_from`: `loaded` names the stage tensors that came from the source (a
         stage with an EMA teacher copies the student into a teacher the source did not hold)."""
-
-def _module_prefixes(keys, depth: int = 2) -> list[str]:
-    """The distinct leading `depth` name parts of state-dict keys (`teacher.vision`, ...)."""
-    return sorted({".".join(k.split(".")[:depth]) for k in keys})
-
-
-def check_shapes(own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], source: str,
-                 allow_missing: bool = False) -> None:
-    """A checkpoint from another model size or resolution is a clear error naming the tensors."""
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in other.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    missing = [] if allow_missing else [k for k in own if k not in other]
-    if bad or missing:
-        lines = bad[:20] + [f"{k}: missing from checkpoint" for k in missing[:20]]
-        raise ValueError(f"{source} does not fit this model ({len(bad)} shape mismatches, "
-                         f"{len(missing)} missing):\n  " + "\n  ".join(lines))
 
 
 def batch_size(batch: Mapping[str, Any]) -> int:
@@ -692,7 +482,7 @@ def batch_size(batch: Mapping[str, Any]) -> int:
     raise KeyError("batch has neither image, patches nor text")
 
 
-def _to_dict(cfg: Any) -> Any:
+def plain_config(cfg: Any) -> Any:
     """Plain containers from OmegaConf nodes, so stages never depend on Hydra types."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -702,7 +492,7 @@ def _to_dict(cfg: Any) -> Any:
     except ImportError:  # pragma: no cover
         pass
     if isinstance(cfg, Mapping):
-        return {k: _to_dict(v) for k, v in cfg.items()}
+        return {k: plain_config(v) for k, v in cfg.items()}
     if isinstance(cfg, (list, tuple)):
-        return [_to_dict(v) for v in cfg]
+        return [plain_config(v) for v in cfg]
     return cfg

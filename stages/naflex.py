@@ -3,7 +3,7 @@
 `python train.py stage=naflex init_from=<pretrain>/checkpoints/frac_0.90.ckpt` continues the
 90% checkpoint with the sigmoid and LocCa losses only (no self-distillation or masked
 prediction: the paper's NaFlex variant), the last 10% of the pretraining cosine stretched
-3.75x (`stage.recipe`). The data come as padded patch sequences (`siglip2.data.naflex`): each
+3.75x (`stage.clock`). The data come as padded patch sequences (`siglip2.data.naflex`): each
 batch's length is drawn from `stage.naflex.seq_lens` by a seeded plan, the same on every
 rank, and each image is resized to the largest size of its own aspect ratio that fits; the
 position table is resized per distinct patch grid of the batch

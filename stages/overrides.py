@@ -82,6 +82,10 @@ def _problem(cfg: DictConfig, prefix: str, key: str, value: str) -> str | None:
     if current is _ABSENT and isinstance(parent, DictConfig) and leaf in siblings:
         return None  # there, but not selectable as a value here (an interpolation to what is absent)
     if current is _ABSENT:
+        from siglip2.config import moved_to
+
+        if moved_to(key) and "~" not in prefix:
+            return f"'{key}' moved to '{moved_to(key)}'"
         close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.75)
         near = f"{parent_key}.{close[0]}" if close and parent_key else (close[0] if close else "")
         if "+" in prefix:  # an addition: a typo only when it is one edit away from a sibling

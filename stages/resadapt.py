@@ -7,8 +7,8 @@ every pretraining loss on (sigmoid, LocCa, local-to-global, masked prediction). 
 is done when the weights are loaded (`Stage.load_weights`, `siglip2.model.adapt`): the position
 table is resized to the new patch grid (`stage.posemb_resize`: HF's bilinear + antialias, or
 big_vision's `bv_zoom`) and the patch embedding PI-resized, for the student and the EMA teacher
-alike. The lr follows the pretraining cosine from 95% to 100% (`stage.recipe.window`), and the
-stage trains the steps that window holds (`recipe.fit_window`). Its checkpoints record the
+alike. The lr follows the pretraining cosine from 95% to 100% (`stage.clock.window`), and the
+stage trains the steps that window holds (`clock.fit_window`). Its checkpoints record the
 adapted configuration, so eval and export rebuild the model at the new resolution.
 """
 from __future__ import annotations
@@ -34,9 +34,9 @@ class ResAdaptStage(PretrainStage):
 
 
 def _with_grid(model: Mapping[str, Any], posemb_grid: int | str) -> dict[str, Any]:
-    from stages.base import _to_dict
+    from stages.base import plain_config
 
-    cfg = _to_dict(model)
+    cfg = plain_config(model)
     vision = dict(cfg["vision"])
     size, patch = int(vision["image_size"]), int(vision["patch_size"])
     if size < patch:

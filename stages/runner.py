@@ -41,15 +41,15 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         callbacks = drop_logger_callbacks(callbacks)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_accumulation(trainer, datamodule)
-    if stage.recipe.fit_window:  # e.g. resadapt: exactly the steps of its window of the recipe
+    if stage.clock_window.fit_window:  # e.g. resadapt: exactly the steps of its window of the recipe
         # From the built Trainer: its world size is the real one (devices: -1 / "auto" resolved, nodes).
         steps = stage.window_steps(global_batch_size(trainer, datamodule))
         if steps is None:
-            log.warning("stage %s: the recipe's length is unknown (no init_from checkpoint, no stage.recipe.examples); "
+            log.warning("stage %s: the recipe's length is unknown (no init_from checkpoint, no stage.clock.examples); "
                         "training trainer.max_steps=%s steps", stage.stage_name, cfg.trainer.get("max_steps"))
         else:
             log.info("stage %s covers recipe %s: %d steps of %d ranks (trainer.max_steps=%s replaced)",
-                     stage.stage_name, list(stage.recipe.window), steps, trainer.world_size,
+                     stage.stage_name, list(stage.clock_window.window), steps, trainer.world_size,
                      cfg.trainer.get("max_steps"))
             trainer.fit_loop.epoch_loop.max_steps = steps  # what `Trainer(max_steps=...)` sets
     if resume_step is not None and 0 <= trainer.max_steps <= resume_step:
@@ -132,23 +132,24 @@ def check_resume_checkpoint(path: str) -> int | None:
 def check_vocab(cfg: DictConfig, tokenizer) -> None:
     """A model yaml that fixes `text.vocab_size` must match the tokenizer: a larger tokenizer
     would index past the embedding table mid-run, a smaller one leaves rows never trained."""
+    from siglip2.data.tokenizer import check_vocab_size
+
     fixed = cfg.model.get("text", {}).get("vocab_size")
-    if fixed is not None and int(fixed) != int(tokenizer.vocab_size):
-        raise ValueError(f"model.text.vocab_size is {fixed} but the tokenizer ({cfg.tokenizer.get('path')}) has "
-                         f"{tokenizer.vocab_size} tokens: use the model's tokenizer (e.g. tokenizer=gemma for the "
-                         "released sizes) or model.text.vocab_size=null to size the model from the tokenizer")
+    if fixed is not None:
+        check_vocab_size(fixed, tokenizer.vocab_size, "model.text.vocab_size",
+                         f"the tokenizer ({cfg.tokenizer.get('path')})",
+                         hint="use the model's tokenizer (e.g. tokenizer=gemma for the released sizes) or "
+                              "model.text.vocab_size=null to size the model from the tokenizer")
 
 
-def tokenizer_record(datamodule) -> dict[str, Any] | None:
-    """What checkpoints record of the run's tokenizer (`siglip2.data.tokenizer.tokenizer_fingerprint`)."""
-    from siglip2.data.tokenizer import tokenizer_fingerprint
+def tokenizer_record(datamodule):
+    """The run's `siglip2.data.tokenizer.TokenizerRecord` (what checkpoints record), or None."""
+    from siglip2.data.tokenizer import TokenizerRecord
 
     path = getattr(datamodule, "tokenizer_path", None)
     if not path:
         return None
-    tok = datamodule.tokenizer
-    return {**tokenizer_fingerprint(path), "vocab_size": int(tok.vocab_size), "length": int(tok.length),
-            "lowercase": bool(getattr(tok, "lowercase", True))}
+    return TokenizerRecord.of(path, datamodule.tokenizer)
 
 
 def global_batch_size(trainer: L.Trainer, datamodule) -> int:
@@ -290,7 +291,7 @@ def _needs_demo(cfg: DictConfig, ckpt) -> bool:
         return False
     root = os.path.abspath(os.path.expanduser(str(root)))
     inside = lambda p: bool(p) and os.path.abspath(os.path.expanduser(str(p))).startswith(root + os.sep)
-    recorded = (ckpt.meta.get("tokenizer") or {}).get("path")
+    recorded = (ckpt.meta.tokenizer or {}).get("path")
     return any(inside(s) for s in (cfg.eval.sets or [])) or (inside(recorded) and not os.path.exists(recorded))
 
 
@@ -299,7 +300,7 @@ def _checkpoint_demo(ckpt) -> tuple[int, int] | None:
     tokenizer (`<cache>/demo-n<N>-s<seed>/tokenizer/...`); None for any other tokenizer."""
     import re
 
-    recorded = (ckpt.meta.get("tokenizer") or {}).get("path")
+    recorded = (ckpt.meta.tokenizer or {}).get("path")
     match = re.fullmatch(r"demo-n(\d+)-s(\d+)", Path(recorded).parent.parent.name) if recorded else None
     return (int(match.group(1)), int(match.group(2))) if match else None
 
@@ -315,13 +316,13 @@ def _match_checkpoint_data(cfg: DictConfig, ckpt) -> None:
             log.info("the checkpoint was trained on the demo of %d samples (seed %d): using its tokenizer and "
                      "eval sets (data.demo.num_train=... to choose another)", *demo)
             cfg.data.demo.num_train, cfg.data.demo.seed = demo
-    elif demo is None and (ckpt.meta.get("tokenizer") or {}).get("path") and not _overridden("eval") \
+    elif demo is None and (ckpt.meta.tokenizer or {}).get("path") and not _overridden("eval") \
             and _select(cfg, "data.demo.root") and cfg.eval.sets:
         root = os.path.abspath(os.path.expanduser(str(_select(cfg, "data.demo.root"))))
         sets = [cfg.eval.sets] if isinstance(cfg.eval.sets, str) else cfg.eval.sets
         if all(os.path.abspath(str(s)).startswith(root + os.sep) for s in sets):
             raise ValueError(f"checkpoint {cfg.ckpt_path} was trained on your own data (tokenizer "
-                             f"{ckpt.meta['tokenizer']['path']}), and the eval sets are the demo's: name yours with "
+                             f"{ckpt.meta.tokenizer['path']}), and the eval sets are the demo's: name yours with "
                              "eval.sets='[/path/to/set.yaml]' (or eval=demo to evaluate it on the demo anyway)")
 
 
@@ -372,7 +373,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from stages.quiet import quiet_known_noise
 
     quiet_known_noise()
-    from siglip2.checkpoint import read_checkpoint
+    from siglip2.checkpoint import read_checkpoint, split_spec
     from siglip2.data.tokenizer import build_tokenizer, resolve_checkpoint_tokenizer
     from siglip2.eval.suite import evaluate_all, load_eval_set
 
@@ -392,19 +393,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     decoder = ckpt.locca_decoder()
     decoder = decoder.to(cfg.device) if decoder is not None else None
     configured = _select(cfg, "tokenizer.path")
-    lowercase = bool((ckpt.meta.get("tokenizer") or {}).get("lowercase", cfg.tokenizer.lowercase))
+    lowercase = bool((ckpt.meta.tokenizer or {}).get("lowercase", cfg.tokenizer.lowercase))
     named = _overridden("tokenizer", exact=("tokenizer", "tokenizer.path"))  # not tokenizer.lowercase alone
     if ckpt.stage == "hf" and not named:  # a transformers folder: its own tokenizer, cased as it is
-        path = _hf_folder_tokenizer(str(cfg.ckpt_path)[3:])
+        path = _hf_folder_tokenizer(split_spec(cfg.ckpt_path)[1])
         if not _overridden("tokenizer", exact=("tokenizer", "tokenizer.lowercase")):
             lowercase = _folder_lowercases(path)
     else:
-        path = resolve_checkpoint_tokenizer(ckpt.meta.get("tokenizer"), str(configured) if configured else None,
+        path = resolve_checkpoint_tokenizer(ckpt.meta.tokenizer, str(configured) if configured else None,
                                             explicit=named, what=f"checkpoint {cfg.ckpt_path}")
     log.info("tokenizer: %s (lower-casing %s)", path, "on" if lowercase else "off")
     tokenizer = build_tokenizer(path, length=int(ckpt.model_config.text.max_len), lowercase=lowercase)
     if ckpt.stage == "hf" and cfg.eval.get("naflex_seq_len") is None:
-        seq_len = _folder_max_patches(str(cfg.ckpt_path)[3:])
+        seq_len = _folder_max_patches(split_spec(cfg.ckpt_path)[1])
         if seq_len:  # a NaFlex folder: evaluated as its processor sees images, not as squares
             from omegaconf import open_dict
 

@@ -29,6 +29,19 @@ from stages import fsdp2
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
+def fsdp_wrap_classes() -> set[type[nn.Module]]:
+    """The FSDP units (conf/trainer/fsdp.yaml): each transformer block, and each image tower and
+    distillation head as a whole. The last two make the EMA teacher's units the same shape as
+    the student's (a `VisionTransformer` and a `DINOHead` each), so that every teacher shard
+    holds the same elements as its student shard and the EMA update runs shard by shard."""
+    from siglip2.losses.distill import DINOHead
+    from siglip2.model.decoder import DecoderLayer
+    from siglip2.model.layers import EncoderLayer
+    from siglip2.model.vit import VisionTransformer
+
+    return {EncoderLayer, DecoderLayer, VisionTransformer, DINOHead}
+
+
 def clean_name(name: str) -> str:
     """A parameter or buffer name with the wrappers' inserted parts removed (the name it has
     in the unwrapped stage, as in `state_dict()` keys)."""

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from siglip2.patches import patchify
+
 __all__ = ["image_size_for_max_patches", "resize_for_max_patches", "patchify_image", "pad_patches",
            "NaFlexConfig", "SeqLenPlan"]
 
@@ -65,13 +67,13 @@ def resize_for_max_patches(image: torch.Tensor, patch_size: int, max_patches: in
 
 def patchify_image(image: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """(C, h, w) with h, w multiples of `patch_size` -> ((h/p * w/p, p*p*C) row-major patches
-    flattened (ph, pw, C) as HF's `convert_image_to_patches`, (h/p, w/p))."""
+    flattened (ph, pw, C) as HF's `convert_image_to_patches`, (h/p, w/p)): one image through
+    `siglip2.patches.patchify`, the tower's own."""
     c, h, w = image.shape
     if h % patch_size or w % patch_size:
         raise ValueError(f"image {h}x{w} is not a whole number of {patch_size}-px patches")
-    gh, gw = h // patch_size, w // patch_size
-    patches = image.reshape(c, gh, patch_size, gw, patch_size).permute(1, 3, 2, 4, 0)
-    return patches.reshape(gh * gw, patch_size * patch_size * c), (gh, gw)
+    patches, grid = patchify(image[None], patch_size)
+    return patches[0], grid
 
 
 def pad_patches(items: Sequence[tuple[torch.Tensor, tuple[int, int]]], seq_len: int) -> dict[str, torch.Tensor]:

@@ -21,12 +21,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["Tokenizer", "build_tokenizer", "train_sentencepiece"]
+__all__ = ["Tokenizer", "TokenizerRecord", "build_tokenizer", "check_vocab_size", "train_sentencepiece"]
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +242,73 @@ def tokenizer_fingerprint(path: str | os.PathLike) -> dict:
     return {"path": path, "sha256": h.hexdigest()}
 
 
+@dataclass(frozen=True)
+class TokenizerRecord:
+    """The identity of a tokenizer, as a checkpoint or a teacher cache records it: the absolute
+    `path`, the `sha256` of its content (`tokenizer_fingerprint`), and when known its
+    `vocab_size`, text `length` and `lowercase`. Two tokenizers of one vocabulary size but other
+    ids differ in `sha256`. The one owner of the rule "weights are used with the token ids they
+    were trained with": `check` and `check_vocab_size` raise its one message."""
+    path: str
+    sha256: str
+    vocab_size: int | None = None
+    length: int | None = None
+    lowercase: bool | None = None
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, tokenizer: "Tokenizer | None" = None, *, full: bool = True) -> "TokenizerRecord":
+        """The record of the tokenizer file or folder `path`; with the built `tokenizer`, its
+        vocabulary size and (`full`) its text length and lower-casing too."""
+        fp = tokenizer_fingerprint(path)
+        if tokenizer is None:
+            return cls(**fp)
+        if not full:
+            return cls(**fp, vocab_size=int(tokenizer.vocab_size))
+        return cls(**fp, vocab_size=int(tokenizer.vocab_size), length=int(tokenizer.length),
+                   lowercase=bool(getattr(tokenizer, "lowercase", True)))
+
+    @classmethod
+    def read(cls, record: "Mapping[str, Any] | TokenizerRecord | None") -> "TokenizerRecord | None":
+        """A record as stored (a dict with `path` and `sha256`), or None if there is none."""
+        if record is None or isinstance(record, TokenizerRecord):
+            return record
+        if not record or not record.get("sha256"):
+            return None
+        known = {k: record.get(k) for k in ("path", "sha256", "vocab_size", "length", "lowercase")}
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form (checkpoints' `siglip2.tokenizer`): the fields that are known."""
+        return {k: v for k, v in (("path", self.path), ("sha256", self.sha256), ("vocab_size", self.vocab_size),
+                                  ("length", self.length), ("lowercase", self.lowercase)) if v is not None}
+
+    def describe(self) -> str:
+        tokens = f", {self.vocab_size} tokens" if self.vocab_size is not None else ""
+        return f"{self.path} (sha256 {str(self.sha256)[:12]}{tokens})"
+
+    def check(self, trained: "Mapping[str, Any] | TokenizerRecord | None", source: str,
+              hint: str = "use the same tokenizer (tokenizer.path=...)") -> None:
+        """`trained`: the tokenizer `source`'s weights were trained with; this record: the one
+        they are about to be used with. Another content (same vocabulary size or not) is a
+        `ValueError` naming both; no record (older checkpoints) passes."""
+        theirs = TokenizerRecord.read(trained)
+        if theirs is None or theirs.sha256 == self.sha256:
+            return
+        raise ValueError(f"{source} was trained with the tokenizer {theirs.describe()}; this run's is "
+                         f"{self.describe()}: its token ids would mean other words. {hint[0].upper()}{hint[1:]}")
+
+
+def check_vocab_size(theirs: int, mine: int, source: str, mine_name: str,
+                     hint: str = "use the tokenizer those weights were trained with (tokenizer.path=...)") -> None:
+    """Two sides that must share token ids with other vocabulary sizes: a `ValueError` naming
+    both (`source` has `theirs`, `mine_name` has `mine`), before any tensor is compared."""
+    if int(theirs) != int(mine):
+        raise ValueError(f"{source} has a vocabulary of {int(theirs)} tokens but {mine_name} has {int(mine)}: {hint}")
+
+
 def resolve_checkpoint_tokenizer(record: dict | None, configured: str | None, explicit: bool = False,
                                  what: str = "checkpoint") -> str:
-    """The tokenizer to use with a checkpoint that recorded `record` (`tokenizer_fingerprint`).
+    """The tokenizer to use with a checkpoint that recorded `record` (`TokenizerRecord`).
 
     - The checkpoint's own tokenizer when its file is still there, unchanged.
     - Else `configured`, if its content is the recorded one (the file moved).
@@ -251,26 +316,23 @@ def resolve_checkpoint_tokenizer(record: dict | None, configured: str | None, ex
     - No record (a checkpoint from before tokenizers were recorded): `configured`, with a warning.
     Raises `ValueError` when no tokenizer with the recorded content can be found.
     """
-    if not record:
+    trained = TokenizerRecord.read(record)
+    if trained is None:
         if configured is None:
             raise ValueError(f"{what} does not record its tokenizer: name it (tokenizer.path=...)")
         log.warning("%s does not record its tokenizer; using %s: make sure it is the one it was trained with",
                     what, configured)
         return str(configured)
-    want = record.get("sha256")
-    mine = tokenizer_fingerprint(configured) if configured and os.path.exists(os.path.expanduser(configured)) else None
-    if explicit and mine is not None and mine["sha256"] != want:
-        raise ValueError(f"{what} was trained with the tokenizer {record.get('path')} (sha256 {want[:12]}), not "
-                         f"{mine['path']} (sha256 {mine['sha256'][:12]}): other token ids would give wrong numbers. "
-                         "Leave the tokenizer unset to use the checkpoint's")
-    recorded = record.get("path")
-    if recorded and os.path.exists(recorded) and tokenizer_fingerprint(recorded)["sha256"] == want:
-        return str(recorded)
-    if mine is not None and mine["sha256"] == want:
+    mine = TokenizerRecord.of(configured) if configured and os.path.exists(os.path.expanduser(configured)) else None
+    if explicit and mine is not None:
+        mine.check(trained, what, hint="leave the tokenizer unset to use the checkpoint's")
+    if trained.path and os.path.exists(trained.path) and TokenizerRecord.of(trained.path).sha256 == trained.sha256:
+        return str(trained.path)
+    if mine is not None and mine.sha256 == trained.sha256:
         return str(configured)
-    raise ValueError(f"{what} was trained with the tokenizer {recorded} (sha256 {want[:12]}), which is not there "
-                     f"any more or has changed, and {configured} is another one: give that tokenizer's file with "
-                     "tokenizer.path=...")
+    raise ValueError(f"{what} was trained with the tokenizer {trained.path} (sha256 {trained.sha256[:12]}), which is "
+                     f"not there any more or has changed, and {configured} is another one: give that tokenizer's "
+                     "file with tokenizer.path=...")
 
 
 def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int = 4000) -> str:
@@ -378,7 +440,7 @@ def train_shard_tokenizer(pattern: str, vocab_size: int, out_dir: str, lowercase
     if os.path.exists(vocab):
         os.remove(vocab)
     tok = build_tokenizer(path, lowercase=lowercase)
-    return {"path": path, "sha256": tokenizer_fingerprint(path)["sha256"], "vocab_size": tok.vocab_size,
+    return {"path": path, "sha256": TokenizerRecord.of(path).sha256, "vocab_size": tok.vocab_size,
             "requested_vocab_size": int(vocab_size), "captions": len(captions), "captions_used": len(used),
             "skipped": skipped, "lowercase": lowercase}
 

@@ -133,9 +133,8 @@ class ImageTransform:
 
         if self.dtype == "uint8":
             out = x.contiguous()
-        else:  # to_unit_range, written once into a contiguous (3, H, W) float tensor
-            out = torch.empty((3, *self.size), dtype=torch.float32)
-            out.copy_(x).div_(127.5).sub_(1.0)
+        else:
+            out = to_unit_range(x.as_subclass(torch.Tensor).contiguous())
         if b is None:
             return out, None
         out_h, out_w = self.size

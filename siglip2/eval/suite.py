@@ -26,7 +26,7 @@ import yaml
 from siglip2 import distributed as dist_utils
 from siglip2.data.decode import MASK_KEY
 from siglip2.data.shards import BadSample, DecodedSample, build_eval_loader, is_filter_reason
-from siglip2.data.transforms import ImageTransform
+from siglip2.data.transforms import ImageTransform, to_unit_range
 from siglip2.eval.captioning import caption_names_object, generate_captions, object_name
 from siglip2.eval.bias import association_bias, prediction_counts, representation_bias
 from siglip2.eval.dense_probe import DenseProbeConfig, labels_from_mask, resize_labels, run_dense_probe
@@ -390,7 +390,7 @@ def _encode(model, batch: dict[str, Any], device):
     the tower under `tower_autocast(device)` (its `embeds` are float32 all the same)."""
     if "patches" in batch:
         patches = batch["patches"].to(device)
-        patches = patches.float().div_(127.5).sub_(1.0) if patches.dtype == torch.uint8 else patches
+        patches = to_unit_range(patches) if patches.dtype == torch.uint8 else patches
         with tower_autocast(device):
             return model.encode_image(patches=patches, patch_coord=batch["patch_coord"].to(device),
                                       patch_valid=batch["patch_valid"].to(device),

@@ -24,31 +24,9 @@ KEYS = ("ckpt_path", "format", "out", "tokenizer", "which")
 
 def load_checkpoint_model(path: str, which: str = "student"):
     """The student (or EMA teacher) of a training checkpoint, in eval mode."""
-    from siglip2.checkpoint import read_checkpoint
+    from siglip2.checkpoint import load_model
 
-    return read_checkpoint(path).model(which)
-
-
-def _released_layout(ckpt) -> str | None:
-    """"naflex" / "fixed" when the checkpoint's weights came from a transformers folder
-    (`init_from=hf:<folder>`, e.g. `experiment=finetune`): a `Siglip2Model` or a `SiglipModel`,
-    as recorded when it was loaded (older checkpoints: read from the folder if it is still
-    there, with a warning if not); None for any other origin."""
-    import json
-
-    record = ckpt.meta.get("init_from") or {}
-    path = str(record.get("path") or "")
-    if not path.startswith("hf:"):
-        return None
-    kind = record.get("model_type")
-    if kind is None:
-        config = Path(path[3:]) / "config.json"
-        if not config.is_file():
-            print(f"warning: the checkpoint started from {path}, which is not there any more: its layout is "
-                  "unknown, so the export follows the stage (format=siglip2 or siglip to choose)", file=sys.stderr)
-            return None
-        kind = json.loads(config.read_text()).get("model_type")
-    return {"siglip2": "naflex", "siglip": "fixed"}.get(kind)
+    return load_model(path, which)[0]
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
@@ -85,10 +63,10 @@ def main(argv: list[str]) -> Path:
         raise SystemExit(f"format={fmt!r}: one of hf (by the checkpoint's stage), siglip2, siglip")
     out = Path(args.get("out") or Path(args["ckpt_path"]).with_suffix("").as_posix() + "_hf")
     ckpt = read_checkpoint(args["ckpt_path"])
-    trained = "naflex" if ckpt.stage == "naflex" else "fixed"
-    released = _released_layout(ckpt)
+    trained = ckpt.trained_layout()
+    released = ckpt.meta.released_layout(warn=lambda message: print(f"warning: {message}", file=sys.stderr))
     if fmt == "hf" and released and released != trained:  # a fine-tuned release: its own layout back
-        print(f"the checkpoint started from {ckpt.meta['init_from']['path']}, a "
+        print(f"the checkpoint started from {ckpt.meta.init_from['path']}, a "
               f"{'Siglip2Model' if released == 'naflex' else 'SiglipModel'}: exporting that layout"
               + (" (trained on square images: non-square ones embed differently from training)"
                  if released == "naflex" else ""), file=sys.stderr)
@@ -99,7 +77,7 @@ def main(argv: list[str]) -> Path:
               f"the {preprocessing} one, so non-square images embed differently from training", file=sys.stderr)
     model = ckpt.model(args.get("which", "student"))
     tokenizer = args.get("tokenizer")
-    record = ckpt.meta.get("tokenizer")
+    record = ckpt.meta.tokenizer
     if record or tokenizer:  # the checkpoint's own tokenizer; another one named here is refused
         from siglip2.data.tokenizer import resolve_checkpoint_tokenizer
 

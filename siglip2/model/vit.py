@@ -17,6 +17,7 @@ from torch import nn
 from .heads import MAPHead
 from .layers import LN_EPS, Encoder, init_weights
 from .posemb import grid_shapes, posemb_for_batch, resample_patch_embed, resize_posemb
+from siglip2.patches import patchify
 
 
 @dataclass
@@ -45,22 +46,6 @@ class ImageOutput:
         """(B, D) float32 L2-normalised `pooled`: the image embedding of the sigmoid loss,
         zero-shot and retrieval (HF `image_embeds`). Computed once, on first use."""
         return F.normalize(self.pooled.float(), dim=-1)
-
-
-def patchify(image: torch.Tensor, patch: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(B, C, H, W) -> (B, h*w, p*p*C) row-major patches, each flattened (ph, pw, C) as HF does,
-    with (h, w) = (H // p, W // p): a size that is not a multiple of the patch drops its last
-    H % p rows and W % p columns, as the released models' VALID stride-p conv does
-    (transformers `SiglipVisionEmbeddings`, big_vision `vit.py`). Raises ValueError for an
-    image smaller than one patch."""
-    b, c, hh, ww = image.shape
-    h, w = hh // patch, ww // patch
-    if h == 0 or w == 0:
-        raise ValueError(f"image {hh}x{ww} is smaller than one {patch}-px patch")
-    if hh % patch or ww % patch:
-        image = image[:, :, : h * patch, : w * patch]
-    x = image.reshape(b, c, h, patch, w, patch).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(b, h * w, patch * patch * c), (h, w)
 
 
 class VisionEmbeddings(nn.Module):

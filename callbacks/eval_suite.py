@@ -19,7 +19,7 @@ from stages.sharding import plain_model
 log = logging.getLogger(__name__)
 
 
-class ZeroShotEval(L.Callback):
+class EvalSuite(L.Callback):
     def __init__(self, sets: list[str], every_n_steps: int = 0, batch_size: int = 128, num_workers: int = 0,
                  max_batches: int | None = None, num_examples: int = 8, naflex_seq_len: int | None = None,
                  refexp_probe: dict | None = None):
