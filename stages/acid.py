@@ -5,7 +5,7 @@ continues a finished model with the sigmoid loss only (no distillation loss: the
 through the data), lr 1e-5 and no weight decay (`stage.optim_overrides`). Each step the loader
 yields a super-batch of b / (1 - f) examples per rank; the learner (no gradient) and the
 frozen teacher score every image-text pair of it, and the b examples of highest learnability
-(`siglip2.data.curation`: JEST's joint selection by default) train. Selection is per rank, on
+(`siglip2.acid`: JEST's joint selection by default) train. Selection is per rank, on
 the rank's own super-batch, with a generator seeded by (seed, step, rank), so a resumed run
 chooses what an uninterrupted one would have.
 
@@ -35,8 +35,8 @@ from typing import Any, Mapping
 
 import torch
 
+from siglip2.acid import CurationConfig, TeacherCache, load_teacher, select, teacher_inputs
 from siglip2.config import from_dict
-from siglip2.data.curation import CurationConfig, TeacherCache, load_teacher, select, teacher_inputs
 from siglip2.data.tokenizer import check_vocab_size
 from siglip2.data.transforms import normalize_pixels
 from siglip2.losses.sigmoid import SigmoidLoss, SigmoidLossConfig, negative_weight, sigmoid_pair_losses
@@ -51,7 +51,7 @@ class AcidConfig(CurationConfig):
     teacher: `teacher` = one of our checkpoints (its student) or `hf:<folder>` (a
     `transformers.Siglip2Model`); null only with `method=random` or `filter_ratio=0`, or
     with `teacher_cache`: a file of the teacher's embeddings of every training sample
-    (`python -m siglip2.data.curation cache`), read instead of running the teacher.
+    (`python -m siglip2.acid cache`), read instead of running the teacher.
     `score_chunk_size`: rows of the pair-loss matrix formed at a time. `teacher_pixels`: what a
     live teacher of another resolution sees, `source` (each image squashed from the source to its
     size by the loader) or `batch` (the learner's pixels resized on the device)."""

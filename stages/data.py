@@ -85,7 +85,7 @@ class ImageTextData(L.LightningDataModule):
                                          lowercase=bool(tok.get("lowercase", True)))
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
-        from siglip2.data.curation import CurationConfig
+        from siglip2.acid import CurationConfig
 
         self.loader_batch_size = CurationConfig(filter_ratio=float(filter_ratio or 0.0)).super_batch(self.batch_size)
         self.batches_per_epoch = int(batches_per_epoch)

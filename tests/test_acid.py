@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from siglip2.data.curation import (CurationConfig, chunk_sizes, gumbel, independent_select, joint_select,
-                                   random_select, select)
+from siglip2.acid import (CurationConfig, chunk_sizes, gumbel, independent_select, joint_select,
+                          random_select, select)
 from siglip2.losses.sigmoid import SigmoidLoss, sigmoid_pair_losses
 
 
@@ -142,7 +142,7 @@ def test_gumbel_noise_is_standard_gumbel():
 def test_refit_text_length_equals_tokenizing_at_that_length(cache_dir):
     from siglip2.data.demo import ensure_demo
     from siglip2.data.tokenizer import build_tokenizer
-    from siglip2.data.curation import refit_text_length
+    from siglip2.acid import refit_text_length
 
     demo = ensure_demo(str(cache_dir / "demo-n400-s0"), num_train=400, seed=0)
     tok = build_tokenizer(str(demo.tokenizer_path), length=40)
@@ -258,7 +258,7 @@ def test_acid_trains_on_two_ddp_processes_with_a_teacher_of_another_size(cache_d
 
 @pytest.mark.e2e
 def test_teacher_cache_gives_the_live_teachers_scores_on_training_batches(cache_dir, debug_pretrain, tmp_path):
-    """`python -m siglip2.data.curation cache` over the training shards, then a super-batch
+    """`python -m siglip2.acid cache` over the training shards, then a super-batch
     from the real training loader: the stage scores it from the cache exactly as with the
     teacher running (the teacher is frozen and the cached inputs are training's)."""
     import subprocess
@@ -266,7 +266,7 @@ def test_teacher_cache_gives_the_live_teachers_scores_on_training_batches(cache_
 
     from hydra.utils import instantiate
 
-    from siglip2.data.curation import TeacherCache
+    from siglip2.acid import TeacherCache
     from stages.runner import build_stage
     from helpers import compose_cfg
 
@@ -274,7 +274,7 @@ def test_teacher_cache_gives_the_live_teachers_scores_on_training_batches(cache_
     cfg = compose_cfg(["stage=acid", f"stage.acid.teacher={ckpt}"], cache_dir, tmp_path)
     data = instantiate(cfg.data, _recursive_=False, _convert_="all")
     out = tmp_path / "teacher_cache.pt"
-    proc = subprocess.run([sys.executable, "-m", "siglip2.data.curation", "cache", "--teacher", str(ckpt),
+    proc = subprocess.run([sys.executable, "-m", "siglip2.acid", "cache", "--teacher", str(ckpt),
                            "--shards", data.sources, "--tokenizer", str(cfg.tokenizer.path),
                            "--text-length", "40", "--out", str(out), "--batch-size", "50"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": "."},
@@ -311,7 +311,7 @@ def test_a_teacher_of_another_resolution_scores_source_pixels_live_and_cached(ca
 
     from hydra.utils import instantiate
 
-    from siglip2.data.curation import TeacherCache
+    from siglip2.acid import TeacherCache
     from stages.runner import build_stage
     from helpers import compose_cfg
 
@@ -328,7 +328,7 @@ def test_a_teacher_of_another_resolution_scores_source_pixels_live_and_cached(ca
     assert batch["image"].shape[-2:] == (64, 64) and batch["teacher_image"].shape[-2:] == (96, 96)
     assert batch["teacher_image"].dtype == torch.uint8  # made float on the device, as `image`
     out = tmp_path / "teacher_cache.pt"
-    proc = subprocess.run([sys.executable, "-m", "siglip2.data.curation", "cache", "--teacher", f"hf:{teacher}",
+    proc = subprocess.run([sys.executable, "-m", "siglip2.acid", "cache", "--teacher", f"hf:{teacher}",
                            "--shards", data.sources, "--tokenizer", str(cfg.tokenizer.path),
                            "--text-length", "40", "--out", str(out), "--batch-size", "50"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": "."},

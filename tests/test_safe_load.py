@@ -54,7 +54,7 @@ def test_read_checkpoint_refuses_pickled_code(tmp_path):
 
 
 def test_acid_teacher_via_read_checkpoint_and_teacher_cache_refuse_pickled_code(tmp_path):
-    from siglip2.data.curation import TeacherCache, load_teacher
+    from siglip2.acid import TeacherCache, load_teacher
 
     marker = tmp_path / "ran"
     teacher = plant(tmp_path / "teacher.ckpt", marker)
@@ -67,7 +67,7 @@ def test_acid_teacher_via_read_checkpoint_and_teacher_cache_refuse_pickled_code(
 
 
 def test_teacher_cache_of_plain_values_loads(tmp_path):
-    from siglip2.data.curation import TeacherCache
+    from siglip2.acid import TeacherCache
 
     cache = tmp_path / "teacher_cache.pt"
     torch.save({"kind": "siglip2-teacher-cache", "keys": ["a", "b"], "image_emb": torch.eye(2),

@@ -203,7 +203,7 @@ def sigmoid_pair_losses(
         l_ij = -log sigmoid(z_ij * (t * x_i.y_j + b)),  z_ij = +1 if i == j else -1,
 
     so `l.sum() / n` is `SigmoidLoss` on the same batch (one process). This is what data
-    curation scores (ACID/JEST's learnability, `siglip2.data.curation`: RECIPE.md "ACID
+    curation scores (ACID/JEST's learnability, `siglip2.acid`: RECIPE.md "ACID
     distillation"). The only (n, m) tensor is the result: logits are formed chunk_size x
     chunk_size at a time and written into it, as `sigmoid_loss_sums` forms them.
     `logit_scale` is the exponentiated t, as `SigmoidLoss` takes it.
