@@ -1,7 +1,7 @@
 """ACID's frozen teacher [P §2.5; ACID arXiv 2411.18674]: loading it, its inputs, its cache.
 
-The teacher is one of our checkpoints (its student, `siglip2.checkpoint`) or a transformers
-folder (`hf:<folder>`, `siglip2.export.hf`), frozen: eval mode, no gradient. It may be any
+The teacher is one of our checkpoints (its student) or a transformers folder (`hf:<folder>`),
+read by `siglip2.checkpoint.load_model`, frozen: eval mode, no gradient. It may be any
 size, resolution and text length: the learner's batch, images (B, 3, S, S) and ids (B, L),
 is refitted to it (`teacher_inputs`). Its pair losses against the learner's give the
 learnability matrix that `siglip2.acid.selection` chooses from.
@@ -17,20 +17,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from siglip2.checkpoint import load_plain, read_checkpoint
-from siglip2.export.hf import from_hf
+from siglip2.checkpoint import load_model, load_plain
+from siglip2.data.tokenizer import TokenizerRecord, check_vocab_size
 from siglip2.model import SigLIP2
 
 
 def load_teacher(spec: str) -> tuple[SigLIP2, dict[str, Any]]:
-    """The frozen teacher (eval mode, no gradient) and a record of where it came from."""
-    if str(spec).startswith("hf:"):
-        model = from_hf(str(spec)[3:])
-        record = {"path": str(spec), "stage": "hf"}
-    else:
-        ckpt = read_checkpoint(str(spec))
-        model = ckpt.model("student")
-        record = {"path": str(spec), "stage": ckpt.stage, "tokenizer": ckpt.meta.get("tokenizer")}
+    """The frozen teacher (eval mode, no gradient) of `spec` (`siglip2.checkpoint.load_model`:
+    our checkpoint's student or `hf:<folder>`) and a record of where it came from."""
+    model, meta = load_model(str(spec), "student")
+    record = {"path": str(spec), "stage": meta.stage}
+    if meta.stage != "hf":  # a folder records no tokenizer (eval and export use its own)
+        record["tokenizer"] = meta.tokenizer
     model.eval().requires_grad_(False)
     record["model"] = model.config.to_dict()
     return model, record
@@ -116,16 +114,15 @@ def build_teacher_cache(teacher_spec: str, urls, tokenizer_path: str, image_size
     # the loader's modules (webdataset, PIL, torchvision) only when a cache is built
     from siglip2.data.samples import TrainSample
     from siglip2.data.shards import build_eval_loader
-    from siglip2.data.tokenizer import build_tokenizer, tokenizer_fingerprint
+    from siglip2.data.tokenizer import build_tokenizer
     from siglip2.data.transforms import ImageTransform
     from siglip2.eval.precision import eval_precision, tower_autocast
 
     teacher, record = load_teacher(teacher_spec)
     teacher.to(device)
     tok = build_tokenizer(tokenizer_path, length=int(text_length), lowercase=lowercase)
-    if tok.vocab_size != teacher.config.text.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_path} has {tok.vocab_size} tokens, the teacher {teacher_spec} "
-                         f"{teacher.config.text.vocab_size}")
+    check_vocab_size(teacher.config.text.vocab_size, tok.vocab_size, f"the teacher {teacher_spec}",
+                     f"the tokenizer {tokenizer_path}", hint="teacher and learner must share one tokenizer")
     image_size = int(image_size or teacher.config.vision.image_size)
     transform = ImageTransform(image_size)
     sample_fn = TrainSample(tok, transform, seed=0, epoch=0, locca=None)
@@ -150,7 +147,7 @@ def build_teacher_cache(teacher_spec: str, urls, tokenizer_path: str, image_size
                 "text_emb": torch.cat(texts), "logit_scale": teacher.logit_scale.exp().detach().cpu(),
                 "logit_bias": teacher.logit_bias.detach().cpu(), "teacher": record,
                 "image_size": int(image_size), "text_length": int(text_length),
-                "tokenizer": {**tokenizer_fingerprint(tokenizer_path), "vocab_size": int(tok.vocab_size)},
+                "tokenizer": TokenizerRecord.of(tokenizer_path, tok, full=False).to_dict(),
                 "draft_decode": bool(draft_decode)}, tmp)
     tmp.replace(out)
     return out
