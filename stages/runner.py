@@ -217,7 +217,7 @@ def run(cfg: DictConfig) -> float | None:
 
     quiet_known_noise()
     if cfg.get("recipe"):  # experiment=recipe_*: a chain of stages, each its own train.py run
-        from stages.recipe import run_recipe
+        from recipe import run_recipe
 
         return run_recipe(cfg)
     objs = build(cfg)

@@ -1,4 +1,4 @@
-"""The recipe chain (`experiment=recipe_*`, stages/recipe.py): overrides, hand-offs, resume
+"""The recipe chain (`experiment=recipe_*`, recipe/): overrides, hand-offs, resume
 after a kill -9 anywhere, the results table, and SLURM submission with dependencies."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from stages.recipe import flatten, hydra_value, parse_chain
+from recipe.chain import flatten, hydra_value, parse_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_debug_makes_every_stage_a_smoke_run_unless_the_command_line_sets_its_st
     (over 25 minutes) because a stage's own values win over the command line: under `debug=`
     the stage's own trainer.max_steps gives way to the debug config's, and a value the command
     line sets for the stage (`recipe.stages.<name>.set.trainer.max_steps`) still wins."""
-    from stages.recipe import stage_overrides
+    from recipe.chain import stage_overrides
 
     def steps(passthrough, explicit=frozenset()):
         chain = parse_chain(_demo_recipe(), tmp_path, passthrough, explicit)
@@ -211,7 +211,7 @@ def test_real_run_recipes_compose_every_stage_with_the_papers_settings(experimen
     paper's batch (32k global on 8-GPU nodes), examples, lr and resolutions [P §2.1, §2.4, §2.5]."""
     from hydra import compose, initialize_config_dir
 
-    from stages.recipe import stage_overrides
+    from recipe.chain import stage_overrides
 
     user = ['data.train="/shards/{0000..0009}.tar"', "tokenizer.path=/models/tokenizer.model",
             "data.balance_table=/tables/keep.tsv"]  # an M4 table (issue 30) reaches every stage

@@ -79,7 +79,7 @@ def test_teacher_cache_of_plain_values_loads(tmp_path):
 
 
 def test_recipe_summary_refuses_pickled_code(tmp_path):
-    from stages.recipe import ChainStage, FINISHED, stage_summary
+    from recipe.local import ChainStage, FINISHED, stage_summary
 
     marker = tmp_path / "ran"
     stage = ChainStage(name="pretrain", index=0, groups={}, values=[], init_from=None, dir=tmp_path / "pretrain")
