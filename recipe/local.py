@@ -97,22 +97,15 @@ def _newest_write(folder: Path, since: float) -> float:
 
 
 def stage_summary(stage: ChainStage) -> dict[str, Any]:
-    from siglip2.checkpoint import load_plain
+    from siglip2.checkpoint import read_meta  # a DeepSpeed folder too; tensors and plain values only
 
     metrics = json.loads((stage.dir / FINISHED).read_text())
-    last = stage.checkpoint("last")
-    if last.is_dir():  # DeepSpeed writes a directory; its meta is in the model-states file
-        from siglip2.checkpoint_zero import read_zero_client_state
-
-        ckpt = read_zero_client_state(last)
-    else:
-        ckpt = load_plain(last, mmap=True)
-    meta = ckpt.get("siglip2", {})
+    meta, global_step = read_meta(stage.checkpoint("last"))
     return {"dir": str(stage.dir), "init_from": stage.init_from,
             "overrides": [f"{k}={v}" for k, v in stage.groups.items()] + [f"{k}={v}" for k, v in stage.values],
-            "global_step": int(ckpt.get("global_step", 0)),
-            "examples_seen": int(meta.get("examples_seen", 0)), "wall_s": round(wall_seconds(stage), 1),
-            "image_size": (meta.get("model") or {}).get("vision", {}).get("image_size"),
+            "global_step": global_step,
+            "examples_seen": int(meta.examples_seen or 0), "wall_s": round(wall_seconds(stage), 1),
+            "image_size": (meta.model or {}).get("vision", {}).get("image_size"),
             "metrics": {k: v for k, v in metrics.items() if k.startswith(TABLE_PREFIXES)}}
 
 

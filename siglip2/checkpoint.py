@@ -266,12 +266,18 @@ def read_checkpoint(path: str) -> Checkpoint:
                       loss_configs=dict(meta.losses), state_dict=upgrade_state_dict(raw["state_dict"]), meta=meta)
 
 
-def read_meta(path: str | Path) -> CheckpointMeta:
-    """The `CheckpointMeta` of a checkpoint file without reading its tensors (memory-mapped)."""
-    raw = load_plain(path, mmap=True)
+def read_meta(path: str | Path) -> tuple[CheckpointMeta, int]:
+    """A checkpoint's `CheckpointMeta` and Lightning's `global_step`, without reading its
+    tensors (a file memory-mapped; a DeepSpeed folder's client state only)."""
+    if Path(path).is_dir():
+        from siglip2.checkpoint_zero import read_zero_client_state
+
+        raw = read_zero_client_state(path)
+    else:
+        raw = load_plain(path, mmap=True)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: not a siglip2 training checkpoint (a {type(raw).__name__}, not a dict)")
-    return CheckpointMeta.read(raw)
+    return CheckpointMeta.read(raw), int(raw.get("global_step", 0))
 
 
 def load_model(spec: str, which: str = "student") -> tuple[SigLIP2, CheckpointMeta]:
