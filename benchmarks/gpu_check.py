@@ -385,7 +385,6 @@ def build_step(cfg, device, batch: int, total_steps: int = 10_000):
 def device_batch(cfg, batch: int, locca: bool, device):
     """train_step.py's random batch (LocCa targets laid out as the loader writes them) for a
     few rows, tiled on the device to `batch` rows (the same compute as distinct rows)."""
-    import torch
 
     import train_step as ts
 

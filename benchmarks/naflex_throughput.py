@@ -94,7 +94,7 @@ def main() -> None:
     print(f"  naflex / fixed: {med['naflex'][0] / med['fixed'][0]:.2f}x samples/s")
     n = 3 if args.quick else 8
     times = {"naflex": [], "fixed": []}
-    for r in range(1 if args.quick else args.repeats):
+    for _ in range(1 if args.quick else args.repeats):
         for name, extra in (("naflex", [*NAFLEX, "stage.naflex.seq_lens=[64]"]), ("fixed", FIXED)):
             times[name] += step_times(demo, extra, n)
     step = {k: 1000 * statistics.median(v) for k, v in times.items()}

@@ -41,7 +41,7 @@ def main() -> None:
     for spec in args.runs:
         run, _, label = spec.partition(":")
         series = read(Path(run))
-        for ax, (key, points) in zip(axes, series.items()):
+        for ax, (_key, points) in zip(axes, series.items()):
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, label=label or run)

@@ -10,7 +10,6 @@ import logging
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from siglip2.eval.suite import evaluate_all, load_eval_set

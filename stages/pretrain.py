@@ -30,7 +30,7 @@ from siglip2.losses.distill import (LocalToGlobalConfig, LocalToGlobalLoss, Mask
 from siglip2.losses.locca import LoccaConfig, LoccaHead
 from siglip2.losses.sigmoid import SigmoidLoss, SigmoidLossConfig
 from siglip2.model.ema import EMATeacher
-from siglip2.schedule import RecipeClock, ema_momentum
+from siglip2.schedule import ema_momentum
 from stages import sharding
 from stages.base import Stage, StepContext
 

@@ -232,7 +232,7 @@ def solve(patterns: np.ndarray, counts: np.ndarray, cfg: BalanceConfig, tol: flo
     prev = -np.inf
     it = 0
     restarted = False
-    for it in range(1, cfg.max_iter + 1):
+    for it in range(1, cfg.max_iter + 1):  # noqa: B007 (read after the loop: iterations used)
         grad = B.T @ (w * q_of(mom))
         new = np.maximum(mom + step * grad, 0.0)
         q = q_of(new)
