@@ -31,7 +31,7 @@ class NaFlexStage(PretrainStage):
 
     def __init__(self, *args, naflex: Mapping[str, Any] | None = None, **kwargs):
         """`naflex`: `NaFlexConfig` keys (sequence lengths, batching); the data module reads
-        the same block (`data.naflex: ${stage.naflex}`) to plan its batches."""
+        the same block to plan its batches (`stages.runner.stage_data_inputs` passes it)."""
         self.naflex = from_dict(NaFlexConfig, dict(naflex or {}), "stage.naflex")
         super().__init__(*args, **kwargs)
         self.hparams["naflex"] = dict(naflex or {})
@@ -39,7 +39,7 @@ class NaFlexStage(PretrainStage):
     def training_step(self, batch, batch_idx):
         if "patches" not in batch:
             raise ValueError("stage=naflex needs NaFlex batches (patches, patch_coord, patch_valid, spatial_shapes): "
-                             "data.naflex must be set (conf/data/*.yaml read it from stage.naflex)")
+                             "the data module needs the stage's naflex block (stages.runner.stage_data_inputs passes it)")
         if "spatial_shapes" in batch:
             self.log("train/naflex_seq_len", float(batch["patches"].shape[1]), batch_size=batch["patches"].shape[0])
         return super().training_step(batch, batch_idx)

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +29,16 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError("set either ckpt_path (resume this stage) or init_from (start a stage from weights), not both")
     resume_step = check_resume_checkpoint(str(cfg.ckpt_path)) if cfg.get("ckpt_path") else None
     L.seed_everything(int(cfg.seed), workers=True)
-    datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
+    datamodule = instantiate(cfg.data, **stage_data_inputs(cfg), _recursive_=False, _convert_="all")
     check_vocab(cfg, datamodule.tokenizer)
     stage = build_stage(cfg, vocab_size=datamodule.tokenizer.vocab_size)
     stage.tokenizer_record = tokenizer_record(datamodule)
     if cfg.get("init_from"):
         stage.load_weights(str(cfg.init_from))
+    eval_seq_len = _select(cfg, "stage.naflex.eval_seq_len")
+    if eval_seq_len is not None and cfg.get("eval") is not None and cfg.eval.get("naflex_seq_len") is None:
+        with open_dict(cfg):  # a NaFlex stage evaluates as it trains unless eval.naflex_seq_len says otherwise
+            cfg.eval.naflex_seq_len = int(eval_seq_len)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:
@@ -59,6 +63,16 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return {"datamodule": datamodule, "stage": stage, "trainer": trainer, "callbacks": callbacks}
+
+
+def stage_data_inputs(cfg: DictConfig) -> dict[str, Any]:
+    """What the stage asks of its loader, passed to the data module (the data group never reads
+    `stage.*`): LocCa's target format (`stage.losses.locca.targets`), NaFlex's batch plan
+    (`stage.naflex`) and ACID's super-batch share (`stage.acid.filter_ratio`)."""
+    filter_ratio = _select(cfg, "stage.acid.filter_ratio")
+    return {"locca_targets": _plain(_select(cfg, "stage.losses.locca.targets")),
+            "naflex": _plain(_select(cfg, "stage.naflex")),
+            "filter_ratio": float(filter_ratio) if filter_ratio is not None else 0.0}
 
 
 def check_accumulation(trainer: L.Trainer, datamodule) -> None:
@@ -407,8 +421,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if ckpt.stage == "hf" and cfg.eval.get("naflex_seq_len") is None:
         seq_len = _folder_max_patches(split_spec(cfg.ckpt_path)[1])
         if seq_len:  # a NaFlex folder: evaluated as its processor sees images, not as squares
-            from omegaconf import open_dict
-
             log.info("ckpt_path=%s: a NaFlex folder, evaluated at its processor's max_num_patches=%d "
                      "(eval.naflex_seq_len=... for another length)", cfg.ckpt_path, seq_len)
             with open_dict(cfg):
