@@ -140,8 +140,22 @@ class CheckpointMeta:
         """The recipe's length in examples, as this checkpoint's clock counted it."""
         return self.recipe.get("examples")
 
-    def check_resumable(self, has_optimizer_state: bool) -> None:
-        """`ckpt_path`: the optimiser state of formats 1-2 does not fit today's parameter groups."""
+    def check_resumable(self, stage: str, model_config: SigLIP2Config, has_optimizer_state: bool) -> None:
+        """`ckpt_path` resumes the same run: the same stage, the same model (another resolution,
+        patch size or architecture is named), and an optimiser state that fits today's parameter
+        groups (formats 1-2 do not). Raises `ValueError` saying what to use instead."""
+        from siglip2.model.adapt import architecture_differences
+
+        if self.stage not in (None, stage):
+            raise ValueError(
+                f"ckpt_path resumes the same stage, but this checkpoint is from stage '{self.stage}' "
+                f"and this run is stage '{stage}'. Use init_from=... to start a new stage from it.")
+        diff = architecture_differences(self.model_config, model_config) if self.model is not None else {}
+        if diff:
+            raise ValueError(
+                "ckpt_path resumes the same run, but the checkpoint's model differs from this run's in "
+                + ", ".join(f"{k} ({a} in the checkpoint, {b} here)" for k, (a, b) in diff.items())
+                + ". To continue these weights at another resolution, start a stage from them with init_from=...")
         if self.format < 3 and has_optimizer_state:
             raise ValueError(
                 f"ckpt_path: this checkpoint is format {self.format}, written before the optimiser's parameter groups "

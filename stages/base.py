@@ -27,7 +27,6 @@ from siglip2.config import from_dict, to_dict
 from siglip2.data.tokenizer import TokenizerRecord
 from siglip2.data.transforms import normalize_pixels
 from siglip2.model import build_model
-from siglip2.model.adapt import architecture_differences
 from siglip2.model.posemb import POSEMB_RESIZE
 from siglip2.model.two_tower import SigLIP2Config
 from siglip2.optim import OptimConfig, adamw_impl, param_groups
@@ -406,21 +405,9 @@ class Stage(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = CheckpointMeta.read(checkpoint)
-        if meta.stage not in (None, self.stage_name):
-            raise ValueError(
-                f"ckpt_path resumes the same stage, but this checkpoint is from stage '{meta.stage}' "
-                f"and this run is stage '{self.stage_name}'. Use init_from=... to start a new stage from it."
-            )
-        if meta.model is not None:  # another resolution, patch size or architecture: name what differs
-            diff = architecture_differences(meta.model_config, self.model.config)
-            if diff:
-                raise ValueError(
-                    "ckpt_path resumes the same run, but the checkpoint's model differs from this run's in "
-                    + ", ".join(f"{k} ({a} in the checkpoint, {b} here)" for k, (a, b) in diff.items())
-                    + ". To continue these weights at another resolution, start a stage from them with init_from=...")
+        meta.check_resumable(self.stage_name, self.model.config, bool(checkpoint.get("optimizer_states")))
         if self.tokenizer_record is not None:
             self.tokenizer_record.check(meta.tokenizer, "ckpt_path")
-        meta.check_resumable(bool(checkpoint.get("optimizer_states")))
         # FSDP and DeepSpeed load the weights themselves and take `state_dict` out first
         has_state = "state_dict" in checkpoint
         if has_state:
