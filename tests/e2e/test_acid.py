@@ -278,7 +278,7 @@ def test_teacher_cache_gives_the_live_teachers_scores_on_training_batches(cache_
                            "--shards", data.sources, "--tokenizer", str(cfg.tokenizer.path),
                            "--text-length", "40", "--out", str(out), "--batch-size", "50"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": "."},
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(TeacherCache(out).keys) == 400  # every training sample of the debug demo
     from siglip2.data.tokenizer import tokenizer_fingerprint
@@ -332,7 +332,7 @@ def test_a_teacher_of_another_resolution_scores_source_pixels_live_and_cached(ca
                            "--shards", data.sources, "--tokenizer", str(cfg.tokenizer.path),
                            "--text-length", "40", "--out", str(out), "--batch-size", "50"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": "."},
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert TeacherCache(out).image_size == 96
     cached = build_stage(compose_cfg(["stage=acid", f"stage.acid.teacher_cache={out}"], cache_dir, tmp_path),

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from stages.recipe import flatten, hydra_value, parse_chain
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("value", [None, True, False, 3, -2.5e-4, 1.0e-5, "ckpt", "/tmp/a b/last.ckpt",
