@@ -98,7 +98,7 @@ def run_dir(proc) -> Path:
 def ddp_reference(cache_dir, tmp_path_factory) -> Path:
     """The run folder of `STRATEGY_RUN` under `trainer=ddp_cpu`: the reference every sharded
     strategy's weights are compared with (DDP itself equals one process on the concatenated
-    batch: tests/test_ddp_parity.py). Treat as read-only."""
+    batch: tests/e2e/test_ddp_parity.py). Treat as read-only."""
     from helpers import cli
 
     return run_dir(cli([*STRATEGY_RUN, "trainer=ddp_cpu"], cache_dir, tmp_path_factory.mktemp("ddp-reference")))

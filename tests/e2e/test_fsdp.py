@@ -5,7 +5,7 @@ the same wrap policy, sharding, clipping and full-state checkpoints a GPU run us
 `debug=fast` (6 steps; self-distillation and masked prediction switch on at step 5, so the
 switch's re-initialisation, the EMA teacher and the frozen prototypes all happen), compared
 with the same command under `trainer=ddp_cpu` (conftest.ddp_reference; DDP equals one process
-on the concatenated batch, tests/test_ddp_parity.py).
+on the concatenated batch, tests/e2e/test_ddp_parity.py).
 
 Tolerance: measured, every tensor agrees to <= 4e-6 (student, teacher, heads, centres), except
 the attention key biases (conftest.attention_key_bias: zero exact gradient, Adam steps them on

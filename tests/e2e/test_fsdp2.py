@@ -7,7 +7,7 @@ examples, self-distillation and masked prediction on at step 5, step checkpoints
 steps), with evaluation when training ends and `RankProbe`, which records on every rank
 what that rank holds at the end, the optimiser's groups, and `last.ckpt` as written at step 3.
 It is compared with the same command under `trainer=ddp_cpu` (conftest.ddp_reference); DDP
-equals one process on the concatenated batch (tests/test_ddp_parity.py). Both strategies
+equals one process on the concatenated batch (tests/e2e/test_ddp_parity.py). Both strategies
 draw the same views, masks and LocCa coin flips (seeded by step and rank) on the same
 per-rank data.
 

@@ -84,7 +84,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e,
               pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]  # no Trainer here
 

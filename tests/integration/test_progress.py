@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.progress import StepProgressBar, progress_bar
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 7
 BATCHES_PER_EPOCH = 3  # a virtual epoch of a stream: the run spans 3 of them
 
