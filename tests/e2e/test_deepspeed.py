@@ -6,14 +6,15 @@ One `debug=fast` pretraining run per configuration (6 steps; self-distillation s
 step 5 of 6), shared by the tests of this module:
 - fp32 DeepSpeed ends with the weights of the same command under `trainer=ddp_cpu` (student,
   teacher, LocCa decoder, distillation heads), DDP being proven equal to one process on the
-  concatenated batch (tests/test_ddp_parity.py);
+  concatenated batch (tests/e2e/test_ddp_parity.py);
 - the heads re-initialised at the switch reach the engine's fp32 masters and survive the step;
   the EMA teacher keeps fp32 under bf16 and follows the student by the EMA formula
   (tests/deepspeed_probe.py records both inside the run);
 - resuming from a checkpoint directory gives the uninterrupted run's weights;
 - the checkpoint directories are read as one checkpoint (`siglip2.checkpoint.read_checkpoint`:
   the fp32 masters, equal to DeepSpeed's own `zero_to_fp32`), by `init_from`, `eval.py` and
-  `python -m siglip2.export`, without running pickled code.
+  `python -m siglip2.export`, without running pickled code (a directory that pickles anything
+  else is refused: tests/unit/test_deepspeed_unit.py).
 The first DeepSpeed run of a machine builds DeepSpeed's CPU communication op (~90 s, cached).
 """
 from __future__ import annotations
@@ -96,30 +97,6 @@ def test_checkpoint_directory_reads_as_deepspeeds_own_consolidation(ds_run):
         assert ckpt.stage == "pretrain" and ckpt.meta["loss_enabled"]["masked"]
         assert read_zero_client_state(path)["siglip2"] == ckpt.meta  # the recipe's cheap look
         assert ckpt.model("teacher") is not None and ckpt.locca_decoder() is not None
-
-
-def test_checkpoint_directory_with_other_pickled_code_is_refused(tmp_path):
-    """An optimiser file that pickles anything beyond DeepSpeed's three records is refused, and
-    what its pickle would have run does not run."""
-    from siglip2.checkpoint import read_checkpoint
-
-    planted = tmp_path / "planted.txt"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(planted), "w"))
-
-    tag = tmp_path / "last.ckpt" / "checkpoint"
-    tag.mkdir(parents=True)
-    (tmp_path / "last.ckpt" / "latest").write_text("checkpoint")
-    torch.save({"module": {"w": torch.zeros(2)}, "param_shapes": [{"w": torch.Size([2])}], "buffer_names": [],
-                "siglip2": {"model": {}}}, tag / "mp_rank_00_model_states.pt")
-    torch.save({"optimizer_state_dict": {"zero_stage": 2, "partition_count": 1, "x": Payload(),
-                                         "single_partition_of_fp32_groups": [torch.zeros(2)]}},
-               tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    with pytest.raises(ValueError, match="refused"):
-        read_checkpoint(str(tmp_path / "last.ckpt"))
-    assert not planted.exists()
 
 
 def test_fp32_deepspeed_ends_with_the_weights_of_ddp_through_the_switch(ds_run, ddp_run):
