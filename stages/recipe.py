@@ -29,7 +29,7 @@ those of the stages it depends on: a sweep (`-m`) over one stage's knobs reuses 
 earlier stages, and a changed stage never passes for a finished one.
 
 Resumable: a stage with `metrics.json` is finished and skipped; one with `checkpoints/last.ckpt`
-resumes with `ckpt_path=` (exact at epoch boundaries, `tests/test_recipe.py`); otherwise it
+resumes with `ckpt_path=` (exact at epoch boundaries, `tests/e2e/test_recipe.py`); otherwise it
 starts with `init_from=`. Killed anywhere, the same command picks up where it was.
 
 At the end: `<recipe.dir>/recipe.json` and a printed table of every stage's evaluation
