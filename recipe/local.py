@@ -1,7 +1,7 @@
 """The chain on this machine: each unfinished stage a `train.py` subprocess, in order.
 
 Resumable: a stage with `metrics.json` is finished and skipped; one with `checkpoints/last.ckpt`
-resumes with `ckpt_path=` (exact at epoch boundaries, `tests/test_recipe.py`); otherwise it
+resumes with `ckpt_path=` (exact at epoch boundaries, `tests/e2e/test_recipe.py`); otherwise it
 starts with `init_from=`. Killed anywhere, the same command picks up where it was.
 
 At the end: `<recipe.dir>/recipe.json` and a printed table of every stage's evaluation

@@ -1,4 +1,11 @@
-"""Fixtures shared by the end-to-end tests."""
+"""Fixtures shared by the tests of every folder, and the folders' marks.
+
+tests/unit/: seconds each, no Trainer, no process launched, no demo built.
+tests/integration/: in-process runs: a Lightning Trainer (usually `helpers.compose_cfg` / `fit`
+with `debug=` configs) or a demo build; marked `integration`.
+tests/e2e/: processes: train.py / eval.py / CLI runs, multi-process strategies and gloo ranks,
+the main job, the recipe chain, README commands; marked `e2e`.
+"""
 from __future__ import annotations
 
 import shutil
@@ -8,9 +15,28 @@ from pathlib import Path
 import pytest
 import torch
 
-# Unit test modules (tests/unit/) lend a few helpers to the slower modules here (pictures, JPEG
-# bytes): importable by name whichever file pytest collects first.
-sys.path.insert(0, str(Path(__file__).resolve().parent / "unit"))
+TESTS = Path(__file__).resolve().parent
+FOLDERS = ("unit", "integration", "e2e")
+
+# Test modules lend helpers to one another across the folders (pictures, JPEG bytes, shards,
+# a split module's fixtures): every folder is on the path, so a module is importable by its
+# name (basenames are unique) whichever file pytest collects first. helpers.py and the probes
+# launched by name (probe_stage, deepspeed_probe) are here in tests/, on the path as this
+# file's folder.
+for _name in reversed(FOLDERS):
+    if str(TESTS / _name) not in sys.path:
+        sys.path.insert(0, str(TESTS / _name))
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/integration/ is marked `integration`, every test under
+    tests/e2e/ `e2e` (`pytest -m "not e2e"` leaves out the process launches)."""
+    for item in items:
+        path = Path(str(item.path)).resolve()
+        for folder in ("integration", "e2e"):
+            if TESTS / folder in path.parents:
+                item.add_marker(getattr(pytest.mark, folder))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +98,7 @@ def run_dir(proc) -> Path:
 def ddp_reference(cache_dir, tmp_path_factory) -> Path:
     """The run folder of `STRATEGY_RUN` under `trainer=ddp_cpu`: the reference every sharded
     strategy's weights are compared with (DDP itself equals one process on the concatenated
-    batch: tests/test_ddp_parity.py). Treat as read-only."""
+    batch: tests/e2e/test_ddp_parity.py). Treat as read-only."""
     from helpers import cli
 
     return run_dir(cli([*STRATEGY_RUN, "trainer=ddp_cpu"], cache_dir, tmp_path_factory.mktemp("ddp-reference")))

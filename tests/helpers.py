@@ -16,8 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(args: list[str], cache: Path, logs: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    # tests/ on the path: runs may name test stages (probe_stage.ProbeStage)
-    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    # tests/ and its folders on the path: runs may name test stages and callbacks
+    # (probe_stage.ProbeStage, deepspeed_probe.SwitchProbe, test_fsdp2.RankProbe in tests/e2e/)
+    tests = [str(ROOT / "tests" / sub) for sub in ("", "unit", "integration", "e2e")]
+    path = os.pathsep.join(p for p in (*tests, os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", PYTHONPATH=path)
     cmd = [sys.executable, "train.py", *args, f"paths.cache_dir={cache}", f"paths.log_dir={logs}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

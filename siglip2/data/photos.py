@@ -5,7 +5,7 @@
 photo, ``jpg`` + ``txt`` (its caption) + ``json`` (``label``), classes named as a user would
 prompt them. Eight photos of eight classes: far too few to measure a model, enough to check
 that a run, ``eval.py`` and an export handle real RGB photos of several sizes and aspect ratios
-end to end (a fine-tuned released folder, `tests/test_finetune.py`). Raises ImportError
+end to end (a fine-tuned released folder, `tests/e2e/test_finetune.py`). Raises ImportError
 naming the package when scikit-image is missing (`pip install scikit-image`, a dev extra).
 """
 from __future__ import annotations
