@@ -218,7 +218,7 @@ def test_teacher_with_another_vocabulary_is_refused_before_training(cache_dir, d
     teacher = _hf_teacher(tmp_path, vocab=123, image_size=64, max_len=40)
     cfg = compose_cfg(["stage=acid", f"init_from={debug_pretrain}/checkpoints/last.ckpt",
                        f"stage.acid.teacher=hf:{teacher}"], cache_dir, tmp_path)
-    with pytest.raises(Exception, match="vocabulary has 123 tokens"):  # Hydra wraps the ValueError
+    with pytest.raises(Exception, match="has a vocabulary of 123 tokens but the learner"):  # Hydra wraps the ValueError
         build(cfg)
 
 
@@ -283,7 +283,7 @@ def test_teacher_cache_gives_the_live_teachers_scores_on_training_batches(cache_
     assert len(TeacherCache(out).keys) == 400  # every training sample of the debug demo
     from siglip2.data.tokenizer import tokenizer_fingerprint
 
-    # the ids it was encoded from: a run with another tokenizer is refused at fit start (check_tokenizer)
+    # the ids it was encoded from: a run with another tokenizer is refused at fit start (TokenizerRecord.check)
     assert TeacherCache(out).tokenizer["sha256"] == tokenizer_fingerprint(str(cfg.tokenizer.path))["sha256"]
     batch = next(iter(data.train_dataloader()))
     assert batch["image"].shape[0] == 32  # b / (1 - f) = 16 / 0.5

@@ -94,7 +94,7 @@ def test_checkpoint_directory_reads_as_deepspeeds_own_consolidation(ds_run):
         for key, value in reference.items():
             assert ckpt.state_dict[key].dtype == torch.float32, key
             assert torch.equal(ckpt.state_dict[key], value), key
-        assert ckpt.stage == "pretrain" and ckpt.meta["loss_enabled"]["masked"]
+        assert ckpt.stage == "pretrain" and ckpt.meta.loss_enabled["masked"]
         assert read_zero_client_state(path)["siglip2"] == ckpt.meta  # the recipe's cheap look
         assert ckpt.model("teacher") is not None and ckpt.locca_decoder() is not None
 

@@ -205,7 +205,7 @@ def test_fsdp2_resume_from_last_ckpt_equals_uninterrupted(fsdp2_run, cache_dir, 
 
     ckpt = _probe(fsdp2_run) / f"last_at_{RESUME_AT}.ckpt"
     assert ckpt.is_file()
-    assert not read_checkpoint(str(ckpt)).meta["loss_enabled"]["masked"]
+    assert not read_checkpoint(str(ckpt)).meta.loss_enabled["masked"]
     resumed = _run("fsdp2_cpu", cache_dir, tmp_path, [f"ckpt_path={ckpt}"], copy_last_at=0)
     a, b = _state(fsdp2_run), _state(resumed)
     assert a.keys() == b.keys()
@@ -221,7 +221,7 @@ def test_fsdp2_checkpoints_are_one_file_the_reader_reads_and_it_evaluates(fsdp2_
         path = fsdp2_run / "checkpoints" / name
         assert path.is_file(), path
         ckpt = read_checkpoint(str(path))
-        assert ckpt.stage == "pretrain" and ckpt.meta["examples_seen"] == 6 * 16
+        assert ckpt.stage == "pretrain" and ckpt.meta.examples_seen == 6 * 16
         model = build_model(ckpt.model_config)
         model.load_state_dict({k[len("model."):]: v for k, v in ckpt.state_dict.items() if k.startswith("model.")})
     metrics = json.loads((fsdp2_run / "metrics.json").read_text())

@@ -128,8 +128,8 @@ def test_cli_errors_are_one_clear_line_without_a_traceback(cache_dir, tmp_path):
     expanded = [*tok[:5], str(tmp_path / "a0.tar"), str(tmp_path / "a1.tar"), *tok[6:]]  # the shell's {0..1}
     proc = subprocess.run(expanded, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "the shell expanded an unquoted {a..b} shard pattern" in proc.stderr
-    train = [sys.executable, "train.py", "debug=fast", "stage.recipe.lr=warm", f"paths.cache_dir={cache_dir}",
+    train = [sys.executable, "train.py", "debug=fast", "stage.clock.lr=warm", f"paths.cache_dir={cache_dir}",
              f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "train.py: error: stage.recipe.lr must be 'recipe' (the paper's) or 'rewarm', got 'warm'" in proc.stderr
+    assert "train.py: error: stage.clock.lr must be 'recipe' (the paper's) or 'rewarm', got 'warm'" in proc.stderr

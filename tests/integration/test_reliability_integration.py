@@ -25,7 +25,7 @@ def test_checkpoints_carry_their_tokenizer_and_other_ids_are_refused(cache_dir, 
     from helpers import compose_cfg
 
     ckpt = read_checkpoint(str(debug_pretrain / "checkpoints" / "last.ckpt"))
-    record = ckpt.meta["tokenizer"]
+    record = ckpt.meta.tokenizer
     own = str(cache_dir / "demo-n400-s0" / "tokenizer" / "demo_sp.model")
     assert record["path"] == own and record["sha256"] == tokenizer_fingerprint(own)["sha256"]
     assert record["vocab_size"] == ckpt.model_config.text.vocab_size
@@ -71,7 +71,7 @@ def test_a_tokenizer_of_another_size_than_the_model_stops_before_compute(cache_d
 
     cfg = compose_cfg(["model.text.vocab_size=256000"], cache_dir, tmp_path)
     size = build_tokenizer(str(cfg.tokenizer.path)).vocab_size  # the demo's, ~2,100 since format 4
-    with pytest.raises(ValueError, match=f"model.text.vocab_size is 256000 but the tokenizer .* has {size} tokens"):
+    with pytest.raises(ValueError, match=f"model.text.vocab_size has a vocabulary of 256000 tokens but the tokenizer .* has {size}:"):
         build(cfg)
 
 

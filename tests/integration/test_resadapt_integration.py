@@ -62,6 +62,6 @@ def test_resadapt_from_the_95pct_checkpoint_64_to_96px_with_all_losses(cache_dir
     # a checkpoint of this stage at another resolution, or of another stage, cannot be resumed
     with pytest.raises(ValueError, match=r"vision.image_size \(96 in the checkpoint, 128 here\)"):
         fit(compose_cfg(["stage=resadapt", f"ckpt_path={last}", "model.vision.image_size=128",
-                         "stage.recipe.fit_window=false"], cache_dir, tmp_path / "bad"))
+                         "stage.clock.fit_window=false"], cache_dir, tmp_path / "bad"))
     with pytest.raises(ValueError, match="checkpoint is from stage 'resadapt'"):
         fit(compose_cfg([f"ckpt_path={last}", "model.vision.image_size=96"], cache_dir, tmp_path / "bad2"))

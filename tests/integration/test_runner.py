@@ -82,14 +82,14 @@ def test_fit_window_steps_with_devices_minus_one(cache_dir, tmp_path):
     from stages.runner import build
 
     examples = 1_000_000
-    common = ["stage=resadapt", f"stage.recipe.examples={examples}", "logger=none", "callbacks.zeroshot_eval=null"]
+    common = ["stage=resadapt", f"stage.clock.examples={examples}", "logger=none", "callbacks.eval_suite=null"]
     steps = {}
     with pretend_gpus():
         for devices in ("-1", "auto", str(GPUS)):
             cfg = compose_cfg([*common, "trainer=gpu_ddp", f"trainer.devices={devices}"], cache_dir, tmp_path)
             steps[devices] = build(cfg)["trainer"].max_steps
     per_rank = int(cfg.data.batch_size)
-    window = 1.0 - 0.95  # stage.recipe.window of resadapt, as `Stage.window_steps` computes it
+    window = 1.0 - 0.95  # stage.clock.window of resadapt, as `Stage.window_steps` computes it
     expected = math.ceil(window * examples / (per_rank * GPUS))
     assert steps == {"-1": expected, "auto": expected, str(GPUS): expected}
     one = build(compose_cfg(common, cache_dir, tmp_path))["trainer"]  # CPU, devices: 1

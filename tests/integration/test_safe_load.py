@@ -145,7 +145,7 @@ def test_our_checkpoints_are_plain_and_resume_weights_only(cache_dir, debug_pret
         return real_load(*args, **kwargs)
 
     last = debug_pretrain / "checkpoints" / "last.ckpt"
-    cfg = compose_cfg([f"ckpt_path={last}", "trainer.max_steps=7", "logger=none", "callbacks.zeroshot_eval=null"],
+    cfg = compose_cfg([f"ckpt_path={last}", "trainer.max_steps=7", "logger=none", "callbacks.eval_suite=null"],
                       cache_dir, tmp_path)
     with mock.patch.object(torch, "load", spy):
         runner.run(cfg)

@@ -82,7 +82,7 @@ def test_compiled_training_step_matches_eager():
 def test_adamw_auto_is_fused_where_lightning_can_clip_it():
     from types import SimpleNamespace
 
-    from stages.base import adamw_impl
+    from siglip2.optim import adamw_impl
 
     assert adamw_impl("auto", SimpleNamespace(precision="32-true")) == "fused"
     assert adamw_impl("auto", SimpleNamespace(precision="bf16-mixed")) == "foreach"

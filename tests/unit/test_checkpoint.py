@@ -124,3 +124,63 @@ def test_the_ema_teacher_exports_and_loads_in_transformers(tmp_path):
     torch.testing.assert_close(teacher, ref.vision_model_output.pooler_output, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(teacher, stage.model.encode_image(image=image).pooled)
     torch.testing.assert_close(stage.model.embed_text(text), ref.text_embeds, rtol=1e-4, atol=1e-5)
+
+
+def test_the_meta_a_stage_writes_reads_back_field_for_field(tmp_path):
+    """`CheckpointMeta`: what `Stage.checkpoint_meta` stores (the dict every earlier format
+    holds, key for key) is what `read_checkpoint` and the cheap `read_meta` give back."""
+    from siglip2.checkpoint import CHECKPOINT_FORMAT, read_meta
+
+    torch.manual_seed(0)
+    stage = PretrainStage(model=MODEL, optim={}, losses=LOSSES).eval()
+    _save(stage, tmp_path / "s.ckpt")
+    stored = torch.load(tmp_path / "s.ckpt", weights_only=True)["siglip2"]
+    assert list(stored) == ["format", "stage", "model", "losses", "loss_enabled", "examples_seen", "recipe",
+                            "init_from", "tokenizer"]
+    assert stored["format"] == CHECKPOINT_FORMAT == 3 and stored["model"] == stage.model.config.to_dict()
+    meta = read_checkpoint(str(tmp_path / "s.ckpt")).meta
+    assert meta.to_dict() == stored
+    cheap, step = read_meta(tmp_path / "s.ckpt")
+    assert cheap.to_dict() == stored and step == 0
+
+
+def test_resume_rules_are_the_formats(tmp_path):
+    """`CheckpointMeta.check_resumable`: another stage, another model, or a format-2 optimiser
+    state are refused, each saying what to use instead."""
+    from siglip2.checkpoint import CheckpointMeta
+
+    stage = PretrainStage(model=MODEL, optim={}, losses=LOSSES)
+    meta = CheckpointMeta.read({"siglip2": stage.checkpoint_meta()})
+    meta.check_resumable("pretrain", stage.model.config, has_optimizer_state=True)
+    with pytest.raises(ValueError, match="from stage 'pretrain' and this run is stage 'naflex'.*init_from"):
+        meta.check_resumable("naflex", stage.model.config, True)
+    other = PretrainStage(model={**MODEL, "vision": {**MODEL["vision"], "image_size": 32}}, optim={},
+                          losses=LOSSES).model.config
+    with pytest.raises(ValueError, match="image_size \\(16 in the checkpoint, 32 here\\)"):
+        meta.check_resumable("pretrain", other, True)
+    old = CheckpointMeta.read({"siglip2": {**stage.checkpoint_meta(), "format": 2}})
+    old.check_resumable("pretrain", stage.model.config, has_optimizer_state=False)  # weights only: fine
+    with pytest.raises(ValueError, match="format 2.*init_from=<ckpt> and stage.clock.examples"):
+        old.check_resumable("pretrain", stage.model.config, has_optimizer_state=True)
+
+
+def test_load_model_reads_ours_and_transformers_folders_alike(tmp_path):
+    """`load_model(spec)`: our checkpoint's student, or `hf:<folder>` (one prefix parser,
+    `split_spec`), as the same model."""
+    from siglip2.checkpoint import load_model, split_spec
+    from siglip2.export.hf import save_hf
+
+    assert split_spec("hf:/a/b") == ("hf", "/a/b") and split_spec("/a/hf:b.ckpt") == ("ckpt", "/a/hf:b.ckpt")
+    torch.manual_seed(0)
+    stage = PretrainStage(model=MODEL, optim={}, losses=LOSSES).eval()
+    _save(stage, tmp_path / "s.ckpt")
+    ours, meta = load_model(str(tmp_path / "s.ckpt"))
+    assert meta.stage == "pretrain" and not ours.training
+    folder = save_hf(ours, tmp_path / "hf", preprocessing="fixed")
+    theirs, hf_meta = load_model(f"hf:{folder}")
+    assert hf_meta.stage == "hf"
+    image, text = torch.randn(2, 3, 16, 16), torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode_image(image=image).embeds, ours.encode_image(image=image).embeds,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs.embed_text(text), ours.embed_text(text), rtol=1e-5, atol=1e-5)

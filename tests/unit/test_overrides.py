@@ -39,7 +39,7 @@ def test_typos_and_bad_values_are_named(argv, message):
     ["+trainer.profiler=simple"], ["+stage.losses.probe.start_frac=0.5"], ["stage.losses.locca=null"],
     ["data=webdataset", 'data.train="/data/{00000..00999}.tar"', "tokenizer=sentencepiece", "tokenizer.path=/t.model"],
     ["seed=3"], ["init_from=/x.ckpt"],
-    ["stage=naflex", "stage.naflex.seq_lens=[64]", "stage.recipe.lr=rewarm"], ["~callbacks.lr_monitor"],
+    ["stage=naflex", "stage.naflex.seq_lens=[64]", "stage.clock.lr=rewarm"], ["~callbacks.lr_monitor"],
     ["data=webdataset", "data.train='/d/{000..009}.tar'", "tokenizer=hf", "tokenizer.path=/folder"], ["model=b16,tiny"],
 ])
 def test_valid_overrides_pass(argv):
@@ -61,18 +61,37 @@ def test_a_repeated_key_and_a_required_value_are_named():
 
 
 @pytest.mark.parametrize("values, key", [
-    ({"window": [0.9, 0.5]}, "stage.recipe.window"),
-    ({"window": [0.1]}, "stage.recipe.window"),
-    ({"stretch": 0}, "stage.recipe.stretch"),
-    ({"examples": 0}, "stage.recipe.examples"),
-    ({"lr": "cosine"}, "stage.recipe.lr"),
-    ({"rewarm_warmup": 1.0}, "stage.recipe.rewarm_warmup"),
-    ({"rewarm_peak": -1}, "stage.recipe.rewarm_peak"),
+    ({"window": [0.9, 0.5]}, "stage.clock.window"),
+    ({"window": [0.1]}, "stage.clock.window"),
+    ({"stretch": 0}, "stage.clock.stretch"),
+    ({"examples": 0}, "stage.clock.examples"),
+    ({"lr": "cosine"}, "stage.clock.lr"),
+    ({"rewarm_warmup": 1.0}, "stage.clock.rewarm_warmup"),
+    ({"rewarm_peak": -1}, "stage.clock.rewarm_peak"),
 ])
 def test_a_bad_recipe_window_value_names_its_key(values, key):
     from siglip2.config import from_dict
-    from stages.base import RecipeWindow
+    from siglip2.schedule import ClockWindow
 
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        from_dict(RecipeWindow, values, "stage.recipe")
-    assert from_dict(RecipeWindow, {"window": [0.9, 1]}, "stage.recipe").window == (0.9, 1.0)
+        from_dict(ClockWindow, values, "stage.clock")
+    assert from_dict(ClockWindow, {"window": [0.9, 1]}, "stage.clock").window == (0.9, 1.0)
+
+
+@pytest.mark.parametrize("argv, moved", [
+    (["stage.recipe.lr=rewarm"], "'stage.recipe.lr' moved to 'stage.clock.lr'"),
+    (["callbacks.zeroshot_eval=null"], "'callbacks.zeroshot_eval' moved to 'callbacks.eval_suite'"),
+])
+def test_renamed_keys_name_their_new_place(argv, moved):
+    """`siglip2.config.MOVED`: a key from before a rename (`stage.recipe` is `stage.clock`, the
+    evaluation callback `eval_suite`) is answered with where it lives now, on the command line
+    and in the typed config alike."""
+    from siglip2.config import from_dict
+    from siglip2.schedule import ClockWindow
+
+    assert check_overrides("train", argv) == [moved]
+    from siglip2.config import moved_to
+
+    assert moved_to("stage.recipe") == "stage.clock" and moved_to("stage.recipes.x") is None
+    with pytest.raises(ValueError, match="'stage.clock.windw' \\(did you mean 'stage.clock.window'"):
+        from_dict(ClockWindow, {"windw": [0, 1]}, "stage.clock")

@@ -4,6 +4,7 @@ the three sources (.model file, HF folder, our trained demo model) and clear err
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -151,3 +152,31 @@ def test_missing_and_unreadable(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="empty_folder"):
         build_tokenizer(str(empty))
+
+
+def test_tokenizer_record_tells_other_ids_of_the_same_size_apart(sp_model, tmp_path):
+    """`TokenizerRecord`: the identity rule's one message, naming both tokenizers; the same
+    content elsewhere (a moved file) passes; no record (older checkpoints) passes."""
+    import shutil
+
+    from siglip2.data.tokenizer import TokenizerRecord, check_vocab_size
+
+    tok = build_tokenizer(sp_model)
+    mine = TokenizerRecord.of(sp_model, tok)
+    assert mine.to_dict() == {"path": os.path.abspath(sp_model), "sha256": mine.sha256, "vocab_size": tok.vocab_size,
+                              "length": tok.length, "lowercase": True}
+    assert TokenizerRecord.read(mine.to_dict()) == mine and TokenizerRecord.read(None) is None
+    moved = tmp_path / "moved.model"
+    shutil.copy(sp_model, moved)
+    mine.check(TokenizerRecord.of(moved).to_dict(), "init_from=x")  # same ids: passes
+    mine.check(None, "init_from=x")
+    other_path = train_sentencepiece(corpus()[::-1] + ["another corpus entirely"], str(tmp_path / "other"),
+                                     vocab_size=4000)
+    other = TokenizerRecord.of(other_path, build_tokenizer(other_path))
+    assert other.sha256 != mine.sha256
+    with pytest.raises(ValueError, match=r"init_from=x was trained with the tokenizer .*other\.model \(sha256 "
+                                         r"[0-9a-f]{12}, \d+ tokens\); this run's is .*demo_sp\.model.*other words"):
+        mine.check(other.to_dict(), "init_from=x")
+    check_vocab_size(7, 7, "a", "b")
+    with pytest.raises(ValueError, match="^a has a vocabulary of 7 tokens but b has 8: use the tokenizer"):
+        check_vocab_size(7, 8, "a", "b")
