@@ -59,7 +59,7 @@ def build_data(demo, image_size: int, batch_size: int, num_batches: int, workers
     `stages.runner.build` makes it, reading `demo`'s shards (or `shards`) and tokenizer."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.utils import instantiate
+    from stages.runner import build_datamodule
     from siglip2.data.shards import expand_urls
 
     urls = shards or expand_urls(demo.train_urls)
@@ -69,7 +69,7 @@ def build_data(demo, image_size: int, batch_size: int, num_batches: int, workers
             "data=demo", "data.demo=null", f"data.train=[{','.join(urls)}]", f"tokenizer.path={demo.tokenizer_path}",
             f"model.vision.image_size={image_size}", f"data.batch_size={batch_size}",
             f"data.batches_per_epoch={num_batches}", f"data.num_workers={workers}", *extra])
-    return instantiate(cfg.data, _recursive_=False, _convert_="all")
+    return build_datamodule(cfg)
 
 
 class DecodeFloor(IterableDataset):

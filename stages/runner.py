@@ -29,7 +29,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError("set either ckpt_path (resume this stage) or init_from (start a stage from weights), not both")
     resume_step = check_resume_checkpoint(str(cfg.ckpt_path)) if cfg.get("ckpt_path") else None
     L.seed_everything(int(cfg.seed), workers=True)
-    datamodule = instantiate(cfg.data, **stage_data_inputs(cfg), _recursive_=False, _convert_="all")
+    datamodule = build_datamodule(cfg)
     check_vocab(cfg, datamodule.tokenizer)
     stage = build_stage(cfg, vocab_size=datamodule.tokenizer.vocab_size)
     stage.tokenizer_record = tokenizer_record(datamodule)
@@ -63,6 +63,11 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return {"datamodule": datamodule, "stage": stage, "trainer": trainer, "callbacks": callbacks}
+
+
+def build_datamodule(cfg: DictConfig):
+    """The data module of `cfg.data`, given what the stage asks of its loader (`stage_data_inputs`)."""
+    return instantiate(cfg.data, **stage_data_inputs(cfg), _recursive_=False, _convert_="all")
 
 
 def stage_data_inputs(cfg: DictConfig) -> dict[str, Any]:

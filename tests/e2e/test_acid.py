@@ -264,7 +264,7 @@ def test_teacher_cache_gives_the_live_teachers_scores_on_training_batches(cache_
     import subprocess
     import sys
 
-    from hydra.utils import instantiate
+    from stages.runner import build_datamodule
 
     from siglip2.acid import TeacherCache
     from stages.runner import build_stage
@@ -272,7 +272,7 @@ def test_teacher_cache_gives_the_live_teachers_scores_on_training_batches(cache_
 
     ckpt = debug_pretrain / "checkpoints" / "last.ckpt"
     cfg = compose_cfg(["stage=acid", f"stage.acid.teacher={ckpt}"], cache_dir, tmp_path)
-    data = instantiate(cfg.data, _recursive_=False, _convert_="all")
+    data = build_datamodule(cfg)
     out = tmp_path / "teacher_cache.pt"
     proc = subprocess.run([sys.executable, "-m", "siglip2.acid", "cache", "--teacher", str(ckpt),
                            "--shards", data.sources, "--tokenizer", str(cfg.tokenizer.path),
@@ -309,7 +309,7 @@ def test_a_teacher_of_another_resolution_scores_source_pixels_live_and_cached(ca
     import sys
     from types import SimpleNamespace
 
-    from hydra.utils import instantiate
+    from stages.runner import build_datamodule
 
     from siglip2.acid import TeacherCache
     from stages.runner import build_stage
@@ -319,7 +319,7 @@ def test_a_teacher_of_another_resolution_scores_source_pixels_live_and_cached(ca
                        weights_only=True)["siglip2"]["model"]["text"]["vocab_size"]
     teacher = _hf_teacher(tmp_path, vocab=vocab, image_size=96, max_len=40)
     cfg = compose_cfg(["stage=acid", f"stage.acid.teacher=hf:{teacher}"], cache_dir, tmp_path)
-    data = instantiate(cfg.data, _recursive_=False, _convert_="all")
+    data = build_datamodule(cfg)
     live = build_stage(cfg, vocab_size=data.tokenizer.vocab_size)
     live._trainer = SimpleNamespace(datamodule=data)
     live.setup("fit")
@@ -343,7 +343,7 @@ def test_a_teacher_of_another_resolution_scores_source_pixels_live_and_cached(ca
     upsampled = live.score({k: v for k, v in batch.items() if k != "teacher_image"})
     assert float((upsampled["teacher"] - source["teacher"]).abs().max()) > 1e-3
     # teacher_pixels=batch: the loader is not asked for a second image
-    data2 = instantiate(cfg.data, _recursive_=False, _convert_="all")
+    data2 = build_datamodule(cfg)
     batch_mode = build_stage(compose_cfg(["stage=acid", f"stage.acid.teacher=hf:{teacher}",
                                           "stage.acid.teacher_pixels=batch"], cache_dir, tmp_path),
                              vocab_size=data.tokenizer.vocab_size)

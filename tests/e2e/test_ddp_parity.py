@@ -275,10 +275,10 @@ def _compose(demo, tmp_path: Path):
 
 
 def test_ddp_two_ranks_match_one_process_on_the_whole_batch(tiny_demo, tmp_path):
-    from hydra.utils import instantiate
+    from stages.runner import build_datamodule
 
     cfg = _compose(tiny_demo, tmp_path)
-    datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
+    datamodule = build_datamodule(cfg)
     from siglip2.data.transforms import normalize_pixels
 
     batch = normalize_pixels(next(iter(datamodule.train_dataloader())))  # what the device hook gives the step

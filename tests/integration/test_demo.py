@@ -170,7 +170,10 @@ def test_colour_words_match_the_pixels(train, evalsets):
             sel = np.zeros(mask.shape, bool)
             sel[y1:y2, x1:x2] = mask[y1:y2, x1:x2] == o["class_id"] + 1
             inner = sel.copy()  # drop the edge pixels JPEG blends with the background
-            inner[1:] &= sel[:-1]; inner[:-1] &= sel[1:]; inner[:, 1:] &= sel[:, :-1]; inner[:, :-1] &= sel[:, 1:]
+            inner[1:] &= sel[:-1]
+            inner[:-1] &= sel[1:]
+            inner[:, 1:] &= sel[:, :-1]
+            inner[:, :-1] &= sel[:, 1:]
             mean = img[inner if inner.any() else sel].mean(0)
             nearest = min(palette, key=lambda c: np.linalg.norm(palette[c] - mean))
             assert nearest == o["color"], (s["key"], o, mean)

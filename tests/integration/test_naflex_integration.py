@@ -14,7 +14,7 @@ import torch
 def test_two_ranks_with_two_workers_each_draw_the_same_lengths(cache_dir, monkeypatch):
     """The real loader (stage=naflex data config, 2 DataLoader workers) as rank 0 and rank 1
     of 2: batch k has the plan's length and size on both ranks, whichever worker made it."""
-    from hydra.utils import instantiate
+    from stages.runner import build_datamodule
 
     from helpers import compose_cfg
 
@@ -23,9 +23,9 @@ def test_two_ranks_with_two_workers_each_draw_the_same_lengths(cache_dir, monkey
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        data = instantiate(cfg.data, _recursive_=False, _convert_="all")
+        data = build_datamodule(cfg)
         seen[rank] = [(b["patches"].shape[1], b["patches"].shape[0], b["worker_id"]) for b in data.train_dataloader()]
-        for b_len, b_size, _ in seen[rank]:
+        for b_len, _b_size, _ in seen[rank]:
             assert b_len in (32, 64, 144, 196, 256)
     plan = data.plan
     assert [(n, b) for n, b, _ in seen[0]] == [(n, b) for n, b, _ in seen[1]] == [plan(k) for k in range(6)]

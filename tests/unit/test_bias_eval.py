@@ -225,7 +225,7 @@ def _fewshot_reference(samples, shots, seeds, l2, num_classes=3):
             idx = np.concatenate([p[:k] for p in perms])
             xs, ys = px[idx], py[idx]
             mean, std = xs.mean(0), xs.std(0) + 1e-5
-            aug = lambda a: np.hstack([(a - mean) / std, np.full((len(a), 1), 100.0)])
+            aug = lambda a, mean=mean, std=std: np.hstack([(a - mean) / std, np.full((len(a), 1), 100.0)])
             target = 2.0 * np.eye(num_classes)[ys] - 1.0
             d = aug(xs).shape[1]
             w = np.linalg.lstsq(np.vstack([aug(xs), math.sqrt(l2) * np.eye(d)]),

@@ -21,7 +21,7 @@ def test_category_is_not_decidable_from_mean_colour():
 
     def draw(n):
         x, y = [], []
-        for i in range(n):
+        for _ in range(n):
             s = demo.generate_sample(rng, int(rng.integers(1, 3)), lang="en")
             x.append(np.asarray(s["image"], float).reshape(-1, 3).mean(0))
             y.append(demo.CATEGORIES.index(s["meta"]["objects"][0]["category"]))

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from siglip2.config import from_dict

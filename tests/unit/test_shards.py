@@ -18,7 +18,7 @@ from PIL import Image
 
 from siglip2.data import shards as S
 from siglip2.data.shards import (SkipStats, build_eval_loader, build_train_loader,
-                                 decode_sample, expand_urls, to_rgb)
+                                 decode_sample, expand_urls)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -185,7 +185,7 @@ def test_mix_by_weight(tmp_path):
     loader = build_train_loader([{"urls": en, "weight": 0.9}, {"urls": xx, "weight": 0.1}],
                                 sample_fn, batch_size=25, num_batches=24, seed=3,
                                 num_workers=0, shuffle_buffer=20)
-    langs = Counter(l for b in loader for l in b["lang"])
+    langs = Counter(lang for b in loader for lang in b["lang"])
     n = sum(langs.values())
     assert n == 600
     # binomial sd at p=0.1, n=600 is 0.012; allow ~3.5 sd
