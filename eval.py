@@ -3,6 +3,7 @@
 Prints a table of zero-shot, retrieval and referring-expression numbers and writes them to
 metrics.json in the run's output directory.
 """
+
 from __future__ import annotations
 
 import sys

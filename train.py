@@ -2,6 +2,7 @@
 
 Compose (Hydra), instantiate, fit, write metrics.json. No training logic lives here.
 """
+
 from __future__ import annotations
 
 import sys

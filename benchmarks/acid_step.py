@@ -14,6 +14,7 @@ B/16 student (256 px) with an So400m/14 teacher (384 px = 27x27 patches, 378 her
 f = 0.5): FLOPs per step counted on the meta device, training (forward + backward) of b
 vs that plus forward passes of both models over 2b.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,13 +39,19 @@ def tiny(steps: int, batch: int, filter_ratio: float, threads: int) -> dict:
     torch.manual_seed(0)
     from siglip2.model import build_model
 
-    cfg = ts.compose("tiny", ["stage=acid", "stage.acid.method=random", f"data.batch_size={batch}",
-                              "stage.acid.n_chunks=16"])
+    cfg = ts.compose(
+        "tiny", ["stage=acid", "stage.acid.method=random", f"data.batch_size={batch}", "stage.acid.n_chunks=16"]
+    )
     stage, _, step = ts.build_ours(cfg)
     m = cfg.model
-    teacher = build_model({"name": "teacher", "embed_dim": 192,
-                           "vision": {**dict(m.vision), **TEACHER},
-                           "text": {**dict(m.text), **TEACHER, "vocab_size": int(m.text.vocab_size)}}).eval()
+    teacher = build_model(
+        {
+            "name": "teacher",
+            "embed_dim": 192,
+            "vision": {**dict(m.vision), **TEACHER},
+            "text": {**dict(m.text), **TEACHER, "vocab_size": int(m.text.vocab_size)},
+        }
+    ).eval()
     teacher.requires_grad_(False)
     stage.__dict__["teacher_model"] = teacher
     stage.acid.method = "joint"
@@ -114,18 +121,26 @@ def main() -> None:
     steps = 2 if args.quick else args.steps
     batch = 8 if args.quick else args.batch
     r = tiny(steps, batch, args.filter_ratio, args.threads)
-    print(f"tiny student, demo-size teacher ({TEACHER['width']} wide, {TEACHER['depth']} deep), b={r['batch']} of "
-          f"{r['super_batch']}, {args.threads} threads, median of {steps} steps:")
-    print(f"  plain {r['plain']:.0f} ms   acid {r['acid']:.0f} ms   (scoring + selection {r['score']:.0f} ms)   "
-          f"acid / plain: {r['acid'] / r['plain']:.2f}x time per trained example")
+    print(
+        f"tiny student, demo-size teacher ({TEACHER['width']} wide, {TEACHER['depth']} deep), b={r['batch']} of "
+        f"{r['super_batch']}, {args.threads} threads, median of {steps} steps:"
+    )
+    print(
+        f"  plain {r['plain']:.0f} ms   acid {r['acid']:.0f} ms   (scoring + selection {r['score']:.0f} ms)   "
+        f"acid / plain: {r['acid'] / r['plain']:.2f}x time per trained example"
+    )
     if not (args.quick or args.no_b16):
         f = b16_flops(filter_ratio=args.filter_ratio)
         total = f["train"] + f["learner_score"] + f["teacher_score"]
-        print("B/16@256 student, So400m/14@384 teacher, 256 trained per device, f=%.2f (TFLOPs per step):"
-              % args.filter_ratio)
-        print(f"  train {f['train'] / 1e12:.1f}  learner scoring {f['learner_score'] / 1e12:.1f}  "
-              f"teacher scoring {f['teacher_score'] / 1e12:.1f}  acid / plain: {total / f['train']:.2f}x  "
-              f"(with cached teacher embeddings: {(f['train'] + f['learner_score']) / f['train']:.2f}x)")
+        print(
+            "B/16@256 student, So400m/14@384 teacher, 256 trained per device, f=%.2f (TFLOPs per step):"
+            % args.filter_ratio
+        )
+        print(
+            f"  train {f['train'] / 1e12:.1f}  learner scoring {f['learner_score'] / 1e12:.1f}  "
+            f"teacher scoring {f['teacher_score'] / 1e12:.1f}  acid / plain: {total / f['train']:.2f}x  "
+            f"(with cached teacher embeddings: {(f['train'] + f['learner_score']) / f['train']:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

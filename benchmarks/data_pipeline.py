@@ -29,6 +29,7 @@ FLOPs (`Stage.measure_flops`, towers + LocCa decoder, forward + backward).
     python benchmarks/data_pipeline.py --breakdown   # where ours spends its time, per stage
     python benchmarks/data_pipeline.py --sizes --web-size 500x375 --web-px 224 384 --gpu-step
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,12 +50,18 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
-DEFAULT_ROOT = os.path.join(os.environ.get("SIGLIP2_CACHE", os.path.expanduser("~/.cache/siglip2")),
-                            "demo-n2000-s0")
+DEFAULT_ROOT = os.path.join(os.environ.get("SIGLIP2_CACHE", os.path.expanduser("~/.cache/siglip2")), "demo-n2000-s0")
 
 
-def build_data(demo, image_size: int, batch_size: int, num_batches: int, workers: int = 1,
-               shards: list[str] | None = None, extra: list[str] = ()):
+def build_data(
+    demo,
+    image_size: int,
+    batch_size: int,
+    num_batches: int,
+    workers: int = 1,
+    shards: list[str] | None = None,
+    extra: list[str] = (),
+):
     """Our data module from the composed config (data=demo, stage=pretrain), as
     `stages.runner.build` makes it, reading `demo`'s shards (or `shards`) and tokenizer."""
     from hydra import compose, initialize_config_dir
@@ -65,10 +72,20 @@ def build_data(demo, image_size: int, batch_size: int, num_batches: int, workers
     urls = shards or expand_urls(demo.train_urls)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "data=demo", "data.demo=null", f"data.train=[{','.join(urls)}]", f"tokenizer.path={demo.tokenizer_path}",
-            f"model.vision.image_size={image_size}", f"data.batch_size={batch_size}",
-            f"data.batches_per_epoch={num_batches}", f"data.num_workers={workers}", *extra])
+        cfg = compose(
+            "train",
+            overrides=[
+                "data=demo",
+                "data.demo=null",
+                f"data.train=[{','.join(urls)}]",
+                f"tokenizer.path={demo.tokenizer_path}",
+                f"model.vision.image_size={image_size}",
+                f"data.batch_size={batch_size}",
+                f"data.batches_per_epoch={num_batches}",
+                f"data.num_workers={workers}",
+                *extra,
+            ],
+        )
     return build_datamodule(cfg)
 
 
@@ -123,8 +140,9 @@ def rewritten_shards(urls: list[str], out_dir: str, resize) -> list[str]:
 
 def upscaled_shards(urls: list[str], out_dir: str, factor: int = 4) -> list[str]:
     """Every JPEG upscaled `factor`x (bicubic)."""
-    return rewritten_shards(urls, out_dir, lambda img: img.resize((img.width * factor, img.height * factor),
-                                                                  Image.Resampling.BICUBIC))
+    return rewritten_shards(
+        urls, out_dir, lambda img: img.resize((img.width * factor, img.height * factor), Image.Resampling.BICUBIC)
+    )
 
 
 def resized_shards(urls: list[str], out_dir: str, size: tuple[int, int]) -> list[str]:
@@ -133,8 +151,9 @@ def resized_shards(urls: list[str], out_dir: str, size: tuple[int, int]) -> list
     return rewritten_shards(urls, out_dir, lambda img: img.resize(size, Image.Resampling.BICUBIC))
 
 
-def gpu_step_arithmetic(per_worker: float, batch: int = 256, image_size: int = 224,
-                        peak_tflops: float = 989.0, mfu: float = 0.4) -> None:
+def gpu_step_arithmetic(
+    per_worker: float, batch: int = 256, image_size: int = 224, peak_tflops: float = 989.0, mfu: float = 0.4
+) -> None:
     """Workers one B/16 pretraining step needs: FLOPs of the step (meta device) -> step time at
     `mfu` of an H100 SXM's dense bf16 peak -> examples/s -> / the measured per-worker rate."""
     import math
@@ -154,11 +173,17 @@ def gpu_step_arithmetic(per_worker: float, batch: int = 256, image_size: int = 2
     flops = stage.measure_flops(batch)
     step_s = flops / (peak_tflops * 1e12 * mfu)
     need = batch / step_s
-    print(f"\nB/16 step, batch {batch}, {image_size} px, sigmoid + LocCa (forward + backward): {flops / 1e12:.1f} TFLOP")
-    print(f"  H100 SXM dense bf16 peak {peak_tflops:.0f} TFLOP/s x {mfu:.0%} MFU = {peak_tflops * mfu:.0f} TFLOP/s "
-          f"-> {step_s * 1e3:.0f} ms a step -> {need:,.0f} examples/s")
-    print(f"  / {per_worker:.1f} examples/s per worker ({image_size} px, web-sized JPEGs, measured above) "
-          f"= {need / per_worker:.1f} -> {math.ceil(need / per_worker)} loader workers (CPU cores) per GPU")
+    print(
+        f"\nB/16 step, batch {batch}, {image_size} px, sigmoid + LocCa (forward + backward): {flops / 1e12:.1f} TFLOP"
+    )
+    print(
+        f"  H100 SXM dense bf16 peak {peak_tflops:.0f} TFLOP/s x {mfu:.0%} MFU = {peak_tflops * mfu:.0f} TFLOP/s "
+        f"-> {step_s * 1e3:.0f} ms a step -> {need:,.0f} examples/s"
+    )
+    print(
+        f"  / {per_worker:.1f} examples/s per worker ({image_size} px, web-sized JPEGs, measured above) "
+        f"= {need / per_worker:.1f} -> {math.ceil(need / per_worker)} loader workers (CPU cores) per GPU"
+    )
 
 
 def timed(loader, count) -> float:
@@ -183,12 +208,13 @@ def measure(args, demo, image_size: int, upscale: int = 1, web_size: tuple[int, 
     data = build_data(demo, image_size, args.batch, num_batches, workers=1, shards=urls)
     rates = {"ours": [], "floor": []}
     for r in range(args.repeats):
-        for name in (("ours", "floor") if r % 2 == 0 else ("floor", "ours")):
+        for name in ("ours", "floor") if r % 2 == 0 else ("floor", "ours"):
             if name == "ours":
                 rates[name].append(timed(data.train_dataloader(), lambda b: len(b["key"])))
             else:
-                floor = DataLoader(DecodeFloor(urls, num_batches * args.batch, args.batch), batch_size=None,
-                                   num_workers=1)
+                floor = DataLoader(
+                    DecodeFloor(urls, num_batches * args.batch, args.batch), batch_size=None, num_workers=1
+                )
                 rates[name].append(timed(floor, int))
     return {k: statistics.median(v) for k, v in rates.items()}
 
@@ -223,7 +249,7 @@ def breakdown(args, demo, image_size: int) -> None:
     items = out["TrainSample (all)"]
     start = time.perf_counter()
     for i in range(0, n - args.batch + 1, args.batch):
-        collate(items[i:i + args.batch])
+        collate(items[i : i + args.batch])
     print(f"  {image_size:>4} px  {'collate':<20} {(time.perf_counter() - start) / n * 1e3:7.3f} ms/sample")
 
 
@@ -231,36 +257,57 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", nargs="*", type=int, default=[64, 224], help="rows on the demo's own JPEGs")
-    ap.add_argument("--web-size", default=None, metavar="WxH",
-                    help="rows on the shards resized to WxH (default 500x375 in full mode; 0 = none)")
+    ap.add_argument(
+        "--web-size",
+        default=None,
+        metavar="WxH",
+        help="rows on the shards resized to WxH (default 500x375 in full mode; 0 = none)",
+    )
     ap.add_argument("--web-px", nargs="+", type=int, default=[64, 224, 384], help="training sizes of the web rows")
-    ap.add_argument("--gpu-step", action="store_true",
-                    help="print the workers a B/16 step at batch 256 on an H100 needs (needs a 224 px web row)")
+    ap.add_argument(
+        "--gpu-step",
+        action="store_true",
+        help="print the workers a B/16 step at batch 256 on an H100 needs (needs a 224 px web row)",
+    )
     ap.add_argument("--samples", type=int, default=None, help="samples per timed pass")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--root", default=DEFAULT_ROOT)
     ap.add_argument("--num-train", type=int, default=2000)
-    ap.add_argument("--eval-size", type=int, default=None,
-                    help="demo eval split sizes (default: the demo's own, so a training run can share --root)")
+    ap.add_argument(
+        "--eval-size",
+        type=int,
+        default=None,
+        help="demo eval split sizes (default: the demo's own, so a training run can share --root)",
+    )
     ap.add_argument("--breakdown", action="store_true", help="per-stage cost of ours, in process")
-    ap.add_argument("--web", type=int, default=None, metavar="FACTOR",
-                    help="add a 224 px row on the shards upscaled FACTORx (default 4 in full mode, 0 = none)")
+    ap.add_argument(
+        "--web",
+        type=int,
+        default=None,
+        metavar="FACTOR",
+        help="add a 224 px row on the shards upscaled FACTORx (default 4 in full mode, 0 = none)",
+    )
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     args.batch = args.batch or (32 if args.quick else 128)
     args.samples = args.samples or (8 if args.quick else 12) * args.batch
     from siglip2.data.demo import ensure_demo
 
-    sizes = {} if args.eval_size is None else {f"num_{k}": args.eval_size
-                                                 for k in ("zeroshot", "retrieval", "refexp", "segmentation")}
+    sizes = (
+        {}
+        if args.eval_size is None
+        else {f"num_{k}": args.eval_size for k in ("zeroshot", "retrieval", "refexp", "segmentation")}
+    )
     demo = ensure_demo(args.root, num_train=args.num_train, **sizes)
     if args.breakdown:
         for size in args.sizes:
             breakdown(args, demo, size)
         return
-    print(f"data pipeline, 1 worker, {args.samples} samples per pass (first batch not timed), batch {args.batch}, "
-          f"median of {args.repeats} alternated passes; demo n={args.num_train} at {args.root}")
+    print(
+        f"data pipeline, 1 worker, {args.samples} samples per pass (first batch not timed), batch {args.batch}, "
+        f"median of {args.repeats} alternated passes; demo n={args.num_train} at {args.root}"
+    )
     print(f"{'image px':>8} {'source':>10} {'ours/s':>9} {'floor/s':>9} {'ratio ours/floor':>17}")
     # (the source column is wider for web rows; the numbers stay aligned by position)
     web = args.web if args.web is not None else 0

@@ -5,6 +5,7 @@ balanced run side by side, from their metrics.json, with the balance table's sum
 
 `--clean`: a run (or eval.py output) of a model trained on the unbiased demo, as a third row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ def main() -> None:
     runs = [("biased", args.out / "biased"), ("balanced", args.out / "balanced")]
     if args.clean:
         runs.insert(0, ("clean demo", args.clean))
-    m = {name: json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").exists() else {}
-         for name, d in runs}
+    m = {
+        name: json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").exists() else {} for name, d in runs
+    }
     print("| metric | " + " | ".join(n for n, _ in runs) + " |")
     print("|---|" + "---|" * len(runs))
     for label, key in ROWS:
@@ -45,10 +47,12 @@ def main() -> None:
     if summary.exists():
         s = json.loads(summary.read_text())
         b, a = s["before"], s["after"]
-        print(f"\nbalance table: kept {s['kept']} of {s['examples']} ({100 * s['kept_fraction']:.1f}%; LP bound "
-              f"{100 * (s['max_keep_bound'] or 0):.1f}%); red share {b['share'].get('red', 0):.3f} -> "
-              f"{a['share'].get('red', 0):.3f}; max association gap {b['max_association_gap']:.3f} -> "
-              f"{a['max_association_gap']:.3f}")
+        print(
+            f"\nbalance table: kept {s['kept']} of {s['examples']} ({100 * s['kept_fraction']:.1f}%; LP bound "
+            f"{100 * (s['max_keep_bound'] or 0):.1f}%); red share {b['share'].get('red', 0):.3f} -> "
+            f"{a['share'].get('red', 0):.3f}; max association gap {b['max_association_gap']:.3f} -> "
+            f"{a['max_association_gap']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ and fonts. The cue chosen for issue 28 (0.97 at 15k samples, RESULTS.md "Step 2"
 Reads the shards' .jpg and .json members only (no pickle), squashed to a square as training
 does (PIL's antialiased bilinear resize), all into memory as uint8.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,10 +56,21 @@ VALUES = {"category": CATEGORIES, "color": tuple(COLORS)}
 TEST_SET = {"category": "zeroshot", "color": "zeroshot"}
 
 
-def glyph_split(n: int, size: int, seed: int, single: bool, max_glyphs: int = 3,
-                sizes: tuple[str, ...] = ("small", "medium", "large"), max_aspect: float = 2.0,
-                num_fonts: int | None = None, centred: bool = False, cells: int | None = None,
-                background: str = "demo", ink: str = "palette", alphabet: str = "0123456789") -> tuple[torch.Tensor, torch.Tensor]:
+def glyph_split(
+    n: int,
+    size: int,
+    seed: int,
+    single: bool,
+    max_glyphs: int = 3,
+    sizes: tuple[str, ...] = ("small", "medium", "large"),
+    max_aspect: float = 2.0,
+    num_fonts: int | None = None,
+    centred: bool = False,
+    cells: int | None = None,
+    background: str = "demo",
+    ink: str = "palette",
+    alphabet: str = "0123456789",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, 3, size, size) uint8 squashed glyph scenes and (n, 10) glyph-presence targets:
     1-`max_glyphs` glyphs per image, or (`single`) one glyph per image, the glyphs in turn;
     glyph sizes drawn from `sizes`."""
@@ -69,8 +81,20 @@ def glyph_split(n: int, size: int, seed: int, single: bool, max_glyphs: int = 3,
     for i in range(n):
         w, h = glyph_scene_size(rng, max_aspect=max_aspect)
         force = alphabet[i % len(alphabet)] if single else None
-        img, _, glyphs = draw_glyph_scene(rng, w, h, 1 if single else int(rng.integers(1, max_glyphs + 1)), force,
-                                          sizes, num_fonts=num_fonts, centred=centred, cells=cells, background=background, ink=ink, alphabet=alphabet)
+        img, _, glyphs = draw_glyph_scene(
+            rng,
+            w,
+            h,
+            1 if single else int(rng.integers(1, max_glyphs + 1)),
+            force,
+            sizes,
+            num_fonts=num_fonts,
+            centred=centred,
+            cells=cells,
+            background=background,
+            ink=ink,
+            alphabet=alphabet,
+        )
         target = np.zeros(len(alphabet), np.float32)
         for g in glyphs:
             target[alphabet.index(g.glyph)] = 1.0
@@ -94,8 +118,15 @@ def word_split(n: int, size: int, seed: int, layouts: tuple[str, ...]) -> tuple[
         # a float draw whatever the layouts, so one seed gives the same words, colours and sizes
         word, layout = WORDS[i % len(WORDS)], layouts[int(rng.random() * len(layouts))]
         aspect = math.exp(rng.uniform(math.log(2.0), math.log(4.0)))
-        img, _, _ = draw_word(rng, word, layout, int(rng.integers(40, 97)), aspect,
-                              colors[int(rng.integers(len(colors)))], fonts[int(rng.integers(len(fonts)))])
+        img, _, _ = draw_word(
+            rng,
+            word,
+            layout,
+            int(rng.integers(40, 97)),
+            aspect,
+            colors[int(rng.integers(len(colors)))],
+            fonts[int(rng.integers(len(fonts)))],
+        )
         target = np.zeros(len(WORDS), np.float32)
         target[i % len(WORDS)] = 1.0
         images.append(np.asarray(img.resize((size, size), Image.BILINEAR)))
@@ -133,8 +164,17 @@ class TimmPeer(torch.nn.Module):
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-        self.vit = TimmViT(img_size=size, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads,
-                           mlp_ratio=mlp / width, global_pool="map", class_token=False, num_classes=0)
+        self.vit = TimmViT(
+            img_size=size,
+            patch_size=patch,
+            embed_dim=width,
+            depth=depth,
+            num_heads=heads,
+            mlp_ratio=mlp / width,
+            global_pool="map",
+            class_token=False,
+            num_classes=0,
+        )
 
     def forward(self, x):
         return self.vit(x)
@@ -147,8 +187,12 @@ class SmallCNN(torch.nn.Module):
         super().__init__()
         layers, c = [], 3
         for out in (32, 64, width):
-            layers += [torch.nn.Conv2d(c, out, 3, padding=1), torch.nn.BatchNorm2d(out), torch.nn.ReLU(),
-                       torch.nn.MaxPool2d(2)]
+            layers += [
+                torch.nn.Conv2d(c, out, 3, padding=1),
+                torch.nn.BatchNorm2d(out),
+                torch.nn.ReLU(),
+                torch.nn.MaxPool2d(2),
+            ]
             c = out
         self.body = torch.nn.Sequential(*layers)
 
@@ -159,22 +203,41 @@ class SmallCNN(torch.nn.Module):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--attribute", choices=sorted(VALUES), default="category")
-    ap.add_argument("--world", choices=("demo", "glyphs", "words"), default="demo",
-                    help="demo: the built demo's shards; glyphs: issue 28's glyph scenes, drawn in memory; "
-                         "words: glyphs.WORDS in --word-layouts, drawn in memory")
-    ap.add_argument("--word-layouts", default="row,column",
-                    help="--world words: comma-separated layouts of glyphs.draw_word (row, column, grid)")
+    ap.add_argument(
+        "--world",
+        choices=("demo", "glyphs", "words"),
+        default="demo",
+        help="demo: the built demo's shards; glyphs: issue 28's glyph scenes, drawn in memory; "
+        "words: glyphs.WORDS in --word-layouts, drawn in memory",
+    )
+    ap.add_argument(
+        "--word-layouts",
+        default="row,column",
+        help="--world words: comma-separated layouts of glyphs.draw_word (row, column, grid)",
+    )
     ap.add_argument("--glyph-max", type=int, default=3, help="--world glyphs: at most this many glyphs per image")
     ap.add_argument("--glyph-sizes", default="small,medium,large", help="--world glyphs: the sizes drawn")
     ap.add_argument("--glyph-aspect", type=float, default=2.0, help="--world glyphs: images up to this aspect")
     ap.add_argument("--glyph-fonts", type=int, default=None, help="--world glyphs: only the first N fonts")
     ap.add_argument("--glyph-centred", action="store_true", help="--world glyphs: each glyph at the centre")
-    ap.add_argument("--glyph-cells", type=int, default=None,
-                    help="--world glyphs: blocky glyphs drawn this many cells tall, then enlarged")
-    ap.add_argument("--glyph-background", choices=("demo", "black", "flat"), default="demo",
-                    help="--world glyphs: the demo's textured backgrounds, black, or one flat muted colour")
-    ap.add_argument("--glyph-ink", choices=("palette", "white", "pastel"), default="palette",
-                    help="--world glyphs: glyph colour: the palette's, white, or the palette's mixed with white")
+    ap.add_argument(
+        "--glyph-cells",
+        type=int,
+        default=None,
+        help="--world glyphs: blocky glyphs drawn this many cells tall, then enlarged",
+    )
+    ap.add_argument(
+        "--glyph-background",
+        choices=("demo", "black", "flat"),
+        default="demo",
+        help="--world glyphs: the demo's textured backgrounds, black, or one flat muted colour",
+    )
+    ap.add_argument(
+        "--glyph-ink",
+        choices=("palette", "white", "pastel"),
+        default="palette",
+        help="--world glyphs: glyph colour: the palette's, white, or the palette's mixed with white",
+    )
     ap.add_argument("--glyph-set", default="0123456789", help="--world glyphs: the glyphs (one class each)")
     ap.add_argument("--root", default=None, help="demo folder (default: the training cache's, by --num-train)")
     ap.add_argument("--num-train", type=int, default=20000)
@@ -197,14 +260,26 @@ def main() -> None:
     torch.manual_seed(0)
 
     if args.world == "demo" and not (Path(args.root) / "DONE.json").is_file():  # a finished demo is read as it is
-        ensure_demo(args.root, num_train=args.num_train,
-                    **({"num_zeroshot": 40, "num_retrieval": 8, "num_refexp": 8, "num_segmentation": 8, "num_words": 8}
-                       if args.quick else {}))
+        ensure_demo(
+            args.root,
+            num_train=args.num_train,
+            **(
+                {"num_zeroshot": 40, "num_retrieval": 8, "num_refexp": 8, "num_segmentation": 8, "num_words": 8}
+                if args.quick
+                else {}
+            ),
+        )
     import yaml
 
     tiny = yaml.safe_load((ROOT / "conf" / "model" / "tiny.yaml").read_text())["vision"]
-    cfg = dict(size=args.image_size or tiny["image_size"], patch=args.patch or tiny["patch_size"],
-               width=tiny["width"], depth=tiny["depth"], heads=tiny["heads"], mlp=tiny["mlp_dim"])
+    cfg = dict(
+        size=args.image_size or tiny["image_size"],
+        patch=args.patch or tiny["patch_size"],
+        width=tiny["width"],
+        depth=tiny["depth"],
+        heads=tiny["heads"],
+        mlp=tiny["mlp_dim"],
+    )
     print("tower:", cfg)
     t0 = time.time()
     if args.world == "words":
@@ -221,32 +296,58 @@ def main() -> None:
         args.attribute = "glyph"
         VALUES["glyph"] = tuple(args.glyph_set)
         sizes = tuple(args.glyph_sizes.split(","))
-        kw = dict(sizes=sizes, max_aspect=args.glyph_aspect, num_fonts=args.glyph_fonts, centred=args.glyph_centred,
-                  cells=args.glyph_cells, background=args.glyph_background,
-                  ink=args.glyph_ink, alphabet=args.glyph_set)
-        x_train, y_train = glyph_split(min(args.num_train, args.steps * args.batch), cfg["size"], 0, single=False,
-                                       max_glyphs=args.glyph_max, **kw)
+        kw = dict(
+            sizes=sizes,
+            max_aspect=args.glyph_aspect,
+            num_fonts=args.glyph_fonts,
+            centred=args.glyph_centred,
+            cells=args.glyph_cells,
+            background=args.glyph_background,
+            ink=args.glyph_ink,
+            alphabet=args.glyph_set,
+        )
+        x_train, y_train = glyph_split(
+            min(args.num_train, args.steps * args.batch), cfg["size"], 0, single=False, max_glyphs=args.glyph_max, **kw
+        )
         x_test, y_test = glyph_split(80 if args.quick else 800, cfg["size"], 1, single=True, **kw)
     else:
         x_train, y_train = load_split(str(Path(args.root) / "train" / "*.tar"), cfg["size"], args.attribute)
-        x_test, y_test = load_split(str(Path(args.root) / "eval" / TEST_SET[args.attribute] / "*.tar"),
-                                    cfg["size"], args.attribute)
+        x_test, y_test = load_split(
+            str(Path(args.root) / "eval" / TEST_SET[args.attribute] / "*.tar"), cfg["size"], args.attribute
+        )
     n_values = y_train.shape[1]
-    print(f"attribute {args.attribute}: {n_values} values; loaded {len(x_train)} train / {len(x_test)} "
-          f"held-out single-object images in {time.time() - t0:.0f} s")
+    print(
+        f"attribute {args.attribute}: {n_values} values; loaded {len(x_train)} train / {len(x_test)} "
+        f"held-out single-object images in {time.time() - t0:.0f} s"
+    )
 
     towers = {
-        "ours": VisionTransformer(VisionConfig(width=cfg["width"], depth=cfg["depth"], mlp_dim=cfg["mlp"],
-                                               heads=cfg["heads"], patch_size=cfg["patch"],
-                                               posemb_grid=cfg["size"] // cfg["patch"], image_size=cfg["size"])),
+        "ours": VisionTransformer(
+            VisionConfig(
+                width=cfg["width"],
+                depth=cfg["depth"],
+                mlp_dim=cfg["mlp"],
+                heads=cfg["heads"],
+                patch_size=cfg["patch"],
+                posemb_grid=cfg["size"] // cfg["patch"],
+                image_size=cfg["size"],
+            )
+        ),
         "timm": TimmPeer(**cfg),
         "cnn": SmallCNN(cfg["width"]),
     }
     towers = {k: v for k, v in towers.items() if k in args.models.split(",")}
     pooled = {"ours": lambda m, x: m(x).pooled, "timm": lambda m, x: m(x), "cnn": lambda m, x: m(x)}
     heads = {k: torch.nn.Linear(cfg["width"], n_values) for k in towers}
-    opts = {k: torch.optim.AdamW([*towers[k].parameters(), *heads[k].parameters()], lr=args.lr,
-                                 betas=(0.9, 0.95), weight_decay=1e-4 / args.lr) for k in towers}
+    opts = {
+        k: torch.optim.AdamW(
+            [*towers[k].parameters(), *heads[k].parameters()],
+            lr=args.lr,
+            betas=(0.9, 0.95),
+            weight_decay=1e-4 / args.lr,
+        )
+        for k in towers
+    }
     warmup = max(1, round(0.05 * args.steps))
 
     def lr_at(step: int) -> float:  # the training config's schedule: linear warmup, cosine to 0
@@ -260,8 +361,10 @@ def main() -> None:
     @torch.no_grad()
     def predict(name: str) -> torch.Tensor:
         towers[name].eval()
-        preds = [heads[name](pooled[name](towers[name], norm(x_test[i:i + 200]))).argmax(1)
-                 for i in range(0, len(x_test), 200)]
+        preds = [
+            heads[name](pooled[name](towers[name], norm(x_test[i : i + 200]))).argmax(1)
+            for i in range(0, len(x_test), 200)
+        ]
         towers[name].train()
         return torch.cat(preds)
 
@@ -271,8 +374,10 @@ def main() -> None:
         return f"{float((predict(name) == y_test.argmax(1)).float().mean()):.3f}"
 
     every = max(1, args.steps // args.evals)
-    print(f"{'step':>6} {'samples':>8} {'ours top-1':>11} {'timm top-1':>11} {'cnn top-1':>10}   "
-          f"(chance {1 / n_values:.3f})")
+    print(
+        f"{'step':>6} {'samples':>8} {'ours top-1':>11} {'timm top-1':>11} {'cnn top-1':>10}   "
+        f"(chance {1 / n_values:.3f})"
+    )
     gen = torch.Generator().manual_seed(0)
     for step in range(args.steps):
         idx = torch.randint(0, len(x_train), (args.batch,), generator=gen)
@@ -286,15 +391,20 @@ def main() -> None:
             torch.nn.utils.clip_grad_norm_([*towers[name].parameters(), *heads[name].parameters()], 1.0)
             opts[name].step()
         if (step + 1) % every == 0 or step + 1 == args.steps:
-            print(f"{step + 1:>6} {(step + 1) * args.batch:>8} {accuracy('ours'):>11} {accuracy('timm'):>11} "
-                  f"{accuracy('cnn'):>10}", flush=True)
+            print(
+                f"{step + 1:>6} {(step + 1) * args.batch:>8} {accuracy('ours'):>11} {accuracy('timm'):>11} "
+                f"{accuracy('cnn'):>10}",
+                flush=True,
+            )
     names = VALUES[args.attribute]
     truth = y_test.argmax(1)
     print("per-class top-1 at the end (rows: models; columns: " + ", ".join(names) + ")")
     for name in towers:
         pred = predict(name)
-        accs = [float((pred[truth == c] == c).float().mean()) if (truth == c).any() else float("nan")
-                for c in range(len(names))]
+        accs = [
+            float((pred[truth == c] == c).float().mean()) if (truth == c).any() else float("nan")
+            for c in range(len(names))
+        ]
         print(f"  {name:>5} " + " ".join(f"{a:.2f}" for a in accs))
 
 

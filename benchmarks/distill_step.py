@@ -10,6 +10,7 @@ global view, 8 local views of 6x6 tokens, the masked view) and the two heads, co
 meta device; the text tower and LocCa decoder are the same in both phases and are left out
 of the ratio's numerator and denominator alike (reported apart).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,12 @@ def worker(phase: str, steps: int, threads: int, local_grid: int | None = None) 
         step(batch)
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    return {"phase": phase, "step_ms": 1000 * statistics.median(times),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "batch": int(batch["image"].shape[0])}
+    return {
+        "phase": phase,
+        "step_ms": 1000 * statistics.median(times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "batch": int(batch["image"].shape[0]),
+    }
 
 
 def b16_flops(batch: int = 256) -> dict:
@@ -91,10 +95,14 @@ def b16_flops(batch: int = 256) -> dict:
         f_text = measure_flops(model, text_pass, loss_fn=lambda y: y)
         f_distill = measure_flops(model, distill, loss_fn=lambda y: y)
         f_teacher = measure_flops(model, teacher)
-    return {"b16_vision_main_tflops": f_main / 1e12, "b16_text_tflops": f_text / 1e12,
-            "b16_distill_student_tflops": f_distill / 1e12, "b16_teacher_tflops": f_teacher / 1e12,
-            "b16_vision_ratio_after_vs_before": (f_main + f_distill + f_teacher) / f_main,
-            "b16_towers_ratio_after_vs_before": (f_main + f_text + f_distill + f_teacher) / (f_main + f_text)}
+    return {
+        "b16_vision_main_tflops": f_main / 1e12,
+        "b16_text_tflops": f_text / 1e12,
+        "b16_distill_student_tflops": f_distill / 1e12,
+        "b16_teacher_tflops": f_teacher / 1e12,
+        "b16_vision_ratio_after_vs_before": (f_main + f_distill + f_teacher) / f_main,
+        "b16_towers_ratio_after_vs_before": (f_main + f_text + f_distill + f_teacher) / (f_main + f_text),
+    }
 
 
 def main() -> None:
@@ -103,8 +111,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--local-grid", type=int, default=None,
-                    help="local views of N x N tokens (default: the model yaml's distill.local_grid)")
+    ap.add_argument(
+        "--local-grid",
+        type=int,
+        default=None,
+        help="local views of N x N tokens (default: the model yaml's distill.local_grid)",
+    )
     ap.add_argument("--worker", nargs=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -124,19 +136,29 @@ def main() -> None:
     before = {k: statistics.median(r[k] for r in rows["before"]) for k in ("step_ms", "peak_rss_mb")}
     after = {k: statistics.median(r[k] for r in rows["after"]) for k in ("step_ms", "peak_rss_mb")}
     print(f"tiny, batch {rows['before'][0]['batch']}, {args.threads} threads, CPU fp32")
-    print(f"  without distillation losses {none['step_ms']:.0f} ms, {none['peak_rss_mb']:.0f} MB; with them, "
-          f"before the switch: {before['step_ms'] / none['step_ms']:.2f}x time, "
-          f"{before['peak_rss_mb'] / none['peak_rss_mb']:.2f}x memory")
-    print(f"  step time  before {before['step_ms']:.0f} ms   after {after['step_ms']:.0f} ms   "
-          f"ratio {after['step_ms'] / before['step_ms']:.2f}x")
-    print(f"  peak RSS   before {before['peak_rss_mb']:.0f} MB   after {after['peak_rss_mb']:.0f} MB   "
-          f"ratio {after['peak_rss_mb'] / before['peak_rss_mb']:.2f}x")
+    print(
+        f"  without distillation losses {none['step_ms']:.0f} ms, {none['peak_rss_mb']:.0f} MB; with them, "
+        f"before the switch: {before['step_ms'] / none['step_ms']:.2f}x time, "
+        f"{before['peak_rss_mb'] / none['peak_rss_mb']:.2f}x memory"
+    )
+    print(
+        f"  step time  before {before['step_ms']:.0f} ms   after {after['step_ms']:.0f} ms   "
+        f"ratio {after['step_ms'] / before['step_ms']:.2f}x"
+    )
+    print(
+        f"  peak RSS   before {before['peak_rss_mb']:.0f} MB   after {after['peak_rss_mb']:.0f} MB   "
+        f"ratio {after['peak_rss_mb'] / before['peak_rss_mb']:.2f}x"
+    )
     f = b16_flops()
     print("B/16 224 px, batch 256, training FLOPs per step (meta device):")
-    print(f"  vision main {f['b16_vision_main_tflops']:.1f} T, text {f['b16_text_tflops']:.1f} T, distillation "
-          f"student passes + heads {f['b16_distill_student_tflops']:.1f} T, teacher {f['b16_teacher_tflops']:.1f} T")
-    print(f"  vision ratio after/before {f['b16_vision_ratio_after_vs_before']:.2f}x, towers ratio "
-          f"{f['b16_towers_ratio_after_vs_before']:.2f}x")
+    print(
+        f"  vision main {f['b16_vision_main_tflops']:.1f} T, text {f['b16_text_tflops']:.1f} T, distillation "
+        f"student passes + heads {f['b16_distill_student_tflops']:.1f} T, teacher {f['b16_teacher_tflops']:.1f} T"
+    )
+    print(
+        f"  vision ratio after/before {f['b16_vision_ratio_after_vs_before']:.2f}x, towers ratio "
+        f"{f['b16_towers_ratio_after_vs_before']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def caption(rng: np.random.Generator, glyphs, omit: float = 0.0) -> str:
     """'a photo of a large red letter K and a medium blue letter S' (glyphs left to right);
     `omit`: the chance, for each glyph and each of size and colour on its own, that the word is
     left out ('a photo of a letter K and a blue letter S'), so the letter must tell captions apart."""
+
     def phrase(g) -> str:
         words = [w for w in (g.size, g.color) if not (omit and rng.random() < omit)]
         return " ".join(["a", *words, "letter", g.glyph])
@@ -75,27 +76,60 @@ def write_shard(task: tuple) -> tuple[str, int]:
             w, h = glyph_scene_size(rng, max_aspect=aspect)
             force = ALPHABET[i % len(ALPHABET)] if labelled else None  # balanced classes
             n = 1 if labelled else int(rng.integers(lo, hi + 1))
-            img, _, glyphs = draw_glyph_scene(rng, w, h, n, force, sizes, num_fonts=3, background="black",
-                                              ink="pastel", alphabet=ALPHABET)
-            meta = {"lang": "en", "width": w, "height": h,
-                    "regions": [{"caption": f"{g.size} {g.color} letter {g.glyph}",
-                                 "box": [round(g.box[0] / w, 6), round(g.box[1] / h, 6),
-                                         round(g.box[2] / w, 6), round(g.box[3] / h, 6)]} for g in glyphs]}
+            img, _, glyphs = draw_glyph_scene(
+                rng, w, h, n, force, sizes, num_fonts=3, background="black", ink="pastel", alphabet=ALPHABET
+            )
+            meta = {
+                "lang": "en",
+                "width": w,
+                "height": h,
+                "regions": [
+                    {
+                        "caption": f"{g.size} {g.color} letter {g.glyph}",
+                        "box": [
+                            round(g.box[0] / w, 6),
+                            round(g.box[1] / h, 6),
+                            round(g.box[2] / w, 6),
+                            round(g.box[3] / h, 6),
+                        ],
+                    }
+                    for g in glyphs
+                ],
+            }
             if labelled:
                 meta["label"] = ALPHABET.index(force)
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=90, subsampling=0)  # as the demo's shards
-            tw.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": caption(rng, glyphs, omit).encode(),
-                      "json": json.dumps(meta).encode()})
+            tw.write(
+                {
+                    "__key__": f"{i:09d}",
+                    "jpg": buf.getvalue(),
+                    "txt": caption(rng, glyphs, omit).encode(),
+                    "json": json.dumps(meta).encode(),
+                }
+            )
     return path, count
 
 
-def plan(out: str, layout: str, sid: int, seed: int, n: int, labelled: bool,
-         omit: float = 0.0) -> tuple[list[tuple], str]:
+def plan(
+    out: str, layout: str, sid: int, seed: int, n: int, labelled: bool, omit: float = 0.0
+) -> tuple[list[tuple], str]:
     os.makedirs(out, exist_ok=True)
     k = max(1, -(-n // PER_SHARD))
-    tasks = [(os.path.join(out, f"{s:06d}.tar"), layout, sid, seed, s, s * PER_SHARD,
-              min(PER_SHARD, n - s * PER_SHARD), labelled, omit) for s in range(k)]
+    tasks = [
+        (
+            os.path.join(out, f"{s:06d}.tar"),
+            layout,
+            sid,
+            seed,
+            s,
+            s * PER_SHARD,
+            min(PER_SHARD, n - s * PER_SHARD),
+            labelled,
+            omit,
+        )
+        for s in range(k)
+    ]
     return tasks, f"{{000000..{k - 1:06d}}}.tar"
 
 
@@ -107,21 +141,32 @@ def main() -> None:
     ap.add_argument("--num-eval", type=int, default=800)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--omit", type=float, default=0.0,
-                    help="train captions: chance that each glyph's size, and its colour, is left out")
+    ap.add_argument(
+        "--omit",
+        type=float,
+        default=0.0,
+        help="train captions: chance that each glyph's size, and its colour, is left out",
+    )
     args = ap.parse_args()
     out = os.path.abspath(args.out)
 
-    tasks, train_urls = plan(os.path.join(out, "train"), args.variant, 0, args.seed, args.num_train, False,
-                             args.omit)
+    tasks, train_urls = plan(os.path.join(out, "train"), args.variant, 0, args.seed, args.num_train, False, args.omit)
     eval_layouts = ["single"] + (["multi"] if args.variant == "multi" else [])
     yamls = []
     for sid, layout in enumerate(eval_layouts, start=1):
         d = os.path.join(out, f"eval_{layout}")
         t, urls = plan(d, layout, sid, args.seed, args.num_eval, True)
         tasks += t
-        spec = {"name": f"glyph_{layout}", "task": "zeroshot", "urls": urls, "num_samples": args.num_eval,
-                "classnames": list(ALPHABET), "templates": list(TEMPLATES), "label_key": "label", "lang_key": "lang"}
+        spec = {
+            "name": f"glyph_{layout}",
+            "task": "zeroshot",
+            "urls": urls,
+            "num_samples": args.num_eval,
+            "classnames": list(ALPHABET),
+            "templates": list(TEMPLATES),
+            "label_key": "label",
+            "lang_key": "lang",
+        }
         yamls.append(os.path.join(d, f"eval_{layout}.yaml"))
         with open(yamls[-1], "w") as f:
             yaml.safe_dump(spec, f, sort_keys=False)
@@ -132,9 +177,11 @@ def main() -> None:
     shards = os.path.join(out, "train", train_urls)
     sets = "[" + ",".join(yamls) + "]"
     print(f"TOKENIZER: python -m siglip2.data.tokenizer train --shards '{shards}' --vocab 4000 --out {out}/tok")
-    print(f"TRAIN: python train.py data=webdataset 'data.train=\"{shards}\"' data.batch_size=32 data.num_workers=1 "
-          f"tokenizer=sentencepiece tokenizer.path={out}/tok/tokenizer.model logger=csv 'eval.sets={sets}' "
-          f"trainer.max_steps=750 hydra.run.dir={out}/run_750")
+    print(
+        f"TRAIN: python train.py data=webdataset 'data.train=\"{shards}\"' data.batch_size=32 data.num_workers=1 "
+        f"tokenizer=sentencepiece tokenizer.path={out}/tok/tokenizer.model logger=csv 'eval.sets={sets}' "
+        f"trainer.max_steps=750 hydra.run.dir={out}/run_750"
+    )
     print(f"EVAL: python eval.py ckpt_path={out}/run_750/checkpoints/last.ckpt 'eval.sets={sets}'")
     print(f"SETS: {sets}")
 

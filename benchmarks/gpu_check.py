@@ -45,6 +45,7 @@ Nothing is downloaded: the demo data and tokenizer are generated, weights are ra
 Part 2 and 3 run while the demo is being built (setup, CPU) in the background; part 4 runs
 alone after the smoke runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,12 @@ GPU_STRATEGIES = ["gpu", "gpu_ddp", "fsdp", "fsdp2", "deepspeed_stage_2"]
 CPU_STRATEGIES = ["cpu", "ddp_cpu", "fsdp_cpu", "fsdp2_cpu", "deepspeed_cpu"]
 DISTILL = ("local_to_global", "masked")
 # (name, LocCa built, distillation on)
-VARIANTS = [("sigmoid", False, False), ("sigmoid+locca", True, False), ("sigmoid+distill", False, True),
-            ("all losses", True, True)]
+VARIANTS = [
+    ("sigmoid", False, False),
+    ("sigmoid+locca", True, False),
+    ("sigmoid+distill", False, True),
+    ("all losses", True, True),
+]
 SYNC_MESSAGE = "synchroniz"  # torch: "called a synchronizing CUDA operation"
 
 
@@ -119,8 +124,9 @@ class Proc:
         self.out_path, self.err_path = work / f"{name}.stdout", work / f"{name}.stderr"
         self.start = time.time()
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.p = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, env={**os.environ, **(env or {})},
-                                      start_new_session=True)
+            self.p = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=out, stderr=err, env={**os.environ, **(env or {})}, start_new_session=True
+            )
         self.rc: int | None = None
         self.timed_out = False
         self.wall = 0.0
@@ -238,8 +244,15 @@ class SyncProbe:
         o = self._open
         b = o["b"] if o["b"] is not None else now
         step_sites = b - o["a"]
-        self.steps.append({"step": o["step"], "distill": o["distill"], "step_syncs": sum(step_sites.values()),
-                           "loop_syncs": sum((now - o["a"]).values()), "step_sites": dict(step_sites)})
+        self.steps.append(
+            {
+                "step": o["step"],
+                "distill": o["distill"],
+                "step_syncs": sum(step_sites.values()),
+                "loop_syncs": sum((now - o["a"]).values()),
+                "step_sites": dict(step_sites),
+            }
+        )
         with open(self.path, "w") as f:
             json.dump({"method": self.method, "steps": self.steps}, f)
 
@@ -254,7 +267,7 @@ def _site(filename: str, lineno: int) -> str:
     parts = path.parts
     for anchor in ("site-packages", "lib"):
         if anchor in parts:
-            return "/".join(parts[parts.index(anchor) + 1:]) + f":{lineno}"
+            return "/".join(parts[parts.index(anchor) + 1 :]) + f":{lineno}"
     return f"{path.name}:{lineno}"
 
 
@@ -310,9 +323,11 @@ def summarize_syncs(data: dict) -> str:
     for s in after or before:
         sites.update(s["step_sites"])
     top = ", ".join(f"{k} x{v}" for k, v in sites.most_common(3)) or "none"
-    return (f"host syncs/step [{data.get('method')}]: step before {med(before, 'step_syncs')} / after "
-            f"{med(after, 'step_syncs')}; loop before {med(before, 'loop_syncs')} / after {med(after, 'loop_syncs')}; "
-            f"top step sites {'after' if after else 'before'} the switch: {top}")
+    return (
+        f"host syncs/step [{data.get('method')}]: step before {med(before, 'step_syncs')} / after "
+        f"{med(after, 'step_syncs')}; loop before {med(before, 'loop_syncs')} / after {med(after, 'loop_syncs')}; "
+        f"top step sites {'after' if after else 'before'} the switch: {top}"
+    )
 
 
 # ================================================================================ parts 2 and 3: the step
@@ -321,8 +336,12 @@ def model_overrides(cpu: bool) -> list[str]:
         import train_step as ts
 
         spec = ts.SIZES["micro"]
-        return [f"model={spec['model']}", f"model.text.vocab_size={spec['vocab']}",
-                f"model.vision.image_size={spec['image']}", *spec["extra"]]
+        return [
+            f"model={spec['model']}",
+            f"model.text.vocab_size={spec['vocab']}",
+            f"model.vision.image_size={spec['image']}",
+            *spec["extra"],
+        ]
     return ["model=b16", "model.vision.image_size=256"]
 
 
@@ -353,16 +372,23 @@ def build_step(cfg, device, batch: int, total_steps: int = 10_000):
     stage = stage.to(device)  # also sets LightningModule.device (views' generator)
     stage.configure_model()
     precision = "bf16-mixed" if device.type == "cuda" else "32-true"
-    stage._trainer = SimpleNamespace(estimated_stepping_batches=total_steps, global_step=0, precision=precision,
-                                     world_size=1, accumulate_grad_batches=1, strategy=None,
-                                     datamodule=SimpleNamespace(batch_size=batch))
+    stage._trainer = SimpleNamespace(
+        estimated_stepping_batches=total_steps,
+        global_step=0,
+        precision=precision,
+        world_size=1,
+        accumulate_grad_batches=1,
+        strategy=None,
+        datamodule=SimpleNamespace(batch_size=batch),
+    )
     conf = stage.configure_optimizers()
     stage._trainer = None  # outside a Trainer: self.log is a no-op
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     params = [p for g in opt.param_groups for p in g["params"]]
     clip = float(cfg.optim.grad_clip or 0.0)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     stage.train()
 
     def step(b, i: int = 0):
@@ -483,9 +509,17 @@ def part_step(args) -> None:
     deadline = time.time() + args.time_box
     peak, peak_what = peak_flops(args, device)
     mm = matmul_bf16_rate(device)
-    emit(args.jsonl, {"kind": "device", "device": torch.cuda.get_device_name() if device.type == "cuda" else
-                      platform.processor() or "cpu", "peak": peak, "peak_what": peak_what, "matmul_bf16": mm,
-                      "torch": torch.__version__})
+    emit(
+        args.jsonl,
+        {
+            "kind": "device",
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+            "peak": peak,
+            "peak_what": peak_what,
+            "matmul_bf16": mm,
+            "torch": torch.__version__,
+        },
+    )
     batch = args.batch
     warmup, steps = (1, 2) if args.cpu_dry_run else (3, 10)
     for name, locca, distill in VARIANTS:
@@ -525,14 +559,36 @@ def part_step(args) -> None:
                 step(b, warmup + i)
             sync(device)
             step_s = (time.perf_counter() - start) / steps
-            emit(args.jsonl, {"kind": "step", "variant": name, "ok": True, "batch": batch, "step_s": step_s,
-                              "samples_s": batch / step_s, "flops_measure": measured, "flops_counted": counted,
-                              "mfu_measure": measured / step_s / peak, "mfu_counted": counted / step_s / peak,
-                              "peak_mb": peak_mb(device), "steps": steps,
-                              "image": int(cfg.model.vision.image_size), "vocab": int(cfg.model.text.vocab_size)})
+            emit(
+                args.jsonl,
+                {
+                    "kind": "step",
+                    "variant": name,
+                    "ok": True,
+                    "batch": batch,
+                    "step_s": step_s,
+                    "samples_s": batch / step_s,
+                    "flops_measure": measured,
+                    "flops_counted": counted,
+                    "mfu_measure": measured / step_s / peak,
+                    "mfu_counted": counted / step_s / peak,
+                    "peak_mb": peak_mb(device),
+                    "steps": steps,
+                    "image": int(cfg.model.vision.image_size),
+                    "vocab": int(cfg.model.text.vocab_size),
+                },
+            )
         except Exception as exc:
-            emit(args.jsonl, {"kind": "step", "variant": name, "ok": False, "batch": batch,
-                              "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]})
+            emit(
+                args.jsonl,
+                {
+                    "kind": "step",
+                    "variant": name,
+                    "ok": False,
+                    "batch": batch,
+                    "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200],
+                },
+            )
         stage = step = b = None
         free(device)
 
@@ -593,8 +649,17 @@ def part_maxbatch(args) -> None:
             bsz = (lo["batch"] + hi) // 2 // gran * gran
             if bsz <= lo["batch"]:
                 break
-    emit(args.jsonl, {"kind": "max", "best": lo, "first_oom": hi, "total_mb": total,
-                      "capped": hi is None and lo is not None, "time_box_spent": time.time() >= deadline})
+    emit(
+        args.jsonl,
+        {
+            "kind": "max",
+            "best": lo,
+            "first_oom": hi,
+            "total_mb": total,
+            "capped": hi is None and lo is not None,
+            "time_box_spent": time.time() >= deadline,
+        },
+    )
 
 
 # ================================================================================ part 4: the loader
@@ -646,11 +711,23 @@ def part_data(args) -> None:
         try:
             data = dp.build_data(demo, px, args.loader_batch, batches + w, workers=w, shards=urls)
             rate = timed_after_first_round(data.train_dataloader(), w)
-            emit(args.jsonl, {"kind": "loader", "workers": w, "ok": True, "px": px, "batch": args.loader_batch,
-                              "samples": batches * args.loader_batch, "samples_s": rate, "per_worker": rate / w})
+            emit(
+                args.jsonl,
+                {
+                    "kind": "loader",
+                    "workers": w,
+                    "ok": True,
+                    "px": px,
+                    "batch": args.loader_batch,
+                    "samples": batches * args.loader_batch,
+                    "samples_s": rate,
+                    "per_worker": rate / w,
+                },
+            )
         except Exception as exc:
-            emit(args.jsonl, {"kind": "loader", "workers": w, "ok": False,
-                              "error": f"{type(exc).__name__}: {exc}"[:200]})
+            emit(
+                args.jsonl, {"kind": "loader", "workers": w, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:200]}
+            )
 
 
 # ================================================================================ the driver
@@ -675,20 +752,44 @@ class Report:
 
 def git_commit() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return rev + (" (+ uncommitted changes)" if dirty else "")
     except Exception:
         return "?"
 
 
 def worker_cmd(part: str, args, jsonl: Path, time_box: float) -> list[str]:
-    cmd = [sys.executable, __file__, "--part", part, "--jsonl", str(jsonl), "--time-box", f"{time_box:.0f}",
-           "--batch", str(args.batch), "--cache", args.cache,
-           "--web-size", args.web_size, "--loader-batch", str(args.loader_batch),
-           "--loader-batches", str(args.loader_batches), "--workers", *map(str, args.workers)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--part",
+        part,
+        "--jsonl",
+        str(jsonl),
+        "--time-box",
+        f"{time_box:.0f}",
+        "--batch",
+        str(args.batch),
+        "--cache",
+        args.cache,
+        "--web-size",
+        args.web_size,
+        "--loader-batch",
+        str(args.loader_batch),
+        "--loader-batches",
+        str(args.loader_batches),
+        "--workers",
+        *map(str, args.workers),
+    ]
     cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
     return cmd + (["--cpu-dry-run"] if args.cpu_dry_run else [])
 
@@ -707,18 +808,29 @@ def driver(args) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     dry = args.cpu_dry_run
-    env = {"WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-           "SIGLIP2_CACHE": args.cache}
-    T = {"step": 150, "maxbatch": 110, "smoke": 170, "data": 75} if not dry else \
-        {"step": 120, "maxbatch": 60, "smoke": 200, "data": 60}
+    env = {
+        "WANDB_MODE": "disabled",
+        "HYDRA_FULL_ERROR": "1",
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "SIGLIP2_CACHE": args.cache,
+    }
+    T = (
+        {"step": 150, "maxbatch": 110, "smoke": 170, "data": 75}
+        if not dry
+        else {"step": 120, "maxbatch": 60, "smoke": 200, "data": 60}
+    )
     later_min = 30  # seconds kept for each part still to come
 
     def time_for(part: str, after: int) -> float:
         return min(T[part], deadline - time.time() - later_min * after)
 
-    header = [f"# GPU check ({'CPU dry run: plumbing only, not a measurement' if dry else 'one GPU'})", "",
-              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}, "
-              f"host {platform.node()}, {os.cpu_count()} CPUs; budget {args.budget:.0f} s"]
+    header = [
+        f"# GPU check ({'CPU dry run: plumbing only, not a measurement' if dry else 'one GPU'})",
+        "",
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}, "
+        f"host {platform.node()}, {os.cpu_count()} CPUs; budget {args.budget:.0f} s",
+    ]
     report = Report(args, header)
     log = lambda msg: print(f"[gpu_check {time.time() - t_start:5.0f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
 
@@ -740,8 +852,14 @@ def driver(args) -> None:
         recs = read_records(jsonl)
         dev = next((r for r in recs if r["kind"] == "device"), None)
         if dev and part == "step":
-            mm = f", achieved bf16 matmul 8192^3 {dev['matmul_bf16'] / 1e12:.0f} TFLOP/s" if dev.get("matmul_bf16") else ""
-            report.header.append(f"device: {dev['device']}; torch {dev['torch']}; MFU against the {dev['peak_what']}{mm}")
+            mm = (
+                f", achieved bf16 matmul 8192^3 {dev['matmul_bf16'] / 1e12:.0f} TFLOP/s"
+                if dev.get("matmul_bf16")
+                else ""
+            )
+            report.header.append(
+                f"device: {dev['device']}; torch {dev['torch']}; MFU against the {dev['peak_what']}{mm}"
+            )
         if part == "step":
             model = "micro model (tiny, 32 px), fp32 CPU" if dry else "B/16 @ 256 px, vocab 256k, bf16 autocast"
             for r in [r for r in recs if r["kind"] == "step"]:
@@ -749,39 +867,66 @@ def driver(args) -> None:
                 if r["ok"]:
                     steps[r["variant"]] = r
                     mem = "RSS high-water" if dry else "peak allocated"
-                    report.add("2", check, "PASS", None,
-                               f"{r['step_s'] * 1e3:.1f} ms/step, {r['samples_s']:.1f} samples/s; "
-                               f"FLOP/step {fmt_flop(r['flops_measure'])} (measure_flops) / "
-                               f"{fmt_flop(r['flops_counted'])} (counted); MFU {r['mfu_measure']:.1%} / "
-                               f"{r['mfu_counted']:.1%}; {mem} {fmt_gb(r['peak_mb'])}")
+                    report.add(
+                        "2",
+                        check,
+                        "PASS",
+                        None,
+                        f"{r['step_s'] * 1e3:.1f} ms/step, {r['samples_s']:.1f} samples/s; "
+                        f"FLOP/step {fmt_flop(r['flops_measure'])} (measure_flops) / "
+                        f"{fmt_flop(r['flops_counted'])} (counted); MFU {r['mfu_measure']:.1%} / "
+                        f"{r['mfu_counted']:.1%}; {mem} {fmt_gb(r['peak_mb'])}",
+                    )
                 else:
                     report.add("2", check, "FAIL", None, r["error"])
             if not [r for r in recs if r["kind"] == "step"] or proc.rc != 0:
                 if proc.rc != 0:
-                    report.add("2", f"step worker ({len(steps)} of {len(VARIANTS)} variants done)", "FAIL",
-                               proc.wall, proc.failure())
+                    report.add(
+                        "2",
+                        f"step worker ({len(steps)} of {len(VARIANTS)} variants done)",
+                        "FAIL",
+                        proc.wall,
+                        proc.failure(),
+                    )
         else:
             best = next((r for r in recs if r["kind"] == "max"), None)
             probes = [r for r in recs if r["kind"] == "probe"]
             ladder = ", ".join(f"{p['batch']}{'' if p['fits'] else ' OOM'}" for p in probes)
             if best and best["best"]:
                 b = best["best"]
-                note = (" (CPU: capped at 2 rungs, no OOM possible)" if dry else
-                        " (ladder capped)" if best["capped"] else
-                        f"; first OOM at {best['first_oom']}" + (" (time box spent before bisection ended)"
-                                                                 if best["time_box_spent"] else ""))
-                mem = (f"RSS high-water {fmt_gb(b['peak_mb'])}" if dry else
-                       f"peak allocated {fmt_gb(b['peak_mb'])} of {fmt_gb(best['total_mb'])}")
-                report.add("3", "largest per-GPU batch, all losses" + (" (micro, CPU)" if dry else ", B/16 @ 256"),
-                           "PASS", proc.wall, f"batch {b['batch']}: {mem}, {b['step_s'] * 1e3:.0f} ms/step "
-                           f"({b['batch'] / b['step_s']:.1f} samples/s){note}; probes: {ladder}")
+                note = (
+                    " (CPU: capped at 2 rungs, no OOM possible)"
+                    if dry
+                    else " (ladder capped)"
+                    if best["capped"]
+                    else f"; first OOM at {best['first_oom']}"
+                    + (" (time box spent before bisection ended)" if best["time_box_spent"] else "")
+                )
+                mem = (
+                    f"RSS high-water {fmt_gb(b['peak_mb'])}"
+                    if dry
+                    else f"peak allocated {fmt_gb(b['peak_mb'])} of {fmt_gb(best['total_mb'])}"
+                )
+                report.add(
+                    "3",
+                    "largest per-GPU batch, all losses" + (" (micro, CPU)" if dry else ", B/16 @ 256"),
+                    "PASS",
+                    proc.wall,
+                    f"batch {b['batch']}: {mem}, {b['step_s'] * 1e3:.0f} ms/step "
+                    f"({b['batch'] / b['step_s']:.1f} samples/s){note}; probes: {ladder}",
+                )
             else:
                 fits = [p for p in probes if p["fits"]]
                 extra = f"; probes: {ladder}" if ladder else ""
                 if fits:  # killed before the summary: the probes say enough
                     b = max(fits, key=lambda p: p["batch"])
-                    report.add("3", "largest per-GPU batch, all losses", "PARTIAL", proc.wall,
-                               f"at least batch {b['batch']} ({fmt_gb(b['peak_mb'])}); {proc.failure()}{extra}")
+                    report.add(
+                        "3",
+                        "largest per-GPU batch, all losses",
+                        "PARTIAL",
+                        proc.wall,
+                        f"at least batch {b['batch']} ({fmt_gb(b['peak_mb'])}); {proc.failure()}{extra}",
+                    )
                 else:
                     report.add("3", "largest per-GPU batch, all losses", "FAIL", proc.wall, proc.failure() + extra)
         log(f"part {part}: rc {proc.rc} in {proc.wall:.0f} s")
@@ -797,7 +942,7 @@ def driver(args) -> None:
     strategies = CPU_STRATEGIES if dry else GPU_STRATEGIES
     budget = time_for("smoke", 1)
     procs = []
-    extra = (["trainer.max_steps=5", "data.batch_size=4"] if dry else ["trainer.max_steps=10"])
+    extra = ["trainer.max_steps=5", "data.batch_size=4"] if dry else ["trainer.max_steps=10"]
     for i, t in enumerate(strategies):
         if not (ROOT / "conf" / "trainer" / f"{t}.yaml").exists():
             report.add("1", f"smoke trainer={t}", "SKIP", None, f"conf/trainer/{t}.yaml does not exist (yet)")
@@ -808,10 +953,20 @@ def driver(args) -> None:
         logs = work / "logs" / t
         sync_json = work / f"syncs_{t}.json"
         sync_json.unlink(missing_ok=True)
-        overrides = ["debug=fast", f"trainer={t}", "trainer.devices=1", *extra, f"paths.cache_dir={args.cache}",
-                     f"paths.log_dir={logs}"]
-        penv = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + 17 * (i + 1)),
-                "OMP_NUM_THREADS": "1" if dry else "3"}
+        overrides = [
+            "debug=fast",
+            f"trainer={t}",
+            "trainer.devices=1",
+            *extra,
+            f"paths.cache_dir={args.cache}",
+            f"paths.log_dir={logs}",
+        ]
+        penv = {
+            **env,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(29500 + 17 * (i + 1)),
+            "OMP_NUM_THREADS": "1" if dry else "3",
+        }
         cmd = [sys.executable, __file__, "--part", "train", "--sync-json", str(sync_json), "--", *overrides]
         procs.append((t, overrides, sync_json, Proc(f"smoke_{t}", cmd, work, penv)))
     if procs:
@@ -830,12 +985,21 @@ def driver(args) -> None:
         want = int(next(o for o in extra if o.startswith("trainer.max_steps")).split("=")[1])
         loss = metrics.get("train/loss")
         ok = on and metrics.get("global_step") == want and loss is not None and math.isfinite(loss)
-        why = "" if ok else ("distillation never turned on; " if not on else "") + \
-            (f"stopped at step {metrics.get('global_step')}; " if metrics.get("global_step") != want else "")
-        report.add("1", check, "PASS" if ok else "FAIL", proc.wall,
-                   f"{why}step {metrics.get('global_step'):.0f}, train/loss {loss:.4f}, distillation on: {on} "
-                   f"(local_to_global {metrics.get('distill/local_to_global', float('nan')):.3f}, masked "
-                   f"{metrics.get('distill/masked', float('nan')):.3f}); {syncs}")
+        why = (
+            ""
+            if ok
+            else ("distillation never turned on; " if not on else "")
+            + (f"stopped at step {metrics.get('global_step')}; " if metrics.get("global_step") != want else "")
+        )
+        report.add(
+            "1",
+            check,
+            "PASS" if ok else "FAIL",
+            proc.wall,
+            f"{why}step {metrics.get('global_step'):.0f}, train/loss {loss:.4f}, distillation on: {on} "
+            f"(local_to_global {metrics.get('distill/local_to_global', float('nan')):.3f}, masked "
+            f"{metrics.get('distill/masked', float('nan')):.3f}); {syncs}",
+        )
     if procs:
         log(f"part smoke: done at {time.time() - t_start:.0f} s")
 
@@ -852,8 +1016,9 @@ def driver(args) -> None:
         need = {k: steps[k]["samples_s"] for k in ("sigmoid+locca", "all losses") if k in steps}
         per1 = next((r["per_worker"] for r in recs if r["ok"] and r["workers"] == 1), None)
         for r in recs:
-            check = f"loader, {r['workers']} worker(s), web {args.web_size} JPEGs" + \
-                (f" -> {r['px']} px, batch {r['batch']}" if r.get("px") else "")
+            check = f"loader, {r['workers']} worker(s), web {args.web_size} JPEGs" + (
+                f" -> {r['px']} px, batch {r['batch']}" if r.get("px") else ""
+            )
             if not r["ok"]:
                 report.add("4", check, "FAIL", None, r["error"])
                 continue
@@ -861,8 +1026,10 @@ def driver(args) -> None:
             if per1 and r["workers"] > 1:
                 figs += f" ({r['per_worker'] / per1:.2f}x the 1-worker rate per worker)"
             for k, n in need.items():
-                figs += (f"; vs the {k} step's need {n:.0f} samples/s: ratio {r['samples_s'] / n:.2f}, "
-                         f"{math.ceil(n / r['per_worker'])} workers needed at this per-worker rate")
+                figs += (
+                    f"; vs the {k} step's need {n:.0f} samples/s: ratio {r['samples_s'] / n:.2f}, "
+                    f"{math.ceil(n / r['per_worker'])} workers needed at this per-worker rate"
+                )
             if not need:
                 figs += "; the step's need is unknown (part 2 gave no sigmoid+locca / all-losses row)"
             report.add("4", check, "PASS", None, figs)
@@ -878,15 +1045,25 @@ def driver(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny model, CPU strategies, 2-3 steps: plumbing")
-    ap.add_argument("--out", default=None, help="the markdown table (default: $OUT/gpu_check_results.md or "
-                    "benchmarks/gpu_check_results.md)")
-    ap.add_argument("--work", default=os.environ.get("GPU_CHECK_WORK", "/tmp/gpu_check"),
-                    help="logs, checkpoints and raw results (not under $OUT: checkpoints are large)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="the markdown table (default: $OUT/gpu_check_results.md or benchmarks/gpu_check_results.md)",
+    )
+    ap.add_argument(
+        "--work",
+        default=os.environ.get("GPU_CHECK_WORK", "/tmp/gpu_check"),
+        help="logs, checkpoints and raw results (not under $OUT: checkpoints are large)",
+    )
     ap.add_argument("--cache", default=os.environ.get("SIGLIP2_CACHE", os.path.expanduser("~/.cache/siglip2")))
     ap.add_argument("--budget", type=float, default=None, help="seconds for everything (default 570; dry run 290)")
     ap.add_argument("--batch", type=int, default=None, help="per-GPU batch of part 2, start of part 3 (default 128)")
-    ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="bf16 dense peak for MFU (default by the device's name: H100 SXM 989, NVL 835, PCIe 756)")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="bf16 dense peak for MFU (default by the device's name: H100 SXM 989, NVL 835, PCIe 756)",
+    )
     ap.add_argument("--web-size", default="500x375")
     ap.add_argument("--workers", type=int, nargs="+", default=None, help="loader workers to time (default 1 8)")
     ap.add_argument("--loader-batch", type=int, default=None)

@@ -14,6 +14,7 @@ MFU = (model FLOPs per step) / (measured step time) / (this machine's fp32 matmu
     python benchmarks/mfu.py            # tiny and B/16-shaped (batch 8, 112 px), sigmoid and sigmoid + LocCa
     python benchmarks/mfu.py --quick    # tiny only, batch 32 (< 1 min)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,9 +65,17 @@ def worker(args) -> dict:
         step(batch)
         steps.append(time.perf_counter() - start)
     step_s, rate = statistics.median(steps), statistics.median(rates)
-    return {"size": size, "variant": variant, "batch": args.batch, "image": int(cfg.model.vision.image_size),
-            "threads": torch.get_num_threads(), "flops": flops, "step_s": step_s, "matmul_flops": rate,
-            "mfu": flops / step_s / rate}
+    return {
+        "size": size,
+        "variant": variant,
+        "batch": args.batch,
+        "image": int(cfg.model.vision.image_size),
+        "threads": torch.get_num_threads(),
+        "flops": flops,
+        "step_s": step_s,
+        "matmul_flops": rate,
+        "mfu": flops / step_s / rate,
+    }
 
 
 def main() -> None:
@@ -85,25 +94,49 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     sizes = args.sizes or (["tiny"] if args.quick else ["tiny", "b16"])
-    print(f"MFU, fp32 CPU, {args.threads} thread(s), torch {torch.__version__}; matmul {args.matmul}^2; "
-          f"median of {args.repeats} steps and matmuls, alternated")
-    print(f"{'size':>5} {'variant':>8} {'batch':>5} {'px':>4} {'GFLOP/step':>10} {'step s':>7} {'GFLOP/s':>8} "
-          f"{'matmul GFLOP/s':>14} {'MFU':>6}")
+    print(
+        f"MFU, fp32 CPU, {args.threads} thread(s), torch {torch.__version__}; matmul {args.matmul}^2; "
+        f"median of {args.repeats} steps and matmuls, alternated"
+    )
+    print(
+        f"{'size':>5} {'variant':>8} {'batch':>5} {'px':>4} {'GFLOP/step':>10} {'step s':>7} {'GFLOP/s':>8} "
+        f"{'matmul GFLOP/s':>14} {'MFU':>6}"
+    )
     for size in sizes:
         for variant in args.variants:
             batch, warmup = ts.row_settings(args, size)
-            cmd = [sys.executable, __file__, "--worker", size, variant, "--threads", str(args.threads),
-                   "--repeats", str(args.repeats), "--warmup", str(warmup), "--batch", str(batch),
-                   "--matmul", str(args.matmul)]
-            out = subprocess.run(cmd, capture_output=True, text=True,
-                                 env={**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"})
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                size,
+                variant,
+                "--threads",
+                str(args.threads),
+                "--repeats",
+                str(args.repeats),
+                "--warmup",
+                str(warmup),
+                "--batch",
+                str(batch),
+                "--matmul",
+                str(args.matmul),
+            ]
+            out = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"},
+            )
             if out.returncode:
                 sys.stderr.write(out.stderr[-4000:])
                 raise SystemExit(f"row {size}/{variant} failed")
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{size:>5} {variant:>8} {r['batch']:>5} {r['image']:>4} {r['flops'] / 1e9:>10.1f} "
-                  f"{r['step_s']:>7.3f} {r['flops'] / r['step_s'] / 1e9:>8.1f} {r['matmul_flops'] / 1e9:>14.1f} "
-                  f"{r['mfu']:>6.1%}")
+            print(
+                f"{size:>5} {variant:>8} {r['batch']:>5} {r['image']:>4} {r['flops'] / 1e9:>10.1f} "
+                f"{r['step_s']:>7.3f} {r['flops'] / r['step_s'] / 1e9:>8.1f} {r['matmul_flops'] / 1e9:>14.1f} "
+                f"{r['mfu']:>6.1%}"
+            )
             sys.stdout.flush()
 
 

@@ -12,6 +12,7 @@
 
     python benchmarks/naflex_throughput.py [--quick] [--root DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,17 +78,22 @@ def main() -> None:
     torch.set_num_threads(2)
     from siglip2.data.demo import ensure_demo
 
-    sizes = {} if args.eval_size is None else {f"num_{k}": args.eval_size
-                                                 for k in ("zeroshot", "retrieval", "refexp", "segmentation")}
+    sizes = (
+        {}
+        if args.eval_size is None
+        else {f"num_{k}": args.eval_size for k in ("zeroshot", "retrieval", "refexp", "segmentation")}
+    )
     demo = ensure_demo(args.root, num_train=args.num_train, **sizes)
     batches = args.batches or (8 if args.quick else 30)
     rates = {"naflex": [], "fixed": []}
     for r in range(1 if args.quick else args.repeats):
-        for name, extra in (("naflex", NAFLEX), ("fixed", FIXED)) if r % 2 == 0 else (("fixed", FIXED),
-                                                                                     ("naflex", NAFLEX)):
+        for name, extra in (
+            (("naflex", NAFLEX), ("fixed", FIXED)) if r % 2 == 0 else (("fixed", FIXED), ("naflex", NAFLEX))
+        ):
             rates[name].append(loader_rate(demo, extra, 32, batches))
-    med = {k: (statistics.median(v[0] for v in rows), statistics.median(v[1] for v in rows))
-           for k, rows in rates.items()}
+    med = {
+        k: (statistics.median(v[0] for v in rows), statistics.median(v[1] for v in rows)) for k, rows in rates.items()
+    }
     print("loader, 1 worker, batch 32 (samples/s, patch tokens/s):")
     for k, (s, t) in med.items():
         print(f"  {k:6s} {s:7.1f} samples/s  {t:9.0f} tokens/s")
@@ -99,7 +105,9 @@ def main() -> None:
             times[name] += step_times(demo, extra, n)
     step = {k: 1000 * statistics.median(v) for k, v in times.items()}
     print("tiny step at 64 tokens, batch 32, sigmoid + LocCa, 2 threads (median ms):")
-    print(f"  naflex {step['naflex']:.0f} ms   fixed {step['fixed']:.0f} ms   ratio {step['naflex'] / step['fixed']:.2f}x")
+    print(
+        f"  naflex {step['naflex']:.0f} ms   fixed {step['fixed']:.0f} ms   ratio {step['naflex'] / step['fixed']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ RUN_DIR is a run folder (`logs/train/runs/<time>`) with `csv/version_*/metrics.c
 (`logger=csv`, or the default logger plus `callbacks` writing csv). Plots `train/loss_sigmoid`
 and `train/loss_locca` (left, right) against `train/samples`.
 """
+
 from __future__ import annotations
 
 import argparse

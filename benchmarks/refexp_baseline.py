@@ -16,6 +16,7 @@ image is one query, as `siglip2.eval.suite._refexp` scores the decoder), with th
 
     python benchmarks/refexp_baseline.py --root ~/.cache/siglip2/demo-n20000-s0
 """
+
 from __future__ import annotations
 
 import argparse

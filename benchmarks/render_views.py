@@ -11,6 +11,7 @@ training transform does. One row per image: the image with the global crop (whit
 patches tinted and the patch grid drawn; the 8 local views, each framed in its box's colour.
 "f" marks a flipped view, "g" a grayscale one. Pixels are shown enlarged (nearest).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,7 @@ def _colours(n: int) -> list[tuple[int, int, int]]:
     return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / n, 0.9, 1.0)) for i in range(n)]
 
 
-def render(out_png: str, n_images: int = 4, size: int = 64, patch: int = 8, local_size: int = 32,
-           seed: int = 0) -> str:
+def render(out_png: str, n_images: int = 4, size: int = 64, patch: int = 8, local_size: int = 32, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     tf = ImageTransform(size)
     images = torch.stack([tf(generate_sample(rng, int(rng.integers(1, 3)))["image"])[0] for _ in range(n_images)])

@@ -11,6 +11,7 @@ patches (``siglip2.data.naflex.resize_for_max_patches``: own aspect ratio) with 
 grid; and the same draw laid out 2 x 2 (``words_square``) squashed to ``--size``. The model
 inputs are shown enlarged (nearest) at one scale per pixel; the drawn image is shrunk to fit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,12 @@ def main(argv=None) -> str:
     ap.add_argument("--zoom", type=int, default=3)
     a = ap.parse_args(argv)
     z, font = a.zoom, _font(14)
-    cols = [("drawn", 260), (f"squashed {a.size} px", a.size * z), (f"NaFlex {a.seq_len} patches", 0),
-            (f"2x2, squashed {a.size} px", a.size * z)]
+    cols = [
+        ("drawn", 260),
+        (f"squashed {a.size} px", a.size * z),
+        (f"NaFlex {a.seq_len} patches", 0),
+        (f"2x2, squashed {a.size} px", a.size * z),
+    ]
     rows = []
     for i in range(a.rows):
         layout = ("row", "column")[i % 2]
@@ -59,8 +64,10 @@ def main(argv=None) -> str:
         gq = g["image"].resize((a.size, a.size), Image.BILINEAR).resize((a.size * z, a.size * z), Image.NEAREST)
         drawn = img.copy()
         drawn.thumbnail((260, 260))
-        label = f"{s['meta']['word']['text']} ({layout}, {img.width}x{img.height}; " \
-                f"NaFlex {nf.shape[1] // a.patch}x{nf.shape[0] // a.patch} patches)"
+        label = (
+            f"{s['meta']['word']['text']} ({layout}, {img.width}x{img.height}; "
+            f"NaFlex {nf.shape[1] // a.patch}x{nf.shape[0] // a.patch} patches)"
+        )
         rows.append((label, [drawn, sq, nf_img, gq]))
     widths = [max(c[1], max(r[1][k].width for r in rows)) for k, c in enumerate(cols)]
     heights = [max(p.height for p in r[1]) for r in rows]

@@ -9,6 +9,7 @@ implementation alone. Times: median of --repeats runs after one warm-up, alterna
     python benchmarks/sigmoid_loss.py            # b = 1k, 2k, 4k, 8k, 16k
     python benchmarks/sigmoid_loss.py --quick    # b = 1k, 4k
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ def worker(impl: str, b: int, dim: int, repeats: int, chunk: int) -> dict:
     t = torch.tensor(10.0, requires_grad=True)
     bias = torch.tensor(-10.0, requires_grad=True)
     if impl == "reference":
+
         def loss_fn():
             logits = t * x @ y.T + bias
             labels = 2 * torch.eye(b) - 1
@@ -57,8 +59,13 @@ def worker(impl: str, b: int, dim: int, repeats: int, chunk: int) -> dict:
         if i:
             times.append(time.perf_counter() - start)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"impl": impl, "b": b, "time_s": statistics.median(times), "peak_mb": (peak_kb - base_kb) / 1024,
-            "loss": float(loss)}
+    return {
+        "impl": impl,
+        "b": b,
+        "time_s": statistics.median(times),
+        "peak_mb": (peak_kb - base_kb) / 1024,
+        "loss": float(loss),
+    }
 
 
 def main() -> None:
@@ -78,15 +85,32 @@ def main() -> None:
     for b in sizes:
         rows = {}
         for impl in IMPLS:
-            out = subprocess.run([sys.executable, __file__, "--worker", impl, str(b), "--dim", str(args.dim),
-                                  "--repeats", str(args.repeats), "--chunk", str(args.chunk)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    impl,
+                    str(b),
+                    "--dim",
+                    str(args.dim),
+                    "--repeats",
+                    str(args.repeats),
+                    "--chunk",
+                    str(args.chunk),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows[impl] = json.loads(out.stdout.strip().splitlines()[-1])
         ref = rows["reference"]
         for impl in IMPLS:
             r = rows[impl]
-            print(f"{b:>6} {impl:>10} {r['time_s']:>8.3f} {r['peak_mb']:>9.1f} {r['time_s'] / ref['time_s']:>9.2f} "
-                  f"{r['peak_mb'] / max(ref['peak_mb'], 1e-9):>8.3f} {r['loss']:>10.4f}")
+            print(
+                f"{b:>6} {impl:>10} {r['time_s']:>8.3f} {r['peak_mb']:>9.1f} {r['time_s'] / ref['time_s']:>9.2f} "
+                f"{r['peak_mb'] / max(ref['peak_mb'], 1e-9):>8.3f} {r['loss']:>10.4f}"
+            )
 
 
 if __name__ == "__main__":

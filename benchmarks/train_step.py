@@ -32,6 +32,7 @@ noise hits both.
     python benchmarks/train_step.py --adamw          # ours with optim.impl = loop | foreach | fused
     python benchmarks/train_step.py --lightning      # adds ours inside Trainer.fit
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,11 +61,25 @@ SIZES = {
     "tiny": dict(model="tiny", vocab=4000, batch=128, quick_batch=32, image=None, warmup=2),
     "b16": dict(model="b16", vocab=32000, batch=8, image=112, warmup=1),
     # test-only: a very small model so that the benchmark's own test runs in seconds
-    "micro": dict(model="tiny", vocab=256, batch=8, image=32,
-                  extra=["model.vision.width=32", "model.vision.depth=1", "model.vision.heads=2",
-                         "model.vision.mlp_dim=64", "model.vision.posemb_grid=4", "model.text.width=32",
-                         "model.text.depth=2", "model.text.heads=2", "model.text.mlp_dim=64",
-                         "model.embed_dim=32", "model.text.max_len=16"]),
+    "micro": dict(
+        model="tiny",
+        vocab=256,
+        batch=8,
+        image=32,
+        extra=[
+            "model.vision.width=32",
+            "model.vision.depth=1",
+            "model.vision.heads=2",
+            "model.vision.mlp_dim=64",
+            "model.vision.posemb_grid=4",
+            "model.text.width=32",
+            "model.text.depth=2",
+            "model.text.heads=2",
+            "model.text.mlp_dim=64",
+            "model.embed_dim=32",
+            "model.text.max_len=16",
+        ],
+    ),
 }
 VARIANTS = ("sigmoid", "locca")
 
@@ -91,9 +106,14 @@ def build_ours(cfg, total_steps: int = 10_000):
     stage = build_stage(cfg, vocab_size=int(cfg.model.text.vocab_size))
     stage.configure_model()  # compiles the towers when model.compile=true
     # The clock reads max_steps, the world size and the per-rank batch from the Trainer.
-    stage._trainer = SimpleNamespace(estimated_stepping_batches=total_steps, global_step=0, precision="32-true",
-                                     world_size=1, accumulate_grad_batches=1,
-                                     datamodule=SimpleNamespace(batch_size=int(cfg.data.batch_size)))
+    stage._trainer = SimpleNamespace(
+        estimated_stepping_batches=total_steps,
+        global_step=0,
+        precision="32-true",
+        world_size=1,
+        accumulate_grad_batches=1,
+        datamodule=SimpleNamespace(batch_size=int(cfg.data.batch_size)),
+    )
     conf = stage.configure_optimizers()
     stage._trainer = None  # outside a Trainer: self.log is a no-op, global_step is 0
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
@@ -119,8 +139,10 @@ def make_batch(cfg, batch_size: int, locca: bool, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     m = cfg.model
     size, vocab, length = int(m.vision.image_size), int(m.text.vocab_size), int(m.text.max_len)
-    batch = {"image": torch.randn(batch_size, 3, size, size, generator=g),
-             "text": torch.randint(0, vocab, (batch_size, length), generator=g)}
+    batch = {
+        "image": torch.randn(batch_size, 3, size, size, generator=g),
+        "text": torch.randint(0, vocab, (batch_size, length), generator=g),
+    }
     if locca:
         # (prompt length, target length) of each task, roughly the demo's
         lens = {"cap": (1, length * 3 // 4), "aref": (length // 3, 13), "gcap": (length // 3, length // 3)}
@@ -146,21 +168,48 @@ def build_peer(cfg, locca: bool):
 
     m = cfg.model
     v, t = m.vision, m.text
-    text_cfg = dict(context_length=int(t.max_len), vocab_size=int(t.vocab_size), width=int(t.width),
-                    heads=int(t.heads), layers=int(t.depth), mlp_ratio=int(t.mlp_dim) / int(t.width),
-                    no_causal_mask=True, proj_bias=True, pool_type="last",
-                    norm_kwargs={"eps": 1e-6}, act_kwargs={"approximate": "tanh"})
+    text_cfg = dict(
+        context_length=int(t.max_len),
+        vocab_size=int(t.vocab_size),
+        width=int(t.width),
+        heads=int(t.heads),
+        layers=int(t.depth),
+        mlp_ratio=int(t.mlp_dim) / int(t.width),
+        no_causal_mask=True,
+        proj_bias=True,
+        pool_type="last",
+        norm_kwargs={"eps": 1e-6},
+        act_kwargs={"approximate": "tanh"},
+    )
     # The open_clip SigLIP configs name a timm ViT and pass no size through, so build the
     # same family at our shape and put it in place of the default trunk.
-    vision_cfg = dict(image_size=int(v.image_size), timm_model_name="vit_base_patch16_siglip_224",
-                      timm_model_pretrained=False, timm_pool="map", timm_proj="none")
+    vision_cfg = dict(
+        image_size=int(v.image_size),
+        timm_model_name="vit_base_patch16_siglip_224",
+        timm_model_pretrained=False,
+        timm_pool="map",
+        timm_proj="none",
+    )
     with torch.device("meta"):  # the B/16 default trunk is thrown away: do not initialise it
-        model = CustomTextCLIP(embed_dim=int(m.embed_dim), vision_cfg=vision_cfg, text_cfg={"layers": 1, "width": 8, "heads": 1},
-                               init_logit_bias=-10.0, output_dict=True)
+        model = CustomTextCLIP(
+            embed_dim=int(m.embed_dim),
+            vision_cfg=vision_cfg,
+            text_cfg={"layers": 1, "width": 8, "heads": 1},
+            init_logit_bias=-10.0,
+            output_dict=True,
+        )
     model.visual.trunk = timm.create_model(
-        "vit_base_patch16_siglip_224", pretrained=False, num_classes=0, global_pool="map",
-        img_size=int(v.image_size), patch_size=int(v.patch_size), embed_dim=int(v.width), depth=int(v.depth),
-        num_heads=int(v.heads), mlp_ratio=int(v.mlp_dim) / int(v.width))
+        "vit_base_patch16_siglip_224",
+        pretrained=False,
+        num_classes=0,
+        global_pool="map",
+        img_size=int(v.image_size),
+        patch_size=int(v.patch_size),
+        embed_dim=int(v.width),
+        depth=int(v.depth),
+        num_heads=int(v.heads),
+        mlp_ratio=int(v.mlp_dim) / int(v.width),
+    )
     from open_clip.model import _build_text_tower
 
     model.text = _build_text_tower(int(m.embed_dim), text_cfg)
@@ -174,9 +223,14 @@ def build_peer(cfg, locca: bool):
     o = cfg.optim
     lr = float(o.lr)
     opt = torch.optim.AdamW(
-        [{"params": [p for n, p in params if keep(n, p)], "weight_decay": 0.0},
-         {"params": [p for n, p in params if not keep(n, p)], "weight_decay": float(o.weight_decay) / lr}],
-        lr=lr, betas=tuple(o.betas), eps=float(o.eps))
+        [
+            {"params": [p for n, p in params if keep(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in params if not keep(n, p)], "weight_decay": float(o.weight_decay) / lr},
+        ],
+        lr=lr,
+        betas=tuple(o.betas),
+        eps=float(o.eps),
+    )
     clip = float(o.grad_clip or 0.0)
     model.train()
 
@@ -213,12 +267,19 @@ class StockDecoder(torch.nn.Module):
 
         t = cfg.model.text
         width, depth = int(t.width), max(1, round(int(t.depth) * 0.5))
-        layer = nn.TransformerDecoderLayer(width, int(t.heads), int(t.mlp_dim), dropout=0.0,
-                                           activation=lambda x: F.gelu(x, approximate="tanh"),
-                                           layer_norm_eps=1e-6, batch_first=True, norm_first=True)
+        layer = nn.TransformerDecoderLayer(
+            width,
+            int(t.heads),
+            int(t.mlp_dim),
+            dropout=0.0,
+            activation=lambda x: F.gelu(x, approximate="tanh"),
+            layer_norm_eps=1e-6,
+            batch_first=True,
+            norm_first=True,
+        )
         self.decoder = nn.TransformerDecoder(layer, depth, norm=nn.LayerNorm(width, eps=1e-6))
         self.embed = nn.Embedding(int(t.vocab_size) + 1, width)
-        self.pos = nn.Parameter(torch.randn(int(t.max_len), width) * width ** -0.5)
+        self.pos = nn.Parameter(torch.randn(int(t.max_len), width) * width**-0.5)
         self.head = nn.Linear(width, int(t.vocab_size))
         self.length = int(t.max_len)
 
@@ -265,15 +326,21 @@ def worker(args) -> dict:
         for _ in range(args.warmup):
             losses[name] = float(impls[name](batch))
     for r in range(args.repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             start = time.perf_counter()
             impls[name](batch)
             times[name].append(time.perf_counter() - start)
-    return {"size": size, "variant": variant, "batch": bsz, "image": int(cfg.model.vision.image_size),
-            "threads": torch.get_num_threads(), "loss0": losses,
-            "median_s": {k: statistics.median(v) for k, v in times.items()},
-            "all_s": times}
+    return {
+        "size": size,
+        "variant": variant,
+        "batch": bsz,
+        "image": int(cfg.model.vision.image_size),
+        "threads": torch.get_num_threads(),
+        "loss0": losses,
+        "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "all_s": times,
+    }
 
 
 def lightning_worker(args) -> dict:
@@ -289,8 +356,15 @@ def lightning_worker(args) -> dict:
     cfg = compose(size, overrides)
     from hydra.utils import instantiate
 
-    stage = instantiate(cfg.stage, model=cfg.model, optim=cfg.optim, vocab_size=int(cfg.model.text.vocab_size),
-                        seed=int(cfg.seed), _recursive_=False, _convert_="all")
+    stage = instantiate(
+        cfg.stage,
+        model=cfg.model,
+        optim=cfg.optim,
+        vocab_size=int(cfg.model.text.vocab_size),
+        seed=int(cfg.seed),
+        _recursive_=False,
+        _convert_="all",
+    )
     peer = build_peer(cfg, locca)[2]
     batch = make_batch(cfg, args.batch, locca)
     total = args.warmup + args.repeats
@@ -310,16 +384,31 @@ def lightning_worker(args) -> dict:
 
     timer = Timer()
     loader = torch.utils.data.DataLoader([batch] * total, batch_size=None)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=total, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-                        gradient_clip_val=float(cfg.optim.grad_clip), log_every_n_steps=10,
-                        limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=total,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        gradient_clip_val=float(cfg.optim.grad_clip),
+        log_every_n_steps=10,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(stage, train_dataloaders=loader)
-    ours, peer_t = timer.ours[args.warmup:], timer.peer[args.warmup:]
-    return {"size": size, "variant": variant, "batch": batch["image"].shape[0],
-            "image": int(cfg.model.vision.image_size), "threads": torch.get_num_threads(),
-            "median_s": {"ours(Trainer)": statistics.median(ours), "open_clip": statistics.median(peer_t)},
-            "all_s": {"ours(Trainer)": ours, "open_clip": peer_t}}
+    ours, peer_t = timer.ours[args.warmup :], timer.peer[args.warmup :]
+    return {
+        "size": size,
+        "variant": variant,
+        "batch": batch["image"].shape[0],
+        "image": int(cfg.model.vision.image_size),
+        "threads": torch.get_num_threads(),
+        "median_s": {"ours(Trainer)": statistics.median(ours), "open_clip": statistics.median(peer_t)},
+        "all_s": {"ours(Trainer)": ours, "open_clip": peer_t},
+    }
 
 
 # ------------------------------------------------------------------------------- driver
@@ -333,8 +422,23 @@ def row_settings(args, size: str) -> tuple[int, int]:
 
 def run_row(args, size: str, variant: str, mode: str) -> dict:
     batch, warmup = row_settings(args, size)
-    cmd = [sys.executable, __file__, "--worker", size, variant, "--mode", mode, "--threads", str(args.threads),
-           "--repeats", str(args.repeats), "--warmup", str(warmup), "--batch", str(batch)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        size,
+        variant,
+        "--mode",
+        mode,
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+        "--warmup",
+        str(warmup),
+        "--batch",
+        str(batch),
+    ]
     if args.compile:
         cmd.append("--compile")
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
@@ -357,8 +461,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default per size)")
     ap.add_argument("--batch", type=int, default=None, help="override the per-size batch")
     ap.add_argument("--compile", action="store_true", help="also time ours with model.compile=true")
-    ap.add_argument("--adamw", action="store_true",
-                    help="time ours with optim.impl = loop | foreach | fused (and open_clip); sigmoid variant only")
+    ap.add_argument(
+        "--adamw",
+        action="store_true",
+        help="time ours with optim.impl = loop | foreach | fused (and open_clip); sigmoid variant only",
+    )
     ap.add_argument("--lightning", action="store_true", help="also time ours inside Trainer.fit")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="peer", help=argparse.SUPPRESS)
@@ -376,15 +483,21 @@ def main() -> None:
     from stages.base import adamw_impl
 
     impl = compose("micro").optim.impl
-    print(f"training step, fp32 CPU, {args.threads} thread(s), torch {torch.__version__}, "
-          f"median of {args.repeats} alternated steps after warm-up; ours: optim.impl={impl} "
-          f"({adamw_impl(impl)}), open_clip: torch AdamW defaults")
+    print(
+        f"training step, fp32 CPU, {args.threads} thread(s), torch {torch.__version__}, "
+        f"median of {args.repeats} alternated steps after warm-up; ours: optim.impl={impl} "
+        f"({adamw_impl(impl)}), open_clip: torch AdamW defaults"
+    )
     if args.adamw:
-        print(f"{'size':>5} {'variant':>8} {'batch':>5} {'px':>4} {'impl':>14} {'step s':>8} {'samples/s':>10} "
-              f"{'vs foreach':>10} {'ratio ours/peer':>15}")
+        print(
+            f"{'size':>5} {'variant':>8} {'batch':>5} {'px':>4} {'impl':>14} {'step s':>8} {'samples/s':>10} "
+            f"{'vs foreach':>10} {'ratio ours/peer':>15}"
+        )
     else:
-        print(f"{'size':>5} {'variant':>8} {'batch':>5} {'px':>4} {'ours':>14} {'ours/s':>8} "
-              f"{'peer/s':>8} {'ratio ours/peer':>15}")
+        print(
+            f"{'size':>5} {'variant':>8} {'batch':>5} {'px':>4} {'ours':>14} {'ours/s':>8} "
+            f"{'peer/s':>8} {'ratio ours/peer':>15}"
+        )
     for size in sizes:
         for variant in args.variants:
             for mode in modes:

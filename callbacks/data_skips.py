@@ -5,6 +5,7 @@ run with bad shards shows how much it lost instead of crashing or hiding it. Sam
 on purpose (``filtered_*`` reasons, e.g. a balance table's drops) are logged as
 ``data/<reason>`` beside ``data/skipped_<reason>`` for bad data, and are not warned about.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,9 @@ class DataSkipLogging(L.Callback):
         self.stats = SkipStats()
         self._reported = 0
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not isinstance(batch, dict):
             return
         self.stats.update(batch)

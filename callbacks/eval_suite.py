@@ -4,6 +4,7 @@ Runs every `every_n_steps` optimiser steps and once when training ends, on every
 evaluation is DDP-aware), logs the numbers to every logger, a per-class accuracy table and a
 few images with their top predictions to W&B, and hands the final numbers to metrics.json.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,9 +20,17 @@ log = logging.getLogger(__name__)
 
 
 class EvalSuite(L.Callback):
-    def __init__(self, sets: list[str], every_n_steps: int = 0, batch_size: int = 128, num_workers: int = 0,
-                 max_batches: int | None = None, num_examples: int = 8, naflex_seq_len: int | None = None,
-                 refexp_probe: dict | None = None):
+    def __init__(
+        self,
+        sets: list[str],
+        every_n_steps: int = 0,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        max_batches: int | None = None,
+        num_examples: int = 8,
+        naflex_seq_len: int | None = None,
+        refexp_probe: dict | None = None,
+    ):
         """`naflex_seq_len`: evaluate NaFlex-style (own aspect ratio, at most that many patches).
         `refexp_probe`: train a fresh decoder on the frozen tower for refexp sets (`eval.refexp_probe`),
         in the evaluation when training ends only."""
@@ -47,10 +56,17 @@ class EvalSuite(L.Callback):
         # the towers run outside the training forward: under a sharded strategy an unsharded copy
         model, decoder = plain_model(pl_module)
         results = evaluate_all(
-            self.sets, model=model, tokenizer=datamodule.tokenizer, image_size=datamodule.image_size,
-            device=pl_module.device, batch_size=self.batch_size, num_workers=self.num_workers,
-            max_batches=self.max_batches, decoder=decoder,
-            keep_examples=self.num_examples if trainer.is_global_zero else 0, naflex_seq_len=self.naflex_seq_len,
+            self.sets,
+            model=model,
+            tokenizer=datamodule.tokenizer,
+            image_size=datamodule.image_size,
+            device=pl_module.device,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            max_batches=self.max_batches,
+            decoder=decoder,
+            keep_examples=self.num_examples if trainer.is_global_zero else 0,
+            naflex_seq_len=self.naflex_seq_len,
             refexp_probe=probe,
         )
         tables, examples = results.pop("_tables", {}), results.pop("_examples", {})
@@ -59,13 +75,17 @@ class EvalSuite(L.Callback):
             logger.log_metrics(numbers, step=trainer.global_step)
         if trainer.is_global_zero:
             self._log_wandb(trainer, pl_module, tables, examples)
-            log.info("eval at step %d: %s", trainer.global_step,
-                     ", ".join(f"{k}={v:.3f}" for k, v in sorted(numbers.items())))
+            log.info(
+                "eval at step %d: %s",
+                trainer.global_step,
+                ", ".join(f"{k}={v:.3f}" for k, v in sorted(numbers.items())),
+            )
         self.final_metrics = numbers
         return numbers
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self.evaluate(trainer, pl_module)
 
@@ -75,9 +95,11 @@ class EvalSuite(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_device = pl_module.device
         if not self.sets and trainer.is_global_zero:
-            log.info("no evaluation sets (eval=none, or your own data without eval.sets): training ends without "
-                     "evaluation numbers; name sets with eval.sets='[/path/to/set.yaml]' (docs/eval_data.md), "
-                     "or evaluate the checkpoint later with eval.py")
+            log.info(
+                "no evaluation sets (eval=none, or your own data without eval.sets): training ends without "
+                "evaluation numbers; name sets with eval.sets='[/path/to/set.yaml]' (docs/eval_data.md), "
+                "or evaluate the checkpoint later with eval.py"
+            )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run resumed from its final checkpoint (e.g. a recipe stage killed during its final
@@ -98,8 +120,12 @@ class EvalSuite(L.Callback):
             return
         wb = wandb_loggers[0]
         for name, rows in tables.items():
-            wb.log_table(key=f"{name}/per_class", columns=_TABLE_COLUMNS.get(name.split("/")[0], ["class", "value"]),
-                         data=rows, step=trainer.global_step)
+            wb.log_table(
+                key=f"{name}/per_class",
+                columns=_TABLE_COLUMNS.get(name.split("/")[0], ["class", "value"]),
+                data=rows,
+                step=trainer.global_step,
+            )
         for name, items in examples.items():
             if items:
                 items = [it for it in items if "image" in it]  # NaFlex evaluation keeps no square view
@@ -108,11 +134,16 @@ class EvalSuite(L.Callback):
                 images = [((it["image"].float().clamp(-1, 1) + 1) / 2) for it in items]
                 captions = [f"true: {it['label']} | top: {', '.join(it['top'])}" for it in items]
                 wb.log_image(key=f"{name}/examples", images=images, caption=captions, step=trainer.global_step)
-        rows = [[name, it.get("label", ""), it["caption"]] for name, items in examples.items()
-                for it in items if "caption" in it]
+        rows = [
+            [name, it.get("label", ""), it["caption"]]
+            for name, items in examples.items()
+            for it in items
+            if "caption" in it
+        ]
         if rows:
-            wb.log_text(key="locca/captions", columns=["set", "label", "generated caption"], data=rows,
-                        step=trainer.global_step)
+            wb.log_text(
+                key="locca/captions", columns=["set", "label", "generated caption"], data=rows, step=trainer.global_step
+            )
 
 
 # What each task's `_tables` rows hold (siglip2.eval.suite), as W&B column names.

@@ -6,6 +6,7 @@ the switch calls `Stage.enable_loss` once (re-initialised parameters, cleared op
 state). The on/off state lives in the checkpoint, so a resumed run is in the same phase and
 the switch never fires twice.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,7 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class LossSchedule(L.Callback):
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         progress = pl_module.recipe_progress
         for name, cfg in pl_module.loss_configs.items():
             on = RecipeClock.loss_on(cfg, progress)
@@ -38,9 +41,11 @@ class LossSchedule(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # metrics.json holds the final state, not the last *logged* value (logged every
         # log_every_n_steps, before the step: the switch or the last batch could be missed)
-        self.final_metrics = {"train/progress": float(pl_module.recipe_progress),
-                              "train/examples_seen": float(pl_module.examples_seen),
-                              **{f"schedule/{n}_on": float(on) for n, on in pl_module.loss_enabled.items()}}
+        self.final_metrics = {
+            "train/progress": float(pl_module.recipe_progress),
+            "train/examples_seen": float(pl_module.examples_seen),
+            **{f"schedule/{n}_on": float(on) for n, on in pl_module.loss_enabled.items()},
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {}

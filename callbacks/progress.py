@@ -11,6 +11,7 @@ Lightning refuses a progress-bar callback when `trainer.enable_progress_bar=fals
 config builds it through `progress_bar(enabled=${trainer.enable_progress_bar})`, which gives
 a no-op callback when the bar is off.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,9 @@ class StepProgressBar(TQDMProgressBar):
         self._shown = step
         bar.total = self._total
         bar.n = step
-        bar.set_description(describe(step, self._total, recipe_fraction(trainer, pl_module, self._total)),
-                            refresh=False)
+        bar.set_description(
+            describe(step, self._total, recipe_fraction(trainer, pl_module, self._total)), refresh=False
+        )
         bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
         bar.refresh()
 
@@ -86,8 +88,9 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
         pass  # no per-epoch reset: the bar counts steps over the whole run
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._show(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -13,6 +13,7 @@ is written after the first step that brings the recipe's progress to its fractio
 are written through `trainer.save_checkpoint`, which writes atomically and works under every
 strategy (DeepSpeed and FSDP need all ranks to take part).
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,8 +63,9 @@ class StageCheckpoints(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_sigint()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         progress = pl_module.recipe_progress  # after this batch: the recipe's clock, in examples
         for frac in self.fractions:
             if frac not in self.saved and progress >= frac:
@@ -89,8 +91,13 @@ class StageCheckpoints(L.Callback):
             path = self.dirpath / "last.ckpt"
             trainer.save_checkpoint(path, weights_only=False)  # the full, resumable checkpoint
             if trainer.is_global_zero:
-                log.warning("%s: saved %s at step %d; resume with ckpt_path=%s",
-                            "Ctrl-C" if self.interrupted else "SIGTERM", path, trainer.global_step, path)
+                log.warning(
+                    "%s: saved %s at step %d; resume with ckpt_path=%s",
+                    "Ctrl-C" if self.interrupted else "SIGTERM",
+                    path,
+                    trainer.global_step,
+                    path,
+                )
 
     def state_dict(self) -> dict[str, Any]:
         return {"saved": sorted(self.saved)}

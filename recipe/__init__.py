@@ -18,6 +18,7 @@ This package is the chain's process orchestration, not a training stage (those a
 
 docs/recipe.md ("The whole recipe in one command") is the user's guide.
 """
+
 from recipe.local import run_recipe
 
 __all__ = ["run_recipe"]

@@ -24,6 +24,7 @@ earlier stages, and a changed stage never passes for a finished one.
 A stage with `checkpoints/last.ckpt` resumes with `ckpt_path=`; otherwise it starts with
 `init_from=` (`stage_overrides`, called when the stage starts, locally or as a SLURM job).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,13 +47,14 @@ FINISHED = "metrics.json"
 @dataclass
 class ChainStage:
     """One stage of the chain: its name, position, overrides and dependencies."""
+
     name: str
     index: int
     groups: dict[str, str]
-    values: list[tuple[str, Any]]          # flattened `set`, in order (common first)
-    init_from: str | None                  # a `ckpt:` reference, a path, or None
+    values: list[tuple[str, Any]]  # flattened `set`, in order (common first)
+    init_from: str | None  # a `ckpt:` reference, a path, or None
     needs: list[str] = field(default_factory=list)
-    key: str = ""                          # hash of everything that defines its result
+    key: str = ""  # hash of everything that defines its result
     dir: Path = Path()
 
     def checkpoint(self, file: str = "last") -> Path:
@@ -109,8 +111,9 @@ def _parses_as(text: str) -> Any:
 DEBUG_YIELDS = ("trainer.max_steps",)
 
 
-def parse_chain(recipe: DictConfig, root: Path, passthrough: list[str],
-                explicit: frozenset[str] = frozenset()) -> list[ChainStage]:
+def parse_chain(
+    recipe: DictConfig, root: Path, passthrough: list[str], explicit: frozenset[str] = frozenset()
+) -> list[ChainStage]:
     """The recipe block -> stages in order, with dependencies, hashes and folders.
 
     `explicit`: the `recipe.*` keys the command line set (`recipe_command_line_keys`). Under a
@@ -137,16 +140,34 @@ def parse_chain(recipe: DictConfig, root: Path, passthrough: list[str],
         for ref in refs:
             parent = CKPT_REF.match(ref).group(1)
             if parent not in by_name:
-                raise ValueError(f"recipe stage '{name}' refers to '{ref}', but '{parent}' is not an earlier stage "
-                                 f"of the recipe (stages so far: {list(by_name)})")
+                raise ValueError(
+                    f"recipe stage '{name}' refers to '{ref}', but '{parent}' is not an earlier stage "
+                    f"of the recipe (stages so far: {list(by_name)})"
+                )
             if parent not in needs:
                 needs.append(parent)
-        stage = ChainStage(str(name), index, {str(k): str(v) for k, v in groups.items()}, values,
-                           str(init_from) if init_from else None, needs)
-        digest = hashlib.sha256(json.dumps(
-            {"name": stage.name, "groups": stage.groups, "values": [[k, v] for k, v in values],
-             "init_from": stage.init_from, "passthrough": passthrough,
-             "parents": [by_name[p].key for p in needs]}, sort_keys=True, default=str).encode()).hexdigest()
+        stage = ChainStage(
+            str(name),
+            index,
+            {str(k): str(v) for k, v in groups.items()},
+            values,
+            str(init_from) if init_from else None,
+            needs,
+        )
+        digest = hashlib.sha256(
+            json.dumps(
+                {
+                    "name": stage.name,
+                    "groups": stage.groups,
+                    "values": [[k, v] for k, v in values],
+                    "init_from": stage.init_from,
+                    "passthrough": passthrough,
+                    "parents": [by_name[p].key for p in needs],
+                },
+                sort_keys=True,
+                default=str,
+            ).encode()
+        ).hexdigest()
         stage.key = digest[:10]
         stage.dir = root / f"{index}_{stage.name}-{stage.key}"
         stages.append(stage)
@@ -164,8 +185,9 @@ def resolve_ref(value: Any, by_name: dict[str, ChainStage]) -> Any:
     return value
 
 
-def stage_overrides(stage: ChainStage, by_name: dict[str, ChainStage], passthrough: list[str],
-                    recipe_name: str) -> list[str]:
+def stage_overrides(
+    stage: ChainStage, by_name: dict[str, ChainStage], passthrough: list[str], recipe_name: str
+) -> list[str]:
     """The command line of `train.py` for this stage, deciding resume vs start now."""
     args = [f"{k}={hydra_value(v)}" for k, v in stage.groups.items()]
     args += passthrough
@@ -175,8 +197,11 @@ def stage_overrides(stage: ChainStage, by_name: dict[str, ChainStage], passthrou
         args.append(f"ckpt_path={hydra_value(str(last))}")
     elif stage.init_from:
         args.append(f"init_from={hydra_value(resolve_ref(stage.init_from, by_name))}")
-    args += [f"hydra.run.dir={hydra_value(str(stage.dir))}", f"task_name={stage.name}",
-             f"+recipe_run={hydra_value(recipe_name)}"]
+    args += [
+        f"hydra.run.dir={hydra_value(str(stage.dir))}",
+        f"task_name={stage.name}",
+        f"+recipe_run={hydra_value(recipe_name)}",
+    ]
     return args
 
 
@@ -199,8 +224,11 @@ def command_line_overrides() -> list[str]:
     keep = []
     for item in HydraConfig.get().overrides.task:
         key = item.lstrip("+~").split("=")[0]
-        if key == "experiment" or key.split(".")[0].split("/")[0] in ("recipe", "hydra") or key in ("ckpt_path",
-                                                                                                 "init_from"):
+        if (
+            key == "experiment"
+            or key.split(".")[0].split("/")[0] in ("recipe", "hydra")
+            or key in ("ckpt_path", "init_from")
+        ):
             continue
         keep.append(item)
     return keep

@@ -10,6 +10,7 @@ numbers, wall time (summed over attempts) and examples seen.
 `run_recipe` is the entry point; with `hydra/launcher=slurm` it hands the chain to
 `recipe.slurm.submit_chain` instead of running it here.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -26,8 +27,15 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig
 
-from recipe.chain import (FINISHED, TRAIN_PY, ChainStage, command_line_overrides, parse_chain,
-                          recipe_command_line_keys, stage_overrides)
+from recipe.chain import (
+    FINISHED,
+    TRAIN_PY,
+    ChainStage,
+    command_line_overrides,
+    parse_chain,
+    recipe_command_line_keys,
+    stage_overrides,
+)
 from recipe.slurm import slurm_launcher, submit_chain
 
 log = logging.getLogger(__name__)
@@ -101,12 +109,16 @@ def stage_summary(stage: ChainStage) -> dict[str, Any]:
 
     metrics = json.loads((stage.dir / FINISHED).read_text())
     meta, global_step = read_meta(stage.checkpoint("last"))
-    return {"dir": str(stage.dir), "init_from": stage.init_from,
-            "overrides": [f"{k}={v}" for k, v in stage.groups.items()] + [f"{k}={v}" for k, v in stage.values],
-            "global_step": global_step,
-            "examples_seen": int(meta.examples_seen or 0), "wall_s": round(wall_seconds(stage), 1),
-            "image_size": (meta.model or {}).get("vision", {}).get("image_size"),
-            "metrics": {k: v for k, v in metrics.items() if k.startswith(TABLE_PREFIXES)}}
+    return {
+        "dir": str(stage.dir),
+        "init_from": stage.init_from,
+        "overrides": [f"{k}={v}" for k, v in stage.groups.items()] + [f"{k}={v}" for k, v in stage.values],
+        "global_step": global_step,
+        "examples_seen": int(meta.examples_seen or 0),
+        "wall_s": round(wall_seconds(stage), 1),
+        "image_size": (meta.model or {}).get("vision", {}).get("image_size"),
+        "metrics": {k: v for k, v in metrics.items() if k.startswith(TABLE_PREFIXES)},
+    }
 
 
 def table(summary: dict[str, dict[str, Any]]) -> str:
@@ -115,8 +127,9 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
     keys = sorted({k for s in summary.values() for k in s["metrics"] if "/num_" not in k})
     rows = [["metric", *names], ["---"] * (len(names) + 1)]
     for key in keys:
-        rows.append([key, *(f"{100 * s['metrics'][key]:.1f}" if key in s["metrics"] else "-"
-                            for s in summary.values())])
+        rows.append(
+            [key, *(f"{100 * s['metrics'][key]:.1f}" if key in s["metrics"] else "-" for s in summary.values())]
+        )
     rows.append(["examples seen", *(f"{s['examples_seen']:,}" for s in summary.values())])
     rows.append(["steps", *(str(s["global_step"]) for s in summary.values())])
     rows.append(["wall time (min)", *(f"{s['wall_s'] / 60:.1f}" for s in summary.values())])
@@ -165,13 +178,22 @@ def run_recipe(cfg: DictConfig) -> float | None:
                     raise RuntimeError(f"recipe stage {stage.name} needs {parent}, which did not finish")
             rc = run_stage(stage, stage_overrides(stage, by_name, passthrough, str(recipe.name)))
             if rc != 0 or not stage.finished:
-                log.error("recipe stage %s stopped (exit code %d); its log is in %s. Run the same command "
-                          "again to resume it.", stage.name, rc, stage.dir)
+                log.error(
+                    "recipe stage %s stopped (exit code %d); its log is in %s. Run the same command "
+                    "again to resume it.",
+                    stage.name,
+                    rc,
+                    stage.dir,
+                )
                 raise SystemExit(rc or 1)
         summary = {s.name: stage_summary(s) for s in stages}
-    result = {"recipe": str(recipe.name), "dir": str(root), "stages": summary,
-              "wall_s": round(sum(s["wall_s"] for s in summary.values()), 1),
-              "driver_wall_s_this_call": round(time.time() - started, 1)}
+    result = {
+        "recipe": str(recipe.name),
+        "dir": str(root),
+        "stages": summary,
+        "wall_s": round(sum(s["wall_s"] for s in summary.values()), 1),
+        "driver_wall_s_this_call": round(time.time() - started, 1),
+    }
     # the recipe folder holds the latest call's table; each call's own output folder (one per
     # job of a -m sweep) keeps its own copy
     outputs = [root / "recipe.json"]
@@ -183,6 +205,8 @@ def run_recipe(cfg: DictConfig) -> float | None:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(result, indent=2))
         os.replace(tmp, path)
-    print(f"\nrecipe {recipe.name}: {root}\n{table(summary)}\n\nrecipe.json written to "
-          + " and ".join(str(p) for p in outputs))
+    print(
+        f"\nrecipe {recipe.name}: {root}\n{table(summary)}\n\nrecipe.json written to "
+        + " and ".join(str(p) for p in outputs)
+    )
     return None

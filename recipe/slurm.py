@@ -5,6 +5,7 @@ submitted as a job that depends (`afterok`) on the jobs of the stages it needs; 
 its stage from `last.ckpt` when it is requeued. Stages already submitted and still queued or
 running are depended on, not submitted again.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,9 @@ class StageJob:
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit
 
-        return submitit.helpers.DelayedSubmission(StageJob(self.stage, self.by_name, self.passthrough,
-                                                           self.recipe_name))
+        return submitit.helpers.DelayedSubmission(
+            StageJob(self.stage, self.by_name, self.passthrough, self.recipe_name)
+        )
 
 
 def _queued(job_id: str) -> bool:
@@ -65,12 +67,24 @@ def _queued(job_id: str) -> bool:
         out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return out.returncode == 0 and out.stdout.strip() in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED",
-                                                         "SUSPENDED", "COMPLETING")
+    return out.returncode == 0 and out.stdout.strip() in (
+        "PENDING",
+        "RUNNING",
+        "CONFIGURING",
+        "REQUEUED",
+        "SUSPENDED",
+        "COMPLETING",
+    )
 
 
-def submit_chain(stages: list[ChainStage], by_name: dict[str, ChainStage], passthrough: list[str],
-                 recipe_name: str, root: Path, launcher: dict[str, Any]) -> dict[str, str]:
+def submit_chain(
+    stages: list[ChainStage],
+    by_name: dict[str, ChainStage],
+    passthrough: list[str],
+    recipe_name: str,
+    root: Path,
+    launcher: dict[str, Any],
+) -> dict[str, str]:
     """Submit each unfinished stage as a SLURM job depending on its parents' jobs.
 
     `launcher` is hydra-submitit-launcher's config (`conf/hydra/launcher/slurm.yaml`); its keys
@@ -80,8 +94,16 @@ def submit_chain(stages: list[ChainStage], by_name: dict[str, ChainStage], passt
     skip = ("_target_", "submitit_folder", "name", "array_parallelism", "setup", "max_num_timeout")
     params = {k: v for k, v in launcher.items() if k not in skip and v is not None}
     setup = list(launcher.get("setup") or [])
-    base = {"timeout_min", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "name",
-            "stderr_to_stdout"}
+    base = {
+        "timeout_min",
+        "nodes",
+        "gpus_per_node",
+        "tasks_per_node",
+        "cpus_per_task",
+        "mem_gb",
+        "name",
+        "stderr_to_stdout",
+    }
     extra = dict(params.pop("additional_parameters", {}) or {})
     params = {k if k in base else f"slurm_{k}": v for k, v in params.items()}
     jobs: dict[str, str] = {}
@@ -97,12 +119,18 @@ def submit_chain(stages: list[ChainStage], by_name: dict[str, ChainStage], passt
                 jobs[stage.name] = job_id
                 continue
         after = [jobs[p] for p in stage.needs if p in jobs]
-        executor = submitit.AutoExecutor(folder=str(root / "slurm" / "%j"), cluster="slurm",
-                                         slurm_max_num_timeout=int(launcher.get("max_num_timeout") or 0))
+        executor = submitit.AutoExecutor(
+            folder=str(root / "slurm" / "%j"),
+            cluster="slurm",
+            slurm_max_num_timeout=int(launcher.get("max_num_timeout") or 0),
+        )
         dependency = {"dependency": "afterok:" + ":".join(after)} if after else {}
-        executor.update_parameters(**params, name=f"{recipe_name}-{stage.name}",
-                                   slurm_additional_parameters={**extra, **dependency},
-                                   **({"slurm_setup": setup} if setup else {}))
+        executor.update_parameters(
+            **params,
+            name=f"{recipe_name}-{stage.name}",
+            slurm_additional_parameters={**extra, **dependency},
+            **({"slurm_setup": setup} if setup else {}),
+        )
         job = executor.submit(StageJob(stage, by_name, passthrough, recipe_name))
         stage.dir.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"job_id": str(job.job_id), "after": after}))

@@ -17,6 +17,7 @@ Every file we read back (checkpoints here and for Lightning's resume, ACID's tea
 the recipe's summaries) goes through `load_plain`: tensors and plain Python values only, never
 pickled code.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -45,7 +46,7 @@ def split_spec(spec: str | Path) -> tuple[str, str]:
     parser of the prefix."""
     spec = str(spec)
     if spec.startswith(HF_PREFIX):
-        return "hf", spec[len(HF_PREFIX):]
+        return "hf", spec[len(HF_PREFIX) :]
     return "ckpt", spec
 
 
@@ -71,7 +72,8 @@ def load_plain(path: str | Path, *, mmap: bool = False) -> Any:
             f"{path}: refused: this file holds more than tensors and plain Python values, and loading it would "
             f"execute pickled code, which can run anything ({reason}). Our checkpoints and teacher caches hold "
             "only plain values; a file from elsewhere must be converted by someone who trusts it (torch.load with "
-            "weights_only=False, keep the tensors and plain values, torch.save)") from None
+            "weights_only=False, keep the tensors and plain values, torch.save)"
+        ) from None
 
 
 def upgrade_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -80,7 +82,7 @@ def upgrade_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     for key, value in state.items():
         for old, new in _RENAMED.items():
             if key.startswith(old):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
                 break
         out[key] = value
     return out
@@ -97,6 +99,7 @@ class CheckpointMeta:
     `progress`); `init_from`: what `init_from` loaded (`siglip2.weights`); `tokenizer`: the
     `TokenizerRecord` dict of the run's tokenizer; `extra`: a stage's own entries (ACID:
     `acid`). Format 1 kept the losses in Lightning's hyper_parameters; `read` upgrades it."""
+
     stage: str | None
     model: dict[str, Any] | None = None
     losses: dict[str, Any] = field(default_factory=dict)
@@ -108,8 +111,17 @@ class CheckpointMeta:
     format: int = CHECKPOINT_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _FIELDS = ("format", "stage", "model", "losses", "loss_enabled", "examples_seen", "recipe", "init_from",
-               "tokenizer")
+    _FIELDS = (
+        "format",
+        "stage",
+        "model",
+        "losses",
+        "loss_enabled",
+        "examples_seen",
+        "recipe",
+        "init_from",
+        "tokenizer",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """The stored form (plain values only: `load_plain` reads it back)."""
@@ -124,12 +136,18 @@ class CheckpointMeta:
         if losses is None:  # format 1 kept the loss specs only in Lightning's hyper_parameters
             losses = (raw.get("hyper_parameters") or {}).get("losses") or {}
         seen = meta.get("examples_seen")
-        return cls(stage=meta.get("stage"), model=meta.get("model"), losses=dict(losses),
-                   loss_enabled=dict(meta.get("loss_enabled") or {}),
-                   examples_seen=int(seen) if seen is not None else None, recipe=dict(meta.get("recipe") or {}),
-                   init_from=meta.get("init_from"), tokenizer=meta.get("tokenizer"),
-                   format=int(meta.get("format", 1)),
-                   extra={k: v for k, v in meta.items() if k not in cls._FIELDS})
+        return cls(
+            stage=meta.get("stage"),
+            model=meta.get("model"),
+            losses=dict(losses),
+            loss_enabled=dict(meta.get("loss_enabled") or {}),
+            examples_seen=int(seen) if seen is not None else None,
+            recipe=dict(meta.get("recipe") or {}),
+            init_from=meta.get("init_from"),
+            tokenizer=meta.get("tokenizer"),
+            format=int(meta.get("format", 1)),
+            extra={k: v for k, v in meta.items() if k not in cls._FIELDS},
+        )
 
     @property
     def model_config(self) -> SigLIP2Config:
@@ -149,22 +167,25 @@ class CheckpointMeta:
         if self.stage not in (None, stage):
             raise ValueError(
                 f"ckpt_path resumes the same stage, but this checkpoint is from stage '{self.stage}' "
-                f"and this run is stage '{stage}'. Use init_from=... to start a new stage from it.")
+                f"and this run is stage '{stage}'. Use init_from=... to start a new stage from it."
+            )
         diff = architecture_differences(self.model_config, model_config) if self.model is not None else {}
         if diff:
             raise ValueError(
                 "ckpt_path resumes the same run, but the checkpoint's model differs from this run's in "
                 + ", ".join(f"{k} ({a} in the checkpoint, {b} here)" for k, (a, b) in diff.items())
-                + ". To continue these weights at another resolution, start a stage from them with init_from=...")
+                + ". To continue these weights at another resolution, start a stage from them with init_from=..."
+            )
         if self.format < 3 and has_optimizer_state:
             raise ValueError(
                 f"ckpt_path: this checkpoint is format {self.format}, written before the optimiser's parameter groups "
                 "were split by lr gate (format 3), so its optimiser state does not fit this version and the run cannot "
                 "resume exactly. Continue its weights with init_from=<ckpt> and stage.clock.examples / the same stage "
-                "window instead (a new optimiser, the clock from the checkpoint).")
+                "window instead (a new optimiser, the clock from the checkpoint)."
+            )
 
     def released_layout(self, warn=None) -> str | None:
-        """"naflex" / "fixed" when the weights came from a transformers folder (`init_from=hf:...`,
+        """ "naflex" / "fixed" when the weights came from a transformers folder (`init_from=hf:...`,
         e.g. `experiment=finetune`): a `Siglip2Model` or a `SiglipModel`, as recorded when it was
         loaded (older checkpoints: read from the folder if it is still there; `warn(message)`
         if not); None for any other origin."""
@@ -179,8 +200,10 @@ class CheckpointMeta:
             config = Path(where) / "config.json"
             if not config.is_file():
                 if warn is not None:
-                    warn(f"the checkpoint started from {record.get('path')}, which is not there any more: its layout "
-                         "is unknown, so the export follows the stage (format=siglip2 or siglip to choose)")
+                    warn(
+                        f"the checkpoint started from {record.get('path')}, which is not there any more: its layout "
+                        "is unknown, so the export follows the stage (format=siglip2 or siglip to choose)"
+                    )
                 return None
             kind = json.loads(config.read_text()).get("model_type")
         return {"siglip2": "naflex", "siglip": "fixed"}.get(kind)
@@ -189,6 +212,7 @@ class CheckpointMeta:
 @dataclass
 class Checkpoint:
     """A read checkpoint. `state_dict`: the whole stage's tensors (today's names)."""
+
     path: str
     stage: str
     model_config: SigLIP2Config
@@ -202,7 +226,7 @@ class Checkpoint:
 
     def weights(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors under `prefix` (e.g. "model."), with the prefix removed."""
-        return {k[len(prefix):]: v for k, v in self.state_dict.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in self.state_dict.items() if k.startswith(prefix)}
 
     def model(self, which: str = "student") -> SigLIP2:
         """The two-tower model in eval mode: `student` (the trained weights) or `teacher`
@@ -214,12 +238,17 @@ class Checkpoint:
             # The EMA teacher is an image tower (SILC); its text side is the student's.
             vision = self.weights("teacher.vision.")
             if not vision:
-                raise ValueError(f"{self.path}: no teacher weights in this checkpoint (stage {self.stage!r} "
-                                 "has no EMA teacher: self-distillation is not configured)")
-            if not self.meta.loss_enabled.get("local_to_global", True) and \
-                    not self.meta.loss_enabled.get("masked", True):
-                raise ValueError(f"{self.path}: the teacher was never switched on (checkpoint from before "
-                                 "self-distillation started): it is a copy of the initial student")
+                raise ValueError(
+                    f"{self.path}: no teacher weights in this checkpoint (stage {self.stage!r} "
+                    "has no EMA teacher: self-distillation is not configured)"
+                )
+            if not self.meta.loss_enabled.get("local_to_global", True) and not self.meta.loss_enabled.get(
+                "masked", True
+            ):
+                raise ValueError(
+                    f"{self.path}: the teacher was never switched on (checkpoint from before "
+                    "self-distillation started): it is a copy of the initial student"
+                )
             state = {**state, **{f"vision_model.{k}": v for k, v in vision.items()}}
         if not state:
             raise ValueError(f"{self.path}: no model weights in this checkpoint")
@@ -234,13 +263,14 @@ class Checkpoint:
         from siglip2.config import from_dict
         from siglip2.losses.locca import LoccaConfig, LoccaHead
 
-        head = LoccaHead.for_model(from_dict(LoccaConfig, self.loss_configs["locca"], "losses.locca"),
-                                   self.model_config)
+        head = LoccaHead.for_model(
+            from_dict(LoccaConfig, self.loss_configs["locca"], "losses.locca"), self.model_config
+        )
         head.decoder.load_state_dict(self.weights("losses.locca.decoder."), strict=True)
         return head.decoder.eval()
 
     def trained_layout(self) -> str:
-        """"naflex" for a NaFlex stage's weights (aspect-preserving patch sequences), else "fixed"."""
+        """ "naflex" for a NaFlex stage's weights (aspect-preserving patch sequences), else "fixed"."""
         return "naflex" if self.stage == "naflex" else "fixed"
 
     @property
@@ -258,8 +288,14 @@ def read_hf_folder(folder: str) -> Checkpoint:
 
     model = from_hf(folder)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    return Checkpoint(path=f"{HF_PREFIX}{folder}", stage="hf", model_config=model.config, loss_configs={},
-                      state_dict=state, meta=CheckpointMeta(stage="hf"))
+    return Checkpoint(
+        path=f"{HF_PREFIX}{folder}",
+        stage="hf",
+        model_config=model.config,
+        loss_configs={},
+        state_dict=state,
+        meta=CheckpointMeta(stage="hf"),
+    )
 
 
 def read_checkpoint(path: str) -> Checkpoint:
@@ -276,8 +312,14 @@ def read_checkpoint(path: str) -> Checkpoint:
     meta = CheckpointMeta.read(raw)
     if meta.model is None or "state_dict" not in raw:
         raise ValueError(f"{path}: not a siglip2 training checkpoint (no 'siglip2' entry with a model config)")
-    return Checkpoint(path=str(path), stage=str(meta.stage), model_config=meta.model_config,
-                      loss_configs=dict(meta.losses), state_dict=upgrade_state_dict(raw["state_dict"]), meta=meta)
+    return Checkpoint(
+        path=str(path),
+        stage=str(meta.stage),
+        model_config=meta.model_config,
+        loss_configs=dict(meta.losses),
+        state_dict=upgrade_state_dict(raw["state_dict"]),
+        meta=meta,
+    )
 
 
 def read_meta(path: str | Path) -> tuple[CheckpointMeta, int]:
@@ -308,10 +350,12 @@ def _read_raw(path: str) -> dict[str, Any]:
 
         if not is_zero_checkpoint(path):  # a run folder, or its checkpoints/ folder
             found = sorted(Path(path).glob("*.ckpt")) or sorted(Path(path).glob("checkpoints/*.ckpt"))
-            hint = (f"; it holds {', '.join(str(p) for p in found[:4])}{', ...' if len(found) > 4 else ''}"
-                    if found else "")
-            raise ValueError(f"{path} is a folder, not a checkpoint: give a checkpoint file, e.g. "
-                             f"<run>/checkpoints/last.ckpt{hint}")
+            hint = (
+                f"; it holds {', '.join(str(p) for p in found[:4])}{', ...' if len(found) > 4 else ''}" if found else ""
+            )
+            raise ValueError(
+                f"{path} is a folder, not a checkpoint: give a checkpoint file, e.g. <run>/checkpoints/last.ckpt{hint}"
+            )
         raw = read_zero_checkpoint(path)
     else:
         raw = load_plain(path)

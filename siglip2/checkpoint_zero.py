@@ -25,6 +25,7 @@ DeepSpeed types besides tensors and plain values (`LossScaler`, `ZeroStageEnum`,
 (`_Record`, `int`), so neither DeepSpeed's code nor anything else runs, and DeepSpeed need not be
 installed to read the checkpoint. Any other type is refused, naming it.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,19 @@ import torch
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 # What DeepSpeed's engine puts into the model-states file; the rest is Lightning's client state.
-_DEEPSPEED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes",
-                   "frozen_param_fragments", "shared_params", "lr_scheduler", "data_sampler", "random_ltd",
-                   "ds_config"}
+_DEEPSPEED_KEYS = {
+    "module",
+    "buffer_names",
+    "optimizer",
+    "param_shapes",
+    "frozen_param_shapes",
+    "frozen_param_fragments",
+    "shared_params",
+    "lr_scheduler",
+    "data_sampler",
+    "random_ltd",
+    "ds_config",
+}
 _OPTIM_STATES = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
@@ -74,8 +85,10 @@ def _tag_dir(path: Path) -> Path:
         return path / tag
     tags = sorted(p.parent for p in path.glob(f"*/{MODEL_STATES}"))
     if len(tags) != 1:
-        raise ValueError(f"{path}: a DeepSpeed checkpoint directory needs a 'latest' file or exactly one tag folder "
-                         f"with {MODEL_STATES}; found {[t.name for t in tags]}")
+        raise ValueError(
+            f"{path}: a DeepSpeed checkpoint directory needs a 'latest' file or exactly one tag folder "
+            f"with {MODEL_STATES}; found {[t.name for t in tags]}"
+        )
     return tags[0]
 
 
@@ -86,9 +99,11 @@ def _load(path: Path, what: str, mmap: bool = True) -> Any:
     except pickle.UnpicklingError as err:
         found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", str(err))
         reason = found.group(1).strip() if found else str(err).splitlines()[0]
-        raise ValueError(f"{path}: refused: this DeepSpeed {what} file holds more than tensors, plain values and the "
-                         f"DeepSpeed records a ZeRO-1/2 checkpoint has, and loading it would execute pickled code "
-                         f"({reason})") from None
+        raise ValueError(
+            f"{path}: refused: this DeepSpeed {what} file holds more than tensors, plain values and the "
+            f"DeepSpeed records a ZeRO-1/2 checkpoint has, and loading it would execute pickled code "
+            f"({reason})"
+        ) from None
 
 
 def check_zero_checkpoint(path: str | Path) -> None:
@@ -128,8 +143,10 @@ def read_zero_checkpoint(path: str | Path) -> dict[str, Any]:
     if not model_file.is_file():
         stage3 = sorted(tag.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
         if stage3:
-            raise ValueError(f"{path}: a DeepSpeed ZeRO-3 checkpoint (parameters partitioned): only ZeRO-1/2 "
-                             "checkpoints are read here; convert it with the zero_to_fp32.py script saved in it")
+            raise ValueError(
+                f"{path}: a DeepSpeed ZeRO-3 checkpoint (parameters partitioned): only ZeRO-1/2 "
+                "checkpoints are read here; convert it with the zero_to_fp32.py script saved in it"
+            )
         raise ValueError(f"{path}: no {MODEL_STATES} in {tag}: not a DeepSpeed checkpoint")
     model = _load(model_file, "model-states")
     for key in ("module", "param_shapes", "buffer_names"):
@@ -183,16 +200,20 @@ def read_zero_checkpoint(path: str | Path) -> dict[str, Any]:
             offset += numel + (pads[i] if pads is not None else 0)
         # the flat group is padded to a multiple of 2 x world size (as zero_to_fp32 checks)
         if align * math.ceil(offset / align) != align * math.ceil(flat.numel() / align):
-            raise ValueError(f"{path}: group {g}: the parameters take {offset} of {flat.numel()} elements: the "
-                             "optimiser files do not match the model-states layout")
+            raise ValueError(
+                f"{path}: group {g}: the parameters take {offset} of {flat.numel()} elements: the "
+                "optimiser files do not match the model-states layout"
+            )
     for alias, source in (model.get("shared_params") or {}).items():
         if source in state:
             state[alias] = state[source]
 
     missing = sorted(k for k in module if k not in state)
     if missing:
-        raise ValueError(f"{path}: {len(missing)} tensors of the module were not rebuilt from the ZeRO files "
-                         f"({', '.join(missing[:5])})")
+        raise ValueError(
+            f"{path}: {len(missing)} tensors of the module were not rebuilt from the ZeRO files "
+            f"({', '.join(missing[:5])})"
+        )
     state = {k: state[k] for k in module}  # the module's own order
     raw = {k: v for k, v in model.items() if k not in _DEEPSPEED_KEYS}
     raw["state_dict"] = state

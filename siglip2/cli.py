@@ -3,6 +3,7 @@ no traceback around a message that already says what to do (issue 27). `SIGLIP2_
 shows the full traceback. Only ValueError and FileNotFoundError, the errors our code raises
 for bad input (paths, keys, values, mismatched checkpoints and tokenizers), are shortened;
 anything else is a bug and keeps its traceback."""
+
 from __future__ import annotations
 
 import os

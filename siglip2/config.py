@@ -5,6 +5,7 @@ whose defaults are the documented ones; `from_dict` builds it from a nested dict
 `OmegaConf.to_container` gives), so a misspelt key (`losses.locca.parralel_prob`) fails
 before any compute with its dotted path and the closest known name.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,7 @@ def moved_to(key: str) -> str | None:
         return MOVED[key]
     for old, new in MOVED.items():
         if key.startswith(old + "."):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return None
 
 
@@ -51,19 +52,25 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, where: str = "")
         for key in unknown:
             close = difflib.get_close_matches(key, list(fields), n=1)
             moved = moved_to(_path(where, key))
-            hint = (f" (moved to '{moved}')" if moved else
-                    f" (did you mean '{_path(where, close[0])}'?)" if close else "")
+            hint = (
+                f" (moved to '{moved}')" if moved else f" (did you mean '{_path(where, close[0])}'?)" if close else ""
+            )
             lines.append(f"'{_path(where, key)}'{hint}")
         raise ValueError(f"unknown config key {', '.join(lines)}; {cls.__name__} takes {sorted(fields)}")
-    missing = [name for name, f in fields.items() if name not in data
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ValueError(f"missing config key {', '.join(repr(_path(where, m)) for m in missing)} for {cls.__name__}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         sub = _dataclass_of(hints.get(key))
-        kwargs[key] = from_dict(sub, value, _path(where, key)) if sub is not None and isinstance(value, Mapping) else value
+        kwargs[key] = (
+            from_dict(sub, value, _path(where, key)) if sub is not None and isinstance(value, Mapping) else value
+        )
     return cls(**kwargs)
 
 

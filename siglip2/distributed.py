@@ -3,6 +3,7 @@
 Everything here degrades to a no-op in a single process (torch.distributed not
 initialised, or world size 1), so library code can call it unconditionally.
 """
+
 from typing import Any, List, Optional
 
 import torch
@@ -52,7 +53,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         else:  # gloo has no reduce_scatter: all_reduce and keep our slice
             grad = grad.clone()
             dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-            out = grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+            out = grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
         return out, None
 
 
@@ -93,12 +94,14 @@ def check_same_shape(tensor: torch.Tensor, group=None, what: str = "all_gather_w
     mine = torch.tensor(record, dtype=torch.long, device=tensor.device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
-    shapes = [tuple(r[1:1 + r[0]]) for r in (g.tolist() for g in gathered)]
+    shapes = [tuple(r[1 : 1 + r[0]]) for r in (g.tolist() for g in gathered)]
     if any(s != shapes[0] for s in shapes):
         sizes = ", ".join(f"rank {r}: {tuple(s)}" for r, s in enumerate(shapes))
-        raise ValueError(f"{what}: the ranks pass tensors of different shapes ({sizes}); every rank must pass the "
-                         "same shape, e.g. the same per-rank batch size (all_gather_variable gathers tensors whose "
-                         "first dimension differs between ranks, without gradient)")
+        raise ValueError(
+            f"{what}: the ranks pass tensors of different shapes ({sizes}); every rank must pass the "
+            "same shape, e.g. the same per-rank batch size (all_gather_variable gathers tensors whose "
+            "first dimension differs between ranks, without gradient)"
+        )
     _CHECKED_SHAPES.add(key)
 
 
@@ -132,7 +135,7 @@ def all_gather_variable(tensor: torch.Tensor, group=None) -> torch.Tensor:
     sizes = [int(s.item()) for s in sizes]
     max_n = max(sizes)
     padded = tensor.new_zeros((max_n,) + tensor.shape[1:])
-    padded[:tensor.shape[0]] = tensor
+    padded[: tensor.shape[0]] = tensor
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded, group=group)
     return torch.cat([o[:s] for o, s in zip(out, sizes)], dim=0)

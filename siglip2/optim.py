@@ -4,6 +4,7 @@
 yaml's (a test keeps them equal). Peak lr and warmup are not published for SigLIP 2
 (RECIPE.md); the demo's values and how they were chosen are in docs/results.md.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,7 @@ class OptimConfig:
     optimiser steps (int) or a fraction of the recipe (float < 1). min_lr_ratio: the cosine's
     end as a fraction of the peak. impl: AdamW kernel, "auto" | "fused" | "foreach" | "loop".
     grad_clip: global gradient-norm clip (Lightning's gradient_clip_val)."""
+
     lr: float = 3.5e-4
     weight_decay: float = 1.0e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -81,9 +83,14 @@ def no_decay(name: str, param: nn.Parameter, ndim: int | None = None) -> bool:
     return any(key in lowered for key in ("token_embedding", "position_embedding", "probe", "norm", "mask_token"))
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, lr: float | None = None,
-                 lr_mults: Mapping[str, float] | None = None, ndims: Mapping[str, int] | None = None,
-                 gates: Iterable[str] = ()) -> list[dict]:
+def param_groups(
+    named: Iterable[tuple[str, nn.Parameter]],
+    weight_decay: float,
+    lr: float | None = None,
+    lr_mults: Mapping[str, float] | None = None,
+    ndims: Mapping[str, int] | None = None,
+    gates: Iterable[str] = (),
+) -> list[dict]:
     """AdamW groups from `named_parameters()` (trainable only; names as in the unwrapped
     module): decayed params with `weight_decay`, the rest with 0; parameters under a prefix of
     `lr_mults` (`{"losses.masked.": 0.5}`) get groups of their own with `lr * mult` (the

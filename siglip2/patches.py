@@ -3,6 +3,7 @@
 Used by the fixed-grid tower (`siglip2.model.vit`, on batches) and by the NaFlex loader
 (`siglip2.data.naflex.patchify_image`, per image). Pure torch: no model or data import.
 """
+
 from __future__ import annotations
 
 import torch

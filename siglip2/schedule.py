@@ -16,6 +16,7 @@ Everything here is a pure function of the examples seen. Arithmetic is done on w
 examples, so a run at a constant batch b gets bit for bit the factors of the step-based
 rule it replaces (warmup `(s + 1) / W`, cosine over `(s - W) / (T - W)`).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,6 +30,7 @@ class LossTiming:
     `start_frac` / `end_frac` are fractions of the *recipe* (0.8 = from 80% of pretraining),
     `weight` multiplies the loss in the stage's total.
     """
+
     weight: float = 1.0
     start_frac: float = 0.0
     end_frac: float = 1.0
@@ -53,6 +55,7 @@ class ClockWindow:
     recipe's length is known (from `examples` or the `init_from` checkpoint). `lr`,
     `rewarm_warmup`, `rewarm_peak`: the stage's lr over its window (`RecipeClock`: "recipe", the
     paper's, or "rewarm", a fresh warmup + cosine over the stage, not the paper's)."""
+
     window: tuple[float, float] = (0.0, 1.0)
     stretch: float = 1.0
     examples: int | None = None
@@ -64,10 +67,16 @@ class ClockWindow:
     def __post_init__(self):
         """Every value checked when the stage is built, each error naming its `stage.clock.*` key."""
         window = tuple(self.window) if isinstance(self.window, (list, tuple)) else None
-        if (window is None or len(window) != 2 or not all(isinstance(v, (int, float)) for v in window)
-                or not 0.0 <= window[0] < window[1] <= 1.0):
-            raise ValueError(f"stage.clock.window must be [start, end] in recipe progress with "
-                             f"0 <= start < end <= 1, got {self.window!r}")
+        if (
+            window is None
+            or len(window) != 2
+            or not all(isinstance(v, (int, float)) for v in window)
+            or not 0.0 <= window[0] < window[1] <= 1.0
+        ):
+            raise ValueError(
+                f"stage.clock.window must be [start, end] in recipe progress with "
+                f"0 <= start < end <= 1, got {self.window!r}"
+            )
         self.window = (float(window[0]), float(window[1]))
         if not self.stretch > 0:
             raise ValueError(f"stage.clock.stretch must be > 0, got {self.stretch!r}")
@@ -117,6 +126,7 @@ class RecipeClock:
         stage; for adapting a model to what it has not seen, e.g. native aspect ratios).
         Loss switches and the EMA momentum follow recipe progress either way.
     """
+
     total_examples: int
     step_examples: int
     warmup_examples: int = 0
@@ -132,21 +142,33 @@ class RecipeClock:
         if not 0.0 <= start < end <= 1.0:
             raise ValueError(f"a stage's window must satisfy 0 <= start < end <= 1, got {self.window}")
         if self.total_examples <= 0 or self.step_examples <= 0:
-            raise ValueError(f"total_examples and step_examples must be > 0, got {self.total_examples}, "
-                             f"{self.step_examples}")
+            raise ValueError(
+                f"total_examples and step_examples must be > 0, got {self.total_examples}, {self.step_examples}"
+            )
         if self.stretch <= 0:
             raise ValueError(f"stretch must be > 0, got {self.stretch}")
         if self.lr not in ("recipe", "rewarm"):
             raise ValueError(f"lr must be 'recipe' or 'rewarm', got {self.lr!r}")
         if not 0.0 <= self.rewarm_warmup < 1.0 or self.rewarm_peak <= 0:
-            raise ValueError(f"rewarm_warmup must lie in [0, 1) and rewarm_peak be > 0, got "
-                             f"{self.rewarm_warmup}, {self.rewarm_peak}")
+            raise ValueError(
+                f"rewarm_warmup must lie in [0, 1) and rewarm_peak be > 0, got {self.rewarm_warmup}, {self.rewarm_peak}"
+            )
 
     @classmethod
-    def for_stage(cls, *, stage_steps: int, step_examples: int, warmup: float | int = 0,
-                  window: tuple[float, float] = (0.0, 1.0), stretch: float = 1.0, min_lr_ratio: float = 0.0,
-                  total_examples: int | None = None, lr: str = "recipe", rewarm_warmup: float = 0.1,
-                  rewarm_peak: float = 1.0) -> "RecipeClock":
+    def for_stage(
+        cls,
+        *,
+        stage_steps: int,
+        step_examples: int,
+        warmup: float | int = 0,
+        window: tuple[float, float] = (0.0, 1.0),
+        stretch: float = 1.0,
+        min_lr_ratio: float = 0.0,
+        total_examples: int | None = None,
+        lr: str = "recipe",
+        rewarm_warmup: float = 0.1,
+        rewarm_peak: float = 1.0,
+    ) -> "RecipeClock":
         """The clock of a stage that runs `stage_steps` optimiser steps of `step_examples`.
 
         Without `total_examples` (the recipe's length, e.g. from the checkpoint a stage starts
@@ -162,10 +184,17 @@ class RecipeClock:
             warmup_examples = int(round(warmup * total_steps)) * step_examples
         else:
             warmup_examples = int(warmup) * step_examples
-        return cls(total_examples=int(total_examples), step_examples=int(step_examples),
-                   warmup_examples=warmup_examples, window=(float(start), float(end)), stretch=float(stretch),
-                   min_lr_ratio=float(min_lr_ratio), lr=str(lr), rewarm_warmup=float(rewarm_warmup),
-                   rewarm_peak=float(rewarm_peak))
+        return cls(
+            total_examples=int(total_examples),
+            step_examples=int(step_examples),
+            warmup_examples=warmup_examples,
+            window=(float(start), float(end)),
+            stretch=float(stretch),
+            min_lr_ratio=float(min_lr_ratio),
+            lr=str(lr),
+            rewarm_warmup=float(rewarm_warmup),
+            rewarm_peak=float(rewarm_peak),
+        )
 
     # ---- progress --------------------------------------------------------------------
     def recipe_examples(self, stage_examples: float) -> float:
@@ -222,8 +251,9 @@ class RecipeClock:
         return timing.effective_weight if cls.loss_on(timing, progress) else 0.0
 
 
-def ema_momentum(progress: float, base: float = 0.996, final: float | None = None,
-                 start: float = 0.0, end: float = 1.0) -> float:
+def ema_momentum(
+    progress: float, base: float = 0.996, final: float | None = None, start: float = 0.0, end: float = 1.0
+) -> float:
     """EMA teacher momentum at recipe `progress`.
 
     Fixed `base` by default (0.996, RECIPE.md: not published for SigLIP 2). With `final`

@@ -7,6 +7,7 @@ weights only; the optimiser and the schedule are the new stage's. The image towe
 to the stage's resolution and patch size (`siglip2.model.adapt`); any other difference of the
 model (depth, width, vocabulary, text length) is a `ValueError` naming the fields or tensors.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,13 +35,20 @@ class InitResult:
     `source`: the source's `CheckpointMeta` (its recipe's clock, tokenizer; stage "hf" for a
     folder); `record`: what the stage's own checkpoints keep under `init_from` (path, stage,
     adaptations, tensors not in the source, tensors ignored; a folder's `model_type`)."""
+
     loaded: set[str]
     source: CheckpointMeta
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def init_from(stage: nn.Module, spec: str, model_config: SigLIP2Config, *, posemb_resize: str = "hf",
-              tokenizer: TokenizerRecord | None = None) -> InitResult:
+def init_from(
+    stage: nn.Module,
+    spec: str,
+    model_config: SigLIP2Config,
+    *,
+    posemb_resize: str = "hf",
+    tokenizer: TokenizerRecord | None = None,
+) -> InitResult:
     """Load `spec` (our checkpoint of any stage, or `hf:<folder>`) into `stage` in place.
 
     `model_config`: the stage's own model (what the image towers are adapted to);
@@ -59,8 +67,9 @@ def init_from(stage: nn.Module, spec: str, model_config: SigLIP2Config, *, posem
     if tokenizer is not None:
         tokenizer.check(ckpt.meta.tokenizer, source_name)
     check_vocab_size(int(ckpt.model_config.text.vocab_size), mine, source_name, mine_name)
-    state, notes = adapt_vision_weights(ckpt.state_dict, ckpt.model_config, model_config,
-                                        posemb_resize=posemb_resize, what=source_name)
+    state, notes = adapt_vision_weights(
+        ckpt.state_dict, ckpt.model_config, model_config, posemb_resize=posemb_resize, what=source_name
+    )
     own = stage.state_dict()
     check_shapes(own, state, source=source_name, allow_missing=True)
     missing, unexpected = stage.load_state_dict(state, strict=False)
@@ -68,21 +77,35 @@ def init_from(stage: nn.Module, spec: str, model_config: SigLIP2Config, *, posem
         raise ValueError(f"{source_name}: no tensor of this stage's model is in the checkpoint")
     towers = [k for k in missing if k.startswith("model.")]
     if towers:  # only the losses' modules and the EMA teacher may start fresh, never the towers
-        raise ValueError(f"{source_name}: the checkpoint lacks {len(towers)} tensors of the model itself "
-                         f"({', '.join(towers[:5])}{', ...' if len(towers) > 5 else ''}); only loss modules "
-                         "(LocCa decoder, distillation heads) and the EMA teacher may start fresh")
-    log.info("init_from %s (stage %s): %d tensors loaded, %d not in checkpoint, %d ignored%s",
-             spec, ckpt.stage, len(own) - len(missing), len(missing), len(unexpected),
-             f" (modules this stage does not have: {', '.join(module_prefixes(unexpected))})" if unexpected else "")
+        raise ValueError(
+            f"{source_name}: the checkpoint lacks {len(towers)} tensors of the model itself "
+            f"({', '.join(towers[:5])}{', ...' if len(towers) > 5 else ''}); only loss modules "
+            "(LocCa decoder, distillation heads) and the EMA teacher may start fresh"
+        )
+    log.info(
+        "init_from %s (stage %s): %d tensors loaded, %d not in checkpoint, %d ignored%s",
+        spec,
+        ckpt.stage,
+        len(own) - len(missing),
+        len(missing),
+        len(unexpected),
+        f" (modules this stage does not have: {', '.join(module_prefixes(unexpected))})" if unexpected else "",
+    )
     for note in notes:
         log.info("init_from: adapted %s", note)
-    record = {"path": str(spec), "stage": ckpt.stage, "adapted": notes,
-              "not_in_checkpoint": sorted(missing), "ignored": sorted(unexpected)}
+    record = {
+        "path": str(spec),
+        "stage": ckpt.stage,
+        "adapted": notes,
+        "not_in_checkpoint": sorted(missing),
+        "ignored": sorted(unexpected),
+    }
     return InitResult(loaded=set(own) - set(missing), source=ckpt.meta, record=record)
 
 
-def _from_hf_folder(stage: nn.Module, folder: str, model_config: SigLIP2Config, posemb_resize: str,
-                    mine: int, mine_name: str) -> InitResult:
+def _from_hf_folder(
+    stage: nn.Module, folder: str, model_config: SigLIP2Config, posemb_resize: str, mine: int, mine_name: str
+) -> InitResult:
     """A `transformers` `SiglipModel` / `Siglip2Model` folder (a downloaded `google/siglip2-*`
     or our export) into the towers, logit scale and bias. Everything else (LocCa decoder,
     distillation heads) was never released and starts as built; the log says so. The recipe's
@@ -92,21 +115,37 @@ def _from_hf_folder(stage: nn.Module, folder: str, model_config: SigLIP2Config, 
     ckpt = read_hf_folder(folder)
     source_name = f"init_from=hf:{folder}"
     check_vocab_size(int(ckpt.model_config.text.vocab_size), mine, source_name, mine_name)
-    state, notes = adapt_vision_weights(ckpt.state_dict, ckpt.model_config, model_config, posemb_resize=posemb_resize,
-                                        prefixes=("model.vision_model.",), what=f"HF model {folder}")
+    state, notes = adapt_vision_weights(
+        ckpt.state_dict,
+        ckpt.model_config,
+        model_config,
+        posemb_resize=posemb_resize,
+        prefixes=("model.vision_model.",),
+        what=f"HF model {folder}",
+    )
     own = stage.state_dict()
     check_shapes(own, state, source=source_name, allow_missing=True)
     missing, _ = stage.load_state_dict(state, strict=False)
     fresh = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in missing if not k.startswith("teacher.")})
-    log.info("init_from hf:%s: %d tensors of the two towers loaded; starting fresh (never released): %s",
-             folder, len(state), ", ".join(fresh) or "nothing")
+    log.info(
+        "init_from hf:%s: %d tensors of the two towers loaded; starting fresh (never released): %s",
+        folder,
+        len(state),
+        ", ".join(fresh) or "nothing",
+    )
     for note in notes:
         log.info("init_from: adapted %s", note)
     config = Path(folder) / "config.json"  # its layout, for the export back (siglip2.export)
     kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
     where = os.path.abspath(folder) if os.path.isdir(folder) else folder
-    record = {"path": f"hf:{where}", "stage": "hf", "model_type": kind, "adapted": notes,
-              "not_in_checkpoint": sorted(missing), "ignored": []}
+    record = {
+        "path": f"hf:{where}",
+        "stage": "hf",
+        "model_type": kind,
+        "adapted": notes,
+        "not_in_checkpoint": sorted(missing),
+        "ignored": [],
+    }
     return InitResult(loaded=set(state), source=CheckpointMeta(stage="hf"), record=record)
 
 
@@ -115,14 +154,20 @@ def module_prefixes(keys, depth: int = 2) -> list[str]:
     return sorted({".".join(k.split(".")[:depth]) for k in keys})
 
 
-def check_shapes(own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], source: str,
-                 allow_missing: bool = False) -> None:
+def check_shapes(
+    own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], source: str, allow_missing: bool = False
+) -> None:
     """Weights from another model size or resolution are a `ValueError` naming the tensors
     (shape mismatches, and unless `allow_missing` the stage's tensors the source lacks)."""
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in other.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    bad = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in other.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
     missing = [] if allow_missing else [k for k in own if k not in other]
     if bad or missing:
         lines = bad[:20] + [f"{k}: missing from checkpoint" for k in missing[:20]]
-        raise ValueError(f"{source} does not fit this model ({len(bad)} shape mismatches, "
-                         f"{len(missing)} missing):\n  " + "\n  ".join(lines))
+        raise ValueError(
+            f"{source} does not fit this model ({len(bad)} shape mismatches, "
+            f"{len(missing)} missing):\n  " + "\n  ".join(lines)
+        )

@@ -26,6 +26,7 @@ of each language's examples that was chosen (`lang` of the sample json; the reci
 90% English). `train/...` and ThroughputMonitor count the trained examples only; the scoring
 passes' cost is measured apart (`benchmarks/acid_step.py`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,6 +56,7 @@ class AcidConfig(CurationConfig):
     `score_chunk_size`: rows of the pair-loss matrix formed at a time. `teacher_pixels`: what a
     live teacher of another resolution sees, `source` (each image squashed from the source to its
     size by the loader) or `batch` (the learner's pixels resized on the device)."""
+
     teacher: str | None = None
     teacher_cache: str | None = None
     score_chunk_size: int = 1024
@@ -85,19 +87,27 @@ class AcidStage(Stage):
             theirs = self.teacher_cache.teacher["model"]["text"]["vocab_size"]
             t = self.model.config.text
             if self.teacher_cache.text_length != t.max_len:
-                raise ValueError(f"stage.acid.teacher_cache={self.acid.teacher_cache} was built for a learner of "
-                                 f"{self.teacher_cache.text_length} tokens; this one has {t.max_len}")
+                raise ValueError(
+                    f"stage.acid.teacher_cache={self.acid.teacher_cache} was built for a learner of "
+                    f"{self.teacher_cache.text_length} tokens; this one has {t.max_len}"
+                )
         elif scores:
             if not self.acid.teacher:
-                raise ValueError(f"stage=acid with method={self.acid.method!r} needs a teacher: "
-                                 "stage.acid.teacher=<checkpoint> or hf:<folder>, or stage.acid.teacher_cache=<file> "
-                                 "(method=random needs none)")
+                raise ValueError(
+                    f"stage=acid with method={self.acid.method!r} needs a teacher: "
+                    "stage.acid.teacher=<checkpoint> or hf:<folder>, or stage.acid.teacher_cache=<file> "
+                    "(method=random needs none)"
+                )
             teacher, self.teacher_record = load_teacher(self.acid.teacher)
             theirs = teacher.config.text.vocab_size
         if scores:
-            check_vocab_size(theirs, self.model.config.text.vocab_size,
-                             f"stage.acid.teacher={self.acid.teacher_cache or self.acid.teacher}", "the learner",
-                             hint="teacher and learner must share one tokenizer")
+            check_vocab_size(
+                theirs,
+                self.model.config.text.vocab_size,
+                f"stage.acid.teacher={self.acid.teacher_cache or self.acid.teacher}",
+                "the learner",
+                hint="teacher and learner must share one tokenizer",
+            )
         # Not a submodule: no checkpoint bytes, no optimiser, no DDP/FSDP wrapping.
         self.__dict__["teacher_model"] = teacher
 
@@ -106,9 +116,13 @@ class AcidStage(Stage):
         return SigmoidLoss(chunk_size=int(cfg.chunk_size))
 
     def loss_inputs(self, name: str, ctx: StepContext) -> dict[str, Any]:
-        return dict(image_emb=ctx.image.embeds, text_emb=ctx.text_emb,
-                    logit_scale=self.model.logit_scale.exp(), logit_bias=self.model.logit_bias,
-                    nominal_batch_size=self.sigmoid_nominal())
+        return dict(
+            image_emb=ctx.image.embeds,
+            text_emb=ctx.text_emb,
+            logit_scale=self.model.logit_scale.exp(),
+            logit_bias=self.model.logit_bias,
+            nominal_batch_size=self.sigmoid_nominal(),
+        )
 
     def load_weights(self, path: str) -> None:
         super().load_weights(path)
@@ -129,16 +143,26 @@ class AcidStage(Stage):
         if size == own:
             return
         if self.acid.teacher_pixels == "batch":
-            log.info("ACID teacher at %d px scores the learner's %d px batch resized on the device "
-                     "(stage.acid.teacher_pixels=batch)", size, own)
+            log.info(
+                "ACID teacher at %d px scores the learner's %d px batch resized on the device "
+                "(stage.acid.teacher_pixels=batch)",
+                size,
+                own,
+            )
             return
         if getattr(dm, "random_resized_crop", False) or getattr(dm, "naflex", None) is not None:
-            raise ValueError("stage.acid.teacher_pixels=source squashes each source image to the teacher's size, "
-                             "but the learner's images are random crops or NaFlex sequences: the teacher would see "
-                             "other pixels. Set stage.acid.teacher_pixels=batch")
+            raise ValueError(
+                "stage.acid.teacher_pixels=source squashes each source image to the teacher's size, "
+                "but the learner's images are random crops or NaFlex sequences: the teacher would see "
+                "other pixels. Set stage.acid.teacher_pixels=batch"
+            )
         dm.teacher_image_size = size
-        log.info("ACID teacher at %d px scores each image squashed from the source to %d px (the learner's: %d px)",
-                 size, size, own)
+        log.info(
+            "ACID teacher at %d px scores each image squashed from the source to %d px (the learner's: %d px)",
+            size,
+            size,
+            own,
+        )
 
     def on_fit_start(self) -> None:
         if self.teacher_model is not None:
@@ -152,17 +176,26 @@ class AcidStage(Stage):
             log.info("ACID teacher: %s", self.teacher_record.get("cache") or self.teacher_record.get("path"))
         dm = getattr(self.trainer, "datamodule", None)
         if self.teacher_cache is not None and getattr(dm, "random_resized_crop", False):
-            raise ValueError("stage.acid.teacher_cache holds the teacher's embeddings of each sample's one "
-                             "deterministic view; data.random_resized_crop=true gives other views: run the teacher "
-                             "(stage.acid.teacher) instead")
+            raise ValueError(
+                "stage.acid.teacher_cache holds the teacher's embeddings of each sample's one "
+                "deterministic view; data.random_resized_crop=true gives other views: run the teacher "
+                "(stage.acid.teacher) instead"
+            )
         if self.teacher_cache is not None and float(getattr(dm, "caption_noise", 0.0) or 0.0) > 0.0:
-            raise ValueError("stage.acid.teacher_cache holds the teacher's embedding of each sample's own caption, "
-                             f"and data.caption_noise={dm.caption_noise} replaces captions with other samples' "
-                             "(a different one each epoch): run the teacher (stage.acid.teacher) instead")
-        if self.teacher_cache is not None and bool(getattr(dm, "draft_decode", True)) != self.teacher_cache.draft_decode:
-            raise ValueError(f"stage.acid.teacher_cache was built with draft decoding "
-                             f"{'on' if self.teacher_cache.draft_decode else 'off'} and data.draft_decode is "
-                             f"{getattr(dm, 'draft_decode', True)}: the cached pixels are not training's")
+            raise ValueError(
+                "stage.acid.teacher_cache holds the teacher's embedding of each sample's own caption, "
+                f"and data.caption_noise={dm.caption_noise} replaces captions with other samples' "
+                "(a different one each epoch): run the teacher (stage.acid.teacher) instead"
+            )
+        if (
+            self.teacher_cache is not None
+            and bool(getattr(dm, "draft_decode", True)) != self.teacher_cache.draft_decode
+        ):
+            raise ValueError(
+                f"stage.acid.teacher_cache was built with draft decoding "
+                f"{'on' if self.teacher_cache.draft_decode else 'off'} and data.draft_decode is "
+                f"{getattr(dm, 'draft_decode', True)}: the cached pixels are not training's"
+            )
 
     @property
     def trained_batch_size(self) -> int | None:
@@ -182,8 +215,9 @@ class AcidStage(Stage):
             return self.teacher_cache.lookup(list(batch["key"]), self.device)
         tok = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None) if self._trainer else None
         image = batch.get("teacher_image", batch["image"])  # teacher_pixels=source: at its own size
-        image, text = teacher_inputs(self.teacher_model.config, image, batch["text"],
-                                     getattr(tok, "pad_id", None), getattr(tok, "eos_id", None))
+        image, text = teacher_inputs(
+            self.teacher_model.config, image, batch["text"], getattr(tok, "pad_id", None), getattr(tok, "eos_id", None)
+        )
         return self.teacher_model.encode_image(image=image).embeds, self.teacher_model.embed_text(text)
 
     def _teacher_logits_params(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,8 +232,13 @@ class AcidStage(Stage):
         chunk = int(self.acid.score_chunk_size)
         m = self.model
         batch = normalize_pixels(batch)
-        learner = sigmoid_pair_losses(m.encode_image(image=batch["image"]).embeds, m.embed_text(batch["text"]),
-                                      m.logit_scale.exp(), m.logit_bias, chunk)
+        learner = sigmoid_pair_losses(
+            m.encode_image(image=batch["image"]).embeds,
+            m.embed_text(batch["text"]),
+            m.logit_scale.exp(),
+            m.logit_bias,
+            chunk,
+        )
         image_emb, text_emb = self._teacher_embeddings(batch)
         teacher = sigmoid_pair_losses(image_emb, text_emb, *self._teacher_logits_params(), chunk)
         return {"learner": learner, "teacher": teacher, "learnability": learner - teacher}
@@ -226,7 +265,9 @@ class AcidStage(Stage):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if "image" not in batch:
-            raise ValueError("stage=acid trains on fixed-resolution batches (`image`); NaFlex batches are not supported")
+            raise ValueError(
+                "stage=acid trains on fixed-resolution batches (`image`); NaFlex batches are not supported"
+            )
         n = int(batch["image"].shape[0])
         k = self.trained_batch_size or n
         if n < k:
@@ -247,8 +288,10 @@ class AcidStage(Stage):
 
     def checkpoint_meta(self) -> dict[str, Any]:
         meta = super().checkpoint_meta()
-        meta["acid"] = {"teacher": self.teacher_record, **{k: v for k, v in self.hparams["acid"].items()
-                                                          if k != "teacher"}}
+        meta["acid"] = {
+            "teacher": self.teacher_record,
+            **{k: v for k, v in self.hparams["acid"].items() if k != "teacher"},
+        }
         return meta
 
 

@@ -10,6 +10,7 @@ gradient). `callbacks.LossSchedule` asks `siglip2.schedule.RecipeClock` which lo
 at a switch the joining loss's parameters are re-initialised and their optimiser state
 cleared.
 """
+
 from __future__ import annotations
 
 import logging
@@ -97,9 +98,16 @@ class Stage(L.LightningModule):
         self.loss_configs = self.parse_losses({k: v for k, v in plain_config(losses).items() if v is not None})
         SigLIP2Config.from_dict(model_cfg)  # unknown model keys fail here, before any compute
         self.save_hyperparameters(
-            {"model": model_cfg, "optim": plain_config(optim), "losses": plain_config(losses), "name": name,
-             "handoff_fractions": list(handoff_fractions or []), "clock": plain_config(clock or {}),
-             "seed": int(seed), "posemb_resize": posemb_resize}
+            {
+                "model": model_cfg,
+                "optim": plain_config(optim),
+                "losses": plain_config(losses),
+                "name": name,
+                "handoff_fractions": list(handoff_fractions or []),
+                "clock": plain_config(clock or {}),
+                "seed": int(seed),
+                "posemb_resize": posemb_resize,
+            }
         )
         self.stage_name = name
         self.model = build_model(model_cfg)
@@ -109,8 +117,9 @@ class Stage(L.LightningModule):
         self._param_ndims = {n: p.ndim for n, p in self.named_parameters()}
         self._gates_open: dict[str, bool] = {}
         # Which losses are on; LossSchedule flips these and the checkpoint keeps them.
-        self.loss_enabled: dict[str, bool] = {n: RecipeClock.loss_on(c, self.clock_window.window[0])
-                                              for n, c in self.loss_configs.items()}
+        self.loss_enabled: dict[str, bool] = {
+            n: RecipeClock.loss_on(c, self.clock_window.window[0]) for n, c in self.loss_configs.items()
+        }
         self.compile_towers = model_cfg["compile"]
         self.flops_per_batch: int | None = None
         self.examples_seen = 0  # this stage's training examples, all ranks (the recipe's clock)
@@ -168,22 +177,37 @@ class Stage(L.LightningModule):
         trainer = self.trainer
         per_rank = per_rank or int(getattr(trainer.datamodule, "batch_size", 0) or 0) or self._first_batch
         if not per_rank:
-            raise ValueError("the recipe's clock needs the per-rank batch size: give the data module a "
-                             "`batch_size`, or build the clock after the first batch")
+            raise ValueError(
+                "the recipe's clock needs the per-rank batch size: give the data module a "
+                "`batch_size`, or build the clock after the first batch"
+            )
         step_examples = per_rank * int(trainer.world_size) * int(trainer.accumulate_grad_batches)
         total = self.recipe_examples
         opt = self.optim_config
         clock = RecipeClock.for_stage(
-            stage_steps=int(trainer.estimated_stepping_batches), step_examples=step_examples,
-            warmup=opt.warmup_steps, window=tuple(self.clock_window.window), stretch=self.clock_window.stretch,
-            min_lr_ratio=opt.min_lr_ratio, total_examples=int(total) if total else None, lr=self.clock_window.lr,
-            rewarm_warmup=self.clock_window.rewarm_warmup, rewarm_peak=self.clock_window.rewarm_peak)
+            stage_steps=int(trainer.estimated_stepping_batches),
+            step_examples=step_examples,
+            warmup=opt.warmup_steps,
+            window=tuple(self.clock_window.window),
+            stretch=self.clock_window.stretch,
+            min_lr_ratio=opt.min_lr_ratio,
+            total_examples=int(total) if total else None,
+            lr=self.clock_window.lr,
+            rewarm_warmup=self.clock_window.rewarm_warmup,
+            rewarm_peak=self.clock_window.rewarm_peak,
+        )
         mean = float(getattr(trainer.datamodule, "mean_batch_size", 0) or per_rank)  # NaFlex: some batches halved
         planned = int(trainer.estimated_stepping_batches) * step_examples * mean / per_rank
         if abs(planned - clock.stage_examples) > step_examples:
-            log.warning("this stage trains %d examples but its window %s of a %d-example recipe holds %.0f: "
-                        "the schedule will %s", planned, clock.window, clock.total_examples, clock.stage_examples,
-                        "stop at the window's end early" if planned > clock.stage_examples else "end unfinished")
+            log.warning(
+                "this stage trains %d examples but its window %s of a %d-example recipe holds %.0f: "
+                "the schedule will %s",
+                planned,
+                clock.window,
+                clock.total_examples,
+                clock.stage_examples,
+                "stop at the window's end early" if planned > clock.stage_examples else "end unfinished",
+            )
         return clock
 
     @property
@@ -295,8 +319,9 @@ class Stage(L.LightningModule):
         uint8 pixels (a batch from a data module that did not normalise them on the device,
         or straight from the loader) are normalised first; float pixels pass unchanged."""
         ctx = self.context(normalize_pixels(batch))
-        return {name: loss(**self.loss_inputs(name, ctx))
-                for name, loss in self.losses.items() if self.loss_enabled[name]}
+        return {
+            name: loss(**self.loss_inputs(name, ctx)) for name, loss in self.losses.items() if self.loss_enabled[name]
+        }
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         results = self.compute_losses(batch)
@@ -311,16 +336,22 @@ class Stage(L.LightningModule):
             total = weighted if total is None else total + weighted
             # sync_dist: under DDP the logged loss is the mean over ranks (the optimised
             # objective), not rank 0's share; one all-reduce of a scalar, no host sync.
-            self.log(f"train/loss_{name}", loss.detach(), batch_size=bsz, prog_bar=bar and name == "sigmoid",
-                     sync_dist=True)
+            self.log(
+                f"train/loss_{name}", loss.detach(), batch_size=bsz, prog_bar=bar and name == "sigmoid", sync_dist=True
+            )
             for key, value in metrics.items():
                 # self-distillation's metrics get their own W&B section (`distill/...`: each
                 # loss, teacher-student agreement, centre and teacher entropies)
                 self.log(key if key.startswith(OWN_SECTION) else f"train/{key}", value, batch_size=bsz)
         if total is None:
             raise RuntimeError(f"no loss is on at step {self.global_step}: check stage.losses.*.start_frac")
-        dormant = [p for name, module in self.losses.items() if not self.loss_enabled[name]
-                   for p in module.parameters() if p.requires_grad]
+        dormant = [
+            p
+            for name, module in self.losses.items()
+            if not self.loss_enabled[name]
+            for p in module.parameters()
+            if p.requires_grad
+        ]
         world = int(self._trainer.world_size) if self._trainer is not None else 1
         strategy = getattr(self._trainer, "strategy", None)
         if dormant and (world > 1 or isinstance(strategy, ParallelStrategy)):
@@ -372,10 +403,17 @@ class Stage(L.LightningModule):
         cfg = self.optim_config
         impl = adamw_impl(cfg.impl, self.trainer)
         optimizer = torch.optim.AdamW(
-            param_groups([(sharding.clean_name(n), p) for n, p in self.named_parameters()], cfg.torch_weight_decay,
-                         lr=float(cfg.lr), lr_mults=self.lr_multipliers(), ndims=self._param_ndims,
-                         gates=self.lr_gates()),
-            lr=float(cfg.lr), betas=cfg.betas, eps=float(cfg.eps),
+            param_groups(
+                [(sharding.clean_name(n), p) for n, p in self.named_parameters()],
+                cfg.torch_weight_decay,
+                lr=float(cfg.lr),
+                lr_mults=self.lr_multipliers(),
+                ndims=self._param_ndims,
+                gates=self.lr_gates(),
+            ),
+            lr=float(cfg.lr),
+            betas=cfg.betas,
+            eps=float(cfg.eps),
             fused=impl == "fused" or None,
             foreach=(impl == "foreach") if impl != "fused" else None,
         )
@@ -390,12 +428,18 @@ class Stage(L.LightningModule):
         the loss phase, the recipe's clock, what `init_from` loaded and the tokenizer."""
         clock = self._clock
         return CheckpointMeta(
-            format=CHECKPOINT_FORMAT, stage=self.stage_name, model=self.model.config.to_dict(),
-            losses={n: to_dict(c) for n, c in self.loss_configs.items()}, loss_enabled=dict(self.loss_enabled),
+            format=CHECKPOINT_FORMAT,
+            stage=self.stage_name,
+            model=self.model.config.to_dict(),
+            losses={n: to_dict(c) for n, c in self.loss_configs.items()},
+            loss_enabled=dict(self.loss_enabled),
             examples_seen=int(self.examples_seen),
-            recipe={"examples": clock.total_examples if clock else self.clock_window.examples,
-                    "window": list(self.clock_window.window), "stretch": self.clock_window.stretch,
-                    "progress": clock.progress(self.examples_seen) if clock else None},
+            recipe={
+                "examples": clock.total_examples if clock else self.clock_window.examples,
+                "window": list(self.clock_window.window),
+                "stretch": self.clock_window.stretch,
+                "progress": clock.progress(self.examples_seen) if clock else None,
+            },
             init_from=self.init_record,
             tokenizer=self.tokenizer_record.to_dict() if self.tokenizer_record else None,
         ).to_dict()
@@ -420,8 +464,11 @@ class Stage(L.LightningModule):
             self.examples_seen = int(meta.examples_seen)
         elif self._trainer is not None:  # format 1: constant batch, progress was global_step / max_steps
             trainer = self._trainer
-            self.examples_seen = int(checkpoint.get("global_step", 0)) * int(
-                getattr(trainer.datamodule, "batch_size", 0) or 0) * int(trainer.world_size)
+            self.examples_seen = (
+                int(checkpoint.get("global_step", 0))
+                * int(getattr(trainer.datamodule, "batch_size", 0) or 0)
+                * int(trainer.world_size)
+            )
         if has_state:
             check_shapes(self.state_dict(), checkpoint["state_dict"], source="ckpt_path")
         self._warn_if_retimed(meta)
@@ -438,10 +485,15 @@ class Stage(L.LightningModule):
             return
         if int(now) != int(recorded):
             seen = int(meta.examples_seen if meta.examples_seen is not None else self.examples_seen)
-            log.warning("ckpt_path: the checkpoint's recipe is %d examples long and this run's is %d (trainer.max_steps, "
-                        "batch or world size changed): recipe progress goes from %.1f%% to %.1f%%, and the loss "
-                        "switches, hand-off checkpoints and lr schedule follow the new length", int(recorded),
-                        int(now), 100 * seen / int(recorded), 100 * seen / int(now))
+            log.warning(
+                "ckpt_path: the checkpoint's recipe is %d examples long and this run's is %d (trainer.max_steps, "
+                "batch or world size changed): recipe progress goes from %.1f%% to %.1f%%, and the loss "
+                "switches, hand-off checkpoints and lr schedule follow the new length",
+                int(recorded),
+                int(now),
+                100 * seen / int(recorded),
+                100 * seen / int(now),
+            )
 
     def load_weights(self, path: str) -> None:
         """`init_from`: weights only, a new optimiser, and the clock of this stage's window of
@@ -449,8 +501,9 @@ class Stage(L.LightningModule):
         of any stage, or `hf:<folder>`, whose recipe length is unknown: then the clock comes
         from this stage's own steps unless `stage.clock.examples` is set). The record of what
         was loaded and adapted goes into this stage's checkpoints (`siglip2.init_from`)."""
-        result = init_from(self, path, self.model.config, posemb_resize=self.posemb_resize,
-                           tokenizer=self.tokenizer_record)
+        result = init_from(
+            self, path, self.model.config, posemb_resize=self.posemb_resize, tokenizer=self.tokenizer_record
+        )
         self.init_source, self.init_record = result.source, result.record
         self.on_weights_loaded(result.loaded)
 

@@ -1,4 +1,5 @@
 """`StepContext`: one training step's shared forward passes, each computed once, on first use."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -28,9 +29,12 @@ class StepContext:
         """`ImageOutput` of the student on the batch's images (`.embeds`, `.tokens`, `.token_mask`)."""
         b = self.batch
         if "patches" in b:
-            return self.stage.model.encode_image(patches=b["patches"], patch_coord=b.get("patch_coord"),
-                                                 patch_valid=b.get("patch_valid"),
-                                                 spatial_shapes=b.get("spatial_shapes"))
+            return self.stage.model.encode_image(
+                patches=b["patches"],
+                patch_coord=b.get("patch_coord"),
+                patch_valid=b.get("patch_valid"),
+                spatial_shapes=b.get("spatial_shapes"),
+            )
         return self.stage.model.encode_image(image=b["image"])
 
     @cached_property

@@ -8,6 +8,7 @@ the tokenizer, and rebuilds the training loader every epoch with `seed + epoch` 
 resampled shards differ between epochs and a resumed run sees the data an uninterrupted one
 would have seen.
 """
+
 from __future__ import annotations
 
 import logging
@@ -68,9 +69,12 @@ class ImageTextData(L.LightningDataModule):
         if demo and demo.get("root"):  # `debug=fast` sets demo.num_train even on data=webdataset
             from siglip2.data.demo import ensure_demo
 
-            self.demo = ensure_demo(demo["root"], num_train=int(demo["num_train"]), seed=int(demo["seed"]),
-                                    **{k: float(demo[k]) for k in ("word_share", "bias_strength", "bias_share")
-                                       if k in demo})
+            self.demo = ensure_demo(
+                demo["root"],
+                num_train=int(demo["num_train"]),
+                seed=int(demo["seed"]),
+                **{k: float(demo[k]) for k in ("word_share", "bias_strength", "bias_share") if k in demo},
+            )
         if sources:
             self.sources = [dict(s) for s in sources]
         elif train:
@@ -81,8 +85,9 @@ class ImageTextData(L.LightningDataModule):
             raise ValueError("data: set data.train (a shard pattern), data.sources, or use data=demo")
         tok = dict(tokenizer)
         self.tokenizer_path = str(tok["path"])
-        self.tokenizer = build_tokenizer(tok["path"], length=int(tok.get("length", text_length)),
-                                         lowercase=bool(tok.get("lowercase", True)))
+        self.tokenizer = build_tokenizer(
+            tok["path"], length=int(tok.get("length", text_length)), lowercase=bool(tok.get("lowercase", True))
+        )
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
         from siglip2.acid import CurationConfig
@@ -99,11 +104,17 @@ class ImageTextData(L.LightningDataModule):
         self.draft_decode = bool(draft_decode)
         self.caption_noise = float(caption_noise or 0.0)
         if not 0.0 <= self.caption_noise < 1.0:
-            raise ValueError(f"data.caption_noise is the share of training captions replaced by another "
-                             f"sample's, in [0, 1); got {caption_noise}")
+            raise ValueError(
+                f"data.caption_noise is the share of training captions replaced by another "
+                f"sample's, in [0, 1); got {caption_noise}"
+            )
         if self.caption_noise > 0.0:
-            log.info("data.caption_noise=%g: about %.0f%% of training captions are replaced by another sample's "
-                     "(the same samples every epoch)", self.caption_noise, 100 * self.caption_noise)
+            log.info(
+                "data.caption_noise=%g: about %.0f%% of training captions are replaced by another sample's "
+                "(the same samples every epoch)",
+                self.caption_noise,
+                100 * self.caption_noise,
+            )
         self.drop = None
         if balance_table:
             from siglip2.data.balance import FILTER_REASON, load_dropped
@@ -111,8 +122,12 @@ class ImageTextData(L.LightningDataModule):
 
             self.drop = KeyFilter(load_dropped(balance_table), FILTER_REASON)
             self._check_table_shards(balance_table)
-            log.info("data.balance_table=%s: %d samples are left out (counted as data/%s)", balance_table,
-                     len(self.drop.keys), FILTER_REASON)
+            log.info(
+                "data.balance_table=%s: %d samples are left out (counted as data/%s)",
+                balance_table,
+                len(self.drop.keys),
+                FILTER_REASON,
+            )
         self.naflex = None
         if naflex:
             from siglip2.config import from_dict
@@ -126,8 +141,11 @@ class ImageTextData(L.LightningDataModule):
         # Fail before training if a pattern matches nothing.
         from siglip2.data.shards import expand_urls
 
-        for urls in ([s["urls"] for s in self.sources] if isinstance(self.sources, list)
-                     and self.sources and isinstance(self.sources[0], dict) else [self.sources]):
+        for urls in (
+            [s["urls"] for s in self.sources]
+            if isinstance(self.sources, list) and self.sources and isinstance(self.sources[0], dict)
+            else [self.sources]
+        ):
             expand_urls(urls)
 
     def _check_table_shards(self, table: str) -> None:
@@ -139,12 +157,17 @@ class ImageTextData(L.LightningDataModule):
         urls = [u for s in srcs for u in expand_urls(s["urls"] if isinstance(s, dict) else s)]
         ours, theirs = {shard_name(u) for u in urls}, self.drop.shards()
         if theirs and not ours & theirs:
-            raise ValueError(f"data.balance_table={table} drops samples of shards {sorted(theirs)[:3]}..., none of "
-                             f"which this run reads ({sorted(ours)[:3]}...): build the table on these shards "
-                             "(python -m siglip2.data.balance --shards ...)")
+            raise ValueError(
+                f"data.balance_table={table} drops samples of shards {sorted(theirs)[:3]}..., none of "
+                f"which this run reads ({sorted(ours)[:3]}...): build the table on these shards "
+                "(python -m siglip2.data.balance --shards ...)"
+            )
         if theirs - ours:
-            log.warning("data.balance_table: %d of the %d shards it drops samples from are not in this run",
-                        len(theirs - ours), len(theirs))
+            log.warning(
+                "data.balance_table: %d of the %d shards it drops samples from are not in this run",
+                len(theirs - ours),
+                len(theirs),
+            )
 
     # ACID's teacher at its own resolution (`stage.acid.teacher_pixels=source`): the stage sets
     # the teacher's image size here before the loaders are built; each training sample then
@@ -161,22 +184,33 @@ class ImageTextData(L.LightningDataModule):
             transform = NativeImage()
             batcher = NaFlexBatches(self.plan, self.patch_size, offset=epoch * self.batches_per_epoch)
         else:
-            transform = ImageTransform(self.image_size, random_resized_crop=self.random_resized_crop,
-                                       scale=self.crop_scale, dtype="uint8")  # [-1, 1] on the device
+            transform = ImageTransform(
+                self.image_size, random_resized_crop=self.random_resized_crop, scale=self.crop_scale, dtype="uint8"
+            )  # [-1, 1] on the device
             if self.teacher_image_size:
                 extra["teacher_image"] = ImageTransform(int(self.teacher_image_size), dtype="uint8")
         # draft decoding may shrink a JPEG to the largest size any transform needs (NaFlex: None, no draft)
         decode = [transform.min_source_size()] + [t.min_source_size() for t in extra.values()]
-        decode_size = None if not self.draft_decode or None in decode else (
-            max(w for w, _ in decode), max(h for _, h in decode))
+        decode_size = (
+            None if not self.draft_decode or None in decode else (max(w for w, _ in decode), max(h for _, h in decode))
+        )
         locca = LoccaFormat(**self.locca_targets) if self.locca_targets else None
-        sample_fn = TrainSample(self.tokenizer, transform, self.seed, epoch, locca, caption_noise=self.caption_noise,
-                                extra_images=extra)
+        sample_fn = TrainSample(
+            self.tokenizer, transform, self.seed, epoch, locca, caption_noise=self.caption_noise, extra_images=extra
+        )
         return build_train_loader(
-            self.sources, sample_fn, batch_size=self.loader_batch_size, num_batches=self.batches_per_epoch,
-            seed=self.seed * 1_000_003 + epoch, num_workers=self.num_workers,
-            shuffle_buffer=self.shuffle_buffer, max_pixels=self.max_pixels, reseed_each_iter=False,
-            decode_size=decode_size, batcher=batcher, drop=self.drop,
+            self.sources,
+            sample_fn,
+            batch_size=self.loader_batch_size,
+            num_batches=self.batches_per_epoch,
+            seed=self.seed * 1_000_003 + epoch,
+            num_workers=self.num_workers,
+            shuffle_buffer=self.shuffle_buffer,
+            max_pixels=self.max_pixels,
+            reseed_each_iter=False,
+            decode_size=decode_size,
+            batcher=batcher,
+            drop=self.drop,
         )
 
     @property

@@ -31,6 +31,7 @@ EMA teacher and are refused.
 compiled, then sharded (torch's recommended order for FSDP2: per-block compile, FSDP hooks
 outside the compiled regions).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -57,9 +58,11 @@ def data_parallel_mesh(stage):
     mesh = stage.device_mesh
     names = mesh.mesh_dim_names or ()
     if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-        raise ValueError(f"ModelParallelStrategy with tensor_parallel_size={mesh['tensor_parallel'].size()}: the "
-                         "stages shard with FSDP2 over data-parallel ranks only and apply no tensor parallelism; "
-                         "use trainer=fsdp2 (stages.strategies.FSDP2Strategy, tensor_parallel_size 1)")
+        raise ValueError(
+            f"ModelParallelStrategy with tensor_parallel_size={mesh['tensor_parallel'].size()}: the "
+            "stages shard with FSDP2 over data-parallel ranks only and apply no tensor parallelism; "
+            "use trainer=fsdp2 (stages.strategies.FSDP2Strategy, tensor_parallel_size 1)"
+        )
     return mesh["data_parallel"] if "data_parallel" in names else mesh
 
 
@@ -78,9 +81,11 @@ def shard_stage(stage) -> None:
         return
     precision = str(stage.trainer.precision)
     if precision not in SUPPORTED_PRECISION:
-        raise ValueError(f"ModelParallelStrategy (FSDP2) with precision={precision!r}: the stages support "
-                         f"{' or '.join(SUPPORTED_PRECISION)}; half-precision weights would cast the EMA teacher, "
-                         "which must stay fp32 (its update falls below bf16 resolution)")
+        raise ValueError(
+            f"ModelParallelStrategy (FSDP2) with precision={precision!r}: the stages support "
+            f"{' or '.join(SUPPORTED_PRECISION)}; half-precision weights would cast the EMA teacher, "
+            "which must stay fp32 (its update falls below bf16 resolution)"
+        )
     mesh = data_parallel_mesh(stage)
     compute = torch.bfloat16 if precision == "bf16-mixed" else None
     # cast_forward_inputs=False: activations keep the dtype autocast gives them (the residual
@@ -117,8 +122,10 @@ def check_ema_pairs(stage) -> None:
     teacher, student = stage.teacher._pairs(stage.model.vision_model, stage.distill_heads())
     bad = [(tuple(t.shape), tuple(s.shape)) for t, s in zip(teacher, student) if t.shape != s.shape]
     if bad:
-        raise RuntimeError(f"FSDP2: {len(bad)} EMA teacher/student shards differ in shape (e.g. {bad[:3]}); "
-                           "the EMA update would mix different elements")
+        raise RuntimeError(
+            f"FSDP2: {len(bad)} EMA teacher/student shards differ in shape (e.g. {bad[:3]}); "
+            "the EMA update would mix different elements"
+        )
 
 
 def local_value(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

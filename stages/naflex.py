@@ -14,6 +14,7 @@ halved batches at the largest length move the schedule by half a step.
 The distillation heads and EMA teacher of the 90% checkpoint are not part of this stage:
 `init_from` leaves them out and its log and the checkpoint's record list them as ignored.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -38,8 +39,10 @@ class NaFlexStage(PretrainStage):
 
     def training_step(self, batch, batch_idx):
         if "patches" not in batch:
-            raise ValueError("stage=naflex needs NaFlex batches (patches, patch_coord, patch_valid, spatial_shapes): "
-                             "the data module needs the stage's naflex block (stages.runner.stage_data_inputs passes it)")
+            raise ValueError(
+                "stage=naflex needs NaFlex batches (patches, patch_coord, patch_valid, spatial_shapes): "
+                "the data module needs the stage's naflex block (stages.runner.stage_data_inputs passes it)"
+            )
         if "spatial_shapes" in batch:
             self.log("train/naflex_seq_len", float(batch["patches"].shape[1]), batch_size=batch["patches"].shape[0])
         return super().training_step(batch, batch_idx)

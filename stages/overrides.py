@@ -16,6 +16,7 @@ the closest existing one, or the key and the type its default has, for every con
   `trainer.*`, `callbacks.*`, `logger.*`: Lightning validates those itself, and takes several
   types for one key (`trainer.devices=auto`).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -92,8 +93,13 @@ def _problem(cfg: DictConfig, prefix: str, key: str, value: str) -> str | None:
             if close and _one_edit(leaf, close[0]):
                 return f"'+{key}' adds a key next to '{near}': a typo? (set '{near}=...')"
             return None
-        hint = f" (did you mean '{near}'?)" if close else \
-            (f"; '{parent_key}' has: {', '.join(sorted(siblings))}" if parent_key and 0 < len(siblings) <= 30 else "")
+        hint = (
+            f" (did you mean '{near}'?)"
+            if close
+            else (
+                f"; '{parent_key}' has: {', '.join(sorted(siblings))}" if parent_key and 0 < len(siblings) <= 30 else ""
+            )
+        )
         return f"unknown key '{key}'{hint}"
     if key.split(".")[0] in _OWN_VALIDATION:
         return None
@@ -112,10 +118,11 @@ def _one_edit(a: str, b: str) -> bool:
         return False
     if len(a) == len(b):
         diff = [i for i in range(len(a)) if a[i] != b[i]]
-        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
-                                  and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+        return len(diff) == 1 or (
+            len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
+        )
     short, long = sorted((a, b), key=len)
-    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
+    return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
 
 
 def check_overrides(config_name: str, argv: Sequence[str]) -> list[str]:
@@ -133,8 +140,10 @@ def check_overrides(config_name: str, argv: Sequence[str]) -> list[str]:
     base = [a for a, p in parsed if p is None and not a.startswith("hydra")]
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(config_name, overrides=[a.split("=")[0] + "=" + a.split("=", 1)[1].split(",")[0]
-                                                  if "," in a else a for a in base])
+            cfg = compose(
+                config_name,
+                overrides=[a.split("=")[0] + "=" + a.split("=", 1)[1].split(",")[0] if "," in a else a for a in base],
+            )
     except Exception:
         return [p for a in base for p in [_group_problem(a)] if p]  # else Hydra reports it itself
     problems = []
@@ -145,9 +154,11 @@ def check_overrides(config_name: str, argv: Sequence[str]) -> list[str]:
         # counts); only values alike but for their numbers are a `{a..b}` pattern the shell expanded.
         skeletons = {re.sub(r"\d+", "#", v) for v in values}
         if len(set(values)) == len(values) and len(skeletons) == 1 and "/" in next(iter(skeletons)):
-            problems.append(f"'{key}' is given {len(values)} times ({values[0]}, {values[1]}, ...), and only the last "
-                            f"one counts: an unquoted {{a..b}} shard pattern the shell expanded? Quote it: "
-                            f"'{key}=\"/data/{{00000..00999}}.tar\"'")
+            problems.append(
+                f"'{key}' is given {len(values)} times ({values[0]}, {values[1]}, ...), and only the last "
+                f"one counts: an unquoted {{a..b}} shard pattern the shell expanded? Quote it: "
+                f"'{key}=\"/data/{{00000..00999}}.tar\"'"
+            )
     for _, p in parsed:
         if p is not None:
             problem = _problem(cfg, *p)
@@ -173,9 +184,11 @@ def _demo_tokenizer_without_demo(cfg) -> str | None:
         return None
     path = OmegaConf.to_container(tok, resolve=False).get("path") if OmegaConf.is_dict(tok) else None
     if isinstance(path, str) and "data.demo" in path:
-        return ("the default tokenizer (tokenizer=demo) is the demo's, and this data config builds no demo: name "
-                "yours, e.g. tokenizer=sentencepiece tokenizer.path=<.model file> (python -m siglip2.data.tokenizer "
-                "train writes one) or tokenizer=hf tokenizer.path=<folder>")
+        return (
+            "the default tokenizer (tokenizer=demo) is the demo's, and this data config builds no demo: name "
+            "yours, e.g. tokenizer=sentencepiece tokenizer.path=<.model file> (python -m siglip2.data.tokenizer "
+            "train writes one) or tokenizer=hf tokenizer.path=<folder>"
+        )
     return None
 
 
@@ -190,10 +203,12 @@ def _grammar_problem(arg: str) -> str | None:
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         key, value = arg.split("=", 1)
-        return (f"could not parse the override '{arg}' ({reason}). Hydra's override grammar needs a value "
-                f"with brackets, braces, commas or spaces quoted inside the shell's quotes: "
-                f"\"{key}='{value}'\", or a list written whole: '{key}=[1,2]' "
-                f"(https://hydra.cc/docs/advanced/override_grammar/basic/)")
+        return (
+            f"could not parse the override '{arg}' ({reason}). Hydra's override grammar needs a value "
+            f"with brackets, braces, commas or spaces quoted inside the shell's quotes: "
+            f"\"{key}='{value}'\", or a list written whole: '{key}=[1,2]' "
+            f"(https://hydra.cc/docs/advanced/override_grammar/basic/)"
+        )
     return None
 
 

@@ -12,6 +12,7 @@ Sigmoid and LocCa keep the original image; the views are cut on the device insid
 At the switch the teacher is copied from the student and the heads and mask token start
 fresh (`Stage.enable_loss`); after every optimiser step the teacher follows the student by EMA.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,13 @@ from torch import nn
 
 from siglip2.config import from_dict
 from siglip2.data.views import DistillViews, ViewConfig, make_views
-from siglip2.losses.distill import (LocalToGlobalConfig, LocalToGlobalLoss, MaskedPredictionConfig,
-                                    MaskedPredictionLoss, teacher_temperature)
+from siglip2.losses.distill import (
+    LocalToGlobalConfig,
+    LocalToGlobalLoss,
+    MaskedPredictionConfig,
+    MaskedPredictionLoss,
+    teacher_temperature,
+)
 from siglip2.losses.locca import LoccaConfig, LoccaHead
 from siglip2.losses.sigmoid import SigmoidLoss, SigmoidLossConfig
 from siglip2.model.ema import EMATeacher
@@ -50,6 +56,7 @@ class EMAConfig:
     views keep matching, to limit forgetting (not in the paper; `experiment=finetune_anchored`).
     The teacher's heads follow the student's heads by EMA either way (DINO): a fixed random
     head would score the frozen features against prototypes nothing learns."""
+
     momentum: float = 0.996
     final_momentum: float | None = None
     tower: str = "ema"
@@ -84,17 +91,21 @@ class PretrainContext(StepContext):
     @cached_property
     def student_masked(self):
         s = self.stage
-        return s.model.encode_image(image=self.views.global_view, masked_patches=self.views.mask,
-                                    mask_token=s.losses["masked"].mask_token)
+        return s.model.encode_image(
+            image=self.views.global_view, masked_patches=self.views.mask, mask_token=s.losses["masked"].mask_token
+        )
 
 
 class PretrainStage(Stage):
     NAME = "pretrain"
-    LOSSES = {"sigmoid": SigmoidLossConfig, "locca": LoccaConfig, "local_to_global": LocalToGlobalConfig,
-              "masked": MaskedPredictionConfig}
+    LOSSES = {
+        "sigmoid": SigmoidLossConfig,
+        "locca": LoccaConfig,
+        "local_to_global": LocalToGlobalConfig,
+        "masked": MaskedPredictionConfig,
+    }
 
-    def __init__(self, *args, views: Mapping[str, Any] | None = None, ema: Mapping[str, Any] | None = None,
-                 **kwargs):
+    def __init__(self, *args, views: Mapping[str, Any] | None = None, ema: Mapping[str, Any] | None = None, **kwargs):
         """`views`: `ViewConfig` keys (global/local crops, local size, jitter); `ema`:
         `EMAConfig` keys. Both are used only when a distillation loss is configured."""
         views_in = dict(views or {})
@@ -109,7 +120,9 @@ class PretrainStage(Stage):
         self.hparams["views"], self.hparams["ema"] = views_in, dict(ema or {})
         distill = [n for n in DISTILL if n in self.losses]
         # Built now, in every checkpoint and outside the optimiser (no grad) from step 0.
-        self.teacher = EMATeacher(self.model.vision_model, {n: self.losses[n].head for n in distill}) if distill else None
+        self.teacher = (
+            EMATeacher(self.model.vision_model, {n: self.losses[n].head for n in distill}) if distill else None
+        )
 
     def build_loss(self, name: str, cfg) -> nn.Module:
         width = self.model.config.vision.width
@@ -126,12 +139,17 @@ class PretrainStage(Stage):
 
     def loss_inputs(self, name: str, ctx: PretrainContext) -> dict[str, Any]:
         if name == "sigmoid":  # student image and text embeddings
-            return dict(image_emb=ctx.image.embeds, text_emb=ctx.text_emb,
-                        logit_scale=self.model.logit_scale.exp(), logit_bias=self.model.logit_bias,
-                        nominal_batch_size=self.sigmoid_nominal())
+            return dict(
+                image_emb=ctx.image.embeds,
+                text_emb=ctx.text_emb,
+                logit_scale=self.model.logit_scale.exp(),
+                logit_bias=self.model.logit_bias,
+                nominal_batch_size=self.sigmoid_nominal(),
+            )
         if name == "locca":  # the same image pass's tokens, the batch's locca_* targets
-            return dict(batch=ctx.batch, image_tokens=ctx.image.tokens, image_mask=ctx.image.token_mask,
-                        generator=ctx.generator)
+            return dict(
+                batch=ctx.batch, image_tokens=ctx.image.tokens, image_mask=ctx.image.token_mask, generator=ctx.generator
+            )
         temp = teacher_temperature(self.loss_configs[name], self.recipe_progress)
         if name == "local_to_global":  # teacher: global view, pooled; student: local views, pooled
             with torch.no_grad():
@@ -142,12 +160,18 @@ class PretrainStage(Stage):
         # `mask.nonzero` would give them
         masked = ctx.views.masked_positions(self.views.mask_ratio)
         image_index = torch.arange(masked.shape[0], device=masked.device).repeat_interleave(
-            masked.shape[1], output_size=masked.numel())
+            masked.shape[1], output_size=masked.numel()
+        )
         position = masked.reshape(-1)
         with torch.no_grad():
             teacher_logits = self.teacher.heads[name](ctx.teacher_global.tokens[image_index, position])
-        return dict(student_tokens=ctx.student_masked.tokens[image_index, position], teacher_logits=teacher_logits,
-                    image_index=image_index, batch_size=ctx.views.mask.shape[0], teacher_temp=temp)
+        return dict(
+            student_tokens=ctx.student_masked.tokens[image_index, position],
+            teacher_logits=teacher_logits,
+            image_index=image_index,
+            batch_size=ctx.views.mask.shape[0],
+            teacher_temp=temp,
+        )
 
     # ---- the teacher ---------------------------------------------------------------------
     def distill_heads(self) -> dict[str, nn.Module]:

@@ -14,6 +14,7 @@ anything else still shows.
   there is no best-k bookkeeping to lose. (Lightning's warning about resuming mid-epoch with
   a non-resumable loader is kept: it is true of our streams.)
 """
+
 from __future__ import annotations
 
 import logging

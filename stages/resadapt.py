@@ -11,6 +11,7 @@ alike. The lr follows the pretraining cosine from 95% to 100% (`stage.clock.wind
 stage trains the steps that window holds (`clock.fit_window`). Its checkpoints record the
 adapted configuration, so eval and export rebuild the model at the new resolution.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,7 +44,13 @@ def _with_grid(model: Mapping[str, Any], posemb_grid: int | str) -> dict[str, An
         raise ValueError(f"model.vision.image_size {size} is smaller than one patch ({patch} px)")
     grid = size // patch if posemb_grid == "auto" else int(posemb_grid)
     if grid != vision.get("posemb_grid"):
-        log.info("resadapt: position table %s -> %dx%d (image %d px / patch %d)", vision.get("posemb_grid"), grid,
-                 grid, size, patch)
+        log.info(
+            "resadapt: position table %s -> %dx%d (image %d px / patch %d)",
+            vision.get("posemb_grid"),
+            grid,
+            grid,
+            size,
+            patch,
+        )
     vision["posemb_grid"] = grid
     return {**cfg, "vision": vision}

@@ -3,6 +3,7 @@
 This is the one place that turns a composed config into a Trainer, a stage and a data
 module, so `train.py` stays a three-line entry point.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,17 +50,31 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         # From the built Trainer: its world size is the real one (devices: -1 / "auto" resolved, nodes).
         steps = stage.window_steps(global_batch_size(trainer, datamodule))
         if steps is None:
-            log.warning("stage %s: the recipe's length is unknown (no init_from checkpoint, no stage.clock.examples); "
-                        "training trainer.max_steps=%s steps", stage.stage_name, cfg.trainer.get("max_steps"))
+            log.warning(
+                "stage %s: the recipe's length is unknown (no init_from checkpoint, no stage.clock.examples); "
+                "training trainer.max_steps=%s steps",
+                stage.stage_name,
+                cfg.trainer.get("max_steps"),
+            )
         else:
-            log.info("stage %s covers recipe %s: %d steps of %d ranks (trainer.max_steps=%s replaced)",
-                     stage.stage_name, list(stage.clock_window.window), steps, trainer.world_size,
-                     cfg.trainer.get("max_steps"))
+            log.info(
+                "stage %s covers recipe %s: %d steps of %d ranks (trainer.max_steps=%s replaced)",
+                stage.stage_name,
+                list(stage.clock_window.window),
+                steps,
+                trainer.world_size,
+                cfg.trainer.get("max_steps"),
+            )
             trainer.fit_loop.epoch_loop.max_steps = steps  # what `Trainer(max_steps=...)` sets
     if resume_step is not None and 0 <= trainer.max_steps <= resume_step:
-        log.warning("ckpt_path %s is at step %d and this run stops at trainer.max_steps=%d: it is already "
-                    "finished and nothing will be trained (raise trainer.max_steps to train on; evaluate it "
-                    "with eval.py ckpt_path=...)", cfg.ckpt_path, resume_step, trainer.max_steps)
+        log.warning(
+            "ckpt_path %s is at step %d and this run stops at trainer.max_steps=%d: it is already "
+            "finished and nothing will be trained (raise trainer.max_steps to train on; evaluate it "
+            "with eval.py ckpt_path=...)",
+            cfg.ckpt_path,
+            resume_step,
+            trainer.max_steps,
+        )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return {"datamodule": datamodule, "stage": stage, "trainer": trainer, "callbacks": callbacks}
@@ -75,9 +90,11 @@ def stage_data_inputs(cfg: DictConfig) -> dict[str, Any]:
     `stage.*`): LocCa's target format (`stage.losses.locca.targets`), NaFlex's batch plan
     (`stage.naflex`) and ACID's super-batch share (`stage.acid.filter_ratio`)."""
     filter_ratio = _select(cfg, "stage.acid.filter_ratio")
-    return {"locca_targets": _plain(_select(cfg, "stage.losses.locca.targets")),
-            "naflex": _plain(_select(cfg, "stage.naflex")),
-            "filter_ratio": float(filter_ratio) if filter_ratio is not None else 0.0}
+    return {
+        "locca_targets": _plain(_select(cfg, "stage.losses.locca.targets")),
+        "naflex": _plain(_select(cfg, "stage.naflex")),
+        "filter_ratio": float(filter_ratio) if filter_ratio is not None else 0.0,
+    }
 
 
 def check_accumulation(trainer: L.Trainer, datamodule) -> None:
@@ -98,9 +115,11 @@ def check_accumulation(trainer: L.Trainer, datamodule) -> None:
     if per_epoch % acc:
         fix = -(-per_epoch // acc) * acc
         what = f"{key}={per_epoch}" if key == "data.batches_per_epoch" else key
-        raise ValueError(f"trainer.accumulate_grad_batches={acc} does not divide {what}: "
-                         f"every epoch would end with a step of {per_epoch % acc} micro-batch(es). "
-                         f"Make the epoch a multiple of {acc} batches (e.g. {fix})")
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={acc} does not divide {what}: "
+            f"every epoch would end with a step of {per_epoch % acc} micro-batch(es). "
+            f"Make the epoch a multiple of {acc} batches (e.g. {fix})"
+        )
 
 
 def drop_logger_callbacks(callbacks: list[Any]) -> list[Any]:
@@ -111,8 +130,10 @@ def drop_logger_callbacks(callbacks: list[Any]) -> list[Any]:
     kept = []
     for cb in callbacks:
         if isinstance(cb, LearningRateMonitor):
-            log.info("no logger configured: %s left out (it only writes to a logger; metrics.json is still written)",
-                     type(cb).__name__)
+            log.info(
+                "no logger configured: %s left out (it only writes to a logger; metrics.json is still written)",
+                type(cb).__name__,
+            )
         else:
             kept.append(cb)
     return kept
@@ -155,10 +176,14 @@ def check_vocab(cfg: DictConfig, tokenizer) -> None:
 
     fixed = cfg.model.get("text", {}).get("vocab_size")
     if fixed is not None:
-        check_vocab_size(fixed, tokenizer.vocab_size, "model.text.vocab_size",
-                         f"the tokenizer ({cfg.tokenizer.get('path')})",
-                         hint="use the model's tokenizer (e.g. tokenizer=gemma for the released sizes) or "
-                              "model.text.vocab_size=null to size the model from the tokenizer")
+        check_vocab_size(
+            fixed,
+            tokenizer.vocab_size,
+            "model.text.vocab_size",
+            f"the tokenizer ({cfg.tokenizer.get('path')})",
+            hint="use the model's tokenizer (e.g. tokenizer=gemma for the released sizes) or "
+            "model.text.vocab_size=null to size the model from the tokenizer",
+        )
 
 
 def tokenizer_record(datamodule):
@@ -182,8 +207,15 @@ def global_batch_size(trainer: L.Trainer, datamodule) -> int:
 
 def build_stage(cfg: DictConfig, vocab_size: int):
     """The stage (LightningModule) a composed config names, with its model and losses."""
-    return instantiate(cfg.stage, model=cfg.model, optim=cfg.optim, vocab_size=int(vocab_size), seed=int(cfg.seed),
-                       _recursive_=False, _convert_="all")
+    return instantiate(
+        cfg.stage,
+        model=cfg.model,
+        optim=cfg.optim,
+        vocab_size=int(vocab_size),
+        seed=int(cfg.seed),
+        _recursive_=False,
+        _convert_="all",
+    )
 
 
 # Variables Lightning's subprocess launcher sets in the parent for the ranks it starts.
@@ -207,8 +239,11 @@ def sweep_job_ddp(trainer: L.Trainer) -> Iterator[None]:
     from omegaconf import read_write
 
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
-    if (hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN
-            or not isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)):
+    if (
+        hydra_cfg is None
+        or hydra_cfg.mode != RunMode.MULTIRUN
+        or not isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)
+    ):
         yield
         return
     saved_argv, saved_run_dir = sys.argv, hydra_cfg.run.dir
@@ -332,27 +367,41 @@ def _match_checkpoint_data(cfg: DictConfig, ckpt) -> None:
     demo = _checkpoint_demo(ckpt)
     if demo and cfg.data.get("demo") and not _overridden("data"):
         if (int(cfg.data.demo.num_train), int(cfg.data.demo.seed)) != demo:
-            log.info("the checkpoint was trained on the demo of %d samples (seed %d): using its tokenizer and "
-                     "eval sets (data.demo.num_train=... to choose another)", *demo)
+            log.info(
+                "the checkpoint was trained on the demo of %d samples (seed %d): using its tokenizer and "
+                "eval sets (data.demo.num_train=... to choose another)",
+                *demo,
+            )
             cfg.data.demo.num_train, cfg.data.demo.seed = demo
-    elif demo is None and (ckpt.meta.tokenizer or {}).get("path") and not _overridden("eval") \
-            and _select(cfg, "data.demo.root") and cfg.eval.sets:
+    elif (
+        demo is None
+        and (ckpt.meta.tokenizer or {}).get("path")
+        and not _overridden("eval")
+        and _select(cfg, "data.demo.root")
+        and cfg.eval.sets
+    ):
         root = os.path.abspath(os.path.expanduser(str(_select(cfg, "data.demo.root"))))
         sets = [cfg.eval.sets] if isinstance(cfg.eval.sets, str) else cfg.eval.sets
         if all(os.path.abspath(str(s)).startswith(root + os.sep) for s in sets):
-            raise ValueError(f"checkpoint {cfg.ckpt_path} was trained on your own data (tokenizer "
-                             f"{ckpt.meta.tokenizer['path']}), and the eval sets are the demo's: name yours with "
-                             "eval.sets='[/path/to/set.yaml]' (or eval=demo to evaluate it on the demo anyway)")
+            raise ValueError(
+                f"checkpoint {cfg.ckpt_path} was trained on your own data (tokenizer "
+                f"{ckpt.meta.tokenizer['path']}), and the eval sets are the demo's: name yours with "
+                "eval.sets='[/path/to/set.yaml]' (or eval=demo to evaluate it on the demo anyway)"
+            )
 
 
 def _hf_folder_tokenizer(folder: str) -> str:
     """The tokenizer of a transformers folder (`ckpt_path=hf:<folder>`): the folder itself when it
     holds one (a released download's Gemma tokenizer, our export's), else a clear error."""
-    if any((Path(folder) / name).exists() for name in ("tokenizer.json", "tokenizer.model", "spiece.model",
-                                                       "tokenizer_config.json")):
+    if any(
+        (Path(folder) / name).exists()
+        for name in ("tokenizer.json", "tokenizer.model", "spiece.model", "tokenizer_config.json")
+    ):
         return folder
-    raise ValueError(f"ckpt_path=hf:{folder}: the folder holds no tokenizer; name the one the model was trained "
-                     "with: tokenizer.path=<.model file or folder>")
+    raise ValueError(
+        f"ckpt_path=hf:{folder}: the folder holds no tokenizer; name the one the model was trained "
+        "with: tokenizer.path=<.model file or folder>"
+    )
 
 
 def _folder_lowercases(folder: str) -> bool:
@@ -403,11 +452,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if _needs_demo(cfg, ckpt):  # built only when its sets or its tokenizer are used
         from siglip2.data.demo import ensure_demo
 
-        ensure_demo(cfg.data.demo.root, num_train=int(cfg.data.demo.num_train), seed=int(cfg.data.demo.seed),
-                    **({"word_share": float(cfg.data.demo.word_share)} if "word_share" in cfg.data.demo else {}))
+        ensure_demo(
+            cfg.data.demo.root,
+            num_train=int(cfg.data.demo.num_train),
+            seed=int(cfg.data.demo.seed),
+            **({"word_share": float(cfg.data.demo.word_share)} if "word_share" in cfg.data.demo else {}),
+        )
     if not cfg.eval.sets:
-        raise ValueError("nothing to evaluate: eval.sets is empty; name your sets with "
-                         "eval.sets='[/path/to/set.yaml]' (docs/eval_data.md)")
+        raise ValueError(
+            "nothing to evaluate: eval.sets is empty; name your sets with "
+            "eval.sets='[/path/to/set.yaml]' (docs/eval_data.md)"
+        )
     model = ckpt.model(str(cfg.get("which", "student"))).to(cfg.device)
     decoder = ckpt.locca_decoder()
     decoder = decoder.to(cfg.device) if decoder is not None else None
@@ -419,22 +474,38 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if not _overridden("tokenizer", exact=("tokenizer", "tokenizer.lowercase")):
             lowercase = _folder_lowercases(path)
     else:
-        path = resolve_checkpoint_tokenizer(ckpt.meta.tokenizer, str(configured) if configured else None,
-                                            explicit=named, what=f"checkpoint {cfg.ckpt_path}")
+        path = resolve_checkpoint_tokenizer(
+            ckpt.meta.tokenizer,
+            str(configured) if configured else None,
+            explicit=named,
+            what=f"checkpoint {cfg.ckpt_path}",
+        )
     log.info("tokenizer: %s (lower-casing %s)", path, "on" if lowercase else "off")
     tokenizer = build_tokenizer(path, length=int(ckpt.model_config.text.max_len), lowercase=lowercase)
     if ckpt.stage == "hf" and cfg.eval.get("naflex_seq_len") is None:
         seq_len = _folder_max_patches(split_spec(cfg.ckpt_path)[1])
         if seq_len:  # a NaFlex folder: evaluated as its processor sees images, not as squares
-            log.info("ckpt_path=%s: a NaFlex folder, evaluated at its processor's max_num_patches=%d "
-                     "(eval.naflex_seq_len=... for another length)", cfg.ckpt_path, seq_len)
+            log.info(
+                "ckpt_path=%s: a NaFlex folder, evaluated at its processor's max_num_patches=%d "
+                "(eval.naflex_seq_len=... for another length)",
+                cfg.ckpt_path,
+                seq_len,
+            )
             with open_dict(cfg):
                 cfg.eval.naflex_seq_len = seq_len
     results = evaluate_all(
-        list(cfg.eval.sets), model=model, tokenizer=tokenizer, image_size=ckpt.image_size, device=cfg.device,
-        batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers),
-        max_batches=cfg.eval.get("max_batches"), decoder=decoder, naflex_seq_len=cfg.eval.get("naflex_seq_len"),
-        aspect_min=cfg.eval.get("aspect_min"), refexp_probe=_plain(cfg.eval.get("refexp_probe")),
+        list(cfg.eval.sets),
+        model=model,
+        tokenizer=tokenizer,
+        image_size=ckpt.image_size,
+        device=cfg.device,
+        batch_size=int(cfg.eval.batch_size),
+        num_workers=int(cfg.eval.num_workers),
+        max_batches=cfg.eval.get("max_batches"),
+        decoder=decoder,
+        naflex_seq_len=cfg.eval.get("naflex_seq_len"),
+        aspect_min=cfg.eval.get("aspect_min"),
+        refexp_probe=_plain(cfg.eval.get("refexp_probe")),
     )
     results.pop("_tables", None)
     results.pop("_examples", None)
@@ -454,9 +525,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             from siglip2.eval.naflex_grid import render_naflex_predictions
 
             lengths = list(cfg.eval.get("grid_seq_lens") or [cfg.eval.naflex_seq_len])
-            png = render_naflex_predictions(str(zeroshot), model, tokenizer, ckpt.model_config.vision.patch_size,
-                                            lengths, str(cfg.grid), aspect_min=cfg.eval.get("aspect_min"),
-                                            device=cfg.device)
+            png = render_naflex_predictions(
+                str(zeroshot),
+                model,
+                tokenizer,
+                ckpt.model_config.vision.patch_size,
+                lengths,
+                str(cfg.grid),
+                aspect_min=cfg.eval.get("aspect_min"),
+                device=cfg.device,
+            )
         else:
             png = render_predictions(str(zeroshot), model, decoder, tokenizer, ckpt.image_size, str(cfg.grid))
         print(f"prediction grid written to {png}")

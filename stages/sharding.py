@@ -14,6 +14,7 @@ but steps fp32 masters of its own: writes also go into those, the optimiser stat
 group, and the EMA teacher, which the engine casts to bf16 with everything else, is put back
 to fp32 (`teacher_setup`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -150,7 +151,6 @@ def plain_model(stage) -> tuple[nn.Module, nn.Module | None]:
     return copies[0], (copies[1] if decoder is not None else None)
 
 
-
 # ---- DeepSpeed ZeRO-1/2 ----------------------------------------------------------------
 # The engine keeps every parameter whole on every rank in the training dtype (bf16 under
 # bf16) and steps flat fp32 masters, one per optimiser group, each split across the ranks;
@@ -273,15 +273,20 @@ def _deepspeed_teacher_setup(stage) -> None:
     resume writes it) and runs under autocast to the training dtype, as under DDP's bf16-mixed."""
     strategy = _strategy(stage)
     if getattr(strategy, "config", None) and strategy.zero_stage_3:
-        raise ValueError(f"{type(strategy).__name__}: DeepSpeed ZeRO-3 partitions every parameter, and the stages "
-                         "read whole parameters outside the engine's forward (the EMA teacher's update, the switch's "
-                         "re-initialisation, evaluation): use ZeRO stage 2 (conf/trainer/deepspeed_stage_2.yaml)")
+        raise ValueError(
+            f"{type(strategy).__name__}: DeepSpeed ZeRO-3 partitions every parameter, and the stages "
+            "read whole parameters outside the engine's forward (the EMA teacher's update, the switch's "
+            "re-initialisation, evaluation): use ZeRO stage 2 (conf/trainer/deepspeed_stage_2.yaml)"
+        )
     teacher = getattr(stage, "teacher", None)
     if teacher is None:
         return
     if _zero_optimizer(stage) is None:  # before the engine: keep the fp32 values it will cast away
-        stage._teacher_fp32 = {n: t.detach().clone() for n, t in teacher.state_dict().items()
-                               if t.is_floating_point() and t.dtype == torch.float32}
+        stage._teacher_fp32 = {
+            n: t.detach().clone()
+            for n, t in teacher.state_dict().items()
+            if t.is_floating_point() and t.dtype == torch.float32
+        }
         return
     dtype = next(p.dtype for p in stage.model.parameters())
     saved = getattr(stage, "_teacher_fp32", None) or {}

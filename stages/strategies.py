@@ -10,6 +10,7 @@ optimiser handling and the checkpoint code that runs is the one a GPU run uses.
   device indices other than 0..n-1; DeepSpeed itself runs on CPU with `DS_ACCELERATOR=cpu`
   (set here, before DeepSpeed picks its accelerator) and the gloo backend.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,10 +35,14 @@ class CPUFSDPStrategy(FSDPStrategy):
         from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        model = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
-                                         mixed_precision=self.mixed_precision_config,
-                                         sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"),
-                                         **self.kwargs)
+        model = FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
         _move_torchmetrics_to_device(model, self.root_device)
         _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
         return model
@@ -51,14 +56,22 @@ class CPUFSDPStrategy(FSDPStrategy):
         if self._state_dict_type != "full":
             return super().optimizer_state(optimizer)
         from lightning.pytorch.core.optimizer import LightningOptimizer
-        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, OptimStateKeyType, StateDictType
+        from torch.distributed.fsdp import (
+            FullOptimStateDictConfig,
+            FullStateDictConfig,
+            OptimStateKeyType,
+            StateDictType,
+        )
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
-        with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
-                                  FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True)):
+        with FSDP.state_dict_type(
+            self.model,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True),
+        ):
             state = FSDP.optim_state_dict(self.model, optimizer)
             if self.global_rank == 0:
                 state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
@@ -122,18 +135,24 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     strategy_name = "fsdp2"
 
-    def __init__(self, data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint: bool = False,
-                 **kwargs):
+    def __init__(
+        self, data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint: bool = False, **kwargs
+    ):
         if tensor_parallel_size not in (1, "1"):
-            raise ValueError(f"{type(self).__name__}: tensor_parallel_size={tensor_parallel_size!r} is not supported: "
-                             "the stages shard with FSDP2 over data-parallel ranks only and apply no tensor "
-                             "parallelism; set tensor_parallel_size: 1")
+            raise ValueError(
+                f"{type(self).__name__}: tensor_parallel_size={tensor_parallel_size!r} is not supported: "
+                "the stages shard with FSDP2 over data-parallel ranks only and apply no tensor "
+                "parallelism; set tensor_parallel_size: 1"
+            )
         if save_distributed_checkpoint:
-            raise ValueError(f"{type(self).__name__}: save_distributed_checkpoint=True writes each checkpoint as a "
-                             "folder of shards, which siglip2.checkpoint (eval, export, init_from, stage hand-offs) "
-                             "cannot read; set save_distributed_checkpoint: false (rank 0 writes one full file)")
-        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=1,
-                         save_distributed_checkpoint=False, **kwargs)
+            raise ValueError(
+                f"{type(self).__name__}: save_distributed_checkpoint=True writes each checkpoint as a "
+                "folder of shards, which siglip2.checkpoint (eval, export, init_from, stage hand-offs) "
+                "cannot read; set save_distributed_checkpoint: false (rank 0 writes one full file)"
+            )
+        super().__init__(
+            data_parallel_size=data_parallel_size, tensor_parallel_size=1, save_distributed_checkpoint=False, **kwargs
+        )
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":

@@ -6,6 +6,7 @@ with `debug=` configs) or a demo build; marked `integration`.
 tests/e2e/: processes: train.py / eval.py / CLI runs, multi-process strategies and gloo ranks,
 the main job, the recipe chain, README commands; marked `e2e`.
 """
+
 from __future__ import annotations
 
 import shutil

@@ -13,6 +13,7 @@ writes `probe_rank<r>.json` to `out`.
   fp32 (0 up to rounding when the teacher holds fp32; a bf16 teacher loses the update);
   `teacher_moved` = max |teacher - teacher_before|.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,9 +61,11 @@ class SwitchProbe(L.Callback):
         self._reinit = {k: p.detach().float().clone() for k, p in heads.items()}
         masters = _masters(stage, heads)
         self._teacher = [p.detach().clone() for p in stage.teacher.parameters()]
-        self.record.update(switch_step=self._switch_step,
-                           lr=max(float(g["lr"]) for g in trainer.optimizers[0].param_groups),
-                           reinit_vs_master=None if masters is None else _max_diff(self._reinit, masters))
+        self.record.update(
+            switch_step=self._switch_step,
+            lr=max(float(g["lr"]) for g in trainer.optimizers[0].param_groups),
+            reinit_vs_master=None if masters is None else _max_diff(self._reinit, masters),
+        )
 
     def on_train_batch_end(self, trainer, stage, outputs, batch, batch_idx):
         if self._switch_step is None or trainer.global_step != self._switch_step + 1:
@@ -73,14 +76,22 @@ class SwitchProbe(L.Callback):
         m = float(stage.ema.momentum)
         teacher = list(stage.teacher.parameters())
         student = list(stage.model.vision_model.parameters()) + [
-            p for n in DISTILL if n in stage.losses for p in stage.losses[n].head.parameters()]
-        residual = max(float((t.float() - (m * t0.float() + (1 - m) * s.detach().float())).abs().max())
-                       for t, t0, s in zip(teacher, self._teacher, student))
+            p for n in DISTILL if n in stage.losses for p in stage.losses[n].head.parameters()
+        ]
+        residual = max(
+            float((t.float() - (m * t0.float() + (1 - m) * s.detach().float())).abs().max())
+            for t, t0, s in zip(teacher, self._teacher, student)
+        )
         moved = max(float((t.float() - t0.float()).abs().max()) for t, t0 in zip(teacher, self._teacher))
         scale = max(float(t.float().abs().max()) for t in teacher)
-        self.record.update(drift=_max_diff(now, self._reinit),
-                           module_vs_master=None if masters is None else _max_diff(now, masters),
-                           ema_residual=residual, teacher_moved=moved, teacher_scale=scale, momentum=m)
+        self.record.update(
+            drift=_max_diff(now, self._reinit),
+            module_vs_master=None if masters is None else _max_diff(now, masters),
+            ema_residual=residual,
+            teacher_moved=moved,
+            teacher_scale=scale,
+            momentum=m,
+        )
 
     def on_train_end(self, trainer, stage):
         self.record["teacher_dtypes"]["end"] = sorted({str(p.dtype) for p in stage.teacher.parameters()})

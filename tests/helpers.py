@@ -1,6 +1,7 @@
 """What many test modules share: the repository root, `train.py` as a user runs it (`cli`),
 a composed debug config (`compose_cfg`), an in-process fit (`fit`) and a checkpoint's weights
 (`weights`)."""
+
 from __future__ import annotations
 
 import os
@@ -29,10 +30,16 @@ def cli(args: list[str], cache: Path, logs: Path, timeout: int = 600) -> subproc
 
 def compose_cfg(overrides: list[str], cache: Path, out: Path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[
-            "debug=fast", f"paths.cache_dir={cache}", f"paths.output_dir={out}", f"paths.root_dir={out}",
-            *overrides,
-        ])
+        return compose(
+            "train",
+            overrides=[
+                "debug=fast",
+                f"paths.cache_dir={cache}",
+                f"paths.output_dir={out}",
+                f"paths.root_dir={out}",
+                *overrides,
+            ],
+        )
 
 
 def fit(cfg, extra_callbacks=()):

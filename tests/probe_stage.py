@@ -4,6 +4,7 @@
 `probe`: a Linear head on the student's image embedding regressing the (detached) text
 embedding, so it has parameters of its own, takes a shared forward pass and can learn.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

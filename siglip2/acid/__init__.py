@@ -8,10 +8,31 @@ plain tensors; `teacher`: the frozen teacher's loading, inputs and embedding cac
 `stages/acid.py`. This package sits above `siglip2.model`, `siglip2.checkpoint` and
 `siglip2.export`; `siglip2.data` imports nothing from it.
 """
-from siglip2.acid.selection import (METHODS, CurationConfig, chunk_sizes, gumbel, independent_select, joint_select,
-                                    random_select, select)
+
+from siglip2.acid.selection import (
+    METHODS,
+    CurationConfig,
+    chunk_sizes,
+    gumbel,
+    independent_select,
+    joint_select,
+    random_select,
+    select,
+)
 from siglip2.acid.teacher import TeacherCache, build_teacher_cache, load_teacher, refit_text_length, teacher_inputs
 
-__all__ = ["METHODS", "CurationConfig", "chunk_sizes", "gumbel", "joint_select", "independent_select",
-           "random_select", "select", "load_teacher", "refit_text_length", "teacher_inputs", "TeacherCache",
-           "build_teacher_cache"]
+__all__ = [
+    "METHODS",
+    "CurationConfig",
+    "chunk_sizes",
+    "gumbel",
+    "joint_select",
+    "independent_select",
+    "random_select",
+    "select",
+    "load_teacher",
+    "refit_text_length",
+    "teacher_inputs",
+    "TeacherCache",
+    "build_teacher_cache",
+]

@@ -26,6 +26,7 @@ impractical, and the recipe's batch is the union of the ranks' choices.
 Plain tensor maths on the (N, N) matrix: nothing here loads a model (the teacher is
 `siglip2.acid.teacher`).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,6 +42,7 @@ class CurationConfig:
     """`stage.acid`'s selection keys. `filter_ratio` f: the share of the super-batch dropped
     (0.5: the loader yields 2b per rank, b train; the paper: 0.5 for B/16, 0.75 for B/32;
     0 trains every example, no scoring). `n_chunks`: JEST's chunks (16)."""
+
     filter_ratio: float = 0.5
     method: str = "joint"
     n_chunks: int = 16
@@ -87,8 +89,9 @@ def _gumbel_chunks(scores, n: int, k: int, n_chunks: int, generator, device) -> 
     return torch.cat(picked)
 
 
-def joint_select(learnability: torch.Tensor, k: int, n_chunks: int = 16,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def joint_select(
+    learnability: torch.Tensor, k: int, n_chunks: int = 16, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """JEST's joint example selection: (N, N) learnability -> (k,) long indices, without
     repeats, in the order drawn. Raises `ValueError` if k > N or the matrix is not square."""
     a = _check(learnability, k).double()
@@ -101,8 +104,9 @@ def joint_select(learnability: torch.Tensor, k: int, n_chunks: int = 16,
     return _gumbel_chunks(scores, a.shape[0], k, n_chunks, generator, a.device)
 
 
-def independent_select(learnability: torch.Tensor, k: int, sample: bool = True, n_chunks: int = 1,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+def independent_select(
+    learnability: torch.Tensor, k: int, sample: bool = True, n_chunks: int = 1, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Each example scored alone by its diagonal A_kk: the top k (`sample=False`) or k drawn
     without replacement from softmax(A_kk) (Gumbel top-k, one vector per chunk as in `joint_select`)."""
     a = _check(learnability, k).double()
@@ -119,8 +123,14 @@ def random_select(n: int, k: int, generator: torch.Generator | None = None, devi
     return torch.randperm(n, generator=generator, device=device)[:k]
 
 
-def select(learnability: torch.Tensor | None, n: int, k: int, cfg: CurationConfig,
-           generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def select(
+    learnability: torch.Tensor | None,
+    n: int,
+    k: int,
+    cfg: CurationConfig,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> torch.Tensor:
     """The `cfg.method` selection of k of the n examples (`learnability` may be None for `random`)."""
     if cfg.method == "random":
         return random_select(n, k, generator, device)
@@ -128,8 +138,9 @@ def select(learnability: torch.Tensor | None, n: int, k: int, cfg: CurationConfi
         raise ValueError(f"acid.method={cfg.method!r} needs the learnability matrix")
     if cfg.method == "joint":
         return joint_select(learnability, k, cfg.n_chunks, generator)
-    return independent_select(learnability, k, sample=cfg.method == "sample", n_chunks=cfg.n_chunks,
-                              generator=generator)
+    return independent_select(
+        learnability, k, sample=cfg.method == "sample", n_chunks=cfg.n_chunks, generator=generator
+    )
 
 
 def _check(a: torch.Tensor, k: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ learnability matrix that `siglip2.acid.selection` chooses from.
 Frozen, its embeddings can be computed once (`python -m siglip2.acid cache`, see
 `siglip2.acid.__main__`) and read instead of running it every step (`TeacherCache`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,8 +50,9 @@ def refit_text_length(tokens: torch.Tensor, length: int, pad_id: int, eos_id: in
     return out
 
 
-def teacher_inputs(teacher_config, image: torch.Tensor, text: torch.Tensor, pad_id: int | None = None,
-                   eos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_inputs(
+    teacher_config, image: torch.Tensor, text: torch.Tensor, pad_id: int | None = None, eos_id: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The learner's batch as the teacher (`SigLIP2Config`) takes it: images (B, 3, S, S)
     resized to its resolution (bilinear, antialiased, on the device) and ids refitted to its
     text length (`refit_text_length`; needs the tokenizer's pad and EOS ids when the lengths differ)."""
@@ -60,8 +62,10 @@ def teacher_inputs(teacher_config, image: torch.Tensor, text: torch.Tensor, pad_
     length = int(teacher_config.text.max_len)
     if text.shape[1] != length:
         if pad_id is None or eos_id is None:
-            raise ValueError(f"the teacher's text length {length} differs from the batch's {text.shape[1]}: "
-                             "the tokenizer's pad and EOS ids are needed to refit the ids")
+            raise ValueError(
+                f"the teacher's text length {length} differs from the batch's {text.shape[1]}: "
+                "the tokenizer's pad and EOS ids are needed to refit the ids"
+            )
         text = refit_text_length(text, length, pad_id, eos_id)
     return image, text
 
@@ -95,16 +99,28 @@ class TeacherCache:
     def lookup(self, keys: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [k for k in keys if k not in self.row]
         if missing:
-            raise KeyError(f"{len(missing)} of {len(keys)} samples are not in the teacher cache {self.path} "
-                           f"(e.g. {missing[:3]}): it was built from other shards")
+            raise KeyError(
+                f"{len(missing)} of {len(keys)} samples are not in the teacher cache {self.path} "
+                f"(e.g. {missing[:3]}): it was built from other shards"
+            )
         rows = torch.tensor([self.row[k] for k in keys])
         return self.image_emb[rows].to(device), self.text_emb[rows].to(device)
 
 
 @torch.no_grad()
-def build_teacher_cache(teacher_spec: str, urls, tokenizer_path: str, image_size: int | None, text_length: int,
-                        out: str | Path, batch_size: int = 64, num_workers: int = 1, device: str = "cpu",
-                        lowercase: bool = True, draft_decode: bool = True) -> Path:
+def build_teacher_cache(
+    teacher_spec: str,
+    urls,
+    tokenizer_path: str,
+    image_size: int | None,
+    text_length: int,
+    out: str | Path,
+    batch_size: int = 64,
+    num_workers: int = 1,
+    device: str = "cpu",
+    lowercase: bool = True,
+    draft_decode: bool = True,
+) -> Path:
     """Encode every sample of `urls` once with the teacher: each image decoded and squashed to
     `image_size` px (None: the teacher's own resolution, as it was trained; not the learner's
     pixels resized again), the caption as the learner's `text_length` ids; write a
@@ -121,18 +137,29 @@ def build_teacher_cache(teacher_spec: str, urls, tokenizer_path: str, image_size
     teacher, record = load_teacher(teacher_spec)
     teacher.to(device)
     tok = build_tokenizer(tokenizer_path, length=int(text_length), lowercase=lowercase)
-    check_vocab_size(teacher.config.text.vocab_size, tok.vocab_size, f"the teacher {teacher_spec}",
-                     f"the tokenizer {tokenizer_path}", hint="teacher and learner must share one tokenizer")
+    check_vocab_size(
+        teacher.config.text.vocab_size,
+        tok.vocab_size,
+        f"the teacher {teacher_spec}",
+        f"the tokenizer {tokenizer_path}",
+        hint="teacher and learner must share one tokenizer",
+    )
     image_size = int(image_size or teacher.config.vision.image_size)
     transform = ImageTransform(image_size)
     sample_fn = TrainSample(tok, transform, seed=0, epoch=0, locca=None)
-    loader = build_eval_loader(urls, sample_fn, batch_size=batch_size, num_workers=num_workers,
-                               decode_size=transform.min_source_size() if draft_decode else None)
+    loader = build_eval_loader(
+        urls,
+        sample_fn,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        decode_size=transform.min_source_size() if draft_decode else None,
+    )
     keys, images, texts = [], [], []
     with eval_precision(device):  # CUDA: bf16 towers, TF32 matmuls; CPU: fp32 (as evaluation)
         for batch in loader:
-            image, text = teacher_inputs(teacher.config, batch["image"].to(device), batch["text"].to(device),
-                                         tok.pad_id, tok.eos_id)
+            image, text = teacher_inputs(
+                teacher.config, batch["image"].to(device), batch["text"].to(device), tok.pad_id, tok.eos_id
+            )
             with tower_autocast(device):
                 images.append(teacher.encode_image(image=image).embeds.float().cpu())
                 texts.append(teacher.embed_text(text).float().cpu())
@@ -143,11 +170,21 @@ def build_teacher_cache(teacher_spec: str, urls, tokenizer_path: str, image_size
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
-    torch.save({"kind": "siglip2-teacher-cache", "keys": keys, "image_emb": torch.cat(images),
-                "text_emb": torch.cat(texts), "logit_scale": teacher.logit_scale.exp().detach().cpu(),
-                "logit_bias": teacher.logit_bias.detach().cpu(), "teacher": record,
-                "image_size": int(image_size), "text_length": int(text_length),
-                "tokenizer": TokenizerRecord.of(tokenizer_path, tok, full=False).to_dict(),
-                "draft_decode": bool(draft_decode)}, tmp)
+    torch.save(
+        {
+            "kind": "siglip2-teacher-cache",
+            "keys": keys,
+            "image_emb": torch.cat(images),
+            "text_emb": torch.cat(texts),
+            "logit_scale": teacher.logit_scale.exp().detach().cpu(),
+            "logit_bias": teacher.logit_bias.detach().cpu(),
+            "teacher": record,
+            "image_size": int(image_size),
+            "text_length": int(text_length),
+            "tokenizer": TokenizerRecord.of(tokenizer_path, tok, full=False).to_dict(),
+            "draft_decode": bool(draft_decode),
+        },
+        tmp,
+    )
     tmp.replace(out)
     return out

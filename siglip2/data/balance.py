@@ -30,6 +30,7 @@ of both bounds, keep_rate 1 (keep all that the bounds allow), the keyword matchi
 `python -m siglip2.data.balance` writes the table; `data.balance_table=<table>` makes the
 training loader drop what it does not keep, counted as ``filtered_balance``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,6 +62,7 @@ class BalanceConfig:
     attribute values / concepts (``"objects[].color"``: every object's color); when the path
     is present in a sample's json it is used instead of the caption's keywords.
     """
+
     attributes: dict[str, list[str]]
     concepts: dict[str, list[str]] = field(default_factory=dict)
     target: dict[str, float] | None = None
@@ -73,15 +75,18 @@ class BalanceConfig:
 
     def __post_init__(self):
         if not isinstance(self.attributes, Mapping) or len(self.attributes) < 2:
-            raise ValueError(f"balance: `attributes` needs at least two values (value -> keywords), got "
-                             f"{self.attributes!r}")
+            raise ValueError(
+                f"balance: `attributes` needs at least two values (value -> keywords), got {self.attributes!r}"
+            )
         self.attributes = {str(k): [str(w) for w in v] for k, v in self.attributes.items()}
         self.concepts = {str(k): [str(w) for w in v] for k, v in (self.concepts or {}).items()}
         if self.target is None:
             self.target = {k: 1.0 / len(self.attributes) for k in self.attributes}
         if set(self.target) != set(self.attributes) or not all(0.0 <= float(v) <= 1.0 for v in self.target.values()):
-            raise ValueError(f"balance: `target` must give every attribute value {list(self.attributes)} a share in "
-                             f"[0, 1], got {self.target}")
+            raise ValueError(
+                f"balance: `target` must give every attribute value {list(self.attributes)} a share in "
+                f"[0, 1], got {self.target}"
+            )
         self.target = {k: float(self.target[k]) for k in self.attributes}
         if self.representation_tolerance < 0 or self.association_tolerance < 0:
             raise ValueError("balance: tolerances must be >= 0")
@@ -106,8 +111,7 @@ class BalanceConfig:
 
 # Scripts written without spaces between words: Thai, Lao, Myanmar, Khmer, kana, CJK, hangul,
 # half-width katakana. A keyword in one of them matches as a substring.
-_NO_SPACES = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u9fff"
-                        "\uac00-\ud7af\uff66-\uff9f]")
+_NO_SPACES = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uff66-\uff9f]")
 
 
 def _keyword_pattern(words: Iterable[str]) -> re.Pattern:
@@ -180,6 +184,7 @@ class Indicators:
 
 # ---- the problem and its solution ---------------------------------------------------------
 
+
 def constraint_features(patterns: np.ndarray, cfg: BalanceConfig) -> np.ndarray:
     """(G, m + c) 0/1 patterns [s | y] -> (G, J) b with every bound as E[q b_j] <= 0.
 
@@ -199,10 +204,10 @@ def constraint_features(patterns: np.ndarray, cfg: BalanceConfig) -> np.ndarray:
 
 @dataclass
 class Solution:
-    keep: np.ndarray          # (G,) keep probability per pattern
-    dual: np.ndarray          # (J,) lambda
+    keep: np.ndarray  # (G,) keep probability per pattern
+    dual: np.ndarray  # (J,) lambda
     iterations: int
-    max_violation: float      # max_j E[q b_j] / E[z] at the solution (<= 0 when every bound holds)
+    max_violation: float  # max_j E[q b_j] / E[z] at the solution (<= 0 when every bound holds)
 
 
 def solve(patterns: np.ndarray, counts: np.ndarray, cfg: BalanceConfig, tol: float = 1e-7) -> Solution:
@@ -215,7 +220,7 @@ def solve(patterns: np.ndarray, counts: np.ndarray, cfg: BalanceConfig, tol: flo
     w = counts / counts.sum()
     B = constraint_features(patterns, cfg)
     eta = cfg.keep_rate
-    z_mass = float(w @ (patterns[:, :len(cfg.attributes)].sum(1) > 0)) or 1.0
+    z_mass = float(w @ (patterns[:, : len(cfg.attributes)].sum(1) > 0)) or 1.0
     L = _largest_eigenvalue(B, w) if B.size else 0.0
     if L <= 0:
         return Solution(np.full(len(w), eta), np.zeros(B.shape[1]), 0, 0.0)
@@ -250,8 +255,12 @@ def solve(patterns: np.ndarray, counts: np.ndarray, cfg: BalanceConfig, tol: flo
         if g.max() <= tol and float(np.abs(lam * g).max()) <= tol:
             break
     else:
-        log.warning("balance: the dual did not converge in %d steps (max bound violation %.2e of the attributed "
-                    "mass); raise max_iter", cfg.max_iter, float((B.T @ (w * q_of(lam))).max() / z_mass))
+        log.warning(
+            "balance: the dual did not converge in %d steps (max bound violation %.2e of the attributed "
+            "mass); raise max_iter",
+            cfg.max_iter,
+            float((B.T @ (w * q_of(lam))).max() / z_mass),
+        )
     q = q_of(lam)
     return Solution(q, lam, it, float((B.T @ (w * q)).max() / z_mass))
 
@@ -293,7 +302,7 @@ def moments(patterns: np.ndarray, counts: np.ndarray, cfg: BalanceConfig) -> dic
     out["share"] = {k: float(v) for k, v in zip(cfg.attributes, share)}
     out["max_representation_gap"] = float(np.abs(share - pi).max())
     if y.shape[1]:
-        gap = (s - pi[None, :] * z[:, None])
+        gap = s - pi[None, :] * z[:, None]
         assoc = np.einsum("g,gk,gr->kr", counts, gap, y) / attributed
         k, r = np.unravel_index(np.abs(assoc).argmax(), assoc.shape)
         out["max_association_gap"] = float(np.abs(assoc).max())
@@ -336,8 +345,13 @@ def _round(pid: np.ndarray, attrs: np.ndarray, keep: np.ndarray, ranks: list[int
     pattern keeps floor or ceil of n_g q_g, the whole set round(sum q), and the rounding error
     carries within an attribute pattern instead of piling up per pattern (a pattern of one
     example at q = 0.6 is kept in 60% of such patterns, not in all)."""
-    order = np.lexsort((np.array(ranks, dtype=np.uint64), pid,
-                        np.array([int("".join(map(str, a)), 2) if len(a) else 0 for a in attrs])[pid]))
+    order = np.lexsort(
+        (
+            np.array(ranks, dtype=np.uint64),
+            pid,
+            np.array([int("".join(map(str, a)), 2) if len(a) else 0 for a in attrs])[pid],
+        )
+    )
     q = keep[pid][order]
     cum = np.random.default_rng(seed).random() + np.cumsum(q)
     crossed = np.floor(cum) > np.floor(cum - q)
@@ -353,9 +367,10 @@ def _rank(seed: int, key: str) -> int:
 @dataclass
 class KeepTable:
     """Per key: the keep probability of its pattern and whether it is kept."""
+
     keys: list[str]
     keep_prob: np.ndarray  # (N,) float
-    kept: np.ndarray       # (N,) bool
+    kept: np.ndarray  # (N,) bool
     summary: dict[str, Any]
 
     def write(self, path: str | Path) -> Path:
@@ -389,26 +404,35 @@ def balance(examples: Iterable[tuple[str, str, Mapping | None]], cfg: BalanceCon
     patterns = np.array(list(index), dtype=np.int64).reshape(len(index), -1)
     pid = np.array(pattern_of)
     counts = np.bincount(pid, minlength=len(index)).astype(np.float64)
-    present = patterns[:, :len(cfg.attributes)].T @ counts
+    present = patterns[:, : len(cfg.attributes)].T @ counts
     missing = [k for k, n in zip(cfg.attributes, present) if n == 0 and cfg.target[k] > 0]
     if missing:
-        raise ValueError(f"balance: no example carries {missing}, whose target share is > 0: no kept set can "
-                         f"meet the representation bound (check the keywords / json path, or the target)")
+        raise ValueError(
+            f"balance: no example carries {missing}, whose target share is > 0: no kept set can "
+            f"meet the representation bound (check the keywords / json path, or the target)"
+        )
     sol = solve(patterns, counts, cfg)
-    kept = _round(pid, patterns[:, :len(cfg.attributes)], sol.keep, [_rank(seed, k) for k in keys], seed)
+    kept = _round(pid, patterns[:, : len(cfg.attributes)], sol.keep, [_rank(seed, k) for k in keys], seed)
     B = constraint_features(patterns, cfg)
     rounded = np.bincount(pid[kept], minlength=len(index))
     keep_counts = repair(rounded, B)
     for g in np.flatnonzero(keep_counts < rounded):  # repair's drops: the last kept of the pattern by rank
         members = np.flatnonzero((pid == g) & kept)
         order = sorted(members, key=lambda i: _rank(seed, keys[i]))
-        kept[order[keep_counts[g]:]] = False
+        kept[order[keep_counts[g] :]] = False
     before, after = moments(patterns, counts, cfg), moments(patterns, keep_counts, cfg)
     summary = {
-        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "seed": seed,
-        "examples": len(keys), "kept": int(kept.sum()), "kept_fraction": float(kept.mean()),
-        "patterns": len(index), "dual_iterations": sol.iterations, "max_violation": sol.max_violation,
-        "before": before, "after": after, "max_keep_bound": max_keep_bound(patterns, counts, cfg),
+        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "seed": seed,
+        "examples": len(keys),
+        "kept": int(kept.sum()),
+        "kept_fraction": float(kept.mean()),
+        "patterns": len(index),
+        "dual_iterations": sol.iterations,
+        "max_violation": sol.max_violation,
+        "before": before,
+        "after": after,
+        "max_keep_bound": max_keep_bound(patterns, counts, cfg),
     }
     return KeepTable(keys, sol.keep[pid], kept, summary)
 
@@ -424,12 +448,14 @@ def max_keep_bound(patterns: np.ndarray, counts: np.ndarray, cfg: BalanceConfig)
     counts = np.asarray(counts, dtype=np.float64)
     w = counts / counts.sum()
     B = constraint_features(patterns, cfg)
-    res = linprog(-w, A_ub=(B * w[:, None]).T, b_ub=np.zeros(B.shape[1]), bounds=[(0, cfg.keep_rate)] * len(w),
-                  method="highs")
+    res = linprog(
+        -w, A_ub=(B * w[:, None]).T, b_ub=np.zeros(B.shape[1]), bounds=[(0, cfg.keep_rate)] * len(w), method="highs"
+    )
     return float(-res.fun) if res.success else None
 
 
 # ---- the table in the loader ---------------------------------------------------------------
+
 
 def table_key(url: str, key: str) -> str:
     """A sample's key in the table: its shard's folder and file name and its key
@@ -464,6 +490,7 @@ def load_dropped(path: str | Path) -> frozenset[str]:
 
 # ---- the command line --------------------------------------------------------------------
 
+
 def read_examples(urls) -> Iterable[tuple[str, str, Mapping | None]]:
     """(table key, caption, json) of every sample of the shards, decoding no image; samples
     without a caption or with a bad json are counted and logged, then read as caption "" / no
@@ -485,15 +512,20 @@ def read_examples(urls) -> Iterable[tuple[str, str, Mapping | None]]:
                 bad += 1
         yield table_key(raw["__url__"], raw["__key__"]), caption, meta
     if bad or stats.counts:
-        log.warning("balance: %d samples with an undecodable caption or json (read as empty); shard skips: %s",
-                    bad, dict(stats.counts))
+        log.warning(
+            "balance: %d samples with an undecodable caption or json (read as empty); shard skips: %s",
+            bad,
+            dict(stats.counts),
+        )
 
 
 def main(argv: list[str] | None = None) -> KeepTable:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m siglip2.data.balance",
-                                description="M4 data balancing: write a per-key keep table for data.balance_table")
+    p = argparse.ArgumentParser(
+        prog="python -m siglip2.data.balance",
+        description="M4 data balancing: write a per-key keep table for data.balance_table",
+    )
     p.add_argument("--shards", required=True, help="shard pattern, e.g. '/data/{00000..00099}.tar'")
     p.add_argument("--config", required=True, help="balance yaml (BalanceConfig keys)")
     p.add_argument("--out", required=True, help="table path (.tsv); the summary goes to <out>.json")
@@ -505,15 +537,19 @@ def main(argv: list[str] | None = None) -> KeepTable:
     out = table.write(args.out)
     s = table.summary
     bound = "n/a" if s["max_keep_bound"] is None else f"{100 * s['max_keep_bound']:.1f}%"
-    print(f"kept {s['kept']} of {s['examples']} examples ({100 * s['kept_fraction']:.1f}%; the most any per-pattern "
-          f"rule meeting the bounds keeps: {bound})")
+    print(
+        f"kept {s['kept']} of {s['examples']} examples ({100 * s['kept_fraction']:.1f}%; the most any per-pattern "
+        f"rule meeting the bounds keeps: {bound})"
+    )
     for when in ("before", "after"):
         m = s[when]
-        print(f"{when}: attributed {m['attributed']}, shares "
-              + ", ".join(f"{k} {v:.3f}" for k, v in m["share"].items())
-              + f"; max representation gap {m['max_representation_gap']:.4f}, max association gap "
-                f"{m['max_association_gap']:.4f}" + (f" ({' / '.join(m['max_association_pair'])})"
-                                                      if "max_association_pair" in m else ""))
+        print(
+            f"{when}: attributed {m['attributed']}, shares "
+            + ", ".join(f"{k} {v:.3f}" for k, v in m["share"].items())
+            + f"; max representation gap {m['max_representation_gap']:.4f}, max association gap "
+            f"{m['max_association_gap']:.4f}"
+            + (f" ({' / '.join(m['max_association_pair'])})" if "max_association_pair" in m else "")
+        )
     print(f"wrote {out} and {out}.json")
     return table
 

@@ -10,6 +10,7 @@ integers in plain text; our default is 4 integers ``"x1 y1 x2 y2"`` in 500 bins,
 ``"37 120 250 401"``, encoded by the ordinary tokenizer (no extra location tokens, so any
 text tokenizer works). ``bins`` is a parameter everywhere.
 """
+
 from __future__ import annotations
 
 import math

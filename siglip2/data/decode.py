@@ -25,8 +25,15 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    "DecodedSample", "BadSample", "DEFAULT_MAX_PIXELS", "IMAGE_KEYS", "TEXT_KEY", "JSON_KEY",
-    "MASK_KEY", "decode_sample", "to_rgb",
+    "DecodedSample",
+    "BadSample",
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_KEYS",
+    "TEXT_KEY",
+    "JSON_KEY",
+    "MASK_KEY",
+    "decode_sample",
+    "to_rgb",
 ]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -35,8 +42,7 @@ TEXT_KEY, JSON_KEY, MASK_KEY = "txt", "json", "seg.png"
 # Web images often carry the wrong extension, so any of these is accepted under any image
 # key; formats that call out to other programs (EPS -> Ghostscript) are never tried.
 Image.init()  # register every plugin so the names below resolve
-_IMAGE_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-                       if f in Image.OPEN)
+_IMAGE_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF") if f in Image.OPEN)
 
 # A decoded 33.5 MP RGB image is ~100 MB: beyond that a single web image costs more
 # worker memory and time than it is worth at 224-512 px training resolution.
@@ -141,8 +147,12 @@ def decode_caption(raw: dict) -> str:
     return caption
 
 
-def decode_sample(raw: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  decode_mask: bool = False, decode_size: tuple[int, int] | None = None) -> DecodedSample:
+def decode_sample(
+    raw: dict,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode_mask: bool = False,
+    decode_size: tuple[int, int] | None = None,
+) -> DecodedSample:
     """Raw wds sample (key -> bytes) to a DecodedSample; raises :class:`BadSample` if bad.
 
     The image is the first of :data:`IMAGE_KEYS` present, decoded to RGB (:func:`to_rgb`);

@@ -20,6 +20,7 @@ in; samples without usable regions train Cap only. Output (fixed length ``max_le
 ``locca_{t}_input`` (pad-filled), ``locca_{t}_target`` (-100 where no loss),
 ``locca_{t}_valid`` (bool scalar) for t in cap, aref, gcap.
 """
+
 from __future__ import annotations
 
 import random
@@ -36,6 +37,7 @@ TASKS = ("cap", "aref", "gcap")
 @dataclass(frozen=True)
 class LoccaFormat:
     """Prompt templates (``{caption}``, ``{box}`` placeholders), box bins, sequence length."""
+
     max_len: int = 64
     bins: int = DEFAULT_BINS
     cap_prompt: str = "caption:"
@@ -59,8 +61,9 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_eos=False) or [tokenizer.pad_id]
 
 
-def encode_example(prompt: list[int], target: list[int], max_len: int, pad_id: int,
-                   truncate: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+def encode_example(
+    prompt: list[int], target: list[int], max_len: int, pad_id: int, truncate: bool = True
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(input, target) LongTensors of length ``max_len`` for ``prompt + target``, or None when
     it does not fit: too long and ``truncate=False`` (boxes must be whole), or no target token
     left after truncation."""
@@ -68,7 +71,7 @@ def encode_example(prompt: list[int], target: list[int], max_len: int, pad_id: i
     if len(seq) - 1 > max_len:
         if not truncate:
             return None
-        seq = seq[:max_len + 1]
+        seq = seq[: max_len + 1]
     if len(seq) <= len(prompt):
         return None
     if not prompt:
@@ -77,7 +80,7 @@ def encode_example(prompt: list[int], target: list[int], max_len: int, pad_id: i
     first = len(prompt) - 1  # position whose next token is the first target token
     # Built as lists, one tensor each: this runs three times per training sample.
     inp = seq[:-1] + [pad_id] * (max_len - n)
-    tgt = [IGNORE] * first + seq[len(prompt):] + [IGNORE] * (max_len - n)
+    tgt = [IGNORE] * first + seq[len(prompt) :] + [IGNORE] * (max_len - n)
     return torch.tensor(inp, dtype=torch.long), torch.tensor(tgt, dtype=torch.long)
 
 
@@ -101,8 +104,11 @@ def _usable_regions(regions, boxes) -> list[tuple[str, torch.Tensor]]:
     if isinstance(boxes, torch.Tensor) and boxes.shape == (len(regions), 4):
         # transformed boxes, one row per region: check all sizes at once
         ok = boxes_valid(boxes).tolist()
-        return [(r.get("caption").strip(), boxes[i]) for i, r in enumerate(regions)
-                if ok[i] and isinstance(r, dict) and isinstance(r.get("caption"), str) and r["caption"].strip()]
+        return [
+            (r.get("caption").strip(), boxes[i])
+            for i, r in enumerate(regions)
+            if ok[i] and isinstance(r, dict) and isinstance(r.get("caption"), str) and r["caption"].strip()
+        ]
     out = []
     for i, r in enumerate(regions):
         try:
@@ -119,14 +125,16 @@ def _usable_regions(regions, boxes) -> list[tuple[str, torch.Tensor]]:
 class LoccaRequest:
     """One task of one sample before tokenisation: prompt and target texts; `truncate`: may
     the target be cut to fit `max_len` (not for boxes, which must stay whole)."""
+
     task: str
     prompt: str
     target: str
     truncate: bool = True
 
 
-def locca_requests(caption: str, regions=None, rng=None, fmt: LoccaFormat = LoccaFormat(),
-                   boxes=None) -> list[LoccaRequest]:
+def locca_requests(
+    caption: str, regions=None, rng=None, fmt: LoccaFormat = LoccaFormat(), boxes=None
+) -> list[LoccaRequest]:
     """The texts of one sample's LocCa tasks (Cap if it has a caption; ARef and GCap on a
     region each, drawn with ``rng``, if it has usable regions). Tokenised later, per batch,
     by :func:`encode_locca`; :func:`build_locca_targets` is both for one sample."""
@@ -136,15 +144,17 @@ def locca_requests(caption: str, regions=None, rng=None, fmt: LoccaFormat = Locc
     usable = _usable_regions(regions, boxes)
     if usable:
         cap, box = usable[_randint(rng, len(usable))]
-        out.append(LoccaRequest("aref", prompt_text("aref", fmt, caption=cap), box_to_text(box, fmt.bins),
-                                truncate=False))
+        out.append(
+            LoccaRequest("aref", prompt_text("aref", fmt, caption=cap), box_to_text(box, fmt.bins), truncate=False)
+        )
         cap, box = usable[_randint(rng, len(usable))]
         out.append(LoccaRequest("gcap", prompt_text("gcap", fmt, box=box), cap))
     return out
 
 
-def encode_locca(tokenizer, requests: list[list[LoccaRequest]], fmt: LoccaFormat = LoccaFormat()
-                 ) -> dict[str, torch.Tensor]:
+def encode_locca(
+    tokenizer, requests: list[list[LoccaRequest]], fmt: LoccaFormat = LoccaFormat()
+) -> dict[str, torch.Tensor]:
     """Batched ``locca_*`` tensors of B samples' requests: ``locca_{t}_input`` and
     ``locca_{t}_target`` (B, max_len) int64, ``locca_{t}_valid`` (B,) bool, for t in cap,
     aref, gcap. All prompts and all targets are encoded in two calls of
@@ -172,8 +182,9 @@ def _encode_all(tokenizer, texts: list[str], add_eos: bool) -> list[list[int]]:
     return [tokenizer.encode(t, add_eos=add_eos) for t in texts]  # a tokenizer with only encode()
 
 
-def build_locca_targets(tokenizer, caption: str, regions=None, rng=None, fmt: LoccaFormat = LoccaFormat(),
-                        boxes=None) -> dict[str, torch.Tensor]:
+def build_locca_targets(
+    tokenizer, caption: str, regions=None, rng=None, fmt: LoccaFormat = LoccaFormat(), boxes=None
+) -> dict[str, torch.Tensor]:
     """The ``locca_*`` tensors of one sample (``locca_{t}_input``/``_target`` (max_len,),
     ``locca_{t}_valid`` a bool scalar).
 

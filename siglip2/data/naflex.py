@@ -24,6 +24,7 @@ use), so the patches equal HF's processor output on the same image.
 A batch's sequence length comes from `SeqLenPlan`, a pure function of (seed, batch index),
 drawn before any sample is transformed, so every rank and every worker agrees.
 """
+
 from __future__ import annotations
 
 import random
@@ -34,8 +35,14 @@ import torch
 
 from siglip2.patches import patchify
 
-__all__ = ["image_size_for_max_patches", "resize_for_max_patches", "patchify_image", "pad_patches",
-           "NaFlexConfig", "SeqLenPlan"]
+__all__ = [
+    "image_size_for_max_patches",
+    "resize_for_max_patches",
+    "patchify_image",
+    "pad_patches",
+    "NaFlexConfig",
+    "SeqLenPlan",
+]
 
 
 def image_size_for_max_patches(height: int, width: int, patch_size: int, max_patches: int) -> tuple[int, int]:
@@ -46,8 +53,9 @@ def image_size_for_max_patches(height: int, width: int, patch_size: int, max_pat
     from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
 
     if min(height, width, patch_size, max_patches) < 1:
-        raise ValueError(f"need positive height, width, patch_size and max_patches, got "
-                         f"{(height, width, patch_size, max_patches)}")
+        raise ValueError(
+            f"need positive height, width, patch_size and max_patches, got {(height, width, patch_size, max_patches)}"
+        )
     return get_image_size_for_max_num_patches(int(height), int(width), int(patch_size), int(max_patches))
 
 
@@ -110,6 +118,7 @@ class NaFlexConfig:
     sized (`examples`: the paper, a fixed number of examples, halved at the largest length
     for two steps; `tokens`: timm / open_clip, a fixed token budget `tokens_per_batch`,
     default batch size x the middle length) and the plan's seed offset."""
+
     seq_lens: tuple[int, ...] = (128, 256, 576, 784, 1024)
     batching: str = "examples"
     halve_at_max: bool = True
@@ -136,6 +145,7 @@ class SeqLenPlan:
     examples (at least 1). Counting is per rank: batch k of every rank has the same length.
     `plan(k)` -> (seq_len, examples in batch k).
     """
+
     config: NaFlexConfig
     batch_size: int
     _steps: list[tuple[int, int]] = field(default_factory=list, repr=False)
@@ -183,7 +193,6 @@ class SeqLenPlan:
         return sum(self(i)[1] for i in range(batches)) / batches
 
 
-
 class NativeImage:
     """The per-sample "transform" of NaFlex training: the decoded image as a uint8 (3, H, W)
     tensor at its own size, boxes unchanged (normalised boxes survive the later whole-image
@@ -224,8 +233,10 @@ class NaFlexBatches:
             buf = list(islice(it, size))
             if len(buf) < size:
                 return
-            items = [patchify_image(resize_for_max_patches(s.pop("image"), self.patch_size, length), self.patch_size)
-                     for s in buf]
+            items = [
+                patchify_image(resize_for_max_patches(s.pop("image"), self.patch_size, length), self.patch_size)
+                for s in buf
+            ]
             batch = collate(buf)
             batch.update(pad_patches(items, length))
             yield finish(batch)

@@ -8,6 +8,7 @@ that a run, ``eval.py`` and an export handle real RGB photos of several sizes an
 end to end (a fine-tuned released folder, `tests/e2e/test_finetune.py`). Raises ImportError
 naming the package when scikit-image is missing (`pip install scikit-image`, a dev extra).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,10 +52,24 @@ def write_photo_set(out: str | Path, name: str = "photos") -> Path:
                 pixels = np.stack([pixels] * 3, axis=-1)
             buf = io.BytesIO()
             Image.fromarray(pixels[..., :3].astype(np.uint8)).save(buf, format="JPEG", quality=95)
-            tw.write({"__key__": f"{i:06d}_{fn}", "jpg": buf.getvalue(), "txt": caption,
-                      "json": json.dumps({"label": classnames.index(cls), "lang": "en", "source": f"skimage.data.{fn}"})})
-    spec = {"name": name, "task": "zeroshot", "urls": "000000.tar", "num_samples": len(PHOTOS),
-            "classnames": classnames, "templates": list(TEMPLATES), "label_key": "label", "lang_key": "lang"}
+            tw.write(
+                {
+                    "__key__": f"{i:06d}_{fn}",
+                    "jpg": buf.getvalue(),
+                    "txt": caption,
+                    "json": json.dumps({"label": classnames.index(cls), "lang": "en", "source": f"skimage.data.{fn}"}),
+                }
+            )
+    spec = {
+        "name": name,
+        "task": "zeroshot",
+        "urls": "000000.tar",
+        "num_samples": len(PHOTOS),
+        "classnames": classnames,
+        "templates": list(TEMPLATES),
+        "label_key": "label",
+        "lang_key": "lang",
+    }
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

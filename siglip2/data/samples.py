@@ -11,6 +11,7 @@ Per-sample randomness (which region LocCa draws) comes from :func:`sample_seed`,
 run seed, epoch and sample key, so it does not depend on the worker count, the worker a
 sample lands on, or any process RNG state.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,9 +78,16 @@ class TrainSample:
 
     NOISE_POOL = 64
 
-    def __init__(self, tokenizer: Tokenizer, transform: ImageTransform, seed: int, epoch: int,
-                 locca: LoccaFormat | None = None, caption_noise: float = 0.0,
-                 extra_images: dict[str, ImageTransform] | None = None):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        transform: ImageTransform,
+        seed: int,
+        epoch: int,
+        locca: LoccaFormat | None = None,
+        caption_noise: float = 0.0,
+        extra_images: dict[str, ImageTransform] | None = None,
+    ):
         self.tokenizer = tokenizer
         self.transform = transform
         self.extra_images = dict(extra_images or {})
@@ -95,7 +103,7 @@ class TrainSample:
         if self.caption_noise <= 0.0:
             return False
         digest = hashlib.blake2b(f"{self.seed}/caption_noise/{key}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") / 2.0 ** 64 < self.caption_noise
+        return int.from_bytes(digest, "little") / 2.0**64 < self.caption_noise
 
     def _caption(self, sample: DecodedSample) -> tuple[str, bool]:
         own = sample.caption
@@ -118,8 +126,7 @@ class TrainSample:
                 regions, boxes = [], None  # malformed regions: this sample trains Cap only
         image, boxes = self.transform(sample.image, boxes)
         caption, noisy = self._caption(sample)
-        out: dict[str, Any] = {"image": image, "caption": caption, "key": sample.key,
-                               "lang": _language(sample.meta)}
+        out: dict[str, Any] = {"image": image, "caption": caption, "key": sample.key, "lang": _language(sample.meta)}
         for name, transform in self.extra_images.items():
             out[name] = transform(sample.image, None)[0]
         if self.caption_noise > 0.0:

@@ -51,15 +51,37 @@ from webdataset.shardlists import expand_urls as _wds_expand_urls
 from webdataset.utils import make_seed
 
 # Decoding lives in siglip2.data.decode; its public names are re-exported here (unchanged API).
-from siglip2.data.decode import (DEFAULT_MAX_PIXELS, IMAGE_KEYS, JSON_KEY, MASK_KEY, TEXT_KEY,
-                                 BadSample, DecodedSample, decode_sample, to_rgb)
+from siglip2.data.decode import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_KEYS,
+    JSON_KEY,
+    MASK_KEY,
+    TEXT_KEY,
+    BadSample,
+    DecodedSample,
+    decode_sample,
+    to_rgb,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DecodedSample", "BadSample", "SkipStats", "SKIP_REASONS", "DEFAULT_MAX_PIXELS", "IMAGE_KEYS",
-    "build_train_loader", "build_eval_loader", "expand_urls", "decode_sample", "to_rgb",
-    "collate", "get_rank_world", "read_shards", "KeyFilter", "shard_name",
+    "DecodedSample",
+    "BadSample",
+    "SkipStats",
+    "SKIP_REASONS",
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_KEYS",
+    "build_train_loader",
+    "build_eval_loader",
+    "expand_urls",
+    "decode_sample",
+    "to_rgb",
+    "collate",
+    "get_rank_world",
+    "read_shards",
+    "KeyFilter",
+    "shard_name",
 ]
 
 # Only members with one of these keys are read out of the tar (see split_member).
@@ -81,7 +103,7 @@ SKIP_REASONS = {
     "truncated_sample": "the tar ends inside this sample (its earlier samples are kept)",
     "no_known_member": "no member this reader decodes (jpg/jpeg/png/webp, txt, json, seg.png)",
     "split_sample": "a key met again after other keys: its members are not next to each other in the tar "
-                    "(its first part is counted under its own reason, e.g. missing_caption)",
+    "(its first part is counted under its own reason, e.g. missing_caption)",
 }
 
 FILTER_PREFIX = "filtered_"  # reasons for samples left out on purpose, not bad data
@@ -101,6 +123,7 @@ MAX_CONSECUTIVE_SKIPS = 100_000
 # ----------------------------------------------------------------------------------------
 # urls
 # ----------------------------------------------------------------------------------------
+
 
 def _is_local(url: str) -> bool:
     return urlparse(url).scheme in ("", "file")
@@ -143,8 +166,13 @@ def expand_urls(urls) -> list[str]:
         if not found:
             raise FileNotFoundError(f"no shard matches {pattern!r}")
         if missing:
-            logger.warning("%d of %d shards of %r do not exist and are left out, e.g. %s",
-                           len(missing), len(expanded), pattern, missing[:3])
+            logger.warning(
+                "%d of %d shards of %r do not exist and are left out, e.g. %s",
+                len(missing),
+                len(expanded),
+                pattern,
+                missing[:3],
+            )
         out.extend(found)
     if not out:
         raise FileNotFoundError(f"no shard matches {urls!r}")
@@ -179,6 +207,7 @@ def _worker() -> tuple[int, int]:
 # skip accounting
 # ----------------------------------------------------------------------------------------
 
+
 class _WorkerStats:
     """Per-worker skip counts, plus warnings at a low rate (count 1, 10, 100, ...)."""
 
@@ -190,8 +219,14 @@ class _WorkerStats:
         self.counts[reason] += 1
         n = self.counts[reason]
         if _is_power_of_ten(n) and not is_filter_reason(reason):
-            logger.warning("skipped sample %r from %s: %s%s (%d so far for this reason in "
-                           "this worker)", key, url, reason, f" ({detail})" if detail else "", n)
+            logger.warning(
+                "skipped sample %r from %s: %s%s (%d so far for this reason in this worker)",
+                key,
+                url,
+                reason,
+                f" ({detail})" if detail else "",
+                n,
+            )
 
     def bad_shard(self, url: str, exn: BaseException) -> None:
         self.counts["bad_shard"] += 1
@@ -239,6 +274,7 @@ class SkipStats:
 # pipeline stages
 # ----------------------------------------------------------------------------------------
 
+
 def split_member(name: str) -> tuple[str, str | None]:
     """(sample key, extension) of a tar member. The extension is the longest of the ones we
     decode that the name ends with, case-insensitive ("seg.png" before "png"); the key is
@@ -248,7 +284,7 @@ def split_member(name: str) -> tuple[str, str | None]:
     (name up to its last dot, None): it is never read, but its sample is seen and counted."""
     lower = name.lower()
     for ext in _WANTED_LONGEST_FIRST:
-        key = name[:-len(ext) - 1]
+        key = name[: -len(ext) - 1]
         if lower.endswith("." + ext) and key and not key.endswith("/"):
             return key, ext
     base = name.rsplit("/", 1)[-1]
@@ -293,11 +329,14 @@ def _tar_samples(fileobj, url: str, stats: _WorkerStats) -> Iterator[dict]:
         if current["__key__"] in seen:
             split += 1
             if split == 1:
-                logger.warning("shard %s: sample %r is met again after other samples: the tar's members are not "
-                               "grouped by sample (written as `tar cf x.tar *.jpg *.txt`?), so each part is skipped "
-                               "on its own (split_sample, missing_caption, ...). Write each sample's files next to "
-                               "each other (tar of the files sorted by name, or webdataset's ShardWriter)",
-                               url, current["__key__"])
+                logger.warning(
+                    "shard %s: sample %r is met again after other samples: the tar's members are not "
+                    "grouped by sample (written as `tar cf x.tar *.jpg *.txt`?), so each part is skipped "
+                    "on its own (split_sample, missing_caption, ...). Write each sample's files next to "
+                    "each other (tar of the files sorted by name, or webdataset's ShardWriter)",
+                    url,
+                    current["__key__"],
+                )
             stats.skip("split_sample", current["__key__"], url)
             return None
         seen.add(current["__key__"])
@@ -316,8 +355,7 @@ def _tar_samples(fileobj, url: str, stats: _WorkerStats) -> Iterator[dict]:
         except StopIteration:
             break
         except Exception as exn:  # a header cut short or corrupt
-            if current is not None and not duplicate and any(k in current for k in IMAGE_KEYS) \
-                    and TEXT_KEY in current:
+            if current is not None and not duplicate and any(k in current for k in IMAGE_KEYS) and TEXT_KEY in current:
                 yield current
             elif current is not None:
                 stats.skip("duplicate_member" if duplicate else "truncated_sample", current["__key__"], url)
@@ -325,8 +363,11 @@ def _tar_samples(fileobj, url: str, stats: _WorkerStats) -> Iterator[dict]:
         if not info.isreg():
             continue
         key, ext = split_member(info.name)
-        if ext is None and current is not None and (key == current["__key__"]
-                                                    or info.name.startswith(current["__key__"] + ".")):
+        if (
+            ext is None
+            and current is not None
+            and (key == current["__key__"] or info.name.startswith(current["__key__"] + "."))
+        ):
             continue  # another member of the current sample that we do not read
         if current is None or key != current["__key__"]:
             done = finish()
@@ -349,8 +390,9 @@ def _tar_samples(fileobj, url: str, stats: _WorkerStats) -> Iterator[dict]:
         yield done
 
 
-def read_shards(shards: Iterable[dict], stats: _WorkerStats | None = None,
-                max_empty: int | None = None) -> Iterator[dict]:
+def read_shards(
+    shards: Iterable[dict], stats: _WorkerStats | None = None, max_empty: int | None = None
+) -> Iterator[dict]:
     """Shard dicts -> raw samples, one shard at a time so a fault is pinned on its shard.
 
     ``shards``: dicts with a ``"url"`` (what ``wds.ResampledShards`` / ``SimpleShardList``
@@ -386,8 +428,9 @@ def read_shards(shards: Iterable[dict], stats: _WorkerStats | None = None,
                     pass
         empty_run = 0 if n else empty_run + 1
         if max_empty is not None and empty_run >= max_empty:
-            raise RuntimeError(f"{empty_run} shards in a row gave no sample (last: {url}); "
-                               f"skip counts so far: {dict(stats.counts)}")
+            raise RuntimeError(
+                f"{empty_run} shards in a row gave no sample (last: {url}); skip counts so far: {dict(stats.counts)}"
+            )
 
 
 def shard_name(url: str) -> str:
@@ -420,10 +463,16 @@ class KeyFilter:
         return {k.rsplit("/", 1)[0] for k in self.keys}
 
 
-def _decode_stage(samples: Iterable[dict], stats: _WorkerStats, sample_fn: Callable,
-                  max_pixels: int, decode_mask: bool,
-                  max_skips: int | None = None, decode_size: tuple[int, int] | None = None,
-                  drop: KeyFilter | None = None) -> Iterator[dict]:
+def _decode_stage(
+    samples: Iterable[dict],
+    stats: _WorkerStats,
+    sample_fn: Callable,
+    max_pixels: int,
+    decode_mask: bool,
+    max_skips: int | None = None,
+    decode_size: tuple[int, int] | None = None,
+    drop: KeyFilter | None = None,
+) -> Iterator[dict]:
     run = 0
     for raw in samples:
         key, url = raw.get("__key__", ""), raw.get("__url__", "")
@@ -431,8 +480,9 @@ def _decode_stage(samples: Iterable[dict], stats: _WorkerStats, sample_fn: Calla
             stats.skip(drop.reason, key, url, "")
             run += 1  # a source the filter drops entirely must stop, not spin
             if max_skips is not None and run >= max_skips:
-                raise RuntimeError(f"{run} samples in a row were skipped or filtered; skip counts: "
-                                   f"{dict(stats.counts)}")
+                raise RuntimeError(
+                    f"{run} samples in a row were skipped or filtered; skip counts: {dict(stats.counts)}"
+                )
             continue
         try:
             decoded = decode_sample(raw, max_pixels=max_pixels, decode_mask=decode_mask, decode_size=decode_size)
@@ -443,8 +493,7 @@ def _decode_stage(samples: Iterable[dict], stats: _WorkerStats, sample_fn: Calla
             stats.skip(s.reason, key, url, s.detail)
             run += 1
             if max_skips is not None and run >= max_skips:
-                raise RuntimeError(f"{run} samples in a row were skipped; skip counts: "
-                                   f"{dict(stats.counts)}") from None
+                raise RuntimeError(f"{run} samples in a row were skipped; skip counts: {dict(stats.counts)}") from None
             continue
         run = 0
         if "key" not in out:
@@ -480,9 +529,15 @@ def collate(samples: list[dict]) -> dict:
     return out
 
 
-def _batch_stage(samples: Iterable[dict], batch_size: int, stats: _WorkerStats,
-                 worker_id: int, partial_last: bool, trailer: bool = False,
-                 collate_fn: Callable[[list[dict]], dict] | None = None) -> Iterator[dict]:
+def _batch_stage(
+    samples: Iterable[dict],
+    batch_size: int,
+    stats: _WorkerStats,
+    worker_id: int,
+    partial_last: bool,
+    trailer: bool = False,
+    collate_fn: Callable[[list[dict]], dict] | None = None,
+) -> Iterator[dict]:
     """Batches of `batch_size` made by `collate_fn` (default `collate`); `trailer`: when the
     stream ends with skips no batch has carried yet, one more batch with no samples (only
     `skipped` and `worker_id`) carries them."""
@@ -503,8 +558,9 @@ def _batch_stage(samples: Iterable[dict], batch_size: int, stats: _WorkerStats,
         yield _stamp({}, stats, worker_id)
 
 
-def _finish_batch(buf: list[dict], stats: _WorkerStats, worker_id: int,
-                  collate_fn: Callable[[list[dict]], dict] | None = None) -> dict:
+def _finish_batch(
+    buf: list[dict], stats: _WorkerStats, worker_id: int, collate_fn: Callable[[list[dict]], dict] | None = None
+) -> dict:
     return _stamp((collate_fn or collate)(buf), stats, worker_id)
 
 
@@ -541,6 +597,7 @@ def _weighted_mix(streams: list[Iterator], weights: list[float], rng: random.Ran
 # datasets
 # ----------------------------------------------------------------------------------------
 
+
 def _normalise_sources(sources) -> list[tuple[list[str], float]]:
     if isinstance(sources, (str, os.PathLike)):
         return [(expand_urls(sources), 1.0)]
@@ -566,9 +623,23 @@ def _normalise_sources(sources) -> list[tuple[list[str], float]]:
 class _TrainStream(IterableDataset):
     """Infinite resampled mix, cut to this worker's share of ``num_batches``."""
 
-    def __init__(self, sources, sample_fn, batch_size, num_batches, seed, rank, world,
-                 shuffle_buffer, max_pixels, decode_mask, reseed_each_iter=True, decode_size=None, batcher=None,
-                 drop=None):
+    def __init__(
+        self,
+        sources,
+        sample_fn,
+        batch_size,
+        num_batches,
+        seed,
+        rank,
+        world,
+        shuffle_buffer,
+        max_pixels,
+        decode_mask,
+        reseed_each_iter=True,
+        decode_size=None,
+        batcher=None,
+        drop=None,
+    ):
         super().__init__()
         self.drop = drop
         self.batcher = batcher
@@ -606,26 +677,40 @@ class _TrainStream(IterableDataset):
         for i, (urls, _) in enumerate(self.sources):
             # Disjoint shard subsets per (rank, worker) when there are enough shards;
             # otherwise everyone resamples all shards with a different seed.
-            subset = urls[self.rank::self.world][worker::nworkers] if len(urls) >= G else urls
+            subset = urls[self.rank :: self.world][worker::nworkers] if len(urls) >= G else urls
             seed = make_seed(self.seed, i, g, it)
             pipe = wds.DataPipeline(
                 wds.ResampledShards(subset, seed=seed, deterministic=True, worker_seed=_zero),
                 partial(read_shards, stats=stats, max_empty=MAX_CONSECUTIVE_EMPTY_SHARDS),
-                wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer),
-                            rng=random.Random(seed + 1)) if self.shuffle_buffer > 1 else None,
+                wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=random.Random(seed + 1))
+                if self.shuffle_buffer > 1
+                else None,
             )
             streams.append(iter(pipe))
         weights = [w for _, w in self.sources]
-        mixed = _weighted_mix(streams, weights,
-                              random.Random(make_seed(self.seed, -1, g, it)))
-        decoded = _decode_stage(mixed, stats, self.sample_fn, self.max_pixels, self.decode_mask,
-                                max_skips=MAX_CONSECUTIVE_SKIPS, decode_size=self.decode_size, drop=self.drop)
+        mixed = _weighted_mix(streams, weights, random.Random(make_seed(self.seed, -1, g, it)))
+        decoded = _decode_stage(
+            mixed,
+            stats,
+            self.sample_fn,
+            self.max_pixels,
+            self.decode_mask,
+            max_skips=MAX_CONSECUTIVE_SKIPS,
+            decode_size=self.decode_size,
+            drop=self.drop,
+        )
         if self.batcher is not None:  # e.g. NaFlex: a planned length and size per batch
-            batches = self.batcher(decoded, worker, nworkers, sample_collate(self.sample_fn),
-                                   partial(_stamp, stats=stats, worker_id=worker))
+            batches = self.batcher(
+                decoded,
+                worker,
+                nworkers,
+                sample_collate(self.sample_fn),
+                partial(_stamp, stats=stats, worker_id=worker),
+            )
         else:
-            batches = _batch_stage(decoded, self.batch_size, stats, worker, partial_last=False,
-                                   collate_fn=sample_collate(self.sample_fn))
+            batches = _batch_stage(
+                decoded, self.batch_size, stats, worker, partial_last=False, collate_fn=sample_collate(self.sample_fn)
+            )
         return islice(batches, mine)
 
 
@@ -657,10 +742,23 @@ class _EvalStream(IterableDataset):
             partial(_split_by_rank, rank=self.rank, world=self.world),
             wds.split_by_worker,
             partial(read_shards, stats=stats),
-            partial(_decode_stage, stats=stats, sample_fn=self.sample_fn,
-                    max_pixels=self.max_pixels, decode_mask=self.decode_mask, decode_size=self.decode_size),
-            partial(_batch_stage, batch_size=self.batch_size, stats=stats, worker_id=worker,
-                    partial_last=True, trailer=True, collate_fn=sample_collate(self.sample_fn)),
+            partial(
+                _decode_stage,
+                stats=stats,
+                sample_fn=self.sample_fn,
+                max_pixels=self.max_pixels,
+                decode_mask=self.decode_mask,
+                decode_size=self.decode_size,
+            ),
+            partial(
+                _batch_stage,
+                batch_size=self.batch_size,
+                stats=stats,
+                worker_id=worker,
+                partial_last=True,
+                trailer=True,
+                collate_fn=sample_collate(self.sample_fn),
+            ),
         )
         return iter(pipe)
 
@@ -668,18 +766,30 @@ class _EvalStream(IterableDataset):
 def _loader(dataset, num_workers: int, generator: torch.Generator | None) -> DataLoader:
     # Batches are made inside the workers (so skip counts ride with them): batch_size=None.
     return DataLoader(
-        dataset, batch_size=None, num_workers=num_workers,
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
         persistent_workers=num_workers > 0,  # skip counts and RNG streams survive epochs
-        pin_memory=torch.cuda.is_available(), generator=generator,
+        pin_memory=torch.cuda.is_available(),
+        generator=generator,
     )
 
 
-def build_train_loader(sources, sample_fn: Callable[[DecodedSample], dict | None],
-                       batch_size: int, num_batches: int, seed: int = 0, num_workers: int = 2,
-                       shuffle_buffer: int = 1000, max_pixels: int = DEFAULT_MAX_PIXELS,
-                       decode_mask: bool = False, reseed_each_iter: bool = True,
-                       decode_size: tuple[int, int] | None = None, batcher: Callable | None = None,
-                       drop: KeyFilter | None = None) -> DataLoader:
+def build_train_loader(
+    sources,
+    sample_fn: Callable[[DecodedSample], dict | None],
+    batch_size: int,
+    num_batches: int,
+    seed: int = 0,
+    num_workers: int = 2,
+    shuffle_buffer: int = 1000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode_mask: bool = False,
+    reseed_each_iter: bool = True,
+    decode_size: tuple[int, int] | None = None,
+    batcher: Callable | None = None,
+    drop: KeyFilter | None = None,
+) -> DataLoader:
     """Resampled training loader giving exactly ``num_batches`` batches per epoch per rank.
 
     ``sources``: a pattern, a list of patterns, or ``[{"urls": ..., "weight": w}, ...]``
@@ -700,18 +810,42 @@ def build_train_loader(sources, sample_fn: Callable[[DecodedSample], dict | None
     nworkers = max(num_workers, 1)
     for urls, _ in srcs:
         if len(urls) < world * nworkers:
-            logger.warning("only %d shards for %d ranks x %d workers: every worker resamples "
-                           "all of them (with its own seed) instead of a disjoint subset",
-                           len(urls), world, nworkers)
-    ds = _TrainStream(srcs, sample_fn, batch_size, num_batches, seed, rank, world,
-                      shuffle_buffer, max_pixels, decode_mask, reseed_each_iter, decode_size, batcher, drop)
+            logger.warning(
+                "only %d shards for %d ranks x %d workers: every worker resamples "
+                "all of them (with its own seed) instead of a disjoint subset",
+                len(urls),
+                world,
+                nworkers,
+            )
+    ds = _TrainStream(
+        srcs,
+        sample_fn,
+        batch_size,
+        num_batches,
+        seed,
+        rank,
+        world,
+        shuffle_buffer,
+        max_pixels,
+        decode_mask,
+        reseed_each_iter,
+        decode_size,
+        batcher,
+        drop,
+    )
     gen = torch.Generator().manual_seed(make_seed(seed, rank, 7))
     return _loader(ds, num_workers, gen)
 
 
-def build_eval_loader(urls, sample_fn: Callable[[DecodedSample], dict | None],
-                      batch_size: int, num_workers: int = 1, decode_mask: bool = False,
-                      max_pixels: int = DEFAULT_MAX_PIXELS, decode_size: tuple[int, int] | None = None) -> DataLoader:
+def build_eval_loader(
+    urls,
+    sample_fn: Callable[[DecodedSample], dict | None],
+    batch_size: int,
+    num_workers: int = 1,
+    decode_mask: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode_size: tuple[int, int] | None = None,
+) -> DataLoader:
     """Every sample exactly once across ranks; the last batch of each worker may be short, and
     a worker whose last skips no batch carried ends with a batch of no samples carrying them
     (`skipped`, `worker_id` only: consumers fold it into their `SkipStats` and skip it).

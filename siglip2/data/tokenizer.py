@@ -44,8 +44,9 @@ class Tokenizer:
     eos_id: int
     length: int
 
-    def __init__(self, *, vocab_size: int, pad_id: int, eos_id: int, length: int = 64,
-                 lowercase: bool = True, path: str = ""):
+    def __init__(
+        self, *, vocab_size: int, pad_id: int, eos_id: int, length: int = 64, lowercase: bool = True, path: str = ""
+    ):
         if length < 1:
             raise ValueError(f"tokenizer length must be >= 1, got {length}")
         self.vocab_size = int(vocab_size)
@@ -115,9 +116,11 @@ class Tokenizer:
         return self._decode_raw(kept)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, "
-                f"pad_id={self.pad_id}, eos_id={self.eos_id}, length={self.length}, "
-                f"lowercase={self.lowercase})")
+        return (
+            f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, "
+            f"pad_id={self.pad_id}, eos_id={self.eos_id}, length={self.length}, "
+            f"lowercase={self.lowercase})"
+        )
 
 
 def _choose_pad(pad_id: int | None, eos_id: int) -> int:
@@ -146,8 +149,14 @@ class SentencePieceTokenizer(Tokenizer):
         if eos < 0:
             raise ValueError(f"SentencePiece model {path} has no EOS piece; the recipe needs one")
         self.sp = sp
-        super().__init__(vocab_size=sp.get_piece_size(), pad_id=_choose_pad(sp.pad_id(), eos),
-                         eos_id=eos, length=length, lowercase=lowercase, path=path)
+        super().__init__(
+            vocab_size=sp.get_piece_size(),
+            pad_id=_choose_pad(sp.pad_id(), eos),
+            eos_id=eos,
+            length=length,
+            lowercase=lowercase,
+            path=path,
+        )
 
     def _encode_raw(self, text: str) -> list[int]:
         return list(self.sp.encode(text, out_type=int))
@@ -171,10 +180,12 @@ class HFTokenizer(Tokenizer):
 
         names = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "tokenizer_config.json")
         if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, n)) for n in names):
-            raise ValueError(f"could not load a Hugging Face tokenizer from folder {path}: it holds no tokenizer file "
-                             f"({', '.join(names)}); a model saved with save_pretrained alone has none. Name the one "
-                             "the weights were trained with: tokenizer=hf tokenizer.path=<a folder with it> or "
-                             "tokenizer=sentencepiece tokenizer.path=<.model file>")
+            raise ValueError(
+                f"could not load a Hugging Face tokenizer from folder {path}: it holds no tokenizer file "
+                f"({', '.join(names)}); a model saved with save_pretrained alone has none. Name the one "
+                "the weights were trained with: tokenizer=hf tokenizer.path=<a folder with it> or "
+                "tokenizer=sentencepiece tokenizer.path=<.model file>"
+            )
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as e:
@@ -185,8 +196,14 @@ class HFTokenizer(Tokenizer):
         if eos is None:
             raise ValueError(f"tokenizer in {path} has neither an EOS nor a SEP token")
         self.hf = tok
-        super().__init__(vocab_size=len(tok), pad_id=_choose_pad(tok.pad_token_id, eos),
-                         eos_id=eos, length=length, lowercase=lowercase, path=path)
+        super().__init__(
+            vocab_size=len(tok),
+            pad_id=_choose_pad(tok.pad_token_id, eos),
+            eos_id=eos,
+            length=length,
+            lowercase=lowercase,
+            path=path,
+        )
 
     def _encode_raw(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
@@ -206,20 +223,31 @@ def build_tokenizer(path: str, length: int = 64, lowercase: bool = True) -> Toke
     """
     path = os.fspath(path)
     if path in ("", "???"):
-        raise ValueError("tokenizer.path is not set: give the tokenizer's file or folder, e.g. "
-                         "tokenizer.path=DIR/tokenizer.model (python -m siglip2.data.tokenizer train makes one)")
+        raise ValueError(
+            "tokenizer.path is not set: give the tokenizer's file or folder, e.g. "
+            "tokenizer.path=DIR/tokenizer.model (python -m siglip2.data.tokenizer train makes one)"
+        )
     path = os.path.expanduser(path)
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"tokenizer not found: {path!r} (expected a SentencePiece .model file or a local "
-            "Hugging Face tokenizer folder; nothing is downloaded)")
+            "Hugging Face tokenizer folder; nothing is downloaded)"
+        )
     if os.path.isdir(path):
         return HFTokenizer(path, length=length, lowercase=lowercase)
     return SentencePieceTokenizer(path, length=length, lowercase=lowercase)
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "spiece.model", "added_tokens.json", "vocab.json", "merges.txt")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "spiece.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def tokenizer_fingerprint(path: str | os.PathLike) -> dict:
@@ -249,6 +277,7 @@ class TokenizerRecord:
     `vocab_size`, text `length` and `lowercase`. Two tokenizers of one vocabulary size but other
     ids differ in `sha256`. The one owner of the rule "weights are used with the token ids they
     were trained with": `check` and `check_vocab_size` raise its one message."""
+
     path: str
     sha256: str
     vocab_size: int | None = None
@@ -256,7 +285,9 @@ class TokenizerRecord:
     lowercase: bool | None = None
 
     @classmethod
-    def of(cls, path: str | os.PathLike, tokenizer: "Tokenizer | None" = None, *, full: bool = True) -> "TokenizerRecord":
+    def of(
+        cls, path: str | os.PathLike, tokenizer: "Tokenizer | None" = None, *, full: bool = True
+    ) -> "TokenizerRecord":
         """The record of the tokenizer file or folder `path`; with the built `tokenizer`, its
         vocabulary size and (`full`) its text length and lower-casing too."""
         fp = tokenizer_fingerprint(path)
@@ -264,8 +295,12 @@ class TokenizerRecord:
             return cls(**fp)
         if not full:
             return cls(**fp, vocab_size=int(tokenizer.vocab_size))
-        return cls(**fp, vocab_size=int(tokenizer.vocab_size), length=int(tokenizer.length),
-                   lowercase=bool(getattr(tokenizer, "lowercase", True)))
+        return cls(
+            **fp,
+            vocab_size=int(tokenizer.vocab_size),
+            length=int(tokenizer.length),
+            lowercase=bool(getattr(tokenizer, "lowercase", True)),
+        )
 
     @classmethod
     def read(cls, record: "Mapping[str, Any] | TokenizerRecord | None") -> "TokenizerRecord | None":
@@ -279,35 +314,56 @@ class TokenizerRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The stored form (checkpoints' `siglip2.tokenizer`): the fields that are known."""
-        return {k: v for k, v in (("path", self.path), ("sha256", self.sha256), ("vocab_size", self.vocab_size),
-                                  ("length", self.length), ("lowercase", self.lowercase)) if v is not None}
+        return {
+            k: v
+            for k, v in (
+                ("path", self.path),
+                ("sha256", self.sha256),
+                ("vocab_size", self.vocab_size),
+                ("length", self.length),
+                ("lowercase", self.lowercase),
+            )
+            if v is not None
+        }
 
     def describe(self) -> str:
         tokens = f", {self.vocab_size} tokens" if self.vocab_size is not None else ""
         return f"{self.path} (sha256 {str(self.sha256)[:12]}{tokens})"
 
-    def check(self, trained: "Mapping[str, Any] | TokenizerRecord | None", source: str,
-              hint: str = "use the same tokenizer (tokenizer.path=...)") -> None:
+    def check(
+        self,
+        trained: "Mapping[str, Any] | TokenizerRecord | None",
+        source: str,
+        hint: str = "use the same tokenizer (tokenizer.path=...)",
+    ) -> None:
         """`trained`: the tokenizer `source`'s weights were trained with; this record: the one
         they are about to be used with. Another content (same vocabulary size or not) is a
         `ValueError` naming both; no record (older checkpoints) passes."""
         theirs = TokenizerRecord.read(trained)
         if theirs is None or theirs.sha256 == self.sha256:
             return
-        raise ValueError(f"{source} was trained with the tokenizer {theirs.describe()}; this run's is "
-                         f"{self.describe()}: its token ids would mean other words. {hint[0].upper()}{hint[1:]}")
+        raise ValueError(
+            f"{source} was trained with the tokenizer {theirs.describe()}; this run's is "
+            f"{self.describe()}: its token ids would mean other words. {hint[0].upper()}{hint[1:]}"
+        )
 
 
-def check_vocab_size(theirs: int, mine: int, source: str, mine_name: str,
-                     hint: str = "use the tokenizer those weights were trained with (tokenizer.path=...)") -> None:
+def check_vocab_size(
+    theirs: int,
+    mine: int,
+    source: str,
+    mine_name: str,
+    hint: str = "use the tokenizer those weights were trained with (tokenizer.path=...)",
+) -> None:
     """Two sides that must share token ids with other vocabulary sizes: a `ValueError` naming
     both (`source` has `theirs`, `mine_name` has `mine`), before any tensor is compared."""
     if int(theirs) != int(mine):
         raise ValueError(f"{source} has a vocabulary of {int(theirs)} tokens but {mine_name} has {int(mine)}: {hint}")
 
 
-def resolve_checkpoint_tokenizer(record: dict | None, configured: str | None, explicit: bool = False,
-                                 what: str = "checkpoint") -> str:
+def resolve_checkpoint_tokenizer(
+    record: dict | None, configured: str | None, explicit: bool = False, what: str = "checkpoint"
+) -> str:
     """The tokenizer to use with a checkpoint that recorded `record` (`TokenizerRecord`).
 
     - The checkpoint's own tokenizer when its file is still there, unchanged.
@@ -320,8 +376,9 @@ def resolve_checkpoint_tokenizer(record: dict | None, configured: str | None, ex
     if trained is None:
         if configured is None:
             raise ValueError(f"{what} does not record its tokenizer: name it (tokenizer.path=...)")
-        log.warning("%s does not record its tokenizer; using %s: make sure it is the one it was trained with",
-                    what, configured)
+        log.warning(
+            "%s does not record its tokenizer; using %s: make sure it is the one it was trained with", what, configured
+        )
         return str(configured)
     mine = TokenizerRecord.of(configured) if configured and os.path.exists(os.path.expanduser(configured)) else None
     if explicit and mine is not None:
@@ -330,9 +387,11 @@ def resolve_checkpoint_tokenizer(record: dict | None, configured: str | None, ex
         return str(trained.path)
     if mine is not None and mine.sha256 == trained.sha256:
         return str(configured)
-    raise ValueError(f"{what} was trained with the tokenizer {trained.path} (sha256 {trained.sha256[:12]}), which is "
-                     f"not there any more or has changed, and {configured} is another one: give that tokenizer's "
-                     "file with tokenizer.path=...")
+    raise ValueError(
+        f"{what} was trained with the tokenizer {trained.path} (sha256 {trained.sha256[:12]}), which is "
+        f"not there any more or has changed, and {configured} is another one: give that tokenizer's "
+        "file with tokenizer.path=..."
+    )
 
 
 def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int = 4000) -> str:
@@ -363,9 +422,11 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
         m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
         if m is None:
             raise
-        raise ValueError(f"a vocabulary of {m.group(1)} is too small for these captions: their characters alone "
-                         f"need {m.group(2)} pieces (plus the 4 special ones); ask for more, e.g. "
-                         f"--vocab {max(4 * int(m.group(2)), 1000)}") from None
+        raise ValueError(
+            f"a vocabulary of {m.group(1)} is too small for these captions: their characters alone "
+            f"need {m.group(2)} pieces (plus the 4 special ones); ask for more, e.g. "
+            f"--vocab {max(4 * int(m.group(2)), 1000)}"
+        ) from None
     return model_prefix + ".model"
 
 
@@ -385,8 +446,14 @@ def _train_spm(spm, texts: list[str], model_prefix: str, vocab_size: int) -> Non
             add_dummy_prefix=False,
             remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True,
-            pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-            pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+            pad_id=0,
+            eos_id=1,
+            bos_id=2,
+            unk_id=3,
+            pad_piece="<pad>",
+            eos_piece="<eos>",
+            bos_piece="<bos>",
+            unk_piece="<unk>",
             num_threads=1,
             shuffle_input_sentence=False,
             max_sentence_length=16384,
@@ -395,6 +462,7 @@ def _train_spm(spm, texts: list[str], model_prefix: str, vocab_size: int) -> Non
 
 
 # ---- a SentencePiece model for your own shards ---------------------------------------------
+
 
 def shard_captions(pattern: str, lowercase: bool = True) -> tuple[list[str], dict[str, int]]:
     """Every caption (`txt`, UTF-8) of the shards `pattern` matches, read as the training
@@ -416,8 +484,9 @@ def shard_captions(pattern: str, lowercase: bool = True) -> tuple[list[str], dic
     return captions, dict(stats.counts)
 
 
-def train_shard_tokenizer(pattern: str, vocab_size: int, out_dir: str, lowercase: bool = True,
-                          max_captions: int = 2_000_000, seed: int = 0) -> dict[str, Any]:
+def train_shard_tokenizer(
+    pattern: str, vocab_size: int, out_dir: str, lowercase: bool = True, max_captions: int = 2_000_000, seed: int = 0
+) -> dict[str, Any]:
     """Train `out_dir/tokenizer.model` on the captions of `pattern` with the demo tokenizer's
     SentencePiece settings (`train_sentencepiece`: BPE, byte fallback, digits split,
     character coverage 0.9995 for multilingual text, Gemma's special ids pad 0 / eos 1).
@@ -440,17 +509,25 @@ def train_shard_tokenizer(pattern: str, vocab_size: int, out_dir: str, lowercase
     if os.path.exists(vocab):
         os.remove(vocab)
     tok = build_tokenizer(path, lowercase=lowercase)
-    return {"path": path, "sha256": TokenizerRecord.of(path).sha256, "vocab_size": tok.vocab_size,
-            "requested_vocab_size": int(vocab_size), "captions": len(captions), "captions_used": len(used),
-            "skipped": skipped, "lowercase": lowercase}
+    return {
+        "path": path,
+        "sha256": TokenizerRecord.of(path).sha256,
+        "vocab_size": tok.vocab_size,
+        "requested_vocab_size": int(vocab_size),
+        "captions": len(captions),
+        "captions_used": len(used),
+        "skipped": skipped,
+        "lowercase": lowercase,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
 
-    ap = argparse.ArgumentParser(prog="python -m siglip2.data.tokenizer",
-                                 description="Tokenizer tools for your own shards.")
+    ap = argparse.ArgumentParser(
+        prog="python -m siglip2.data.tokenizer", description="Tokenizer tools for your own shards."
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="train a SentencePiece model on the shards' captions")
     tr.add_argument("--shards", required=True, help="shard pattern, e.g. '/data/{00000..00999}.tar'")
@@ -461,14 +538,23 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = ap.parse_known_args(argv)
     if extra:
         shell_expanded = all(e.endswith(".tar") or "/" in e for e in extra)
-        ap.error(f"unrecognized arguments: {' '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}"
-                 + ("; the shell expanded an unquoted {a..b} shard pattern into files: quote it, "
-                    "--shards '/data/{00000..00999}.tar'" if shell_expanded else ""))
-    summary = train_shard_tokenizer(args.shards, args.vocab, args.out, lowercase=not args.no_lowercase,
-                                    max_captions=args.max_captions)
+        ap.error(
+            f"unrecognized arguments: {' '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}"
+            + (
+                "; the shell expanded an unquoted {a..b} shard pattern into files: quote it, "
+                "--shards '/data/{00000..00999}.tar'"
+                if shell_expanded
+                else ""
+            )
+        )
+    summary = train_shard_tokenizer(
+        args.shards, args.vocab, args.out, lowercase=not args.no_lowercase, max_captions=args.max_captions
+    )
     print(json.dumps(summary, indent=2))
-    print(f"train with: tokenizer=sentencepiece tokenizer.path={summary['path']}"
-          + (" tokenizer.lowercase=false" if args.no_lowercase else ""))
+    print(
+        f"train with: tokenizer=sentencepiece tokenizer.path={summary['path']}"
+        + (" tokenizer.lowercase=false" if args.no_lowercase else "")
+    )
 
 
 if __name__ == "__main__":

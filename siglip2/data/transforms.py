@@ -77,9 +77,15 @@ class ImageTransform:
     the DataLoader seeds per worker.
     """
 
-    def __init__(self, image_size: int | Sequence[int], random_resized_crop: bool = False,
-                 scale: Sequence[float] = (0.5, 1.0), hflip: bool = False,
-                 ratio: Sequence[float] = (3 / 4, 4 / 3), dtype: str = "float32"):
+    def __init__(
+        self,
+        image_size: int | Sequence[int],
+        random_resized_crop: bool = False,
+        scale: Sequence[float] = (0.5, 1.0),
+        hflip: bool = False,
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        dtype: str = "float32",
+    ):
         if dtype not in ("float32", "uint8"):
             raise ValueError(f"dtype must be 'float32' or 'uint8', got {dtype!r}")
         self.dtype = dtype
@@ -113,8 +119,7 @@ class ImageTransform:
         if boxes is not None:
             boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
             scale_in = torch.tensor([in_w, in_h, in_w, in_h], dtype=torch.float32)
-            b = tv_tensors.BoundingBoxes(boxes * scale_in, format="XYXY",
-                                         canvas_size=(in_h, in_w))
+            b = tv_tensors.BoundingBoxes(boxes * scale_in, format="XYXY", canvas_size=(in_h, in_w))
 
         if self.random_resized_crop:
             top, left, h, w = RandomResizedCrop.get_params(x, list(self.scale), list(self.ratio))
@@ -143,6 +148,8 @@ class ImageTransform:
         return out, nb + 0.0  # + 0.0 turns -0.0 into 0.0
 
     def __repr__(self) -> str:
-        return (f"ImageTransform(size={self.size}, random_resized_crop="
-                f"{self.random_resized_crop}, scale={self.scale}, ratio={self.ratio}, "
-                f"hflip={self.hflip}, dtype={self.dtype!r})")
+        return (
+            f"ImageTransform(size={self.size}, random_resized_crop="
+            f"{self.random_resized_crop}, scale={self.scale}, ratio={self.ratio}, "
+            f"hflip={self.hflip}, dtype={self.dtype!r})"
+        )

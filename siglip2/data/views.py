@@ -74,9 +74,22 @@ import torch
 from torchvision.ops import roi_align
 
 __all__ = [
-    "ViewConfig", "DistillViews", "random_resized_crop_boxes", "crop_resize", "random_hflip",
-    "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "rgb_to_grayscale",
-    "color_jitter", "global_view", "local_views", "mask_count", "random_patch_mask", "make_views",
+    "ViewConfig",
+    "DistillViews",
+    "random_resized_crop_boxes",
+    "crop_resize",
+    "random_hflip",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_saturation",
+    "adjust_hue",
+    "rgb_to_grayscale",
+    "color_jitter",
+    "global_view",
+    "local_views",
+    "mask_count",
+    "random_patch_mask",
+    "make_views",
 ]
 
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale (and PIL's "L" mode)
@@ -144,13 +157,13 @@ class ViewConfig:
 class DistillViews(NamedTuple):
     """What :func:`make_views` cuts for one step (pixel boxes are in the source image)."""
 
-    global_view: torch.Tensor   # (B, 3, G, G) float32 in [-1, 1]: teacher input, and student input with `mask`
-    local_views: torch.Tensor   # (n*B, 3, s, s) float32 in [-1, 1], view-major (row v*B + b)
-    mask: torch.Tensor          # (B, N) bool, N = (G/p)^2 patches of the global view, row-major (y, x)
+    global_view: torch.Tensor  # (B, 3, G, G) float32 in [-1, 1]: teacher input, and student input with `mask`
+    local_views: torch.Tensor  # (n*B, 3, s, s) float32 in [-1, 1], view-major (row v*B + b)
+    mask: torch.Tensor  # (B, N) bool, N = (G/p)^2 patches of the global view, row-major (y, x)
     global_boxes: torch.Tensor  # (B, 4) x1, y1, x2, y2 pixel edges
-    local_boxes: torch.Tensor   # (n*B, 4), view-major like local_views
-    global_flip: torch.Tensor   # (B,) bool: flipped horizontally after the crop
-    local_flip: torch.Tensor    # (n*B,) bool
+    local_boxes: torch.Tensor  # (n*B, 4), view-major like local_views
+    global_flip: torch.Tensor  # (B,) bool: flipped horizontally after the crop
+    local_flip: torch.Tensor  # (n*B,) bool
 
     def masked_positions(self, ratio: float) -> torch.Tensor:
         """(B, K) long: each image's masked patch positions, ascending, K = ``mask_count(N,
@@ -183,9 +196,16 @@ def _hw(size: int | Sequence[int]) -> tuple[int, int]:
 # geometry
 
 
-def random_resized_crop_boxes(batch_size: int, height: int, width: int, scale: Sequence[float],
-                              ratio: Sequence[float] = (3 / 4, 4 / 3), *,
-                              generator: torch.Generator | None = None, attempts: int = 10) -> torch.Tensor:
+def random_resized_crop_boxes(
+    batch_size: int,
+    height: int,
+    width: int,
+    scale: Sequence[float],
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    *,
+    generator: torch.Generator | None = None,
+    attempts: int = 10,
+) -> torch.Tensor:
     """(batch_size, 4) float32 crop boxes ``x1, y1, x2, y2`` in pixel edges (integer valued).
 
     torchvision's ``RandomResizedCrop.get_params`` rule, vectorised: for each sample,
@@ -231,8 +251,9 @@ def random_resized_crop_boxes(batch_size: int, height: int, width: int, scale: S
     return torch.stack([x, y, x + w, y + h], dim=1).float()
 
 
-def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int | Sequence[int],
-                sampling_ratio: int = -1) -> torch.Tensor:
+def crop_resize(
+    images: torch.Tensor, boxes: torch.Tensor, size: int | Sequence[int], sampling_ratio: int = -1
+) -> torch.Tensor:
     """Cut every box out of its image and resize it to ``size``: (K, C, h, w), one batched op.
 
     ``images`` (B, C, H, W) float; ``boxes`` either (B, 4) ``x1, y1, x2, y2`` in pixel edges
@@ -254,12 +275,14 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int | Sequence[
     elif boxes.shape[-1] != 5:
         raise ValueError(f"boxes must be (B, 4) or (K, 5), got {tuple(boxes.shape)}")
     rois = boxes.to(device=images.device, dtype=images.dtype, non_blocking=True)
-    return roi_align(images, rois, output_size=_hw(size), spatial_scale=1.0,
-                     sampling_ratio=int(sampling_ratio), aligned=True)
+    return roi_align(
+        images, rois, output_size=_hw(size), spatial_scale=1.0, sampling_ratio=int(sampling_ratio), aligned=True
+    )
 
 
-def random_hflip(images: torch.Tensor, p: float = 0.5, *, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def random_hflip(
+    images: torch.Tensor, p: float = 0.5, *, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip each image left-right with probability ``p``: (images, (B,) bool flags).
 
     Draws (B,) uniforms.
@@ -357,9 +380,17 @@ def _jitter_blend(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor, use:
     return _blend(x, target, f)
 
 
-def color_jitter(images: torch.Tensor, *, generator: torch.Generator | None = None,
-                 brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2, hue: float = 0.1,
-                 p: float = 0.8, grayscale_p: float = 0.2) -> torch.Tensor:
+def color_jitter(
+    images: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.2,
+    hue: float = 0.1,
+    p: float = 0.8,
+    grayscale_p: float = 0.2,
+) -> torch.Tensor:
     """DINO's ``RandomApply([ColorJitter(b, c, s, h)], p)`` then ``RandomGrayscale(grayscale_p)``,
     on (B, 3, H, W) float images in [-1, 1] (converted to [0, 1] and back), per sample.
 
@@ -377,9 +408,14 @@ def color_jitter(images: torch.Tensor, *, generator: torch.Generator | None = No
     u = _rand(images.shape[0], 10, generator=generator).to(images.device, non_blocking=True)
     apply, order, gray_flag = u[:, 0] < p, u[:, 5:9].argsort(dim=1), u[:, 9] < grayscale_p
     # [max(0, 1 - s), 1 + s] in float32 arithmetic (Python floats: no host-to-device copy)
-    factors = torch.stack([max(0.0, _float32(_float32(1.0) - _float32(s))) + 2.0 * _float32(s) * u[:, 1 + i]
-                           for i, s in enumerate((brightness, contrast, saturation))]
-                          + [hue * (2.0 * u[:, 4] - 1.0)], dim=1).to(images.dtype)
+    factors = torch.stack(
+        [
+            max(0.0, _float32(_float32(1.0) - _float32(s))) + 2.0 * _float32(s) * u[:, 1 + i]
+            for i, s in enumerate((brightness, contrast, saturation))
+        ]
+        + [hue * (2.0 * u[:, 4] - 1.0)],
+        dim=1,
+    ).to(images.dtype)
     x = ((images + 1.0) * 0.5).clamp(0.0, 1.0)
     hue_at = (order == 3).to(torch.uint8).argmax(dim=1)  # position of the hue op in each order
     out = x
@@ -399,8 +435,14 @@ def color_jitter(images: torch.Tensor, *, generator: torch.Generator | None = No
 # views
 
 
-def _views(images: torch.Tensor, generator: torch.Generator | None, count: int, size: int | Sequence[int],
-           scale: Sequence[float] | None, cfg: ViewConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _views(
+    images: torch.Tensor,
+    generator: torch.Generator | None,
+    count: int,
+    size: int | Sequence[int],
+    scale: Sequence[float] | None,
+    cfg: ViewConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``count`` views of every image, view-major: (views, boxes, flips). Draws boxes (none for
     ``scale=None``: the whole image), flips, then colour, in that order."""
     if images.ndim != 4 or images.shape[1] != 3:
@@ -415,13 +457,27 @@ def _views(images: torch.Tensor, generator: torch.Generator | None, count: int, 
     index = torch.arange(b, dtype=boxes.dtype, device=boxes.device).repeat(count)  # view-major
     x = crop_resize(images.float(), torch.cat([index[:, None], boxes], dim=1), size, cfg.sampling_ratio)
     x, flip = random_hflip(x, cfg.flip_p, generator=generator)
-    x = color_jitter(x, generator=generator, brightness=cfg.brightness, contrast=cfg.contrast,
-                     saturation=cfg.saturation, hue=cfg.hue, p=cfg.jitter_p, grayscale_p=cfg.grayscale_p)
+    x = color_jitter(
+        x,
+        generator=generator,
+        brightness=cfg.brightness,
+        contrast=cfg.contrast,
+        saturation=cfg.saturation,
+        hue=cfg.hue,
+        p=cfg.jitter_p,
+        grayscale_p=cfg.grayscale_p,
+    )
     return x, boxes, flip
 
 
-def global_view(images: torch.Tensor, generator: torch.Generator | None, size: int | Sequence[int] | None = None,
-                scale: Sequence[float] | None = None, *, config: ViewConfig | None = None) -> torch.Tensor:
+def global_view(
+    images: torch.Tensor,
+    generator: torch.Generator | None,
+    size: int | Sequence[int] | None = None,
+    scale: Sequence[float] | None = None,
+    *,
+    config: ViewConfig | None = None,
+) -> torch.Tensor:
     """(B, 3, size, size) float32 in [-1, 1]: each whole image (``scale=None``, the paper's) or
     one random-resized crop of it (area fraction in ``scale``), flipped and colour-jittered. ``size`` None = the images' (H, W).
     ``config`` supplies the aspect range, flip and colour settings (its scales and sizes are
@@ -430,8 +486,15 @@ def global_view(images: torch.Tensor, generator: torch.Generator | None, size: i
     return _views(images, generator, 1, images.shape[-2:] if size is None else size, scale, cfg)[0]
 
 
-def local_views(images: torch.Tensor, generator: torch.Generator | None, n: int = 8, size: int | Sequence[int] = 96,
-                scale: Sequence[float] = (0.05, 0.4), *, config: ViewConfig | None = None) -> torch.Tensor:
+def local_views(
+    images: torch.Tensor,
+    generator: torch.Generator | None,
+    n: int = 8,
+    size: int | Sequence[int] = 96,
+    scale: Sequence[float] = (0.05, 0.4),
+    *,
+    config: ViewConfig | None = None,
+) -> torch.Tensor:
     """(n*B, 3, size, size) float32 in [-1, 1], **view-major**: row ``v * B + b`` is view v of
     image b (``.unflatten(0, (n, B))`` -> (n, B, 3, s, s)). Each is a random-resized crop
     (area fraction in ``scale``), flipped and colour-jittered on its own."""
@@ -446,9 +509,14 @@ def mask_count(num_patches: int, ratio: float) -> int:
     return int(round(ratio * num_patches))
 
 
-def random_patch_mask(batch_size: int, num_patches: int, ratio: float = 0.5, *,
-                      generator: torch.Generator | None = None, device: torch.device | str | None = None
-                      ) -> torch.Tensor:
+def random_patch_mask(
+    batch_size: int,
+    num_patches: int,
+    ratio: float = 0.5,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """(B, N) bool, True = masked: exactly ``round(ratio * N)`` (Python's round) positions per
     row, uniformly at random and independently per row (SigLIP 2 masks 50% of every image's
     patches, TIPS-style; not DINOv2's block masks on half the images). Positions index the
@@ -461,8 +529,9 @@ def random_patch_mask(batch_size: int, num_patches: int, ratio: float = 0.5, *,
     return mask if device is None else mask.to(device, non_blocking=True)
 
 
-def make_views(images: torch.Tensor, generator: torch.Generator | None, config: ViewConfig | None = None,
-               patch_size: int = 16) -> DistillViews:
+def make_views(
+    images: torch.Tensor, generator: torch.Generator | None, config: ViewConfig | None = None, patch_size: int = 16
+) -> DistillViews:
     """All views of one step from the batch's ``image`` (B, 3, H, W) in [-1, 1]: the global
     view (teacher, and masked student), ``config.local_count`` local views (student,
     view-major), and the patch mask for a ``patch_size`` tokeniser on the global view.

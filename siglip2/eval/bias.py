@@ -25,6 +25,7 @@ one-process numbers exactly.
   over concepts of ``gap(c)``, in [0, min(A, C) / C] for A values and C concepts (0 = predictions
   independent of the attribute).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -34,8 +35,9 @@ import torch
 __all__ = ["representation_bias", "association_bias", "prediction_counts"]
 
 
-def prediction_counts(pred: torch.Tensor, num_classes: int, group: torch.Tensor | None = None,
-                      num_groups: int = 1) -> torch.Tensor:
+def prediction_counts(
+    pred: torch.Tensor, num_classes: int, group: torch.Tensor | None = None, num_groups: int = 1
+) -> torch.Tensor:
     """How many predictions fall in each class: (C,) int64, or (G, C) per group.
 
     pred: (n,) int class indices in ``[0, num_classes)``; group: (n,) int in ``[0, num_groups)``
@@ -51,7 +53,8 @@ def prediction_counts(pred: torch.Tensor, num_classes: int, group: torch.Tensor 
     if group.numel() and (int(group.min()) < 0 or int(group.max()) >= num_groups):
         raise ValueError(f"groups must be in [0, {num_groups})")
     return torch.bincount(group * num_classes + pred, minlength=num_groups * num_classes).reshape(
-        num_groups, num_classes)
+        num_groups, num_classes
+    )
 
 
 def representation_bias(counts: torch.Tensor) -> dict[str, Any]:

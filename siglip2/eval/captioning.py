@@ -4,6 +4,7 @@ The demo data draws coloured, patterned objects, so "does the caption name this 
 fair, cheap correctness signal for a small decoder: both its colour and its category word
 (or, for data without categories, its shape word) appear.
 """
+
 from __future__ import annotations
 
 import re
@@ -15,8 +16,14 @@ from siglip2.data.locca_targets import LoccaFormat, prompt_ids
 
 
 @torch.no_grad()
-def generate_captions(decoder, image_tokens: torch.Tensor, image_mask: torch.Tensor | None, tokenizer,
-                      prefix_text: str = LoccaFormat.cap_prompt, max_len: int = 32) -> list[str]:
+def generate_captions(
+    decoder,
+    image_tokens: torch.Tensor,
+    image_mask: torch.Tensor | None,
+    tokenizer,
+    prefix_text: str = LoccaFormat.cap_prompt,
+    max_len: int = 32,
+) -> list[str]:
     """One greedy caption per image after the Cap prompt (the one used in training).
 
     ``max_len`` caps the new tokens (also by the decoder's positions left after the prompt).
@@ -52,5 +59,7 @@ def caption_correctness(captions: Sequence[str], objects: Sequence[Sequence[Mapp
     category (``objects`` per image: the demo json's ``[{"category": ..., "color": ...}, ...]``)."""
     if len(captions) != len(objects) or not captions:
         raise ValueError("need one non-empty list of objects per caption, and at least one caption")
-    hits = [any(caption_names_object(c, object_name(o), o["color"]) for o in objs) for c, objs in zip(captions, objects)]
+    hits = [
+        any(caption_names_object(c, object_name(o), o["color"]) for o in objs) for c, objs in zip(captions, objects)
+    ]
     return sum(hits) / len(hits)

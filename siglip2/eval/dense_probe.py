@@ -36,6 +36,7 @@ Labels: class indices ``0..C-1``; :data:`IGNORE` (255) marks unlabelled pixels (
 loss and score). :func:`labels_from_mask` turns a stored mask (value = class + 1, 0 =
 background) into them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,9 +55,21 @@ from siglip2 import distributed as dist_utils
 from siglip2.eval.precision import tower_autocast
 
 __all__ = [
-    "IGNORE", "DenseProbeConfig", "LinearProbe", "is_train_key", "labels_from_mask", "resize_labels",
-    "token_grid", "interpolation_matrix", "upsample_logits", "confusion_matrix", "iou_per_class",
-    "mean_iou", "train_probe", "score_probe", "run_dense_probe",
+    "IGNORE",
+    "DenseProbeConfig",
+    "LinearProbe",
+    "is_train_key",
+    "labels_from_mask",
+    "resize_labels",
+    "token_grid",
+    "interpolation_matrix",
+    "upsample_logits",
+    "confusion_matrix",
+    "iou_per_class",
+    "mean_iou",
+    "train_probe",
+    "score_probe",
+    "run_dense_probe",
 ]
 
 log = logging.getLogger(__name__)
@@ -86,6 +99,7 @@ class DenseProbeConfig:
       bytes (~16 MB for 500 demo images on the tiny model, ~1.2 GB for 1000 So400m/16 images
       at 256 px).
     """
+
     steps: int = 500
     batch_images: int = 32
     lr: float = 0.3
@@ -134,7 +148,7 @@ def labels_from_mask(mask: np.ndarray, num_foreground: int, background: bool = T
     if background:
         lut[: num_foreground + 1] = np.arange(num_foreground + 1)
     else:
-        lut[1: num_foreground + 1] = np.arange(num_foreground)
+        lut[1 : num_foreground + 1] = np.arange(num_foreground)
     return lut[mask.astype(np.uint8, copy=False)]
 
 
@@ -180,8 +194,9 @@ def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return a_h @ logits @ a_w.t()
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = IGNORE) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE
+) -> torch.Tensor:
     """(C, C) int64 counts, rows = true class, columns = predicted; pixels whose target is
     ``ignore_index`` (or outside ``0..C-1``) are left out. ``pred``, ``target``: same shape."""
     if pred.shape != target.shape:
@@ -225,8 +240,13 @@ class LinearProbe(nn.Module):
         return self.linear((tokens.float() - self.mean) / self.std)
 
 
-def train_probe(tokens: torch.Tensor, labels: torch.Tensor, grid: Sequence[int], num_classes: int,
-                config: DenseProbeConfig | None = None) -> LinearProbe:
+def train_probe(
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    grid: Sequence[int],
+    num_classes: int,
+    config: DenseProbeConfig | None = None,
+) -> LinearProbe:
     """Fit a :class:`LinearProbe` on frozen tokens (see the module doc for the protocol).
 
     tokens: (n, N, W) with N = h * w row-major; labels: (n, H, W) class indices (:data:`IGNORE`
@@ -259,7 +279,7 @@ def train_probe(tokens: torch.Tensor, labels: torch.Tensor, grid: Sequence[int],
     for _ in range(cfg.steps):
         if pos + bs > n:
             order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + bs].to(tokens.device)
+        idx = order[pos : pos + bs].to(tokens.device)
         pos += bs
         logits = probe(tokens[idx]).reshape(bs, h, w, num_classes).permute(0, 3, 1, 2)
         loss = F.cross_entropy(upsample_logits(logits, size), labels[idx], ignore_index=IGNORE)
@@ -271,8 +291,13 @@ def train_probe(tokens: torch.Tensor, labels: torch.Tensor, grid: Sequence[int],
 
 
 @torch.no_grad()
-def score_probe(probe: LinearProbe, tokens: torch.Tensor, grid: Sequence[int],
-                masks: Sequence[np.ndarray | torch.Tensor], num_classes: int) -> torch.Tensor:
+def score_probe(
+    probe: LinearProbe,
+    tokens: torch.Tensor,
+    grid: Sequence[int],
+    masks: Sequence[np.ndarray | torch.Tensor],
+    num_classes: int,
+) -> torch.Tensor:
     """Confusion matrix (C, C) of the probe on held-out images.
 
     tokens: (n, N, W); masks: n class-index maps (H_i, W_i), each at its own resolution: the
@@ -287,10 +312,9 @@ def score_probe(probe: LinearProbe, tokens: torch.Tensor, grid: Sequence[int],
     logits = probe(tokens).reshape(-1, h, w, num_classes).permute(0, 3, 1, 2)  # (n, C, h, w)
     for i, mask in enumerate(masks):
         target = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask, device=tokens.device)
-        up = F.interpolate(logits[i:i + 1], size=tuple(target.shape), mode="bilinear", align_corners=False)
+        up = F.interpolate(logits[i : i + 1], size=tuple(target.shape), mode="bilinear", align_corners=False)
         cm += confusion_matrix(up[0].argmax(0), target, num_classes)
     return cm
-
 
 
 @torch.no_grad()
@@ -326,8 +350,13 @@ def _collect(model, batches: Iterable[dict], device, cfg: DenseProbeConfig):
     return shape, train_tok, train_lab, test_tok, test_masks
 
 
-def run_dense_probe(model: nn.Module, batches: Iterable[dict], num_classes: int,
-                    device: torch.device | str = "cpu", config: DenseProbeConfig | None = None) -> dict[str, Any]:
+def run_dense_probe(
+    model: nn.Module,
+    batches: Iterable[dict],
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    config: DenseProbeConfig | None = None,
+) -> dict[str, Any]:
     """Extract frozen tokens, train the probe on the training keys, score the held-out ones.
 
     ``batches``: dicts with ``image`` (B, 3, H, W) model input, ``key`` (B strings), ``seg_small``
@@ -360,8 +389,11 @@ def run_dense_probe(model: nn.Module, batches: Iterable[dict], num_classes: int,
         return {}
     h, w, height, width, channels = shapes.pop()
     tok = torch.stack(train_tok) if train_tok else torch.zeros(0, h * w, channels, device=device)
-    lab = (torch.stack(train_lab).to(device) if train_lab
-           else torch.zeros(0, height, width, dtype=torch.uint8, device=device))
+    lab = (
+        torch.stack(train_lab).to(device)
+        if train_lab
+        else torch.zeros(0, height, width, dtype=torch.uint8, device=device)
+    )
     tok, lab = dist_utils.all_gather_variable(tok), dist_utils.all_gather_variable(lab)
     with torch.enable_grad():
         probe = train_probe(tok, lab, (h, w), num_classes, cfg)
@@ -371,7 +403,10 @@ def run_dense_probe(model: nn.Module, batches: Iterable[dict], num_classes: int,
     test = torch.stack(test_tok) if test_tok else torch.zeros(0, h * w, channels, device=device)
     cm = dist_utils.all_reduce_sum(score_probe(probe, test, (h, w), test_masks, num_classes)).cpu()
     return {
-        "miou": mean_iou(cm), "pixel_acc": float(cm.diag().sum()) / max(int(cm.sum()), 1),
-        "iou": iou_per_class(cm), "num_train_images": n_train, "num_test_images": n_test,
+        "miou": mean_iou(cm),
+        "pixel_acc": float(cm.diag().sum()) / max(int(cm.sum()), 1),
+        "iou": iou_per_class(cm),
+        "num_train_images": n_train,
+        "num_test_images": n_test,
         "seconds": time.perf_counter() - start,
     }

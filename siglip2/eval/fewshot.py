@@ -43,6 +43,7 @@ What is ours:
   population standard deviation (ddof 0) over seeds of each shot count.
 - **Defaults**: shots ``(1, 5, 10)`` and 5 seeds (big_vision: ``[1, 5, 10, 25]`` and 3).
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,15 +57,24 @@ import torch.nn.functional as F
 from siglip2.eval.dense_probe import is_train_key
 
 __all__ = [
-    "BIAS_CONSTANT", "DEFAULT_L2_REG", "DEFAULT_SHOTS", "DEFAULT_SEEDS", "TRAIN_FRACTION", "STD_EPS",
-    "LsrProbe", "fit_lsr", "draw_shots", "fewshot_accuracy", "run_fewshot",
+    "BIAS_CONSTANT",
+    "DEFAULT_L2_REG",
+    "DEFAULT_SHOTS",
+    "DEFAULT_SEEDS",
+    "TRAIN_FRACTION",
+    "STD_EPS",
+    "LsrProbe",
+    "fit_lsr",
+    "draw_shots",
+    "fewshot_accuracy",
+    "run_fewshot",
 ]
 
 log = logging.getLogger(__name__)
 
 BIAS_CONSTANT = 100.0  # the appended constant feature (big_vision fewshot_lsr.py)
 STD_EPS = 1e-5  # added to the whitening std (big_vision fewshot_lsr.py)
-DEFAULT_L2_REG = 2.0 ** 10  # big_vision configs/common_fewshot.py
+DEFAULT_L2_REG = 2.0**10  # big_vision configs/common_fewshot.py
 DEFAULT_SHOTS = (1, 5, 10)
 DEFAULT_SEEDS = 5
 TRAIN_FRACTION = 0.5  # share of keys in the training pool (dense_probe.is_train_key's default)
@@ -76,6 +86,7 @@ class LsrProbe:
 
     mean, std: (1, D) float64 (std already includes :data:`STD_EPS`); weight: (D + 1, C)
     float64, its last row the bias feature's."""
+
     mean: torch.Tensor
     std: torch.Tensor
     weight: torch.Tensor
@@ -121,8 +132,9 @@ def fit_lsr(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2_reg: float = 
     return probe
 
 
-def draw_shots(labels: np.ndarray | torch.Tensor, num_classes: int, shots: Sequence[int],
-               seed: int) -> dict[int, np.ndarray]:
+def draw_shots(
+    labels: np.ndarray | torch.Tensor, num_classes: int, shots: Sequence[int], seed: int
+) -> dict[int, np.ndarray]:
     """Indices into ``labels`` (the training pool, in its order) of each shot count's examples.
 
     One ``numpy.random.default_rng(seed)`` permutation per class (classes 0..C-1 in order),
@@ -133,16 +145,24 @@ def draw_shots(labels: np.ndarray | torch.Tensor, num_classes: int, shots: Seque
     return {int(k): np.concatenate([idx[:k] for idx in per_class]).astype(np.int64) for k in shots}
 
 
-def fewshot_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                     num_classes: int, shots: Sequence[int] = DEFAULT_SHOTS, seeds: int = DEFAULT_SEEDS,
-                     l2_reg: float = DEFAULT_L2_REG) -> dict[int, list[float]]:
+def fewshot_accuracy(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    seeds: int = DEFAULT_SEEDS,
+    l2_reg: float = DEFAULT_L2_REG,
+) -> dict[int, list[float]]:
     """Top-1 accuracy (in [0, 1]) of the probe per shot count and seed: {k: [acc seed 0, ...]}.
 
     train_x (N, D) / train_y (N,): the pool, in the order the draw indexes (the caller sorts
     it); test_x (M, D) / test_y (M,), M >= 1. Raises ValueError when the pool is empty."""
     if train_x.shape[0] == 0 or test_x.shape[0] == 0:
-        raise ValueError(f"few-shot needs a non-empty pool and test part, got {train_x.shape[0]} and "
-                         f"{test_x.shape[0]} images")
+        raise ValueError(
+            f"few-shot needs a non-empty pool and test part, got {train_x.shape[0]} and {test_x.shape[0]} images"
+        )
     test_y = test_y.cpu().long()
     out: dict[int, list[float]] = {int(k): [] for k in shots}
     for seed in range(int(seeds)):
@@ -153,9 +173,16 @@ def fewshot_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
     return out
 
 
-def run_fewshot(embeddings: torch.Tensor, labels: torch.Tensor, keys: Sequence[str], num_classes: int,
-                shots: Sequence[int] = DEFAULT_SHOTS, seeds: int = DEFAULT_SEEDS, l2_reg: float = DEFAULT_L2_REG,
-                train_fraction: float = TRAIN_FRACTION) -> dict[str, float]:
+def run_fewshot(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    keys: Sequence[str],
+    num_classes: int,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    seeds: int = DEFAULT_SEEDS,
+    l2_reg: float = DEFAULT_L2_REG,
+    train_fraction: float = TRAIN_FRACTION,
+) -> dict[str, float]:
     """The whole protocol on one set's embeddings (all of them, gathered from every rank).
 
     embeddings (n, D) float; labels (n,) int in ``[0, num_classes)``; keys: n sample keys.
@@ -168,8 +195,11 @@ def run_fewshot(embeddings: torch.Tensor, labels: torch.Tensor, keys: Sequence[s
     if labels.shape != (n,) or len(keys) != n:
         raise ValueError(f"{n} embeddings, {tuple(labels.shape)} labels and {len(keys)} keys disagree")
     if len(set(keys)) != n:
-        log.warning("few-shot: %d sample keys repeat; the split and the draw follow the key, so repeated keys "
-                    "may order differently with another number of ranks", n - len(set(keys)))
+        log.warning(
+            "few-shot: %d sample keys repeat; the split and the draw follow the key, so repeated keys "
+            "may order differently with another number of ranks",
+            n - len(set(keys)),
+        )
     order = sorted(range(n), key=lambda i: keys[i])
     train = torch.tensor([is_train_key(keys[i], train_fraction) for i in order], dtype=torch.bool)
     index = torch.tensor(order, dtype=torch.long)
@@ -177,15 +207,22 @@ def run_fewshot(embeddings: torch.Tensor, labels: torch.Tensor, keys: Sequence[s
     y = labels.detach().cpu().long()[index]
     counts = {"num_train_pool": float(train.sum()), "num_test_images": float((~train).sum()), "num_images": float(n)}
     if not train.any() or train.all():
-        log.warning("few-shot skipped: %d pool and %d test images (the split is by key, half each)",
-                    int(counts["num_train_pool"]), int(counts["num_test_images"]))
+        log.warning(
+            "few-shot skipped: %d pool and %d test images (the split is by key, half each)",
+            int(counts["num_train_pool"]),
+            int(counts["num_test_images"]),
+        )
         return counts
     pool_y = y[train]
     per_class = torch.bincount(pool_y, minlength=num_classes)
     short = int((per_class < max(shots)).sum())
     if short:
-        log.warning("few-shot: %d of %d classes have fewer than %d pool images (they train on all they have)",
-                    short, num_classes, max(shots))
+        log.warning(
+            "few-shot: %d of %d classes have fewer than %d pool images (they train on all they have)",
+            short,
+            num_classes,
+            max(shots),
+        )
     acc = fewshot_accuracy(x[train], pool_y, x[~train], y[~train], num_classes, shots, seeds, l2_reg)
     out: dict[str, float] = {}
     for k, values in acc.items():

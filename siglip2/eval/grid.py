@@ -6,6 +6,7 @@ region caption (red, ARef), the top zero-shot class next to the label, and the c
 decoder generates (Cap). A legend strip (`LEGEND_HEIGHT` px) on top says what each mark is.
 Used by ``python eval.py ckpt_path=... grid=PATH.png``.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,11 @@ def _legend(width: int, font, decoder: bool) -> Image.Image:
         d.rectangle([x, 4, x + 12, 15], outline=colour, width=2)
         d.text((x + 17, 3), text, fill=(0, 0, 0), font=font)
         x += 22 + int(d.textlength(text, font=font)) + 12
-    rest = ("top-1: zero-shot class; caption: LocCa's own caption" if decoder
-            else "top-1: zero-shot class (no LocCa decoder: no boxes, no captions)")
+    rest = (
+        "top-1: zero-shot class; caption: LocCa's own caption"
+        if decoder
+        else "top-1: zero-shot class (no LocCa decoder: no boxes, no captions)"
+    )
     d.text((x, 3), rest, fill=(0, 0, 0), font=font)
     return strip
 
@@ -48,8 +52,17 @@ def _font(size: int):
 
 
 @torch.no_grad()
-def render_predictions(zeroshot_yaml: str, model: torch.nn.Module, decoder: torch.nn.Module | None, tokenizer,
-                       image_size: int, out_png: str, n: int = 16, cols: int = 4, cell: int = 224) -> str:
+def render_predictions(
+    zeroshot_yaml: str,
+    model: torch.nn.Module,
+    decoder: torch.nn.Module | None,
+    tokenizer,
+    image_size: int,
+    out_png: str,
+    n: int = 16,
+    cols: int = 4,
+    cell: int = 224,
+) -> str:
     """Writes a grid of ``n`` images (``cols`` per row, ``cell`` px each) to ``out_png``.
 
     Raises ValueError when the set has no image with a region (nothing to draw boxes for)."""
@@ -73,8 +86,7 @@ def render_predictions(zeroshot_yaml: str, model: torch.nn.Module, decoder: torc
     captions = boxes = [None] * len(top)
     if decoder is not None:
         captions = generate_captions(decoder, out.tokens, out.token_mask, tokenizer)
-        boxes = predict_boxes(decoder, out.tokens, out.token_mask, tokenizer,
-                              [r["caption"] for r in batch["region"]])
+        boxes = predict_boxes(decoder, out.tokens, out.token_mask, tokenizer, [r["caption"] for r in batch["region"]])
     font = _font(12)
     tiles = []
     for i in range(len(top)):
@@ -87,8 +99,10 @@ def render_predictions(zeroshot_yaml: str, model: torch.nn.Module, decoder: torc
                 x1, y1, x2, y2 = (float(v) * cell for v in box)
                 d.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour, width=2)
         hit = "ok" if top[i] == batch["label"][i] else "WRONG"
-        lines = [f"label {es.classnames[batch['label'][i]]}; top-1 {es.classnames[top[i]]} ({hit})",
-                 f"box for: {batch['region'][i]['caption']}"]
+        lines = [
+            f"label {es.classnames[batch['label'][i]]}; top-1 {es.classnames[top[i]]} ({hit})",
+            f"box for: {batch['region'][i]['caption']}",
+        ]
         if captions[i] is not None:
             lines += textwrap.wrap(f"caption: {captions[i]}", 36)[:2]
         d.multiline_text((3, cell + 2), "\n".join(lines), fill=(0, 0, 0), font=font)

@@ -8,6 +8,7 @@ patches), with the patch grid drawn over it, the grid (h x w patches, padding), 
 zero-shot class at that length (ok / WRONG). Used by
 ``python eval.py ckpt_path=... eval.naflex_seq_len=64 grid=PATH.png eval.grid_seq_lens=[32,64,144]``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,9 +25,18 @@ from siglip2.eval.zeroshot import build_classifier, zeroshot_logits
 
 
 @torch.no_grad()
-def render_naflex_predictions(zeroshot_yaml: str, model: torch.nn.Module, tokenizer, patch_size: int,
-                              seq_lens: Sequence[int], out_png: str, aspect_min: float | None = 1.6, n: int = 8,
-                              cell: int = 160, device: str | torch.device = "cpu") -> str:
+def render_naflex_predictions(
+    zeroshot_yaml: str,
+    model: torch.nn.Module,
+    tokenizer,
+    patch_size: int,
+    seq_lens: Sequence[int],
+    out_png: str,
+    aspect_min: float | None = 1.6,
+    n: int = 8,
+    cell: int = 160,
+    device: str | torch.device = "cpu",
+) -> str:
     """Writes the grid (n rows, 1 + len(seq_lens) columns of `cell` px) to `out_png`.
 
     Raises ValueError when the set has no labelled image at least `aspect_min` elongated."""
@@ -57,8 +67,9 @@ def render_naflex_predictions(zeroshot_yaml: str, model: torch.nn.Module, tokeni
         resized = [resize_for_max_patches(x, patch_size, length) for x, _ in samples]
         batch = pad_patches([patchify_image(x, patch_size) for x in resized], length)
         top = zeroshot_logits(_encode(model, batch, device).embeds, classifier).argmax(-1).tolist()
-        views[length] = [(x, tuple(int(v) for v in shape), t)
-                         for x, shape, t in zip(resized, batch["spatial_shapes"].tolist(), top)]
+        views[length] = [
+            (x, tuple(int(v) for v in shape), t) for x, shape, t in zip(resized, batch["spatial_shapes"].tolist(), top)
+        ]
 
     font = _font(11)
     cols, label_h = 1 + len(seq_lens), 30
@@ -69,14 +80,21 @@ def render_naflex_predictions(zeroshot_yaml: str, model: torch.nn.Module, tokeni
         for length in seq_lens:
             x, (gh, gw), top = views[length][row]
             hit = "ok" if top == label else "WRONG"
-            tiles.append((x, (gh, gw), length, f"{length} tok: {gh}x{gw}, pad {length - gh * gw}\n"
-                                              f"top-1 {es.classnames[top]} ({hit})"))
+            tiles.append(
+                (
+                    x,
+                    (gh, gw),
+                    length,
+                    f"{length} tok: {gh}x{gw}, pad {length - gh * gw}\ntop-1 {es.classnames[top]} ({hit})",
+                )
+            )
         for col, (x, shape, _, text) in enumerate(tiles):
             tile = Image.new("RGB", (cell, cell + label_h), (255, 255, 255))
             h, w = x.shape[1], x.shape[2]
             scale = cell / max(h, w)  # the whole view, aspect kept, nearest: pixels stay visible
             img = Image.fromarray(x.permute(1, 2, 0).numpy()).resize(
-                (max(1, round(w * scale)), max(1, round(h * scale))), Image.NEAREST)
+                (max(1, round(w * scale)), max(1, round(h * scale))), Image.NEAREST
+            )
             tile.paste(img, (0, 0))
             d = ImageDraw.Draw(tile)
             if shape is not None:  # the patch grid the tower sees

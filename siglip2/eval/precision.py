@@ -12,6 +12,7 @@ changes: fp32 throughout, the numbers the CPU tests pin.
 - `tower_autocast(device)`: around each tower or decoder call; bf16 autocast on CUDA, a
   no-op context elsewhere.
 """
+
 from __future__ import annotations
 
 import contextlib

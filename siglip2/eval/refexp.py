@@ -3,6 +3,7 @@
 Accuracy is the usual RefCOCO rule: a prediction is correct when IoU >= 0.5 with the
 ground-truth box; an output that does not parse as a box counts as a miss.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -14,9 +15,15 @@ from siglip2.data.locca_targets import LoccaFormat, prompt_ids, prompt_text
 
 
 @torch.no_grad()
-def predict_boxes(decoder, image_tokens: torch.Tensor, image_mask: torch.Tensor | None, tokenizer,
-                  region_captions: Sequence[str], fmt: LoccaFormat = LoccaFormat(),
-                  max_new_tokens: int = 24) -> list[list[float] | None]:
+def predict_boxes(
+    decoder,
+    image_tokens: torch.Tensor,
+    image_mask: torch.Tensor | None,
+    tokenizer,
+    region_captions: Sequence[str],
+    fmt: LoccaFormat = LoccaFormat(),
+    max_new_tokens: int = 24,
+) -> list[list[float] | None]:
     """One box per row: row i of ``image_tokens`` is asked for ``region_captions[i]`` with the
     training ARef prompt (repeat an image's tokens to ask several captions). None = unparseable."""
     prompts = [prompt_ids(tokenizer, prompt_text("aref", fmt, caption=c)) for c in region_captions]
@@ -25,10 +32,11 @@ def predict_boxes(decoder, image_tokens: torch.Tensor, image_mask: torch.Tensor 
     plen = torch.tensor([len(p) for p in prompts], device=image_tokens.device)
     prefix = torch.full((len(prompts), int(plen.max())), tokenizer.pad_id, dtype=torch.long, device=image_tokens.device)
     for i, p in enumerate(prompts):
-        prefix[i, :len(p)] = torch.tensor(p)
+        prefix[i, : len(p)] = torch.tensor(p)
     new = min(max_new_tokens, decoder.max_len - int(plen.max()) + 1)
-    out = decoder.generate(image_tokens, image_mask, prefix, new, tokenizer.eos_id, prefix_len=plen,
-                           pad_id=tokenizer.eos_id)
+    out = decoder.generate(
+        image_tokens, image_mask, prefix, new, tokenizer.eos_id, prefix_len=plen, pad_id=tokenizer.eos_id
+    )
     return [parse_box(tokenizer.decode(row), fmt.bins) for row in out.tolist()]
 
 

@@ -24,6 +24,7 @@ are ours, every one a field of :class:`RefexpProbeConfig` (``eval.refexp_probe``
 - **Scoring**: greedy decoding of a box per held-out region (:func:`siglip2.eval.refexp.predict_boxes`),
   hit at IoU >= 0.5 (unparseable = miss), summed over ranks.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,20 +76,27 @@ class RefexpProbeConfig:
             raise ValueError(f"eval.refexp_probe: unknown keys {unknown}; known: {sorted(known)}")
         cfg = cls(**spec)
         if cfg.steps < 1 or cfg.batch_size < 1 or not 0 < cfg.train_fraction < 1 or not 0 <= cfg.warmup < 1:
-            raise ValueError(f"eval.refexp_probe: steps and batch_size >= 1, train_fraction in (0, 1), warmup in "
-                             f"[0, 1); got {cfg}")
+            raise ValueError(
+                f"eval.refexp_probe: steps and batch_size >= 1, train_fraction in (0, 1), warmup in [0, 1); got {cfg}"
+            )
         return cfg
 
 
-def aref_examples(tokenizer, captions: list[str], boxes: list, fmt: LoccaFormat) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                           torch.Tensor]:
+def aref_examples(
+    tokenizer, captions: list[str], boxes: list, fmt: LoccaFormat
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ARef (input, target) rows, (m, max_len) int64, as pretraining builds them, and the (m,)
     bool of which regions gave one (a box whose prompt and target do not fit is left out)."""
     inputs, targets, kept = [], [], []
     for caption, box in zip(captions, boxes):
         target = tokenizer.encode(box_to_text(torch.as_tensor(box, dtype=torch.float32), fmt.bins), add_eos=True)
-        e = encode_example(prompt_ids(tokenizer, prompt_text("aref", fmt, caption=caption)), target, fmt.max_len,
-                           tokenizer.pad_id, truncate=False)
+        e = encode_example(
+            prompt_ids(tokenizer, prompt_text("aref", fmt, caption=caption)),
+            target,
+            fmt.max_len,
+            tokenizer.pad_id,
+            truncate=False,
+        )
         kept.append(e is not None)
         if e is not None:
             inputs.append(e[0])
@@ -101,14 +109,26 @@ def aref_examples(tokenizer, captions: list[str], boxes: list, fmt: LoccaFormat)
 
 def _decoder_shape(model, cfg: RefexpProbeConfig, vocab_size: int, max_len: int) -> dict[str, int]:
     t, v = model.config.text, model.config.vision
-    return dict(width=cfg.width or t.width, depth=cfg.depth or max(1, round(t.depth * 0.5)),
-                heads=cfg.heads or t.heads, mlp_dim=cfg.mlp_dim or t.mlp_dim, vocab_size=vocab_size,
-                max_len=max_len, image_width=v.width)
+    return dict(
+        width=cfg.width or t.width,
+        depth=cfg.depth or max(1, round(t.depth * 0.5)),
+        heads=cfg.heads or t.heads,
+        mlp_dim=cfg.mlp_dim or t.mlp_dim,
+        vocab_size=vocab_size,
+        max_len=max_len,
+        image_width=v.width,
+    )
 
 
-def train_refexp_decoder(shape: dict[str, int], tokens: torch.Tensor, token_mask: torch.Tensor | None,
-                         image_index: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
-                         cfg: RefexpProbeConfig) -> LoccaDecoder:
+def train_refexp_decoder(
+    shape: dict[str, int],
+    tokens: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    image_index: torch.Tensor,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    cfg: RefexpProbeConfig,
+) -> LoccaDecoder:
     """A fresh decoder of ``shape`` (:class:`LoccaDecoder` arguments) trained on ARef rows
     ``inputs`` / ``targets`` (m, L), example i reading image ``image_index[i]`` of ``tokens``
     (n, N, W) (``token_mask`` (n, N) bool or None), on ``tokens.device``; returned in eval mode.
@@ -138,7 +158,7 @@ def train_refexp_decoder(shape: dict[str, int], tokens: torch.Tensor, token_mask
         for _ in range(cfg.steps):
             if pos + bs > m:
                 order, pos = torch.randperm(m, generator=gen), 0
-            idx = order[pos:pos + bs].to(device)
+            idx = order[pos : pos + bs].to(device)
             pos += bs
             img = image_index[idx]
             hidden = decoder(inputs[idx], tokens[img].float(), None if token_mask is None else token_mask[img])
@@ -153,21 +173,31 @@ def train_refexp_decoder(shape: dict[str, int], tokens: torch.Tensor, token_mask
 
 
 @torch.no_grad()
-def score_refexp(decoder, tokens: torch.Tensor, token_mask: torch.Tensor | None, image_index: torch.Tensor,
-                 tokenizer, captions: list[str], boxes: list, fmt: LoccaFormat, chunk: int = 256) -> tuple[float, int]:
+def score_refexp(
+    decoder,
+    tokens: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    image_index: torch.Tensor,
+    tokenizer,
+    captions: list[str],
+    boxes: list,
+    fmt: LoccaFormat,
+    chunk: int = 256,
+) -> tuple[float, int]:
     """(hits, regions) of greedy ARef decoding at IoU >= 0.5; region i reads image
     ``image_index[i]`` of ``tokens`` (n, N, W)."""
     hits = 0.0
     for start in range(0, len(captions), chunk):
-        img = image_index[start:start + chunk].to(tokens.device)
+        img = image_index[start : start + chunk].to(tokens.device)
         mask = None if token_mask is None else token_mask[img]
-        pred = predict_boxes(decoder, tokens[img].float(), mask, tokenizer, captions[start:start + chunk], fmt)
-        hits += refexp_accuracy(pred, boxes[start:start + chunk]) * len(pred)
+        pred = predict_boxes(decoder, tokens[img].float(), mask, tokenizer, captions[start : start + chunk], fmt)
+        hits += refexp_accuracy(pred, boxes[start : start + chunk]) * len(pred)
     return hits, len(captions)
 
 
-def run_refexp_probe(model, rows: list[dict[str, Any]], tokenizer, device, cfg: RefexpProbeConfig,
-                     own_decoder=None) -> dict[str, float]:
+def run_refexp_probe(
+    model, rows: list[dict[str, Any]], tokenizer, device, cfg: RefexpProbeConfig, own_decoder=None
+) -> dict[str, float]:
     """The probe on one rank's share of a refexp set: ``rows`` one per image, ``tokens`` (N, W),
     ``token_mask`` (N,) or None, ``key``, ``regions`` (json ``caption`` + normalised ``box``).
     Returns ``probe_acc@0.5`` (held-out regions), the region counts and, when the model has a
@@ -180,16 +210,20 @@ def run_refexp_probe(model, rows: list[dict[str, Any]], tokenizer, device, cfg: 
     width = int(model.config.vision.width)
     # one token grid per image (regions point at it), the same length and a mask on every rank:
     # a rank with no image (a set of fewer shards than ranks) still joins every collective
-    shapes = dist_utils.all_gather_object((max((int(r["tokens"].shape[0]) for r in rows), default=0),
-                                           any(r["token_mask"] is not None for r in rows)))
+    shapes = dist_utils.all_gather_object(
+        (max((int(r["tokens"].shape[0]) for r in rows), default=0), any(r["token_mask"] is not None for r in rows))
+    )
     n_tok = max(n for n, _ in shapes)
     masked = any(m for _, m in shapes) or len({n for n, _ in shapes if n}) > 1
     sides = {side: {"tok": [], "mask": [], "img": [], "cap": [], "box": []} for side in (True, False)}
     for row in rows:
         side = sides[is_train_key(row["key"], cfg.train_fraction)]
         t = row["tokens"]
-        m = row["token_mask"] if row["token_mask"] is not None else torch.ones(t.shape[0], dtype=torch.bool,
-                                                                               device=t.device)
+        m = (
+            row["token_mask"]
+            if row["token_mask"] is not None
+            else torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
+        )
         if t.shape[0] < n_tok:  # pad to the common length, padding masked out
             t = torch.cat([t, t.new_zeros(n_tok - t.shape[0], t.shape[1])])
             m = torch.cat([m, m.new_zeros(n_tok - m.shape[0])])
@@ -202,10 +236,14 @@ def run_refexp_probe(model, rows: list[dict[str, Any]], tokenizer, device, cfg: 
 
     def stacked(side):
         # float32 on every rank: a rank with no image must send what the others send
-        tok = (torch.stack(side["tok"]).float().to(device) if side["tok"]
-               else torch.zeros(0, n_tok, width, device=device))
-        msk = (torch.stack(side["mask"]).to(device) if side["tok"] else torch.zeros(0, n_tok, dtype=torch.bool,
-                                                                                   device=device))
+        tok = (
+            torch.stack(side["tok"]).float().to(device) if side["tok"] else torch.zeros(0, n_tok, width, device=device)
+        )
+        msk = (
+            torch.stack(side["mask"]).to(device)
+            if side["tok"]
+            else torch.zeros(0, n_tok, dtype=torch.bool, device=device)
+        )
         return tok, msk
 
     train, test = sides[True], sides[False]
@@ -216,12 +254,22 @@ def run_refexp_probe(model, rows: list[dict[str, Any]], tokenizer, device, cfg: 
     if counts[0] == 0 or counts[1] == 0:
         log.warning("refexp probe skipped: %d training and %d held-out regions", int(counts[0]), int(counts[1]))
         return {}
-    offset = sum(dist_utils.all_gather_object(int(tok.shape[0]))[:dist_utils.get_rank()])
+    offset = sum(dist_utils.all_gather_object(int(tok.shape[0]))[: dist_utils.get_rank()])
     tok, msk = dist_utils.all_gather_variable(tok), dist_utils.all_gather_variable(msk.to(torch.uint8)).bool()
     index = dist_utils.all_gather_variable(index + offset)
-    inputs, targets = dist_utils.all_gather_variable(inputs.to(device)), dist_utils.all_gather_variable(targets.to(device))
-    decoder = train_refexp_decoder(_decoder_shape(model, cfg, tokenizer.vocab_size, fmt.max_len), tok,
-                                   msk if masked else None, index, inputs, targets, cfg)
+    inputs, targets = (
+        dist_utils.all_gather_variable(inputs.to(device)),
+        dist_utils.all_gather_variable(targets.to(device)),
+    )
+    decoder = train_refexp_decoder(
+        _decoder_shape(model, cfg, tokenizer.vocab_size, fmt.max_len),
+        tok,
+        msk if masked else None,
+        index,
+        inputs,
+        targets,
+        cfg,
+    )
     del tok, msk
     if dist_utils.is_distributed():
         for t in decoder.state_dict().values():
@@ -233,13 +281,29 @@ def run_refexp_probe(model, rows: list[dict[str, Any]], tokenizer, device, cfg: 
         mask = test_msk if masked else None
         out[0], out[1] = score_refexp(decoder, test_tok, mask, test_index, tokenizer, test["cap"], test["box"], fmt)
         if own_decoder is not None:
-            out[2] = score_refexp(own_decoder, test_tok, mask, test_index, tokenizer, test["cap"], test["box"],
-                                  LoccaFormat(max_len=own_decoder.max_len))[0]
+            out[2] = score_refexp(
+                own_decoder,
+                test_tok,
+                mask,
+                test_index,
+                tokenizer,
+                test["cap"],
+                test["box"],
+                LoccaFormat(max_len=own_decoder.max_len),
+            )[0]
     out = dist_utils.all_reduce_sum(out)
-    res = {"probe_acc@0.5": float(out[0] / out[1].clamp_min(1)), "probe_num_train_regions": float(counts[0]),
-           "probe_num_test_regions": float(out[1])}
+    res = {
+        "probe_acc@0.5": float(out[0] / out[1].clamp_min(1)),
+        "probe_num_train_regions": float(counts[0]),
+        "probe_num_test_regions": float(out[1]),
+    }
     if own_decoder is not None:
         res["probe_own_decoder_acc@0.5"] = float(out[2] / out[1].clamp_min(1))
-    log.info("refexp probe: %d training and %d held-out regions, %d steps, %.1f s", int(counts[0]), int(out[1]),
-             cfg.steps, time.perf_counter() - start)
+    log.info(
+        "refexp probe: %d training and %d held-out regions, %d steps, %.1f s",
+        int(counts[0]),
+        int(out[1]),
+        cfg.steps,
+        time.perf_counter() - start,
+    )
     return res

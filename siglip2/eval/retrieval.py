@@ -15,6 +15,7 @@ the image's best-scoring caption; its other captions never count against it.
 
 Memory: one (chunk_size, M) or (chunk_size, N) score tile at a time, no per-row lists.
 """
+
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
@@ -32,12 +33,12 @@ def _count_rank(scores: torch.Tensor, pos_score: torch.Tensor, pos_mask: torch.T
 
 @torch.no_grad()
 def retrieval_recall(
-        image_emb: torch.Tensor,
-        text_emb: torch.Tensor,
-        text_to_image: torch.Tensor,
-        ks: Sequence[int] = (1, 5, 10),
-        chunk_size: int = 1024,
-        ties: str = "pessimistic",
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_to_image: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+    ties: str = "pessimistic",
 ) -> Dict[str, float]:
     """Recall@k both ways. image_emb (N, D), text_emb (M, D) (scores are dot products, so
     pass normalised embeddings for cosine similarity); text_to_image (M,) LongTensor: the row
@@ -58,7 +59,7 @@ def retrieval_recall(
     i2t_count = 0
     for r0 in range(0, n if m else 0, chunk_size):
         r1 = min(r0 + chunk_size, n)
-        scores = image_emb[r0:r1] @ text_emb.T                                   # (c, M)
+        scores = image_emb[r0:r1] @ text_emb.T  # (c, M)
         pos_mask = text_to_image[None, :] == torch.arange(r0, r1, device=scores.device)[:, None]
         has_caption = pos_mask.any(dim=1)
         best_pos = scores.masked_fill(~pos_mask, float("-inf")).max(dim=1).values
@@ -69,7 +70,7 @@ def retrieval_recall(
     t2i_hits = torch.zeros(len(ks), dtype=torch.long)
     for c0 in range(0, m, chunk_size):
         c1 = min(c0 + chunk_size, m)
-        scores = text_emb[c0:c1] @ image_emb.T                                    # (c, N)
+        scores = text_emb[c0:c1] @ image_emb.T  # (c, N)
         target = text_to_image[c0:c1]
         pos_mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, target[:, None], True)
         pos_score = scores.gather(1, target[:, None])[:, 0]

@@ -11,6 +11,7 @@ docs/fairness_evals.md). The same code serves the training callback and `eval.py
 process or DDP (each rank reads its own shards; results are gathered or synced before they
 are computed).
 """
+
 from __future__ import annotations
 
 import logging
@@ -121,8 +122,12 @@ def _is_int(v) -> bool:
 
 def _check_fewshot(path: Path, spec: dict) -> dict:
     shots = spec.get("shots", list(DEFAULT_SHOTS))
-    if (not isinstance(shots, list) or not shots or not all(_is_int(k) and k >= 1 for k in shots)
-            or len(set(shots)) != len(shots)):
+    if (
+        not isinstance(shots, list)
+        or not shots
+        or not all(_is_int(k) and k >= 1 for k in shots)
+        or len(set(shots)) != len(shots)
+    ):
         raise ValueError(f"{path}: shots must be a non-empty list of distinct integers >= 1, got {shots!r}")
     seeds = spec.get("seeds", DEFAULT_SEEDS)
     if not _is_int(seeds) or seeds < 1:
@@ -147,8 +152,10 @@ def _check_bias(path: Path, spec: dict) -> dict:
     if task == "association_bias":
         attributes = spec.get("attributes") or []
         if not isinstance(attributes, list) or len(attributes) < 2:
-            raise ValueError(f"{path}: an association_bias set needs attributes: at least 2 values of the json key "
-                             f"{spec.get('attribute_key', 'attribute')!r}, got {attributes!r}")
+            raise ValueError(
+                f"{path}: an association_bias set needs attributes: at least 2 values of the json key "
+                f"{spec.get('attribute_key', 'attribute')!r}, got {attributes!r}"
+            )
         attributes = [str(a) for a in attributes]
         if len(set(attributes)) != len(attributes):
             raise ValueError(f"{path}: attributes repeat a value: {attributes}")
@@ -158,24 +165,35 @@ def _check_bias(path: Path, spec: dict) -> dict:
 
 def _check_segmentation(path: Path, spec: dict) -> None:
     if spec.get("mask_key", MASK_KEY) != MASK_KEY:
-        raise ValueError(f"{path}: mask_key must be {MASK_KEY!r} (the member the shard decoder reads), "
-                         f"got {spec['mask_key']!r}")
+        raise ValueError(
+            f"{path}: mask_key must be {MASK_KEY!r} (the member the shard decoder reads), got {spec['mask_key']!r}"
+        )
     background = spec.get("background_id", 0)
     if background not in (0, None):
-        raise ValueError(f"{path}: background_id must be 0 (mask value 0 is a scored background class) "
-                         f"or null (value 0 is unlabelled), got {background!r}")
+        raise ValueError(
+            f"{path}: background_id must be 0 (mask value 0 is a scored background class) "
+            f"or null (value 0 is unlabelled), got {background!r}"
+        )
     expected = len(spec["classnames"]) + (background is not None)
     if spec.get("num_classes") is not None and int(spec["num_classes"]) != expected:
-        raise ValueError(f"{path}: num_classes={spec['num_classes']} but {len(spec['classnames'])} classnames"
-                         f"{' + background' if background is not None else ''} make {expected}")
+        raise ValueError(
+            f"{path}: num_classes={spec['num_classes']} but {len(spec['classnames'])} classnames"
+            f"{' + background' if background is not None else ''} make {expected}"
+        )
     DenseProbeConfig.from_dict(spec.get("probe"))  # unknown or invalid options fail at load time
 
 
 class EvalSample:
     """DecodedSample -> what each task needs (image, label, captions, language, regions, masks)."""
 
-    def __init__(self, es: EvalSet, image_size: int, naflex_seq_len: int | None = None, patch_size: int | None = None,
-                 aspect_min: float | None = None):
+    def __init__(
+        self,
+        es: EvalSet,
+        image_size: int,
+        naflex_seq_len: int | None = None,
+        patch_size: int | None = None,
+        aspect_min: float | None = None,
+    ):
         """`naflex_seq_len`: instead of a square `image_size` view, each image keeps its aspect
         ratio at the largest size of at most that many `patch_size` patches (`siglip2.data.naflex`),
         padded to the length: `patches` uint8, `patch_coord`, `patch_valid`, `spatial_shapes`.
@@ -228,16 +246,18 @@ class EvalSample:
                 except (TypeError, ValueError):
                     pass
             if index is None or not 0 <= index < len(self.es.classnames):
-                raise BadSample("bad_label", f"{self.es.label_key}={label!r} is not a class index in "
-                                             f"[0, {len(self.es.classnames)})")
+                raise BadSample(
+                    "bad_label", f"{self.es.label_key}={label!r} is not a class index in [0, {len(self.es.classnames)})"
+                )
             out["label"] = torch.tensor(index)
         elif self.es.task == "association_bias":
             if self.es.attribute_key not in meta:
                 raise BadSample("missing_attribute", f"no {self.es.attribute_key!r} in the json")
             value = str(meta[self.es.attribute_key])
             if value not in self.es.attributes:
-                raise BadSample("filtered_attribute", f"{self.es.attribute_key}={value!r} is not one of "
-                                                      f"{self.es.attributes}")
+                raise BadSample(
+                    "filtered_attribute", f"{self.es.attribute_key}={value!r} is not one of {self.es.attributes}"
+                )
             out["attribute"] = torch.tensor(self.es.attributes.index(value))
         elif self.es.task == "retrieval":
             captions = meta.get(self.es.captions_key) or [sample.caption]
@@ -292,8 +312,9 @@ def _skip_metrics(stats, prefix: str, delivered: float | None = None) -> dict[st
         if not is_filter_reason(reason):
             log.warning("%s: %d samples skipped (%s)", prefix, n, reason)
         elif delivered is not None:
-            log.info("%s: kept %d of %d images (%d left out: %s)", prefix, int(delivered), int(delivered) + n, n,
-                     reason)
+            log.info(
+                "%s: kept %d of %d images (%d left out: %s)", prefix, int(delivered), int(delivered) + n, n, reason
+            )
         else:
             log.info("%s: %d images left out (%s)", prefix, n, reason)
     return {f"{prefix}/skipped_{reason}": float(n) for reason, n in totals.items()}
@@ -324,32 +345,44 @@ def evaluate_set(
     keys (None = off): refexp sets also train a fresh decoder on the frozen tower and report
     `probe_acc@0.5` (:mod:`siglip2.eval.refexp_probe`, the paper's Table 5 protocol), which
     also scores a model without a LocCa decoder."""
-    sample_fn = EvalSample(es, image_size, naflex_seq_len, getattr(getattr(model, "config", None), "vision", None)
-                           and model.config.vision.patch_size, aspect_min)
-    loader = _CountedLoader(build_eval_loader(es.urls, sample_fn, batch_size=batch_size, num_workers=num_workers,
-                                              decode_mask=es.task == "segmentation"))
+    sample_fn = EvalSample(
+        es,
+        image_size,
+        naflex_seq_len,
+        getattr(getattr(model, "config", None), "vision", None) and model.config.vision.patch_size,
+        aspect_min,
+    )
+    loader = _CountedLoader(
+        build_eval_loader(
+            es.urls, sample_fn, batch_size=batch_size, num_workers=num_workers, decode_mask=es.task == "segmentation"
+        )
+    )
     prefix = f"{es.task}/{es.name}"
     was_training = model.training
     model.eval()
     try:
         # CUDA: towers in bf16 autocast, other float32 matmuls in TF32; CPU: fp32 (eval.precision)
         with eval_precision(device):
-            return _run_task(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder,
-                             refexp_probe)
+            return _run_task(
+                es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder, refexp_probe
+            )
     finally:
         model.train(was_training)
 
 
-def _run_task(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder,
-              refexp_probe=None) -> dict[str, Any]:
+def _run_task(
+    es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder, refexp_probe=None
+) -> dict[str, Any]:
     if es.task == "zeroshot":
         out = _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder)
     elif es.task == "retrieval":
         out = _retrieval(model, tokenizer, loader, device, max_batches, prefix)
     elif es.task == "refexp":
         if decoder is None and refexp_probe is None:
-            log.info("skipping %s: this stage has no LocCa decoder (eval.refexp_probe trains one on the frozen "
-                     "tower)", prefix)
+            log.info(
+                "skipping %s: this stage has no LocCa decoder (eval.refexp_probe trains one on the frozen tower)",
+                prefix,
+            )
             return {}
         out = _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder, refexp_probe)
     elif es.task == "segmentation":
@@ -372,14 +405,21 @@ def _run_task(es, model, tokenizer, loader, device, max_batches, prefix, keep_ex
 def _segmentation(es, model, loader, device, max_batches, prefix):
     """Linear probe on frozen patch tokens: train on the set's training keys, mIoU on the rest."""
     names = es.segmentation_classnames
-    res = run_dense_probe(model, _batches(loader, max_batches), len(names), device,
-                          DenseProbeConfig.from_dict(es.probe))
+    res = run_dense_probe(
+        model, _batches(loader, max_batches), len(names), device, DenseProbeConfig.from_dict(es.probe)
+    )
     if not res:
         return {}
-    log.info("%s: dense probe on %d + %d images took %.1f s", prefix, res["num_train_images"],
-             res["num_test_images"], res["seconds"])
-    out: dict[str, Any] = {f"{prefix}/{k}": float(res[k])
-                           for k in ("miou", "pixel_acc", "num_train_images", "num_test_images")}
+    log.info(
+        "%s: dense probe on %d + %d images took %.1f s",
+        prefix,
+        res["num_train_images"],
+        res["num_test_images"],
+        res["seconds"],
+    )
+    out: dict[str, Any] = {
+        f"{prefix}/{k}": float(res[k]) for k in ("miou", "pixel_acc", "num_train_images", "num_test_images")
+    }
     # per-class IoU; NaN = class neither labelled nor predicted in the held-out part
     out["_tables"] = {prefix: [[c, float(v)] for c, v in zip(names, res["iou"].tolist())]}
     return out
@@ -392,18 +432,23 @@ def _encode(model, batch: dict[str, Any], device):
         patches = batch["patches"].to(device)
         patches = to_unit_range(patches) if patches.dtype == torch.uint8 else patches
         with tower_autocast(device):
-            return model.encode_image(patches=patches, patch_coord=batch["patch_coord"].to(device),
-                                      patch_valid=batch["patch_valid"].to(device),
-                                      spatial_shapes=batch["spatial_shapes"].to(device))
+            return model.encode_image(
+                patches=patches,
+                patch_coord=batch["patch_coord"].to(device),
+                patch_valid=batch["patch_valid"].to(device),
+                spatial_shapes=batch["spatial_shapes"].to(device),
+            )
     with tower_autocast(device):
         return model.encode_image(image=batch["image"].to(device))
 
 
 def _under(context, device, fn: Callable) -> Callable:
     """``fn`` called inside ``context(device)`` (the classifier builder calls the text tower)."""
+
     def call(*args, **kwargs):
         with context(device):
             return fn(*args, **kwargs)
+
     return call
 
 
@@ -412,8 +457,9 @@ def _batch_len(batch: dict[str, Any]) -> int:
 
 
 def _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_examples, decoder):
-    classifier = build_classifier(_under(tower_autocast, device, model.encode_text), tokenizer, es.classnames,
-                                  es.templates, device=device)
+    classifier = build_classifier(
+        _under(tower_autocast, device, model.encode_text), tokenizer, es.classnames, es.templates, device=device
+    )
     metrics = ZeroShotMetrics(len(es.classnames)).to(device)
     examples: list[dict[str, Any]] = []
     named, captioned = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -434,16 +480,21 @@ def _zeroshot(es, model, tokenizer, loader, device, max_batches, prefix, keep_ex
         if len(examples) < keep_examples:
             top = logits.topk(min(3, logits.shape[1]), dim=-1).indices.cpu()
             for i in range(min(keep_examples - len(examples), _batch_len(batch))):
-                example = {"label": es.classnames[int(batch["label"][i])],
-                           "top": [es.classnames[int(j)] for j in top[i]]}
+                example = {
+                    "label": es.classnames[int(batch["label"][i])],
+                    "top": [es.classnames[int(j)] for j in top[i]],
+                }
                 if image is not None:
                     example["image"] = image[i].cpu()
                 if captions is not None:
                     example["caption"] = captions[i]
                 examples.append(example)
     result = metrics.compute()
-    out: dict[str, Any] = {f"{prefix}/top1": float(result["top1"]), f"{prefix}/top5": float(result["top5"]),
-                           f"{prefix}/num_images": float(result["num_images"])}
+    out: dict[str, Any] = {
+        f"{prefix}/top1": float(result["top1"]),
+        f"{prefix}/top5": float(result["top5"]),
+        f"{prefix}/num_images": float(result["num_images"]),
+    }
     if decoder is not None:
         named, captioned = dist_utils.all_reduce_sum(named), dist_utils.all_reduce_sum(captioned)
         if captioned > 0:
@@ -485,14 +536,14 @@ def _retrieval(model, tokenizer, loader, device, max_batches, prefix):
         keep_images = torch.unique(owner[other])
         remap = torch.full((image_emb.shape[0],), -1, dtype=torch.long)
         remap[keep_images] = torch.arange(len(keep_images))
-        sub = retrieval_recall(image_emb[keep_images.to(image_emb.device)], text_emb[other.to(text_emb.device)],
-                               remap[owner[other]])
+        sub = retrieval_recall(
+            image_emb[keep_images.to(image_emb.device)], text_emb[other.to(text_emb.device)], remap[owner[other]]
+        )
         for key, value in sub.items():
             out[f"{prefix}/non_en/{key}"] = float(value)
         out[f"{prefix}/non_en/num_captions"] = float(other.sum())
     out[f"{prefix}/num_images"] = float(image_emb.shape[0])
     return out
-
 
 
 def _fewshot(es, model, loader, device, max_batches, prefix):
@@ -510,8 +561,13 @@ def _fewshot(es, model, loader, device, max_batches, prefix):
     keys = [k for part in dist_utils.all_gather_object(keys) for k in part]
     started = time.monotonic()
     res = run_fewshot(emb.cpu(), label.cpu(), keys, len(es.classnames), es.shots, es.seeds, es.l2_reg)
-    log.info("%s: few-shot probes (%d shot counts x %d seeds) took %.1f s", prefix, len(es.shots), es.seeds,
-             time.monotonic() - started)
+    log.info(
+        "%s: few-shot probes (%d shot counts x %d seeds) took %.1f s",
+        prefix,
+        len(es.shots),
+        es.seeds,
+        time.monotonic() - started,
+    )
     return {f"{prefix}/{k}": float(v) for k, v in res.items()}
 
 
@@ -519,8 +575,9 @@ def _zeroshot_predictions(es, model, tokenizer, loader, device, max_batches, ext
     """Top-1 zero-shot class of every image this rank reads ((n,) int64 on `device`), as
     `_zeroshot` scores them (template-averaged classifier, cosine), and the batches' `extra`
     values ((n,) int64) when named."""
-    classifier = build_classifier(_under(tower_autocast, device, model.encode_text), tokenizer, es.classnames,
-                                  es.templates, device=device)
+    classifier = build_classifier(
+        _under(tower_autocast, device, model.encode_text), tokenizer, es.classnames, es.templates, device=device
+    )
     preds, extras = [], []
     for batch in _batches(loader, max_batches):
         preds.append(zeroshot_logits(_encode(model, batch, device).embeds, classifier).argmax(dim=-1))
@@ -561,15 +618,21 @@ def _association_bias(es, model, tokenizer, loader, device, max_batches, prefix)
     out[f"{prefix}/num_images"] = float(per_value.sum())
     if int((per_value > 0).sum()) < 2:
         if per_value.sum() > 0:
-            log.warning("%s: images of fewer than 2 attribute values (%s), so no association bias is reported",
-                        prefix, ", ".join(f"{a}: {int(n)}" for a, n in zip(es.attributes, per_value.tolist())))
+            log.warning(
+                "%s: images of fewer than 2 attribute values (%s), so no association bias is reported",
+                prefix,
+                ", ".join(f"{a}: {int(n)}" for a, n in zip(es.attributes, per_value.tolist())),
+            )
         return out
     res = association_bias(counts)
     out[f"{prefix}/bias"] = res["bias"]
     out["_tables"] = {
         prefix: [[c, float(g)] for c, g in zip(es.classnames, res["gap"].tolist())],
-        f"{prefix}/by_attribute": [[f"{c} | {a}", float(res["p"][i, j])]
-                                   for j, c in enumerate(es.classnames) for i, a in enumerate(es.attributes)],
+        f"{prefix}/by_attribute": [
+            [f"{c} | {a}", float(res["p"][i, j])]
+            for j, c in enumerate(es.classnames)
+            for i, a in enumerate(es.attributes)
+        ],
     }
     return out
 
@@ -584,8 +647,14 @@ def _refexp(model, tokenizer, loader, device, max_batches, prefix, decoder, refe
         img = _encode(model, batch, device)
         if refexp_probe is not None:
             for i, regions in enumerate(batch["regions"]):
-                rows.append({"key": batch["key"][i], "regions": regions, "tokens": img.tokens[i],
-                             "token_mask": None if img.token_mask is None else img.token_mask[i]})
+                rows.append(
+                    {
+                        "key": batch["key"][i],
+                        "regions": regions,
+                        "tokens": img.tokens[i],
+                        "token_mask": None if img.token_mask is None else img.token_mask[i],
+                    }
+                )
         if decoder is None:
             continue
         queries = [(i, r) for i, regions in enumerate(batch["regions"]) for r in regions]

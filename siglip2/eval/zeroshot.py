@@ -6,6 +6,7 @@ normalised again). We only adapt our interfaces to it: `encode_text(tokens) -> (
 be a bare callable, and templates may use "{c}" (our yaml files) as well as "{}" or be
 callables (open_clip's metadata).
 """
+
 from typing import Callable, Dict, Sequence, Union
 
 import torch
@@ -38,12 +39,12 @@ def _as_callable(template: Template) -> Callable[[str], str]:
 
 
 def build_classifier(
-        encode_text: Callable[[torch.Tensor], torch.Tensor],
-        tokenizer: Callable[[Sequence[str]], torch.Tensor],
-        classnames: Sequence[str],
-        templates: Sequence[Template],
-        device: Union[str, torch.device] = "cpu",
-        num_classes_per_batch: int = 10,
+    encode_text: Callable[[torch.Tensor], torch.Tensor],
+    tokenizer: Callable[[Sequence[str]], torch.Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    device: Union[str, torch.device] = "cpu",
+    num_classes_per_batch: int = 10,
 ) -> torch.Tensor:
     """Zero-shot classifier weights (D, C), each column L2-normalised.
 
@@ -97,8 +98,12 @@ class ZeroShotMetrics(nn.Module):
         self.num_images.update(float(labels.numel()))
 
     def compute(self) -> Dict[str, torch.Tensor]:
-        return {"top1": self.top1.compute(), "top5": self.top5.compute(), "per_class": self.per_class.compute(),
-                "num_images": self.num_images.compute()}
+        return {
+            "top1": self.top1.compute(),
+            "top5": self.top5.compute(),
+            "per_class": self.per_class.compute(),
+            "num_images": self.num_images.compute(),
+        }
 
     def reset(self) -> None:
         for m in (self.top1, self.top5, self.per_class, self.num_images):

@@ -2,6 +2,7 @@
 
 The names are loaded on first use (PEP 562), so `python -m siglip2.export` can check its
 arguments before torch and transformers are imported."""
+
 from __future__ import annotations
 
 from typing import Any

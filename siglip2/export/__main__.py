@@ -13,6 +13,7 @@ The tokenizer the checkpoint recorded (and its lower-casing) is written so that 
 one is refused; one transformers cannot reproduce is an error naming why).
 Reads the checkpoint with `siglip2.checkpoint` (no Lightning needed).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -41,8 +42,11 @@ def parse_args(argv: list[str]) -> dict[str, str]:
             problems.append(f"'{a}' is not key=value (keys: {', '.join(KEYS)})")
         elif key not in KEYS:
             close = difflib.get_close_matches(key, KEYS, n=1)
-            problems.append(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
-                            + f"; keys: {', '.join(KEYS)}")
+            problems.append(
+                f"unknown key '{key}'"
+                + (f" (did you mean '{close[0]}'?)" if close else "")
+                + f"; keys: {', '.join(KEYS)}"
+            )
         else:
             args[key] = value
     if "ckpt_path" not in args and not problems:
@@ -66,23 +70,33 @@ def main(argv: list[str]) -> Path:
     trained = ckpt.trained_layout()
     released = ckpt.meta.released_layout(warn=lambda message: print(f"warning: {message}", file=sys.stderr))
     if fmt == "hf" and released and released != trained:  # a fine-tuned release: its own layout back
-        print(f"the checkpoint started from {ckpt.meta.init_from['path']}, a "
-              f"{'Siglip2Model' if released == 'naflex' else 'SiglipModel'}: exporting that layout"
-              + (" (trained on square images: non-square ones embed differently from training)"
-                 if released == "naflex" else ""), file=sys.stderr)
+        print(
+            f"the checkpoint started from {ckpt.meta.init_from['path']}, a "
+            f"{'Siglip2Model' if released == 'naflex' else 'SiglipModel'}: exporting that layout"
+            + (
+                " (trained on square images: non-square ones embed differently from training)"
+                if released == "naflex"
+                else ""
+            ),
+            file=sys.stderr,
+        )
         trained = released
     preprocessing = {"hf": trained, "siglip2": "naflex", "siglip": "fixed"}[fmt]
     if preprocessing != trained:
-        print(f"warning: stage {ckpt.stage!r} trained with the {trained} transform; this export's processor applies "
-              f"the {preprocessing} one, so non-square images embed differently from training", file=sys.stderr)
+        print(
+            f"warning: stage {ckpt.stage!r} trained with the {trained} transform; this export's processor applies "
+            f"the {preprocessing} one, so non-square images embed differently from training",
+            file=sys.stderr,
+        )
     model = ckpt.model(args.get("which", "student"))
     tokenizer = args.get("tokenizer")
     record = ckpt.meta.tokenizer
     if record or tokenizer:  # the checkpoint's own tokenizer; another one named here is refused
         from siglip2.data.tokenizer import resolve_checkpoint_tokenizer
 
-        tokenizer = resolve_checkpoint_tokenizer(record, tokenizer, explicit=tokenizer is not None,
-                                                 what=f"checkpoint {args['ckpt_path']}")
+        tokenizer = resolve_checkpoint_tokenizer(
+            record, tokenizer, explicit=tokenizer is not None, what=f"checkpoint {args['ckpt_path']}"
+        )
     lowercase = bool((record or {}).get("lowercase", True))  # as training read its captions
     folder = save_hf(model, out, tokenizer_dir=tokenizer, preprocessing=preprocessing, lowercase=lowercase)
     kind = "Siglip2Model + Siglip2ImageProcessor" if preprocessing == "naflex" else "SiglipModel + SiglipImageProcessor"

@@ -21,6 +21,7 @@ to `text.max_len`, no attention mask (the text tower has none). `save_hf` loads 
 back through `AutoTokenizer` and compares ids with ours on probe texts; what transformers
 cannot reproduce is an error, not a silently different tokenizer (see `export_tokenizer`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,14 +51,28 @@ def hf_config(cfg: SigLIP2Config, special_ids: dict | None = None):
         raise ValueError(f"text pool {cfg.text.pool!r} has no transformers equivalent (HF pools the last token)")
     v, t = cfg.vision, cfg.text
     vision = Siglip2VisionConfig(
-        hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth, num_attention_heads=v.heads,
-        num_channels=v.channels, patch_size=v.patch_size, num_patches=v.posemb_grid**2,
-        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+        hidden_size=v.width,
+        intermediate_size=v.mlp_dim,
+        num_hidden_layers=v.depth,
+        num_attention_heads=v.heads,
+        num_channels=v.channels,
+        patch_size=v.patch_size,
+        num_patches=v.posemb_grid**2,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+    )
     text = Siglip2TextConfig(
-        vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_dim, num_hidden_layers=t.depth,
-        num_attention_heads=t.heads, max_position_embeddings=t.max_len, projection_size=cfg.embed_dim,
-        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
-        **{"pad_token_id": None, "bos_token_id": None, "eos_token_id": None, **(special_ids or {})})
+        vocab_size=t.vocab_size,
+        hidden_size=t.width,
+        intermediate_size=t.mlp_dim,
+        num_hidden_layers=t.depth,
+        num_attention_heads=t.heads,
+        max_position_embeddings=t.max_len,
+        projection_size=cfg.embed_dim,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+        **{"pad_token_id": None, "bos_token_id": None, "eos_token_id": None, **(special_ids or {})},
+    )
     return Siglip2Config(text_config=text.to_dict(), vision_config=vision.to_dict())
 
 
@@ -72,13 +87,27 @@ def our_config(hf_cfg, image_size: int | None = None) -> SigLIP2Config:
         raise ValueError(f"num_patches {v.num_patches} is not a square grid")
     patch = v.patch_size if isinstance(v.patch_size, int) else v.patch_size[0]
     return SigLIP2Config(
-        vision=VisionConfig(width=v.hidden_size, depth=v.num_hidden_layers, mlp_dim=v.intermediate_size,
-                            heads=v.num_attention_heads, patch_size=patch, posemb_grid=grid,
-                            image_size=image_size or grid * patch, channels=v.num_channels),
-        text=TextConfig(width=t.hidden_size, depth=t.num_hidden_layers, mlp_dim=t.intermediate_size,
-                        heads=t.num_attention_heads, vocab_size=t.vocab_size, max_len=t.max_position_embeddings,
-                        pool="last"),
-        embed_dim=t.projection_size)
+        vision=VisionConfig(
+            width=v.hidden_size,
+            depth=v.num_hidden_layers,
+            mlp_dim=v.intermediate_size,
+            heads=v.num_attention_heads,
+            patch_size=patch,
+            posemb_grid=grid,
+            image_size=image_size or grid * patch,
+            channels=v.num_channels,
+        ),
+        text=TextConfig(
+            width=t.hidden_size,
+            depth=t.num_hidden_layers,
+            mlp_dim=t.intermediate_size,
+            heads=t.num_attention_heads,
+            vocab_size=t.vocab_size,
+            max_len=t.max_position_embeddings,
+            pool="last",
+        ),
+        embed_dim=t.projection_size,
+    )
 
 
 def siglip_config(cfg: SigLIP2Config, special_ids: dict | None = None):
@@ -105,11 +134,13 @@ def to_hf_fixed(model: SigLIP2, special_ids: dict | None = None):
     state = dict(model.state_dict())
     key = "vision_model.embeddings."
     w = state[key + "patch_embedding.weight"]  # (D, p*p*C), patches flattened (row, column, channel)
-    state[key + "patch_embedding.weight"] = w.reshape(w.shape[0], v.patch_size, v.patch_size, v.channels).permute(
-        0, 3, 1, 2).contiguous()
+    state[key + "patch_embedding.weight"] = (
+        w.reshape(w.shape[0], v.patch_size, v.patch_size, v.channels).permute(0, 3, 1, 2).contiguous()
+    )
     if grid != v.posemb_grid:
         state[key + "position_embedding.weight"] = resize_posemb(
-            state[key + "position_embedding.weight"], (grid, grid), "hf").reshape(grid * grid, -1)
+            state[key + "position_embedding.weight"], (grid, grid), "hf"
+        ).reshape(grid * grid, -1)
     p = next(model.parameters())
     with torch.device(p.device):  # built where the weights are (meta: no allocation, no init pass)
         hf = SiglipModel(siglip_config(model.config, special_ids)).to(dtype=p.dtype)
@@ -179,17 +210,36 @@ PREPROCESSING = ("naflex", "fixed")
 # literal text of special pieces (ours reads them as text), the empty string, and one text
 # longer than any text length (truncation keeps EOS last).
 PROBE_TEXTS = (
-    "This is a photo of a Red Circle.", "A RED circle, on the LEFT; 2024-12-06 at 10:45 (3.14%)!",
-    "  two  spaces\tand a tab\nand a newline  ", "", " ", "x", "İstanbul ÄÖÜ ẞ straße Σίσυφος",
-    "Ein großer Hund läuft über die Straße, très jolie", "一只红色的猫坐在桌子上", "赤い四角形とカタカナのテキスト",
-    "Красный круг на белом фоне", "دائرة حمراء على خلفية بيضاء", "सफ़ेद पृष्ठभूमि पर लाल घेरा", "emoji 🐈‍⬛ 😀!",
-    "<eos> <pad> <unk> <bos> </s> <s> <mask>", "1234567890 0.5 1e-3",
+    "This is a photo of a Red Circle.",
+    "A RED circle, on the LEFT; 2024-12-06 at 10:45 (3.14%)!",
+    "  two  spaces\tand a tab\nand a newline  ",
+    "",
+    " ",
+    "x",
+    "İstanbul ÄÖÜ ẞ straße Σίσυφος",
+    "Ein großer Hund läuft über die Straße, très jolie",
+    "一只红色的猫坐在桌子上",
+    "赤い四角形とカタカナのテキスト",
+    "Красный круг на белом фоне",
+    "دائرة حمراء على خلفية بيضاء",
+    "सफ़ेद पृष्ठभूमि पर लाल घेरा",
+    "emoji 🐈‍⬛ 😀!",
+    "<eos> <pad> <unk> <bos> </s> <s> <mask>",
+    "1234567890 0.5 1e-3",
     " ".join(f"word{i} and Another Word" for i in range(60)),
 )
 
 # Files of a tokenizer that save_hf writes (and removes again when they do not reproduce ours).
-_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
-                       "tokenizer.model", "spiece.model", "added_tokens.json", "chat_template.jinja")
+_HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "processor_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 def _backend_tokenizer(tok):
@@ -253,23 +303,40 @@ def export_tokenizer(tok, out: str | Path, model_type: str, image_processor=None
     out = Path(out)
     backend, user_defined = _backend_tokenizer(tok)
     if tok.lowercase:  # str.lower() before everything else, as ours
-        backend.normalizer = (normalizers.Sequence([normalizers.Lowercase(), backend.normalizer])
-                              if backend.normalizer is not None else normalizers.Lowercase())
+        backend.normalizer = (
+            normalizers.Sequence([normalizers.Lowercase(), backend.normalizer])
+            if backend.normalizer is not None
+            else normalizers.Lowercase()
+        )
     eos, pad = _piece(backend, tok.eos_id), _piece(backend, tok.pad_id)
     if eos is None or pad is None or backend.token_to_id(eos) != tok.eos_id or backend.token_to_id(pad) != tok.pad_id:
         raise ValueError(f"tokenizer {tok.path}: eos {tok.eos_id} / pad {tok.pad_id} have no pieces of their own")
     backend.post_processor = processors.TemplateProcessing(
-        single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:1 {eos}:1", special_tokens=[(eos, tok.eos_id)])
+        single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:1 {eos}:1", special_tokens=[(eos, tok.eos_id)]
+    )
     backend.no_padding()
     backend.no_truncation()
     sp = getattr(tok, "sp", None)
     bos = _piece(backend, sp.bos_id()) if sp is not None else getattr(getattr(tok, "hf", None), "bos_token", None)
     unk = _piece(backend, sp.unk_id()) if sp is not None else getattr(getattr(tok, "hf", None), "unk_token", None)
     hf_tok = TokenizersBackend(
-        tokenizer_object=backend, eos_token=eos, pad_token=pad, unk_token=unk, bos_token=bos, mask_token=None,
-        add_bos_token=False, add_eos_token=True, model_max_length=tok.length, max_length=tok.length,
-        padding="max_length", truncation=True, padding_side="right", truncation_side="right",
-        model_input_names=["input_ids"], split_special_tokens=_split_special_tokens(tok))
+        tokenizer_object=backend,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
+        bos_token=bos,
+        mask_token=None,
+        add_bos_token=False,
+        add_eos_token=True,
+        model_max_length=tok.length,
+        max_length=tok.length,
+        padding="max_length",
+        truncation=True,
+        padding_side="right",
+        truncation_side="right",
+        model_input_names=["input_ids"],
+        split_special_tokens=_split_special_tokens(tok),
+    )
     if user_defined:  # whole, as SentencePiece emits them (kept by transformers' Siglip2Tokenizer too)
         hf_tok.add_tokens([AddedToken(p, special=False, normalized=True) for p in user_defined])
     if image_processor is not None:
@@ -279,23 +346,35 @@ def export_tokenizer(tok, out: str | Path, model_type: str, image_processor=None
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     # Explicit None: Siglip2Tokenizer would otherwise add its default "<mask>"/"<bos>" as new ids
-    cfg.update(mask_token=None, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
-               add_bos_token=False, add_eos_token=True)
+    cfg.update(
+        mask_token=None,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
+        add_bos_token=False,
+        add_eos_token=True,
+    )
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
     if hasattr(tok, "sp"):  # the training file as well, for sentencepiece users (transformers reads tokenizer.json)
         shutil.copy(tok.path, out / "tokenizer.model")
     problem, literal = check_exported_tokenizer(tok, out, model_type)
     if literal:
-        log.warning("exported tokenizer: a text holding the literal text of a control piece (%s) is read as that "
-                    "piece by transformers, as text by training (e.g. %r); every other probe text matches",
-                    ", ".join(c for c in _control_strings(tok) if any(c in t for t in literal)), literal[0][:40])
+        log.warning(
+            "exported tokenizer: a text holding the literal text of a control piece (%s) is read as that "
+            "piece by transformers, as text by training (e.g. %r); every other probe text matches",
+            ", ".join(c for c in _control_strings(tok) if any(c in t for t in literal)),
+            literal[0][:40],
+        )
     if problem:
         for f in _HF_TOKENIZER_FILES:
             (out / f).unlink(missing_ok=True)
-        raise ValueError(f"transformers' tokenizer for this {model_type} export does not reproduce the training "
-                         f"tokenizer {tok.path}: {problem}. The weights and image processor are written, the "
-                         "tokenizer is not: tokenize with siglip2.data.tokenizer.build_tokenizer (the training "
-                         "tokenizer) and pass its ids as input_ids")
+        raise ValueError(
+            f"transformers' tokenizer for this {model_type} export does not reproduce the training "
+            f"tokenizer {tok.path}: {problem}. The weights and image processor are written, the "
+            "tokenizer is not: tokenize with siglip2.data.tokenizer.build_tokenizer (the training "
+            "tokenizer) and pass its ids as input_ids"
+        )
     return out
 
 
@@ -335,8 +414,9 @@ def check_exported_tokenizer(tok, out: str | Path, model_type: str = "") -> tupl
         return f"it returns {sorted(theirs)}, not input_ids only", []
     calls = [("processor", theirs["input_ids"])]
     if tok.length == PIPELINE_TEXT_LENGTH:
-        pipe = hf_tok(texts, return_tensors="pt", padding="max_length", max_length=PIPELINE_TEXT_LENGTH,
-                      truncation=True)
+        pipe = hf_tok(
+            texts, return_tensors="pt", padding="max_length", max_length=PIPELINE_TEXT_LENGTH, truncation=True
+        )
         calls.append(("pipeline", pipe["input_ids"]))
     control, literal = _control_strings(tok), []
     for how, got in calls:
@@ -350,16 +430,25 @@ def check_exported_tokenizer(tok, out: str | Path, model_type: str = "") -> tupl
                 continue
             hint = ""
             if model_type == "siglip2":
-                hint = (" (transformers builds its Siglip2Tokenizer for every siglip2 folder: Gemma's BPE pipeline, "
-                        "always lower-cased" + ("; training was cased)" if not tok.lowercase else ")"))
+                hint = (
+                    " (transformers builds its Siglip2Tokenizer for every siglip2 folder: Gemma's BPE pipeline, "
+                    "always lower-cased" + ("; training was cased)" if not tok.lowercase else ")")
+                )
             at = int((a != b).nonzero()[0])
-            return (f"{how} call on {text[:40]!r}: ids {a.tolist()[max(0, at - 2):at + 4]} from position "
-                    f"{max(0, at - 2)}, training's {b.tolist()[max(0, at - 2):at + 4]}{hint}"), []
+            return (
+                f"{how} call on {text[:40]!r}: ids {a.tolist()[max(0, at - 2) : at + 4]} from position "
+                f"{max(0, at - 2)}, training's {b.tolist()[max(0, at - 2) : at + 4]}{hint}"
+            ), []
     return None, literal
 
 
-def save_hf(model: SigLIP2, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-            preprocessing: str = "naflex", lowercase: bool = True) -> Path:
+def save_hf(
+    model: SigLIP2,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    preprocessing: str = "naflex",
+    lowercase: bool = True,
+) -> Path:
     """Write a folder transformers loads (safetensors + config + processor + tokenizer):
 
     - `preprocessing="naflex"`: `Siglip2Model` + `Siglip2ImageProcessor` (aspect kept, at most
@@ -386,11 +475,16 @@ def save_hf(model: SigLIP2, out_dir: str | Path, tokenizer_dir: str | Path | Non
             raise FileNotFoundError(f"tokenizer {tokenizer_dir} does not exist")
         tok = build_tokenizer(str(tokenizer_dir), length=model.config.text.max_len, lowercase=lowercase)
         if tok.vocab_size > model.config.text.vocab_size:
-            raise ValueError(f"tokenizer {tokenizer_dir} has {tok.vocab_size} ids, the model's text tower "
-                             f"{model.config.text.vocab_size}: not the tokenizer it was trained with")
+            raise ValueError(
+                f"tokenizer {tokenizer_dir} has {tok.vocab_size} ids, the model's text tower "
+                f"{model.config.text.vocab_size}: not the tokenizer it was trained with"
+            )
         bos = tok.sp.bos_id() if hasattr(tok, "sp") else getattr(tok.hf, "bos_token_id", None)
-        special_ids = {"pad_token_id": tok.pad_id, "eos_token_id": tok.eos_id,
-                       "bos_token_id": bos if bos is not None and bos >= 0 else None}
+        special_ids = {
+            "pad_token_id": tok.pad_id,
+            "eos_token_id": tok.eos_id,
+            "bos_token_id": bos if bos is not None and bos >= 0 else None,
+        }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf = to_hf(model, special_ids) if preprocessing == "naflex" else to_hf_fixed(model, special_ids)
@@ -406,17 +500,25 @@ def save_hf(model: SigLIP2, out_dir: str | Path, tokenizer_dir: str | Path | Non
     if preprocessing == "naflex":
         image_processor = Siglip2ImageProcessor(patch_size=v.patch_size, max_num_patches=v.posemb_grid**2)
     else:
-        image_processor = SiglipImageProcessor(size={"height": v.image_size, "width": v.image_size},
-                                               resample=PILImageResampling.BILINEAR,
-                                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        image_processor = SiglipImageProcessor(
+            size={"height": v.image_size, "width": v.image_size},
+            resample=PILImageResampling.BILINEAR,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
     image_processor.save_pretrained(out)
     if tok is not None:
         model_type = "siglip2" if preprocessing == "naflex" else "siglip"
         export_tokenizer(tok, out, model_type, image_processor)
         if tok.length != PIPELINE_TEXT_LENGTH:
-            log.warning("text length %d: AutoProcessor + AutoModel reproduce training, but transformers' zero-shot "
-                        "pipeline pads every text to %d tokens: %s", tok.length, PIPELINE_TEXT_LENGTH,
-                        "it fails on this export (too few position embeddings)" if tok.length < PIPELINE_TEXT_LENGTH
-                        else "its numbers are not training's on this export (the text tower pools the last "
-                        "position): do not use the pipeline with it")
+            log.warning(
+                "text length %d: AutoProcessor + AutoModel reproduce training, but transformers' zero-shot "
+                "pipeline pads every text to %d tokens: %s",
+                tok.length,
+                PIPELINE_TEXT_LENGTH,
+                "it fails on this export (too few position embeddings)"
+                if tok.length < PIPELINE_TEXT_LENGTH
+                else "its numbers are not training's on this export (the text tower pools the last "
+                "position): do not use the pipeline with it",
+            )
     return out

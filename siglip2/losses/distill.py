@@ -16,6 +16,7 @@ None of this was published for SigLIP 2 (RECIPE.md): head shape, prototypes, tem
 centring and its momentum come from DINO / iBOT / DINOv2 and are config keys
 (`LocalToGlobalConfig`, `MaskedPredictionConfig`).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,16 @@ from torch import nn
 from siglip2.distributed import all_reduce_sum
 from siglip2.schedule import LossTiming
 
-__all__ = ["DINOHead", "DistillConfig", "LocalToGlobalConfig", "MaskedPredictionConfig", "LocalToGlobalLoss",
-           "MaskedPredictionLoss", "teacher_temperature", "sinkhorn_knopp"]
+__all__ = [
+    "DINOHead",
+    "DistillConfig",
+    "LocalToGlobalConfig",
+    "MaskedPredictionConfig",
+    "LocalToGlobalLoss",
+    "MaskedPredictionLoss",
+    "teacher_temperature",
+    "sinkhorn_knopp",
+]
 
 
 class DINOHead(nn.Module):
@@ -40,8 +49,7 @@ class DINOHead(nn.Module):
     (N, in_dim) -> (N, out_dim). Init: truncated normal std 0.02, zero biases (DINO).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3):
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, nlayers: int = 3):
         super().__init__()
         if nlayers < 1:
             raise ValueError(f"nlayers must be >= 1, got {nlayers}")
@@ -75,6 +83,7 @@ class DistillConfig(LossTiming):
     mask token's lr relative to the peak (they join at ~9.5% of it). freeze_prototypes: the
     prototype layer gets no update for this fraction of the phase (DINO's first epoch).
     """
+
     start_frac: float = 0.8
     size_factor: float = 1.0
     out_dim: int = 65536
@@ -112,6 +121,7 @@ class MaskedPredictionConfig(DistillConfig):
     """`stage.losses.masked` (TIPS): weight 0.25 x size factor, 8192 prototypes (iBOT), teacher
     temperature 0.04 -> 0.07 over the first 30% of the phase; the mask (50% of patches,
     uniform) is `siglip2.data.views.ViewConfig.mask_ratio`."""
+
     weight: float = 0.25
     out_dim: int = 8192
     teacher_temp_final: float = 0.07
@@ -175,9 +185,13 @@ class _DINOTarget(nn.Module):
         entropy = -(q * q.clamp_min(1e-12).log()).sum(-1).mean()
         center = F.softmax(self.center / temp, dim=-1)
         center_entropy = -(center * center.clamp_min(1e-12).log()).sum(-1).mean()
-        return {f"{prefix}/teacher_entropy": entropy, f"{prefix}/center_entropy": center_entropy,
-                f"{prefix}/agreement": (q.argmax(-1) == student_logits.argmax(-1)).float().mean(),
-                f"{prefix}/teacher_temp": torch.tensor(temp), f"{prefix}/max_entropy": torch.tensor(math.log(q.shape[-1]))}
+        return {
+            f"{prefix}/teacher_entropy": entropy,
+            f"{prefix}/center_entropy": center_entropy,
+            f"{prefix}/agreement": (q.argmax(-1) == student_logits.argmax(-1)).float().mean(),
+            f"{prefix}/teacher_temp": torch.tensor(temp),
+            f"{prefix}/max_entropy": torch.tensor(math.log(q.shape[-1])),
+        }
 
 
 def _cross_entropy(q: torch.Tensor, student_logits: torch.Tensor, student_temp: float) -> torch.Tensor:
@@ -201,8 +215,10 @@ class LocalToGlobalLoss(nn.Module):
         s = self.head(student_pooled.reshape(v * b, w)).reshape(v, b, -1)
         q = self.target.targets(teacher_logits, teacher_temp)
         loss = _cross_entropy(q[None], s, self.cfg.student_temp).mean()
-        metrics = {"distill/local_to_global": loss.detach(),
-                   **self.target.metrics(q, s[0].detach(), teacher_temp, "distill/l2g")}
+        metrics = {
+            "distill/local_to_global": loss.detach(),
+            **self.target.metrics(q, s[0].detach(), teacher_temp, "distill/l2g"),
+        }
         if self.training:
             self.target.update_center(teacher_logits)
         return loss, metrics
@@ -226,15 +242,24 @@ class MaskedPredictionLoss(nn.Module):
         self.target = _DINOTarget(cfg)
         self.mask_token = nn.Parameter(torch.zeros(width))
 
-    def forward(self, student_tokens: torch.Tensor, teacher_logits: torch.Tensor, image_index: torch.Tensor,
-                batch_size: int, teacher_temp: float):
+    def forward(
+        self,
+        student_tokens: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        image_index: torch.Tensor,
+        batch_size: int,
+        teacher_temp: float,
+    ):
         s = self.head(student_tokens)
         q = self.target.targets(teacher_logits, teacher_temp)
         per_token = _cross_entropy(q, s, self.cfg.student_temp)
         # masked patches per image, without bincount (a host sync: its output size is data-dependent)
         counts = per_token.new_zeros(batch_size).index_add_(0, image_index, torch.ones_like(per_token)).clamp_min(1)
         loss = (per_token / counts[image_index]).sum() / batch_size
-        metrics = {"distill/masked": loss.detach(), **self.target.metrics(q, s.detach(), teacher_temp, "distill/masked")}
+        metrics = {
+            "distill/masked": loss.detach(),
+            **self.target.metrics(q, s.detach(), teacher_temp, "distill/masked"),
+        }
         if self.training:
             self.target.update_center(teacher_logits)
         return loss, metrics

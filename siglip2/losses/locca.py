@@ -18,6 +18,7 @@ then it runs on the target tokens only, as boolean indexing would, still without
 without them it runs on every padded position (what a fixed-shape JAX loss such as big_vision's
 computes).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -51,10 +52,10 @@ class _ChunkedLinearCE(torch.autograd.Function):
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             hits = torch.zeros((), dtype=torch.long, device=h.device)
             for s in range(0, h.shape[0], chunk):
-                z, t = F.linear(h[s:s + chunk].to(cdt), wc, bc).float(), target[s:s + chunk]
-                lse[s:s + chunk] = torch.logsumexp(z, -1)
-                nll = lse[s:s + chunk] - z.gather(1, t[:, None])[:, 0]
-                w = tok_w[s:s + chunk]
+                z, t = F.linear(h[s : s + chunk].to(cdt), wc, bc).float(), target[s : s + chunk]
+                lse[s : s + chunk] = torch.logsumexp(z, -1)
+                nll = lse[s : s + chunk] - z.gather(1, t[:, None])[:, 0]
+                w = tok_w[s : s + chunk]
                 loss += (nll * w).sum()
                 hits += ((z.argmax(-1) == t) & (w > 0)).sum()  # weight 0 = not a target token
                 del z
@@ -75,22 +76,29 @@ class _ChunkedLinearCE(torch.autograd.Function):
             wc, bc = weight.to(cdt), None if bias is None else bias.to(cdt)
             scale = tok_w * g_loss.float()
             for s in range(0, h.shape[0], chunk):
-                hc = h[s:s + chunk].to(cdt)
-                p = F.linear(hc, wc, bc).float().sub_(lse[s:s + chunk, None]).exp_()  # softmax
-                p[torch.arange(p.shape[0], device=p.device), target[s:s + chunk]] -= 1
-                p.mul_(scale[s:s + chunk, None])  # d loss / d logits
+                hc = h[s : s + chunk].to(cdt)
+                p = F.linear(hc, wc, bc).float().sub_(lse[s : s + chunk, None]).exp_()  # softmax
+                p[torch.arange(p.shape[0], device=p.device), target[s : s + chunk]] -= 1
+                p.mul_(scale[s : s + chunk, None])  # d loss / d logits
                 if gb is not None:
                     gb += p.sum(0)
                 pc = p.to(cdt)
                 if gh is not None:
-                    gh[s:s + chunk] = (pc @ wc).to(h.dtype)
+                    gh[s : s + chunk] = (pc @ wc).to(h.dtype)
                 if gw is not None and cdt == torch.float32:
                     gw.addmm_(pc.t(), hc)  # in place: no weight-sized temporary
                 elif gw is not None:
                     gw.add_(pc.t() @ hc)
                 del p, pc
-        return (gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype),
-                None, None, None, None)
+        return (
+            gh,
+            None if gw is None else gw.to(weight.dtype),
+            None if gb is None else gb.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def chunked_linear_cross_entropy(hidden, weight, bias, target, token_weight, chunk_size: int = 1024):
@@ -107,9 +115,14 @@ class LoccaLoss(nn.Module):
         super().__init__()
         self.chunk_size = chunk_size
 
-    def forward(self, hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
-                valid: torch.Tensor | None = None, max_targets: int | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        head: nn.Linear,
+        targets: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        max_targets: int | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """hidden (B, L, W); targets (B, L) with -100 = no loss; valid (B,) bool (task present).
 
         ``max_targets``: a host-side upper bound of the target tokens (a Python int counted
@@ -138,12 +151,15 @@ class LoccaLoss(nn.Module):
             # target positions first, each group in row-major order (stable): the first
             # max_targets rows hold every target token, in the order boolean indexing gives
             torch._assert_async(n_tok <= max_targets, "LocCa: more target tokens than max_targets")
-            order = (~tgt_mask).reshape(-1).to(torch.uint8).argsort(stable=True)[:max(int(max_targets), 1)]
+            order = (~tgt_mask).reshape(-1).to(torch.uint8).argsort(stable=True)[: max(int(max_targets), 1)]
             flat_hidden, flat_targets, w = flat_hidden.index_select(0, order), flat_targets[order], w[order]
-        loss, hits = chunked_linear_cross_entropy(flat_hidden, head.weight, head.bias, flat_targets, w,
-                                                  self.chunk_size)
-        return loss, {"loss": loss.detach(), "acc": hits.float() / n_tok.clamp_min(1), "tokens": n_tok,
-                      "sequences": n_seq}
+        loss, hits = chunked_linear_cross_entropy(flat_hidden, head.weight, head.bias, flat_targets, w, self.chunk_size)
+        return loss, {
+            "loss": loss.detach(),
+            "acc": hits.float() / n_tok.clamp_min(1),
+            "tokens": n_tok,
+            "sequences": n_seq,
+        }
 
 
 def locca_host_bounds(batch: Mapping[str, torch.Tensor], tasks=TASKS) -> dict[str, int]:
@@ -189,8 +205,13 @@ class LoccaObjective(nn.Module):
     for every task of nonzero weight (0 on a step where the task is absent).
     """
 
-    def __init__(self, weights: Mapping[str, float] | None = None, parallel_prob: float = 0.5,
-                 chunk_size: int = 1024, tasks=TASKS):
+    def __init__(
+        self,
+        weights: Mapping[str, float] | None = None,
+        parallel_prob: float = 0.5,
+        chunk_size: int = 1024,
+        tasks=TASKS,
+    ):
         super().__init__()
         self.tasks = tuple(tasks)
         weights = dict(weights or {})
@@ -198,8 +219,14 @@ class LoccaObjective(nn.Module):
         self.parallel_prob = parallel_prob
         self.token_loss = LoccaLoss(chunk_size)
 
-    def forward(self, decoder, image_tokens: torch.Tensor, image_mask: torch.Tensor | None,
-                batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None):
+    def forward(
+        self,
+        decoder,
+        image_tokens: torch.Tensor,
+        image_mask: torch.Tensor | None,
+        batch: Mapping[str, torch.Tensor],
+        generator: torch.Generator | None = None,
+    ):
         total, present, metrics = image_tokens.new_zeros(()), image_tokens.new_zeros((), dtype=torch.float32), {}
         active = [t for t in self.tasks if self.weights[t] != 0]  # configuration, not data
         for t in active:
@@ -213,8 +240,9 @@ class LoccaObjective(nn.Module):
             if parallel is None and isinstance(columns, int) and 0 < columns < tokens_in.shape[1]:
                 tokens_in, targets = tokens_in[:, :columns], targets[:, :columns]
             hidden = decoder(tokens_in, image_tokens, image_mask, parallel=parallel)
-            loss, m = self.token_loss(hidden, decoder.head, targets, valid,
-                                      max_targets=bound if isinstance(bound, int) else None)
+            loss, m = self.token_loss(
+                hidden, decoder.head, targets, valid, max_targets=bound if isinstance(bound, int) else None
+            )
             total = total + self.weights[t] * loss  # an absent task's loss is an exact 0
             present = present + valid.any().float()
             metrics[f"locca/{t}"], metrics[f"locca/{t}_acc"] = m["loss"], m["acc"]
@@ -234,6 +262,7 @@ class LoccaConfig(LossTiming):
     target tokens per chunk of the vocabulary projection. task_weights: per task (not
     published: equal). targets: how prompts and boxes are written (`LoccaFormat`).
     """
+
     depth_ratio: float = 0.5
     parallel_prob: float = 0.5
     chunk_size: int = 1024
@@ -256,22 +285,42 @@ class LoccaHead(nn.Module):
     generator) -> (loss, metrics), as `LoccaObjective`.
     """
 
-    def __init__(self, cfg: LoccaConfig, *, width: int, depth: int, heads: int, mlp_dim: int, vocab_size: int,
-                 image_width: int):
+    def __init__(
+        self, cfg: LoccaConfig, *, width: int, depth: int, heads: int, mlp_dim: int, vocab_size: int, image_width: int
+    ):
         super().__init__()
         self.decoder = LoccaDecoder(
-            width=width, depth=max(1, round(depth * float(cfg.depth_ratio))), heads=heads, mlp_dim=mlp_dim,
-            vocab_size=vocab_size, max_len=int(cfg.targets.max_len), image_width=image_width)
-        self.objective = LoccaObjective(weights=cfg.task_weights, parallel_prob=float(cfg.parallel_prob),
-                                        chunk_size=int(cfg.chunk_size))
+            width=width,
+            depth=max(1, round(depth * float(cfg.depth_ratio))),
+            heads=heads,
+            mlp_dim=mlp_dim,
+            vocab_size=vocab_size,
+            max_len=int(cfg.targets.max_len),
+            image_width=image_width,
+        )
+        self.objective = LoccaObjective(
+            weights=cfg.task_weights, parallel_prob=float(cfg.parallel_prob), chunk_size=int(cfg.chunk_size)
+        )
 
     @classmethod
     def for_model(cls, cfg: LoccaConfig, model_config) -> "LoccaHead":
         """Sized from a `SigLIP2Config`: the text tower's shape, the image tower's width."""
         text, vision = model_config.text, model_config.vision
-        return cls(cfg, width=text.width, depth=text.depth, heads=text.heads, mlp_dim=text.mlp_dim,
-                   vocab_size=text.vocab_size, image_width=vision.width)
+        return cls(
+            cfg,
+            width=text.width,
+            depth=text.depth,
+            heads=text.heads,
+            mlp_dim=text.mlp_dim,
+            vocab_size=text.vocab_size,
+            image_width=vision.width,
+        )
 
-    def forward(self, batch: Mapping[str, torch.Tensor], image_tokens: torch.Tensor,
-                image_mask: torch.Tensor | None, generator: torch.Generator | None = None):
+    def forward(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        image_tokens: torch.Tensor,
+        image_mask: torch.Tensor | None,
+        generator: torch.Generator | None = None,
+    ):
         return self.objective(self.decoder, image_tokens, image_mask, batch, generator=generator)

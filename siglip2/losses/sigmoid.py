@@ -22,6 +22,7 @@ returns L_r = (1/b) * sum_{i in rank r} sum_{j in global batch} ..., normalised 
 of the per-rank losses is exactly the single-process loss on the concatenated batch; DDP's
 gradient averaging therefore yields the gradient of L_global.
 """
+
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
@@ -161,13 +162,13 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
 
 
 def sigmoid_loss_sums(
-        image_emb: torch.Tensor,
-        text_emb: torch.Tensor,
-        logit_scale: torch.Tensor,
-        logit_bias: torch.Tensor,
-        pos_offset: int = 0,
-        chunk_size: int = 1024,
-        neg_weight: float = 1.0,
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    pos_offset: int = 0,
+    chunk_size: int = 1024,
+    neg_weight: float = 1.0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unnormalised sum of the sigmoid loss of every image row against every text row.
 
@@ -178,8 +179,9 @@ def sigmoid_loss_sums(
     """
     n, m = image_emb.shape[0], text_emb.shape[0]
     if n > chunk_size or m > chunk_size:
-        return _ChunkedSigmoidLoss.apply(image_emb, text_emb, logit_scale, logit_bias, pos_offset, chunk_size,
-                                         float(neg_weight))
+        return _ChunkedSigmoidLoss.apply(
+            image_emb, text_emb, logit_scale, logit_bias, pos_offset, chunk_size, float(neg_weight)
+        )
     acc = _acc_dtype(image_emb.dtype)
     logits = logit_scale.to(acc) * (image_emb @ text_emb.T).to(acc) + logit_bias.to(acc)
     z = _tile_labels(0, n, 0, m, pos_offset, logits.device, logits.dtype)
@@ -192,11 +194,11 @@ def sigmoid_loss_sums(
 
 @torch.no_grad()
 def sigmoid_pair_losses(
-        image_emb: torch.Tensor,
-        text_emb: torch.Tensor,
-        logit_scale: torch.Tensor,
-        logit_bias: torch.Tensor,
-        chunk_size: int = 1024,
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    chunk_size: int = 1024,
 ) -> torch.Tensor:
     """Every pair's term of the sigmoid loss, without gradient: (n, m) float32 with
 
@@ -237,6 +239,7 @@ class SigmoidLossConfig(LossTiming):
     which does not say how its halved NaFlex batches are weighted; false gives the plain
     per-batch loss. A no-op whenever every batch has the nominal size (fixed-resolution
     stages), so it matters for NaFlex (halving, `batching: tokens`) only."""
+
     chunk_size: int = DEFAULT_CHUNK
     nominal_negatives: bool = True
 
@@ -266,12 +269,12 @@ class SigmoidLoss(nn.Module):
         self.group = group
 
     def forward(
-            self,
-            image_emb: torch.Tensor,
-            text_emb: torch.Tensor,
-            logit_scale: torch.Tensor,
-            logit_bias: torch.Tensor,
-            nominal_batch_size: int | None = None,
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor,
+        nominal_batch_size: int | None = None,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         if image_emb.shape != text_emb.shape:
             raise ValueError(f"image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)} differ")
@@ -290,7 +293,8 @@ class SigmoidLoss(nn.Module):
         nominal = None if nominal_batch_size is None else int(nominal_batch_size) * world
         weight = negative_weight(all_text.shape[0], nominal)
         loss_sum, pos_sum, neg_sum = sigmoid_loss_sums(
-            image_emb, all_text, logit_scale, logit_bias, offset, self.chunk_size, weight)
+            image_emb, all_text, logit_scale, logit_bias, offset, self.chunk_size, weight
+        )
         loss = loss_sum / b
         num_neg = max(b * all_text.shape[0] - b, 1)
         metrics = {

@@ -10,6 +10,7 @@ architecture field must agree, or the weights do not fit and `ValueError` names 
 Works on a whole stage state_dict: every image tower under one of `prefixes` (the student
 `model.vision_model.` and the EMA teacher `teacher.vision.`) is adapted the same way.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -39,20 +40,27 @@ def _flat(cfg: SigLIP2Config) -> dict[str, object]:
     return out
 
 
-def architecture_differences(source: SigLIP2Config, target: SigLIP2Config,
-                             ignore: Sequence[str] = ("name", "compile", "logit_scale_init", "logit_bias_init"),
-                             ) -> dict[str, tuple[object, object]]:
+def architecture_differences(
+    source: SigLIP2Config,
+    target: SigLIP2Config,
+    ignore: Sequence[str] = ("name", "compile", "logit_scale_init", "logit_bias_init"),
+) -> dict[str, tuple[object, object]]:
     """{dotted field: (source value, target value)} for every model-config field that differs,
     init-only and runtime fields (`ignore`) left out."""
     a, b = _flat(source), _flat(target)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if k not in ignore and a.get(k) != b.get(k)}
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)}
 
 
 @torch.no_grad()
-def adapt_vision_weights(state: Mapping[str, torch.Tensor], source: SigLIP2Config, target: SigLIP2Config, *,
-                         posemb_resize: str = "hf", prefixes: Sequence[str] = TOWER_PREFIXES,
-                         what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], list[str]]:
+def adapt_vision_weights(
+    state: Mapping[str, torch.Tensor],
+    source: SigLIP2Config,
+    target: SigLIP2Config,
+    *,
+    posemb_resize: str = "hf",
+    prefixes: Sequence[str] = TOWER_PREFIXES,
+    what: str = "checkpoint",
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Return (`state` with its image towers fitted to `target`, human-readable notes).
 
     `source`: the configuration the weights were trained with (the checkpoint's); `target`:
@@ -64,9 +72,11 @@ def adapt_vision_weights(state: Mapping[str, torch.Tensor], source: SigLIP2Confi
     diff = architecture_differences(source, target)
     fixed = {k: v for k, v in diff.items() if k not in RESOLUTION_FIELDS}
     if fixed:
-        raise ValueError(f"the {what}'s model differs from this run's in "
-                         + ", ".join(f"{k} ({a} in the {what}, {b} here)" for k, (a, b) in fixed.items())
-                         + ": only image_size, patch_size and posemb_grid can be adapted")
+        raise ValueError(
+            f"the {what}'s model differs from this run's in "
+            + ", ".join(f"{k} ({a} in the {what}, {b} here)" for k, (a, b) in fixed.items())
+            + ": only image_size, patch_size and posemb_grid can be adapted"
+        )
     out = dict(state)
     notes: list[str] = []
     sv, tv = source.vision, target.vision
@@ -75,8 +85,10 @@ def adapt_vision_weights(state: Mapping[str, torch.Tensor], source: SigLIP2Confi
             continue
         if tv.posemb_grid != sv.posemb_grid:
             out[prefix + POSEMB] = resize_posemb(out[prefix + POSEMB], (tv.posemb_grid, tv.posemb_grid), posemb_resize)
-            notes.append(f"{prefix}{POSEMB}: position table {sv.posemb_grid}x{sv.posemb_grid} -> "
-                         f"{tv.posemb_grid}x{tv.posemb_grid} ({posemb_resize})")
+            notes.append(
+                f"{prefix}{POSEMB}: position table {sv.posemb_grid}x{sv.posemb_grid} -> "
+                f"{tv.posemb_grid}x{tv.posemb_grid} ({posemb_resize})"
+            )
         if tv.patch_size != sv.patch_size:
             out[prefix + PATCH] = resample_patch_embed(out[prefix + PATCH], tv.patch_size, tv.channels)
             notes.append(f"{prefix}{PATCH}: patch {sv.patch_size} -> {tv.patch_size} (PI-resize)")

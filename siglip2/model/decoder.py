@@ -18,6 +18,7 @@ vocabulary projection (`init_decoder_weights`).
 ``forward`` returns hidden states, not logits: the loss applies ``head`` in chunks
 (``siglip2.losses.locca``) so that (tokens x vocab) logits never exist at once for a 256k vocab.
 """
+
 from __future__ import annotations
 
 import torch
@@ -69,8 +70,17 @@ class DecoderLayer(nn.Module):
         a = self.cross_attn
         return _heads(a.k_proj(image_tokens), self.heads), _heads(a.v_proj(image_tokens), self.heads)
 
-    def forward(self, x, cross_kv=None, cross_mask=None, self_mask=None, cache=None, pos: int = 0, is_causal=False,
-                image_tokens: torch.Tensor | None = None):
+    def forward(
+        self,
+        x,
+        cross_kv=None,
+        cross_mask=None,
+        self_mask=None,
+        cache=None,
+        pos: int = 0,
+        is_causal=False,
+        image_tokens: torch.Tensor | None = None,
+    ):
         """``cross_kv``: this layer's image keys/values from ``cross_kv()``, or None with
         ``image_tokens`` (B, N, Wi), from which they are computed here, inside the block's own
         forward (under FSDP the block's weights are whole only there).
@@ -85,8 +95,8 @@ class DecoderLayer(nn.Module):
         q, k, v = _heads(a.q_proj(h), self.heads), _heads(a.k_proj(h), self.heads), _heads(a.v_proj(h), self.heads)
         if cache is not None:
             n = x.shape[1]
-            cache[0][:, :, pos:pos + n], cache[1][:, :, pos:pos + n] = k, v
-            k, v = cache[0][:, :, :pos + n], cache[1][:, :, :pos + n]
+            cache[0][:, :, pos : pos + n], cache[1][:, :, pos : pos + n] = k, v
+            k, v = cache[0][:, :, : pos + n], cache[1][:, :, : pos + n]
         x = x + a.out_proj(_merge(F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, is_causal=is_causal)))
         c = self.cross_attn
         q = _heads(c.q_proj(self.cross_attn_layer_norm(x)), self.heads)
@@ -122,11 +132,26 @@ class LoccaDecoder(nn.Module):
     """Token embedding (+1 mask row) + learned positions, ``depth`` DecoderLayers, final
     LayerNorm, and ``head`` (width -> vocab_size), which the caller or loss applies."""
 
-    def __init__(self, width: int, depth: int, heads: int, mlp_dim: int, vocab_size: int,
-                 max_len: int, image_width: int | None = None):
+    def __init__(
+        self,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_dim: int,
+        vocab_size: int,
+        max_len: int,
+        image_width: int | None = None,
+    ):
         super().__init__()
-        self._init_args = dict(width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, vocab_size=vocab_size,
-                               max_len=max_len, image_width=image_width)
+        self._init_args = dict(
+            width=width,
+            depth=depth,
+            heads=heads,
+            mlp_dim=mlp_dim,
+            vocab_size=vocab_size,
+            max_len=max_len,
+            image_width=image_width,
+        )
         self.vocab_size, self.max_len, self.heads = vocab_size, max_len, heads
         self.mask_id = vocab_size  # CapPa convention: the extra embedding row
         self.token_embedding = nn.Embedding(vocab_size + 1, width)
@@ -145,14 +170,19 @@ class LoccaDecoder(nn.Module):
         n = tokens.shape[1]
         if pos + n > self.max_len:
             raise ValueError(f"decoder positions {pos + n} exceed max_len {self.max_len}")
-        return self.token_embedding(tokens) + self.position_embedding[pos:pos + n]
+        return self.token_embedding(tokens) + self.position_embedding[pos : pos + n]
 
     @staticmethod
     def _cross_mask(image_mask):
         return None if image_mask is None else image_mask.to(torch.bool)[:, None, None, :]
 
-    def forward(self, tokens_in: torch.Tensor, image_tokens: torch.Tensor,
-                image_mask: torch.Tensor | None = None, parallel: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens_in: torch.Tensor,
+        image_tokens: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+        parallel: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """tokens_in (B, L) -> hidden (B, L, W) after the final LayerNorm.
 
         image_tokens (B, N, Wi) un-pooled; image_mask (B, N) bool, True = real token (NaFlex
@@ -173,9 +203,16 @@ class LoccaDecoder(nn.Module):
         return self.head(hidden)
 
     @torch.no_grad()
-    def generate(self, image_tokens: torch.Tensor, image_mask: torch.Tensor | None, prefix_ids: torch.Tensor,
-                 max_new_tokens: int, eos_id: int, prefix_len: torch.Tensor | None = None,
-                 pad_id: int | None = None) -> torch.LongTensor:
+    def generate(
+        self,
+        image_tokens: torch.Tensor,
+        image_mask: torch.Tensor | None,
+        prefix_ids: torch.Tensor,
+        max_new_tokens: int,
+        eos_id: int,
+        prefix_len: torch.Tensor | None = None,
+        pad_id: int | None = None,
+    ) -> torch.LongTensor:
         """Greedy decoding with a self-attention KV cache and cross-attention K/V computed once.
 
         prefix_ids (B, P): the task prompt (e.g. the encoded ``"caption:"``), right-padded when
@@ -203,12 +240,17 @@ class LoccaDecoder(nn.Module):
         cross = [layer.cross_kv(image_tokens) for layer in self.layers]
         dh = self.position_embedding.shape[1] // self.heads
         dtype = cross[0][0].dtype if cross else self.position_embedding.dtype  # autocast-aware
-        caches = [(torch.empty(b, self.heads, total, dh, device=dev, dtype=dtype),
-                   torch.empty(b, self.heads, total, dh, device=dev, dtype=dtype)) for _ in self.layers]
+        caches = [
+            (
+                torch.empty(b, self.heads, total, dh, device=dev, dtype=dtype),
+                torch.empty(b, self.heads, total, dh, device=dev, dtype=dtype),
+            )
+            for _ in self.layers
+        ]
         done = torch.zeros(b, dtype=torch.bool, device=dev)
         pos, n = 0, int(plen.min())  # first call: the prompt part every row has, causal
         while pos < total:
-            x = self._embed(buf[:, pos:pos + n], pos)
+            x = self._embed(buf[:, pos : pos + n], pos)
             mask = torch.ones(n, pos + n, dtype=torch.bool, device=dev).tril(pos) if n > 1 else None
             for layer, kv, cache in zip(self.layers, cross, caches):
                 x = layer(x, kv, cross_mask, mask, cache=cache, pos=pos)

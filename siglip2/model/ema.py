@@ -9,6 +9,7 @@ run continues with the same teacher. The momentum comes from `siglip2.schedule.e
 (its local shards), the same elementwise formula; FSDP2 DTensors are updated through their
 local shards, which hold the same elements for a teacher and its student (checked).
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,9 +27,11 @@ def _local(t: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, DTensor):
         return t
     if not isinstance(other, DTensor) or t.shape != other.shape or t.placements != other.placements:
-        raise ValueError("teacher and student parameters are sharded differently: the EMA update would mix "
-                         f"different elements ({tuple(t.shape)} {t.placements} vs {tuple(other.shape)} "
-                         f"{getattr(other, 'placements', 'whole')})")
+        raise ValueError(
+            "teacher and student parameters are sharded differently: the EMA update would mix "
+            f"different elements ({tuple(t.shape)} {t.placements} vs {tuple(other.shape)} "
+            f"{getattr(other, 'placements', 'whole')})"
+        )
     return t.to_local()
 
 

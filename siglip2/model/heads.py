@@ -4,6 +4,7 @@ Layout and semantics are those of transformers `Siglip2MultiheadAttentionPooling
 (`probe`, `attention` = `nn.MultiheadAttention`, `layernorm`, `mlp`), so released weights
 load by name. Note the residual: out = a + mlp(ln(a)), with a = attention(probe, x, x).
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Parameter names follow the released SigLIP 2 weights as laid out in
 `transformers.Siglip2Model` (`self_attn.{q,k,v,out}_proj`, `layer_norm1/2`, `mlp.fc1/fc2`),
 so converting a checkpoint is a rename-free `load_state_dict`.
 """
+
 from __future__ import annotations
 
 import torch

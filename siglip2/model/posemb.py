@@ -7,6 +7,7 @@ bicubic, which does not reproduce the released numbers, so the resize is written
 `method="bv_zoom"` is big_vision's plain-ViT checkpoint loader instead (`models/vit.py
 resample_posemb`: `scipy.ndimage.zoom(order=1)`, corner-aligned linear, no antialias).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,6 @@ import torch.nn.functional as F
 POSEMB_RESIZE = ("hf", "bv_zoom")
 
 
-
 def _as_grid(posemb: torch.Tensor) -> torch.Tensor:
     """A (G*G, W) table as its (G, G, W) grid (a (Gh, Gw, W) grid passes); a non-square
     row count is a `ValueError`."""
@@ -28,6 +28,7 @@ def _as_grid(posemb: torch.Tensor) -> torch.Tensor:
     if g * g != posemb.shape[0]:
         raise ValueError(f"position table of {posemb.shape[0]} rows is not a square grid")
     return posemb.reshape(g, g, -1)
+
 
 def resize_posemb(posemb: torch.Tensor, hw: tuple[int, int], method: str = "hf") -> torch.Tensor:
     """Resize a (G*G, W) or (G, G, W) table to (h*w, W), row-major.

@@ -7,6 +7,7 @@ and there is no attention mask either. `map` pools with a MAP head (`map_head`),
 paper describes; HF cannot hold it, so such a model exports to our format only. It also uses
 no padding mask, like big_vision's text encoder: padding ids are ordinary tokens to it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,7 @@ released weights load with a plain `load_state_dict` and `siglip2.export.hf` is 
 Logits are t * <x, y> + b with t = exp(logit_scale), init t = 10, b = -10 (SigLIP §4.8) unless
 the config says otherwise.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -111,8 +112,7 @@ class SigLIP2(nn.Module):
         out = {"logit_scale": self.logit_scale.exp(), "logit_bias": self.logit_bias}
         if image is not None or image_kw.get("patches") is not None:
             img = self.encode_image(image, **image_kw)
-            out.update(image_emb=img.embeds, image_tokens=img.tokens,
-                       image_token_mask=img.token_mask)
+            out.update(image_emb=img.embeds, image_tokens=img.tokens, image_token_mask=img.token_mask)
         if text is not None:
             out["text_emb"] = self.embed_text(text)
         return out

@@ -5,6 +5,7 @@ layout the NaFlex pipeline produces, so both go through the patch Linear, the pe
 resized position table, the pre-norm encoder, `post_layernorm` and the MAP head. Parameter
 names are those of transformers `Siglip2VisionTransformer`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -111,8 +112,9 @@ class VisionTransformer(nn.Module):
         return ImageOutput(self.head(tokens, key_mask), tokens, key_mask)
 
     @torch.no_grad()
-    def adapt(self, patch_size: int | None = None, posemb_grid: int | None = None, posemb_resize: str = "hf",
-              **resize_kw) -> None:
+    def adapt(
+        self, patch_size: int | None = None, posemb_grid: int | None = None, posemb_resize: str = "hf", **resize_kw
+    ) -> None:
         """Resolution stage helper: FlexiViT PI-resize the patch Linear to `patch_size` and/or
         bilinearly resize the learned position table to `posemb_grid` x `posemb_grid`, in place.
 

@@ -6,6 +6,7 @@ summed learnability, from explicit sub-matrix sums), the tokenizer itself (re-pa
 another length), and the path a user runs (`stage=acid` from a pretraining checkpoint, with
 a teacher of another resolution and text length, on two DDP processes).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from siglip2.acid import (CurationConfig, chunk_sizes, gumbel, independent_select, joint_select,
-                          random_select, select)
+from siglip2.acid import CurationConfig, chunk_sizes, gumbel, independent_select, joint_select, random_select, select
 from siglip2.losses.sigmoid import SigmoidLoss, sigmoid_pair_losses
 
 
@@ -135,7 +135,7 @@ def test_planted_easy_for_teacher_hard_for_learner_examples_are_chosen_first():
 
 def test_gumbel_noise_is_standard_gumbel():
     g = gumbel(200_000, torch.Generator().manual_seed(0), "cpu")
-    assert abs(float(g.mean()) - 0.5772) < 0.01 and abs(float(g.var()) - math.pi ** 2 / 6) < 0.03
+    assert abs(float(g.mean()) - 0.5772) < 0.01 and abs(float(g.var()) - math.pi**2 / 6) < 0.03
 
 
 # ---------------------------------------------------------------- the stage's pieces
@@ -181,10 +181,22 @@ def _hf_teacher(tmp_path: Path, vocab: int, image_size: int, max_len: int, seed:
     from siglip2.model import build_model
 
     torch.manual_seed(seed)
-    model = build_model(dict(name="teacher", embed_dim=64,
-                             vision=dict(width=64, depth=2, mlp_dim=128, heads=4, patch_size=8,
-                                         posemb_grid=image_size // 8, image_size=image_size),
-                             text=dict(width=64, depth=2, mlp_dim=128, heads=4, vocab_size=vocab, max_len=max_len)))
+    model = build_model(
+        dict(
+            name="teacher",
+            embed_dim=64,
+            vision=dict(
+                width=64,
+                depth=2,
+                mlp_dim=128,
+                heads=4,
+                patch_size=8,
+                posemb_grid=image_size // 8,
+                image_size=image_size,
+            ),
+            text=dict(width=64, depth=2, mlp_dim=128, heads=4, vocab_size=vocab, max_len=max_len),
+        )
+    )
     return save_hf(model, tmp_path / "teacher_hf")
 
 
@@ -216,8 +228,11 @@ def test_teacher_with_another_vocabulary_is_refused_before_training(cache_dir, d
     from stages.runner import build
 
     teacher = _hf_teacher(tmp_path, vocab=123, image_size=64, max_len=40)
-    cfg = compose_cfg(["stage=acid", f"init_from={debug_pretrain}/checkpoints/last.ckpt",
-                       f"stage.acid.teacher=hf:{teacher}"], cache_dir, tmp_path)
+    cfg = compose_cfg(
+        ["stage=acid", f"init_from={debug_pretrain}/checkpoints/last.ckpt", f"stage.acid.teacher=hf:{teacher}"],
+        cache_dir,
+        tmp_path,
+    )
     with pytest.raises(Exception, match="has a vocabulary of 123 tokens but the learner"):  # Hydra wraps the ValueError
         build(cfg)
 
@@ -230,24 +245,42 @@ def test_acid_trains_on_two_ddp_processes_with_a_teacher_of_another_size(cache_d
     With `data.caption_noise` the selection reports what share of noisy and clean it kept."""
     from helpers import cli
 
-    vocab = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu",
-                       weights_only=True)["siglip2"]["model"]["text"]["vocab_size"]
+    vocab = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["siglip2"][
+        "model"
+    ]["text"]["vocab_size"]
     teacher = _hf_teacher(tmp_path, vocab=vocab, image_size=96, max_len=48)
-    proc = cli(["debug=fast", "stage=acid", "trainer=ddp_cpu", "trainer.max_steps=3",
-                f"init_from={debug_pretrain}/checkpoints/last.ckpt", f"stage.acid.teacher=hf:{teacher}",
-                "stage.acid.n_chunks=4", "data.caption_noise=0.3"], cache_dir, tmp_path / "logs")
+    proc = cli(
+        [
+            "debug=fast",
+            "stage=acid",
+            "trainer=ddp_cpu",
+            "trainer.max_steps=3",
+            f"init_from={debug_pretrain}/checkpoints/last.ckpt",
+            f"stage.acid.teacher=hf:{teacher}",
+            "stage.acid.n_chunks=4",
+            "data.caption_noise=0.3",
+        ],
+        cache_dir,
+        tmp_path / "logs",
+    )
     metrics_path = Path(proc.stdout.strip().splitlines()[-1].split("metrics written to ")[-1])
     metrics = json.loads(metrics_path.read_text())
     assert metrics["global_step"] == 3
     # data.caption_noise flags the replaced captions through both ranks' loaders and the selection
     assert 0.0 <= metrics["acid/chosen_frac_noisy"] <= 1.0 and 0.0 < metrics["acid/chosen_frac_clean"] <= 1.0
     assert metrics["train/examples_seen"] == 3 * 2 * 16  # the final count: trained examples, not the super-batches
-    for key in ("acid/learnability_chosen", "acid/learnability_all", "acid/learner_loss", "acid/teacher_loss",
-                "train/loss_sigmoid"):
+    for key in (
+        "acid/learnability_chosen",
+        "acid/learnability_all",
+        "acid/learner_loss",
+        "acid/teacher_loss",
+        "train/loss_sigmoid",
+    ):
         assert math.isfinite(metrics[key]), key
     assert 0.0 < metrics["acid/chosen_frac_en"] <= 1.0
-    meta = torch.load(metrics_path.parent / "checkpoints" / "last.ckpt", map_location="cpu",
-                      weights_only=True)["siglip2"]
+    meta = torch.load(metrics_path.parent / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+        "siglip2"
+    ]
     assert meta["stage"] == "acid" and meta["acid"]["teacher"]["path"] == f"hf:{teacher}"
     assert meta["acid"]["teacher"]["model"]["vision"]["image_size"] == 96
     # the teacher scored source pixels at its own 96 px (stage.acid.teacher_pixels=source)
@@ -274,11 +307,31 @@ def test_teacher_cache_gives_the_live_teachers_scores_on_training_batches(cache_
     cfg = compose_cfg(["stage=acid", f"stage.acid.teacher={ckpt}"], cache_dir, tmp_path)
     data = build_datamodule(cfg)
     out = tmp_path / "teacher_cache.pt"
-    proc = subprocess.run([sys.executable, "-m", "siglip2.acid", "cache", "--teacher", str(ckpt),
-                           "--shards", data.sources, "--tokenizer", str(cfg.tokenizer.path),
-                           "--text-length", "40", "--out", str(out), "--batch-size", "50"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": "."},
-                          cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "siglip2.acid",
+            "cache",
+            "--teacher",
+            str(ckpt),
+            "--shards",
+            data.sources,
+            "--tokenizer",
+            str(cfg.tokenizer.path),
+            "--text-length",
+            "40",
+            "--out",
+            str(out),
+            "--batch-size",
+            "50",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": "."},
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(TeacherCache(out).keys) == 400  # every training sample of the debug demo
     from siglip2.data.tokenizer import tokenizer_fingerprint
@@ -288,8 +341,10 @@ def test_teacher_cache_gives_the_live_teachers_scores_on_training_batches(cache_
     batch = next(iter(data.train_dataloader()))
     assert batch["image"].shape[0] == 32  # b / (1 - f) = 16 / 0.5
     live = build_stage(cfg, vocab_size=data.tokenizer.vocab_size)
-    cached = build_stage(compose_cfg(["stage=acid", f"stage.acid.teacher_cache={out}"], cache_dir, tmp_path),
-                         vocab_size=data.tokenizer.vocab_size)
+    cached = build_stage(
+        compose_cfg(["stage=acid", f"stage.acid.teacher_cache={out}"], cache_dir, tmp_path),
+        vocab_size=data.tokenizer.vocab_size,
+    )
     cached.load_state_dict(live.state_dict())
     a, b = live.score(batch), cached.score(batch)
     torch.testing.assert_close(a["teacher"], b["teacher"], atol=1e-4, rtol=1e-4)
@@ -315,8 +370,9 @@ def test_a_teacher_of_another_resolution_scores_source_pixels_live_and_cached(ca
     from stages.runner import build_stage
     from helpers import compose_cfg
 
-    vocab = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu",
-                       weights_only=True)["siglip2"]["model"]["text"]["vocab_size"]
+    vocab = torch.load(debug_pretrain / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["siglip2"][
+        "model"
+    ]["text"]["vocab_size"]
     teacher = _hf_teacher(tmp_path, vocab=vocab, image_size=96, max_len=40)
     cfg = compose_cfg(["stage=acid", f"stage.acid.teacher=hf:{teacher}"], cache_dir, tmp_path)
     data = build_datamodule(cfg)
@@ -328,15 +384,37 @@ def test_a_teacher_of_another_resolution_scores_source_pixels_live_and_cached(ca
     assert batch["image"].shape[-2:] == (64, 64) and batch["teacher_image"].shape[-2:] == (96, 96)
     assert batch["teacher_image"].dtype == torch.uint8  # made float on the device, as `image`
     out = tmp_path / "teacher_cache.pt"
-    proc = subprocess.run([sys.executable, "-m", "siglip2.acid", "cache", "--teacher", f"hf:{teacher}",
-                           "--shards", data.sources, "--tokenizer", str(cfg.tokenizer.path),
-                           "--text-length", "40", "--out", str(out), "--batch-size", "50"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": "."},
-                          cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "siglip2.acid",
+            "cache",
+            "--teacher",
+            f"hf:{teacher}",
+            "--shards",
+            data.sources,
+            "--tokenizer",
+            str(cfg.tokenizer.path),
+            "--text-length",
+            "40",
+            "--out",
+            str(out),
+            "--batch-size",
+            "50",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": "."},
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert TeacherCache(out).image_size == 96
-    cached = build_stage(compose_cfg(["stage=acid", f"stage.acid.teacher_cache={out}"], cache_dir, tmp_path),
-                         vocab_size=data.tokenizer.vocab_size)
+    cached = build_stage(
+        compose_cfg(["stage=acid", f"stage.acid.teacher_cache={out}"], cache_dir, tmp_path),
+        vocab_size=data.tokenizer.vocab_size,
+    )
     cached.load_state_dict(live.state_dict())
     source, from_cache = live.score(batch), cached.score(batch)
     torch.testing.assert_close(source["teacher"], from_cache["teacher"], atol=1e-4, rtol=1e-4)
@@ -344,9 +422,12 @@ def test_a_teacher_of_another_resolution_scores_source_pixels_live_and_cached(ca
     assert float((upsampled["teacher"] - source["teacher"]).abs().max()) > 1e-3
     # teacher_pixels=batch: the loader is not asked for a second image
     data2 = build_datamodule(cfg)
-    batch_mode = build_stage(compose_cfg(["stage=acid", f"stage.acid.teacher=hf:{teacher}",
-                                          "stage.acid.teacher_pixels=batch"], cache_dir, tmp_path),
-                             vocab_size=data.tokenizer.vocab_size)
+    batch_mode = build_stage(
+        compose_cfg(
+            ["stage=acid", f"stage.acid.teacher=hf:{teacher}", "stage.acid.teacher_pixels=batch"], cache_dir, tmp_path
+        ),
+        vocab_size=data.tokenizer.vocab_size,
+    )
     batch_mode._trainer = SimpleNamespace(datamodule=data2)
     batch_mode.setup("fit")
     assert data2.teacher_image_size is None and "teacher_image" not in next(iter(data2.train_dataloader()))

@@ -1,5 +1,6 @@
 """M4 data balancing (issue 30) end to end: the CLI on the demo's shards and a training run
 that reads the table (the solver, the bounds and the loader's filter: tests/unit/test_balance.py)."""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,19 @@ def test_cli_on_the_demo_and_a_run_that_reads_the_table(cache_dir, tmp_path):
 
     demo = ensure_demo(str(cache_dir / "demo-n400-s0"), num_train=400, seed=0)
     config = tmp_path / "balance.yaml"
-    config.write_text(json.dumps({
-        "attributes": {"red": ["red"], "blue": ["blue"]}, "json_attributes": "objects[].color",
-        "concepts": {c: [c] for c in "EHKMOSTVXZ"}, "json_concepts": "objects[].category",
-        "target": {"red": 0.7, "blue": 0.3}, "representation_tolerance": 0.01, "association_tolerance": 0.01}))
+    config.write_text(
+        json.dumps(
+            {
+                "attributes": {"red": ["red"], "blue": ["blue"]},
+                "json_attributes": "objects[].color",
+                "concepts": {c: [c] for c in "EHKMOSTVXZ"},
+                "json_concepts": "objects[].category",
+                "target": {"red": 0.7, "blue": 0.3},
+                "representation_tolerance": 0.01,
+                "association_tolerance": 0.01,
+            }
+        )
+    )
     out = tmp_path / "keep.tsv"
     table = main(["--shards", str(demo.train_urls), "--config", str(config), "--out", str(out)])
     s = json.loads(Path(str(out) + ".json").read_text())
@@ -39,8 +49,14 @@ def test_cli_on_the_demo_and_a_run_that_reads_the_table(cache_dir, tmp_path):
     other = tmp_path / "other.tsv"
     other.write_text("key\tkeep_prob\tkept\nelsewhere/000000.tar/000000001\t0.0\t0\n")
     with pytest.raises(ValueError, match="none of which this run reads"):
-        ImageTextData(tokenizer={"path": demo.tokenizer_path}, image_size=64, batch_size=4, batches_per_epoch=1,
-                      train=demo.train_urls, balance_table=str(other))
+        ImageTextData(
+            tokenizer={"path": demo.tokenizer_path},
+            image_size=64,
+            batch_size=4,
+            batches_per_epoch=1,
+            train=demo.train_urls,
+            balance_table=str(other),
+        )
     proc = cli(["debug=fast", f"data.balance_table={out}", "trainer.max_steps=4"], cache_dir, tmp_path / "logs")
     metrics_path = Path(proc.stdout.strip().splitlines()[-1].split("metrics written to ")[-1])
     metrics = json.loads(metrics_path.read_text())

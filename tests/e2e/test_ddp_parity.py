@@ -69,6 +69,7 @@ takes ~40 s to build on 2 cores, so the data module reads a tiny demo (32 train 
 generator, its own tokenizer) through `data.train=...` / `tokenizer.path=...` with
 `data.demo=null`; everything else is `debug=fast`.
 """
+
 from __future__ import annotations
 
 import time
@@ -85,8 +86,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.e2e,
-              pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]  # no Trainer here
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`"),
+]  # no Trainer here
 
 WORLD = 2
 PER_RANK = 4  # B; the reference runs 2B = 8 rows
@@ -94,16 +97,32 @@ RTOL, ATOL = 1e-4, 1e-6
 # Sigmoid chunk size and, for the distillation cases, the teacher-side target rule: the plain
 # path (4096 > 8 rows), the tiled autograd Function, and all four losses with DINO centring
 # and with Sinkhorn-Knopp (both all-reduce over ranks).
-CASES = {"plain": (4096, None), "chunked": (3, None), "distill": (4096, "centering"),
-         "distill_sk": (4096, "sinkhorn_knopp")}
+CASES = {
+    "plain": (4096, None),
+    "chunked": (3, None),
+    "distill": (4096, "centering"),
+    "distill_sk": (4096, "sinkhorn_knopp"),
+}
 DISTILL = ("local_to_global", "masked")
 VIEW_SEED = 77
 PERTURB_SEED, PERTURB_STD = 1234, 0.02
 # Metrics whose mean over ranks is the global value (see module docstring).
-METRICS = ("pos_logit", "neg_logit", "logit_scale", "logit_bias",
-           "locca/cap", "locca/aref", "locca/gcap", "locca/loss",
-           "distill/local_to_global", "distill/masked", "distill/l2g/teacher_entropy",
-           "distill/masked/teacher_entropy", "distill/l2g/center_entropy", "distill/masked/center_entropy")
+METRICS = (
+    "pos_logit",
+    "neg_logit",
+    "logit_scale",
+    "logit_bias",
+    "locca/cap",
+    "locca/aref",
+    "locca/gcap",
+    "locca/loss",
+    "distill/local_to_global",
+    "distill/masked",
+    "distill/l2g/teacher_entropy",
+    "distill/masked/teacher_entropy",
+    "distill/l2g/center_entropy",
+    "distill/masked/center_entropy",
+)
 
 
 # ---- shared by the reference and the ranks ---------------------------------------------
@@ -156,9 +175,15 @@ def _rank_views(views, rank: int):
     def local(t):
         return t.unflatten(0, (t.shape[0] // n, n))[:, lo:hi].flatten(0, 1)
 
-    return type(views)(views.global_view[lo:hi], local(views.local_views), views.mask[lo:hi],
-                       views.global_boxes[lo:hi], local(views.local_boxes), views.global_flip[lo:hi],
-                       local(views.local_flip))
+    return type(views)(
+        views.global_view[lo:hi],
+        local(views.local_views),
+        views.mask[lo:hi],
+        views.global_boxes[lo:hi],
+        local(views.local_boxes),
+        views.global_flip[lo:hi],
+        local(views.local_flip),
+    )
 
 
 def _centers(stage) -> dict[str, torch.Tensor]:
@@ -193,7 +218,8 @@ def _rows(batch: dict[str, Any], lo: int, hi: int, n: int) -> dict[str, Any]:
     out = {}
     for key, value in batch.items():
         if (torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == n) or (
-                isinstance(value, list) and len(value) == n):
+            isinstance(value, list) and len(value) == n
+        ):
             out[key] = value[lo:hi]
         else:
             out[key] = value
@@ -213,8 +239,9 @@ class _TrainingStep(nn.Module):
 
 def _rank_main(rank: int, work: str) -> None:
     torch.set_num_threads(1)  # two ranks on two cores
-    dist.init_process_group("gloo", init_method=f"file://{work}/pg", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{work}/pg", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+    )
     try:
         spec = torch.load(f"{work}/spec.pt", weights_only=False)
         n = spec["n"]
@@ -256,22 +283,38 @@ def _spawn(work: Path, timeout: float = 240.0) -> None:
 def tiny_demo(tmp_path_factory):
     from siglip2.data.demo import ensure_demo
 
-    return ensure_demo(tmp_path_factory.mktemp("ddp-demo") / "root", num_train=32, seed=0, workers=1,
-                       num_zeroshot=8, num_retrieval=8, num_refexp=8, num_segmentation=8, num_words=8)
+    return ensure_demo(
+        tmp_path_factory.mktemp("ddp-demo") / "root",
+        num_train=32,
+        seed=0,
+        workers=1,
+        num_zeroshot=8,
+        num_retrieval=8,
+        num_refexp=8,
+        num_segmentation=8,
+        num_words=8,
+    )
 
 
 def _compose(demo, tmp_path: Path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[
-            "debug=fast", f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path}",
-            f"paths.root_dir={tmp_path}",
-            "data.demo=null", f'data.train="{demo.train_urls}"', f"tokenizer.path={demo.tokenizer_path}",
-            f"data.batch_size={WORLD * PER_RANK}",
-            "stage.losses.locca.parallel_prob=0",
-            # b = -2 instead of -10: the negatives' sigmoid is ~e^b, so at -10 the cross-rank
-            # negatives (all the all-gather adds) hold ~1e-3 of the gradient; at -2 they count.
-            "model.logit_bias_init=-2.0",
-        ])
+        return compose(
+            "train",
+            overrides=[
+                "debug=fast",
+                f"paths.cache_dir={tmp_path / 'cache'}",
+                f"paths.output_dir={tmp_path}",
+                f"paths.root_dir={tmp_path}",
+                "data.demo=null",
+                f'data.train="{demo.train_urls}"',
+                f"tokenizer.path={demo.tokenizer_path}",
+                f"data.batch_size={WORLD * PER_RANK}",
+                "stage.losses.locca.parallel_prob=0",
+                # b = -2 instead of -10: the negatives' sigmoid is ~e^b, so at -10 the cross-rank
+                # negatives (all the all-gather adds) hold ~1e-3 of the gradient; at -2 they count.
+                "model.logit_bias_init=-2.0",
+            ],
+        )
 
 
 def test_ddp_two_ranks_match_one_process_on_the_whole_batch(tiny_demo, tmp_path):
@@ -287,11 +330,16 @@ def test_ddp_two_ranks_match_one_process_on_the_whole_batch(tiny_demo, tmp_path)
     # LocCa's per-rank per-sequence mean averages to the global mean only with equal counts.
     for task in ("cap", "aref", "gcap"):
         valid = batch[f"locca_{task}_valid"].bool()
-        counts = [int(valid[r * PER_RANK:(r + 1) * PER_RANK].sum()) for r in range(WORLD)]
+        counts = [int(valid[r * PER_RANK : (r + 1) * PER_RANK].sum()) for r in range(WORLD)]
         assert len(set(counts)) == 1 and counts[0] > 0, f"{task}: valid rows per rank {counts}"
 
-    spec = {"cfg": {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("stage", "model", "optim")},
-            "vocab_size": int(datamodule.tokenizer.vocab_size), "batch": batch, "n": n, "init": {}}
+    spec = {
+        "cfg": {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("stage", "model", "optim")},
+        "vocab_size": int(datamodule.tokenizer.vocab_size),
+        "batch": batch,
+        "n": n,
+        "init": {},
+    }
     spec["cfg"]["seed"] = int(cfg.seed)
 
     reference = {}
@@ -302,8 +350,12 @@ def test_ddp_two_ranks_match_one_process_on_the_whole_batch(tiny_demo, tmp_path)
             if "views" not in spec:
                 from siglip2.data.views import make_views
 
-                spec["views"] = make_views(batch["image"], torch.Generator().manual_seed(VIEW_SEED), stage.views,
-                                           patch_size=stage.model.config.vision.patch_size)
+                spec["views"] = make_views(
+                    batch["image"],
+                    torch.Generator().manual_seed(VIEW_SEED),
+                    stage.views,
+                    patch_size=stage.model.config.vision.patch_size,
+                )
             _with_views(stage, spec["views"])
         spec["init"][case] = {k: v.detach().clone() for k, v in stage.state_dict().items()}
         seen = _recording(stage)
@@ -312,8 +364,11 @@ def test_ddp_two_ranks_match_one_process_on_the_whole_batch(tiny_demo, tmp_path)
         total.backward()
         grads = {name: p.grad.detach().clone() for name, p in stage.named_parameters() if p.requires_grad}
         assert all(g is not None for g in grads.values())
-        dead = [name for name, g in grads.items()  # key biases: zero gradient in exact arithmetic
-                if name.startswith("losses.") and not name.endswith("k_proj.bias") and not g.any()]
+        dead = [
+            name
+            for name, g in grads.items()  # key biases: zero gradient in exact arithmetic
+            if name.startswith("losses.") and not name.endswith("k_proj.bias") and not g.any()
+        ]
         assert not dead, f"{case}: LocCa parameters without a gradient, nothing to compare: {dead}"
         reference[case] = {"values": _summary(seen, total), "grads": grads, "centers": _centers(stage)}
     torch.save(spec, tmp_path / "spec.pt")
@@ -331,8 +386,9 @@ def test_ddp_two_ranks_match_one_process_on_the_whole_batch(tiny_demo, tmp_path)
             print(f"{case} {key}: ref {want:.7g}, ranks {per_rank}, |mean - ref| {abs(mean - want):.2e}")
             assert abs(mean - want) <= ATOL + RTOL * abs(want), f"{case} {key}: ranks {per_rank}, mean {mean} vs {want}"
         # Gradients: DDP leaves the same average on every rank; it must be the reference's.
-        assert got[0]["grads"].keys() == ref["grads"].keys(), f"{case}: parameters without a DDP gradient: " \
-            f"{sorted(set(ref['grads']) - set(got[0]['grads']))}"
+        assert got[0]["grads"].keys() == ref["grads"].keys(), (
+            f"{case}: parameters without a DDP gradient: {sorted(set(ref['grads']) - set(got[0]['grads']))}"
+        )
         bad, worst_abs, worst_norm, worst_share = [], 0.0, 0.0, 0.0
         for name, want in ref["grads"].items():
             g0, g1 = got[0]["grads"][name], got[1]["grads"][name]
@@ -345,8 +401,10 @@ def test_ddp_two_ranks_match_one_process_on_the_whole_batch(tiny_demo, tmp_path)
             if not torch.allclose(g0, want, rtol=RTOL, atol=ATOL):
                 scale = float(g0.norm() / want.norm()) if float(want.norm()) > 0 else float("nan")
                 bad.append(f"{name}: max |diff| {float(diff.max()):.3g}, |ddp|/|ref| = {scale:.4g}")
-        print(f"{case} grads: max |diff| {worst_abs:.2e}, max |diff|/|ref| (norms, per tensor) {worst_norm:.2e}, "
-              f"max |diff| / (atol + rtol |ref|) {worst_share:.2f}")
+        print(
+            f"{case} grads: max |diff| {worst_abs:.2e}, max |diff|/|ref| (norms, per tensor) {worst_norm:.2e}, "
+            f"max |diff| / (atol + rtol |ref|) {worst_share:.2f}"
+        )
         assert not bad, f"{case}: {len(bad)} of {len(ref['grads'])} gradients differ:\n  " + "\n  ".join(bad[:40])
         # Centres: updated from the all-reduced mean of the teacher logits, the same everywhere.
         for name, want in ref["centers"].items():

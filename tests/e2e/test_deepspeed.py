@@ -17,6 +17,7 @@ step 5 of 6), shared by the tests of this module:
   else is refused: tests/unit/test_deepspeed_unit.py).
 The first DeepSpeed run of a machine builds DeepSpeed's CPU communication op (~90 s, cached).
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,17 @@ def ddp_run(cache_dir, module_tmp) -> Path:
 def ds_bf16_run(cache_dir, module_tmp) -> tuple[Path, Path]:
     out = module_tmp("ds-bf16")
     # with the end-of-training evaluation (zero-shot set), which runs an fp32 copy from the masters
-    return out, _train(["trainer=deepspeed_cpu", "trainer.precision=bf16-mixed", "eval=demo", "eval.max_batches=1",
-                        "eval.sets=[${data.demo.root}/eval/zeroshot/zeroshot.yaml]"], cache_dir, out)
+    return out, _train(
+        [
+            "trainer=deepspeed_cpu",
+            "trainer.precision=bf16-mixed",
+            "eval=demo",
+            "eval.max_batches=1",
+            "eval.sets=[${data.demo.root}/eval/zeroshot/zeroshot.yaml]",
+        ],
+        cache_dir,
+        out,
+    )
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -118,8 +128,11 @@ def test_fp32_deepspeed_ends_with_the_weights_of_ddp_through_the_switch(ds_run, 
     assert set(a) == set(b)
     worst: dict[str, float] = {}
     for key in a:
-        part = "key biases" if key.endswith("k_proj.bias") else next(
-            p for p in ("teacher.", *DISTILL_PREFIXES, "losses.locca.", "model.", "") if key.startswith(p))
+        part = (
+            "key biases"
+            if key.endswith("k_proj.bias")
+            else next(p for p in ("teacher.", *DISTILL_PREFIXES, "losses.locca.", "model.", "") if key.startswith(p))
+        )
         worst[part] = max(worst.get(part, 0.0), float((a[key].float() - b[key].float()).abs().max()))
     print("max |DeepSpeed - DDP| by part:", worst)
     assert set(worst) == {"key biases", "teacher.", "model.", "losses.locca.", *DISTILL_PREFIXES}, worst
@@ -146,7 +159,7 @@ def test_switch_reinit_reaches_the_fp32_masters_and_survives_the_step(ds_run, ds
     """The heads re-initialised at 80% are what the engine's fp32 masters hold (so the step
     continues from them), and after the step they are one lr-sized update away, not back at the
     pre-switch values (0.14 away before the fix); every rank agrees."""
-    for out, dtype_tol in ((ds_run[0], 0.0), (ds_bf16_run[0], 2 ** -8)):
+    for out, dtype_tol in ((ds_run[0], 0.0), (ds_bf16_run[0], 2**-8)):
         records = _probe(out)
         assert len(records) == 2, out
         for rec in records:
@@ -208,10 +221,23 @@ def test_handoff_init_from_eval_and_export_read_the_deepspeed_checkpoint(ds_run,
         assert torch.equal(own[key], value), key
     # eval.py (the zero-shot set: the whole demo suite takes minutes on 2 busy cores)
     env = dict(os.environ, WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, "eval.py", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "eval=demo",
-                           "eval.max_batches=1", "eval.sets=[${data.demo.root}/eval/zeroshot/zeroshot.yaml]",
-                           f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "eval.py",
+            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+            "eval=demo",
+            "eval.max_batches=1",
+            "eval.sets=[${data.demo.root}/eval/zeroshot/zeroshot.yaml]",
+            f"paths.cache_dir={cache_dir}",
+            f"paths.log_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads(next(tmp_path.glob("eval/runs/*/metrics.json")).read_text())
     assert 0.0 <= metrics["zeroshot/demo_zeroshot/top1"] <= 1.0
@@ -221,5 +247,6 @@ def test_handoff_init_from_eval_and_export_read_the_deepspeed_checkpoint(ds_run,
     ours = read_checkpoint(str(run / "checkpoints" / "last.ckpt")).model()
     text = torch.randint(0, ours.config.text.vocab_size, (2, ours.config.text.max_len))
     with torch.no_grad():
-        torch.testing.assert_close(hf.text_model(input_ids=text).pooler_output, ours.encode_text(text),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            hf.text_model(input_ids=text).pooler_output, ours.encode_text(text), atol=1e-5, rtol=1e-5
+        )

@@ -1,5 +1,6 @@
 """The demo's cache under concurrent callers: two processes asking for the same demo build it
 once (the rest of the generator: tests/unit/test_demo_unit.py, tests/integration/test_demo.py)."""
+
 from __future__ import annotations
 
 import multiprocessing as mp

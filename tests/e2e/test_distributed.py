@@ -1,6 +1,7 @@
 """`siglip2.distributed`: ranks that pass different shapes to the gradient all_gather (the
 sigmoid loss's) get a clear ValueError on every rank, naming each rank's shape, instead of a
 C++ abort (gloo) or a hang (NCCL)."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,13 @@ WORLD = 2
 
 def _worker(rank, init_method, out_dir, sizes):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
-                            timeout=__import__("datetime").timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=init_method,
+        rank=rank,
+        world_size=WORLD,
+        timeout=__import__("datetime").timedelta(seconds=60),
+    )
     from siglip2.distributed import all_gather_with_grad
     from siglip2.losses import SigmoidLoss
 
@@ -39,8 +45,13 @@ def _worker(rank, init_method, out_dir, sizes):
 
 def test_unequal_batches_give_a_clear_error_on_every_rank(tmp_path):
     # rank 0: 5 then 3 (equal to rank 1's second batch), rank 1: 4 then 3
-    ctx = mp.start_processes(_worker, args=(f"file://{tmp_path / 'init'}", str(tmp_path), {0: [5, 3], 1: [4, 3]}),
-                             nprocs=WORLD, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _worker,
+        args=(f"file://{tmp_path / 'init'}", str(tmp_path), {0: [5, 3], 1: [4, 3]}),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
     deadline = 120  # a hang fails the test instead of stalling CI
     import time
 

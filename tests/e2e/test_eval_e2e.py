@@ -2,6 +2,7 @@
 refexp probe, a transformers folder read as the checkpoint is); chance level, the NaFlex picture
 and export in process: tests/integration/test_eval_integration.py, whose 2-step checkpoint
 (`trained`, one per module) these read too."""
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,23 @@ def test_eval_py_prints_table_and_writes_metrics(trained, tmp_path):
     cache, ckpt = trained
     env = dict(os.environ, WANDB_MODE="disabled")
     proc = subprocess.run(
-        [sys.executable, "eval.py", f"ckpt_path={ckpt}", "eval=demo", "eval.max_batches=1", "data.demo.num_train=400",
-         f"paths.cache_dir={cache}", f"paths.log_dir={tmp_path}", f"grid={tmp_path / 'grid.png'}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "eval.py",
+            f"ckpt_path={ckpt}",
+            "eval=demo",
+            "eval.max_batches=1",
+            "data.demo.num_train=400",
+            f"paths.cache_dir={cache}",
+            f"paths.log_dir={tmp_path}",
+            f"grid={tmp_path / 'grid.png'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads(next(tmp_path.glob("eval/runs/*/metrics.json")).read_text())
     # the picture of predictions: 16 held-out images, 4 per row, boxes and text drawn
@@ -35,8 +50,12 @@ def test_eval_py_prints_table_and_writes_metrics(trained, tmp_path):
 
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape == (LEGEND_HEIGHT + 4 * (224 + 68), 4 * (224 + 4), 3) and grid.std() > 20
-    for key in ("zeroshot/demo_zeroshot/top1", "retrieval/demo_retrieval/image_to_text_R@5",
-                "refexp/demo_refexp/acc@0.5", "segmentation/demo_segmentation/miou"):
+    for key in (
+        "zeroshot/demo_zeroshot/top1",
+        "retrieval/demo_retrieval/image_to_text_R@5",
+        "refexp/demo_refexp/acc@0.5",
+        "segmentation/demo_segmentation/miou",
+    ):
         assert key in metrics and key in proc.stdout, (key, sorted(metrics))
         assert 0.0 <= metrics[key] <= 1.0
 
@@ -47,9 +66,21 @@ def test_eval_py_takes_the_demo_size_from_the_checkpoint(trained, tmp_path):
     is one set."""
     cache, ckpt = trained
     proc = subprocess.run(
-        [sys.executable, "eval.py", f"ckpt_path={ckpt}", "eval.max_batches=1", f"paths.cache_dir={cache}",
-         f"paths.log_dir={tmp_path}", "eval.sets=${data.demo.root}/eval/zeroshot/zeroshot.yaml"],
-        cwd=ROOT, env=dict(os.environ, WANDB_MODE="disabled"), capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "eval.py",
+            f"ckpt_path={ckpt}",
+            "eval.max_batches=1",
+            f"paths.cache_dir={cache}",
+            f"paths.log_dir={tmp_path}",
+            "eval.sets=${data.demo.root}/eval/zeroshot/zeroshot.yaml",
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, WANDB_MODE="disabled"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "trained on the demo of 400 samples" in proc.stderr + proc.stdout
     assert "zeroshot/demo_zeroshot/top1" in proc.stdout
@@ -69,10 +100,22 @@ def test_refexp_probe_trains_a_fresh_decoder_beside_the_models_own(trained, tmp_
     cache, ckpt = trained
     env = dict(os.environ, WANDB_MODE="disabled")
     proc = subprocess.run(
-        [sys.executable, "eval.py", f"ckpt_path={ckpt}", "data.demo.num_train=400", f"paths.cache_dir={cache}",
-         f"paths.log_dir={tmp_path}", "eval.sets=[${data.demo.root}/eval/refexp/refexp.yaml]",
-         "eval.refexp_probe={steps: 3, batch_size: 8}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "eval.py",
+            f"ckpt_path={ckpt}",
+            "data.demo.num_train=400",
+            f"paths.cache_dir={cache}",
+            f"paths.log_dir={tmp_path}",
+            "eval.sets=[${data.demo.root}/eval/refexp/refexp.yaml]",
+            "eval.refexp_probe={steps: 3, batch_size: 8}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads(next(tmp_path.glob("eval/runs/*/metrics.json")).read_text())
     p = "refexp/demo_refexp/"
@@ -85,12 +128,21 @@ def test_refexp_probe_trains_a_fresh_decoder_beside_the_models_own(trained, tmp_
     demo = ensure_demo(cache / "demo-n400-s0", num_train=400, seed=0)
     model = read_checkpoint(str(ckpt)).model("student")
     tok = build_tokenizer(demo.tokenizer_path, length=model.config.text.max_len)
-    res = evaluate_all([demo.refexp_yaml], model=model, tokenizer=tok, image_size=model.config.vision.image_size,
-                       batch_size=200, decoder=None, refexp_probe={"steps": 2, "batch_size": 8})
+    res = evaluate_all(
+        [demo.refexp_yaml],
+        model=model,
+        tokenizer=tok,
+        image_size=model.config.vision.image_size,
+        batch_size=200,
+        decoder=None,
+        refexp_probe={"steps": 2, "batch_size": 8},
+    )
     assert p + "acc@0.5" not in res and p + "probe_own_decoder_acc@0.5" not in res
     assert res[p + "probe_num_test_regions"] > 0 and 0.0 <= res[p + "probe_acc@0.5"] <= 1.0
     assert evaluate_all([demo.refexp_yaml], model=model, tokenizer=tok, image_size=64, batch_size=200) == {
-        "_tables": {}, "_examples": {}}  # without the probe a decoder-less model is skipped, as before
+        "_tables": {},
+        "_examples": {},
+    }  # without the probe a decoder-less model is skipped, as before
 
 
 def test_eval_py_reads_a_transformers_folder_as_it_reads_the_checkpoint(trained, tmp_path):
@@ -105,8 +157,23 @@ def test_eval_py_reads_a_transformers_folder_as_it_reads_the_checkpoint(trained,
 
     def run(path, out, *extra):
         proc = subprocess.run(
-            [sys.executable, "eval.py", f"ckpt_path={path}", "data.demo.num_train=400", f"paths.cache_dir={cache}",
-             f"paths.log_dir={out}", sets, "eval.max_batches=1", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            [
+                sys.executable,
+                "eval.py",
+                f"ckpt_path={path}",
+                "data.demo.num_train=400",
+                f"paths.cache_dir={cache}",
+                f"paths.log_dir={out}",
+                sets,
+                "eval.max_batches=1",
+                *extra,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
         return json.loads(next(out.glob("eval/runs/*/metrics.json")).read_text()), proc.stdout + proc.stderr
 
@@ -119,14 +186,31 @@ def test_eval_py_reads_a_transformers_folder_as_it_reads_the_checkpoint(trained,
     for folder, reference in ((fixed, own), (naflex, own_naflex)):
         theirs, log_text = run(f"hf:{folder}", tmp_path / f"hf_{folder.name}")
         assert f"tokenizer: {folder} (lower-casing on)" in log_text  # our export lower-cases, as training
-        for key in ("zeroshot/demo_zeroshot/top1", "zeroshot/demo_zeroshot/top5",
-                    "retrieval/demo_retrieval/image_to_text_R@5", "retrieval/demo_retrieval/text_to_image_R@5"):
+        for key in (
+            "zeroshot/demo_zeroshot/top1",
+            "zeroshot/demo_zeroshot/top5",
+            "retrieval/demo_retrieval/image_to_text_R@5",
+            "retrieval/demo_retrieval/text_to_image_R@5",
+        ):
             assert theirs[key] == pytest.approx(reference[key], abs=1e-6), (folder.name, key)
     empty = tmp_path / "no_tokenizer"
     empty.mkdir()
     for name in ("config.json", "model.safetensors"):
         (empty / name).write_bytes((fixed / name).read_bytes())
-    proc = subprocess.run([sys.executable, "eval.py", f"ckpt_path=hf:{empty}", f"paths.cache_dir={cache}",
-                           "data.demo.num_train=400", f"paths.log_dir={tmp_path}", sets], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "eval.py",
+            f"ckpt_path=hf:{empty}",
+            f"paths.cache_dir={cache}",
+            "data.demo.num_train=400",
+            f"paths.log_dir={tmp_path}",
+            sets,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 1 and "holds no tokenizer" in proc.stderr, proc.stderr[-2000:]

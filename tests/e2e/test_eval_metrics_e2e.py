@@ -1,5 +1,6 @@
 """Evaluation metrics on 2 gloo processes: after the gather every rank sees each sample once and
 gets the single-process recall (the metrics themselves: tests/unit/test_eval_metrics.py)."""
+
 import os
 
 import torch
@@ -20,8 +21,8 @@ def _rank_share(rank):
     """Uneven, overlapping, shuffled shares of the global eval set."""
     img, txt, t2i = _random_retrieval(n=11, m=25, seed=3)
     g = torch.Generator().manual_seed(rank)
-    img_ids = torch.arange(0, 8) if rank == 0 else torch.arange(5, 11)      # 5,6,7 on both
-    txt_ids = torch.arange(0, 20) if rank == 0 else torch.arange(18, 25)    # 18,19 on both
+    img_ids = torch.arange(0, 8) if rank == 0 else torch.arange(5, 11)  # 5,6,7 on both
+    txt_ids = torch.arange(0, 20) if rank == 0 else torch.arange(18, 25)  # 18,19 on both
     img_ids = img_ids[torch.randperm(len(img_ids), generator=g)]
     txt_ids = txt_ids[torch.randperm(len(txt_ids), generator=g)]
     return img[img_ids], img_ids, txt[txt_ids], txt_ids, t2i[txt_ids]
@@ -47,8 +48,8 @@ def _gather_worker(rank, init_method, out_dir):
         out = {str_keys: _recall_from_shares(*share, str_keys=str_keys) for str_keys in (False, True)}
         # a rank with nothing to contribute (more ranks than eval shards)
         n = 3 if rank == 0 else 0
-        out["empty_rank"] = gather_embeddings(torch.arange(2. * n).reshape(n, 2), torch.arange(n))
-        out["empty_rank_str"] = gather_embeddings(torch.arange(2. * n).reshape(n, 2), [str(i) for i in range(n)])
+        out["empty_rank"] = gather_embeddings(torch.arange(2.0 * n).reshape(n, 2), torch.arange(n))
+        out["empty_rank_str"] = gather_embeddings(torch.arange(2.0 * n).reshape(n, 2), [str(i) for i in range(n)])
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -3,6 +3,7 @@ layout (a tiny random `SiglipModel` / `Siglip2Model` standing in for google/sigl
 fine-tuned on the demo with docs/finetune.md's command, exported back to the folder's own layout, which
 transformers loads with `from_pretrained` and `AutoProcessor`; every tensor keeps its name,
 shape and dtype."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,15 @@ def _released_folder(kind: str, vocab: int, out: Path) -> Path:
     from transformers import Siglip2Config, Siglip2Model, SiglipConfig, SiglipModel
 
     vision = dict(hidden_size=128, num_hidden_layers=4, intermediate_size=512, num_attention_heads=4, patch_size=8)
-    text = dict(hidden_size=128, num_hidden_layers=4, intermediate_size=512, num_attention_heads=4,
-                vocab_size=vocab, max_position_embeddings=40, projection_size=128)
+    text = dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        intermediate_size=512,
+        num_attention_heads=4,
+        vocab_size=vocab,
+        max_position_embeddings=40,
+        projection_size=128,
+    )
     torch.manual_seed(0)
     if kind == "fixed":
         model = SiglipModel(SiglipConfig(vision_config=dict(vision, image_size=64), text_config=text))
@@ -44,8 +52,11 @@ def test_finetune_a_released_folder_and_export_its_layout_back(kind, cache_dir, 
     demo = ensure_demo(str(cache_dir / "demo-n400-s0"), num_train=400, seed=0)
     vocab = build_tokenizer(str(demo.tokenizer_path), length=40).vocab_size
     folder = _released_folder(kind, vocab, tmp_path / "released")
-    proc = cli(["debug=fast", "experiment=finetune", f"init_from=hf:{folder}", "trainer.max_steps=3"], cache_dir,
-               tmp_path / "logs")
+    proc = cli(
+        ["debug=fast", "experiment=finetune", f"init_from=hf:{folder}", "trainer.max_steps=3"],
+        cache_dir,
+        tmp_path / "logs",
+    )
     out = proc.stdout + proc.stderr
     assert "starting fresh (never released): nothing" in out, out[-3000:]  # the sigmoid loss alone
     ckpt = next((tmp_path / "logs").glob("debug/runs/*/checkpoints/last.ckpt"))
@@ -67,8 +78,7 @@ def test_finetune_a_released_folder_and_export_its_layout_back(kind, cache_dir, 
 
 @torch.no_grad()
 @pytest.mark.parametrize("kind", ["fixed", "naflex"])
-def test_real_photos_through_eval_py_and_transformers_give_the_same_zero_shot_probabilities(kind, cache_dir,
-                                                                                             tmp_path):
+def test_real_photos_through_eval_py_and_transformers_give_the_same_zero_shot_probabilities(kind, cache_dir, tmp_path):
     """scikit-image's bundled photos (`python -m siglip2.data.photos`) as a zero-shot set: a
     released-layout folder (tiny, random; `SiglipModel` or NaFlex `Siglip2Model`) fine-tuned and
     exported, then `eval.py ckpt_path=hf:<export>` scores all 8, and our import with eval's own
@@ -94,14 +104,29 @@ def test_real_photos_through_eval_py_and_transformers_give_the_same_zero_shot_pr
     demo = ensure_demo(str(cache_dir / "demo-n400-s0"), num_train=400, seed=0)
     vocab = build_tokenizer(str(demo.tokenizer_path), length=40).vocab_size
     folder = _released_folder(kind, vocab, tmp_path / "released")
-    cli(["debug=fast", "experiment=finetune", f"init_from=hf:{folder}", "trainer.max_steps=2"], cache_dir,
-        tmp_path / "logs")
+    cli(
+        ["debug=fast", "experiment=finetune", f"init_from=hf:{folder}", "trainer.max_steps=2"],
+        cache_dir,
+        tmp_path / "logs",
+    )
     ckpt = next((tmp_path / "logs").glob("debug/runs/*/checkpoints/last.ckpt"))
     exported = export([f"ckpt_path={ckpt}", f"out={tmp_path / 'export'}"])
     photos = write_photo_set(tmp_path / "photos")
-    proc = subprocess.run([sys.executable, "eval.py", f"ckpt_path=hf:{exported}", f"eval.sets=[{photos}]",
-                           f"paths.log_dir={tmp_path / 'eval'}", f"paths.cache_dir={cache_dir}"], cwd=ROOT,
-                          env=dict(os.environ, WANDB_MODE="disabled"), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "eval.py",
+            f"ckpt_path=hf:{exported}",
+            f"eval.sets=[{photos}]",
+            f"paths.log_dir={tmp_path / 'eval'}",
+            f"paths.cache_dir={cache_dir}",
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, WANDB_MODE="disabled"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(next((tmp_path / "eval").glob("eval/runs/*/metrics.json")).read_text())
     assert metrics["zeroshot/photos/num_images"] == len(PHOTOS) and 0 <= metrics["zeroshot/photos/top1"] <= 1
@@ -150,15 +175,25 @@ def test_finetune_anchored_keeps_the_released_tower_as_its_teacher(tower, cache_
     demo = ensure_demo(str(cache_dir / "demo-n400-s0"), num_train=400, seed=0)
     vocab = build_tokenizer(str(demo.tokenizer_path), length=40).vocab_size
     folder = _released_folder("fixed", vocab, tmp_path / "released")
-    proc = cli(["debug=fast", "experiment=finetune_anchored", f"init_from=hf:{folder}", "trainer.max_steps=3",
-                f"stage.ema.tower={tower}", "stage.ema.momentum=0.0"], cache_dir, tmp_path / "logs")
+    proc = cli(
+        [
+            "debug=fast",
+            "experiment=finetune_anchored",
+            f"init_from=hf:{folder}",
+            "trainer.max_steps=3",
+            f"stage.ema.tower={tower}",
+            "stage.ema.momentum=0.0",
+        ],
+        cache_dir,
+        tmp_path / "logs",
+    )
     ckpt = next((tmp_path / "logs").glob("debug/runs/*/checkpoints/last.ckpt"))
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert set(raw["siglip2"]["losses"]) == {"sigmoid", "local_to_global"}, proc.stdout[-2000:]
     state = raw["state_dict"]
     original = from_hf(folder).vision_model.state_dict()
-    teacher = {k[len("teacher.vision."):]: v for k, v in state.items() if k.startswith("teacher.vision.")}
-    student = {k[len("model.vision_model."):]: v for k, v in state.items() if k.startswith("model.vision_model.")}
+    teacher = {k[len("teacher.vision.") :]: v for k, v in state.items() if k.startswith("teacher.vision.")}
+    student = {k[len("model.vision_model.") :]: v for k, v in state.items() if k.startswith("model.vision_model.")}
     assert teacher.keys() == original.keys() == student.keys()
     assert any(not torch.equal(student[k], original[k]) for k in original)  # the student trained
     if tower == "frozen":
@@ -166,5 +201,7 @@ def test_finetune_anchored_keeps_the_released_tower_as_its_teacher(tower, cache_
     else:
         assert all(torch.equal(teacher[k], student[k]) for k in original)
     heads = {k: v for k, v in state.items() if k.startswith("teacher.heads.local_to_global.")}
-    assert heads and all(torch.equal(v, state[k.replace("teacher.heads.local_to_global.",
-                                                         "losses.local_to_global.head.")]) for k, v in heads.items())
+    assert heads and all(
+        torch.equal(v, state[k.replace("teacher.heads.local_to_global.", "losses.local_to_global.head.")])
+        for k, v in heads.items()
+    )

@@ -13,6 +13,7 @@ noise), which agree to 1.7e-5, inside their bound of the summed lr (~2e-3). The 
 the teacher's EMA applied to mismatched shards, or the switch's re-initialisation written
 around the shards, failed outright before this was fixed (shape errors): see issue 25.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,13 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 
 @pytest.fixture(scope="module")
 def fsdp_run(cache_dir, module_tmp) -> Path:
-    return run_dir(cli([*STRATEGY_RUN, "trainer=fsdp_cpu", "eval=demo", "eval.max_batches=1", "eval.batch_size=16"],
-                       cache_dir, module_tmp("fsdp")))
+    return run_dir(
+        cli(
+            [*STRATEGY_RUN, "trainer=fsdp_cpu", "eval=demo", "eval.max_batches=1", "eval.batch_size=16"],
+            cache_dir,
+            module_tmp("fsdp"),
+        )
+    )
 
 
 def test_fsdp_through_the_switch_gives_ddps_weights_teacher_and_heads(fsdp_run, ddp_reference):
@@ -57,7 +63,9 @@ def test_fsdp_through_the_switch_gives_ddps_weights_teacher_and_heads(fsdp_run, 
     # the decayed group holds the matrices (FSDP1 hands the optimiser 1-D views)
     groups = got["optimizer_states"][0]["param_groups"]
     decayed = sum(len(g["params"]) for g in groups if g["weight_decay"] > 0)
-    assert decayed == sum(len(g["params"]) for g in want["optimizer_states"][0]["param_groups"] if g["weight_decay"] > 0)
+    assert decayed == sum(
+        len(g["params"]) for g in want["optimizer_states"][0]["param_groups"] if g["weight_decay"] > 0
+    )
     assert decayed > 50
 
 
@@ -88,8 +96,13 @@ def test_fsdp_evaluates_during_training_and_its_checkpoint_is_one_file_eval_and_
 def test_fsdp_resumed_from_a_step_checkpoint_ends_with_the_uninterrupted_weights(fsdp_run, cache_dir, tmp_path):
     """The step-3 checkpoint was written while the distillation losses were dormant (their
     parameters in the optimiser with lr 0: a full optimiser state dict needs every one)."""
-    resumed = run_dir(cli([*STRATEGY_RUN, "trainer=fsdp_cpu", f"ckpt_path={fsdp_run / 'checkpoints' / 'step_0000003.ckpt'}"],
-                          cache_dir, tmp_path))
+    resumed = run_dir(
+        cli(
+            [*STRATEGY_RUN, "trainer=fsdp_cpu", f"ckpt_path={fsdp_run / 'checkpoints' / 'step_0000003.ckpt'}"],
+            cache_dir,
+            tmp_path,
+        )
+    )
     assert_same_weights(_state(resumed)["state_dict"], _state(fsdp_run)["state_dict"], lr_sum=ATOL)
 
 
@@ -100,12 +113,23 @@ def test_fsdp_runs_the_later_stages_from_its_own_handoffs(fsdp_run, cache_dir, t
     from siglip2.checkpoint import read_checkpoint
 
     ckpt = fsdp_run / "checkpoints"
-    runs = {"naflex": [f"init_from={ckpt / 'frac_0.90.ckpt'}"],
-            "resadapt": [f"init_from={ckpt / 'frac_0.95.ckpt'}", "model.vision.image_size=96"],
-            "acid": [f"init_from={ckpt / 'last.ckpt'}", f"stage.acid.teacher={ckpt / 'last.ckpt'}", "stage.acid.n_chunks=4"]}
+    runs = {
+        "naflex": [f"init_from={ckpt / 'frac_0.90.ckpt'}"],
+        "resadapt": [f"init_from={ckpt / 'frac_0.95.ckpt'}", "model.vision.image_size=96"],
+        "acid": [
+            f"init_from={ckpt / 'last.ckpt'}",
+            f"stage.acid.teacher={ckpt / 'last.ckpt'}",
+            "stage.acid.n_chunks=4",
+        ],
+    }
     for stage, extra in runs.items():
-        out = run_dir(cli([*STRATEGY_RUN, "trainer=fsdp_cpu", f"stage={stage}", "trainer.max_steps=2", *extra],
-                          cache_dir, tmp_path / stage))
+        out = run_dir(
+            cli(
+                [*STRATEGY_RUN, "trainer=fsdp_cpu", f"stage={stage}", "trainer.max_steps=2", *extra],
+                cache_dir,
+                tmp_path / stage,
+            )
+        )
         metrics = json.loads((out / "metrics.json").read_text())
         # fit_window stages (NaFlex, resadapt) train the steps of their window, not max_steps
         assert metrics["global_step"] >= 1 and torch.isfinite(torch.tensor(metrics["train/loss"])), stage

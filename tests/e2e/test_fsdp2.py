@@ -30,6 +30,7 @@ noise, which Adam divides by its own root mean square: each strategy moves them 
 noise-driven steps of up to ~lr, so their update-relative difference is ~1 by nature. They
 must agree within 6 steps x peak lr 3.5e-4 = 2.1e-3; measured <= 1.7e-5.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,10 @@ class RankProbe(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         names = {id(p): n for n, p in pl_module.named_parameters()}
-        self.groups = [{"weight_decay": float(g["weight_decay"]), "params": [names[id(p)] for p in g["params"]]}
-                       for g in trainer.optimizers[0].param_groups]
+        self.groups = [
+            {"weight_decay": float(g["weight_decay"]), "params": [names[id(p)] for p in g["params"]]}
+            for g in trainer.optimizers[0].param_groups
+        ]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.copy_last_at and trainer.global_step == self.copy_last_at and trainer.is_global_zero:
@@ -80,21 +83,41 @@ class RankProbe(L.Callback):
         for name, t in pl_module.state_dict(keep_vars=True).items():
             t = t.detach()
             if isinstance(t, DTensor):
-                held[name] = {"local": t.to_local().clone(), "placements": [str(p) for p in t.placements],
-                              "shape": tuple(t.shape), "mesh_size": t.device_mesh.size()}
+                held[name] = {
+                    "local": t.to_local().clone(),
+                    "placements": [str(p) for p in t.placements],
+                    "shape": tuple(t.shape),
+                    "mesh_size": t.device_mesh.size(),
+                }
             else:
                 held[name] = {"local": t.clone(), "placements": None, "shape": tuple(t.shape), "mesh_size": 1}
         self.out.mkdir(parents=True, exist_ok=True)
-        torch.save({"strategy": type(trainer.strategy).__name__, "world": trainer.world_size, "groups": self.groups,
-                    "held": held}, self.out / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {
+                "strategy": type(trainer.strategy).__name__,
+                "world": trainer.world_size,
+                "groups": self.groups,
+                "held": held,
+            },
+            self.out / f"rank{trainer.global_rank}.pt",
+        )
 
 
 def _run(trainer: str, cache: Path, logs: Path, extra: list[str] = (), copy_last_at: int = RESUME_AT) -> Path:
     probe = logs / "probe"
     probe.mkdir(parents=True, exist_ok=True)
-    proc = cli([*COMMON, f"trainer={trainer}", "+callbacks.rank_probe._target_=test_fsdp2.RankProbe",
-                f"+callbacks.rank_probe.out={probe}", f"+callbacks.rank_probe.copy_last_at={copy_last_at}", *extra],
-               cache, logs)
+    proc = cli(
+        [
+            *COMMON,
+            f"trainer={trainer}",
+            "+callbacks.rank_probe._target_=test_fsdp2.RankProbe",
+            f"+callbacks.rank_probe.out={probe}",
+            f"+callbacks.rank_probe.copy_last_at={copy_last_at}",
+            *extra,
+        ],
+        cache,
+        logs,
+    )
     run = run_dir(proc)
     assert _probe(run) == probe
     return run
@@ -108,8 +131,7 @@ def _probe(run: Path) -> Path:
 @pytest.fixture(scope="module")
 def fsdp2_run(cache_dir, module_tmp) -> Path:
     """The FSDP2 run, with evaluation when training ends (the towers gathered into a plain copy)."""
-    return _run("fsdp2_cpu", cache_dir, module_tmp("fsdp2"),
-                ["eval=demo", "eval.max_batches=1", "eval.batch_size=16"])
+    return _run("fsdp2_cpu", cache_dir, module_tmp("fsdp2"), ["eval=demo", "eval.max_batches=1", "eval.batch_size=16"])
 
 
 def _state(run: Path, name: str = "last.ckpt") -> dict[str, torch.Tensor]:
@@ -145,7 +167,7 @@ def test_fsdp2_through_the_switch_equals_ddp(fsdp2_run, ddp_reference, cache_dir
             if width:  # [q | k | v]: k bounded absolutely, q and v like any tensor
                 key = slice(width, 2 * width)
                 assert (a[key] - b[key]).abs().max() <= KEY_BIAS_ATOL, name
-                a, b, w0 = (torch.cat([t[:width], t[2 * width:]]) for t in (a, b, w0))
+                a, b, w0 = (torch.cat([t[:width], t[2 * width :]]) for t in (a, b, w0))
             else:
                 assert (a - b).abs().max() <= KEY_BIAS_ATOL, name
                 continue
@@ -156,12 +178,17 @@ def test_fsdp2_through_the_switch_equals_ddp(fsdp2_run, ddp_reference, cache_dir
         assert update > 0 or err == 0, f"{name}: DDP did not change it but FSDP2 did"
         if update > 0:
             worst.append((float(err / update), name))
-            assert err <= UPDATE_RTOL * update + EPS32 * b.norm(), \
+            assert err <= UPDATE_RTOL * update + EPS32 * b.norm(), (
                 f"{name}: |fsdp2 - ddp| = {err:.3e}, DDP's update {update:.3e}"
+            )
     # the comparison is not vacuous: the teacher, the heads and the centres moved
     moved = {n for _, n in worst}
-    assert {"teacher.vision.head.probe", "losses.local_to_global.head.prototypes",
-            "losses.masked.target.center", "teacher.heads.masked.mlp.0.weight"} <= moved
+    assert {
+        "teacher.vision.head.probe",
+        "losses.local_to_global.head.prototypes",
+        "losses.masked.target.center",
+        "teacher.heads.masked.mlp.0.weight",
+    } <= moved
     print("worst update-relative differences:", sorted(worst, reverse=True)[:3])
 
 
@@ -186,7 +213,8 @@ def test_fsdp2_ranks_hold_shards_of_one_model(fsdp2_run):
             assert whole.dtype == torch.float32, name
             student = name.replace("teacher.vision.", "model.vision_model.").replace("teacher.heads.", "losses.")
             student = student.replace("losses.local_to_global.", "losses.local_to_global.head.").replace(
-                "losses.masked.", "losses.masked.head.")
+                "losses.masked.", "losses.masked.head."
+            )
             assert [h["local"].shape for h in held] == [r["held"][student]["local"].shape for r in ranks], name
     assert sharded > 200  # every parameter with more than one row is split
     assert not any(n.startswith("teacher.") for n in params)  # the teacher is outside the optimiser
@@ -223,7 +251,7 @@ def test_fsdp2_checkpoints_are_one_file_the_reader_reads_and_it_evaluates(fsdp2_
         ckpt = read_checkpoint(str(path))
         assert ckpt.stage == "pretrain" and ckpt.meta.examples_seen == 6 * 16
         model = build_model(ckpt.model_config)
-        model.load_state_dict({k[len("model."):]: v for k, v in ckpt.state_dict.items() if k.startswith("model.")})
+        model.load_state_dict({k[len("model.") :]: v for k, v in ckpt.state_dict.items() if k.startswith("model.")})
     metrics = json.loads((fsdp2_run / "metrics.json").read_text())
     assert metrics["global_step"] == 6
     # evaluated when training ended, on a plain copy gathered from the shards (stages.fsdp2.plain_model)

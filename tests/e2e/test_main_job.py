@@ -9,6 +9,7 @@ R@5, 40% refexp, 50% captions) are not met in this budget: docs/results.md says 
 Refexp accuracy (6.5%, at the constant-box baseline) and generated captions (0%: the decoder
 writes "a photo of a letter s" for every image) are reported, without a bar.
 """
+
 from __future__ import annotations
 
 import csv
@@ -27,8 +28,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_default_main_job_learns(tmp_path):
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     cache = Path(os.environ.get("SIGLIP2_TEST_CACHE", tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "train.py", f"paths.cache_dir={cache}", f"paths.log_dir={tmp_path}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
+    proc = subprocess.run(
+        [sys.executable, "train.py", f"paths.cache_dir={cache}", f"paths.log_dir={tmp_path}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=2400,
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
     run_dir = next(tmp_path.glob("train/runs/*"))
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -1,6 +1,7 @@
 """The README's first two commands are what a new user runs and what CI runs (.ci/run); every
 train.py / eval.py command in README.md and docs/*.md composes; every relative link in them
 resolves."""
+
 import re
 import subprocess
 from pathlib import Path
@@ -102,8 +103,9 @@ def compose_runs(command: str) -> list[list[str]]:
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_COMMANDS = readme_hydra_commands((ROOT / "README.md").read_text())
 # (page, command) for every page: the README is the front door, docs/ holds the rest.
-DOC_COMMANDS = [(doc.relative_to(ROOT).as_posix(), command)
-                for doc in DOCS for command in readme_hydra_commands(doc.read_text())]
+DOC_COMMANDS = [
+    (doc.relative_to(ROOT).as_posix(), command) for doc in DOCS for command in readme_hydra_commands(doc.read_text())
+]
 
 
 def test_readme_usage_commands_are_collected():
@@ -128,8 +130,9 @@ def test_docs_commands_are_collected():
         assert any(stage in c for c in recipe), (stage, recipe)
 
 
-@pytest.mark.parametrize("page,command", [pytest.param(page, command, id=f"{page}: {command}")
-                                          for page, command in DOC_COMMANDS])
+@pytest.mark.parametrize(
+    "page,command", [pytest.param(page, command, id=f"{page}: {command}") for page, command in DOC_COMMANDS]
+)
 def test_readme_command_composes(page, command):
     """Composed in this process with the entry point's own config (what `--cfg job` does
     before printing; a subprocess per command costs ~15 s of imports on 2 cores)."""
@@ -159,8 +162,14 @@ def test_the_cli_composes_like_the_test_does():
     proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "/shards/{00000..00009}.tar" in proc.stdout
-    bad = subprocess.run([sys.executable, "train.py", "data.train=/shards/{00000..00009}.tar", "--cfg", "job"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "train.py", "data.train=/shards/{00000..00009}.tar", "--cfg", "job"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode != 0 and "mismatched input" in bad.stderr
 
 
@@ -171,8 +180,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 def heading_anchors(text: str) -> set[str]:
     """GitHub's anchors of a page's headings: lower-cased, punctuation dropped, spaces to '-'."""
     text = re.sub(r"```.*?```", "", text, flags=re.S)
-    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-            for h in re.findall(r"^#+ (.*)$", text, re.M)}
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.relative_to(ROOT).as_posix())

@@ -1,5 +1,6 @@
 """The recipe chain (`experiment=recipe_*`, recipe/): overrides, hand-offs, resume
 after a kill -9 anywhere, the results table, and SLURM submission with dependencies."""
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,27 @@ from recipe.chain import flatten, hydra_value, parse_chain
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("value", [None, True, False, 3, -2.5e-4, 1.0e-5, "ckpt", "/tmp/a b/last.ckpt",
-                                   "hf:/models/so400m", "it's", "null", [32, 64, 144], ["a", "b c"], "a,b",
-                                   "${x}", "1e-3"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        True,
+        False,
+        3,
+        -2.5e-4,
+        1.0e-5,
+        "ckpt",
+        "/tmp/a b/last.ckpt",
+        "hf:/models/so400m",
+        "it's",
+        "null",
+        [32, 64, 144],
+        ["a", "b c"],
+        "a,b",
+        "${x}",
+        "1e-3",
+    ],
+)
 def test_values_survive_hydras_override_parser(value):
     """What the chain writes on a stage's command line is read back by Hydra as the same value."""
     override = OverridesParser.create().parse_override(f"key={hydra_value(value)}")
@@ -36,10 +55,19 @@ def test_values_survive_hydras_override_parser(value):
 
 
 def test_set_blocks_flatten_to_dotted_overrides():
-    block = OmegaConf.create({"model": {"vision": {"width": 192, "depth": 6}}, "stage": {"losses": {"locca": None}},
-                              "trainer": {"max_steps": 3}})
-    assert flatten(block) == [("model.vision.width", 192), ("model.vision.depth", 6), ("stage.losses.locca", None),
-                              ("trainer.max_steps", 3)]
+    block = OmegaConf.create(
+        {
+            "model": {"vision": {"width": 192, "depth": 6}},
+            "stage": {"losses": {"locca": None}},
+            "trainer": {"max_steps": 3},
+        }
+    )
+    assert flatten(block) == [
+        ("model.vision.width", 192),
+        ("model.vision.depth", 6),
+        ("stage.losses.locca", None),
+        ("trainer.max_steps", 3),
+    ]
 
 
 def _demo_recipe(**changes):
@@ -53,16 +81,23 @@ def test_a_changed_stage_changes_its_folder_and_those_after_it_never_those_befor
     """Sweeps reuse finished earlier stages; a changed stage never passes for a finished one."""
     base = {s.name: s.dir for s in parse_chain(_demo_recipe(), tmp_path, [])}
     assert list(base) == ["teacher", "pretrain", "resadapt", "naflex", "acid"]
-    acid = {s.name: s.dir for s in parse_chain(_demo_recipe(**{"stages.acid.set.stage.acid.filter_ratio": 0.75}),
-                                               tmp_path, [])}
+    acid = {
+        s.name: s.dir
+        for s in parse_chain(_demo_recipe(**{"stages.acid.set.stage.acid.filter_ratio": 0.75}), tmp_path, [])
+    }
     assert [n for n in base if base[n] != acid[n]] == ["acid"]
     pre = {s.name: s.dir for s in parse_chain(_demo_recipe(**{"stages.pretrain.set.optim.lr": 1e-3}), tmp_path, [])}
     assert [n for n in base if base[n] != pre[n]] == ["pretrain", "resadapt", "naflex", "acid"]
     everywhere = {s.name: s.dir for s in parse_chain(_demo_recipe(), tmp_path, ["trainer=ddp_cpu"])}
     assert all(base[n] != everywhere[n] for n in base)
     needs = {s.name: s.needs for s in parse_chain(_demo_recipe(), tmp_path, [])}
-    assert needs == {"teacher": [], "pretrain": [], "resadapt": ["pretrain"], "naflex": ["pretrain"],
-                     "acid": ["pretrain", "teacher"]}
+    assert needs == {
+        "teacher": [],
+        "pretrain": [],
+        "resadapt": ["pretrain"],
+        "naflex": ["pretrain"],
+        "acid": ["pretrain", "teacher"],
+    }
 
 
 def test_debug_makes_every_stage_a_smoke_run_unless_the_command_line_sets_its_steps(tmp_path):
@@ -75,8 +110,9 @@ def test_debug_makes_every_stage_a_smoke_run_unless_the_command_line_sets_its_st
     def steps(passthrough, explicit=frozenset()):
         chain = parse_chain(_demo_recipe(), tmp_path, passthrough, explicit)
         by_name = {s.name: s for s in chain}
-        return {s.name: [a for a in stage_overrides(s, by_name, passthrough, "demo") if "max_steps" in a]
-                for s in chain}
+        return {
+            s.name: [a for a in stage_overrides(s, by_name, passthrough, "demo") if "max_steps" in a] for s in chain
+        }
 
     assert steps([])["teacher"] == ["trainer.max_steps=1500"] and steps([])["acid"] == ["trainer.max_steps=300"]
     smoke = steps(["debug=fast"])
@@ -92,18 +128,38 @@ def test_a_reference_to_a_later_or_unknown_stage_is_an_error(tmp_path):
 
 def _chain_args(cache: Path, recipe_dir: Path, driver_dir: Path) -> list[str]:
     # debug size: every stage a few steps; each checkpoint at an epoch boundary (3 batches)
-    return [sys.executable, "train.py", "experiment=recipe_demo", "debug=fast", f"paths.cache_dir={cache}",
-            "trainer.max_steps=9", "eval=demo", "eval.max_batches=1", "eval.batch_size=50",
-            "eval.sets=[${data.demo.root}/eval/zeroshot/zeroshot.yaml]",
-            f"recipe.dir={recipe_dir}", f"hydra.run.dir={driver_dir}",
-            "recipe.stages.teacher.set.trainer.max_steps=3", "recipe.stages.acid.set.trainer.max_steps=3",
-            "recipe.stages.teacher.set.model.vision.depth=2", "recipe.stages.teacher.set.model.text.depth=2"]
+    return [
+        sys.executable,
+        "train.py",
+        "experiment=recipe_demo",
+        "debug=fast",
+        f"paths.cache_dir={cache}",
+        "trainer.max_steps=9",
+        "eval=demo",
+        "eval.max_batches=1",
+        "eval.batch_size=50",
+        "eval.sets=[${data.demo.root}/eval/zeroshot/zeroshot.yaml]",
+        f"recipe.dir={recipe_dir}",
+        f"hydra.run.dir={driver_dir}",
+        "recipe.stages.teacher.set.trainer.max_steps=3",
+        "recipe.stages.acid.set.trainer.max_steps=3",
+        "recipe.stages.teacher.set.model.vision.depth=2",
+        "recipe.stages.teacher.set.model.text.depth=2",
+    ]
 
 
 def _run_chain(args: list[str], **kw) -> subprocess.Popen:
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kw)
+    return subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def test_chain_killed_in_its_second_stage_resumes_to_the_uninterrupted_numbers(cache_dir, tmp_path):
@@ -151,10 +207,12 @@ def test_chain_killed_in_its_second_stage_resumes_to_the_uninterrupted_numbers(c
     for name in expected["stages"]:
         assert got["stages"][name]["metrics"] == pytest.approx(expected["stages"][name]["metrics"], abs=1e-6), name
         assert got["stages"][name]["examples_seen"] == expected["stages"][name]["examples_seen"]
-        a = torch.load(Path(expected["stages"][name]["dir"]) / "checkpoints" / "last.ckpt", map_location="cpu",
-                       weights_only=True)["state_dict"]
-        b = torch.load(Path(got["stages"][name]["dir"]) / "checkpoints" / "last.ckpt", map_location="cpu",
-                       weights_only=True)["state_dict"]
+        a = torch.load(
+            Path(expected["stages"][name]["dir"]) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+        )["state_dict"]
+        b = torch.load(
+            Path(got["stages"][name]["dir"]) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+        )["state_dict"]
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=f"{name}: {key}")
     attempts = (Path(got["stages"]["pretrain"]["dir"]) / "recipe_attempts.jsonl").read_text().splitlines()
@@ -180,32 +238,52 @@ def test_slurm_launcher_submits_each_stage_as_a_job_after_the_ones_it_needs(tmp_
         (bindir / name).write_text(text)
         (bindir / name).chmod((bindir / name).stat().st_mode | stat.S_IEXEC)
     env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", FAKE_SLURM=str(tmp_path), WANDB_MODE="disabled")
-    base = [sys.executable, "train.py", "experiment=recipe_demo", "hydra/launcher=slurm", "trainer=gpu_ddp",
-            f"recipe.dir={tmp_path / 'recipe'}", f"hydra.run.dir={tmp_path / 'driver'}"]
+    base = [
+        sys.executable,
+        "train.py",
+        "experiment=recipe_demo",
+        "hydra/launcher=slurm",
+        "trainer=gpu_ddp",
+        f"recipe.dir={tmp_path / 'recipe'}",
+        f"hydra.run.dir={tmp_path / 'driver'}",
+    ]
     out = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     scripts = {n: (tmp_path / f"job_{n}.sh").read_text() for n in range(101, 106)}
     assert not (tmp_path / "job_106.sh").exists()
-    names = [next(line.split("=")[1] for line in s.splitlines() if line.startswith("#SBATCH --job-name"))
-             for s in scripts.values()]
+    names = [
+        next(line.split("=")[1] for line in s.splitlines() if line.startswith("#SBATCH --job-name"))
+        for s in scripts.values()
+    ]
     assert names == ["demo-teacher", "demo-pretrain", "demo-resadapt", "demo-naflex", "demo-acid"]
-    deps = [next((line.split("=", 1)[1] for line in s.splitlines() if line.startswith("#SBATCH --dependency")), None)
-            for s in scripts.values()]
+    deps = [
+        next((line.split("=", 1)[1] for line in s.splitlines() if line.startswith("#SBATCH --dependency")), None)
+        for s in scripts.values()
+    ]
     assert deps == [None, None, "afterok:102", "afterok:102", "afterok:102:101"]
     assert all("#SBATCH --gpus-per-node=8" in s and "#SBATCH --ntasks-per-node=8" in s for s in scripts.values())
     # a sweep over ACID's filter ratio reuses the queued teacher and pretraining jobs
-    out = subprocess.run([*base, "+recipe.stages.acid.set.stage.acid.filter_ratio=0.75"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [*base, "+recipe.stages.acid.set.stage.acid.filter_ratio=0.75"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     new = (tmp_path / "job_106.sh").read_text()
     assert not (tmp_path / "job_107.sh").exists()
     assert "#SBATCH --job-name=demo-acid" in new and "#SBATCH --dependency=afterok:102:101" in new
 
 
-@pytest.mark.parametrize("experiment, stages", [
-    ("recipe_b16", {"pretrain": 256, "resadapt": 384, "naflex": 256, "acid": 256}),
-    ("recipe_so400m16", {"pretrain": 256, "resadapt": 384, "naflex": 256}),
-])
+@pytest.mark.parametrize(
+    "experiment, stages",
+    [
+        ("recipe_b16", {"pretrain": 256, "resadapt": 384, "naflex": 256, "acid": 256}),
+        ("recipe_so400m16", {"pretrain": 256, "resadapt": 384, "naflex": 256}),
+    ],
+)
 def test_real_run_recipes_compose_every_stage_with_the_papers_settings(experiment, stages, tmp_path):
     """Each stage's command line of the real-run recipes composes into a valid config with the
     paper's batch (32k global on 8-GPU nodes), examples, lr and resolutions [P §2.1, §2.4, §2.5]."""
@@ -213,12 +291,22 @@ def test_real_run_recipes_compose_every_stage_with_the_papers_settings(experimen
 
     from recipe.chain import stage_overrides
 
-    user = ['data.train="/shards/{0000..0009}.tar"', "tokenizer.path=/models/tokenizer.model",
-            "data.balance_table=/tables/keep.tsv"]  # an M4 table (issue 30) reaches every stage
+    user = [
+        'data.train="/shards/{0000..0009}.tar"',
+        "tokenizer.path=/models/tokenizer.model",
+        "data.balance_table=/tables/keep.tsv",
+    ]  # an M4 table (issue 30) reaches every stage
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        recipe = compose("train", overrides=[f"experiment={experiment}", f"paths.root_dir={tmp_path}",
-                                             "recipe.stages.acid.set.stage.acid.teacher=hf:/models/so400m"]
-                         if "acid" in stages else [f"experiment={experiment}", f"paths.root_dir={tmp_path}"]).recipe
+        recipe = compose(
+            "train",
+            overrides=[
+                f"experiment={experiment}",
+                f"paths.root_dir={tmp_path}",
+                "recipe.stages.acid.set.stage.acid.teacher=hf:/models/so400m",
+            ]
+            if "acid" in stages
+            else [f"experiment={experiment}", f"paths.root_dir={tmp_path}"],
+        ).recipe
         chain = parse_chain(recipe, tmp_path, user)
         by_name = {s.name: s for s in chain}
         assert list(by_name) == list(stages)
@@ -247,15 +335,29 @@ def test_a_run_resumed_from_its_final_checkpoint_still_writes_its_evaluation(cac
     """A stage killed during its final evaluation resumes from a last.ckpt at max_steps:
     Lightning skips training (and on_train_end), yet metrics.json must carry the numbers."""
     env = dict(os.environ, WANDB_MODE="disabled")
-    common = [sys.executable, "train.py", "debug=fast", f"paths.cache_dir={cache_dir}", "trainer.max_steps=3",
-              "eval=demo", "eval.max_batches=1", "eval.batch_size=50",
-              "eval.sets=[${data.demo.root}/eval/zeroshot/zeroshot.yaml]"]
-    first = subprocess.run([*common, f"hydra.run.dir={tmp_path / 'a'}"], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=600)
+    common = [
+        sys.executable,
+        "train.py",
+        "debug=fast",
+        f"paths.cache_dir={cache_dir}",
+        "trainer.max_steps=3",
+        "eval=demo",
+        "eval.max_batches=1",
+        "eval.batch_size=50",
+        "eval.sets=[${data.demo.root}/eval/zeroshot/zeroshot.yaml]",
+    ]
+    first = subprocess.run(
+        [*common, f"hydra.run.dir={tmp_path / 'a'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert first.returncode == 0, first.stderr[-3000:]
-    again = subprocess.run([*common, f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
-                            f"hydra.run.dir={tmp_path / 'b'}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)
+    again = subprocess.run(
+        [*common, f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path / 'b'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     a = json.loads((tmp_path / "a" / "metrics.json").read_text())
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())

@@ -1,6 +1,7 @@
 """The refexp probe (`siglip2.eval.refexp_probe`, the paper's Table 5 protocol) must learn a
 task it can learn, and give the same answer on 2 gloo ranks, one of them with no image (a set
 of fewer shards than ranks), as on one process."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,14 @@ def _rows(n: int = 96):
     rows = []
     for i in range(n):
         k = i % 4
-        rows.append({"key": f"{i:06d}", "tokens": patterns[k] + 0.05 * torch.randn(4, 16, generator=g),
-                     "token_mask": None, "regions": [{"caption": "the object", "box": BOXES[k]}]})
+        rows.append(
+            {
+                "key": f"{i:06d}",
+                "tokens": patterns[k] + 0.05 * torch.randn(4, 16, generator=g),
+                "token_mask": None,
+                "regions": [{"caption": "the object", "box": BOXES[k]}],
+            }
+        )
     return rows
 
 
@@ -44,8 +51,9 @@ def _probe(rows, tokenizer_path):
 
 def _worker(rank, init_method, out_dir, tokenizer_path):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2,
-                            timeout=__import__("datetime").timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=2, timeout=__import__("datetime").timedelta(seconds=120)
+    )
     try:
         torch.save(_probe(_rows() if rank == 0 else [], tokenizer_path), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -60,8 +68,9 @@ def test_the_probe_learns_boxes_the_tokens_give_and_two_ranks_agree_with_one(cac
     # 4 boxes, balanced: a constant box scores 25%; the tokens name the box, so the probe reads it
     assert one["probe_acc@0.5"] > 0.9, one
     assert one["probe_num_train_regions"] + one["probe_num_test_regions"] == 96
-    ctx = mp.start_processes(_worker, args=(f"file://{tmp_path / 'init'}", str(tmp_path), path), nprocs=2,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(f"file://{tmp_path / 'init'}", str(tmp_path), path), nprocs=2, join=False, start_method="spawn"
+    )
     import time
 
     start = time.monotonic()

@@ -4,6 +4,7 @@ tests/unit/test_reliability_unit.py).
 
 Each test is a case a new user hit: it failed on the code before the fix and passes after.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,8 +55,16 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(cache_dir, tmp_
     assert 3 < stopped < 400, stopped  # later than the periodic checkpoint: nothing lost
     assert last["siglip2"]["examples_seen"] == stopped * 16
     # resume continues from there, to the end
-    resumed = _start(["debug=fast", "trainer.max_steps=" + str(stopped + 2), "data.batches_per_epoch=400",
-                      f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}"], cache_dir, tmp_path / "resumed")
+    resumed = _start(
+        [
+            "debug=fast",
+            "trainer.max_steps=" + str(stopped + 2),
+            "data.batches_per_epoch=400",
+            f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
+        ],
+        cache_dir,
+        tmp_path / "resumed",
+    )
     log, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, log[-3000:]
     final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -96,14 +105,21 @@ def test_final_evaluation_with_more_ranks_than_an_eval_sets_shards(cache_dir, de
         path = tmp_path / f"{name}_1shard.yaml"
         path.write_text(yaml.safe_dump(spec))
         sets.append(str(path))
-    proc = cli(["debug=fast", "trainer=ddp_cpu", "trainer.max_steps=2", "eval=demo", f"eval.sets=[{','.join(sets)}]"],
-               cache_dir, tmp_path / "logs")
+    proc = cli(
+        ["debug=fast", "trainer=ddp_cpu", "trainer.max_steps=2", "eval=demo", f"eval.sets=[{','.join(sets)}]"],
+        cache_dir,
+        tmp_path / "logs",
+    )
     metrics_path = Path(proc.stdout.strip().splitlines()[-1].split("metrics written to ")[-1])
     metrics = json.loads(metrics_path.read_text())
     one_shard = metrics["retrieval/demo_retrieval_1shard/num_images"]
     assert 0 < one_shard < 500 / 2  # one of the four shards: the other rank had none
-    for key in ("zeroshot/demo_zeroshot_1shard/top1", "retrieval/demo_retrieval_1shard/image_to_text_R@5",
-                "refexp/demo_refexp_1shard/acc@0.5", "segmentation/demo_segmentation_1shard/miou"):
+    for key in (
+        "zeroshot/demo_zeroshot_1shard/top1",
+        "retrieval/demo_retrieval_1shard/image_to_text_R@5",
+        "refexp/demo_refexp_1shard/acc@0.5",
+        "segmentation/demo_segmentation_1shard/miou",
+    ):
         assert 0.0 <= metrics[key] <= 1.0, key
 
 
@@ -119,9 +135,19 @@ def test_training_and_evaluation_run_to_the_end_on_the_fuzzed_corpus(cache_dir, 
     pattern, good_keys, skips = _fuzz_corpus(tmp_path / "fuzz")
     spec = {"name": "fuzz", "task": "retrieval", "urls": pattern, "captions_key": "captions"}
     (tmp_path / "fuzz.yaml").write_text(yaml.safe_dump(spec))
-    proc = cli(["debug=fast", "trainer.max_steps=3", f"data.train='{pattern}'", "data.batch_size=4",
-                "eval=demo", f"eval.sets=[{tmp_path / 'fuzz.yaml'}]", "data.max_pixels=10000000"],
-               cache_dir, tmp_path / "logs")
+    proc = cli(
+        [
+            "debug=fast",
+            "trainer.max_steps=3",
+            f"data.train='{pattern}'",
+            "data.batch_size=4",
+            "eval=demo",
+            f"eval.sets=[{tmp_path / 'fuzz.yaml'}]",
+            "data.max_pixels=10000000",
+        ],
+        cache_dir,
+        tmp_path / "logs",
+    )
     metrics = json.loads(Path(proc.stdout.strip().splitlines()[-1].split("metrics written to ")[-1]).read_text())
     assert metrics["global_step"] == 3
     assert metrics["retrieval/fuzz/num_images"] == len(good_keys)
@@ -136,8 +162,12 @@ def test_kill_9_at_a_random_moment_then_resume_ends_with_the_uninterrupted_weigh
     epoch boundary, so the final weights equal an uninterrupted run's."""
     import random
 
-    common = ["debug=fast", "trainer.max_steps=15", "data.batches_per_epoch=3",
-              "callbacks.model_checkpoint.every_n_train_steps=3"]
+    common = [
+        "debug=fast",
+        "trainer.max_steps=15",
+        "data.batches_per_epoch=3",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+    ]
     full = _start(common, cache_dir, tmp_path / "full")
     assert full.wait(timeout=300) == 0, full.communicate()[0][-3000:]
     killed = _start(common, cache_dir, tmp_path / "killed")  # the same run (the schedule depends on max_steps)

@@ -1,6 +1,7 @@
 """SigmoidLoss on 2 gloo processes against one process on the concatenated batch and against
 open_clip's SigLipLoss(rank, world_size) (values, gradients and the nominal-batch weighting on
 one process: tests/unit/test_sigmoid_loss.py)."""
+
 import os
 
 import torch
@@ -25,10 +26,12 @@ def _dist_worker(rank, init_method, out_dir):
         x, y, t, bias = _inputs(WORLD * LOCAL_B, seed=5, scale=6.0, bias=-3.0, scale_shape=(1,))
         sl = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
         results = {}
-        for name, fn, kw in [("ours", SigmoidLoss(chunk_size=CHUNK), {}),
-                             ("ours_plain", SigmoidLoss(chunk_size=4096), {}),
-                             ("ours_nominal", SigmoidLoss(chunk_size=CHUNK), {"nominal_batch_size": NOMINAL}),
-                             ("open_clip", SigLipLoss(rank=rank, world_size=WORLD), {})]:
+        for name, fn, kw in [
+            ("ours", SigmoidLoss(chunk_size=CHUNK), {}),
+            ("ours_plain", SigmoidLoss(chunk_size=4096), {}),
+            ("ours_nominal", SigmoidLoss(chunk_size=CHUNK), {"nominal_batch_size": NOMINAL}),
+            ("open_clip", SigLipLoss(rank=rank, world_size=WORLD), {}),
+        ]:
             xs, ys, ts, bs = _leaves(x[sl], y[sl], t, bias)
             out = fn(xs, ys, ts, bs, **kw)
             loss = out[0] if isinstance(out, tuple) else out
@@ -72,10 +75,12 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     # The weighting uses the global sizes: W ranks of 5 stand for a global batch of W * 8, as one
     # process would weight its concatenated batch of 10.
     n_loss, (n_gx, _, _, n_gb) = _loss_and_grads(
-        lambda *a: SigmoidLoss(chunk_size=CHUNK)(*a, nominal_batch_size=WORLD * NOMINAL), x, y, t, bias)
+        lambda *a: SigmoidLoss(chunk_size=CHUNK)(*a, nominal_batch_size=WORLD * NOMINAL), x, y, t, bias
+    )
     assert not torch.allclose(n_loss, g_loss)
     losses = torch.stack([ranks[r]["ours_nominal"]["loss"] for r in range(WORLD)])
     torch.testing.assert_close(losses.mean(), n_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ranks[0]["ours_nominal"]["gx"], WORLD * n_gx[:LOCAL_B], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(sum(ranks[r]["ours_nominal"]["gb"] for r in range(WORLD)), WORLD * n_gb,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        sum(ranks[r]["ours_nominal"]["gb"] for r in range(WORLD)), WORLD * n_gb, rtol=1e-5, atol=1e-6
+    )

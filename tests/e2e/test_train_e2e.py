@@ -5,6 +5,7 @@ tests/integration/test_train.py).
 These are end-to-end (marked `e2e`): each builds a tiny demo once (shared cache) and trains
 a tiny model for a few steps on CPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,14 @@ def test_multirun_sweep_writes_one_output_dir_per_run(cache_dir, tmp_path):
     not set")."""
     env = {k: v for k, v in os.environ.items() if k != "PROJECT_ROOT"}
     env.update(WANDB_MODE="disabled", SIGLIP2_CACHE=str(cache_dir))
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "optim.lr=1e-3,3e-4", "debug=fast",
-                           "trainer.max_steps=2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "optim.lr=1e-3,3e-4", "debug=fast", "trainer.max_steps=2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     found = sorted(tmp_path.glob("logs/debug/multiruns/*/*/metrics.json"))
     assert len(found) == 2
@@ -55,8 +62,12 @@ def test_multirun_sweep_with_ddp_runs_each_job_on_its_own_ranks(cache_dir, tmp_p
     The jobs differ in model shape, so a rank 1 running another job's overrides cannot join
     the parent's DDP group silently: the run fails or hangs (caught by the timeout).
     """
-    cli(["-m", "model.vision.depth=1,2", "debug=fast", "trainer=ddp_cpu", "trainer.max_steps=2"], cache_dir,
-        tmp_path, timeout=300)
+    cli(
+        ["-m", "model.vision.depth=1,2", "debug=fast", "trainer=ddp_cpu", "trainer.max_steps=2"],
+        cache_dir,
+        tmp_path,
+        timeout=300,
+    )
     jobs = sorted(p.parent for p in tmp_path.glob("debug/multiruns/*/*/metrics.json"))
     assert len(jobs) == 2
     for job in jobs:
@@ -69,8 +80,17 @@ def test_ddp_cpu_two_processes_train_with_a_loss_that_joins_later(cache_dir, tmp
     """DDP's reducer expects a gradient for every parameter it wraps at step 0: the probe
     loss's head exists from step 0, is in the graph with weight 0 until its switch at 50%,
     then trains. Losses and gradients against one process: tests/e2e/test_ddp_parity.py."""
-    proc = cli(["debug=fast", "trainer=ddp_cpu", "trainer.max_steps=4", "stage._target_=probe_stage.ProbeStage",
-                "+stage.losses.probe.start_frac=0.5"], cache_dir, tmp_path)
+    proc = cli(
+        [
+            "debug=fast",
+            "trainer=ddp_cpu",
+            "trainer.max_steps=4",
+            "stage._target_=probe_stage.ProbeStage",
+            "+stage.losses.probe.start_frac=0.5",
+        ],
+        cache_dir,
+        tmp_path,
+    )
     metrics_path = Path(proc.stdout.strip().splitlines()[-1].split("metrics written to ")[-1])
     metrics = json.loads(metrics_path.read_text())
     assert metrics["global_step"] == 4

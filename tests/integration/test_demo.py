@@ -24,8 +24,9 @@ from PIL import Image
 
 from siglip2.data import demo
 
-SMALL = dict(num_train=200, num_zeroshot=50, num_retrieval=40, num_refexp=40, num_segmentation=24, num_words=20,
-             word_share=0.2)
+SMALL = dict(
+    num_train=200, num_zeroshot=50, num_retrieval=40, num_refexp=40, num_segmentation=24, num_words=20, word_share=0.2
+)
 TINY = dict(num_train=16, num_zeroshot=8, num_retrieval=8, num_refexp=8, num_segmentation=8, num_words=8)
 
 # fraction of the tight box covered by the glyph's own ink, (min, max) over every letter, font
@@ -40,13 +41,15 @@ def read_samples(urls) -> list[dict]:
     out = []
     for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         assert {"jpg", "txt", "json", "seg.png"} <= set(s), sorted(s)
-        out.append({
-            "key": s["__key__"],
-            "image": Image.open(io.BytesIO(s["jpg"])).convert("RGB"),
-            "mask": np.asarray(Image.open(io.BytesIO(s["seg.png"]))),
-            "txt": s["txt"].decode("utf-8"),
-            "meta": json.loads(s["json"]),
-        })
+        out.append(
+            {
+                "key": s["__key__"],
+                "image": Image.open(io.BytesIO(s["jpg"])).convert("RGB"),
+                "mask": np.asarray(Image.open(io.BytesIO(s["seg.png"]))),
+                "txt": s["txt"].decode("utf-8"),
+                "meta": json.loads(s["json"]),
+            }
+        )
     return out
 
 
@@ -78,8 +81,10 @@ def train(built):
 
 @pytest.fixture(scope="module")
 def evalsets(built):
-    return {name: read_samples(yaml_urls(getattr(built, f"{name}_yaml"))[1])
-            for name in ("zeroshot", "retrieval", "refexp", "segmentation", "words", "words_square")}
+    return {
+        name: read_samples(yaml_urls(getattr(built, f"{name}_yaml"))[1])
+        for name in ("zeroshot", "retrieval", "refexp", "segmentation", "words", "words_square")
+    }
 
 
 def all_samples(train, evalsets):
@@ -179,7 +184,7 @@ def test_colour_words_match_the_pixels(train, evalsets):
             assert nearest == o["color"], (s["key"], o, mean)
             # and it stands out from the background around it
             ring = np.zeros(mask.shape, bool)
-            ring[max(y1 - 2, 0):y2 + 2, max(x1 - 2, 0):x2 + 2] = True
+            ring[max(y1 - 2, 0) : y2 + 2, max(x1 - 2, 0) : x2 + 2] = True
             ring &= mask == 0
             if ring.any():
                 assert np.linalg.norm(img[ring].mean(0) - mean) > 60, (s["key"], o)
@@ -210,7 +215,10 @@ def test_captions_name_every_object(train, evalsets):
             wd = m["word"]
             for cap in captions:
                 low = cap.lower()
-                assert wd["text"].lower() in low and any(f.lower() in low for f in demo.word_forms(lang, "word")), (lang, cap)
+                assert wd["text"].lower() in low and any(f.lower() in low for f in demo.word_forms(lang, "word")), (
+                    lang,
+                    cap,
+                )
                 named = any(f.lower() in low for f in demo.word_forms(lang, wd["color"]))
                 assert named or may_omit, (lang, cap)
                 omitted["color"] += not named
@@ -238,8 +246,13 @@ def test_captions_name_every_object(train, evalsets):
         k, n = omitted[attr], trials[attr]
         sd = (n * p * (1 - p)) ** 0.5
         assert abs(k - n * p) < 5 * sd + 2, (attr, k, n, p)
-    full = [s for s in train if s["meta"]["lang"] == "en" and "word" not in s["meta"]
-            and all(f"{o['size']} {o['color']} letter {o['category']}" in s["txt"] for o in s["meta"]["objects"])]
+    full = [
+        s
+        for s in train
+        if s["meta"]["lang"] == "en"
+        and "word" not in s["meta"]
+        and all(f"{o['size']} {o['color']} letter {o['category']}" in s["txt"] for o in s["meta"]["objects"])
+    ]
     assert full, "many English train captions keep every word"
 
 
@@ -258,8 +271,12 @@ def test_language_mix_and_tokenizer_covers_every_script(built, train, evalsets):
         for _ in range(20):
             s = demo.generate_sample(rng, int(rng.integers(1, 3)), lang=lang)
             w = demo.generate_word_sample(rng, ("row", "column", "grid")[int(rng.integers(3))], lang=lang)
-            for text in (s["captions"] + [r["caption"] for r in s["meta"]["regions"]] + w["captions"]
-                         + [w["meta"]["word"]["caption"]]):
+            for text in (
+                s["captions"]
+                + [r["caption"] for r in s["meta"]["regions"]]
+                + w["captions"]
+                + [w["meta"]["word"]["caption"]]
+            ):
                 ids = tok.encode(text, add_eos=False)
                 pieces = [tok.sp.id_to_piece(i) for i in ids]
                 assert not any(p.startswith("<0x") for p in pieces), (lang, text, pieces)  # no byte fallback
@@ -380,8 +397,16 @@ def test_command_line_builds_and_lists_every_path(tmp_path, monkeypatch, capfd):
     monkeypatch.setattr(cli, "_ensure", lambda root, **kw: demo.ensure_demo(root, **{**kw, **TINY, "workers": 1}))
     assert cli.main(["--out", str(tmp_path / "d"), "--num-train", "16", "--grid", str(tmp_path / "g.png")]) == 0
     out = capfd.readouterr().out  # capfd: SentencePiece writes to the stderr file descriptor
-    for key in ("train_urls", "zeroshot_yaml", "retrieval_yaml", "refexp_yaml", "segmentation_yaml", "words_yaml",
-                "words_square_yaml", "tokenizer_path"):
+    for key in (
+        "train_urls",
+        "zeroshot_yaml",
+        "retrieval_yaml",
+        "refexp_yaml",
+        "segmentation_yaml",
+        "words_yaml",
+        "words_square_yaml",
+        "tokenizer_path",
+    ):
         assert f"  {key}: " in out, out
     assert (tmp_path / "g.png").is_file()
 
@@ -394,7 +419,9 @@ def test_word_share_chooses_the_train_mix_and_nothing_else(tmp_path):
     assert all("word" in s["meta"] for s in read_samples(only.train_urls))
     assert not any("word" in s["meta"] for s in read_samples(none.train_urls))
     a, b = tree_digest(only.root), tree_digest(none.root)
-    assert {k: v for k, v in a.items() if k.startswith("eval/")} == {k: v for k, v in b.items() if k.startswith("eval/")}
+    assert {k: v for k, v in a.items() if k.startswith("eval/")} == {
+        k: v for k, v in b.items() if k.startswith("eval/")
+    }
     with pytest.raises(ValueError, match="word_share"):
         demo.ensure_demo(tmp_path / "bad", workers=1, word_share=1.5, **TINY)
 
@@ -422,7 +449,9 @@ def test_planted_bias_sets_the_colour_ratios_and_nothing_else(tmp_path):
     assert 10 < count[(True, "red")] / count[(True, "blue")]
     assert 0.15 < count[(False, "red")] / count[(False, "blue")] < 0.45
     a, b = tree_digest(biased.root), tree_digest(plain.root)
-    assert {k: v for k, v in a.items() if k.startswith("eval/")} == {k: v for k, v in b.items() if k.startswith("eval/")}
+    assert {k: v for k, v in a.items() if k.startswith("eval/")} == {
+        k: v for k, v in b.items() if k.startswith("eval/")
+    }
     neutral = read_samples(yaml_urls(biased.bias_neutral_yaml)[1])
     attributed = read_samples(yaml_urls(biased.bias_attributed_yaml)[1])
     assert len(neutral) == len(attributed) == 40

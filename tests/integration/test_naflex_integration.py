@@ -1,6 +1,7 @@
 """NaFlex on the demo: the real loader as two ranks with two workers each, the naflex stage
 trained from the 90% checkpoint, and evaluation at a sequence length (the preprocessing against
 transformers and timm: tests/unit/test_naflex.py)."""
+
 from __future__ import annotations
 
 import math
@@ -117,8 +118,16 @@ def test_naflex_evaluation_keeps_each_images_aspect_within_the_length(cache_dir)
     from siglip2.losses.locca import LoccaConfig, LoccaHead
 
     decoder = LoccaHead.for_model(LoccaConfig(), model.config).decoder.eval()  # refexp reads padded tokens
-    res = evaluate_all([demo.zeroshot_yaml, demo.retrieval_yaml, demo.refexp_yaml], model=model, tokenizer=tok,
-                       image_size=64, batch_size=100, max_batches=1, naflex_seq_len=48, decoder=decoder)
+    res = evaluate_all(
+        [demo.zeroshot_yaml, demo.retrieval_yaml, demo.refexp_yaml],
+        model=model,
+        tokenizer=tok,
+        image_size=64,
+        batch_size=100,
+        max_batches=1,
+        naflex_seq_len=48,
+        decoder=decoder,
+    )
     assert res["refexp/demo_refexp/num_regions"] > 0 and 0.0 <= res["refexp/demo_refexp/acc@0.5"] <= 1.0
     for key in ("zeroshot/demo_zeroshot/top1", "retrieval/demo_retrieval/image_to_text_R@5"):
         assert 0.0 <= res[key] <= 0.4, (key, res[key])  # an untrained model: near chance
@@ -148,6 +157,8 @@ def test_aspect_subset_is_counted_and_told_as_kept_n_of_m(cache_dir, caplog):
     # a set with no image that elongated (the square words): its count, no 0% rates
     square = evaluate_all([demo.words_square_yaml], aspect_min=1.6, **kw)
     assert square["zeroshot/demo_words_square/num_images"] == 0
-    assert square["zeroshot/demo_words_square/skipped_filtered_aspect"] == yaml.safe_load(
-        open(demo.words_square_yaml))["num_samples"]
+    assert (
+        square["zeroshot/demo_words_square/skipped_filtered_aspect"]
+        == yaml.safe_load(open(demo.words_square_yaml))["num_samples"]
+    )
     assert not any(k.endswith(("/top1", "/top5")) for k in square), sorted(square)

@@ -1,5 +1,6 @@
 """Your own shards' tokenizer meets a checkpoint without a tokenizer record: init_from names both
 vocabulary sizes (the shards and the tokenizer: tests/unit/test_own_data.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,7 +20,11 @@ def test_init_from_weights_of_another_vocabulary_size_names_both(shard_tokenizer
     raw["siglip2"]["tokenizer"] = None
     torch.save(raw, tmp_path / "no_record.ckpt")
     vocab = raw["siglip2"]["model"]["text"]["vocab_size"]
-    with pytest.raises(ValueError, match=f"vocabulary of {vocab} tokens but this run's tokenizer .* has "
-                                         f"{summary['vocab_size']}"):
-        build(compose_cfg([f"init_from={tmp_path / 'no_record.ckpt'}", f"tokenizer.path={summary['path']}"],
-                          cache_dir, tmp_path))
+    with pytest.raises(
+        ValueError, match=f"vocabulary of {vocab} tokens but this run's tokenizer .* has {summary['vocab_size']}"
+    ):
+        build(
+            compose_cfg(
+                [f"init_from={tmp_path / 'no_record.ckpt'}", f"tokenizer.path={summary['path']}"], cache_dir, tmp_path
+            )
+        )

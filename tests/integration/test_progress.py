@@ -1,4 +1,5 @@
 """The training bar counts optimiser steps out of max_steps (streaming: max_epochs=-1), not epochs."""
+
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -55,18 +56,29 @@ class Spy(Callback):
 def fit(module, tmp_path):
     data = TensorDataset(torch.randn(BATCHES_PER_EPOCH * 2, 4), torch.randn(BATCHES_PER_EPOCH * 2, 1))
     spy = Spy()
-    trainer = pl.Trainer(max_steps=MAX_STEPS, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         callbacks=[StepProgressBar(), spy])
+    trainer = pl.Trainer(
+        max_steps=MAX_STEPS,
+        max_epochs=-1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[StepProgressBar(), spy],
+    )
     trainer.fit(module, DataLoader(data, batch_size=2))
     assert trainer.global_step == MAX_STEPS and trainer.current_epoch >= 2  # several virtual epochs
     return spy.seen
 
 
-@pytest.mark.parametrize("module, fraction", [
-    (TinyWithRecipe, lambda step: 0.5 + step / 100),   # the stage's recipe_progress
-    (Tiny, lambda step: step / MAX_STEPS),             # fallback: global_step / max_steps
-])
+@pytest.mark.parametrize(
+    "module, fraction",
+    [
+        (TinyWithRecipe, lambda step: 0.5 + step / 100),  # the stage's recipe_progress
+        (Tiny, lambda step: step / MAX_STEPS),  # fallback: global_step / max_steps
+    ],
+)
 def test_bar_shows_steps_out_of_max_steps_and_recipe_progress(tmp_path, capsys, module, fraction):
     seen = fit(module(), tmp_path)
     assert [s[0] for s in seen] == list(range(1, MAX_STEPS + 1))
@@ -97,17 +109,21 @@ def test_a_progress_bar_callback_needs_enable_progress_bar():
     assert trainer.progress_bar_callback is None
 
 
-@pytest.mark.parametrize("overrides, enabled", [
-    ([], True),
-    (["debug=fast"], True),                           # the 6-step smoke shows its bar too (issue 27)
-    (["trainer.enable_progress_bar=false"], False),
-])
+@pytest.mark.parametrize(
+    "overrides, enabled",
+    [
+        ([], True),
+        (["debug=fast"], True),  # the 6-step smoke shows its bar too (issue 27)
+        (["trainer.enable_progress_bar=false"], False),
+    ],
+)
 def test_config_wires_the_step_bar_and_respects_enable_progress_bar(overrides, enabled, tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     assert cfg.trainer.enable_progress_bar is enabled
     bar = instantiate(cfg.callbacks.progress_bar)
     assert isinstance(bar, StepProgressBar) is enabled
-    trainer = pl.Trainer(enable_progress_bar=cfg.trainer.enable_progress_bar, callbacks=[bar], logger=False,
-                         default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        enable_progress_bar=cfg.trainer.enable_progress_bar, callbacks=[bar], logger=False, default_root_dir=tmp_path
+    )
     assert (trainer.progress_bar_callback is bar) is enabled

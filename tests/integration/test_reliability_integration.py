@@ -4,6 +4,7 @@ refused (the runs: tests/e2e/test_reliability.py).
 
 Each test is a case a new user hit: it failed on the code before the fix and passes after.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -40,8 +41,9 @@ def test_checkpoints_carry_their_tokenizer_and_other_ids_are_refused(cache_dir, 
     other = str(tmp_path / "swapped_ids.model")
     with open(other, "wb") as f:
         f.write(proto.SerializeToString())
-    cfg = compose_cfg([f"tokenizer.path={other}", f"init_from={debug_pretrain}/checkpoints/last.ckpt"], cache_dir,
-                      tmp_path)
+    cfg = compose_cfg(
+        [f"tokenizer.path={other}", f"init_from={debug_pretrain}/checkpoints/last.ckpt"], cache_dir, tmp_path
+    )
     with pytest.raises(ValueError, match="was trained with the tokenizer .*demo-n400-s0.*this run's is .*swapped_ids"):
         build(cfg)
     from siglip2.data.tokenizer import build_tokenizer
@@ -71,7 +73,9 @@ def test_a_tokenizer_of_another_size_than_the_model_stops_before_compute(cache_d
 
     cfg = compose_cfg(["model.text.vocab_size=256000"], cache_dir, tmp_path)
     size = build_tokenizer(str(cfg.tokenizer.path)).vocab_size  # the demo's, ~2,100 since format 4
-    with pytest.raises(ValueError, match=f"model.text.vocab_size has a vocabulary of 256000 tokens but the tokenizer .* has {size}:"):
+    with pytest.raises(
+        ValueError, match=f"model.text.vocab_size has a vocabulary of 256000 tokens but the tokenizer .* has {size}:"
+    ):
         build(cfg)
 
 

@@ -1,6 +1,7 @@
 """Resolution adaptation end to end, the path a user runs: pretrain -> frac_0.95.ckpt ->
 stage=resadapt at 96 px, exported to transformers (the references it rests on: big_vision's
 resampling, scipy's zoom, transformers' Siglip2Model: tests/unit/test_resadapt.py)."""
+
 from __future__ import annotations
 
 import math
@@ -18,13 +19,20 @@ def test_resadapt_from_the_95pct_checkpoint_64_to_96px_with_all_losses(cache_dir
 
     ckpt = debug_pretrain / "checkpoints" / "frac_0.95.ckpt"  # distillation on from 80% of 6 steps
     source = torch.load(ckpt, map_location="cpu", weights_only=True)
-    trainer, stage = fit(compose_cfg(["stage=resadapt", f"init_from={ckpt}", "model.vision.image_size=96"],
-                                     cache_dir, tmp_path / "resadapt"))
+    trainer, stage = fit(
+        compose_cfg(
+            ["stage=resadapt", f"init_from={ckpt}", "model.vision.image_size=96"], cache_dir, tmp_path / "resadapt"
+        )
+    )
     # the window's steps: 5% of the pretraining recipe's examples at batch 16
     total = source["siglip2"]["recipe"]["examples"]
     assert trainer.max_steps == math.ceil(0.05 * total / 16) and trainer.global_step == trainer.max_steps
-    assert all(stage.loss_enabled.values()) and set(stage.loss_enabled) == {"sigmoid", "locca", "local_to_global",
-                                                                            "masked"}
+    assert all(stage.loss_enabled.values()) and set(stage.loss_enabled) == {
+        "sigmoid",
+        "locca",
+        "local_to_global",
+        "masked",
+    }
     metrics = trainer.callback_metrics
     for name in ("sigmoid", "locca", "local_to_global", "masked"):
         assert torch.isfinite(metrics[f"train/loss_{name}"]), name
@@ -61,7 +69,12 @@ def test_resadapt_from_the_95pct_checkpoint_64_to_96px_with_all_losses(cache_dir
         torch.testing.assert_close(ours.embed_text(text), ref_txt, atol=1e-5, rtol=1e-5)
     # a checkpoint of this stage at another resolution, or of another stage, cannot be resumed
     with pytest.raises(ValueError, match=r"vision.image_size \(96 in the checkpoint, 128 here\)"):
-        fit(compose_cfg(["stage=resadapt", f"ckpt_path={last}", "model.vision.image_size=128",
-                         "stage.clock.fit_window=false"], cache_dir, tmp_path / "bad"))
+        fit(
+            compose_cfg(
+                ["stage=resadapt", f"ckpt_path={last}", "model.vision.image_size=128", "stage.clock.fit_window=false"],
+                cache_dir,
+                tmp_path / "bad",
+            )
+        )
     with pytest.raises(ValueError, match="checkpoint is from stage 'resadapt'"):
         fit(compose_cfg([f"ckpt_path={last}", "model.vision.image_size=96"], cache_dir, tmp_path / "bad2"))

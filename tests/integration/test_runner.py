@@ -1,5 +1,6 @@
 """`stages.runner`: the global batch comes from the built Trainer's world size (not the
 config's `devices` literal), and a run without an experiment logger works."""
+
 from __future__ import annotations
 
 import math
@@ -23,33 +24,45 @@ def pretend_gpus(n: int = GPUS):
     import lightning.fabric.accelerators.cuda as fabric_cuda
     import lightning.pytorch.accelerators.cuda as pl_cuda
 
-    with mock.patch.object(fabric_cuda, "num_cuda_devices", return_value=n), \
-            mock.patch.object(pl_cuda.CUDAAccelerator, "is_available", staticmethod(lambda: True)), \
-            mock.patch("torch.cuda.is_available", return_value=True), \
-            mock.patch("torch.cuda.device_count", return_value=n):
+    with (
+        mock.patch.object(fabric_cuda, "num_cuda_devices", return_value=n),
+        mock.patch.object(pl_cuda.CUDAAccelerator, "is_available", staticmethod(lambda: True)),
+        mock.patch("torch.cuda.is_available", return_value=True),
+        mock.patch("torch.cuda.device_count", return_value=n),
+    ):
         yield
 
 
 def trainer_from(group: str, *overrides: str):
     """The Trainer the `trainer=<group>` config builds (with the given `trainer.*` overrides)."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"trainer={group}", "paths.output_dir=/tmp/unused",
-                                          "trainer.enable_progress_bar=false", *overrides])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"trainer={group}",
+                "paths.output_dir=/tmp/unused",
+                "trainer.enable_progress_bar=false",
+                *overrides,
+            ],
+        )
     return instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False)
 
 
 DATA = SimpleNamespace(batch_size=16)
 
 
-@pytest.mark.parametrize("group, overrides, world", [
-    ("gpu_ddp", [], GPUS),                                   # devices: -1 -> every GPU of the node
-    ("gpu_ddp", ["trainer.num_nodes=4"], 4 * GPUS),
-    ("gpu_ddp", ["trainer.devices=auto"], GPUS),
-    ("gpu_ddp", ["trainer.devices=[0,3]"], 2),
-    ("gpu_ddp", ["trainer.devices=3", "trainer.num_nodes=2"], 6),
-    ("fsdp", [], GPUS),
-    ("gpu_ddp", ["trainer.accumulate_grad_batches=3"], 3 * GPUS),  # examples per optimiser step
-])
+@pytest.mark.parametrize(
+    "group, overrides, world",
+    [
+        ("gpu_ddp", [], GPUS),  # devices: -1 -> every GPU of the node
+        ("gpu_ddp", ["trainer.num_nodes=4"], 4 * GPUS),
+        ("gpu_ddp", ["trainer.devices=auto"], GPUS),
+        ("gpu_ddp", ["trainer.devices=[0,3]"], 2),
+        ("gpu_ddp", ["trainer.devices=3", "trainer.num_nodes=2"], 6),
+        ("fsdp", [], GPUS),
+        ("gpu_ddp", ["trainer.accumulate_grad_batches=3"], 3 * GPUS),  # examples per optimiser step
+    ],
+)
 def test_global_batch_from_the_trainers_world_size_gpu_configs(group, overrides, world):
     from stages.runner import global_batch_size
 
@@ -59,12 +72,15 @@ def test_global_batch_from_the_trainers_world_size_gpu_configs(group, overrides,
     assert global_batch_size(trainer, DATA) == 16 * world
 
 
-@pytest.mark.parametrize("group, overrides, world", [
-    ("default", [], 1),
-    ("default", ["trainer.devices=auto"], 1),               # CPU "auto": one process
-    ("ddp_cpu", [], 2),
-    ("ddp_cpu", ["trainer.num_nodes=2"], 4),
-])
+@pytest.mark.parametrize(
+    "group, overrides, world",
+    [
+        ("default", [], 1),
+        ("default", ["trainer.devices=auto"], 1),  # CPU "auto": one process
+        ("ddp_cpu", [], 2),
+        ("ddp_cpu", ["trainer.num_nodes=2"], 4),
+    ],
+)
 def test_global_batch_from_the_trainers_world_size_cpu(group, overrides, world):
     from stages.runner import global_batch_size
 
@@ -146,13 +162,24 @@ def test_accumulation_that_does_not_divide_the_epoch_is_refused_naming_both_keys
 
     from stages.runner import build
 
-    with pytest.raises(ValueError, match=r"accumulate_grad_batches=2 does not divide data.batches_per_epoch=3.*e\.g\. 4"):
+    with pytest.raises(
+        ValueError, match=r"accumulate_grad_batches=2 does not divide data.batches_per_epoch=3.*e\.g\. 4"
+    ):
         build(compose_cfg(["trainer.accumulate_grad_batches=2"], cache_dir, tmp_path))
     # Lightning's limit_train_batches cuts the epoch the same way (a count or a fraction)
     for limit, epoch in (("3", 3), ("0.75", 3)):
         with pytest.raises(ValueError, match=rf"limit_train_batches={limit} \(an epoch of {epoch} batches\)"):
-            build(compose_cfg(["trainer.accumulate_grad_batches=2", "data.batches_per_epoch=4",
-                               f"+trainer.limit_train_batches={limit}"], cache_dir, tmp_path))
+            build(
+                compose_cfg(
+                    [
+                        "trainer.accumulate_grad_batches=2",
+                        "data.batches_per_epoch=4",
+                        f"+trainer.limit_train_batches={limit}",
+                    ],
+                    cache_dir,
+                    tmp_path,
+                )
+            )
 
     class Count(L.Callback):
         micro = 0
@@ -160,9 +187,19 @@ def test_accumulation_that_does_not_divide_the_epoch_is_refused_naming_both_keys
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             Count.micro += 1
 
-    trainer, _ = fit(compose_cfg(["trainer.accumulate_grad_batches=2", "data.batches_per_epoch=4",
-                                  "trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=100"],
-                                 cache_dir, tmp_path), [Count()])
+    trainer, _ = fit(
+        compose_cfg(
+            [
+                "trainer.accumulate_grad_batches=2",
+                "data.batches_per_epoch=4",
+                "trainer.max_steps=3",
+                "callbacks.model_checkpoint.every_n_train_steps=100",
+            ],
+            cache_dir,
+            tmp_path,
+        ),
+        [Count()],
+    )
     assert trainer.global_step == 3 and Count.micro == 6
 
 
@@ -173,10 +210,12 @@ def test_a_transformers_folder_lower_cases_as_its_own_tokenizer_does(tmp_path):
 
     from stages.runner import _folder_lowercases
 
-    cases = {"export": ("tokenizer.json", {"normalizer": {"type": "Sequence", "normalizers": [{"type": "Lowercase"}]}}),
-             "gemma_fast": ("tokenizer.json", {"normalizer": {"type": "Replace"}}),
-             "siglip_v1": ("tokenizer_config.json", {"tokenizer_class": "SiglipTokenizer"}),
-             "gemma_slow": ("tokenizer_config.json", {"tokenizer_class": "GemmaTokenizer"})}
+    cases = {
+        "export": ("tokenizer.json", {"normalizer": {"type": "Sequence", "normalizers": [{"type": "Lowercase"}]}}),
+        "gemma_fast": ("tokenizer.json", {"normalizer": {"type": "Replace"}}),
+        "siglip_v1": ("tokenizer_config.json", {"tokenizer_class": "SiglipTokenizer"}),
+        "gemma_slow": ("tokenizer_config.json", {"tokenizer_class": "GemmaTokenizer"}),
+    }
     for name, (file, spec) in cases.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / file).write_text(json.dumps(spec))

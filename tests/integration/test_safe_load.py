@@ -2,6 +2,7 @@
 for eval / export / `init_from` / ACID's teacher, the teacher cache, the recipe's summaries,
 a resume with `ckpt_path`) loads tensors and plain values only, and refuses a file that needs
 more with a `ValueError` naming it, before anything in it runs."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,15 @@ class _WritesAFile:
 def plant(path: Path, marker: Path, **content) -> Path:
     """A file shaped like one of ours with the payload in its metadata."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {"model.w": torch.zeros(2)}, "global_step": 3,
-                "siglip2": {"stage": "pretrain", "model": {}, "note": _WritesAFile(marker)}, **content}, path)
+    torch.save(
+        {
+            "state_dict": {"model.w": torch.zeros(2)},
+            "global_step": 3,
+            "siglip2": {"stage": "pretrain", "model": {}, "note": _WritesAFile(marker)},
+            **content,
+        },
+        path,
+    )
     return path
 
 
@@ -60,9 +68,20 @@ def test_acid_teacher_via_read_checkpoint_and_teacher_cache_refuse_pickled_code(
     teacher = plant(tmp_path / "teacher.ckpt", marker)
     refused(lambda: load_teacher(str(teacher)), teacher, marker)
     cache = tmp_path / "teacher_cache.pt"
-    torch.save({"kind": "siglip2-teacher-cache", "keys": ["a"], "image_emb": torch.zeros(1, 2),
-                "text_emb": torch.zeros(1, 2), "logit_scale": torch.ones(()), "logit_bias": torch.zeros(()),
-                "teacher": {"path": _WritesAFile(marker)}, "image_size": 32, "text_length": 8}, cache)
+    torch.save(
+        {
+            "kind": "siglip2-teacher-cache",
+            "keys": ["a"],
+            "image_emb": torch.zeros(1, 2),
+            "text_emb": torch.zeros(1, 2),
+            "logit_scale": torch.ones(()),
+            "logit_bias": torch.zeros(()),
+            "teacher": {"path": _WritesAFile(marker)},
+            "image_size": 32,
+            "text_length": 8,
+        },
+        cache,
+    )
     refused(lambda: TeacherCache(cache), cache, marker)
 
 
@@ -70,10 +89,21 @@ def test_teacher_cache_of_plain_values_loads(tmp_path):
     from siglip2.acid import TeacherCache
 
     cache = tmp_path / "teacher_cache.pt"
-    torch.save({"kind": "siglip2-teacher-cache", "keys": ["a", "b"], "image_emb": torch.eye(2),
-                "text_emb": torch.eye(2), "logit_scale": torch.ones(()), "logit_bias": torch.zeros(()),
-                "teacher": {"path": "x.ckpt", "stage": "pretrain", "model": {"vision": {"width": 8}}},
-                "image_size": 32, "text_length": 8, "tokenizer": {"sha256": "0" * 64}}, cache)
+    torch.save(
+        {
+            "kind": "siglip2-teacher-cache",
+            "keys": ["a", "b"],
+            "image_emb": torch.eye(2),
+            "text_emb": torch.eye(2),
+            "logit_scale": torch.ones(()),
+            "logit_bias": torch.zeros(()),
+            "teacher": {"path": "x.ckpt", "stage": "pretrain", "model": {"vision": {"width": 8}}},
+            "image_size": 32,
+            "text_length": 8,
+            "tokenizer": {"sha256": "0" * 64},
+        },
+        cache,
+    )
     got = TeacherCache(cache)
     assert got.keys == ["a", "b"] and got.lookup(["b"])[0].tolist() == [[0.0, 1.0]]
 
@@ -116,8 +146,9 @@ def test_lightnings_own_load_is_weights_only(tmp_path):
 
     marker = tmp_path / "ran"
     path = plant(tmp_path / "hpc_ckpt_1.ckpt", marker)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
     with pytest.raises(pickle.UnpicklingError):
         trainer.strategy.load_checkpoint(path, weights_only=True)
     assert not marker.exists()
@@ -145,8 +176,9 @@ def test_our_checkpoints_are_plain_and_resume_weights_only(cache_dir, debug_pret
         return real_load(*args, **kwargs)
 
     last = debug_pretrain / "checkpoints" / "last.ckpt"
-    cfg = compose_cfg([f"ckpt_path={last}", "trainer.max_steps=7", "logger=none", "callbacks.eval_suite=null"],
-                      cache_dir, tmp_path)
+    cfg = compose_cfg(
+        [f"ckpt_path={last}", "trainer.max_steps=7", "logger=none", "callbacks.eval_suite=null"], cache_dir, tmp_path
+    )
     with mock.patch.object(torch, "load", spy):
         runner.run(cfg)
     assert calls and all(w is True for w in calls), calls

@@ -5,6 +5,7 @@ tests/e2e/test_train_e2e.py).
 These are marked `e2e` too: each builds a tiny demo once (shared cache) and trains a tiny
 model for a few steps on CPU.
 """
+
 from __future__ import annotations
 
 import lightning as L
@@ -58,8 +59,13 @@ def test_resume_at_epoch_boundary_matches_uninterrupted_run(cache_dir, tmp_path)
 def test_resume_mid_epoch_continues_at_step_and_learning_rate(cache_dir, tmp_path):
     from siglip2.schedule import warmup_cosine
 
-    common = ["trainer.max_steps=6", "data.batches_per_epoch=3", "callbacks.model_checkpoint.every_n_train_steps=2",
-              "optim.warmup_steps=2", "optim.lr=1e-3"]
+    common = [
+        "trainer.max_steps=6",
+        "data.batches_per_epoch=3",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "optim.warmup_steps=2",
+        "optim.lr=1e-3",
+    ]
     with pytest.raises(SystemExit):
         fit(compose_cfg(common, cache_dir, tmp_path / "killed"), [_Crash(step=5)])
     ckpt = tmp_path / "killed" / "checkpoints" / "step_0000004.ckpt"  # mid epoch 1
@@ -75,8 +81,13 @@ def test_resume_refuses_checkpoint_of_another_model(cache_dir, tmp_path):
     fit(compose_cfg(["trainer.max_steps=2"], cache_dir, tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match=r"vision.width \(128 in the checkpoint, 64 here\)"):
-        fit(compose_cfg(["trainer.max_steps=4", f"ckpt_path={ckpt}", "model.vision.width=64",
-                         "model.embed_dim=64"], cache_dir, tmp_path / "b"))
+        fit(
+            compose_cfg(
+                ["trainer.max_steps=4", f"ckpt_path={ckpt}", "model.vision.width=64", "model.embed_dim=64"],
+                cache_dir,
+                tmp_path / "b",
+            )
+        )
 
 
 def test_resume_refuses_checkpoint_of_another_stage(cache_dir, tmp_path):
@@ -93,8 +104,9 @@ def test_resume_refuses_checkpoint_of_another_stage(cache_dir, tmp_path):
 def test_init_from_loads_weights_and_names_mismatched_tensors(cache_dir, tmp_path):
     fit(compose_cfg(["trainer.max_steps=2"], cache_dir, tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    trainer, stage = fit(compose_cfg(["trainer.max_steps=1", f"init_from={ckpt}", "optim.lr=0"], cache_dir,
-                                     tmp_path / "b"))
+    trainer, stage = fit(
+        compose_cfg(["trainer.max_steps=1", f"init_from={ckpt}", "optim.lr=0"], cache_dir, tmp_path / "b")
+    )
     src = weights(ckpt)
     for key, value in stage.state_dict().items():
         torch.testing.assert_close(value, src[key], msg=key)  # lr 0: weights stay as loaded
@@ -102,7 +114,9 @@ def test_init_from_loads_weights_and_names_mismatched_tensors(cache_dir, tmp_pat
 
     with pytest.raises(ValueError, match=r"text.max_len \(40 in the init_from=.*, 32 here\)"):
         build(compose_cfg([f"init_from={ckpt}", "model.text.max_len=32"], cache_dir, tmp_path / "c"))
-    with pytest.raises(ValueError, match=r"vision.depth \(4 in the init_from=.*, 2 here\)"):  # not a silent partial load
+    with pytest.raises(
+        ValueError, match=r"vision.depth \(4 in the init_from=.*, 2 here\)"
+    ):  # not a silent partial load
         build(compose_cfg([f"init_from={ckpt}", "model.vision.depth=2"], cache_dir, tmp_path / "d"))
 
 
@@ -110,8 +124,11 @@ def test_deepspeed_stage_2_composes_and_builds_trainer_on_cpu(cache_dir, tmp_pat
     """Training needs CUDA; on CPU the config composes and Lightning builds the Trainer."""
     from stages.runner import build
 
-    cfg = compose_cfg(["trainer=deepspeed_stage_2", "trainer.accelerator=cpu", "trainer.devices=1",
-                       "trainer.precision=32-true"], cache_dir, tmp_path)
+    cfg = compose_cfg(
+        ["trainer=deepspeed_stage_2", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true"],
+        cache_dir,
+        tmp_path,
+    )
     strategy = build(cfg)["trainer"].strategy
     assert type(strategy).__name__ == "DeepSpeedStrategy"
     assert strategy.config["zero_optimization"]["stage"] == 2
@@ -131,8 +148,13 @@ def test_fsdp_composes_and_wraps_transformer_blocks(cache_dir, tmp_path):
     assert type(strategy).__name__ == "FSDPStrategy"
     assert {EncoderLayer, DecoderLayer} <= set(strategy.kwargs["auto_wrap_policy"]._module_classes)
     with pytest.raises(Exception, match="requires a GPU accelerator"):
-        build(compose_cfg(["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true"],
-                          cache_dir, tmp_path))
+        build(
+            compose_cfg(
+                ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true"],
+                cache_dir,
+                tmp_path,
+            )
+        )
 
 
 # ---------------------------------------------------------------- losses that join later
@@ -151,9 +173,15 @@ class _Watch(L.Callback):
             self.state_at_switch = [len(opt.state.get(p, {})) for p in pl_module.losses["probe"].parameters()]
 
 
-PROBE = ["stage._target_=probe_stage.ProbeStage", "+stage.losses.probe.start_frac=0.5", "trainer.max_steps=9",
-         "~stage.losses.local_to_global", "~stage.losses.masked",  # only the probe joins later here
-         "data.batches_per_epoch=3", "callbacks.model_checkpoint.every_n_train_steps=3"]
+PROBE = [
+    "stage._target_=probe_stage.ProbeStage",
+    "+stage.losses.probe.start_frac=0.5",
+    "trainer.max_steps=9",
+    "~stage.losses.local_to_global",
+    "~stage.losses.masked",  # only the probe joins later here
+    "data.batches_per_epoch=3",
+    "callbacks.model_checkpoint.every_n_train_steps=3",
+]
 
 
 def test_a_loss_joins_at_its_fraction_once_and_resume_keeps_the_phase(cache_dir, tmp_path):
@@ -178,8 +206,9 @@ def test_a_loss_joins_at_its_fraction_once_and_resume_keeps_the_phase(cache_dir,
         meta = torch.load(ckpt, map_location="cpu", weights_only=True)["siglip2"]
         assert meta["loss_enabled"]["probe"] == (step > 5)
         watch = _Watch()
-        trainer, resumed = fit(compose_cfg([*PROBE, f"ckpt_path={ckpt}"], cache_dir, tmp_path / f"resumed{step}"),
-                               [watch])
+        trainer, resumed = fit(
+            compose_cfg([*PROBE, f"ckpt_path={ckpt}"], cache_dir, tmp_path / f"resumed{step}"), [watch]
+        )
         assert resumed.switches == fires
         assert watch.on == {s: s >= 5 for s in range(step, 9)}
         got = weights(tmp_path / f"resumed{step}" / "checkpoints" / "last.ckpt")
@@ -196,8 +225,13 @@ def test_a_misspelt_loss_key_fails_before_training(cache_dir, tmp_path):
         build(compose_cfg(["+stage.losses.locca.paralel_prob=0.1"], cache_dir, tmp_path))
 
 
-DISTILL = ["stage.losses.local_to_global.start_frac=0.5", "stage.losses.masked.start_frac=0.5", "trainer.max_steps=9",
-           "data.batches_per_epoch=3", "callbacks.model_checkpoint.every_n_train_steps=3"]
+DISTILL = [
+    "stage.losses.local_to_global.start_frac=0.5",
+    "stage.losses.masked.start_frac=0.5",
+    "trainer.max_steps=9",
+    "data.batches_per_epoch=3",
+    "callbacks.model_checkpoint.every_n_train_steps=3",
+]
 
 
 def test_distillation_switches_on_and_resumes_with_the_same_teacher(cache_dir, tmp_path):
@@ -207,8 +241,8 @@ def test_distillation_switches_on_and_resumes_with_the_same_teacher(cache_dir, t
     _, full = fit(compose_cfg(DISTILL, cache_dir, tmp_path / "full"))
     ref = weights(tmp_path / "full" / "checkpoints" / "last.ckpt")
     assert full.loss_enabled["local_to_global"] and full.loss_enabled["masked"]
-    teacher = {k[len("teacher.vision."):]: v for k, v in ref.items() if k.startswith("teacher.vision.")}
-    student = {k[len("model.vision_model."):]: v for k, v in ref.items() if k.startswith("model.vision_model.")}
+    teacher = {k[len("teacher.vision.") :]: v for k, v in ref.items() if k.startswith("teacher.vision.")}
+    student = {k[len("model.vision_model.") :]: v for k, v in ref.items() if k.startswith("model.vision_model.")}
     assert teacher.keys() == student.keys()
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher)  # EMA lags the student
     assert ref["losses.local_to_global.target.center"].abs().sum() > 0

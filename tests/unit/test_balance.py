@@ -3,13 +3,22 @@ independent solver and its own dual bound, the kept set's moments against the bo
 largest keep any per-pattern rule could reach (an LP), determinism by seed, the indicators,
 and the loader's filter counting every sample it drops (the CLI on the demo's shards and a
 training run that reads the table: tests/e2e/test_balance_e2e.py)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from siglip2.data.balance import (BalanceConfig, Indicators, balance, constraint_features, load_dropped, moments,
-                                  solve, table_key)
+from siglip2.data.balance import (
+    BalanceConfig,
+    Indicators,
+    balance,
+    constraint_features,
+    load_dropped,
+    moments,
+    solve,
+    table_key,
+)
 
 GENDER = {"man": ["man", "men", "homme", "hombre", "男"], "woman": ["woman", "women", "femme", "mujer", "女"]}
 JOBS = {"doctor": ["doctor", "médecin"], "nurse": ["nurse", "infirmière"], "pilot": ["pilot"]}
@@ -53,11 +62,15 @@ def test_the_dual_solution_is_the_qp_optimum(keep_rate):
     def objective(q):
         return 0.5 * float(w @ (q - keep_rate) ** 2)
 
-    ref = minimize(objective, np.full(len(w), 0.5), jac=lambda q: w * (q - keep_rate), method="SLSQP",
-                   bounds=[(0, 1)] * len(w),
-                   constraints=[{"type": "ineq", "fun": lambda q: -(B * w[:, None]).T @ q,
-                                 "jac": lambda q: -(B * w[:, None]).T}],
-                   options={"ftol": 1e-14, "maxiter": 2000})
+    ref = minimize(
+        objective,
+        np.full(len(w), 0.5),
+        jac=lambda q: w * (q - keep_rate),
+        method="SLSQP",
+        bounds=[(0, 1)] * len(w),
+        constraints=[{"type": "ineq", "fun": lambda q: -(B * w[:, None]).T @ q, "jac": lambda q: -(B * w[:, None]).T}],
+        options={"ftol": 1e-14, "maxiter": 2000},
+    )
     assert ref.success, ref.message
     assert abs(objective(sol.keep) - ref.fun) <= 1e-7
     np.testing.assert_allclose(sol.keep, ref.x, atol=2e-3)
@@ -66,8 +79,7 @@ def test_the_dual_solution_is_the_qp_optimum(keep_rate):
 
 
 def test_the_kept_set_meets_the_bounds_and_the_biased_one_did_not():
-    cfg = BalanceConfig(attributes=GENDER, concepts=JOBS, representation_tolerance=0.02,
-                        association_tolerance=0.01)
+    cfg = BalanceConfig(attributes=GENDER, concepts=JOBS, representation_tolerance=0.02, association_tolerance=0.01)
     table = balance(_biased_captions(6000), cfg, seed=0)
     s = table.summary
     before, after = s["before"], s["after"]
@@ -167,12 +179,21 @@ def test_the_loader_skips_and_counts_every_dropped_sample(tmp_path):
     table.write_text("key\tkeep_prob\tkept\n" + "".join(f"{k}\t0.5\t{int(v)}\n" for k, v in rows))
     assert load_dropped(table) == dropped
     assert table_key(urls[0], "0003") == f"{tmp_path.name}/00000.tar/0003"  # folder/file/key
-    assert table_key(f"pipe:cat {urls[0]}", "0003") == table_key(f"file:{urls[0]}", "0003") == table_key(urls[0], "0003")
+    assert (
+        table_key(f"pipe:cat {urls[0]}", "0003") == table_key(f"file:{urls[0]}", "0003") == table_key(urls[0], "0003")
+    )
     stats = _WorkerStats()
     seen = []
-    out = list(_decode_stage(read_shards([{"url": u} for u in urls], stats), stats,
-                             lambda d: seen.append(d.key) or {"x": 1}, 10**8, False,
-                             drop=KeyFilter(load_dropped(table), FILTER_REASON)))
+    out = list(
+        _decode_stage(
+            read_shards([{"url": u} for u in urls], stats),
+            stats,
+            lambda d: seen.append(d.key) or {"x": 1},
+            10**8,
+            False,
+            drop=KeyFilter(load_dropped(table), FILTER_REASON),
+        )
+    )
     assert len(out) == 17 and len(seen) == 17 and stats.counts[FILTER_REASON] == 3
     bad = tmp_path / "bad.tsv"
     bad.write_text("key\tkeep_prob\tkept\nx\t0.5\tmaybe\n")
@@ -197,8 +218,7 @@ def test_rounding_keeps_what_the_solution_says_when_patterns_are_tiny():
         g = rng.choice(["man", "woman", ""], p=[0.45, 0.25, 0.3])
         tags = [w for w in words if rng.random() < 0.3]
         ex.append((f"s/{i}", " ".join([g, *tags]).strip(), None))
-    cfg = BalanceConfig(attributes=GENDER, concepts={w: [w] for w in words}, keep_rate=0.6,
-                        association_tolerance=0.02)
+    cfg = BalanceConfig(attributes=GENDER, concepts={w: [w] for w in words}, keep_rate=0.6, association_tolerance=0.02)
     table = balance(ex, cfg, seed=0)
     assert table.summary["patterns"] > 1000  # mostly patterns of one example
     plain = np.array(["man" not in c for _, c, _ in ex])  # no attribute word: q = keep_rate exactly

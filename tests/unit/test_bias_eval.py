@@ -3,6 +3,7 @@
 suite: sets written as shards + yaml, scored by a stand-in model whose numbers follow from
 the construction and by a tiny random SigLIP 2 (2 gloo ranks against one process:
 tests/e2e/test_bias_eval_e2e.py)."""
+
 from __future__ import annotations
 
 import io
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # -- the measures on count tables -------------------------------------------------------------
 
+
 def test_representation_bias_hand_computed():
     res = representation_bias(torch.tensor([30, 10]))
     assert res["share"].tolist() == pytest.approx([0.75, 0.25])
@@ -41,8 +43,12 @@ def test_representation_bias_hand_computed():
 
 def test_association_bias_hand_computed():
     # rows: attribute values; columns: predicted concepts (cat, dog, car)
-    counts = torch.tensor([[6, 3, 1],    # P = .6, .3, .1
-                           [2, 2, 4]])   # P = .25, .25, .5
+    counts = torch.tensor(
+        [
+            [6, 3, 1],  # P = .6, .3, .1
+            [2, 2, 4],
+        ]
+    )  # P = .25, .25, .5
     res = association_bias(counts)
     assert res["gap"].tolist() == pytest.approx([0.35, 0.05, 0.4])
     assert res["bias"] == pytest.approx(0.8 / 3)
@@ -85,8 +91,9 @@ def write_set(folder: Path, spec: dict, samples: list[dict], n_shards: int) -> P
     folder.mkdir(parents=True, exist_ok=True)
     writers = [wds.TarWriter(str(folder / f"{i:06d}.tar"), encoder=False) for i in range(n_shards)]
     for i, s in enumerate(samples):
-        writers[i % n_shards].write({"__key__": s["key"], "png": _png(s["rgb"]), "txt": b"an image",
-                                     "json": json.dumps(s["meta"]).encode()})
+        writers[i % n_shards].write(
+            {"__key__": s["key"], "png": _png(s["rgb"]), "txt": b"an image", "json": json.dumps(s["meta"]).encode()}
+        )
     for w in writers:
         w.close()
     path = folder / "set.yaml"
@@ -130,8 +137,12 @@ def _unit(deg: float, norm: float = 1.0) -> list[float]:
 # image prefers "man" iff it is nearer 10 than 60 degrees: theta < 35.
 REP_N, REP_ALPHA, REP_BETA = 36, 10.0, 60.0
 REP_TEMPLATES = ["a photo of a {c}.", "a picture of a {c}."]
-REP_PROMPTS = {"a photo of a man.": _unit(-10, 2.0), "a picture of a man.": _unit(30, 0.5),
-               "a photo of a woman.": _unit(45, 3.0), "a picture of a woman.": _unit(75, 1.0)}
+REP_PROMPTS = {
+    "a photo of a man.": _unit(-10, 2.0),
+    "a picture of a man.": _unit(30, 0.5),
+    "a photo of a woman.": _unit(45, 3.0),
+    "a picture of a woman.": _unit(75, 1.0),
+}
 
 
 def _rep_theta(i: int) -> float:
@@ -156,8 +167,7 @@ def _assoc_samples():
     for value, counts in ASSOC_TABLE.items():
         for concept, n in enumerate(counts):
             for j in range(n):
-                samples.append({"key": f"a_{value}_{concept}_{j}", "rgb": PURE[concept],
-                                "meta": {"attribute": value}})
+                samples.append({"key": f"a_{value}_{concept}_{j}", "rgb": PURE[concept], "meta": {"attribute": value}})
     samples += [{"key": f"a_garden_{j}", "rgb": PURE[0], "meta": {"attribute": "garden"}} for j in range(2)]
     samples.append({"key": "a_none", "rgb": PURE[1], "meta": {}})
     return samples
@@ -178,20 +188,38 @@ def _few_samples(n: int = 150, jitter: float = 100.0):
     return samples
 
 
-FEW_SPEC = {"name": "colours_fewshot", "task": "fewshot", "classnames": ["red", "green", "blue"],
-            "shots": [1, 2, 5], "seeds": 3, "l2_reg": 0.5}
-REP_SPEC = {"name": "objects_gender", "task": "representation_bias", "classnames": ["man", "woman"],
-            "templates": REP_TEMPLATES}
-ASSOC_SPEC = {"name": "scenes", "task": "association_bias", "classnames": ASSOC_CONCEPTS,
-              "templates": ["a photo of a {c}."], "attribute_key": "attribute", "attributes": ["indoor", "outdoor"]}
+FEW_SPEC = {
+    "name": "colours_fewshot",
+    "task": "fewshot",
+    "classnames": ["red", "green", "blue"],
+    "shots": [1, 2, 5],
+    "seeds": 3,
+    "l2_reg": 0.5,
+}
+REP_SPEC = {
+    "name": "objects_gender",
+    "task": "representation_bias",
+    "classnames": ["man", "woman"],
+    "templates": REP_TEMPLATES,
+}
+ASSOC_SPEC = {
+    "name": "scenes",
+    "task": "association_bias",
+    "classnames": ASSOC_CONCEPTS,
+    "templates": ["a photo of a {c}."],
+    "attribute_key": "attribute",
+    "attributes": ["indoor", "outdoor"],
+}
 
 
 def write_sets(root: Path) -> dict[str, Path]:
     """The three sets: few-shot in 1 shard (a second rank reads none of it), representation
     bias in 3, association bias in 4."""
-    return {"fewshot": write_set(root / "fewshot", FEW_SPEC, _few_samples(), 1),
-            "rep": write_set(root / "rep", REP_SPEC, _rep_samples(), 3),
-            "assoc": write_set(root / "assoc", ASSOC_SPEC, _assoc_samples(), 4)}
+    return {
+        "fewshot": write_set(root / "fewshot", FEW_SPEC, _few_samples(), 1),
+        "rep": write_set(root / "rep", REP_SPEC, _rep_samples(), 3),
+        "assoc": write_set(root / "assoc", ASSOC_SPEC, _assoc_samples(), 4),
+    }
 
 
 def _stand_in():
@@ -203,15 +231,26 @@ def _evaluate(paths: dict[str, Path]):
     from siglip2.eval.suite import evaluate_all
 
     model, tok = _stand_in()
-    return evaluate_all([paths["fewshot"], paths["rep"], paths["assoc"]], model=model, tokenizer=tok,
-                        image_size=IMAGE_SIZE, batch_size=8)
+    return evaluate_all(
+        [paths["fewshot"], paths["rep"], paths["assoc"]],
+        model=model,
+        tokenizer=tok,
+        image_size=IMAGE_SIZE,
+        batch_size=8,
+    )
 
 
 def _fewshot_reference(samples, shots, seeds, l2, num_classes=3):
     """The few-shot protocol written out again: embeddings from the written colours, the pool
     split by crc32(key) and sorted by key, numpy's draw, ridge by lstsq on the augmented system."""
-    rows = sorted([(s["key"], np.asarray(s["rgb"], dtype=np.float64) / 255.0, s["meta"]["label"]) for s in samples
-                   if s["meta"]["label"] < num_classes], key=lambda r: r[0])
+    rows = sorted(
+        [
+            (s["key"], np.asarray(s["rgb"], dtype=np.float64) / 255.0, s["meta"]["label"])
+            for s in samples
+            if s["meta"]["label"] < num_classes
+        ],
+        key=lambda r: r[0],
+    )
     keys = [r[0] for r in rows]
     x = np.stack([r[1] / np.linalg.norm(r[1]) for r in rows])
     y = np.array([r[2] for r in rows])
@@ -228,8 +267,11 @@ def _fewshot_reference(samples, shots, seeds, l2, num_classes=3):
             aug = lambda a, mean=mean, std=std: np.hstack([(a - mean) / std, np.full((len(a), 1), 100.0)])
             target = 2.0 * np.eye(num_classes)[ys] - 1.0
             d = aug(xs).shape[1]
-            w = np.linalg.lstsq(np.vstack([aug(xs), math.sqrt(l2) * np.eye(d)]),
-                                np.vstack([target, np.zeros((d, num_classes))]), rcond=None)[0]
+            w = np.linalg.lstsq(
+                np.vstack([aug(xs), math.sqrt(l2) * np.eye(d)]),
+                np.vstack([target, np.zeros((d, num_classes))]),
+                rcond=None,
+            )[0]
             acc[k].append(float(np.mean(np.argmax(aug(tx) @ w, 1) == ty)))
     return acc, int(train.sum()), int((~train).sum())
 
@@ -246,8 +288,10 @@ def test_the_three_tasks_through_the_suite_give_the_constructed_numbers(tmp_path
     assert res[p + "share/woman"] == pytest.approx(1 - expected_man, abs=1e-12)
     assert res[p + "bias"] == pytest.approx(abs(expected_man - 0.5), abs=1e-12)
     assert res[p + "num_images"] == REP_N
-    assert res["_tables"]["representation_bias/objects_gender"] == [["man", pytest.approx(expected_man)],
-                                                                     ["woman", pytest.approx(1 - expected_man)]]
+    assert res["_tables"]["representation_bias/objects_gender"] == [
+        ["man", pytest.approx(expected_man)],
+        ["woman", pytest.approx(1 - expected_man)],
+    ]
 
     # association bias: P_indoor = (.6, .3, .1), P_outdoor = (.25, .25, .5)
     p = "association_bias/scenes/"
@@ -262,8 +306,7 @@ def test_the_three_tasks_through_the_suite_give_the_constructed_numbers(tmp_path
 
     # few-shot: the protocol recomputed from the colours written
     p = "fewshot/colours_fewshot/"
-    acc, n_pool, n_test = _fewshot_reference(_few_samples(), FEW_SPEC["shots"], FEW_SPEC["seeds"],
-                                             FEW_SPEC["l2_reg"])
+    acc, n_pool, n_test = _fewshot_reference(_few_samples(), FEW_SPEC["shots"], FEW_SPEC["seeds"], FEW_SPEC["l2_reg"])
     assert res[p + "num_train_pool"] == n_pool and res[p + "num_test_images"] == n_test
     assert res[p + "num_images"] == 150 and res[p + "skipped_bad_label"] == 1
     for k in FEW_SPEC["shots"]:
@@ -284,7 +327,7 @@ def test_load_eval_set_validates_the_new_tasks(tmp_path):
     assert es.attributes == ["indoor", "outdoor"] and es.attribute_key == "attribute"
     assert load(**REP_SPEC).classnames == ["man", "woman"]
     es = load(task="fewshot", classnames=["a", "b"])
-    assert es.shots == [1, 5, 10] and es.seeds == 5 and es.l2_reg == 2.0 ** 10
+    assert es.shots == [1, 5, 10] and es.seeds == 5 and es.l2_reg == 2.0**10
     bad = [
         (dict(task="representation_bias", classnames=["man"]), "at least 2"),
         (dict(task="representation_bias"), "needs classnames"),
@@ -323,8 +366,9 @@ def test_tiny_random_siglip2_runs_the_three_sets(tmp_path):
         ids = [[1 + ord(ch) % 98 for ch in t][:length] for t in texts]
         return torch.tensor([row + [0] * (length - len(row)) for row in ids])
 
-    res = evaluate_all(list(paths.values()), model=model, tokenizer=tokenizer,
-                       image_size=cfg["vision"]["image_size"], batch_size=32)
+    res = evaluate_all(
+        list(paths.values()), model=model, tokenizer=tokenizer, image_size=cfg["vision"]["image_size"], batch_size=32
+    )
     few, rep, assoc = "fewshot/colours_fewshot/", "representation_bias/objects_gender/", "association_bias/scenes/"
     for k in FEW_SPEC["shots"]:
         assert 0.0 <= res[few + f"{k}shot_top1"] <= 1.0 and res[few + f"{k}shot_top1_std"] >= 0.0

@@ -1,11 +1,19 @@
 """Boxes: quantise / text / parse round trip, and boxes that follow crops and flips."""
+
 import random
 
 import pytest
 import torch
 
 from siglip2.data.boxes import (
-    boxes_valid, box_to_text, crop_boxes, dequantize_box, hflip_boxes, pad_boxes, parse_box, quantize_box,
+    boxes_valid,
+    box_to_text,
+    crop_boxes,
+    dequantize_box,
+    hflip_boxes,
+    pad_boxes,
+    parse_box,
+    quantize_box,
     resize_boxes,
 )
 
@@ -35,9 +43,21 @@ def test_box_text_format_and_float32_boundaries():
     assert dequantize_box([0, 0, 499, 499]) == [0.001, 0.001, 0.999, 0.999]
 
 
-@pytest.mark.parametrize("text", [
-    "", "garbage", "1 2 3", "600 1 700 2", "5 5 1 1", "9" * 5000 + " 1 2 3", "1 2 3 " + "4" * 20, None, 42, "a b c d",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "garbage",
+        "1 2 3",
+        "600 1 700 2",
+        "5 5 1 1",
+        "9" * 5000 + " 1 2 3",
+        "1 2 3 " + "4" * 20,
+        None,
+        42,
+        "a b c d",
+    ],
+)
 def test_parse_box_rejects_garbage(text):
     assert parse_box(text) is None
 

@@ -7,6 +7,7 @@ distinct grids until dynamo's recompile limit (8), after which the tower ran eag
 resize is one fixed-shape linear map per token. Compiles are counted with a backend that
 records each graph it is handed (`backend="eager"` semantics: it runs the graph as traced).
 """
+
 from __future__ import annotations
 
 import random
@@ -19,9 +20,12 @@ import torch.nn.functional as F
 from siglip2.data.naflex import pad_patches
 from siglip2.model import build_model, posemb_for_batch
 
-MODEL = {"name": "t", "embed_dim": 16,
-         "vision": dict(width=16, depth=1, mlp_dim=32, heads=2, patch_size=4, posemb_grid=4, image_size=16),
-         "text": dict(width=16, depth=1, mlp_dim=32, heads=2, vocab_size=20, max_len=4)}
+MODEL = {
+    "name": "t",
+    "embed_dim": 16,
+    "vision": dict(width=16, depth=1, mlp_dim=32, heads=2, patch_size=4, posemb_grid=4, image_size=16),
+    "text": dict(width=16, depth=1, mlp_dim=32, heads=2, vocab_size=20, max_len=4),
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -62,15 +66,27 @@ def test_naflex_tower_compiles_once_per_sequence_length():
         with torch.no_grad():
             for distinct in (1, 2, 3, 4, 5, 6, 3, 1, 6, 2):  # ten mixes of grids, one sequence length
                 b = _naflex_batch(rng, 24, distinct)
-                got = compiled(patches=b["patches"], patch_coord=b["patch_coord"], patch_valid=b["patch_valid"],
-                               spatial_shapes=b["spatial_shapes"]).pooled
-                want = vision(patches=b["patches"], patch_coord=b["patch_coord"], patch_valid=b["patch_valid"],
-                              spatial_shapes=b["spatial_shapes"]).pooled
+                got = compiled(
+                    patches=b["patches"],
+                    patch_coord=b["patch_coord"],
+                    patch_valid=b["patch_valid"],
+                    spatial_shapes=b["spatial_shapes"],
+                ).pooled
+                want = vision(
+                    patches=b["patches"],
+                    patch_coord=b["patch_coord"],
+                    patch_valid=b["patch_valid"],
+                    spatial_shapes=b["spatial_shapes"],
+                ).pooled
                 torch.testing.assert_close(got, want)
             assert backend.graphs == 1, f"{backend.graphs} graphs for one sequence length"
             b = _naflex_batch(rng, 40, 3)  # a new sequence length: one more compile at most
-            compiled(patches=b["patches"], patch_coord=b["patch_coord"], patch_valid=b["patch_valid"],
-                     spatial_shapes=b["spatial_shapes"])
+            compiled(
+                patches=b["patches"],
+                patch_coord=b["patch_coord"],
+                patch_valid=b["patch_valid"],
+                spatial_shapes=b["spatial_shapes"],
+            )
             assert backend.graphs <= 2
     finally:
         torch._dynamo.reset()
@@ -100,21 +116,26 @@ def test_posemb_is_the_antialiased_bilinear_resize_of_each_grid():
 
     torch.manual_seed(0)
     table = torch.randn(16 * 16, 8, requires_grad=True)
-    shapes = torch.tensor([[16, 16], [14, 14], [24, 24], [7, 30], [32, 8], [1, 1], [3, 5], [1, 64], [64, 1],
-                           [2, 16]])
+    shapes = torch.tensor([[16, 16], [14, 14], [24, 24], [7, 30], [32, 8], [1, 1], [3, 5], [1, 64], [64, 1], [2, 16]])
     ours = posemb_for_batch(table, shapes, 1024)
-    hf = Siglip2VisionEmbeddings.resize_positional_embeddings(table.detach().reshape(16, 16, 8), shapes,
-                                                             max_length=1024)
+    hf = Siglip2VisionEmbeddings.resize_positional_embeddings(
+        table.detach().reshape(16, 16, 8), shapes, max_length=1024
+    )
     grid = table.detach().reshape(16, 16, 8).permute(2, 0, 1)[None]
     for i, (h, w) in enumerate(shapes.tolist()):
         torch.testing.assert_close(ours[i, : h * w], hf[i, : h * w], atol=1e-6, rtol=1e-6)
         # a real channels-last copy: PyTorch 2.14's NCHW CPU kernel is off for 1-wide outputs
         # of more than one row (up to ~1.0 at (64, 1)); the channels-last kernel is not
-        ref = F.interpolate(grid.clone(memory_format=torch.channels_last), size=(h, w), mode="bilinear",
-                            align_corners=False, antialias=True)
+        ref = F.interpolate(
+            grid.clone(memory_format=torch.channels_last),
+            size=(h, w),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
         torch.testing.assert_close(ours[i, : h * w], ref[0].reshape(8, h * w).t(), atol=1e-5, rtol=1e-5)
         cells = ours[i, : h * w].detach()
-        assert all((cells == row).all(-1).any() for row in ours[i, h * w:].detach()[:3])
+        assert all((cells == row).all(-1).any() for row in ours[i, h * w :].detach()[:3])
     assert torch.equal(ours[0, :256], table.detach())  # the identity grid is the table itself
     ours[:, :5].sum().backward()
     assert table.grad is not None and table.grad.abs().sum() > 0

@@ -2,6 +2,7 @@
 from the mean colour, English relations follow the boxes, glyph scenes label and box each
 glyph's ink, word layouts, and the clear errors (the built demo, checked against its pixels:
 tests/integration/test_demo.py)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,9 +50,13 @@ def test_english_relations_follow_the_boxes():
         boxes = [np.array(r["box"]) * ([m["width"], m["height"]] * 2) for r in m["regions"]]
         centre = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes]
         for a, b in ((0, 1), (1, 0)):
-            for word, ok in (("left of", centre[a][0] < centre[b][0]), ("right of", centre[a][0] > centre[b][0]),
-                             ("above", centre[a][1] < centre[b][1]), ("below", centre[a][1] > centre[b][1]),
-                             ("under", centre[a][1] > centre[b][1])):
+            for word, ok in (
+                ("left of", centre[a][0] < centre[b][0]),
+                ("right of", centre[a][0] > centre[b][0]),
+                ("above", centre[a][1] < centre[b][1]),
+                ("below", centre[a][1] > centre[b][1]),
+                ("under", centre[a][1] > centre[b][1]),
+            ):
                 if f"{names[a]} {word} a {names[b]}" in cap or f"{names[a]} to the {word} a {names[b]}" in cap:
                     assert ok, (cap, centre)
                     checked += 1
@@ -100,17 +105,26 @@ def test_glyph_scene_options_the_probe_compares():
 
     letters = "AEHKLOTVXZ"
     for seed in range(4):
-        img, mask, glyphs = draw_glyph_scene(np.random.default_rng(seed), 96, 96, 2, None, ("large", "medium"),
-                                             background="black", ink="pastel", alphabet=letters)
+        img, mask, glyphs = draw_glyph_scene(
+            np.random.default_rng(seed),
+            96,
+            96,
+            2,
+            None,
+            ("large", "medium"),
+            background="black",
+            ink="pastel",
+            alphabet=letters,
+        )
         a = np.asarray(img).astype(int)
         assert glyphs and all(g.glyph in letters for g in glyphs)
         assert set(np.unique(mask)) == {0} | {letters.index(g.glyph) + 1 for g in glyphs}
         assert a[mask > 0].min() >= 153 and a[mask == 0].max() <= 12  # JPEG is not involved: exact
-    img, mask, _ = draw_glyph_scene(np.random.default_rng(0), 80, 80, 1, "7", ("large",), background="black",
-                                    ink="white", centred=True)
+    img, mask, _ = draw_glyph_scene(
+        np.random.default_rng(0), 80, 80, 1, "7", ("large",), background="black", ink="white", centred=True
+    )
     assert (np.asarray(img)[mask > 0] == 255).all()
-    _, mask, (g,) = draw_glyph_scene(np.random.default_rng(0), 96, 96, 1, "4", ("large",), cells=7,
-                                     background="flat")
+    _, mask, (g,) = draw_glyph_scene(np.random.default_rng(0), 96, 96, 1, "4", ("large",), cells=7, background="flat")
     x1, y1, x2, y2 = g.box
     ink = mask[y1:y2, x1:x2] > 0
     k = round(ink.shape[0] / 7)
@@ -134,15 +148,31 @@ def test_word_layouts_draw_the_same_word_and_read_along_the_long_side():
     from siglip2.data.demo.glyphs import LETTERS
 
     for seed in range(8):
-        drawn = {lay: demo.generate_word_sample(np.random.default_rng(seed), lay, lang="en")
-                 for lay in ("row", "column", "grid")}
-        words = {lay: (s["meta"]["word"]["text"], s["meta"]["word"]["color"], s["captions"][0],
-                       tuple(o["font"] for o in s["meta"]["objects"])) for lay, s in drawn.items()}
+        drawn = {
+            lay: demo.generate_word_sample(np.random.default_rng(seed), lay, lang="en")
+            for lay in ("row", "column", "grid")
+        }
+        words = {
+            lay: (
+                s["meta"]["word"]["text"],
+                s["meta"]["word"]["color"],
+                s["captions"][0],
+                tuple(o["font"] for o in s["meta"]["objects"]),
+            )
+            for lay, s in drawn.items()
+        }
         assert len(set(words.values())) == 1, words
         # the same letters, pixel for pixel: each letter's ink box has one size in every layout
-        sizes = {lay: [(round((r["box"][2] - r["box"][0]) * s["meta"]["width"]),
-                        round((r["box"][3] - r["box"][1]) * s["meta"]["height"])) for r in s["meta"]["regions"]]
-                 for lay, s in drawn.items()}
+        sizes = {
+            lay: [
+                (
+                    round((r["box"][2] - r["box"][0]) * s["meta"]["width"]),
+                    round((r["box"][3] - r["box"][1]) * s["meta"]["height"]),
+                )
+                for r in s["meta"]["regions"]
+            ]
+            for lay, s in drawn.items()
+        }
         assert sizes["row"] == sizes["column"] == sizes["grid"], sizes
         for lay, s in drawn.items():
             m, mask = s["meta"], s["mask"]

@@ -2,6 +2,7 @@
 count, a probe that learns when the tokens carry the labels and stays at chance when they do
 not (the demo's segmentation set end to end through `evaluate_all`:
 tests/integration/test_dense_probe_integration.py)."""
+
 from __future__ import annotations
 
 import math
@@ -15,6 +16,7 @@ from siglip2.eval import dense_probe as dp
 
 
 # -- the metric -------------------------------------------------------------------------------
+
 
 def test_miou_hand_computed_with_an_absent_class():
     # 4 classes; class 3 is neither labelled nor predicted (absent: left out of the mean);
@@ -38,8 +40,8 @@ def test_miou_matches_torchmetrics_macro_jaccard(seed):
     g = torch.Generator().manual_seed(seed)
     c = 6
     target = torch.randint(0, c - 1, (5, 17, 23), generator=g)  # class 5 never labelled ...
-    pred = torch.randint(0, c - 2, (5, 17, 23), generator=g)    # ... nor predicted: absent
-    pred[0, 0, :4] = 4                                           # class 4 labelled, predicted a little
+    pred = torch.randint(0, c - 2, (5, 17, 23), generator=g)  # ... nor predicted: absent
+    pred[0, 0, :4] = 4  # class 4 labelled, predicted a little
     target[1, 2, :5] = dp.IGNORE
     metric = MulticlassJaccardIndex(num_classes=c, average="macro", ignore_index=dp.IGNORE)
     ours = dp.mean_iou(dp.confusion_matrix(pred, target, c))
@@ -63,7 +65,11 @@ def test_labels_from_mask_background_and_ignore_rules():
     no_bg = dp.labels_from_mask(mask, num_foreground=3, background=False)  # ADE20k: 0 = unlabelled
     assert no_bg.tolist() == [[dp.IGNORE, 0, 2], [dp.IGNORE, dp.IGNORE, 1]]
     assert dp.resize_labels(torch.tensor([[0, 1], [2, 3]]), (4, 4)).tolist() == [
-        [0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+        [0, 0, 1, 1],
+        [0, 0, 1, 1],
+        [2, 2, 3, 3],
+        [2, 2, 3, 3],
+    ]
 
 
 def test_token_grid_and_split_rule():
@@ -79,6 +85,7 @@ def test_token_grid_and_split_rule():
 
 
 # -- the probe learns, and can fail -----------------------------------------------------------
+
 
 def _synthetic(n, grid, patch, num_classes, width, informative, seed, block=2):
     """Images made of regions of block x block patches, one class each (labels at pixel

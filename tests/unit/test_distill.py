@@ -1,4 +1,5 @@
 """Self-distillation pieces against their formulas: EMA teacher, DINO head and losses."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from siglip2.losses.distill import (DINOHead, LocalToGlobalConfig, LocalToGlobalLoss, MaskedPredictionConfig,
-                                    MaskedPredictionLoss, sinkhorn_knopp, teacher_temperature)
+from siglip2.losses.distill import (
+    DINOHead,
+    LocalToGlobalConfig,
+    LocalToGlobalLoss,
+    MaskedPredictionConfig,
+    MaskedPredictionLoss,
+    sinkhorn_knopp,
+    teacher_temperature,
+)
 from siglip2.model.ema import EMATeacher
 
 
@@ -58,7 +66,7 @@ def test_local_to_global_is_dino_cross_entropy_with_known_centre_and_temperature
     loss_fn = LocalToGlobalLoss(cfg, width=5)
     center = torch.randn(1, 6)
     loss_fn.target.center.copy_(center)
-    student = torch.randn(3, 2, 5)          # 3 local views, 2 images
+    student = torch.randn(3, 2, 5)  # 3 local views, 2 images
     teacher_logits = torch.randn(2, 6)
     loss, metrics = loss_fn(student, teacher_logits, teacher_temp=0.04)
     s = loss_fn.head(student.reshape(6, 5)).reshape(3, 2, 6).detach().numpy()
@@ -74,7 +82,7 @@ def test_masked_loss_is_mean_over_each_images_masked_patches_then_images():
     torch.manual_seed(0)
     cfg = MaskedPredictionConfig(out_dim=5, hidden_dim=8, bottleneck_dim=4, student_temp=0.1)
     loss_fn = MaskedPredictionLoss(cfg, width=6)
-    tokens = torch.randn(4, 6)               # masked tokens: 3 of image 0, 1 of image 2 (image 1: none)
+    tokens = torch.randn(4, 6)  # masked tokens: 3 of image 0, 1 of image 2 (image 1: none)
     image_index = torch.tensor([0, 0, 0, 2])
     teacher_logits = torch.randn(4, 5)
     loss, _ = loss_fn(tokens, teacher_logits, image_index, batch_size=3, teacher_temp=0.05)
@@ -98,15 +106,18 @@ def test_teacher_temperature_warms_up_over_the_phase():
 def test_sinkhorn_knopp_balances_prototypes():
     torch.manual_seed(0)
     q = sinkhorn_knopp(torch.randn(64, 8) * 3, temp=0.5, iterations=50)
-    torch.testing.assert_close(q.sum(-1), torch.ones(64), rtol=0, atol=1e-5)      # rows are distributions
+    torch.testing.assert_close(q.sum(-1), torch.ones(64), rtol=0, atol=1e-5)  # rows are distributions
     torch.testing.assert_close(q.sum(0), torch.full((8,), 64 / 8), rtol=1e-3, atol=1e-3)  # equal use
     assert math.isfinite(float(q.sum()))
 
 
 # ---------------------------------------------------------------- in the stage
-MICRO = {"name": "micro", "embed_dim": 16,
-         "vision": dict(width=16, depth=1, mlp_dim=32, heads=2, patch_size=4, posemb_grid=2, image_size=16),
-         "text": dict(width=16, depth=1, mlp_dim=32, heads=2, vocab_size=10, max_len=4)}
+MICRO = {
+    "name": "micro",
+    "embed_dim": 16,
+    "vision": dict(width=16, depth=1, mlp_dim=32, heads=2, patch_size=4, posemb_grid=2, image_size=16),
+    "text": dict(width=16, depth=1, mlp_dim=32, heads=2, vocab_size=10, max_len=4),
+}
 HEADS = {"hidden_dim": 16, "bottleneck_dim": 8, "start_frac": 0.0}
 
 
@@ -114,9 +125,12 @@ def _stage():
     from stages.pretrain import PretrainStage
 
     torch.manual_seed(0)
-    return PretrainStage(model=MICRO, optim={"lr": 1e-3}, views={"local_grid": 2},
-                         losses={"sigmoid": {}, "local_to_global": {"out_dim": 32, **HEADS},
-                                 "masked": {"out_dim": 16, **HEADS}})
+    return PretrainStage(
+        model=MICRO,
+        optim={"lr": 1e-3},
+        views={"local_grid": 2},
+        losses={"sigmoid": {}, "local_to_global": {"out_dim": 32, **HEADS}, "masked": {"out_dim": 16, **HEADS}},
+    )
 
 
 def test_teacher_gets_no_gradient_and_is_in_no_optimiser_group():
@@ -145,6 +159,7 @@ def test_mask_token_replaces_exactly_the_masked_patch_embeddings():
     mask[1, [0, 15]] = True
     token = torch.randn(16)
     seen = {}
+
     def grab(module, args, kwargs):
         seen["x"] = args[0].clone()
 
@@ -211,8 +226,10 @@ def test_tiny_distillation_step_runs_under_bf16_autocast():
     stage.train()
     size = cfg.model.vision.image_size
     g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.rand(4, 3, size, size, generator=g) * 2 - 1,
-             "text": torch.randint(1, 300, (4, cfg.model.text.max_len), generator=g)}
+    batch = {
+        "image": torch.rand(4, 3, size, size, generator=g) * 2 - 1,
+        "text": torch.randint(1, 300, (4, cfg.model.text.max_len), generator=g),
+    }
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = stage.compute_losses(batch)
     assert set(out) == {"sigmoid", "local_to_global", "masked"}

@@ -1,6 +1,7 @@
 """`siglip2.distributed.check_same_shape` without processes: the shape check is cached per
 shape only off the CPU (the check on 2 gloo ranks with unequal batches:
 tests/e2e/test_distributed.py)."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,7 @@ def test_check_is_cached_per_shape_only_off_the_cpu(monkeypatch):
     gathers = []
     monkeypatch.setattr(d, "is_distributed", lambda group=None: True)
     monkeypatch.setattr(d.dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(d.dist, "all_gather", lambda out, t, group=None: (gathers.append(1),
-                                                                           [o.copy_(t) for o in out]))
+    monkeypatch.setattr(d.dist, "all_gather", lambda out, t, group=None: (gathers.append(1), [o.copy_(t) for o in out]))
     monkeypatch.setattr(d, "_CHECKED_SHAPES", set())
     x = torch.zeros(3, 4)
     for _ in range(3):

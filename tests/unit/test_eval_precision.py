@@ -1,5 +1,6 @@
 """Evaluation precision: bf16 towers and TF32 on CUDA, nothing changed on CPU (no GPU here:
 the CUDA branch is checked by inspecting the contexts and the autocast state a stub sees)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,14 +11,21 @@ import torch
 from siglip2.eval import suite
 from siglip2.eval.precision import eval_precision, is_cuda, tower_autocast
 
-MICRO = {"name": "micro", "embed_dim": 16,
-         "vision": dict(width=16, depth=1, mlp_dim=32, heads=2, patch_size=4, posemb_grid=2, image_size=8),
-         "text": dict(width=16, depth=1, mlp_dim=32, heads=2, vocab_size=10, max_len=4)}
+MICRO = {
+    "name": "micro",
+    "embed_dim": 16,
+    "vision": dict(width=16, depth=1, mlp_dim=32, heads=2, patch_size=4, posemb_grid=2, image_size=8),
+    "text": dict(width=16, depth=1, mlp_dim=32, heads=2, vocab_size=10, max_len=4),
+}
 
 
 def _flags():
-    return (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
-            torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
+    return (
+        torch.get_float32_matmul_precision(),
+        torch.backends.cudnn.allow_tf32,
+        torch.is_autocast_enabled("cpu"),
+        torch.is_autocast_enabled("cuda"),
+    )
 
 
 def test_cpu_evaluation_is_plain_fp32():
@@ -62,6 +70,7 @@ def test_cuda_picks_bf16_autocast_and_tf32_and_restores(device, monkeypatch):
 
 class _Moves:
     """Stands for a batch tensor: `.to(device)` keeps it (no CUDA tensors here)."""
+
     dtype = torch.float32
 
     def to(self, device):
@@ -81,8 +90,14 @@ def test_suite_runs_the_towers_under_cuda_autocast(monkeypatch):
 
     _pretend_cuda(monkeypatch)
     assert suite._encode(Tower(), {"image": _Moves()}, torch.device("cuda")) == "tokens"
-    assert suite._encode(Tower(), {"patches": _Moves(), "patch_coord": _Moves(), "patch_valid": _Moves(),
-                                   "spatial_shapes": _Moves()}, "cuda") == "tokens"
+    assert (
+        suite._encode(
+            Tower(),
+            {"patches": _Moves(), "patch_coord": _Moves(), "patch_valid": _Moves(), "spatial_shapes": _Moves()},
+            "cuda",
+        )
+        == "tokens"
+    )
     assert seen == [(True, torch.bfloat16)] * 2
     assert not torch.is_autocast_enabled("cuda")  # left on exit
     seen.clear()
@@ -90,5 +105,7 @@ def test_suite_runs_the_towers_under_cuda_autocast(monkeypatch):
     assert seen == [(False, torch.get_autocast_dtype("cuda"))]
     # the zero-shot classifier's text tower goes through the same context
     text = suite._under(tower_autocast, "cuda", lambda tokens: torch.is_autocast_enabled("cuda"))
-    assert text(None) is True and suite._under(tower_autocast, "cpu", lambda t: torch.is_autocast_enabled("cuda"))(0) \
-        is False
+    assert (
+        text(None) is True
+        and suite._under(tower_autocast, "cpu", lambda t: torch.is_autocast_enabled("cuda"))(0) is False
+    )

@@ -1,4 +1,5 @@
 """Export to a transformers Siglip2 folder and back; loaded by transformers itself."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,9 +11,12 @@ from transformers import Siglip2ImageProcessor, Siglip2Model
 from siglip2.export import from_hf, save_hf, to_hf
 from siglip2.model import build_model
 
-SIZES = dict(name="t", embed_dim=32,
-             vision=dict(width=32, depth=2, mlp_dim=64, heads=4, patch_size=4, posemb_grid=4, image_size=16),
-             text=dict(width=24, depth=2, mlp_dim=48, heads=3, vocab_size=50, max_len=10))
+SIZES = dict(
+    name="t",
+    embed_dim=32,
+    vision=dict(width=32, depth=2, mlp_dim=64, heads=4, patch_size=4, posemb_grid=4, image_size=16),
+    text=dict(width=24, depth=2, mlp_dim=48, heads=3, vocab_size=50, max_len=10),
+)
 
 
 def _model(**text):
@@ -39,13 +43,18 @@ def test_save_hf_loads_in_transformers(tmp_path):
 
     image, text = torch.randn(2, 3, 16, 16), torch.randint(0, 50, (2, 10))
     pv = image.reshape(2, 3, 4, 4, 4, 4).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 48)
-    ref = hf(input_ids=text, pixel_values=pv, pixel_attention_mask=torch.ones(2, 16, dtype=torch.long),
-             spatial_shapes=torch.tensor([[4, 4], [4, 4]]))
+    ref = hf(
+        input_ids=text,
+        pixel_values=pv,
+        pixel_attention_mask=torch.ones(2, 16, dtype=torch.long),
+        spatial_shapes=torch.tensor([[4, 4], [4, 4]]),
+    )
     torch.testing.assert_close(m.encode_image(image=image).pooled, ref.vision_model_output.pooler_output)
     torch.testing.assert_close(m.encode_text(text), ref.text_model_output.pooler_output)
     o = m(image, text)
-    torch.testing.assert_close(o["image_emb"] @ o["text_emb"].t() * o["logit_scale"] + o["logit_bias"],
-                               ref.logits_per_image)
+    torch.testing.assert_close(
+        o["image_emb"] @ o["text_emb"].t() * o["logit_scale"] + o["logit_bias"], ref.logits_per_image
+    )
 
 
 def test_round_trip(tmp_path):
@@ -130,9 +139,15 @@ def test_naflex_export_preprocesses_as_naflex_evaluation(tmp_path):
     ours = _encode(m, batch, "cpu").embeds
     enc = proc(images=pics, return_tensors="pt")
     assert torch.equal(enc["spatial_shapes"], batch["spatial_shapes"])
-    theirs = torch.nn.functional.normalize(_image_features(hf, pixel_values=enc["pixel_values"],
-                                                           pixel_attention_mask=enc["pixel_attention_mask"],
-                                                           spatial_shapes=enc["spatial_shapes"]), dim=-1)
+    theirs = torch.nn.functional.normalize(
+        _image_features(
+            hf,
+            pixel_values=enc["pixel_values"],
+            pixel_attention_mask=enc["pixel_attention_mask"],
+            spatial_shapes=enc["spatial_shapes"],
+        ),
+        dim=-1,
+    )
     assert float(_cos(ours, theirs).min()) > 0.999, _cos(ours, theirs)
 
 
@@ -150,8 +165,13 @@ def test_export_cli_picks_the_processor_from_the_checkpoints_stage(tmp_path, mon
 
     m = _model()
     for stage, kind in (("pretrain", "siglip"), ("resadapt", "siglip"), ("naflex", "siglip2")):
-        ck = Checkpoint(path="x", stage=stage, model_config=m.config, loss_configs={},
-                        state_dict={f"model.{k}": v for k, v in m.state_dict().items()})
+        ck = Checkpoint(
+            path="x",
+            stage=stage,
+            model_config=m.config,
+            loss_configs={},
+            state_dict={f"model.{k}": v for k, v in m.state_dict().items()},
+        )
         monkeypatch.setattr("siglip2.checkpoint.read_checkpoint", lambda path, ck=ck: ck)
         folder = cli.main([f"ckpt_path={tmp_path}/{stage}.ckpt", f"out={tmp_path / stage}"])
         assert json.loads((folder / "config.json").read_text())["model_type"] == kind, stage
@@ -171,15 +191,23 @@ def test_export_cli_writes_the_checkpoints_tokenizer_as_it_was_trained(tmp_path,
 
     rng = random.Random(0)
     words = "a the Red blue GREEN circle Square photo of on left right".split()
-    sp = train_sentencepiece([" ".join(rng.choice(words) for _ in range(6)) for _ in range(200)],
-                             str(tmp_path / "sp" / "tok"), vocab_size=400)
+    sp = train_sentencepiece(
+        [" ".join(rng.choice(words) for _ in range(6)) for _ in range(200)],
+        str(tmp_path / "sp" / "tok"),
+        vocab_size=400,
+    )
     texts = ["A Red Circle", "a red circle", "GREEN square on the LEFT"]
     for lowercase in (True, False):
         tok = build_tokenizer(sp, length=10, lowercase=lowercase)
         m = _model(vocab_size=tok.vocab_size)
-        ck = Checkpoint(path="x", stage="pretrain", model_config=m.config, loss_configs={},
-                        state_dict={f"model.{k}": v for k, v in m.state_dict().items()},
-                        meta={"tokenizer": {**tokenizer_fingerprint(sp), "lowercase": lowercase}})
+        ck = Checkpoint(
+            path="x",
+            stage="pretrain",
+            model_config=m.config,
+            loss_configs={},
+            state_dict={f"model.{k}": v for k, v in m.state_dict().items()},
+            meta={"tokenizer": {**tokenizer_fingerprint(sp), "lowercase": lowercase}},
+        )
         monkeypatch.setattr("siglip2.checkpoint.read_checkpoint", lambda path, ck=ck: ck)
         folder = cli.main([f"ckpt_path={tmp_path}/x.ckpt", f"out={tmp_path / str(lowercase)}"])
         ids = AutoProcessor.from_pretrained(folder)(text=texts, return_tensors="pt")["input_ids"]
@@ -202,11 +230,24 @@ def test_an_image_size_that_is_not_a_multiple_of_the_patch_is_kept_as_released(t
     torch.manual_seed(0)
     t, v = SIZES["text"], SIZES["vision"]
     cfg = SiglipConfig(
-        text_config=dict(vocab_size=t["vocab_size"], hidden_size=t["width"], intermediate_size=t["mlp_dim"],
-                         num_hidden_layers=t["depth"], num_attention_heads=t["heads"],
-                         max_position_embeddings=t["max_len"], projection_size=32),
-        vision_config=dict(hidden_size=v["width"], intermediate_size=v["mlp_dim"], num_hidden_layers=v["depth"],
-                           num_attention_heads=v["heads"], patch_size=4, image_size=18))
+        text_config=dict(
+            vocab_size=t["vocab_size"],
+            hidden_size=t["width"],
+            intermediate_size=t["mlp_dim"],
+            num_hidden_layers=t["depth"],
+            num_attention_heads=t["heads"],
+            max_position_embeddings=t["max_len"],
+            projection_size=32,
+        ),
+        vision_config=dict(
+            hidden_size=v["width"],
+            intermediate_size=v["mlp_dim"],
+            num_hidden_layers=v["depth"],
+            num_attention_heads=v["heads"],
+            patch_size=4,
+            image_size=18,
+        ),
+    )
     hf = SiglipModel(cfg).eval()
     hf.save_pretrained(tmp_path / "released")
     ours = from_hf(tmp_path / "released")
@@ -218,16 +259,22 @@ def test_an_image_size_that_is_not_a_multiple_of_the_patch_is_kept_as_released(t
     torch.testing.assert_close(out.pooled, theirs, rtol=1e-5, atol=1e-5)
     ref = hf(input_ids=text, pixel_values=image)
     o = ours(image, text)
-    torch.testing.assert_close(o["image_emb"] @ o["text_emb"].t() * o["logit_scale"] + o["logit_bias"],
-                               ref.logits_per_image, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        o["image_emb"] @ o["text_emb"].t() * o["logit_scale"] + o["logit_bias"],
+        ref.logits_per_image,
+        rtol=1e-5,
+        atol=1e-5,
+    )
     # the unseen rows and columns change nothing
     shifted = image.clone()
     shifted[..., 16:, :] = 5.0
     shifted[..., :, 16:] = -5.0
     torch.testing.assert_close(ours.encode_image(image=shifted).pooled, out.pooled)
     # resolution adaptation to a size that is not a multiple: the grid is size // patch
-    assert _with_grid({"vision": {"image_size": 18, "patch_size": 4, "posemb_grid": 2}}, "auto")["vision"][
-        "posemb_grid"] == 4
+    assert (
+        _with_grid({"vision": {"image_size": 18, "patch_size": 4, "posemb_grid": 2}}, "auto")["vision"]["posemb_grid"]
+        == 4
+    )
     # and back: a SiglipModel at 18 px whose processor squashes to 18 px, the same numbers
     back = to_hf_fixed(ours)
     assert back.config.vision_config.image_size == 18
@@ -238,4 +285,6 @@ def test_an_image_size_that_is_not_a_multiple_of_the_patch_is_kept_as_released(t
     pv = proc(images=pics, return_tensors="pt")["pixel_values"]
     assert pv.shape == (4, 3, 18, 18)
     mine = ours.encode_image(image=torch.stack([ImageTransform(18)(p, None)[0] for p in pics])).embeds
-    assert float(_cos(mine, torch.nn.functional.normalize(_image_features(back, pixel_values=pv), dim=-1)).min()) > 0.999
+    assert (
+        float(_cos(mine, torch.nn.functional.normalize(_image_features(back, pixel_values=pv), dim=-1)).min()) > 0.999
+    )

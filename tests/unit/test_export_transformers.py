@@ -4,6 +4,7 @@ gives (sigmoid(t * cos + b) with our tokenizer, our model and eval's image path)
 warning of ours on load, for fixed-resolution (`SiglipModel`) and NaFlex (`Siglip2Model`)
 exports and for each kind of training tokenizer. What transformers cannot reproduce is refused
 at export, naming why (issue 27, item 1)."""
+
 from __future__ import annotations
 
 import logging
@@ -23,16 +24,23 @@ from siglip2.export import save_hf
 from siglip2.model import build_model
 
 TEMPLATE = "This is a photo of {}."  # the pipeline's default hypothesis_template
-CLASSES = ["Red Circle", "blue square", "a green triangle on the left", "Zwei Katzen und 3 Hunde",
-           "公園で遊ぶ子どもたち", "x" * 300]  # the last is truncated: EOS stays last
+CLASSES = [
+    "Red Circle",
+    "blue square",
+    "a green triangle on the left",
+    "Zwei Katzen und 3 Hunde",
+    "公園で遊ぶ子どもたち",
+    "x" * 300,
+]  # the last is truncated: EOS stays last
 TOL = 1e-5
 
 
 def _captions(n=300, seed=0):
     rng = np.random.default_rng(seed)
     words = "a the red blue green small large circle square triangle photo of on left right this is".split()
-    return [" ".join(rng.choice(words, int(rng.integers(3, 9)))) + f" {int(rng.integers(0, 9999))}"
-            for _ in range(n)] + ["公園で遊ぶ子どもたち", "Zwei Katzen und 3 Hunde", "Кошка спит"] * 5
+    return [
+        " ".join(rng.choice(words, int(rng.integers(3, 9)))) + f" {int(rng.integers(0, 9999))}" for _ in range(n)
+    ] + ["公園で遊ぶ子どもたち", "Zwei Katzen und 3 Hunde", "Кошка спит"] * 5
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +65,40 @@ def tokenizers(tmp_path_factory):
     spm.set_random_generator_seed(0)
     with open(os.devnull, "w") as devnull:
         spm.SentencePieceTrainer.Train(
-            logstream=devnull, sentence_iterator=iter(_captions(seed=1)), model_prefix=str(root / "gemma"),
-            vocab_size=600, model_type="bpe", hard_vocab_limit=False, byte_fallback=True, split_digits=True,
-            normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
-            eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", num_threads=1, minloglevel=2,
-            user_defined_symbols=["<mask>", "[multimodal]", "<start_of_turn>", "<end_of_turn>", "\t", "\n",
-                                  "▁▁", "▁▁▁", "<table>"])
+            logstream=devnull,
+            sentence_iterator=iter(_captions(seed=1)),
+            model_prefix=str(root / "gemma"),
+            vocab_size=600,
+            model_type="bpe",
+            hard_vocab_limit=False,
+            byte_fallback=True,
+            split_digits=True,
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            pad_id=0,
+            eos_id=1,
+            bos_id=2,
+            unk_id=3,
+            pad_piece="<pad>",
+            eos_piece="<eos>",
+            bos_piece="<bos>",
+            unk_piece="<unk>",
+            num_threads=1,
+            minloglevel=2,
+            user_defined_symbols=[
+                "<mask>",
+                "[multimodal]",
+                "<start_of_turn>",
+                "<end_of_turn>",
+                "\t",
+                "\n",
+                "▁▁",
+                "▁▁▁",
+                "<table>",
+            ],
+        )
     out["gemma"] = str(root / "gemma.model")
     # the same as a local HF folder (how a downloaded google/siglip2-* tokenizer looks: GemmaTokenizer)
     src = root / "gemma_src"
@@ -73,19 +108,28 @@ def tokenizers(tmp_path_factory):
     AutoTokenizer.from_pretrained(str(src), local_files_only=True).save_pretrained(str(root / "gemma_hf"))
     out["gemma_hf"] = str(root / "gemma_hf")
     # sentencepiece's defaults (Unigram, NFKC, dummy prefix, no pad piece): a model brought from elsewhere
-    spm.SentencePieceTrainer.Train(sentence_iterator=iter(_captions(seed=2)), model_prefix=str(root / "unigram"),
-                                   vocab_size=500, hard_vocab_limit=False, minloglevel=2, num_threads=1)
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=iter(_captions(seed=2)),
+        model_prefix=str(root / "unigram"),
+        vocab_size=500,
+        hard_vocab_limit=False,
+        minloglevel=2,
+        num_threads=1,
+    )
     out["unigram"] = str(root / "unigram.model")
     return out
 
 
 def _model(vocab_size: int, max_len: int = 64):
     torch.manual_seed(0)
-    m = build_model(dict(name="t", embed_dim=32,
-                         vision=dict(width=32, depth=2, mlp_dim=64, heads=4, patch_size=4, posemb_grid=4,
-                                     image_size=16),
-                         text=dict(width=24, depth=2, mlp_dim=48, heads=3, vocab_size=vocab_size,
-                                   max_len=max_len))).eval()
+    m = build_model(
+        dict(
+            name="t",
+            embed_dim=32,
+            vision=dict(width=32, depth=2, mlp_dim=64, heads=4, patch_size=4, posemb_grid=4, image_size=16),
+            text=dict(width=24, depth=2, mlp_dim=48, heads=3, vocab_size=vocab_size, max_len=max_len),
+        )
+    ).eval()
     with torch.no_grad():  # probabilities away from 0 and 1, so that differences show
         m.logit_scale.fill_(float(np.log(10.0)))
         m.logit_bias.fill_(-0.5)
@@ -117,9 +161,15 @@ def _ours(model, tok, pics, kind, classes=CLASSES):
     if kind == "fixed":
         batch = {"image": torch.stack([ImageTransform(v.image_size)(p, None)[0] for p in pics])}
     else:
-        batch = pad_patches([patchify_image(resize_for_max_patches(TF.pil_to_tensor(p), v.patch_size,
-                                                                    v.posemb_grid**2), v.patch_size)
-                             for p in pics], v.posemb_grid**2)
+        batch = pad_patches(
+            [
+                patchify_image(
+                    resize_for_max_patches(TF.pil_to_tensor(p), v.patch_size, v.posemb_grid**2), v.patch_size
+                )
+                for p in pics
+            ],
+            v.posemb_grid**2,
+        )
     classifier = build_classifier(model.encode_text, tok, classes, [TEMPLATE])
     cos = zeroshot_logits(_encode(model, batch, "cpu").embeds, classifier)
     return torch.sigmoid(cos * model.logit_scale.exp() + model.logit_bias)
@@ -178,8 +228,9 @@ def test_auto_processor_and_pipeline_give_evaluations_probabilities(tokenizers, 
     assert 0.01 < float(ours.min()) and float(ours.max()) < 0.99, ours  # differences would show
 
     noise = _transformers_own_noise()
-    (processor, hf), loaded = _warned(lambda: (AutoProcessor.from_pretrained(out),
-                                               AutoModel.from_pretrained(out).eval()))
+    (processor, hf), loaded = _warned(
+        lambda: (AutoProcessor.from_pretrained(out), AutoModel.from_pretrained(out).eval())
+    )
     assert set(loaded) <= noise, set(loaded) - noise
     assert type(hf).__name__ == ("SiglipModel" if kind == "fixed" else "Siglip2Model")
     texts = [TEMPLATE.format(c) for c in CLASSES]
@@ -230,14 +281,16 @@ def test_a_cased_tokenizer(tokenizers, tmp_path):
 
     path = tokenizers["own"]
     tok = build_tokenizer(path, lowercase=False)
-    out = save_hf(_model(tok.vocab_size), tmp_path / "fixed", tokenizer_dir=path, preprocessing="fixed",
-                  lowercase=False)
+    out = save_hf(
+        _model(tok.vocab_size), tmp_path / "fixed", tokenizer_dir=path, preprocessing="fixed", lowercase=False
+    )
     texts = [TEMPLATE.format(c) for c in CLASSES]
     ids = AutoProcessor.from_pretrained(out)(text=texts, return_tensors="pt")["input_ids"]
     assert torch.equal(ids, tok(texts)) and not torch.equal(ids, build_tokenizer(path)(texts))
     with pytest.raises(ValueError, match="always lower-cased; training was cased"):
-        save_hf(_model(tok.vocab_size), tmp_path / "naflex", tokenizer_dir=path, preprocessing="naflex",
-                lowercase=False)
+        save_hf(
+            _model(tok.vocab_size), tmp_path / "naflex", tokenizer_dir=path, preprocessing="naflex", lowercase=False
+        )
     assert not (tmp_path / "naflex" / "tokenizer.json").exists()
     assert (tmp_path / "naflex" / "model.safetensors").exists()
 

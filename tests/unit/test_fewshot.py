@@ -2,6 +2,7 @@
 the closed form against numpy's least squares on the augmented system, the draw of the shots
 and the split against the protocol written out again, a planted task it must solve and random
 labels it must not."""
+
 from __future__ import annotations
 
 import math
@@ -24,13 +25,15 @@ def _reference_weights(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float
     xa = aug(x)
     target = 2.0 * np.eye(num_classes)[y] - 1.0
     d = xa.shape[1]
-    w = np.linalg.lstsq(np.vstack([xa, math.sqrt(l2) * np.eye(d)]), np.vstack([target, np.zeros((d, num_classes))]),
-                        rcond=None)[0]
+    w = np.linalg.lstsq(
+        np.vstack([xa, math.sqrt(l2) * np.eye(d)]), np.vstack([target, np.zeros((d, num_classes))]), rcond=None
+    )[0]
     return w, aug
 
 
-@pytest.mark.parametrize("n, d, l2", [(40, 6, 1.0), (40, 6, 2.0 ** 10), (7, 16, 1.0), (7, 16, 2.0 ** 10),
-                                      (16, 15, 3.0)])  # primal (N >= D + 1), dual (N < D + 1), the edge
+@pytest.mark.parametrize(
+    "n, d, l2", [(40, 6, 1.0), (40, 6, 2.0**10), (7, 16, 1.0), (7, 16, 2.0**10), (16, 15, 3.0)]
+)  # primal (N >= D + 1), dual (N < D + 1), the edge
 def test_closed_form_matches_lstsq_on_the_augmented_system(n, d, l2):
     g = np.random.default_rng(n * 100 + d)
     c = 4
@@ -79,7 +82,7 @@ def _clusters(n, num_classes, dim, spread, seed, informative=True):
 def test_run_fewshot_matches_the_protocol_written_out_again():
     """Keys shuffled and split by crc32, the pool sorted by key, seeds 0..S-1, numpy's draw,
     lstsq: mean and population std per shot count to 1e-4, the counts exact."""
-    c, shots, seeds, l2 = 5, (1, 3, 8), 4, 2.0 ** 10
+    c, shots, seeds, l2 = 5, (1, 3, 8), 4, 2.0**10
     x, y = _clusters(400, c, 24, spread=0.9, seed=0)  # overlapping: accuracies between chance and 1
     rng = np.random.default_rng(1)
     keys = [f"{k:08x}" for k in rng.permutation(10**6)[:400]]

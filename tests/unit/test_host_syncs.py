@@ -15,6 +15,7 @@ LocCa (issue 25, 1h): under FSDP every rank must run the same decoder passes eve
 (each pass all-gathers the decoder's shards), so a task with no valid row in a rank's batch
 still runs its pass and contributes an exact 0.
 """
+
 from __future__ import annotations
 
 import collections
@@ -35,8 +36,22 @@ pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\
 ROOT = Path(__file__).resolve().parents[2]
 
 # Calls that wait for the device (by their torch function name).
-SYNC_CALLS = {"item", "__bool__", "tolist", "nonzero", "argwhere", "__int__", "__float__", "__index__", "cpu",
-              "numpy", "bincount", "unique", "unique_consecutive", "masked_select"}
+SYNC_CALLS = {
+    "item",
+    "__bool__",
+    "tolist",
+    "nonzero",
+    "argwhere",
+    "__int__",
+    "__float__",
+    "__index__",
+    "cpu",
+    "numpy",
+    "bincount",
+    "unique",
+    "unique_consecutive",
+    "masked_select",
+}
 
 # Known remaining syncs, in files this test does not own: (file, call) -> count per step.
 KNOWN_AFTER_SWITCH: dict[tuple[str, str], int] = {}
@@ -65,8 +80,11 @@ class SyncCensus(TorchFunctionMode):
             self._hit(name)
         elif name == "tensor" and kwargs.get("device") is not None:  # a host list copied to the device
             self._hit("tensor(device=)")
-        elif name == "repeat_interleave" and kwargs.get("output_size") is None and \
-                torch.is_tensor(args[1] if len(args) > 1 else kwargs.get("repeats")):
+        elif (
+            name == "repeat_interleave"
+            and kwargs.get("output_size") is None
+            and torch.is_tensor(args[1] if len(args) > 1 else kwargs.get("repeats"))
+        ):
             self._hit("repeat_interleave")  # tensor repeats: the output size is data
         elif name == "__getitem__":
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
@@ -101,13 +119,24 @@ def _stage():
     from stages.pretrain import PretrainStage
 
     heads = {"hidden_dim": 16, "bottleneck_dim": 8, "start_frac": 0.8}
-    model = {"name": "micro", "embed_dim": 16,
-             "vision": dict(width=16, depth=1, mlp_dim=32, heads=2, patch_size=4, posemb_grid=2, image_size=16),
-             "text": dict(width=16, depth=1, mlp_dim=32, heads=2, vocab_size=TOK.vocab_size, max_len=4)}
+    model = {
+        "name": "micro",
+        "embed_dim": 16,
+        "vision": dict(width=16, depth=1, mlp_dim=32, heads=2, patch_size=4, posemb_grid=2, image_size=16),
+        "text": dict(width=16, depth=1, mlp_dim=32, heads=2, vocab_size=TOK.vocab_size, max_len=4),
+    }
     torch.manual_seed(0)
-    return PretrainStage(model=model, optim={"lr": 1e-3}, views={"local_grid": 2},
-                         losses={"sigmoid": {}, "locca": {"targets": {"max_len": FMT.max_len}},
-                                 "local_to_global": {"out_dim": 32, **heads}, "masked": {"out_dim": 16, **heads}})
+    return PretrainStage(
+        model=model,
+        optim={"lr": 1e-3},
+        views={"local_grid": 2},
+        losses={
+            "sigmoid": {},
+            "locca": {"targets": {"max_len": FMT.max_len}},
+            "local_to_global": {"out_dim": 32, **heads},
+            "masked": {"out_dim": 16, **heads},
+        },
+    )
 
 
 def _step_census(stage, batch) -> SyncCensus:
@@ -153,15 +182,23 @@ def test_naflex_forward_makes_no_host_sync():
     from siglip2.model import build_model
 
     torch.manual_seed(0)
-    model = build_model({"name": "t", "embed_dim": 16,
-                         "vision": dict(width=16, depth=1, mlp_dim=32, heads=2, patch_size=4, posemb_grid=4,
-                                        image_size=16),
-                         "text": dict(width=16, depth=1, mlp_dim=32, heads=2, vocab_size=20, max_len=4)})
+    model = build_model(
+        {
+            "name": "t",
+            "embed_dim": 16,
+            "vision": dict(width=16, depth=1, mlp_dim=32, heads=2, patch_size=4, posemb_grid=4, image_size=16),
+            "text": dict(width=16, depth=1, mlp_dim=32, heads=2, vocab_size=20, max_len=4),
+        }
+    )
     batch = pad_patches([(torch.rand(h * w, 48), (h, w)) for h, w in ((3, 5), (6, 2), (1, 1), (4, 4))], seq_len=20)
     census = SyncCensus()
     with census:
-        out = model.encode_image(patches=batch["patches"], patch_coord=batch["patch_coord"],
-                                 patch_valid=batch["patch_valid"], spatial_shapes=batch["spatial_shapes"])
+        out = model.encode_image(
+            patches=batch["patches"],
+            patch_coord=batch["patch_coord"],
+            patch_valid=batch["patch_valid"],
+            spatial_shapes=batch["spatial_shapes"],
+        )
         out.pooled.sum().backward()
     assert not census.sites, dict(census.sites)
 
@@ -173,8 +210,7 @@ def _decoder(vocab=TOK.vocab_size):
     from siglip2.model.decoder import LoccaDecoder
 
     torch.manual_seed(0)
-    dec = LoccaDecoder(width=32, depth=2, heads=4, mlp_dim=64, vocab_size=vocab, max_len=FMT.max_len,
-                       image_width=24)
+    dec = LoccaDecoder(width=32, depth=2, heads=4, mlp_dim=64, vocab_size=vocab, max_len=FMT.max_len, image_width=24)
     nn.init.normal_(dec.head.weight, std=1.0)
     nn.init.normal_(dec.head.bias, std=1.0)
     return dec
@@ -193,8 +229,11 @@ def _reference(dec, img, batch, tasks):
             continue
         logits = dec.head(dec(batch[f"locca_{t}_input"], img))
         tgt = batch[f"locca_{t}_target"]
-        seqs = [F.cross_entropy(logits[i][tgt[i] != IGNORE], tgt[i][tgt[i] != IGNORE])
-                for i in range(len(tgt)) if valid[i] and (tgt[i] != IGNORE).any()]
+        seqs = [
+            F.cross_entropy(logits[i][tgt[i] != IGNORE], tgt[i][tgt[i] != IGNORE])
+            for i in range(len(tgt))
+            if valid[i] and (tgt[i] != IGNORE).any()
+        ]
         per_task.append(torch.stack(seqs).mean() if seqs else logits.sum() * 0)
     return torch.stack(per_task).mean()
 
@@ -234,8 +273,9 @@ def test_host_bounds_trim_the_work_and_change_nothing():
     """`locca_host_bounds` (counted on the CPU batch) cuts the causal tasks' columns after the
     last target and runs the vocabulary projection on the target tokens only: same loss,
     same gradients and metrics as the full padded length."""
-    batch = _locca_batch([("a red circle", REGION), ("two blue squares", None),
-                          ("a very long caption of many words", REGION)])
+    batch = _locca_batch(
+        [("a red circle", REGION), ("two blue squares", None), ("a very long caption of many words", REGION)]
+    )
     bounds = locca_host_bounds(batch)
     for t in ("cap", "aref", "gcap"):
         has = (batch[f"locca_{t}_target"] != IGNORE) & batch[f"locca_{t}_valid"][:, None]
@@ -284,8 +324,12 @@ def test_loss_with_max_targets_equals_boolean_indexing():
 def test_masked_positions_list_what_nonzero_lists():
     from siglip2.data.views import ViewConfig, make_views
 
-    views = make_views(torch.rand(5, 3, 32, 32) * 2 - 1, torch.Generator().manual_seed(0),
-                       ViewConfig(local_size=16, local_count=1), patch_size=8)
+    views = make_views(
+        torch.rand(5, 3, 32, 32) * 2 - 1,
+        torch.Generator().manual_seed(0),
+        ViewConfig(local_size=16, local_count=1),
+        patch_size=8,
+    )
     pos = views.masked_positions(0.5)
     assert pos.shape == (5, 8) and pos.dtype == torch.long
     image_index, position = views.mask.nonzero(as_tuple=True)

@@ -8,6 +8,7 @@ version gives bit-identical images (same draws, same ops in the same per-sample 
 the distribution is unchanged. `tests/unit/test_views.py` checks both against torchvision's
 functional ops per image.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -17,22 +18,26 @@ from siglip2.data import views
 from siglip2.data.views import _blend, _rand, adjust_hue, color_jitter, rgb_to_grayscale
 
 
-def _previous_color_jitter(images, *, generator=None, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
-                           p=0.8, grayscale_p=0.2):
+def _previous_color_jitter(
+    images, *, generator=None, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8, grayscale_p=0.2
+):
     u = _rand(images.shape[0], 10, generator=generator).to(images.device, non_blocking=True)
     apply, order, gray_flag = u[:, 0] < p, u[:, 5:9].argsort(dim=1), u[:, 9] < grayscale_p
     strengths = torch.tensor([brightness, contrast, saturation], dtype=u.dtype, device=u.device)
-    factors = torch.cat([(1.0 - strengths).clamp(min=0.0) + 2.0 * strengths * u[:, 1:4],
-                         hue * (2.0 * u[:, 4:5] - 1.0)], dim=1).to(images.dtype)
+    factors = torch.cat(
+        [(1.0 - strengths).clamp(min=0.0) + 2.0 * strengths * u[:, 1:4], hue * (2.0 * u[:, 4:5] - 1.0)], dim=1
+    ).to(images.dtype)
     x = ((images + 1.0) * 0.5).clamp(0.0, 1.0)
     out = x
     for pos in range(4):
         op = order[:, pos]
         f = factors.gather(1, op[:, None]).reshape(-1, 1, 1, 1)
         gray = rgb_to_grayscale(out)
-        target = torch.where((op == 0).reshape(-1, 1, 1, 1), torch.zeros_like(gray),
-                             torch.where((op == 1).reshape(-1, 1, 1, 1), gray.mean(dim=(-3, -2, -1), keepdim=True),
-                                         gray))
+        target = torch.where(
+            (op == 0).reshape(-1, 1, 1, 1),
+            torch.zeros_like(gray),
+            torch.where((op == 1).reshape(-1, 1, 1, 1), gray.mean(dim=(-3, -2, -1), keepdim=True), gray),
+        )
         blended = _blend(out, target, torch.where(op.reshape(-1, 1, 1, 1) == 3, torch.ones_like(f), f))
         if hue > 0:
             blended = torch.where((op == 3).reshape(-1, 1, 1, 1), adjust_hue(out, factors[:, 3]), blended)
@@ -48,13 +53,16 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("settings", [
-    {},  # DINO's
-    {"hue": 0.0},
-    {"p": 1.0, "grayscale_p": 0.0},
-    {"brightness": 0.0, "saturation": 0.9, "hue": 0.5},
-    {"brightness": 1.5, "contrast": 2.0, "saturation": 0.0},  # factors clamped at 0
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # DINO's
+        {"hue": 0.0},
+        {"p": 1.0, "grayscale_p": 0.0},
+        {"brightness": 0.0, "saturation": 0.9, "hue": 0.5},
+        {"brightness": 1.5, "contrast": 2.0, "saturation": 0.0},  # factors clamped at 0
+    ],
+)
 def test_one_pass_gives_the_previous_images_bit_for_bit(settings):
     for seed in range(6):
         x = torch.rand(32, 3, 10, 10, generator=_gen(100 + seed)) * 2 - 1

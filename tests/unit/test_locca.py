@@ -1,4 +1,5 @@
 """LocCa: targets, decoder (masks, parallel prediction, cached decoding), chunked loss, eval."""
+
 import io
 import random
 
@@ -17,6 +18,7 @@ from siglip2.model.decoder import LoccaDecoder, self_attention_mask
 
 class CharTokenizer:
     """Character-level stand-in for siglip2.data.tokenizer.Tokenizer (same interface)."""
+
     chars = " abcdefghijklmnopqrstuvwxyz0123456789:"
     pad_id, eos_id, unk_id = 0, 1, 2
     vocab_size = 3 + len(chars)
@@ -50,8 +52,9 @@ def _one_thread():
 
 def tiny_decoder(vocab=TOK.vocab_size, max_len=24, seed=0, image_width=24, random_head=True):
     torch.manual_seed(seed)
-    dec = LoccaDecoder(width=32, depth=2, heads=4, mlp_dim=64, vocab_size=vocab, max_len=max_len,
-                       image_width=image_width)
+    dec = LoccaDecoder(
+        width=32, depth=2, heads=4, mlp_dim=64, vocab_size=vocab, max_len=max_len, image_width=image_width
+    )
     if random_head:  # the zero-initialised head would make every argmax a tie
         nn.init.normal_(dec.head.weight, std=1.0)
         nn.init.normal_(dec.head.bias, std=1.0)
@@ -64,28 +67,41 @@ def test_targets_layout_and_alignment():
     regions = [{"caption": "Red circle", "box": [0.1, 0.2, 0.3, 0.4]}]
     out = build_locca_targets(TOK, "A red circle", regions, random.Random(0), fmt)
     assert set(out) == {f"locca_{t}_{k}" for t in TASKS for k in ("input", "target", "valid")}
-    want = {"cap": ("caption:", "a red circle"), "aref": ("aref: red circle box:", "50 100 150 200"),
-            "gcap": ("gcap: 50 100 150 200 caption:", "red circle")}
+    want = {
+        "cap": ("caption:", "a red circle"),
+        "aref": ("aref: red circle box:", "50 100 150 200"),
+        "gcap": ("gcap: 50 100 150 200 caption:", "red circle"),
+    }
     for t, (prompt, target) in want.items():
         inp, tgt = out[f"locca_{t}_input"], out[f"locca_{t}_target"]
         assert inp.shape == tgt.shape == (48,) and inp.dtype == tgt.dtype == torch.long
         assert out[f"locca_{t}_valid"].item() is True
         p = TOK.encode(prompt, add_eos=False)
-        assert inp[:len(p)].tolist() == p  # the prompt is input ...
-        assert (tgt[:len(p) - 1] == IGNORE).all()  # ... and never a target
+        assert inp[: len(p)].tolist() == p  # the prompt is input ...
+        assert (tgt[: len(p) - 1] == IGNORE).all()  # ... and never a target
         m = tgt != IGNORE
         assert TOK.decode(tgt[m].tolist()) == target and tgt[m][-1] == TOK.eos_id
         last = int(m.nonzero().max())
-        assert m[len(p) - 1:last + 1].all() and not m[last + 1:].any()
-        assert torch.equal(tgt[len(p) - 1:last], inp[len(p):last + 1])  # next-token targets
-        assert (inp[last + 1:] == TOK.pad_id).all()
-    assert parse_box(TOK.decode(out["locca_aref_target"][out["locca_aref_target"] != IGNORE].tolist())) == \
-        dequantize_box([50, 100, 150, 200])
+        assert m[len(p) - 1 : last + 1].all() and not m[last + 1 :].any()
+        assert torch.equal(tgt[len(p) - 1 : last], inp[len(p) : last + 1])  # next-token targets
+        assert (inp[last + 1 :] == TOK.pad_id).all()
+    assert parse_box(
+        TOK.decode(out["locca_aref_target"][out["locca_aref_target"] != IGNORE].tolist())
+    ) == dequantize_box([50, 100, 150, 200])
 
 
 def test_targets_without_regions_train_cap_only():
-    for regions in (None, [], [{"caption": "x"}, {"box": [0, 0, 1, 1]}, {"caption": "", "box": [0, 0, 1, 1]},
-                              {"caption": "flat", "box": [0.5, 0.5, 0.5, 0.9]}, {"caption": "bad", "box": [1, 2]}]):
+    for regions in (
+        None,
+        [],
+        [
+            {"caption": "x"},
+            {"box": [0, 0, 1, 1]},
+            {"caption": "", "box": [0, 0, 1, 1]},
+            {"caption": "flat", "box": [0.5, 0.5, 0.5, 0.9]},
+            {"caption": "bad", "box": [1, 2]},
+        ],
+    ):
         out = build_locca_targets(TOK, "a cat", regions, random.Random(0))
         assert out["locca_cap_valid"] and not out["locca_aref_valid"] and not out["locca_gcap_valid"]
         assert (out["locca_aref_target"] == IGNORE).all() and (out["locca_aref_input"] == TOK.pad_id).all()
@@ -116,8 +132,13 @@ def test_targets_use_transformed_boxes_and_truncate():
     tgt = out["locca_aref_target"]
     assert TOK.decode(tgt[tgt != IGNORE].tolist()) == box_to_text(flipped[0]) == "350 100 450 200"
     fmt = LoccaFormat(max_len=16)
-    out = build_locca_targets(TOK, "a very long caption that cannot fit", [{"caption": "a long region caption",
-                              "box": [0.1, 0.2, 0.3, 0.4]}], random.Random(0), fmt)
+    out = build_locca_targets(
+        TOK,
+        "a very long caption that cannot fit",
+        [{"caption": "a long region caption", "box": [0.1, 0.2, 0.3, 0.4]}],
+        random.Random(0),
+        fmt,
+    )
     cap = out["locca_cap_target"]
     assert out["locca_cap_valid"] and (cap != IGNORE).sum() == 16 - len("caption:") + 1  # cut, still learns
     assert not out["locca_aref_valid"]  # a box is never cut: the task is dropped instead
@@ -158,11 +179,13 @@ def test_causal_rows_do_not_see_the_future():
     torch.testing.assert_close(h, dec(tok, img), rtol=1e-5, atol=1e-5)  # mask path == is_causal path
     for i in (0, 5, 10):
         t2 = tok.clone()
-        t2[:, i + 1:] = torch.randint(0, dec.vocab_size, (2, 11 - i), generator=g)
-        t2[:, i + 1:] = torch.where(t2[:, i + 1:] == tok[:, i + 1:], (t2[:, i + 1:] + 1) % dec.vocab_size, t2[:, i + 1:])
+        t2[:, i + 1 :] = torch.randint(0, dec.vocab_size, (2, 11 - i), generator=g)
+        t2[:, i + 1 :] = torch.where(
+            t2[:, i + 1 :] == tok[:, i + 1 :], (t2[:, i + 1 :] + 1) % dec.vocab_size, t2[:, i + 1 :]
+        )
         h2 = dec(t2, img)
-        torch.testing.assert_close(h2[:, :i + 1], h[:, :i + 1], rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(h2[:, i + 1:], h[:, i + 1:], atol=1e-4)
+        torch.testing.assert_close(h2[:, : i + 1], h[:, : i + 1], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(h2[:, i + 1 :], h[:, i + 1 :], atol=1e-4)
 
 
 def test_image_mask_hides_padding_tokens():
@@ -184,7 +207,7 @@ def _greedy_uncached(dec, img, mask, prompts, max_new, eos):
     for i, p in enumerate(prompts):
         seq, new = list(p), []
         for _ in range(max_new):
-            h = dec(torch.tensor([seq]), img[i:i + 1], None if mask is None else mask[i:i + 1])
+            h = dec(torch.tensor([seq]), img[i : i + 1], None if mask is None else mask[i : i + 1])
             nxt = int(dec.head(h[0, -1]).argmax())
             new.append(nxt)
             seq.append(nxt)
@@ -201,7 +224,7 @@ def test_cached_generation_equals_uncached_argmax():
     prompts = [[5, 6, 7], [8], [9, 10]]
     prefix = torch.zeros(3, 3, dtype=torch.long)
     for i, p in enumerate(prompts):
-        prefix[i, :len(p)] = torch.tensor(p)
+        prefix[i, : len(p)] = torch.tensor(p)
     plen = torch.tensor([3, 1, 2])
     free = _greedy_uncached(dec, img, mask, prompts, 8, eos=-1)  # no EOS: all 8 tokens
     with torch.no_grad():
@@ -313,8 +336,10 @@ def test_chunked_loss_memory_stays_far_below_full_logits():
 
     peak, largest = _peak_and_largest_alloc(chunked)
     ref_peak, ref_largest = _peak_and_largest_alloc(reference)
-    print(f"\nB*L*V*4 = {full} bytes; chunked peak {peak} (largest alloc {largest}); "
-          f"full-logits reference peak {ref_peak} (largest alloc {ref_largest})")
+    print(
+        f"\nB*L*V*4 = {full} bytes; chunked peak {peak} (largest alloc {largest}); "
+        f"full-logits reference peak {ref_peak} (largest alloc {ref_largest})"
+    )
     assert ref_largest >= full  # the measurement does see a full logits tensor when there is one
     assert largest <= max(chunk * V * 4, V * W * 4) * 1.01  # one chunk of logits, or the weight gradient
     assert peak < full / 4
@@ -328,15 +353,20 @@ def _batch(samples, fmt):
 
 def test_objective_mean_over_present_tasks_and_metrics():
     fmt = LoccaFormat(max_len=40)
-    batch = _batch([("a red circle", [{"caption": "red circle", "box": [0.1, 0.1, 0.4, 0.5]}]),
-                    ("two blue squares", None)], fmt)
+    batch = _batch(
+        [("a red circle", [{"caption": "red circle", "box": [0.1, 0.1, 0.4, 0.5]}]), ("two blue squares", None)], fmt
+    )
     dec = tiny_decoder(max_len=40)
     img = torch.randn(2, 5, 24)
     obj = LoccaObjective(weights={"cap": 2.0, "gcap": 0.0}).eval()
     total, m = obj(dec, img, None, batch)
     assert set(m) == {"locca/cap", "locca/cap_acc", "locca/aref", "locca/aref_acc", "locca/loss"}
-    per = {t: LoccaLoss()(dec(batch[f"locca_{t}_input"], img), dec.head, batch[f"locca_{t}_target"],
-                          batch[f"locca_{t}_valid"])[0] for t in ("cap", "aref")}
+    per = {
+        t: LoccaLoss()(
+            dec(batch[f"locca_{t}_input"], img), dec.head, batch[f"locca_{t}_target"], batch[f"locca_{t}_valid"]
+        )[0]
+        for t in ("cap", "aref")
+    }
     torch.testing.assert_close(total, (2 * per["cap"] + per["aref"]) / 2)
     torch.testing.assert_close(m["locca/aref"], per["aref"].detach())
     # training mode, parallel_prob=1: Cap is predicted from all-mask inputs without a causal mask
@@ -367,12 +397,16 @@ def test_caption_word_match():
     assert caption_names_object("two red circles", "circle", "red")
     assert not caption_names_object("a reddish circle", "circle", "red")
     assert not caption_names_object("a red square", "circle", "red")
-    objs = [[{"shape": "circle", "color": "red"}], [{"shape": "square", "color": "blue"},
-                                                    {"shape": "circle", "color": "green"}]]
+    objs = [
+        [{"shape": "circle", "color": "red"}],
+        [{"shape": "square", "color": "blue"}, {"shape": "circle", "color": "green"}],
+    ]
     assert caption_correctness(["red circle", "a green square"], objs) == 0.5
     # with a category (the demo's fill pattern), the category is what must be named
-    objs = [[{"category": "striped", "shape": "circle", "color": "red"}],
-            [{"category": "dotted", "shape": "circle", "color": "red"}]]
+    objs = [
+        [{"category": "striped", "shape": "circle", "color": "red"}],
+        [{"category": "dotted", "shape": "circle", "color": "red"}],
+    ]
     assert caption_correctness(["a red striped square", "a red striped circle"], objs) == 0.5
 
 
@@ -381,13 +415,14 @@ def test_overfit_decoder_then_caption_and_locate():
     that memorises two images' tasks must give their captions and boxes back."""
     torch.manual_seed(0)
     fmt = LoccaFormat(max_len=40)  # the longest ARef (22 prompt + 16 box tokens) must fit
-    samples = [("a red circle", [{"caption": "red circle", "box": [0.1, 0.2, 0.5, 0.6]}]),
-               ("a blue square", [{"caption": "blue square", "box": [0.4, 0.3, 0.9, 0.8]}])]
+    samples = [
+        ("a red circle", [{"caption": "red circle", "box": [0.1, 0.2, 0.5, 0.6]}]),
+        ("a blue square", [{"caption": "blue square", "box": [0.4, 0.3, 0.9, 0.8]}]),
+    ]
     batch = _batch(samples, fmt)
     img = torch.randn(2, 4, 16)
     assert batch["locca_aref_valid"].all() and batch["locca_gcap_valid"].all()
-    dec = LoccaDecoder(width=64, depth=1, heads=4, mlp_dim=128, vocab_size=TOK.vocab_size, max_len=40,
-                       image_width=16)
+    dec = LoccaDecoder(width=64, depth=1, heads=4, mlp_dim=128, vocab_size=TOK.vocab_size, max_len=40, image_width=16)
     obj = LoccaObjective(parallel_prob=0.0)
     opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
     for _ in range(60):
@@ -406,11 +441,23 @@ def test_overfit_decoder_then_caption_and_locate():
 def test_box_text_through_a_real_sentencepiece_model():
     spm = pytest.importorskip("sentencepiece")
     rng = random.Random(0)
-    texts = [f"aref: {c} {s} box: {box_to_text([rng.random() * .5, rng.random() * .5, .5 + rng.random() * .5, .9])}"
-             for c in ("red", "blue", "green") for s in ("circle", "square") for _ in range(40)]
+    texts = [
+        f"aref: {c} {s} box: {box_to_text([rng.random() * 0.5, rng.random() * 0.5, 0.5 + rng.random() * 0.5, 0.9])}"
+        for c in ("red", "blue", "green")
+        for s in ("circle", "square")
+        for _ in range(40)
+    ]
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=60,
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=60,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
 
     class SP:
@@ -421,12 +468,13 @@ def test_box_text_through_a_real_sentencepiece_model():
 
         def decode(self, ids):
             ids = list(ids)
-            return sp.decode([i for i in ids[:ids.index(1)] if i != 0] if 1 in ids else [i for i in ids if i != 0])
+            return sp.decode([i for i in ids[: ids.index(1)] if i != 0] if 1 in ids else [i for i in ids if i != 0])
 
     tok = SP()
     box = [0.123, 0.456, 0.789, 0.999]
-    out = build_locca_targets(tok, "a red circle", [{"caption": "red circle", "box": box}], random.Random(0),
-                              LoccaFormat(max_len=40))
+    out = build_locca_targets(
+        tok, "a red circle", [{"caption": "red circle", "box": box}], random.Random(0), LoccaFormat(max_len=40)
+    )
     tgt = out["locca_aref_target"]
     assert parse_box(tok.decode(tgt[tgt != IGNORE].tolist())) == dequantize_box([61, 228, 394, 499])
     assert tok.decode(prompt_ids(tok, prompt_text("aref", caption="red circle"))) == "aref: red circle box:"
@@ -439,15 +487,14 @@ def test_decoder_initialisation_is_cappas():
     with ~1e-6 biases, unit-sd target embeddings, positions sd 1/sqrt(width), zero logits."""
     torch.manual_seed(0)
     width, mlp, image_width = 256, 1024, 128
-    dec = LoccaDecoder(width=width, depth=2, heads=4, mlp_dim=mlp, vocab_size=5000, max_len=16,
-                       image_width=image_width)
+    dec = LoccaDecoder(width=width, depth=2, heads=4, mlp_dim=mlp, vocab_size=5000, max_len=16, image_width=image_width)
     assert abs(float(dec.token_embedding.weight.std()) - 1.0) < 0.01
-    assert abs(float(dec.position_embedding.std()) * width ** 0.5 - 1.0) < 0.1
+    assert abs(float(dec.position_embedding.std()) * width**0.5 - 1.0) < 0.1
     assert not dec.head.weight.any() and not dec.head.bias.any()
     for layer in dec.layers:
         for attn in (layer.self_attn, layer.cross_attn):
             for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
-                sd = lin.in_features ** -0.5
+                sd = lin.in_features**-0.5
                 assert abs(float(lin.weight.std()) / sd - 1.0) < 0.05, (lin, float(lin.weight.std()), sd)
                 assert float(lin.weight.abs().max()) <= 2 * sd / 0.87962566103423978 + 1e-6  # cut at 2 sd
                 assert not lin.bias.any()
@@ -456,7 +503,7 @@ def test_decoder_initialisation_is_cappas():
             bound = (6 / (lin.in_features + lin.out_features)) ** 0.5
             w = lin.weight
             assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.99 * bound
-            assert abs(float(w.std()) - bound / 3 ** 0.5) < 0.02 * bound  # uniform(-b, b): sd b / sqrt(3)
+            assert abs(float(w.std()) - bound / 3**0.5) < 0.02 * bound  # uniform(-b, b): sd b / sqrt(3)
             assert 0 < float(lin.bias.abs().max()) < 1e-5
     # the first loss is exactly log(V): zero logits
     hidden = dec(torch.randint(0, 5000, (2, 16)), torch.randn(2, 9, image_width))

@@ -1,4 +1,5 @@
 """Model tests: released-layout parity against transformers' Siglip2 (random tiny, built offline)."""
+
 import math
 import os
 from pathlib import Path
@@ -23,13 +24,27 @@ def hf_config_from_sizes(d: dict) -> Siglip2Config:
     """Written independently of `siglip2.export.hf.hf_config`, so the tests do not grade themselves."""
     v, t = d["vision"], d["text"]
     return Siglip2Config(
-        vision_config=dict(hidden_size=v["width"], num_hidden_layers=v["depth"], intermediate_size=v["mlp_dim"],
-                           num_attention_heads=v["heads"], patch_size=v["patch_size"],
-                           num_patches=v["posemb_grid"] ** 2),
-        text_config=dict(hidden_size=t["width"], num_hidden_layers=t["depth"], intermediate_size=t["mlp_dim"],
-                         num_attention_heads=t["heads"], vocab_size=t["vocab_size"],
-                         max_position_embeddings=t["max_len"], projection_size=d.get("embed_dim") or v["width"],
-                         pad_token_id=None, bos_token_id=None, eos_token_id=None))
+        vision_config=dict(
+            hidden_size=v["width"],
+            num_hidden_layers=v["depth"],
+            intermediate_size=v["mlp_dim"],
+            num_attention_heads=v["heads"],
+            patch_size=v["patch_size"],
+            num_patches=v["posemb_grid"] ** 2,
+        ),
+        text_config=dict(
+            hidden_size=t["width"],
+            num_hidden_layers=t["depth"],
+            intermediate_size=t["mlp_dim"],
+            num_attention_heads=t["heads"],
+            vocab_size=t["vocab_size"],
+            max_position_embeddings=t["max_len"],
+            projection_size=d.get("embed_dim") or v["width"],
+            pad_token_id=None,
+            bos_token_id=None,
+            eos_token_id=None,
+        ),
+    )
 
 
 @pytest.mark.parametrize("name", ["b16", "l16", "so400m14", "so400m16", "g16"])
@@ -64,9 +79,12 @@ def test_embed_dim_must_be_vision_width():
 
 
 # ---------------------------------------------------------------- tiny random parity with HF
-SIZES = dict(name="t", embed_dim=32,
-             vision=dict(width=32, depth=2, mlp_dim=64, heads=4, patch_size=4, posemb_grid=4, image_size=16),
-             text=dict(width=24, depth=2, mlp_dim=48, heads=3, vocab_size=50, max_len=10))
+SIZES = dict(
+    name="t",
+    embed_dim=32,
+    vision=dict(width=32, depth=2, mlp_dim=64, heads=4, patch_size=4, posemb_grid=4, image_size=16),
+    text=dict(width=24, depth=2, mlp_dim=48, heads=3, vocab_size=50, max_len=10),
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """NaFlex preprocessing against transformers' Siglip2ImageProcessor and timm's size rule."""
+
 from __future__ import annotations
 
 import math
@@ -13,25 +14,48 @@ import pytest
 import torch
 from PIL import Image
 
-from siglip2.data.naflex import (NaFlexConfig, SeqLenPlan, image_size_for_max_patches, pad_patches, patchify_image,
-                                 resize_for_max_patches)
+from siglip2.data.naflex import (
+    NaFlexConfig,
+    SeqLenPlan,
+    image_size_for_max_patches,
+    pad_patches,
+    patchify_image,
+    resize_for_max_patches,
+)
 
 
 def _triples(n: int = 300):
     rng = random.Random(0)
-    out = [(1, 1, 16, 256), (1, 1, 16, 1), (64, 512, 16, 256), (512, 64, 16, 256), (8, 8000, 16, 128),
-           (8000, 8, 14, 1024), (4000, 3000, 16, 16384), (4096, 4096, 16, 9216), (17, 33, 8, 64)]
+    out = [
+        (1, 1, 16, 256),
+        (1, 1, 16, 1),
+        (64, 512, 16, 256),
+        (512, 64, 16, 256),
+        (8, 8000, 16, 128),
+        (8000, 8, 14, 1024),
+        (4000, 3000, 16, 16384),
+        (4096, 4096, 16, 9216),
+        (17, 33, 8, 64),
+    ]
     for _ in range(n):
-        out.append((rng.randint(1, 3000), rng.randint(1, 3000), rng.choice([8, 14, 16, 32]),
-                    rng.choice([1, 16, 64, 128, 256, 576, 784, 1024, 4096, 16384])))
+        out.append(
+            (
+                rng.randint(1, 3000),
+                rng.randint(1, 3000),
+                rng.choice([8, 14, 16, 32]),
+                rng.choice([1, 16, 64, 128, 256, 576, 784, 1024, 4096, 16384]),
+            )
+        )
     return out
 
 
 def _recipe_rule(h, w, p, max_patches, eps=1e-5):
     """RECIPE.md's words, written out: binary search on a scale in (eps/10, 100) to eps; each
     side max(p, p * ceil(side * scale / p)); keep the largest scale within max patches."""
+
     def side(s, x):
         return max(p, p * math.ceil(x * s / p))
+
     lo, hi = eps / 10, 100.0
     while hi - lo >= eps:
         mid = (lo + hi) / 2
@@ -111,19 +135,31 @@ def test_padded_batch_gives_each_image_its_own_embedding():
     from siglip2.model import build_model
 
     torch.manual_seed(0)
-    model = build_model(dict(name="t", embed_dim=32,
-                             vision=dict(width=32, depth=2, mlp_dim=64, heads=4, patch_size=4, posemb_grid=4,
-                                         image_size=16),
-                             text=dict(width=24, depth=2, mlp_dim=48, heads=3, vocab_size=50, max_len=10))).eval()
+    model = build_model(
+        dict(
+            name="t",
+            embed_dim=32,
+            vision=dict(width=32, depth=2, mlp_dim=64, heads=4, patch_size=4, posemb_grid=4, image_size=16),
+            text=dict(width=24, depth=2, mlp_dim=48, heads=3, vocab_size=50, max_len=10),
+        )
+    ).eval()
     images = [torch.rand(3, 12, 40), torch.rand(3, 40, 12), torch.rand(3, 20, 20)]
     items = [patchify_image(resize_for_max_patches(im, 4, 30), 4) for im in images]
     batch = pad_patches(items, seq_len=32)
-    pooled = model.encode_image(patches=batch["patches"], patch_coord=batch["patch_coord"],
-                                patch_valid=batch["patch_valid"], spatial_shapes=batch["spatial_shapes"]).pooled
+    pooled = model.encode_image(
+        patches=batch["patches"],
+        patch_coord=batch["patch_coord"],
+        patch_valid=batch["patch_valid"],
+        spatial_shapes=batch["spatial_shapes"],
+    ).pooled
     for i, item in enumerate(items):
         alone = pad_patches([item], seq_len=item[0].shape[0])
-        one = model.encode_image(patches=alone["patches"], patch_coord=alone["patch_coord"],
-                                 patch_valid=alone["patch_valid"], spatial_shapes=alone["spatial_shapes"]).pooled
+        one = model.encode_image(
+            patches=alone["patches"],
+            patch_coord=alone["patch_coord"],
+            patch_valid=alone["patch_valid"],
+            spatial_shapes=alone["spatial_shapes"],
+        ).pooled
         torch.testing.assert_close(pooled[i], one[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="more than the sequence length"):
         pad_patches(items, seq_len=8)
@@ -159,7 +195,8 @@ def test_largest_length_halves_the_batch_for_two_steps_and_lengths_are_uniform()
             k += 1
     # slots (one per 32 examples) are uniform over the five lengths
     slots = Counter(length for length, b in steps if b == 32) + Counter(
-        {1024: sum(1 for length, b in steps if length == 1024) // 2})
+        {1024: sum(1 for length, b in steps if length == 1024) // 2}
+    )
     total = sum(slots.values())
     for length in cfg.seq_lens:
         assert abs(slots[length] / total - 0.2) < 0.02, slots

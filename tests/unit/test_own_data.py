@@ -3,6 +3,7 @@ SentencePiece tokenizer trained on the shards' captions, and caption noise (the 
 `python -m siglip2.data.tokenizer train`, training on the shards and docs/own_data.md's commands:
 tests/e2e/test_own_data_e2e.py; a checkpoint of another vocabulary:
 tests/integration/test_own_data_integration.py)."""
+
 from __future__ import annotations
 
 import io
@@ -25,10 +26,21 @@ from siglip2.data.transforms import ImageTransform, normalize_pixels
 # Captions in several scripts, as web alt-text is: Latin with accents, Cyrillic, Greek, Arabic,
 # Hebrew, Devanagari, Thai, CJK, Hangul, emoji, digits.
 CAPTIONS = [
-    "A red bicycle leaning on a wall", "Café au lait sur une table en bois", "Ein Hund läuft über die Wiese",
-    "Кошка спит на диване", "Ένα σπίτι δίπλα στη θάλασσα", "قطة صغيرة على السرير", "ילד משחק בכדור בגן",
-    "एक लाल गाड़ी सड़क पर", "แมวนอนอยู่บนโซฟา", "桌子上有三个苹果", "公園で遊ぶ子どもたち", "바다 위의 작은 배",
-    "Sunset over the mountains 🌄 in 2024", "Mañana iremos a la playa", "Zwei Katzen und 3 Hunde",
+    "A red bicycle leaning on a wall",
+    "Café au lait sur une table en bois",
+    "Ein Hund läuft über die Wiese",
+    "Кошка спит на диване",
+    "Ένα σπίτι δίπλα στη θάλασσα",
+    "قطة صغيرة على السرير",
+    "ילד משחק בכדור בגן",
+    "एक लाल गाड़ी सड़क पर",
+    "แมวนอนอยู่บนโซฟา",
+    "桌子上有三个苹果",
+    "公園で遊ぶ子どもたち",
+    "바다 위의 작은 배",
+    "Sunset over the mountains 🌄 in 2024",
+    "Mañana iremos a la playa",
+    "Zwei Katzen und 3 Hunde",
 ]
 
 
@@ -45,7 +57,11 @@ def write_shards(folder: Path, n_shards: int = 2, per_shard: int = 30, seed: int
                 Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
                 caption = CAPTIONS[(s * per_shard + i) % len(CAPTIONS)]
                 meta = {"regions": [{"caption": "a thing", "box": [0.1, 0.2, 0.6, 0.9]}], "lang": "xx"}
-                for ext, data in (("jpg", buf.getvalue()), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
+                for ext, data in (
+                    ("jpg", buf.getvalue()),
+                    ("txt", caption.encode()),
+                    ("json", json.dumps(meta).encode()),
+                ):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -57,8 +73,12 @@ def test_uint8_batches_normalised_on_the_device_equal_the_float_pipeline():
     what the float32 pipeline gave (within 1/255), for square views (with random crops and
     flips) and for NaFlex patches."""
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (int(rng.integers(30, 200)), int(rng.integers(30, 200)), 3),
-                                           dtype=np.uint8)) for _ in range(8)]
+    images = [
+        Image.fromarray(
+            rng.integers(0, 255, (int(rng.integers(30, 200)), int(rng.integers(30, 200)), 3), dtype=np.uint8)
+        )
+        for _ in range(8)
+    ]
     for kwargs in ({}, {"random_resized_crop": True, "scale": (0.2, 1.0), "hflip": True}):
         torch.manual_seed(0)
         floats = torch.stack([ImageTransform(48, **kwargs)(im)[0] for im in images])
@@ -98,10 +118,14 @@ def test_per_batch_tokenisation_equals_per_sample(shard_tokenizer):
     fn = TrainSample(tok, ImageTransform(16, dtype="uint8"), seed=3, epoch=1, locca=fmt)
     samples = []
     for i, caption in enumerate(CAPTIONS + ["", "a very long caption " * 8]):
-        regions = [{"caption": f"region {j} {caption[:6]}", "box": [0.1 * j, 0.1, 0.1 * j + 0.3, 0.5]}
-                   for j in range(i % 3)]
-        samples.append(DecodedSample(key=f"k{i}", image=Image.new("RGB", (20, 30)), caption=caption,
-                                     meta={"regions": regions}, mask=None))
+        regions = [
+            {"caption": f"region {j} {caption[:6]}", "box": [0.1 * j, 0.1, 0.1 * j + 0.3, 0.5]} for j in range(i % 3)
+        ]
+        samples.append(
+            DecodedSample(
+                key=f"k{i}", image=Image.new("RGB", (20, 30)), caption=caption, meta={"regions": regions}, mask=None
+            )
+        )
     batch = fn.collate([fn(s) for s in samples])
     for i, s in enumerate(samples):
         ids = tok.encode(s.caption)
@@ -113,15 +137,22 @@ def test_per_batch_tokenisation_equals_per_sample(shard_tokenizer):
         usable = [(r["caption"], moved[j]) for j, r in enumerate(regions)]
         want = {"cap": None, "aref": None, "gcap": None}
         if s.caption.strip():
-            want["cap"] = encode_example(prompt_ids(tok, prompt_text("cap", fmt)), tok.encode(s.caption), 24,
-                                         tok.pad_id)
+            want["cap"] = encode_example(
+                prompt_ids(tok, prompt_text("cap", fmt)), tok.encode(s.caption), 24, tok.pad_id
+            )
         if usable:
             cap, box = usable[rng.randrange(len(usable))]
-            want["aref"] = encode_example(prompt_ids(tok, prompt_text("aref", fmt, caption=cap)),
-                                          tok.encode(box_to_text(box, fmt.bins)), 24, tok.pad_id, truncate=False)
+            want["aref"] = encode_example(
+                prompt_ids(tok, prompt_text("aref", fmt, caption=cap)),
+                tok.encode(box_to_text(box, fmt.bins)),
+                24,
+                tok.pad_id,
+                truncate=False,
+            )
             cap, box = usable[rng.randrange(len(usable))]
-            want["gcap"] = encode_example(prompt_ids(tok, prompt_text("gcap", fmt, box=box)), tok.encode(cap), 24,
-                                          tok.pad_id)
+            want["gcap"] = encode_example(
+                prompt_ids(tok, prompt_text("gcap", fmt, box=box)), tok.encode(cap), 24, tok.pad_id
+            )
         for task, expected in want.items():
             assert bool(batch[f"locca_{task}_valid"][i]) == (expected is not None), (i, task)
             if expected is None:
@@ -142,8 +173,12 @@ def test_caption_noise_replaces_that_share_by_other_samples_captions(shard_token
     _, summary = shard_tokenizer
     tok = build_tokenizer(summary["path"], length=24)
     fmt = LoccaFormat(max_len=24)
-    samples = [DecodedSample(key=f"k{i:05d}", image=Image.new("RGB", (8, 8)), caption=f"caption number {i}",
-                             meta={}, mask=None) for i in range(3000)]
+    samples = [
+        DecodedSample(
+            key=f"k{i:05d}", image=Image.new("RGB", (8, 8)), caption=f"caption number {i}", meta={}, mask=None
+        )
+        for i in range(3000)
+    ]
     fn = TrainSample(tok, ImageTransform(8, dtype="uint8"), seed=3, epoch=0, locca=fmt, caption_noise=0.3)
     out = [fn(s) for s in samples]
     noisy = [bool(o["caption_noisy"]) for o in out]

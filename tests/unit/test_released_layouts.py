@@ -7,6 +7,7 @@ So400m/16 (256/384/512), g-opt/16 (256/384) and the NaFlex `Siglip2Model` B/16 a
 with the widths and depths of `conf/model/*.yaml` (RECIPE.md's released hyperparameters).
 Then one tiny random model of each layout kind, saved by transformers and read from disk,
 gives transformers' own embeddings and logits."""
+
 import os
 from pathlib import Path
 
@@ -20,18 +21,34 @@ from transformers import Siglip2Config, Siglip2Model, SiglipConfig, SiglipModel
 from siglip2.export.hf import from_hf, to_hf, to_hf_fixed
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
-FIXED = [("b16", s) for s in (224, 256, 384, 512)] + [("l16", s) for s in (256, 384, 512)] + \
-    [("so400m14", s) for s in (224, 384)] + [("so400m16", s) for s in (256, 384, 512)] + [("g16", s) for s in (256, 384)]
+FIXED = (
+    [("b16", s) for s in (224, 256, 384, 512)]
+    + [("l16", s) for s in (256, 384, 512)]
+    + [("so400m14", s) for s in (224, 384)]
+    + [("so400m16", s) for s in (256, 384, 512)]
+    + [("g16", s) for s in (256, 384)]
+)
 
 
 def _dims(name: str) -> dict:
     d = yaml.safe_load((CONF / f"{name}.yaml").read_text())
     v, t = d["vision"], d["text"]
-    vision = dict(hidden_size=v["width"], num_hidden_layers=v["depth"], intermediate_size=v["mlp_dim"],
-                  num_attention_heads=v["heads"], patch_size=v["patch_size"])
-    text = dict(hidden_size=t["width"], num_hidden_layers=t["depth"], intermediate_size=t["mlp_dim"],
-                num_attention_heads=t["heads"], vocab_size=t["vocab_size"], max_position_embeddings=t["max_len"],
-                projection_size=d["embed_dim"])
+    vision = dict(
+        hidden_size=v["width"],
+        num_hidden_layers=v["depth"],
+        intermediate_size=v["mlp_dim"],
+        num_attention_heads=v["heads"],
+        patch_size=v["patch_size"],
+    )
+    text = dict(
+        hidden_size=t["width"],
+        num_hidden_layers=t["depth"],
+        intermediate_size=t["mlp_dim"],
+        num_attention_heads=t["heads"],
+        vocab_size=t["vocab_size"],
+        max_position_embeddings=t["max_len"],
+        projection_size=d["embed_dim"],
+    )
     return dict(vision=vision, text=text)
 
 
@@ -64,19 +81,32 @@ def test_each_naflex_release_imports_at_its_real_shape(name):
     assert _shapes(to_hf(ours)) == _shapes(hf)
 
 
-TINY_TEXT = dict(hidden_size=24, num_hidden_layers=2, intermediate_size=48, num_attention_heads=3, vocab_size=50,
-                 max_position_embeddings=10)
+TINY_TEXT = dict(
+    hidden_size=24,
+    num_hidden_layers=2,
+    intermediate_size=48,
+    num_attention_heads=3,
+    vocab_size=50,
+    max_position_embeddings=10,
+)
 TINY_VISION = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4, patch_size=4)
 KINDS = {
-    "fixed": lambda: SiglipModel(SiglipConfig(vision_config=dict(TINY_VISION, image_size=16),
-                                              text_config=dict(TINY_TEXT, projection_size=32))),
-    "fixed_not_a_multiple": lambda: SiglipModel(SiglipConfig(vision_config=dict(TINY_VISION, image_size=18),
-                                                             text_config=dict(TINY_TEXT, projection_size=32))),
+    "fixed": lambda: SiglipModel(
+        SiglipConfig(vision_config=dict(TINY_VISION, image_size=16), text_config=dict(TINY_TEXT, projection_size=32))
+    ),
+    "fixed_not_a_multiple": lambda: SiglipModel(
+        SiglipConfig(vision_config=dict(TINY_VISION, image_size=18), text_config=dict(TINY_TEXT, projection_size=32))
+    ),
     # g-opt: the text tower narrower than the image tower, its head projecting up to it
-    "text_projected_up": lambda: SiglipModel(SiglipConfig(vision_config=dict(TINY_VISION, hidden_size=48, image_size=16),
-                                                          text_config=dict(TINY_TEXT, projection_size=48))),
-    "naflex": lambda: Siglip2Model(Siglip2Config(vision_config=dict(TINY_VISION, num_patches=16),
-                                                 text_config=dict(TINY_TEXT, projection_size=32))),
+    "text_projected_up": lambda: SiglipModel(
+        SiglipConfig(
+            vision_config=dict(TINY_VISION, hidden_size=48, image_size=16),
+            text_config=dict(TINY_TEXT, projection_size=48),
+        )
+    ),
+    "naflex": lambda: Siglip2Model(
+        Siglip2Config(vision_config=dict(TINY_VISION, num_patches=16), text_config=dict(TINY_TEXT, projection_size=32))
+    ),
 }
 
 
@@ -94,8 +124,12 @@ def test_a_tiny_random_model_of_each_layout_loads_from_disk_with_transformers_nu
     if kind == "naflex":
         image = torch.randn(3, 3, 16, 16)
         pv = image.reshape(3, 3, 4, 4, 4, 4).permute(0, 2, 4, 3, 5, 1).reshape(3, 16, 48)
-        ref = hf(input_ids=text, pixel_values=pv, pixel_attention_mask=torch.ones(3, 16, dtype=torch.long),
-                 spatial_shapes=torch.tensor([[4, 4]] * 3))
+        ref = hf(
+            input_ids=text,
+            pixel_values=pv,
+            pixel_attention_mask=torch.ones(3, 16, dtype=torch.long),
+            spatial_shapes=torch.tensor([[4, 4]] * 3),
+        )
     else:
         size = hf.config.vision_config.image_size
         image = torch.randn(3, 3, size, size)
@@ -104,5 +138,6 @@ def test_a_tiny_random_model_of_each_layout_loads_from_disk_with_transformers_nu
     torch.testing.assert_close(ours.encode_image(image=image).pooled, ref.vision_model_output.pooler_output, **tol)
     torch.testing.assert_close(ours.encode_text(text), ref.text_model_output.pooler_output, **tol)
     o = ours(image, text)
-    torch.testing.assert_close(o["image_emb"] @ o["text_emb"].t() * o["logit_scale"] + o["logit_bias"],
-                               ref.logits_per_image, **tol)
+    torch.testing.assert_close(
+        o["image_emb"] @ o["text_emb"].t() * o["logit_scale"] + o["logit_bias"], ref.logits_per_image, **tol
+    )

@@ -1,6 +1,7 @@
 """Nothing lost, no silent wrong numbers (issue 18), without a run: every sample of a fuzzed
 shard corpus is delivered or counted by reason (training and evaluation on that corpus, and the
 preemption cases: tests/e2e/test_reliability.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,26 +55,32 @@ def _fuzz_corpus(root: Path) -> tuple[str, list[str], dict[str, int]]:
 
     def ok(key, image=None, ext="jpg"):
         good_keys.append(key)
-        return sample(key, **{ext: image or full, "txt": f"a photo {key}".encode(),
-                              "json": _json.dumps({"lang": "en"}).encode()})
+        return sample(
+            key, **{ext: image or full, "txt": f"a photo {key}".encode(), "json": _json.dumps({"lang": "en"}).encode()}
+        )
 
     def bad(key, reason, **fields):
         skips[reason] = skips.get(reason, 0) + 1
         return sample(key, **fields)
 
-    shard0 = (ok("a00") + ok("a01", _img("CMYK", "JPEG")) + ok("a02", _img("I;16", "PNG"), "png")
-              + ok("a03", _img("P", "PNG"), "png") + ok("a04", _img("RGB", "PNG"), "jpg")  # png bytes named .jpg
-              + bad("a05", "bad_image", jpg=full[: len(full) // 3], txt=b"x")
-              + bad("a06", "bad_image", jpg=b"", txt=b"x")
-              + bad("a07", "bad_image", jpg=b"not an image", txt=b"x")
-              + bad("a08", "too_large", jpg=_huge_header_jpeg(9000, 9000), txt=b"x")
-              + bad("a09", "too_large", jpg=_huge_header_jpeg(60000, 60000), txt=b"x")
-              + bad("a10", "bad_caption", jpg=full, txt=b"caf\xe9 \xff")
-              + bad("a11", "empty_caption", jpg=full, txt=b"  ")
-              + bad("a12", "missing_caption", jpg=full, json=b"{}")
-              + bad("a13", "missing_image", txt=b"caption only")
-              + bad("a14", "bad_json", jpg=full, txt=b"x", json=b"{oops")
-              + ok("a15"))
+    shard0 = (
+        ok("a00")
+        + ok("a01", _img("CMYK", "JPEG"))
+        + ok("a02", _img("I;16", "PNG"), "png")
+        + ok("a03", _img("P", "PNG"), "png")
+        + ok("a04", _img("RGB", "PNG"), "jpg")  # png bytes named .jpg
+        + bad("a05", "bad_image", jpg=full[: len(full) // 3], txt=b"x")
+        + bad("a06", "bad_image", jpg=b"", txt=b"x")
+        + bad("a07", "bad_image", jpg=b"not an image", txt=b"x")
+        + bad("a08", "too_large", jpg=_huge_header_jpeg(9000, 9000), txt=b"x")
+        + bad("a09", "too_large", jpg=_huge_header_jpeg(60000, 60000), txt=b"x")
+        + bad("a10", "bad_caption", jpg=full, txt=b"caf\xe9 \xff")
+        + bad("a11", "empty_caption", jpg=full, txt=b"  ")
+        + bad("a12", "missing_caption", jpg=full, json=b"{}")
+        + bad("a13", "missing_image", txt=b"caption only")
+        + bad("a14", "bad_json", jpg=full, txt=b"x", json=b"{oops")
+        + ok("a15")
+    )
     _write_tar(root / "f000.tar", shard0)
     # a duplicated member: only that sample is lost
     dup = ok("b00") + ok("b01") + bad("b02", "duplicate_member", jpg=full, txt=b"x") + [("b02.jpg", full)] + ok("b03")

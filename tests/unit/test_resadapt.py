@@ -6,6 +6,7 @@ References: big_vision's FlexiViT `resample_patchemb` (transcribed in numpy belo
 disk); the end-to-end path a user runs (pretrain -> frac_0.95.ckpt -> stage=resadapt):
 tests/integration/test_resadapt_integration.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,8 @@ def _big_vision_resample_patchemb(kernel: np.ndarray, new: int) -> np.ndarray:
         basis[np.unravel_index(i, (p, p))] = 1.0
         one = _tf_bilinear_matrix(p, new)
         mat.append((one @ basis @ one.T).reshape(-1))  # separable bilinear resize of the basis
-    resize_mat = np.stack(mat).T                       # (new*new, p*p)
-    pinv = np.linalg.pinv(resize_mat.T)                # (new*new, p*p)
+    resize_mat = np.stack(mat).T  # (new*new, p*p)
+    pinv = np.linalg.pinv(resize_mat.T)  # (new*new, p*p)
     flat = kernel.reshape(p * p, -1)
     return (pinv @ flat).reshape(new, new, *kernel.shape[2:])
 
@@ -97,17 +98,21 @@ def test_posemb_bv_zoom_equals_scipy_zoom_and_hf_is_hf(old, new):
 
 
 # ---------------------------------------------------------------- adapting a model's weights
-SIZES = dict(name="t", embed_dim=32,
-             vision=dict(width=32, depth=2, mlp_dim=64, heads=4, patch_size=8, posemb_grid=4, image_size=32),
-             text=dict(width=24, depth=2, mlp_dim=48, heads=3, vocab_size=50, max_len=10))
+SIZES = dict(
+    name="t",
+    embed_dim=32,
+    vision=dict(width=32, depth=2, mlp_dim=64, heads=4, patch_size=8, posemb_grid=4, image_size=32),
+    text=dict(width=24, depth=2, mlp_dim=48, heads=3, vocab_size=50, max_len=10),
+)
 
 
 def _smooth_image(size: int) -> torch.Tensor:
     """(1, 3, size, size) in [-1, 1]: one low-frequency pattern per channel."""
     t = torch.linspace(0, 1, size)
     y, x = torch.meshgrid(t, t, indexing="ij")
-    return torch.stack([torch.sin(2.0 * x + 1.0) * torch.cos(1.5 * y), torch.cos(2.5 * y - 0.5 * x),
-                        0.8 * torch.sin(1.2 * (x + y))])[None]
+    return torch.stack(
+        [torch.sin(2.0 * x + 1.0) * torch.cos(1.5 * y), torch.cos(2.5 * y - 0.5 * x), 0.8 * torch.sin(1.2 * (x + y))]
+    )[None]
 
 
 @torch.no_grad()
@@ -124,7 +129,7 @@ def test_patch_change_keeps_the_embedding_of_a_smooth_image():
     state, notes = adapt_vision_weights({f"model.{k}": v for k, v in src.state_dict().items()}, src.config, target)
     assert any("patch 8 -> 4" in n for n in notes) and not any("position table" in n for n in notes)
     dst = build_model(target_sizes).eval()
-    dst.load_state_dict({k[len("model."):]: v for k, v in state.items()})
+    dst.load_state_dict({k[len("model.") :]: v for k, v in state.items()})
     after = dst.encode_image(image=small).embeds
     cos_pi = float((before * after).sum())
     # the naive alternative: the 8x8 kernel bilinearly shrunk to 4x4 like an image
@@ -140,8 +145,9 @@ def test_patch_change_keeps_the_embedding_of_a_smooth_image():
 def test_adapting_refuses_another_architecture():
     src = SigLIP2Config.from_dict(SIZES)
     for field, value in (("depth", 3), ("width", 48)):
-        other = SigLIP2Config.from_dict({**SIZES, "vision": {**SIZES["vision"], field: value},
-                                         "embed_dim": 48 if field == "width" else 32})
+        other = SigLIP2Config.from_dict(
+            {**SIZES, "vision": {**SIZES["vision"], field: value}, "embed_dim": 48 if field == "width" else 32}
+        )
         with pytest.raises(ValueError, match=f"vision.{field} \\({SIZES['vision'][field]} in the checkpoint"):
             adapt_vision_weights({}, src, other)
     other = SigLIP2Config.from_dict({**SIZES, "text": {**SIZES["text"], "vocab_size": 60}})
@@ -150,9 +156,12 @@ def test_adapting_refuses_another_architecture():
 
 
 # ---------------------------------------------------------------- init_from=hf:
-HF_SIZES = dict(name="t", embed_dim=32,
-                vision=dict(width=32, depth=2, mlp_dim=64, heads=4, patch_size=4, posemb_grid=4, image_size=16),
-                text=dict(width=24, depth=2, mlp_dim=48, heads=3, vocab_size=50, max_len=10))
+HF_SIZES = dict(
+    name="t",
+    embed_dim=32,
+    vision=dict(width=32, depth=2, mlp_dim=64, heads=4, patch_size=4, posemb_grid=4, image_size=16),
+    text=dict(width=24, depth=2, mlp_dim=48, heads=3, vocab_size=50, max_len=10),
+)
 HEADS = {"hidden_dim": 16, "bottleneck_dim": 8, "out_dim": 32}
 
 
@@ -162,12 +171,27 @@ def _hf_folder(tmp_path):
 
     v, t = HF_SIZES["vision"], HF_SIZES["text"]
     cfg = Siglip2Config(
-        vision_config=dict(hidden_size=v["width"], num_hidden_layers=v["depth"], intermediate_size=v["mlp_dim"],
-                           num_attention_heads=v["heads"], patch_size=v["patch_size"], num_patches=v["posemb_grid"] ** 2),
-        text_config=dict(hidden_size=t["width"], num_hidden_layers=t["depth"], intermediate_size=t["mlp_dim"],
-                         num_attention_heads=t["heads"], vocab_size=t["vocab_size"],
-                         max_position_embeddings=t["max_len"], projection_size=32,
-                         pad_token_id=None, bos_token_id=None, eos_token_id=None))
+        vision_config=dict(
+            hidden_size=v["width"],
+            num_hidden_layers=v["depth"],
+            intermediate_size=v["mlp_dim"],
+            num_attention_heads=v["heads"],
+            patch_size=v["patch_size"],
+            num_patches=v["posemb_grid"] ** 2,
+        ),
+        text_config=dict(
+            hidden_size=t["width"],
+            num_hidden_layers=t["depth"],
+            intermediate_size=t["mlp_dim"],
+            num_attention_heads=t["heads"],
+            vocab_size=t["vocab_size"],
+            max_position_embeddings=t["max_len"],
+            projection_size=32,
+            pad_token_id=None,
+            bos_token_id=None,
+            eos_token_id=None,
+        ),
+    )
     torch.manual_seed(1)
     hf = Siglip2Model(cfg).eval()
     with torch.no_grad():
@@ -182,8 +206,12 @@ def _hf_embeds(hf, image: torch.Tensor, text: torch.Tensor, patch: int):
     b, c, h, w = image.shape
     pv = image.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1)
     pv = pv.reshape(b, (h // patch) * (w // patch), patch * patch * c)
-    out = hf(input_ids=text, pixel_values=pv, pixel_attention_mask=torch.ones(b, pv.shape[1], dtype=torch.long),
-             spatial_shapes=torch.tensor([[h // patch, w // patch]] * b))
+    out = hf(
+        input_ids=text,
+        pixel_values=pv,
+        pixel_attention_mask=torch.ones(b, pv.shape[1], dtype=torch.long),
+        spatial_shapes=torch.tensor([[h // patch, w // patch]] * b),
+    )
     return out.image_embeds, out.text_embeds
 
 
@@ -193,8 +221,12 @@ def test_init_from_hf_folder_loads_towers_and_starts_the_rest_fresh(tmp_path, ca
 
     hf, folder = _hf_folder(tmp_path)
     torch.manual_seed(0)
-    stage = PretrainStage(model=HF_SIZES, optim={}, views={"local_grid": 2},
-                          losses={"sigmoid": {}, "local_to_global": HEADS, "masked": HEADS})
+    stage = PretrainStage(
+        model=HF_SIZES,
+        optim={},
+        views={"local_grid": 2},
+        losses={"sigmoid": {}, "local_to_global": HEADS, "masked": HEADS},
+    )
     heads_before = {k: v.clone() for k, v in stage.losses.state_dict().items()}
     with caplog.at_level("INFO"):
         stage.load_weights(f"hf:{folder}")

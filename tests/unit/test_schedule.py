@@ -1,4 +1,5 @@
 """The recipe's clock (siglip2/schedule.py) and the typed configs every stage reads."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,10 +33,10 @@ def test_constant_batch_clock_gives_the_step_schedule_bit_for_bit():
 
 def test_warmup_and_cosine_closed_form():
     clock = RecipeClock.for_stage(stage_steps=100, step_examples=10, warmup=10, min_lr_ratio=0.1)
-    assert clock.lr_factor(0) == pytest.approx(0.1)              # first step: 1 / warmup steps
-    assert clock.lr_factor(90) == pytest.approx(1.0)             # last warmup step
+    assert clock.lr_factor(0) == pytest.approx(0.1)  # first step: 1 / warmup steps
+    assert clock.lr_factor(90) == pytest.approx(1.0)  # last warmup step
     assert clock.lr_factor(550) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
-    assert clock.lr_factor(1000) == pytest.approx(0.1)           # floor at min_lr_ratio
+    assert clock.lr_factor(1000) == pytest.approx(0.1)  # floor at min_lr_ratio
 
 
 def test_half_batches_advance_the_clock_half_as_far():
@@ -49,15 +50,17 @@ def test_stage_windows_continue_the_recipe_not_a_fresh_warmup():
     total = 10_000 * 256
     pre = RecipeClock.for_stage(stage_steps=10_000, step_examples=256, warmup=0.05)
     # resolution adaptation: 95-100% of the same recipe
-    res = RecipeClock.for_stage(stage_steps=500, step_examples=256, warmup=0.05, window=(0.95, 1.0),
-                                total_examples=total)
+    res = RecipeClock.for_stage(
+        stage_steps=500, step_examples=256, warmup=0.05, window=(0.95, 1.0), total_examples=total
+    )
     assert res.progress(0) == pytest.approx(0.95)
     assert res.lr_factor(0) == pytest.approx(pre.lr_factor(int(0.95 * total)))  # no warmup at the start
     assert res.progress(500 * 256) == pytest.approx(1.0)
     assert res.stage_examples == pytest.approx(500 * 256)
     # NaFlex: 90-100%, stretched 3.75x: 3.75 times the examples for the same stretch of cosine
-    nf = RecipeClock.for_stage(stage_steps=3750, step_examples=256, warmup=0.05, window=(0.9, 1.0), stretch=3.75,
-                               total_examples=total)
+    nf = RecipeClock.for_stage(
+        stage_steps=3750, step_examples=256, warmup=0.05, window=(0.9, 1.0), stretch=3.75, total_examples=total
+    )
     assert nf.stage_examples == pytest.approx(0.1 * total * 3.75)
     assert nf.progress(1875 * 256) == pytest.approx(0.95)
     assert nf.lr_factor(1875 * 256) == pytest.approx(pre.lr_factor(int(0.95 * total)))
@@ -69,17 +72,27 @@ def test_stage_windows_continue_the_recipe_not_a_fresh_warmup():
 
 def test_rewarm_gives_the_stage_its_own_warmup_and_cosine_on_the_recipe_clock():
     total = 10_000 * 256
-    recipe = RecipeClock.for_stage(stage_steps=3750, step_examples=256, warmup=0.05, window=(0.9, 1.0),
-                                   stretch=3.75, total_examples=total)
-    rewarm = RecipeClock.for_stage(stage_steps=3750, step_examples=256, warmup=0.05, window=(0.9, 1.0),
-                                   stretch=3.75, total_examples=total, lr="rewarm", rewarm_warmup=0.1,
-                                   rewarm_peak=0.5, min_lr_ratio=0.1)
+    recipe = RecipeClock.for_stage(
+        stage_steps=3750, step_examples=256, warmup=0.05, window=(0.9, 1.0), stretch=3.75, total_examples=total
+    )
+    rewarm = RecipeClock.for_stage(
+        stage_steps=3750,
+        step_examples=256,
+        warmup=0.05,
+        window=(0.9, 1.0),
+        stretch=3.75,
+        total_examples=total,
+        lr="rewarm",
+        rewarm_warmup=0.1,
+        rewarm_peak=0.5,
+        min_lr_ratio=0.1,
+    )
     span = rewarm.stage_examples
-    assert recipe.lr_factor(0) < 0.03                                   # the paper's: the cosine's tail
+    assert recipe.lr_factor(0) < 0.03  # the paper's: the cosine's tail
     assert rewarm.lr_factor(0) == pytest.approx(0.5 * 256 / (0.1 * span))  # first step of a fresh warmup
-    assert rewarm.lr_factor(0.1 * span - 256) == pytest.approx(0.5)     # warmup ends at the peak
+    assert rewarm.lr_factor(0.1 * span - 256) == pytest.approx(0.5)  # warmup ends at the peak
     assert rewarm.lr_factor(0.55 * span) == pytest.approx(0.5 * (0.1 + 0.9 * 0.5))  # half the cosine
-    assert rewarm.lr_factor(span) == pytest.approx(0.05)                # min_lr_ratio x peak
+    assert rewarm.lr_factor(span) == pytest.approx(0.05)  # min_lr_ratio x peak
     # progress (loss switches, EMA momentum) is the recipe's either way
     assert rewarm.progress(span / 2) == recipe.progress(span / 2) == pytest.approx(0.95)
     with pytest.raises(ValueError, match="lr must be"):
@@ -103,7 +116,8 @@ def test_ema_momentum_fixed_and_dino_cosine():
     # DINO: m = 1 - (1 - base) * (cos(pi t) + 1) / 2
     for t in (0.0, 0.25, 0.5, 1.0):
         assert ema_momentum(0.8 + 0.2 * t, base=0.996, final=1.0, start=0.8, end=1.0) == pytest.approx(
-            1 - (1 - 0.996) * (math.cos(math.pi * t) + 1) / 2)
+            1 - (1 - 0.996) * (math.cos(math.pi * t) + 1) / 2
+        )
 
 
 # ---------------------------------------------------------------- typed configs
@@ -123,8 +137,10 @@ def test_a_misspelt_key_is_an_error_naming_it():
 def test_a_stage_refuses_unknown_losses_and_keys_before_building():
     from stages.pretrain import PretrainStage
 
-    model = {"vision": dict(width=16, depth=1, mlp_dim=32, heads=2, patch_size=4, posemb_grid=2, image_size=8),
-             "text": dict(width=16, depth=1, mlp_dim=32, heads=2, vocab_size=10, max_len=4)}
+    model = {
+        "vision": dict(width=16, depth=1, mlp_dim=32, heads=2, patch_size=4, posemb_grid=2, image_size=8),
+        "text": dict(width=16, depth=1, mlp_dim=32, heads=2, vocab_size=10, max_len=4),
+    }
     with pytest.raises(ValueError, match=r"unknown loss \['sigmod'\]"):
         PretrainStage(model=model, optim={}, losses={"sigmod": {}})
     with pytest.raises(ValueError, match=r"stage\.losses\.sigmoid\.chunksize"):
@@ -158,18 +174,23 @@ def _defaults(obj, prefix=""):
     return out
 
 
-@pytest.mark.parametrize("yaml_path,key,cls", [
-    ("conf/train.yaml", "optim", OptimConfig),
-    ("conf/stage/pretrain.yaml", "losses.sigmoid", SigmoidLossConfig),
-    ("conf/stage/pretrain.yaml", "losses.locca", LoccaConfig),
-    ("conf/stage/pretrain.yaml", "losses.local_to_global", LocalToGlobalConfig),
-    ("conf/stage/pretrain.yaml", "losses.masked", MaskedPredictionConfig),
-    ("conf/stage/pretrain.yaml", "ema", EMAConfig),
-])
+@pytest.mark.parametrize(
+    "yaml_path,key,cls",
+    [
+        ("conf/train.yaml", "optim", OptimConfig),
+        ("conf/stage/pretrain.yaml", "losses.sigmoid", SigmoidLossConfig),
+        ("conf/stage/pretrain.yaml", "losses.locca", LoccaConfig),
+        ("conf/stage/pretrain.yaml", "losses.local_to_global", LocalToGlobalConfig),
+        ("conf/stage/pretrain.yaml", "losses.masked", MaskedPredictionConfig),
+        ("conf/stage/pretrain.yaml", "ema", EMAConfig),
+    ],
+)
 def test_code_defaults_are_the_yaml_defaults(yaml_path, key, cls):
     node = OmegaConf.select(OmegaConf.load(ROOT / yaml_path), key)
     written = _literal_values(node)
     defaults = _defaults(cls())
-    assert set(written) <= set(defaults), f"{yaml_path}:{key} has keys the code does not: {set(written) - set(defaults)}"
+    assert set(written) <= set(defaults), (
+        f"{yaml_path}:{key} has keys the code does not: {set(written) - set(defaults)}"
+    )
     differ = {k: (v, defaults[k]) for k, v in written.items() if v != defaults[k]}
     assert not differ, f"{yaml_path}:{key} (yaml, code) disagree: {differ}"

@@ -17,11 +17,11 @@ import webdataset as wds
 from PIL import Image
 
 from siglip2.data import shards as S
-from siglip2.data.shards import (SkipStats, build_eval_loader, build_train_loader,
-                                 decode_sample, expand_urls)
+from siglip2.data.shards import SkipStats, build_eval_loader, build_train_loader, decode_sample, expand_urls
 
 
 # ---------------------------------------------------------------------------- helpers
+
 
 def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
     buf = io.BytesIO()
@@ -34,8 +34,12 @@ def jpeg(color=(200, 30, 60), size=32) -> bytes:
 
 
 def good(key: str, caption: str | None = None, **meta) -> dict:
-    return {"__key__": key, "jpg": jpeg(), "txt": (caption or f"caption {key}").encode(),
-            "json": json.dumps({"id": key, **meta}).encode()}
+    return {
+        "__key__": key,
+        "jpg": jpeg(),
+        "txt": (caption or f"caption {key}").encode(),
+        "json": json.dumps({"id": key, **meta}).encode(),
+    }
 
 
 def write_shard(path, samples) -> str:
@@ -47,9 +51,13 @@ def write_shard(path, samples) -> str:
 
 def make_shards(root, n_shards, per_shard, prefix="s", **meta) -> list[str]:
     os.makedirs(root, exist_ok=True)
-    return [write_shard(os.path.join(root, f"{prefix}{i:05d}.tar"),
-                        [good(f"{prefix}{i:05d}_{j:03d}", **meta) for j in range(per_shard)])
-            for i in range(n_shards)]
+    return [
+        write_shard(
+            os.path.join(root, f"{prefix}{i:05d}.tar"),
+            [good(f"{prefix}{i:05d}_{j:03d}", **meta) for j in range(per_shard)],
+        )
+        for i in range(n_shards)
+    ]
 
 
 def sample_fn(s):
@@ -67,6 +75,7 @@ def set_rank(monkeypatch, rank, world):
 
 
 # ---------------------------------------------------------------------------- round trip
+
 
 def test_round_trip_eval(tmp_path):
     urls = make_shards(tmp_path, 2, 5)
@@ -91,8 +100,9 @@ def test_decoded_sample_fields_and_mask(tmp_path):
     s["seg.png"] = encode(Image.fromarray(mask), "PNG")
     write_shard(tmp_path / "m.tar", [s])
     seen = []
-    loader = build_eval_loader(str(tmp_path / "m.tar"), lambda d: seen.append(d) or {"x": 1},
-                               batch_size=1, num_workers=0, decode_mask=True)
+    loader = build_eval_loader(
+        str(tmp_path / "m.tar"), lambda d: seen.append(d) or {"x": 1}, batch_size=1, num_workers=0, decode_mask=True
+    )
     assert len(list(loader)) == 1
     d = seen[0]
     assert isinstance(d, S.DecodedSample)
@@ -120,8 +130,11 @@ def test_image_modes_become_rgb(tmp_path):
         "gray": (encode(gray, "PNG"), "png", [(3, 3, (77, 77, 77))]),
         "la": (encode(la, "PNG"), "png", [(3, 3, (255, 255, 255))]),
         "i16": (encode(i16, "PNG"), "png", [(3, 3, (255, 255, 255))]),
-        "webp": (encode(Image.new("RGB", (8, 8), (10, 200, 30)), "WEBP", lossless=True), "webp",
-                 [(3, 3, (10, 200, 30))]),
+        "webp": (
+            encode(Image.new("RGB", (8, 8), (10, 200, 30)), "WEBP", lossless=True),
+            "webp",
+            [(3, 3, (10, 200, 30))],
+        ),
     }
     for name, (data, ext, checks) in cases.items():
         d = decode_sample({"__key__": name, ext: data, "txt": b"x"})
@@ -132,6 +145,7 @@ def test_image_modes_become_rgb(tmp_path):
 
 
 # ---------------------------------------------------------------------------- splits
+
 
 def test_eval_two_ranks_two_workers_each_sample_once(tmp_path, monkeypatch):
     make_shards(tmp_path, 7, 3)
@@ -153,8 +167,9 @@ def test_train_two_ranks_two_workers_same_batch_count(tmp_path, monkeypatch):
     per_rank = []
     for rank in range(2):
         set_rank(monkeypatch, rank, 2)
-        loader = build_train_loader(pattern, sample_fn, batch_size=3, num_batches=5, seed=1,
-                                    num_workers=2, shuffle_buffer=10)
+        loader = build_train_loader(
+            pattern, sample_fn, batch_size=3, num_batches=5, seed=1, num_workers=2, shuffle_buffer=10
+        )
         assert len(loader) == 5
         epochs = [list(loader) for _ in range(2)]
         for ep in epochs:
@@ -171,8 +186,9 @@ def test_train_is_deterministic_given_seed(tmp_path):
     pattern = make_shards(tmp_path, 3, 4)
 
     def first_keys(seed):
-        loader = build_train_loader(pattern, sample_fn, batch_size=4, num_batches=3, seed=seed,
-                                    num_workers=0, shuffle_buffer=8)
+        loader = build_train_loader(
+            pattern, sample_fn, batch_size=4, num_batches=3, seed=seed, num_workers=0, shuffle_buffer=8
+        )
         return keys_of(loader)
 
     assert first_keys(0) == first_keys(0)
@@ -182,9 +198,15 @@ def test_train_is_deterministic_given_seed(tmp_path):
 def test_mix_by_weight(tmp_path):
     en = make_shards(tmp_path / "en", 3, 20, prefix="en", lang="en")
     xx = make_shards(tmp_path / "xx", 3, 20, prefix="xx", lang="xx")
-    loader = build_train_loader([{"urls": en, "weight": 0.9}, {"urls": xx, "weight": 0.1}],
-                                sample_fn, batch_size=25, num_batches=24, seed=3,
-                                num_workers=0, shuffle_buffer=20)
+    loader = build_train_loader(
+        [{"urls": en, "weight": 0.9}, {"urls": xx, "weight": 0.1}],
+        sample_fn,
+        batch_size=25,
+        num_batches=24,
+        seed=3,
+        num_workers=0,
+        shuffle_buffer=20,
+    )
     langs = Counter(lang for b in loader for lang in b["lang"])
     n = sum(langs.values())
     assert n == 600
@@ -194,12 +216,13 @@ def test_mix_by_weight(tmp_path):
 
 # ---------------------------------------------------------------------------- bad data
 
+
 def _huge_header_jpeg(w: int, h: int) -> bytes:
     """A 32x32 JPEG whose SOF header claims w x h: only a header check sees that size."""
     data = bytearray(jpeg())
     i = data.index(b"\xff\xc0")
-    data[i + 5:i + 7] = h.to_bytes(2, "big")
-    data[i + 7:i + 9] = w.to_bytes(2, "big")
+    data[i + 5 : i + 7] = h.to_bytes(2, "big")
+    data[i + 7 : i + 9] = w.to_bytes(2, "big")
     return bytes(data)
 
 
@@ -233,8 +256,9 @@ def test_bad_samples_skipped_and_counted(tmp_path, caplog):
     stats = SkipStats()
     keys = []
     with caplog.at_level(logging.WARNING, logger="siglip2.data.shards"):
-        for b in build_eval_loader(str(tmp_path / "bad.tar"), fn, batch_size=4, num_workers=0,
-                                   decode_mask=True, max_pixels=1_000_000):
+        for b in build_eval_loader(
+            str(tmp_path / "bad.tar"), fn, batch_size=4, num_workers=0, decode_mask=True, max_pixels=1_000_000
+        ):
             stats.update(b)
             keys += b["key"]
     assert sorted(keys) == [f"g{i:02d}" for i in range(len(bad))]
@@ -254,11 +278,21 @@ def test_keys_with_dots_are_read_and_samples_of_other_members_counted(tmp_path):
     assert split_member("dir.a/IMG_1.final.JPEG") == ("dir.a/IMG_1.final", "jpeg")
     assert split_member("k.v2.seg.png") == ("k.v2", "seg.png") and split_member("k.png") == ("k", "png")
     assert split_member("k.v2.cls") == ("k.v2", None)
-    members = [("photo.v3.jpg", jpeg()), ("photo.v3.txt", b"dotted one"), ("photo.v3.json", b"{}"),
-               ("IMG_0001.final.edit.jpg", jpeg()), ("IMG_0001.final.edit.txt", b"dotted two"),
-               ("plain.jpg", jpeg()), ("plain.txt", b"plain"), ("plain.extra.bin", b"\0"),
-               ("only.cls", b"3"), ("only.npy", b"\0"),  # nothing we decode: counted
-               ("a.b.c.cls", b"1"), ("a.b.c.jpg", jpeg()), ("a.b.c.txt", b"unread member first")]
+    members = [
+        ("photo.v3.jpg", jpeg()),
+        ("photo.v3.txt", b"dotted one"),
+        ("photo.v3.json", b"{}"),
+        ("IMG_0001.final.edit.jpg", jpeg()),
+        ("IMG_0001.final.edit.txt", b"dotted two"),
+        ("plain.jpg", jpeg()),
+        ("plain.txt", b"plain"),
+        ("plain.extra.bin", b"\0"),
+        ("only.cls", b"3"),
+        ("only.npy", b"\0"),  # nothing we decode: counted
+        ("a.b.c.cls", b"1"),
+        ("a.b.c.jpg", jpeg()),
+        ("a.b.c.txt", b"unread member first"),
+    ]
     with tarfile.open(tmp_path / "dots.tar", "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
@@ -268,8 +302,12 @@ def test_keys_with_dots_are_read_and_samples_of_other_members_counted(tmp_path):
     for b in build_eval_loader(str(tmp_path / "dots.tar"), sample_fn, batch_size=2, num_workers=0):
         stats.update(b)
         got.update(dict(zip(b.get("key", []), b.get("caption", []))))
-    assert got == {"photo.v3": "dotted one", "IMG_0001.final.edit": "dotted two", "plain": "plain",
-                   "a.b.c": "unread member first"}
+    assert got == {
+        "photo.v3": "dotted one",
+        "IMG_0001.final.edit": "dotted two",
+        "plain": "plain",
+        "a.b.c": "unread member first",
+    }
     assert stats.totals() == {"no_known_member": 1}
 
 
@@ -324,8 +362,9 @@ def test_corrupt_and_garbage_tars_skipped_with_warning(tmp_path, caplog):
 def test_train_stream_survives_bad_shard(tmp_path):
     urls = make_shards(tmp_path, 2, 4)
     (tmp_path / "bad.tar").write_bytes(b"\0" * 10)
-    loader = build_train_loader(urls + [str(tmp_path / "bad.tar")], sample_fn, batch_size=4,
-                                num_batches=6, num_workers=0, shuffle_buffer=4)
+    loader = build_train_loader(
+        urls + [str(tmp_path / "bad.tar")], sample_fn, batch_size=4, num_batches=6, num_workers=0, shuffle_buffer=4
+    )
     stats = SkipStats()
     n = 0
     for b in loader:
@@ -337,8 +376,7 @@ def test_train_stream_survives_bad_shard(tmp_path):
 def test_train_stream_with_only_bad_shards_fails_loudly(tmp_path, monkeypatch):
     (tmp_path / "bad.tar").write_bytes(b"garbage")
     monkeypatch.setattr(S, "MAX_CONSECUTIVE_EMPTY_SHARDS", 5)
-    loader = build_train_loader(str(tmp_path / "bad.tar"), sample_fn, batch_size=2,
-                                num_batches=2, num_workers=0)
+    loader = build_train_loader(str(tmp_path / "bad.tar"), sample_fn, batch_size=2, num_batches=2, num_workers=0)
     with pytest.raises(RuntimeError, match="no sample"):
         list(loader)
 
@@ -351,8 +389,9 @@ def test_missing_pattern_raises_at_build(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope-"):
         build_eval_loader([str(tmp_path / "s00000.tar"), missing], sample_fn, batch_size=1)
     with pytest.raises(FileNotFoundError, match="nope-"):
-        build_train_loader([{"urls": str(tmp_path / "s00000.tar"), "weight": 0.9},
-                            {"urls": missing, "weight": 0.1}], sample_fn, 1, 1)
+        build_train_loader(
+            [{"urls": str(tmp_path / "s00000.tar"), "weight": 0.9}, {"urls": missing, "weight": 0.1}], sample_fn, 1, 1
+        )
     with pytest.raises(FileNotFoundError):
         expand_urls(str(tmp_path / "*.tgz"))
 
@@ -369,6 +408,7 @@ def test_url_forms(tmp_path):
 
 
 # ---------------------------------------------------------------------------- no pickle
+
 
 class _Bomb:
     def __reduce__(self):
@@ -394,11 +434,18 @@ def test_pickle_members_never_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "load", refuse)
     seen = []
-    loader = build_eval_loader(str(tmp_path / "p.tar"), lambda d: seen.append(d) or sample_fn(d),
-                               batch_size=2, num_workers=0)
+    loader = build_eval_loader(
+        str(tmp_path / "p.tar"), lambda d: seen.append(d) or sample_fn(d), batch_size=2, num_workers=0
+    )
     batches = list(loader)
     assert batches[0]["key"] == ["p0", "p1"] and set(batches[0]) == {
-        "image", "caption", "lang", "key", "skipped", "worker_id"}
+        "image",
+        "caption",
+        "lang",
+        "key",
+        "skipped",
+        "worker_id",
+    }
     assert all(set(vars(d)) == {"key", "image", "caption", "meta", "mask"} for d in seen)
 
 
@@ -416,6 +463,7 @@ def test_eps_is_never_opened(monkeypatch):
 
 # ---------------------------------------------------------------------------- stats
 
+
 def test_skipstats_folds_workers_and_restarts():
     st = SkipStats()
     st.update({"skipped": {"bad_image": 1}, "worker_id": 0})
@@ -428,6 +476,7 @@ def test_skipstats_folds_workers_and_restarts():
 
 # ---------------------------------------------------------------------------- speed
 
+
 def test_throughput_one_worker(tmp_path, capsys):
     """Prints samples/s of decode + 224px transform in one worker (a figure, not a bar)."""
     from siglip2.data.transforms import ImageTransform
@@ -435,15 +484,21 @@ def test_throughput_one_worker(tmp_path, capsys):
     rng = np.random.default_rng(0)
     n_shards, per = 3, 100
     for i in range(n_shards):
-        write_shard(tmp_path / f"t{i}.tar", [
-            {"__key__": f"t{i}_{j:03d}", "txt": b"a photo",
-             "jpg": encode(Image.fromarray(rng.integers(0, 255, (128, 128, 3), np.uint8)),
-                           "JPEG", quality=90)} for j in range(per)])
+        write_shard(
+            tmp_path / f"t{i}.tar",
+            [
+                {
+                    "__key__": f"t{i}_{j:03d}",
+                    "txt": b"a photo",
+                    "jpg": encode(Image.fromarray(rng.integers(0, 255, (128, 128, 3), np.uint8)), "JPEG", quality=90),
+                }
+                for j in range(per)
+            ],
+        )
     tf = ImageTransform(224, random_resized_crop=True, hflip=True)
 
     def rate(fn):
-        loader = build_eval_loader(str(tmp_path / "t{0..2}.tar"), fn, batch_size=50,
-                                   num_workers=1)
+        loader = build_eval_loader(str(tmp_path / "t{0..2}.tar"), fn, batch_size=50, num_workers=1)
         it = iter(loader)
         first = next(it)  # worker start-up is not throughput
         t0 = time.perf_counter()
@@ -455,11 +510,14 @@ def test_throughput_one_worker(tmp_path, capsys):
     full = rate(lambda s: {"image": tf(s.image)[0]})
     decode_only = rate(lambda s: {"size": s.image.size})
     with capsys.disabled():
-        print(f"\n[throughput] 1 worker, 128px JPEG: decode only {decode_only:.0f} samples/s; "
-              f"decode + 224px RRC/flip/[-1,1] {full:.0f} samples/s")
+        print(
+            f"\n[throughput] 1 worker, 128px JPEG: decode only {decode_only:.0f} samples/s; "
+            f"decode + 224px RRC/flip/[-1,1] {full:.0f} samples/s"
+        )
 
 
 # ---------------------------------------------------------------------------- decode size, collate
+
 
 def test_decode_size_lets_large_jpegs_decode_smaller_but_never_below_it():
     rng = np.random.default_rng(0)
@@ -479,8 +537,9 @@ def test_decode_size_lets_large_jpegs_decode_smaller_but_never_below_it():
 def test_collate_in_a_worker_stacks_into_shared_memory():
     class Batches(torch.utils.data.IterableDataset):
         def __iter__(self):
-            yield S.collate([{"x": torch.full((2, 3), float(i)), "k": f"k{i}", "v": torch.tensor(i > 0)}
-                             for i in range(3)])
+            yield S.collate(
+                [{"x": torch.full((2, 3), float(i)), "k": f"k{i}", "v": torch.tensor(i > 0)} for i in range(3)]
+            )
 
     batch = next(iter(torch.utils.data.DataLoader(Batches(), batch_size=None, num_workers=1)))
     assert batch["x"].is_shared() and batch["x"].shape == (3, 2, 3)

@@ -1,6 +1,7 @@
 """SigmoidLoss: values and gradients against open_clip's SigLipLoss and the paper's formula,
 chunked vs plain, memory behaviour of the chunked path (the 2-process gloo run:
 tests/e2e/test_sigmoid_loss_e2e.py)."""
+
 import importlib.util
 import math
 from pathlib import Path
@@ -106,7 +107,7 @@ def test_chunked_equals_plain_in_float64_and_metrics():
 def test_constant_scale_and_bias_need_no_grad():
     x, y, _, _ = _inputs(20, seed=3)
     x, y = _leaves(x, y)
-    loss, _ = SigmoidLoss(chunk_size=6)(x, y, 10.0, -10.0)   # python floats
+    loss, _ = SigmoidLoss(chunk_size=6)(x, y, 10.0, -10.0)  # python floats
     gx, gy = torch.autograd.grad(loss, [x, y])
     ref = SigLipLoss()(x, y, torch.tensor(10.0), torch.tensor(-10.0))
     rgx, rgy = torch.autograd.grad(ref, [x, y])
@@ -160,6 +161,7 @@ def test_bfloat16_embeddings_accumulate_in_float32():
 # Batches of another size than the nominal one (NaFlex's halved batches, token budgets):
 # each negative weighted by (N - 1)/(n - 1) (issue 26)
 
+
 def _no_information_loss(n, bias, nominal, chunk=4096):
     """The loss of a batch of n examples whose every logit is `bias` (t * x.y = 0: no
     information), and its gradient w.r.t. the bias."""
@@ -177,6 +179,7 @@ def _no_information_loss(n, bias, nominal, chunk=4096):
 def test_every_batch_size_has_the_nominal_no_information_optimum_and_gradient_scale(chunk):
     N = 32
     optimum = math.log(1 / (N - 1))  # sigmoid(b*) = 1/N
+
     # the analytic per-row loss of the nominal batch at logit b: -log s(b) - (N-1) log(1 - s(b))
     def nominal_row(b):
         return -F.logsigmoid(torch.tensor(b)).item() - (N - 1) * F.logsigmoid(torch.tensor(-b)).item()
@@ -197,10 +200,15 @@ def test_every_batch_size_has_the_nominal_no_information_optimum_and_gradient_sc
     _, g_half = _no_information_loss(N // 2, optimum, None, chunk)
     assert abs(g_full) < 1e-5 and g_half < -0.4
     between = math.log(1 / (3 * N // 4 - 1))  # sigmoid = 1/24, between 1/32 and 1/16
-    assert _no_information_loss(N, between, None, chunk)[1] > 0.2 > -0.2 > _no_information_loss(
-        N // 2, between, None, chunk)[1]
+    assert (
+        _no_information_loss(N, between, None, chunk)[1]
+        > 0.2
+        > -0.2
+        > _no_information_loss(N // 2, between, None, chunk)[1]
+    )
     assert _no_information_loss(N // 2, between, N, chunk)[1] == pytest.approx(
-        _no_information_loss(N, between, None, chunk)[1], rel=1e-4)
+        _no_information_loss(N, between, None, chunk)[1], rel=1e-4
+    )
 
 
 def test_nominal_batch_of_the_same_size_is_the_plain_loss_and_weights_only_negatives():

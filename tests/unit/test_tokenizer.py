@@ -26,8 +26,9 @@ MULTI = {
 def corpus(n=400, seed=0):
     rng = random.Random(seed)
     words = "a the red blue green small large circle square triangle photo of on left right".split()
-    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9)))
-             + f" {rng.randint(0, 99999)}" for _ in range(n)]
+    texts = [
+        " ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + f" {rng.randint(0, 99999)}" for _ in range(n)
+    ]
     # some multilingual text, but not the exact test sentences
     texts += [t[: len(t) // 2] for t in MULTI.values()] * 5
     return texts
@@ -35,8 +36,7 @@ def corpus(n=400, seed=0):
 
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory):
-    return train_sentencepiece(corpus(), str(tmp_path_factory.mktemp("sp") / "demo_sp"),
-                               vocab_size=4000)
+    return train_sentencepiece(corpus(), str(tmp_path_factory.mktemp("sp") / "demo_sp"), vocab_size=4000)
 
 
 def test_trained_model_is_gemma_style(sp_model):
@@ -50,8 +50,11 @@ def test_trained_model_is_gemma_style(sp_model):
 def test_a_vocabulary_smaller_than_the_characters_is_one_clear_error(tmp_path):
     """SentencePiece's own check ("Vocabulary size is smaller than required_chars") used to
     reach the user as a raw RuntimeError traceback from the CLI."""
-    with pytest.raises(ValueError, match=r"a vocabulary of 20 is too small for these captions: their characters "
-                                         r"alone need \d+ pieces.*--vocab \d+"):
+    with pytest.raises(
+        ValueError,
+        match=r"a vocabulary of 20 is too small for these captions: their characters "
+        r"alone need \d+ pieces.*--vocab \d+",
+    ):
         train_sentencepiece(corpus(200), str(tmp_path / "small"), vocab_size=20)
 
 
@@ -59,8 +62,10 @@ def test_training_is_deterministic(tmp_path):
     a = train_sentencepiece(corpus(200), str(tmp_path / "a"), vocab_size=500)
     b = train_sentencepiece(iter(corpus(200)), str(tmp_path / "b"), vocab_size=500)
     # the file embeds its own path (trainer_spec.model_prefix), so compare what it holds
-    pieces = [[(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-              for sp in (spm.SentencePieceProcessor(model_file=p) for p in (a, b))]
+    pieces = [
+        [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+        for sp in (spm.SentencePieceProcessor(model_file=p) for p in (a, b))
+    ]
     assert pieces[0] == pieces[1]
 
 
@@ -108,9 +113,13 @@ def test_decode_stops_at_eos_and_drops_pad(sp_model):
 
 def test_model_without_pad_piece(tmp_path):
     # sentencepiece defaults: unk 0, bos 1, eos 2, no pad
-    spm.SentencePieceTrainer.Train(sentence_iterator=iter(corpus(200)),
-                                   model_prefix=str(tmp_path / "nopad"), vocab_size=120,
-                                   minloglevel=2, num_threads=1)
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=iter(corpus(200)),
+        model_prefix=str(tmp_path / "nopad"),
+        vocab_size=120,
+        minloglevel=2,
+        num_threads=1,
+    )
     tok = build_tokenizer(str(tmp_path / "nopad.model"))
     assert (tok.pad_id, tok.eos_id) == (0, 2)
     out = tok("red circle")[0]
@@ -128,8 +137,7 @@ def test_hf_folder(sp_model, tmp_path):
     src.mkdir()
     (src / "tokenizer.model").write_bytes(open(sp_model, "rb").read())
     (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer"}))
-    AutoTokenizer.from_pretrained(str(src), local_files_only=True).save_pretrained(
-        str(tmp_path / "hf"))
+    AutoTokenizer.from_pretrained(str(src), local_files_only=True).save_pretrained(str(tmp_path / "hf"))
 
     hf = build_tokenizer(str(tmp_path / "hf"), length=16)
     sp = build_tokenizer(sp_model, length=16)
@@ -163,19 +171,28 @@ def test_tokenizer_record_tells_other_ids_of_the_same_size_apart(sp_model, tmp_p
 
     tok = build_tokenizer(sp_model)
     mine = TokenizerRecord.of(sp_model, tok)
-    assert mine.to_dict() == {"path": os.path.abspath(sp_model), "sha256": mine.sha256, "vocab_size": tok.vocab_size,
-                              "length": tok.length, "lowercase": True}
+    assert mine.to_dict() == {
+        "path": os.path.abspath(sp_model),
+        "sha256": mine.sha256,
+        "vocab_size": tok.vocab_size,
+        "length": tok.length,
+        "lowercase": True,
+    }
     assert TokenizerRecord.read(mine.to_dict()) == mine and TokenizerRecord.read(None) is None
     moved = tmp_path / "moved.model"
     shutil.copy(sp_model, moved)
     mine.check(TokenizerRecord.of(moved).to_dict(), "init_from=x")  # same ids: passes
     mine.check(None, "init_from=x")
-    other_path = train_sentencepiece(corpus()[::-1] + ["another corpus entirely"], str(tmp_path / "other"),
-                                     vocab_size=4000)
+    other_path = train_sentencepiece(
+        corpus()[::-1] + ["another corpus entirely"], str(tmp_path / "other"), vocab_size=4000
+    )
     other = TokenizerRecord.of(other_path, build_tokenizer(other_path))
     assert other.sha256 != mine.sha256
-    with pytest.raises(ValueError, match=r"init_from=x was trained with the tokenizer .*other\.model \(sha256 "
-                                         r"[0-9a-f]{12}, \d+ tokens\); this run's is .*demo_sp\.model.*other words"):
+    with pytest.raises(
+        ValueError,
+        match=r"init_from=x was trained with the tokenizer .*other\.model \(sha256 "
+        r"[0-9a-f]{12}, \d+ tokens\); this run's is .*demo_sp\.model.*other words",
+    ):
         mine.check(other.to_dict(), "init_from=x")
     check_vocab_size(7, 7, "a", "b")
     with pytest.raises(ValueError, match="^a has a vocabulary of 7 tokens but b has 8: use the tokenizer"):

@@ -50,7 +50,7 @@ def _check_box_on_rect(x, box):
     assert (xs + 0.5 >= x1 - 1).all() and (xs + 0.5 <= x2 + 1).all()
     assert (ys + 0.5 >= y1 - 1).all() and (ys + 0.5 <= y2 + 1).all()
     # and the box interior (1 px in from each side) is white
-    inner = white[int(np.ceil(y1)) + 1:int(np.floor(y2)) - 1, int(np.ceil(x1)) + 1:int(np.floor(x2)) - 1]
+    inner = white[int(np.ceil(y1)) + 1 : int(np.floor(y2)) - 1, int(np.ceil(x1)) + 1 : int(np.floor(x2)) - 1]
     if inner.numel():
         assert inner.float().mean() > 0.95
 
@@ -94,8 +94,7 @@ def test_plain_resize_keeps_normalised_boxes():
 
 
 def test_keep_mask():
-    b = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.3, 0.2, 0.3, 0.9], [1.0, 0.0, 1.0, 0.0],
-                      [0.2, 0.2, 0.21, 0.9]])
+    b = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.3, 0.2, 0.3, 0.9], [1.0, 0.0, 1.0, 0.0], [0.2, 0.2, 0.21, 0.9]])
     assert boxes_keep_mask(b).tolist() == [True, False, False, True]
     assert boxes_keep_mask(b, min_size=0.05).tolist() == [True, False, False, False]
     assert boxes_keep_mask(torch.zeros(0, 4)).shape == (0,)

@@ -11,8 +11,19 @@ from torchvision.transforms.v2 import functional as TF
 
 from siglip2.config import from_dict
 from siglip2.data.views import (
-    ViewConfig, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, color_jitter, crop_resize,
-    global_view, local_views, make_views, random_hflip, random_patch_mask, random_resized_crop_boxes,
+    ViewConfig,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    color_jitter,
+    crop_resize,
+    global_view,
+    local_views,
+    make_views,
+    random_hflip,
+    random_patch_mask,
+    random_resized_crop_boxes,
 )
 
 NO_COLOUR = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, jitter_p=0.0, grayscale_p=0.0)
@@ -35,9 +46,18 @@ def smooth_images(b=4, h=64, w=64, seed=0) -> torch.Tensor:
 # ------------------------------------------------------------------------------ crop + resize
 
 # integer boxes x1, y1, x2, y2 -> output side; down-, same- and up-sampling (< 3x), inside and on the border
-BOXES = [((10, 5, 50, 45), 32), ((3, 7, 43, 37), 32), ((0, 0, 64, 64), 32), ((0, 0, 64, 64), 64),
-         ((10, 5, 50, 45), 40), ((12, 20, 60, 40), 24), ((10, 5, 24, 19), 32), ((30, 30, 50, 52), 48),
-         ((0, 0, 40, 40), 64), ((40, 44, 64, 64), 40)]
+BOXES = [
+    ((10, 5, 50, 45), 32),
+    ((3, 7, 43, 37), 32),
+    ((0, 0, 64, 64), 32),
+    ((0, 0, 64, 64), 64),
+    ((10, 5, 50, 45), 40),
+    ((12, 20, 60, 40), 24),
+    ((10, 5, 24, 19), 32),
+    ((30, 30, 50, 52), 48),
+    ((0, 0, 40, 40), 64),
+    ((40, 44, 64, 64), 40),
+]
 
 
 @pytest.mark.parametrize("box,size", BOXES)
@@ -121,9 +141,15 @@ def test_crop_boxes_follow_torchvision_sampler(h, w, scale):
     ours = random_resized_crop_boxes(20000, h, w, scale, ratio, generator=gen(1))
     frac, log_aspect = _check_boxes(ours, h, w, scale, ratio)
     torch.manual_seed(0)
-    ref = torch.tensor([[j, i, j + cw, i + ch] for i, j, ch, cw in
-                        (RandomResizedCrop.get_params(torch.empty(3, h, w), list(scale), list(ratio))
-                         for _ in range(3000))], dtype=torch.float32)
+    ref = torch.tensor(
+        [
+            [j, i, j + cw, i + ch]
+            for i, j, ch, cw in (
+                RandomResizedCrop.get_params(torch.empty(3, h, w), list(scale), list(ratio)) for _ in range(3000)
+            )
+        ],
+        dtype=torch.float32,
+    )
     ref_frac, ref_log_aspect = _check_boxes(ref, h, w, scale, ratio)
     centre = lambda b: (b[:, 0] + b[:, 2]) / (2 * w)  # noqa: E731
     for a, b in ((frac, ref_frac), (log_aspect, ref_log_aspect), (centre(ours), centre(ref))):
@@ -154,11 +180,14 @@ def colour_batch():
     return x
 
 
-@pytest.mark.parametrize("ours,theirs,factors", [
-    (adjust_brightness, TF.adjust_brightness, [0.6, 1.0, 1.4, 1.23]),
-    (adjust_contrast, TF.adjust_contrast, [0.6, 1.0, 1.4, 0.77]),
-    (adjust_saturation, TF.adjust_saturation, [0.8, 1.0, 1.2, 0.0]),
-])
+@pytest.mark.parametrize(
+    "ours,theirs,factors",
+    [
+        (adjust_brightness, TF.adjust_brightness, [0.6, 1.0, 1.4, 1.23]),
+        (adjust_contrast, TF.adjust_contrast, [0.6, 1.0, 1.4, 0.77]),
+        (adjust_saturation, TF.adjust_saturation, [0.8, 1.0, 1.2, 0.0]),
+    ],
+)
 def test_batched_colour_ops_match_torchvision(colour_batch, ours, theirs, factors):
     out = ours(colour_batch, torch.tensor(factors))
     for k, f in enumerate(factors):

@@ -71,7 +71,19 @@ from .world import COLORS
 
 
 __all__ = [
-    "CATEGORIES", "COLORS", "SIZES", "LANGS", "WORDS", "WORD_TEMPLATES", "ZEROSHOT_TEMPLATES",
+    "CATEGORIES",
+    "COLORS",
+    "SIZES",
+    "LANGS",
+    "WORDS",
+    "WORD_TEMPLATES",
+    "ZEROSHOT_TEMPLATES",
     "FORMAT_VERSION",
-    "DemoData", "ensure_demo", "generate_sample", "generate_word_sample", "render_grid", "word_forms", "describe",
+    "DemoData",
+    "ensure_demo",
+    "generate_sample",
+    "generate_word_sample",
+    "render_grid",
+    "word_forms",
+    "describe",
 ]

@@ -64,8 +64,18 @@ def _build(out: str, params: dict, workers: int) -> None:
         d = os.path.join(out, "train") if split == "train" else os.path.join(out, "eval", split)
         os.makedirs(d, exist_ok=True)
         for shard, (start, c) in enumerate(_shard_plan(n)):
-            tasks.append((os.path.join(d, f"{shard:06d}.tar"), split, seed, shard, start, c, params["word_share"],
-                          (params["bias_strength"], params["bias_share"])))
+            tasks.append(
+                (
+                    os.path.join(d, f"{shard:06d}.tar"),
+                    split,
+                    seed,
+                    shard,
+                    start,
+                    c,
+                    params["word_share"],
+                    (params["bias_strength"], params["bias_share"]),
+                )
+            )
     tasks.sort(key=lambda t: -t[5])  # largest first: the pool finishes together
     if workers and workers > 1 and not mp.current_process().daemon:  # daemons may not have children
         # spawn, not fork: DDP ranks and DataLoaders hold threads that fork would copy mid-lock
@@ -79,8 +89,8 @@ def _build(out: str, params: dict, workers: int) -> None:
     # 5's corpus (plus the words) ~2,400 (2407 for seed 0), and the model sizes its embedding
     # from the tokenizer.
     tok = train_sentencepiece(corpus, os.path.join(out, "tokenizer", "demo_sp"), vocab_size=4000)
-    if os.path.exists(tok[:-len(".model")] + ".vocab"):
-        os.remove(tok[:-len(".model")] + ".vocab")  # a human-readable copy of the model; unused
+    if os.path.exists(tok[: -len(".model")] + ".vocab"):
+        os.remove(tok[: -len(".model")] + ".vocab")  # a human-readable copy of the model; unused
     _strip_build_path(tok)
     for split, spec in _yaml_specs(counts).items():
         os.makedirs(os.path.join(out, "eval", split), exist_ok=True)  # fewshot: a yaml over zeroshot's shards
@@ -91,8 +101,13 @@ def _build(out: str, params: dict, workers: int) -> None:
         for name in names:
             p = os.path.join(dirpath, name)
             files[os.path.relpath(p, out)] = os.path.getsize(p)
-    marker = {"format_version": FORMAT_VERSION, "params": params, "counts": counts,
-              "train_shards": len(_shard_plan(counts["train"])), "files": dict(sorted(files.items()))}
+    marker = {
+        "format_version": FORMAT_VERSION,
+        "params": params,
+        "counts": counts,
+        "train_shards": len(_shard_plan(counts["train"])),
+        "files": dict(sorted(files.items())),
+    }
     with open(os.path.join(out, "DONE.json.partial"), "w") as f:
         json.dump(marker, f, indent=1)
         f.flush()
@@ -110,7 +125,7 @@ def _strip_build_path(model_path: str) -> None:
     m = pb.ModelProto()
     with open(model_path, "rb") as f:
         m.ParseFromString(f.read())
-    m.trainer_spec.model_prefix = os.path.basename(model_path)[:-len(".model")]
+    m.trainer_spec.model_prefix = os.path.basename(model_path)[: -len(".model")]
     with open(model_path, "wb") as f:
         f.write(m.SerializeToString())
 
@@ -144,7 +159,8 @@ def _check_replaceable(root: str) -> None:
         if extra:
             raise FileExistsError(
                 f"{root} exists and holds files the demo did not write ({sorted(extra)[:5]}); "
-                "refusing to replace it. Pick an empty or new folder.")
+                "refusing to replace it. Pick an empty or new folder."
+            )
     elif os.path.exists(root):
         raise FileExistsError(f"{root} exists and is not a folder")
 
@@ -152,18 +168,39 @@ def _check_replaceable(root: str) -> None:
 def _data(root: str, marker: dict, built: bool) -> DemoData:
     ev = lambda s: os.path.join(root, "eval", s, f"{s}.yaml")  # noqa: E731
     return DemoData(
-        root=root, train_urls=os.path.join(root, "train", _brace(marker["train_shards"])),
-        zeroshot_yaml=ev("zeroshot"), retrieval_yaml=ev("retrieval"), refexp_yaml=ev("refexp"),
-        segmentation_yaml=ev("segmentation"), words_yaml=ev("words"), words_square_yaml=ev("words_square"),
-        bias_neutral_yaml=ev("bias_neutral"), bias_attributed_yaml=ev("bias_attributed"), fewshot_yaml=ev("fewshot"),
+        root=root,
+        train_urls=os.path.join(root, "train", _brace(marker["train_shards"])),
+        zeroshot_yaml=ev("zeroshot"),
+        retrieval_yaml=ev("retrieval"),
+        refexp_yaml=ev("refexp"),
+        segmentation_yaml=ev("segmentation"),
+        words_yaml=ev("words"),
+        words_square_yaml=ev("words_square"),
+        bias_neutral_yaml=ev("bias_neutral"),
+        bias_attributed_yaml=ev("bias_attributed"),
+        fewshot_yaml=ev("fewshot"),
         tokenizer_path=os.path.join(root, "tokenizer", "demo_sp.model"),
-        num_train=marker["counts"]["train"], built=built)
+        num_train=marker["counts"]["train"],
+        built=built,
+    )
 
 
-def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *,
-                num_zeroshot: int = 800, num_retrieval: int = 500, num_refexp: int = 500,
-                num_segmentation: int = 500, num_words: int = 500, word_share: float = 0.0,
-                bias_strength: float = 0.0, bias_share: float = 0.5, num_bias: int = 500) -> DemoData:
+def ensure_demo(
+    root,
+    num_train: int = 20000,
+    seed: int = 0,
+    workers: int = 2,
+    *,
+    num_zeroshot: int = 800,
+    num_retrieval: int = 500,
+    num_refexp: int = 500,
+    num_segmentation: int = 500,
+    num_words: int = 500,
+    word_share: float = 0.0,
+    bias_strength: float = 0.0,
+    bias_share: float = 0.5,
+    num_bias: int = 500,
+) -> DemoData:
     """The demo data under ``root``, generated on first use and reused after.
 
     Crash- and race-safe because DDP ranks call this at once and a killed run must not leave a
@@ -183,14 +220,26 @@ def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *
     if not 0.0 <= float(word_share) <= 1.0:
         raise ValueError(f"word_share is a share of the train images, in [0, 1]; got {word_share}")
     if not (0.0 <= float(bias_strength) < 1.0 and 0.0 < float(bias_share) < 1.0):
-        raise ValueError(f"bias_strength must lie in [0, 1) and bias_share in (0, 1); got {bias_strength}, "
-                         f"{bias_share}")
-    params = {"num_train": int(num_train), "seed": int(seed), "word_share": float(word_share),
-              "bias_strength": float(bias_strength), "bias_share": float(bias_share),
-              "eval_sizes": {"zeroshot": int(num_zeroshot), "retrieval": int(num_retrieval), "refexp": int(num_refexp),
-                             "segmentation": int(num_segmentation), "words": int(num_words),
-                             "words_square": int(num_words), "bias_neutral": int(num_bias),
-                             "bias_attributed": int(num_bias)}}
+        raise ValueError(
+            f"bias_strength must lie in [0, 1) and bias_share in (0, 1); got {bias_strength}, {bias_share}"
+        )
+    params = {
+        "num_train": int(num_train),
+        "seed": int(seed),
+        "word_share": float(word_share),
+        "bias_strength": float(bias_strength),
+        "bias_share": float(bias_share),
+        "eval_sizes": {
+            "zeroshot": int(num_zeroshot),
+            "retrieval": int(num_retrieval),
+            "refexp": int(num_refexp),
+            "segmentation": int(num_segmentation),
+            "words": int(num_words),
+            "words_square": int(num_words),
+            "bias_neutral": int(num_bias),
+            "bias_attributed": int(num_bias),
+        },
+    }
     if min(params["eval_sizes"].values()) < 1 or num_train < 1:
         raise ValueError(f"every split needs at least one sample, got {params}")
     parent, base = os.path.split(root)
@@ -208,8 +257,12 @@ def ensure_demo(root, num_train: int = 20000, seed: int = 0, workers: int = 2, *
             tmp = os.path.join(parent, f"{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             os.makedirs(tmp)
             try:
-                log.info("building the demo data into %s (first use: %d training samples and the eval sets, "
-                         "about a minute per 20,000 on 2 cores; reused after)", root, params["num_train"])
+                log.info(
+                    "building the demo data into %s (first use: %d training samples and the eval sets, "
+                    "about a minute per 20,000 on 2 cores; reused after)",
+                    root,
+                    params["num_train"],
+                )
                 started = time.monotonic()
                 _build(tmp, params, workers)
                 log.info("demo data built in %.0f s", time.monotonic() - started)

@@ -25,8 +25,16 @@ def main(argv: Iterable[str] | None = None) -> int:
     d = _ensure(a.out, num_train=a.num_train, seed=a.seed, workers=a.workers)
     dt = time.perf_counter() - t0
     print(f"{'built' if d.built else 'reused'} demo data in {dt:.1f}s at {d.root}")
-    for k in ("train_urls", "zeroshot_yaml", "retrieval_yaml", "refexp_yaml", "segmentation_yaml", "words_yaml",
-              "words_square_yaml", "tokenizer_path"):
+    for k in (
+        "train_urls",
+        "zeroshot_yaml",
+        "retrieval_yaml",
+        "refexp_yaml",
+        "segmentation_yaml",
+        "words_yaml",
+        "words_square_yaml",
+        "tokenizer_path",
+    ):
         print(f"  {k}: {getattr(d, k)}")
     if a.grid:
         print("  grid:", _render(d.train_urls, a.grid))

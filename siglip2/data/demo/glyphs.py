@@ -20,6 +20,7 @@ Fonts: matplotlib's bundled DejaVu family (Sans, Serif, Sans Mono; bold and book
 found through ``matplotlib.get_data_path()``; nothing is downloaded. Raises ``RuntimeError``
 naming the folder when no font file is found.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,11 +46,16 @@ LETTER_SIZES: tuple[str, ...] = ("medium", "large")
 # 1-3 glyphs at GLYPH_SIZE_FRAC's medium and large 0.66, 1-2 large ones 0.84, with other
 # letters and fonts between the two rows).
 DEMO_SIZE_FRAC = {"medium": (0.56, 0.66), "large": (0.74, 0.86)}
-DEMO_STYLE = dict(sizes=LETTER_SIZES, size_frac=DEMO_SIZE_FRAC, num_fonts=3, background="black", ink="pastel",
-                  alphabet=LETTERS)
+DEMO_STYLE = dict(
+    sizes=LETTER_SIZES, size_frac=DEMO_SIZE_FRAC, num_fonts=3, background="black", ink="pastel", alphabet=LETTERS
+)
 # Bold weights first: their strokes are the widest (about 0.15 of the glyph's height).
-FONT_FILES: tuple[str, ...] = ("DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono-Bold.ttf",
-                               "DejaVuSans.ttf")
+FONT_FILES: tuple[str, ...] = (
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSans.ttf",
+)
 # Glyph height as a fraction of the image's shorter side, per size word (gaps keep them apart).
 GLYPH_SIZE_FRAC = {"small": (0.30, 0.38), "medium": (0.46, 0.56), "large": (0.66, 0.80)}
 _MAX_ROT_DEG = 10.0
@@ -87,7 +93,7 @@ def _glyph_bitmap(ch: str, font: str, height: int) -> np.ndarray:
     ImageDraw.Draw(canvas).text((2 - x0, 2 - y0), ch, fill=255, font=f)
     a = np.asarray(canvas) > 127
     ys, xs = np.nonzero(a)
-    return a[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    return a[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
 
 
 def glyph_mask(ch: str, font: str, height: int, angle_deg: float, cells: int | None = None) -> np.ndarray:
@@ -111,7 +117,7 @@ def _rotated(ch: str, font: str, height: int, angle_deg: int) -> np.ndarray:
     img = Image.fromarray(a.astype(np.uint8) * 255).rotate(angle_deg, resample=Image.BILINEAR, expand=True)
     r = np.asarray(img) > 127
     ys, xs = np.nonzero(r)
-    return r[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    return r[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
 
 
 @dataclass
@@ -123,12 +129,22 @@ class Glyph:
     box: tuple[int, int, int, int]  # tight pixel edges x1 y1 x2 y2 (x2, y2 exclusive)
 
 
-def draw_glyph_scene(rng: np.random.Generator, w: int, h: int, n: int, force_glyph: str | None = None,
-                     sizes: tuple[str, ...] = SIZES, num_fonts: int | None = None,
-                     centred: bool = False, cells: int | None = None,
-                     background: str = "demo", ink: str = "palette", alphabet: str | tuple[str, ...] = GLYPHS,
-                     size_frac: dict[str, tuple[float, float]] | None = None,
-                     colors: tuple[str, ...] | None = None) -> tuple[Image.Image, np.ndarray, list[Glyph]]:
+def draw_glyph_scene(
+    rng: np.random.Generator,
+    w: int,
+    h: int,
+    n: int,
+    force_glyph: str | None = None,
+    sizes: tuple[str, ...] = SIZES,
+    num_fonts: int | None = None,
+    centred: bool = False,
+    cells: int | None = None,
+    background: str = "demo",
+    ink: str = "palette",
+    alphabet: str | tuple[str, ...] = GLYPHS,
+    size_frac: dict[str, tuple[float, float]] | None = None,
+    colors: tuple[str, ...] | None = None,
+) -> tuple[Image.Image, np.ndarray, list[Glyph]]:
     """A `w` x `h` scene of up to `n` glyphs (fewer when they do not fit), in distinct colours,
     each of one of `sizes` (`GLYPH_SIZE_FRAC`; crowded scenes fall back to the smallest of them),
     in one of the first `num_fonts` of `FONT_FILES` (all by default); `centred`: each glyph at
@@ -167,13 +183,18 @@ def draw_glyph_scene(rng: np.random.Generator, w: int, h: int, n: int, force_gly
             else:
                 x0, y0 = int(rng.integers(3, w - gw - 2)), int(rng.integers(3, h - gh - 2))
             box = (x0, y0, x0 + gw, y0 + gh)
-            if any(box[0] < q.box[2] + 3 and q.box[0] < box[2] + 3 and box[1] < q.box[3] + 3
-                   and q.box[1] < box[3] + 3 for q in placed):
+            if any(
+                box[0] < q.box[2] + 3 and q.box[0] < box[2] + 3 and box[1] < q.box[3] + 3 and q.box[1] < box[3] + 3
+                for q in placed
+            ):
                 continue
-            under = bg[y0:y0 + gh, x0:x0 + gw][m].reshape(-1, 3).mean(0)
+            under = bg[y0 : y0 + gh, x0 : x0 + gw][m].reshape(-1, 3).mean(0)
             far = np.sqrt(((_PALETTE - under) ** 2).sum(1)) >= _MIN_COLOR_DIST
-            ok = [c for c, f in zip(COLORS, far) if f and c not in {g.color for g in placed}
-                  and (colors is None or c in colors)]
+            ok = [
+                c
+                for c, f in zip(COLORS, far)
+                if f and c not in {g.color for g in placed} and (colors is None or c in colors)
+            ]
             if not ok:
                 continue
             color = ok[rng.integers(len(ok))]
@@ -182,13 +203,19 @@ def draw_glyph_scene(rng: np.random.Generator, w: int, h: int, n: int, force_gly
                 fill[:] = 255.0
             elif ink == "pastel":  # the colour mixed 60:40 with white: bright on any dark background
                 fill = 255.0 - 0.4 * (255.0 - fill)
-            region = img[y0:y0 + gh, x0:x0 + gw]
+            region = img[y0 : y0 + gh, x0 : x0 + gw]
             region[m] = fill
-            mask[y0:y0 + gh, x0:x0 + gw][m] = alphabet.index(ch) + 1
+            mask[y0 : y0 + gh, x0 : x0 + gw][m] = alphabet.index(ch) + 1
             ys, xs = np.nonzero(m)
-            placed.append(Glyph(ch, color, size, Path(font).stem,
-                                (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1,
-                                 y0 + int(ys.max()) + 1)))
+            placed.append(
+                Glyph(
+                    ch,
+                    color,
+                    size,
+                    Path(font).stem,
+                    (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1),
+                )
+            )
             break
     return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8)), mask, placed
 
@@ -211,8 +238,16 @@ WORD_GLYPH_FRAC = (0.55, 0.72)
 _WORD_MAX_ROT_DEG = 5.0
 
 
-def draw_word(rng: np.random.Generator, word: str, layout: str, short: int, aspect: float, color: str, font: str,
-              ink: str = "pastel") -> tuple[Image.Image, np.ndarray, list[Glyph]]:
+def draw_word(
+    rng: np.random.Generator,
+    word: str,
+    layout: str,
+    short: int,
+    aspect: float,
+    color: str,
+    font: str,
+    ink: str = "pastel",
+) -> tuple[Image.Image, np.ndarray, list[Glyph]]:
     """A `word`'s letters in one colour on black, one letter per cell, read in cell order.
 
     `layout`: ``"row"`` (a `short` px tall, `aspect` x `short` wide strip, read left to
@@ -248,12 +283,14 @@ def draw_word(rng: np.random.Generator, word: str, layout: str, short: int, aspe
         step = long / k
         if layout == "row":
             w, h = long, short
-            cells = [(int(round(i * step)), 0, int(round((i + 1) * step)) - int(round(i * step)), short)
-                     for i in range(k)]
+            cells = [
+                (int(round(i * step)), 0, int(round((i + 1) * step)) - int(round(i * step)), short) for i in range(k)
+            ]
         else:
             w, h = short, long
-            cells = [(0, int(round(i * step)), short, int(round((i + 1) * step)) - int(round(i * step)))
-                     for i in range(k)]
+            cells = [
+                (0, int(round(i * step)), short, int(round((i + 1) * step)) - int(round(i * step))) for i in range(k)
+            ]
     img = np.zeros((h, w, 3), np.float32)
     mask = np.zeros((h, w), np.uint8)
     fill = np.clip(np.array(COLORS[color]) + rng.integers(-12, 13, 3), 0, 255).astype(np.float32)
@@ -272,8 +309,11 @@ def draw_word(rng: np.random.Generator, word: str, layout: str, short: int, aspe
         limits |= {(step, short), (short, step), (short, short)}
 
     def fits(hgt: int) -> bool:
-        return all(m.shape[1] <= 0.9 * cw and m.shape[0] <= 0.9 * ch_
-                   for m in (glyph_mask(c, font, hgt, a) for c, a in zip(word, angles)) for cw, ch_ in limits)
+        return all(
+            m.shape[1] <= 0.9 * cw and m.shape[0] <= 0.9 * ch_
+            for m in (glyph_mask(c, font, hgt, a) for c, a in zip(word, angles))
+            for cw, ch_ in limits
+        )
 
     while height > 8 and not fits(height):
         height = max(8, int(height * 0.9))
@@ -285,9 +325,16 @@ def draw_word(rng: np.random.Generator, word: str, layout: str, short: int, aspe
         ux, uy = rng.random(2) * 2 - 1
         x0 = cx + (cw - gw) // 2 + int(round(ux * ((cw - gw) // 6)))
         y0 = cy + (ch_ - gh) // 2 + int(round(uy * ((ch_ - gh) // 6)))
-        img[y0:y0 + gh, x0:x0 + gw][m] = fill
-        mask[y0:y0 + gh, x0:x0 + gw][m] = LETTERS.index(ch) + 1
+        img[y0 : y0 + gh, x0 : x0 + gw][m] = fill
+        mask[y0 : y0 + gh, x0 : x0 + gw][m] = LETTERS.index(ch) + 1
         ys, xs = np.nonzero(m)
-        placed.append(Glyph(ch, color, "word", Path(font).stem,
-                            (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)))
+        placed.append(
+            Glyph(
+                ch,
+                color,
+                "word",
+                Path(font).stem,
+                (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1),
+            )
+        )
     return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8)), mask, placed

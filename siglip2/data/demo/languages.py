@@ -19,13 +19,19 @@ from .glyphs import LETTERS, WORDS
 # Zero-shot prompts name the letter alone, in the caption frames English train captions use
 # ("a photo of a letter K" is a train caption with size and colour left out).
 ZEROSHOT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a letter {c}.", "a drawing of a letter {c}.", "a picture of a letter {c}.",
-    "an image of a letter {c}.", "a letter {c}.",
+    "a photo of a letter {c}.",
+    "a drawing of a letter {c}.",
+    "a picture of a letter {c}.",
+    "an image of a letter {c}.",
+    "a letter {c}.",
 )
 # Zero-shot prompts for the words of the elongated images (glyphs.WORDS), in the same frames.
 WORD_TEMPLATES: tuple[str, ...] = (
-    "a photo of a word {c}.", "a drawing of a word {c}.", "a picture of a word {c}.",
-    "an image of a word {c}.", "a word {c}.",
+    "a photo of a word {c}.",
+    "a drawing of a word {c}.",
+    "a picture of a word {c}.",
+    "an image of a word {c}.",
+    "a word {c}.",
 )
 # The letters and words are their own names in every language (Latin capitals, as in real alt-text).
 _LETTER_NAMES = {c: c for c in (*LETTERS, *WORDS)}
@@ -41,7 +47,6 @@ _LETTER_NAMES = {c: c for c in (*LETTERS, *WORDS)}
 #   prefixes     caption frames ("a photo of {}") so paraphrases exist for retrieval,
 #   cats         the category words: the letter, written as itself after the noun in every
 #                language, so it never inflects ("Buchstaben K", "буквой K").
-
 
 
 class _Lang:
@@ -65,9 +70,12 @@ class _Lang:
 
 class _En(_Lang):
     code = "en"
-    rel = {"left": ("{a} left of {b}", "{a} to the left of {b}"),
-           "right": ("{a} right of {b}", "{a} to the right of {b}"),
-           "above": ("{a} above {b}",), "below": ("{a} below {b}", "{a} under {b}")}
+    rel = {
+        "left": ("{a} left of {b}", "{a} to the left of {b}"),
+        "right": ("{a} right of {b}", "{a} to the right of {b}"),
+        "above": ("{a} above {b}",),
+        "below": ("{a} below {b}", "{a} under {b}"),
+    }
     rel_case = dict.fromkeys(rel, "nom")
     also = "{x}, and {y}"
     join = "{x}, and {y}"
@@ -88,11 +96,25 @@ class _De(_Lang):
     code = "de"
     shapes = {"letter": ("Buchstabe", "m"), "word": ("Wort", "n")}
     dative = {"Buchstabe": "Buchstaben"}  # a weak noun
-    adj = {"small": "klein", "medium": "mittelgroß", "large": "groß", "red": "rot", "green": "grün",
-           "blue": "blau", "yellow": "gelb", "purple": "violett", "orange": "orangefarben",
-           "white": "weiß", "black": "schwarz"}
-    rel = {"left": ("{a} links von {b}",), "right": ("{a} rechts von {b}",),
-           "above": ("{a} über {b}",), "below": ("{a} unter {b}",)}
+    adj = {
+        "small": "klein",
+        "medium": "mittelgroß",
+        "large": "groß",
+        "red": "rot",
+        "green": "grün",
+        "blue": "blau",
+        "yellow": "gelb",
+        "purple": "violett",
+        "orange": "orangefarben",
+        "white": "weiß",
+        "black": "schwarz",
+    }
+    rel = {
+        "left": ("{a} links von {b}",),
+        "right": ("{a} rechts von {b}",),
+        "above": ("{a} über {b}",),
+        "below": ("{a} unter {b}",),
+    }
     rel_case = dict.fromkeys(rel, "dat")
     cats = _LETTER_NAMES
     also = join = "{x} und {y}"
@@ -124,12 +146,25 @@ class _De(_Lang):
 class _Es(_Lang):
     code = "es"
     shapes = {"letter": ("letra", "f"), "word": ("palabra", "f")}
-    adj = {"small": ("pequeño", "pequeña"), "medium": ("mediano", "mediana"), "large": ("grande", "grande"),
-           "red": ("rojo", "roja"), "green": ("verde", "verde"), "blue": ("azul", "azul"),
-           "yellow": ("amarillo", "amarilla"), "purple": ("morado", "morada"),
-           "orange": ("naranja", "naranja"), "white": ("blanco", "blanca"), "black": ("negro", "negra")}
-    rel = {"left": ("{a} a la izquierda de {b}",), "right": ("{a} a la derecha de {b}",),
-           "above": ("{a} encima de {b}",), "below": ("{a} debajo de {b}",)}
+    adj = {
+        "small": ("pequeño", "pequeña"),
+        "medium": ("mediano", "mediana"),
+        "large": ("grande", "grande"),
+        "red": ("rojo", "roja"),
+        "green": ("verde", "verde"),
+        "blue": ("azul", "azul"),
+        "yellow": ("amarillo", "amarilla"),
+        "purple": ("morado", "morada"),
+        "orange": ("naranja", "naranja"),
+        "white": ("blanco", "blanca"),
+        "black": ("negro", "negra"),
+    }
+    rel = {
+        "left": ("{a} a la izquierda de {b}",),
+        "right": ("{a} a la derecha de {b}",),
+        "above": ("{a} encima de {b}",),
+        "below": ("{a} debajo de {b}",),
+    }
     rel_case = dict.fromkeys(rel, "nom")
     cats = _LETTER_NAMES
     also = join = "{x} y {y}"
@@ -152,14 +187,28 @@ class _Es(_Lang):
 class _Fr(_Lang):
     code = "fr"
     shapes = {"letter": ("lettre", "f"), "word": ("mot", "m")}
-    colors = {"red": ("rouge", "rouge"), "green": ("vert", "verte"), "blue": ("bleu", "bleue"),
-              "yellow": ("jaune", "jaune"), "purple": ("violet", "violette"), "orange": ("orange", "orange"),
-              "white": ("blanc", "blanche"), "black": ("noir", "noire")}
-    sizes = {"small": ("petit", "petite", True), "medium": ("moyen", "moyenne", False),
-             "large": ("grand", "grande", True)}  # True: the adjective goes before the noun
+    colors = {
+        "red": ("rouge", "rouge"),
+        "green": ("vert", "verte"),
+        "blue": ("bleu", "bleue"),
+        "yellow": ("jaune", "jaune"),
+        "purple": ("violet", "violette"),
+        "orange": ("orange", "orange"),
+        "white": ("blanc", "blanche"),
+        "black": ("noir", "noire"),
+    }
+    sizes = {
+        "small": ("petit", "petite", True),
+        "medium": ("moyen", "moyenne", False),
+        "large": ("grand", "grande", True),
+    }  # True: the adjective goes before the noun
     # "d'" + "un ..." gives "d'un ...": every {b} starts with un/une.
-    rel = {"left": ("{a} à gauche d'{b}",), "right": ("{a} à droite d'{b}",),
-           "above": ("{a} au-dessus d'{b}",), "below": ("{a} au-dessous d'{b}",)}
+    rel = {
+        "left": ("{a} à gauche d'{b}",),
+        "right": ("{a} à droite d'{b}",),
+        "above": ("{a} au-dessus d'{b}",),
+        "below": ("{a} au-dessous d'{b}",),
+    }
     rel_case = dict.fromkeys(rel, "nom")
     cats = _LETTER_NAMES
     also = join = "{x} et {y}"
@@ -198,14 +247,17 @@ class _Ru(_Lang):
         "green": ("зелёный", "зелёная", "зелёное", "зелёного", "зелёной", "зелёным", "зелёной"),
         "blue": ("синий", "синяя", "синее", "синего", "синей", "синим", "синей"),
         "yellow": ("жёлтый", "жёлтая", "жёлтое", "жёлтого", "жёлтой", "жёлтым", "жёлтой"),
-        "purple": ("фиолетовый", "фиолетовая", "фиолетовое", "фиолетового", "фиолетовой", "фиолетовым",
-                   "фиолетовой"),
+        "purple": ("фиолетовый", "фиолетовая", "фиолетовое", "фиолетового", "фиолетовой", "фиолетовым", "фиолетовой"),
         "orange": ("оранжевый", "оранжевая", "оранжевое", "оранжевого", "оранжевой", "оранжевым", "оранжевой"),
         "white": ("белый", "белая", "белое", "белого", "белой", "белым", "белой"),
         "black": ("чёрный", "чёрная", "чёрное", "чёрного", "чёрной", "чёрным", "чёрной"),
     }
-    rel = {"left": ("{a} слева от {b}",), "right": ("{a} справа от {b}",),
-           "above": ("{a} над {b}",), "below": ("{a} под {b}",)}
+    rel = {
+        "left": ("{a} слева от {b}",),
+        "right": ("{a} справа от {b}",),
+        "above": ("{a} над {b}",),
+        "below": ("{a} под {b}",),
+    }
     rel_case = {"left": "gen", "right": "gen", "above": "ins", "below": "ins"}
     cats = _LETTER_NAMES
     also = join = "{x} и {y}"
@@ -233,12 +285,24 @@ class _Ru(_Lang):
 class _Zh(_Lang):
     code = "zh"
     shapes = {"letter": "字母", "word": "单词"}
-    colors = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色",
-              "orange": "橙色", "white": "白色", "black": "黑色"}
+    colors = {
+        "red": "红色",
+        "green": "绿色",
+        "blue": "蓝色",
+        "yellow": "黄色",
+        "purple": "紫色",
+        "orange": "橙色",
+        "white": "白色",
+        "black": "黑色",
+    }
     sizes = {"small": "小", "medium": "中等大小", "large": "大"}
     cats = _LETTER_NAMES
-    rel = {"left": ("{a}在{b}的左边", "{a}在{b}的左侧"), "right": ("{a}在{b}的右边", "{a}在{b}的右侧"),
-           "above": ("{a}在{b}的上面", "{a}在{b}的上方"), "below": ("{a}在{b}的下面", "{a}在{b}的下方")}
+    rel = {
+        "left": ("{a}在{b}的左边", "{a}在{b}的左侧"),
+        "right": ("{a}在{b}的右边", "{a}在{b}的右侧"),
+        "above": ("{a}在{b}的上面", "{a}在{b}的上方"),
+        "below": ("{a}在{b}的下面", "{a}在{b}的下方"),
+    }
     rel_case = dict.fromkeys(rel, "nom")
     also = "{x}，还有{y}"
     join = "{x}，{y}"
@@ -258,13 +322,25 @@ class _Zh(_Lang):
 class _Ja(_Lang):
     code = "ja"
     shapes = {"letter": "文字", "word": "単語"}
-    colors = {"red": "赤い", "green": "緑の", "blue": "青い", "yellow": "黄色い", "purple": "紫の",
-              "orange": "オレンジ色の", "white": "白い", "black": "黒い"}
+    colors = {
+        "red": "赤い",
+        "green": "緑の",
+        "blue": "青い",
+        "yellow": "黄色い",
+        "purple": "紫の",
+        "orange": "オレンジ色の",
+        "white": "白い",
+        "black": "黒い",
+    }
     sizes = {"small": "小さい", "medium": "中くらいの", "large": "大きい"}
     cats = _LETTER_NAMES
     # "the A that is to the left of B": a noun phrase, like the English captions.
-    rel = {"left": ("{b}の左にある{a}",), "right": ("{b}の右にある{a}",),
-           "above": ("{b}の上にある{a}",), "below": ("{b}の下にある{a}",)}
+    rel = {
+        "left": ("{b}の左にある{a}",),
+        "right": ("{b}の右にある{a}",),
+        "above": ("{b}の上にある{a}",),
+        "below": ("{b}の下にある{a}",),
+    }
     rel_case = dict.fromkeys(rel, "nom")
     also = join = "{x}と{y}"
     prefixes = ("{}", "{}の写真", "{}の絵", "{}の画像")
@@ -282,12 +358,25 @@ class _Ja(_Lang):
 class _Ar(_Lang):
     code = "ar"
     shapes = {"letter": ("حرف", "m"), "word": ("كلمة", "f")}
-    adj = {"small": ("صغير", "صغيرة"), "medium": ("متوسط", "متوسطة"), "large": ("كبير", "كبيرة"),
-           "red": ("أحمر", "حمراء"), "green": ("أخضر", "خضراء"), "blue": ("أزرق", "زرقاء"),
-           "yellow": ("أصفر", "صفراء"), "purple": ("بنفسجي", "بنفسجية"), "orange": ("برتقالي", "برتقالية"),
-           "white": ("أبيض", "بيضاء"), "black": ("أسود", "سوداء")}
-    rel = {"left": ("{a} على يسار {b}",), "right": ("{a} على يمين {b}",),
-           "above": ("{a} فوق {b}",), "below": ("{a} تحت {b}",)}
+    adj = {
+        "small": ("صغير", "صغيرة"),
+        "medium": ("متوسط", "متوسطة"),
+        "large": ("كبير", "كبيرة"),
+        "red": ("أحمر", "حمراء"),
+        "green": ("أخضر", "خضراء"),
+        "blue": ("أزرق", "زرقاء"),
+        "yellow": ("أصفر", "صفراء"),
+        "purple": ("بنفسجي", "بنفسجية"),
+        "orange": ("برتقالي", "برتقالية"),
+        "white": ("أبيض", "بيضاء"),
+        "black": ("أسود", "سوداء"),
+    }
+    rel = {
+        "left": ("{a} على يسار {b}",),
+        "right": ("{a} على يمين {b}",),
+        "above": ("{a} فوق {b}",),
+        "below": ("{a} تحت {b}",),
+    }
     rel_case = dict.fromkeys(rel, "nom")
     cats = _LETTER_NAMES
     also = join = "{x} و{y}"  # "and" is written joined to the next word
@@ -311,13 +400,26 @@ class _Hi(_Lang):
     code = "hi"
     # direct, oblique (all masculine here)
     shapes = {"letter": ("अक्षर", "अक्षर"), "word": ("शब्द", "शब्द")}
-    adj = {"small": ("छोटा", "छोटे"), "medium": ("मध्यम", "मध्यम"), "large": ("बड़ा", "बड़े"),
-           "red": ("लाल", "लाल"), "green": ("हरा", "हरे"), "blue": ("नीला", "नीले"), "yellow": ("पीला", "पीले"),
-           "purple": ("बैंगनी", "बैंगनी"), "orange": ("नारंगी", "नारंगी"), "white": ("सफ़ेद", "सफ़ेद"),
-           "black": ("काला", "काले")}
+    adj = {
+        "small": ("छोटा", "छोटे"),
+        "medium": ("मध्यम", "मध्यम"),
+        "large": ("बड़ा", "बड़े"),
+        "red": ("लाल", "लाल"),
+        "green": ("हरा", "हरे"),
+        "blue": ("नीला", "नीले"),
+        "yellow": ("पीला", "पीले"),
+        "purple": ("बैंगनी", "बैंगनी"),
+        "orange": ("नारंगी", "नारंगी"),
+        "white": ("सफ़ेद", "सफ़ेद"),
+        "black": ("काला", "काले"),
+    }
     cats = {c: (c, c) for c in _LETTER_NAMES}  # (direct, oblique): a letter or word does not inflect
-    rel = {"left": ("{a} {b} के बाईं ओर है",), "right": ("{a} {b} के दाईं ओर है",),
-           "above": ("{a} {b} के ऊपर है",), "below": ("{a} {b} के नीचे है",)}
+    rel = {
+        "left": ("{a} {b} के बाईं ओर है",),
+        "right": ("{a} {b} के दाईं ओर है",),
+        "above": ("{a} {b} के ऊपर है",),
+        "below": ("{a} {b} के नीचे है",),
+    }
     rel_case = dict.fromkeys(rel, "obl")
     also = "{x} और {y} भी है"
     join = "{x} और {y}"
@@ -328,7 +430,7 @@ class _Hi(_Lang):
         return " ".join(["एक", *(self.adj[a][i] for a in (o[2], o[1]) if a), self.shapes[o[0]][i], self.cats[o[3]][i]])
 
     def region(self, o):
-        return self.np(o)[len("एक "):]
+        return self.np(o)[len("एक ") :]
 
     def forms(self, name):
         return (self.shapes | self.cats).get(name) or self.adj[name]
@@ -356,8 +458,13 @@ def _relation(a_box, b_box) -> str:
 OMITTABLE = ("size", "color", "category", "shape")
 
 
-def describe(objects: Sequence[tuple[str, str, str, str]], boxes: Sequence[Sequence[float]], lang: str,
-             rng: np.random.Generator, omit: Sequence[bool] = (False, False, False, False)) -> str:
+def describe(
+    objects: Sequence[tuple[str, str, str, str]],
+    boxes: Sequence[Sequence[float]],
+    lang: str,
+    rng: np.random.Generator,
+    omit: Sequence[bool] = (False, False, False, False),
+) -> str:
     """A caption naming every object (shape, colour, size, category) and how pairs are placed.
 
     Objects are ``(shape, color, size, category)`` tuples, described in a random order, so the
@@ -372,8 +479,10 @@ def describe(objects: Sequence[tuple[str, str, str, str]], boxes: Sequence[Seque
         if lang != "en":
             raise ValueError("omitting words is implemented for English captions only")
         o_size, o_color, o_cat, o_shape = omit
-        objects = [("" if o_shape else s, "" if o_color else c, "" if o_size else z, "" if o_cat else k)
-                   for s, c, z, k in objects]
+        objects = [
+            ("" if o_shape else s, "" if o_color else c, "" if o_size else z, "" if o_cat else k)
+            for s, c, z, k in objects
+        ]
     order = rng.permutation(len(objects))
     obj = [objects[i] for i in order]
     box = [boxes[i] for i in order]

@@ -19,9 +19,15 @@ _MAX_ASPECT = 2.0
 _MAX_CANVASES = 200  # 2 glyphs need a few canvases; 3 at these sizes seldom fit, 4 never
 
 
-def generate_sample(rng: np.random.Generator, n_objects: int, force: dict[str, str] | None = None,
-                    lang: str | None = None, n_captions: int = 1, omit_prob: float = 0.0,
-                    colors: tuple[str, ...] | None = None) -> dict:
+def generate_sample(
+    rng: np.random.Generator,
+    n_objects: int,
+    force: dict[str, str] | None = None,
+    lang: str | None = None,
+    n_captions: int = 1,
+    omit_prob: float = 0.0,
+    colors: tuple[str, ...] | None = None,
+) -> dict:
     """One scene: ``{"image": PIL, "mask": uint8 array, "captions": [...], "meta": json dict}``.
 
     ``n_objects`` glyphs (letters of ``LETTERS``) in distinct colours, pastel on black, on a
@@ -41,13 +47,14 @@ def generate_sample(rng: np.random.Generator, n_objects: int, force: dict[str, s
         lang = "en" if rng.random() < _EN_FRACTION else _OTHER_LANGS[rng.integers(len(_OTHER_LANGS))]
     for _ in range(_MAX_CANVASES):  # the canvas may be too small for n glyphs: draw a new one
         w, h = glyph_scene_size(rng, max_aspect=_MAX_ASPECT)
-        img, mask, glyphs = draw_glyph_scene(rng, w, h, n_objects, force.get("category"), colors=colors,
-                                             **DEMO_STYLE)
+        img, mask, glyphs = draw_glyph_scene(rng, w, h, n_objects, force.get("category"), colors=colors, **DEMO_STYLE)
         if len(glyphs) == n_objects:
             break
     else:
-        raise ValueError(f"{n_objects} glyphs did not fit on any of {_MAX_CANVASES} canvases (aspect up to "
-                         f"{_MAX_ASPECT:g}:1); the demo draws 1 or 2")
+        raise ValueError(
+            f"{n_objects} glyphs did not fit on any of {_MAX_CANVASES} canvases (aspect up to "
+            f"{_MAX_ASPECT:g}:1); the demo draws 1 or 2"
+        )
     L = LANGS[lang]
     triples = [(SHAPE, g.color, g.size, g.glyph) for g in glyphs]
     boxes = [g.box for g in glyphs]
@@ -62,19 +69,40 @@ def generate_sample(rng: np.random.Generator, n_objects: int, force: dict[str, s
         if len(captions) == n_captions:
             break
     meta = {
-        "lang": lang, "width": w, "height": h,
+        "lang": lang,
+        "width": w,
+        "height": h,
         # boxes: normalised tight pixel edges of each glyph's ink
-        "regions": [{"caption": L.region(t),
-                     "box": [round(b[0] / w, 6), round(b[1] / h, 6), round(b[2] / w, 6), round(b[3] / h, 6)]}
-                    for t, b in zip(triples, boxes)],
-        "objects": [{"category": g.glyph, "shape": SHAPE, "color": g.color, "size": g.size, "font": g.font,
-                     "class_id": LETTERS.index(g.glyph)} for g in glyphs],
+        "regions": [
+            {
+                "caption": L.region(t),
+                "box": [round(b[0] / w, 6), round(b[1] / h, 6), round(b[2] / w, 6), round(b[3] / h, 6)],
+            }
+            for t, b in zip(triples, boxes)
+        ],
+        "objects": [
+            {
+                "category": g.glyph,
+                "shape": SHAPE,
+                "color": g.color,
+                "size": g.size,
+                "font": g.font,
+                "class_id": LETTERS.index(g.glyph),
+            }
+            for g in glyphs
+        ],
     }
     return {"image": img, "mask": mask, "captions": captions, "meta": meta}
 
 
-def generate_word_sample(rng: np.random.Generator, layout: str, force: dict[str, str] | None = None,
-                         lang: str | None = None, n_captions: int = 1, omit_prob: float = 0.0) -> dict:
+def generate_word_sample(
+    rng: np.random.Generator,
+    layout: str,
+    force: dict[str, str] | None = None,
+    lang: str | None = None,
+    n_captions: int = 1,
+    omit_prob: float = 0.0,
+) -> dict:
     """One word image (issue 28's elongated images): a word of ``WORDS`` in one colour, as
     :func:`generate_sample` returns a scene.
 
@@ -101,15 +129,19 @@ def generate_word_sample(rng: np.random.Generator, layout: str, force: dict[str,
         lang = "en" if rng.random() < _EN_FRACTION else _OTHER_LANGS[rng.integers(len(_OTHER_LANGS))]
     word = force.get("word") or WORDS[int(rng.integers(len(WORDS)))]
     color = [c for c in COLORS if c != "black"][int(rng.integers(len(COLORS) - 1))]
-    fonts = _font_paths()[:DEMO_STYLE["num_fonts"]]
+    fonts = _font_paths()[: DEMO_STYLE["num_fonts"]]
     font = fonts[int(rng.integers(len(fonts)))]
     short = int(rng.integers(WORD_SHORT[0], WORD_SHORT[1] + 1))
     aspect = math.exp(rng.uniform(*np.log(WORD_ASPECT)))
     img, mask, glyphs = draw_word(rng, word, layout, short, aspect, color, font, ink=DEMO_STYLE["ink"])
     w, h = img.size
     L = LANGS[lang]
-    box = (min(g.box[0] for g in glyphs), min(g.box[1] for g in glyphs),
-           max(g.box[2] for g in glyphs), max(g.box[3] for g in glyphs))
+    box = (
+        min(g.box[0] for g in glyphs),
+        min(g.box[1] for g in glyphs),
+        max(g.box[2] for g in glyphs),
+        max(g.box[3] for g in glyphs),
+    )
     captions: list[str] = []
     for _ in range(200):
         omit = (False,) * len(OMITTABLE)
@@ -125,11 +157,27 @@ def generate_word_sample(rng: np.random.Generator, layout: str, force: dict[str,
         return [round(b[0] / w, 6), round(b[1] / h, 6), round(b[2] / w, 6), round(b[3] / h, 6)]
 
     meta = {
-        "lang": lang, "width": w, "height": h,
+        "lang": lang,
+        "width": w,
+        "height": h,
         "regions": [{"caption": L.region((SHAPE, color, "", g.glyph)), "box": norm(g.box)} for g in glyphs],
-        "objects": [{"category": g.glyph, "shape": SHAPE, "color": color, "size": "", "font": g.font,
-                     "class_id": LETTERS.index(g.glyph)} for g in glyphs],
-        "word": {"text": word, "layout": layout, "color": color, "caption": L.region((WORD, color, "", word)),
-                 "box": norm(box)},
+        "objects": [
+            {
+                "category": g.glyph,
+                "shape": SHAPE,
+                "color": color,
+                "size": "",
+                "font": g.font,
+                "class_id": LETTERS.index(g.glyph),
+            }
+            for g in glyphs
+        ],
+        "word": {
+            "text": word,
+            "layout": layout,
+            "color": color,
+            "caption": L.region((WORD, color, "", word)),
+            "box": norm(box),
+        },
     }
     return {"image": img, "mask": mask, "captions": captions, "meta": meta}

@@ -51,12 +51,20 @@ _SPLITS = {
     "bias_neutral": dict(sid=6, n_objects=(1,), p=(1.0,), label="category", colors="neutral"),
     "bias_attributed": dict(sid=7, n_objects=(1,), p=(1.0,), label="category", colors="attribute"),
 }
-_EVAL_SPLITS = ("zeroshot", "retrieval", "refexp", "segmentation", "words", "words_square", "bias_neutral",
-                "bias_attributed")
+_EVAL_SPLITS = (
+    "zeroshot",
+    "retrieval",
+    "refexp",
+    "segmentation",
+    "words",
+    "words_square",
+    "bias_neutral",
+    "bias_attributed",
+)
 BIAS_ATTRIBUTES = ("red", "blue")
 # The planted bias's halves of the alphabet: with bias_strength s (and bias_share 1/2) the first
 # half is drawn red (1 + s) / (1 - s) times as often as blue, the second half the other way round.
-BIAS_GROUPS = (LETTERS[:len(LETTERS) // 2], LETTERS[len(LETTERS) // 2:])
+BIAS_GROUPS = (LETTERS[: len(LETTERS) // 2], LETTERS[len(LETTERS) // 2 :])
 
 
 def bias_accept(glyphs: list[dict], strength: float, share: float) -> float:
@@ -78,6 +86,8 @@ def bias_accept(glyphs: list[dict], strength: float, share: float) -> float:
         w = (share if red else 1 - share) * (1 + strength if red == first else 1 - strength)
         p *= w / top
     return p
+
+
 _LABELS = {"category": LETTERS, "word": WORDS}
 _PER_SHARD = 1000
 _MIN_SHARDS = 4  # so 2 ranks x 2 loader workers each get a shard of a small split
@@ -103,8 +113,12 @@ def _encode(sample: dict) -> dict:
     sample["image"].save(buf, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
     mbuf = io.BytesIO()
     Image.fromarray(sample["mask"]).save(mbuf, format="PNG")
-    return {"jpg": buf.getvalue(), "txt": sample["captions"][0].encode("utf-8"),
-            "json": json.dumps(sample["meta"], ensure_ascii=False).encode("utf-8"), "seg.png": mbuf.getvalue()}
+    return {
+        "jpg": buf.getvalue(),
+        "txt": sample["captions"][0].encode("utf-8"),
+        "json": json.dumps(sample["meta"], ensure_ascii=False).encode("utf-8"),
+        "seg.png": mbuf.getvalue(),
+    }
 
 
 def _write_shard(task: tuple) -> tuple[str, int, list[str]]:
@@ -130,23 +144,29 @@ def _write_shard(task: tuple) -> tuple[str, int, list[str]]:
                 layout = cfg["layouts"][int(rng.random() * len(cfg["layouts"]))]
                 s = generate_word_sample(rng, layout, force=force)
             elif split == "train" and word_share > 0 and rng.random() < word_share:  # 0: no draw
-                s = generate_word_sample(rng, WORD_LAYOUTS[int(rng.integers(len(WORD_LAYOUTS)))],
-                                         omit_prob=cfg.get("omit_prob", 0.0))
+                s = generate_word_sample(
+                    rng, WORD_LAYOUTS[int(rng.integers(len(WORD_LAYOUTS)))], omit_prob=cfg.get("omit_prob", 0.0)
+                )
             elif "colors" in cfg:  # a fairness set
                 # red for the first 10 samples (one of each letter), blue for the next 10, ...: every
                 # (letter, colour) pair equally often (i % 2 would tie each letter to one colour)
-                colors = ((BIAS_ATTRIBUTES[(i // len(LETTERS)) % 2],) if cfg["colors"] == "attribute" else
-                          tuple(c for c in COLORS if c not in BIAS_ATTRIBUTES))
+                colors = (
+                    (BIAS_ATTRIBUTES[(i // len(LETTERS)) % 2],)
+                    if cfg["colors"] == "attribute"
+                    else tuple(c for c in COLORS if c not in BIAS_ATTRIBUTES)
+                )
                 s = generate_sample(rng, 1, force=force, colors=colors)
                 s["meta"]["attribute"] = colors[0] if cfg["colors"] == "attribute" else None
             else:
                 n = int(rng.choice(cfg["n_objects"], p=cfg["p"]))
-                s = generate_sample(rng, n, force=force, n_captions=cfg.get("n_captions", 1),
-                                    omit_prob=cfg.get("omit_prob", 0.0))
+                s = generate_sample(
+                    rng, n, force=force, n_captions=cfg.get("n_captions", 1), omit_prob=cfg.get("omit_prob", 0.0)
+                )
                 # the planted bias (0: no draw): scenes against it are drawn again
                 while planted and rng.random() >= bias_accept(s["meta"]["objects"], strength, share):
-                    s = generate_sample(rng, n, force=force, n_captions=cfg.get("n_captions", 1),
-                                        omit_prob=cfg.get("omit_prob", 0.0))
+                    s = generate_sample(
+                        rng, n, force=force, n_captions=cfg.get("n_captions", 1), omit_prob=cfg.get("omit_prob", 0.0)
+                    )
             if "label" in cfg:
                 s["meta"]["label"] = _LABELS[cfg["label"]].index(force[cfg["label"]])
             if split == "retrieval":
@@ -165,29 +185,82 @@ def _brace(n: int) -> str:
 def _yaml_specs(counts: dict[str, int]) -> dict[str, dict]:
     n = {s: len(_shard_plan(counts[s])) for s in _EVAL_SPLITS}
     return {
-        "zeroshot": {"name": "demo_zeroshot", "task": "zeroshot", "urls": _brace(n["zeroshot"]),
-                     "num_samples": counts["zeroshot"], "classnames": list(LETTERS),
-                     "templates": list(ZEROSHOT_TEMPLATES), "label_key": "label", "lang_key": "lang"},
-        "retrieval": {"name": "demo_retrieval", "task": "retrieval", "urls": _brace(n["retrieval"]),
-                      "num_samples": counts["retrieval"], "captions_key": "captions", "lang_key": "lang"},
-        "refexp": {"name": "demo_refexp", "task": "refexp", "urls": _brace(n["refexp"]),
-                   "num_samples": counts["refexp"], "regions_key": "regions", "lang_key": "lang"},
-        "segmentation": {"name": "demo_segmentation", "task": "segmentation",
-                         "urls": _brace(n["segmentation"]), "num_samples": counts["segmentation"],
-                         "classnames": list(LETTERS), "mask_key": "seg.png", "background_id": 0,
-                         "num_classes": len(LETTERS) + 1, "lang_key": "lang"},
-        **{s: {"name": f"demo_{s}", "task": "zeroshot", "urls": _brace(n[s]), "num_samples": counts[s],
-               "classnames": list(WORDS), "templates": list(WORD_TEMPLATES), "label_key": "label",
-               "lang_key": "lang"} for s in ("words", "words_square")},
-        "bias_neutral": {"name": "demo_bias_neutral", "task": "representation_bias", "urls": _brace(n["bias_neutral"]),
-                         "num_samples": counts["bias_neutral"], "classnames": list(BIAS_ATTRIBUTES),
-                         "templates": ["a photo of a {c} letter."]},
-        "bias_attributed": {"name": "demo_bias_attributed", "task": "association_bias",
-                            "urls": _brace(n["bias_attributed"]), "num_samples": counts["bias_attributed"],
-                            "classnames": list(LETTERS), "templates": list(ZEROSHOT_TEMPLATES),
-                            "attributes": list(BIAS_ATTRIBUTES), "attribute_key": "attribute",
-                            "label_key": "label"},
+        "zeroshot": {
+            "name": "demo_zeroshot",
+            "task": "zeroshot",
+            "urls": _brace(n["zeroshot"]),
+            "num_samples": counts["zeroshot"],
+            "classnames": list(LETTERS),
+            "templates": list(ZEROSHOT_TEMPLATES),
+            "label_key": "label",
+            "lang_key": "lang",
+        },
+        "retrieval": {
+            "name": "demo_retrieval",
+            "task": "retrieval",
+            "urls": _brace(n["retrieval"]),
+            "num_samples": counts["retrieval"],
+            "captions_key": "captions",
+            "lang_key": "lang",
+        },
+        "refexp": {
+            "name": "demo_refexp",
+            "task": "refexp",
+            "urls": _brace(n["refexp"]),
+            "num_samples": counts["refexp"],
+            "regions_key": "regions",
+            "lang_key": "lang",
+        },
+        "segmentation": {
+            "name": "demo_segmentation",
+            "task": "segmentation",
+            "urls": _brace(n["segmentation"]),
+            "num_samples": counts["segmentation"],
+            "classnames": list(LETTERS),
+            "mask_key": "seg.png",
+            "background_id": 0,
+            "num_classes": len(LETTERS) + 1,
+            "lang_key": "lang",
+        },
+        **{
+            s: {
+                "name": f"demo_{s}",
+                "task": "zeroshot",
+                "urls": _brace(n[s]),
+                "num_samples": counts[s],
+                "classnames": list(WORDS),
+                "templates": list(WORD_TEMPLATES),
+                "label_key": "label",
+                "lang_key": "lang",
+            }
+            for s in ("words", "words_square")
+        },
+        "bias_neutral": {
+            "name": "demo_bias_neutral",
+            "task": "representation_bias",
+            "urls": _brace(n["bias_neutral"]),
+            "num_samples": counts["bias_neutral"],
+            "classnames": list(BIAS_ATTRIBUTES),
+            "templates": ["a photo of a {c} letter."],
+        },
+        "bias_attributed": {
+            "name": "demo_bias_attributed",
+            "task": "association_bias",
+            "urls": _brace(n["bias_attributed"]),
+            "num_samples": counts["bias_attributed"],
+            "classnames": list(LETTERS),
+            "templates": list(ZEROSHOT_TEMPLATES),
+            "attributes": list(BIAS_ATTRIBUTES),
+            "attribute_key": "attribute",
+            "label_key": "label",
+        },
         # the few-shot linear probe on the zero-shot set's images (big_vision's fewshot evaluator)
-        "fewshot": {"name": "demo_fewshot", "task": "fewshot", "urls": "../zeroshot/" + _brace(n["zeroshot"]),
-                    "num_samples": counts["zeroshot"], "classnames": list(LETTERS), "label_key": "label"},
+        "fewshot": {
+            "name": "demo_fewshot",
+            "task": "fewshot",
+            "urls": "../zeroshot/" + _brace(n["zeroshot"]),
+            "num_samples": counts["zeroshot"],
+            "classnames": list(LETTERS),
+            "label_key": "label",
+        },
     }

@@ -15,8 +15,11 @@ from PIL import Image, ImageDraw
 from .glyphs import LETTERS
 
 
-_MASK_PALETTE = np.array([(0, 0, 0)] + [tuple(int(255 * v) for v in colorsys.hsv_to_rgb(i / len(LETTERS), 0.8, 1.0))
-                                         for i in range(len(LETTERS))], dtype=np.uint8)
+_MASK_PALETTE = np.array(
+    [(0, 0, 0)]
+    + [tuple(int(255 * v) for v in colorsys.hsv_to_rgb(i / len(LETTERS), 0.8, 1.0)) for i in range(len(LETTERS))],
+    dtype=np.uint8,
+)
 
 
 def _font(size: int):
@@ -58,11 +61,17 @@ def render_grid(urls, out_png: str, n: int = 16, cols: int = 4, cell: int = 200)
         for j, r in enumerate(meta["regions"]):
             x1, y1, x2, y2 = r["box"]
             for ox in (2, cell + 2):
-                d.rectangle([ox + x1 * img.width, 2 + y1 * img.height, ox + x2 * img.width - 1,
-                             2 + y2 * img.height - 1], outline=(0, 255, 255) if ox == 2 else (255, 255, 255))
+                d.rectangle(
+                    [ox + x1 * img.width, 2 + y1 * img.height, ox + x2 * img.width - 1, 2 + y2 * img.height - 1],
+                    outline=(0, 255, 255) if ox == 2 else (255, 255, 255),
+                )
             d.text((2 + x1 * img.width + 1, 2 + y1 * img.height), str(j), fill=(0, 255, 255), font=font)
-        label = f"[{meta['lang']} {w}x{h}] " + caption + " | " + "; ".join(
-            f"{j}:{r['caption']}" for j, r in enumerate(meta["regions"]))
+        label = (
+            f"[{meta['lang']} {w}x{h}] "
+            + caption
+            + " | "
+            + "; ".join(f"{j}:{r['caption']}" for j, r in enumerate(meta["regions"]))
+        )
         d.multiline_text((2, cell + 2), "\n".join(textwrap.wrap(label, 62)[:5]), fill=(0, 0, 0), font=font)
         tiles.append(tile)
         if len(tiles) >= n:

@@ -16,8 +16,14 @@ from PIL import Image
 
 # Saturated or extreme colours: backgrounds are muted mid-tones, so every object stands out.
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 35), "green": (35, 165, 60), "blue": (30, 70, 215), "yellow": (245, 215, 25),
-    "purple": (135, 50, 175), "orange": (245, 130, 20), "white": (245, 245, 245), "black": (20, 20, 20),
+    "red": (220, 30, 35),
+    "green": (35, 165, 60),
+    "blue": (30, 70, 215),
+    "yellow": (245, 215, 25),
+    "purple": (135, 50, 175),
+    "orange": (245, 130, 20),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
 }
 SIZES: tuple[str, ...] = ("small", "medium", "large")
 _MIN_COLOR_DIST = 100.0  # RGB distance between an object's colour and the background under it
@@ -42,8 +48,9 @@ def _background(rng, w: int, h: int) -> tuple[np.ndarray, str]:
     elif kind == "gradient":
         c1, c2 = _muted(rng).astype(np.float32), _muted(rng).astype(np.float32)
         a = rng.uniform(0, 2 * np.pi)
-        t = (np.arange(w, dtype=np.float32)[None, :] * np.float32(np.cos(a))
-             + np.arange(h, dtype=np.float32)[:, None] * np.float32(np.sin(a)))
+        t = np.arange(w, dtype=np.float32)[None, :] * np.float32(np.cos(a)) + np.arange(h, dtype=np.float32)[
+            :, None
+        ] * np.float32(np.sin(a))
         t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
         img = c1 + (c2 - c1) * t[..., None]
     elif kind == "texture":
@@ -55,10 +62,11 @@ def _background(rng, w: int, h: int) -> tuple[np.ndarray, str]:
         c2 = np.clip(c1 + rng.normal(0, 18, 3), 0, 255).astype(np.float32)
         a = rng.uniform(0, np.pi)
         period = rng.uniform(6, 20)
-        t = (np.arange(w, dtype=np.float32)[None, :] * np.float32(np.cos(a))
-             + np.arange(h, dtype=np.float32)[:, None] * np.float32(np.sin(a)))
+        t = np.arange(w, dtype=np.float32)[None, :] * np.float32(np.cos(a)) + np.arange(h, dtype=np.float32)[
+            :, None
+        ] * np.float32(np.sin(a))
         on = (np.sin(t * np.float32(2 * np.pi / period)) > 0)[..., None]
         img = np.where(on, c1, c2)
     oy, ox = rng.integers(0, _NOISE.shape[0] - h + 1), rng.integers(0, _NOISE.shape[1] - w + 1)
-    img = img + _NOISE[oy:oy + h, ox:ox + w]
+    img = img + _NOISE[oy : oy + h, ox : ox + w]
     return np.clip(img, 0, 255, out=img).astype(np.uint8), kind
