@@ -480,7 +480,7 @@ def main() -> None:
     modes = ["adamw"] if args.adamw else ["peer"] + (["lightning"] if args.lightning else [])
     if args.adamw:  # three copies of ours and the optimiser states: keep to the cheaper variant
         args.variants = ["sigmoid"]
-    from stages.base import adamw_impl
+    from siglip2.optim import adamw_impl
 
     impl = compose("micro").optim.impl
     print(

@@ -158,10 +158,13 @@ class CheckpointMeta:
         """The recipe's length in examples, as this checkpoint's clock counted it."""
         return self.recipe.get("examples")
 
-    def check_resumable(self, stage: str, model_config: SigLIP2Config, has_optimizer_state: bool) -> None:
+    def check_resumable(
+        self, stage: str, model_config: SigLIP2Config, has_optimizer_state: bool, tokenizer: Any = None
+    ) -> None:
         """`ckpt_path` resumes the same run: the same stage, the same model (another resolution,
-        patch size or architecture is named), and an optimiser state that fits today's parameter
-        groups (formats 1-2 do not). Raises `ValueError` saying what to use instead."""
+        patch size or architecture is named), the same token ids (`tokenizer`: the run's
+        `TokenizerRecord`, if known), and an optimiser state that fits today's parameter groups
+        (formats 1-2 do not). Raises `ValueError` saying what to use instead."""
         from siglip2.model.adapt import architecture_differences
 
         if self.stage not in (None, stage):
@@ -176,6 +179,8 @@ class CheckpointMeta:
                 + ", ".join(f"{k} ({a} in the checkpoint, {b} here)" for k, (a, b) in diff.items())
                 + ". To continue these weights at another resolution, start a stage from them with init_from=..."
             )
+        if tokenizer is not None:
+            tokenizer.check(self.tokenizer, "ckpt_path")
         if self.format < 3 and has_optimizer_state:
             raise ValueError(
                 f"ckpt_path: this checkpoint is format {self.format}, written before the optimiser's parameter groups "
@@ -340,6 +345,13 @@ def load_model(spec: str, which: str = "student") -> tuple[SigLIP2, CheckpointMe
     """The two-tower model a spec names, in eval mode on the CPU, with its `CheckpointMeta`:
     one of our checkpoints (`which`: "student" or the EMA "teacher") or `hf:<folder>`.
     Raises `ValueError` as `read_checkpoint` and `Checkpoint.model` do."""
+    kind, where = split_spec(spec)
+    if kind == "hf":  # the folder's model as transformers stored it (its own dtype), no second copy
+        from siglip2.export.hf import from_hf
+
+        if which != "student":
+            raise ValueError(f"{spec}: a transformers folder holds one model, not an EMA teacher")
+        return from_hf(where).eval(), CheckpointMeta(stage="hf")
     ckpt = read_checkpoint(spec)
     return ckpt.model(which), ckpt.meta
 

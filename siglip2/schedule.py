@@ -47,7 +47,7 @@ class LossTiming:
 
 @dataclass
 class ClockWindow:
-    """A stage's place on the recipe's clock (`stage.clock`; was `stage.clock`): `window` in
+    """A stage's place on the recipe's clock (`stage.clock`; was `stage.recipe`): `window` in
     recipe progress, `stretch` = stage examples per recipe example, `examples` = the recipe's
     length in examples (None: from the checkpoint `init_from` names, else from this stage's
     max_steps). `fit_window`: the stage trains exactly the steps its window holds

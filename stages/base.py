@@ -68,16 +68,22 @@ class Stage(L.LightningModule):
         seed: int = 0,
         posemb_resize: str = "hf",
         optim_overrides: Mapping[str, Any] | None = None,
+        recipe: Any = None,
     ):
         """`model`: the model yaml as a dict; its `compile` key (`model.compile=true`)
         torch.compiles the towers (`compile` here is the old `stage.compile` flag, kept so that
         checkpoints saved with it still load). `optim`: `OptimConfig` keys. `losses`: loss name
-        -> its config keys (`LOSSES`). `clock`: `siglip2.schedule.ClockWindow` keys (`stage.clock`). `posemb_resize`: how
-        `init_from` resizes a checkpoint's position table to this model's grid ("hf" or
-        "bv_zoom", `siglip2.model.posemb.resize_posemb`). `optim_overrides`: the stage's own
+        -> its config keys (`LOSSES`). `clock`: `siglip2.schedule.ClockWindow` keys (`stage.clock`;
+        `recipe`, its old name, is refused naming the new one). `posemb_resize`: how `init_from`
+        resizes a checkpoint's position table to this model's grid ("hf" or "bv_zoom",
+        `siglip2.model.posemb.resize_posemb`). `optim_overrides`: the stage's own
         optimiser keys over `optim` (ACID: lr 1e-5, no weight decay). Unknown names or keys raise
         `ValueError` naming them, before anything is built."""
         super().__init__()
+        if recipe is not None:
+            raise ValueError(
+                "stage.recipe moved to stage.clock (the stage's window of the recipe's clock): rename the block"
+            )
         name = name or self.NAME
         model_cfg = plain_config(model)
         model_cfg["compile"] = bool(model_cfg.get("compile", False) or compile)
@@ -449,9 +455,9 @@ class Stage(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = CheckpointMeta.read(checkpoint)
-        meta.check_resumable(self.stage_name, self.model.config, bool(checkpoint.get("optimizer_states")))
-        if self.tokenizer_record is not None:
-            self.tokenizer_record.check(meta.tokenizer, "ckpt_path")
+        meta.check_resumable(
+            self.stage_name, self.model.config, bool(checkpoint.get("optimizer_states")), self.tokenizer_record
+        )
         # FSDP and DeepSpeed load the weights themselves and take `state_dict` out first
         has_state = "state_dict" in checkpoint
         if has_state:

@@ -134,8 +134,8 @@ class ImageTextData(L.LightningDataModule):
             from siglip2.data.naflex import NaFlexConfig, SeqLenPlan
 
             if not patch_size:
-                raise ValueError("data.naflex needs data.patch_size (the model's patch size)")
-            self.naflex = from_dict(NaFlexConfig, dict(naflex), "data.naflex")
+                raise ValueError("NaFlex batches (stage.naflex) need data.patch_size (the model's patch size)")
+            self.naflex = from_dict(NaFlexConfig, dict(naflex), "stage.naflex")
             self.patch_size = int(patch_size)
             self.plan = SeqLenPlan(self.naflex, self.batch_size)
         # Fail before training if a pattern matches nothing.

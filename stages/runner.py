@@ -36,10 +36,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     stage.tokenizer_record = tokenizer_record(datamodule)
     if cfg.get("init_from"):
         stage.load_weights(str(cfg.init_from))
-    eval_seq_len = _select(cfg, "stage.naflex.eval_seq_len")
-    if eval_seq_len is not None and cfg.get("eval") is not None and cfg.eval.get("naflex_seq_len") is None:
-        with open_dict(cfg):  # a NaFlex stage evaluates as it trains unless eval.naflex_seq_len says otherwise
-            cfg.eval.naflex_seq_len = int(eval_seq_len)
+    resolve_eval_seq_len(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:
@@ -78,6 +75,16 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return {"datamodule": datamodule, "stage": stage, "trainer": trainer, "callbacks": callbacks}
+
+
+def resolve_eval_seq_len(cfg: DictConfig) -> None:
+    """`eval.naflex_seq_len=auto` (conf/eval/demo.yaml): a NaFlex stage's own
+    `stage.naflex.eval_seq_len`, else null (square views). A number or null passes as given."""
+    if cfg.get("eval") is None or cfg.eval.get("naflex_seq_len") != "auto":
+        return
+    length = _select(cfg, "stage.naflex.eval_seq_len")
+    with open_dict(cfg):
+        cfg.eval.naflex_seq_len = int(length) if length is not None else None
 
 
 def build_datamodule(cfg: DictConfig):
@@ -446,6 +453,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from siglip2.eval.suite import evaluate_all, load_eval_set
 
     ckpt = read_checkpoint(str(cfg.ckpt_path))
+    resolve_eval_seq_len(cfg)  # eval.py composes no stage: auto is square, unless the folder is NaFlex
     _match_checkpoint_data(cfg, ckpt)
     if isinstance(cfg.eval.sets, str):  # eval.sets=/a.yaml without brackets: one set, not its characters
         cfg.eval.sets = [cfg.eval.sets]
