@@ -19,8 +19,12 @@ rule it replaces (warmup `(s + 1) / W`, cosine over `(s - W) / (T - W)`).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,6 +92,41 @@ class ClockWindow:
             raise ValueError(f"stage.clock.rewarm_warmup must lie in [0, 1), got {self.rewarm_warmup!r}")
         if not self.rewarm_peak > 0:
             raise ValueError(f"stage.clock.rewarm_peak must be > 0, got {self.rewarm_peak!r}")
+
+    def clock(
+        self, stage_steps: int, step_examples: int, warmup: float | int, min_lr_ratio: float, total_examples: int | None
+    ) -> "RecipeClock":
+        """This window's `RecipeClock` for a stage of `stage_steps` optimiser steps of
+        `step_examples` examples (all ranks, accumulation included), with the optimiser's
+        `warmup` and `min_lr_ratio`; `total_examples` = the recipe's length (None: from this
+        stage's own steps)."""
+        return RecipeClock.for_stage(
+            stage_steps=int(stage_steps),
+            step_examples=int(step_examples),
+            warmup=warmup,
+            window=tuple(self.window),
+            stretch=self.stretch,
+            min_lr_ratio=min_lr_ratio,
+            total_examples=int(total_examples) if total_examples else None,
+            lr=self.lr,
+            rewarm_warmup=self.rewarm_warmup,
+            rewarm_peak=self.rewarm_peak,
+        )
+
+    @staticmethod
+    def warn_if_unfit(clock: "RecipeClock", planned_examples: float, step_examples: int) -> None:
+        """A warning when the stage will train more or fewer examples than its window holds
+        (more than one step's worth): the schedule then stops early or ends unfinished."""
+        if abs(planned_examples - clock.stage_examples) > step_examples:
+            log.warning(
+                "this stage trains %d examples but its window %s of a %d-example recipe holds %.0f: the "
+                "schedule will %s",
+                planned_examples,
+                clock.window,
+                clock.total_examples,
+                clock.stage_examples,
+                "stop at the window's end early" if planned_examples > clock.stage_examples else "end unfinished",
+            )
 
     def steps(self, total_examples: int | None, global_batch: int) -> int | None:
         """Optimiser steps of `global_batch` examples that cover the window (the last one may

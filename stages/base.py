@@ -188,32 +188,13 @@ class Stage(L.LightningModule):
                 "`batch_size`, or build the clock after the first batch"
             )
         step_examples = per_rank * int(trainer.world_size) * int(trainer.accumulate_grad_batches)
-        total = self.recipe_examples
+        stage_steps = int(trainer.estimated_stepping_batches)
         opt = self.optim_config
-        clock = RecipeClock.for_stage(
-            stage_steps=int(trainer.estimated_stepping_batches),
-            step_examples=step_examples,
-            warmup=opt.warmup_steps,
-            window=tuple(self.clock_window.window),
-            stretch=self.clock_window.stretch,
-            min_lr_ratio=opt.min_lr_ratio,
-            total_examples=int(total) if total else None,
-            lr=self.clock_window.lr,
-            rewarm_warmup=self.clock_window.rewarm_warmup,
-            rewarm_peak=self.clock_window.rewarm_peak,
+        clock = self.clock_window.clock(
+            stage_steps, step_examples, opt.warmup_steps, opt.min_lr_ratio, self.recipe_examples
         )
         mean = float(getattr(trainer.datamodule, "mean_batch_size", 0) or per_rank)  # NaFlex: some batches halved
-        planned = int(trainer.estimated_stepping_batches) * step_examples * mean / per_rank
-        if abs(planned - clock.stage_examples) > step_examples:
-            log.warning(
-                "this stage trains %d examples but its window %s of a %d-example recipe holds %.0f: "
-                "the schedule will %s",
-                planned,
-                clock.window,
-                clock.total_examples,
-                clock.stage_examples,
-                "stop at the window's end early" if planned > clock.stage_examples else "end unfinished",
-            )
+        self.clock_window.warn_if_unfit(clock, stage_steps * step_examples * mean / per_rank, step_examples)
         return clock
 
     @property
