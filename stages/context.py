@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from stages.base import Stage
 
 
 class StepContext:
@@ -21,7 +18,8 @@ class StepContext:
     `siglip2.data.transforms.normalize_pixels`, the one normalisation point).
     """
 
-    def __init__(self, stage: "Stage", batch: Mapping[str, Any]):
+    def __init__(self, stage: Any, batch: Mapping[str, Any]):
+        """`stage`: the `stages.base.Stage` whose `model` runs the passes; `batch`: its batch."""
         self.stage, self.batch = stage, batch
 
     @cached_property
