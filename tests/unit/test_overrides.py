@@ -135,3 +135,34 @@ def test_renamed_keys_name_their_new_place(argv, moved):
     assert moved_to("stage.recipe") == "stage.clock" and moved_to("stage.recipes.x") is None
     with pytest.raises(ValueError, match="'stage.clock.windw' \\(did you mean 'stage.clock.window'"):
         from_dict(ClockWindow, {"windw": [0, 1]}, "stage.clock")
+
+
+@pytest.mark.parametrize(
+    "argv, seq_len, naflex",
+    [
+        (["stage=naflex"], 64, True),  # the tiny model's naflex_eval_seq_len: NaFlex stages evaluate as they train
+        (["stage=naflex", "eval.naflex_seq_len=null"], None, True),  # an explicit null stays square views
+        (["stage=naflex", "eval.naflex_seq_len=96"], 96, True),
+        (["stage=pretrain"], None, False),
+    ],
+)
+def test_what_the_stage_asks_of_loader_and_eval_reaches_them(argv, seq_len, naflex):
+    """The data and eval groups read no `stage.*`: `stages.runner` hands the data module the
+    stage's LocCa targets, NaFlex plan and ACID share, and resolves `eval.naflex_seq_len=auto`."""
+    from hydra import compose, initialize_config_dir
+
+    from stages.overrides import CONF
+    from stages.runner import resolve_eval_seq_len, stage_data_inputs
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=argv)
+    resolve_eval_seq_len(cfg)
+    assert cfg.eval.naflex_seq_len == seq_len
+    inputs = stage_data_inputs(cfg)
+    assert (inputs["naflex"] is not None) == naflex and inputs["filter_ratio"] == 0.0
+    if naflex:
+        assert inputs["naflex"]["seq_lens"] == [32, 64, 144, 196, 256]
+    assert inputs["locca_targets"]["bins"] == 500 and inputs["locca_targets"]["max_len"] == 40
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        acid = compose("train", overrides=["stage=acid"])
+    assert stage_data_inputs(acid)["filter_ratio"] == acid.stage.acid.filter_ratio > 0

@@ -162,7 +162,7 @@ def test_missing_and_unreadable(tmp_path):
         build_tokenizer(str(empty))
 
 
-def test_tokenizer_record_tells_other_ids_of_the_same_size_apart(sp_model, tmp_path):
+def test_tokenizer_record_tells_another_tokenizers_ids_apart(sp_model, tmp_path):
     """`TokenizerRecord`: the identity rule's one message, naming both tokenizers; the same
     content elsewhere (a moved file) passes; no record (older checkpoints) passes."""
     import shutil
